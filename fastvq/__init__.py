@@ -1,0 +1,22 @@
+"""fastvq: fused vector quantization for PyTorch.
+
+``fastvq.nearest_code``, ``fastvq.vector_quantize``, ``fastvq.ema_update_`` and
+``fastvq.segment_reduce`` are the functional API; ``fastvq.nn`` holds the layers; the ops are
+also registered as ``torch.ops.fastvq.*``. Importing fastvq never touches CUDA or imports Triton.
+"""
+
+from . import nn
+from .functional import ema_update_, nearest_code, segment_reduce, vector_quantize
+from .nn import VectorQuantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "nearest_code",
+    "vector_quantize",
+    "ema_update_",
+    "segment_reduce",
+    "nn",
+    "VectorQuantize",
+    "__version__",
+]

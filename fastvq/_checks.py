@@ -1,0 +1,124 @@
+"""Argument checks shared by the functional API and the operators.
+
+Every check runs before any kernel launch, names the offending argument and shows its shape or
+dtype, and raises ``TypeError`` for wrong types or dtypes and ``ValueError`` for wrong shapes or
+values, so that nothing a user passes reaches a kernel that could read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("l2", "cosine", "dot")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+            f"got dtype {tensor.dtype} with shape {tuple(tensor.shape)}"
+        )
+
+
+def check_metric(metric: object) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return metric  # type: ignore[return-value]
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def check_search_inputs(z: object, codebook: object, metric: object = "l2") -> None:
+    """Checks ``z [N, D]`` and ``codebook [K, D]`` for the search and quantize ops."""
+    z = check_tensor("z", z)
+    codebook = check_tensor("codebook", codebook)
+    check_metric(metric)
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D [N, D], got shape {tuple(z.shape)}")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be 2-D [K, D], got shape {tuple(codebook.shape)}")
+    check_float("z", z)
+    check_float("codebook", codebook)
+    if codebook.shape[0] < 1:
+        raise ValueError(f"codebook must hold at least one code (K >= 1), got shape {tuple(codebook.shape)}")
+    if codebook.shape[1] < 1:
+        raise ValueError(f"codebook must have D >= 1, got shape {tuple(codebook.shape)}")
+    if z.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"z and codebook must have the same last dimension D, got z of shape {tuple(z.shape)} "
+            f"and codebook of shape {tuple(codebook.shape)}"
+        )
+    check_same_device(z=z, codebook=codebook)
+
+
+def check_indices(indices: object, num_rows: int, name: str = "indices") -> torch.Tensor:
+    indices = check_tensor(name, indices)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got dtype {indices.dtype}")
+    if indices.dim() != 1 or indices.shape[0] != num_rows:
+        raise ValueError(f"{name} must be 1-D with {num_rows} entries, got shape {tuple(indices.shape)}")
+    return indices
+
+
+def check_segment_inputs(values: object, indices: object, num_codes: object) -> None:
+    """Checks ``values [N, D]``, ``indices [N]`` and ``num_codes`` for the segment reduce."""
+    values = check_tensor("z", values)
+    if values.dim() != 2:
+        raise ValueError(f"z must be 2-D [N, D], got shape {tuple(values.shape)}")
+    check_float("z", values)
+    indices = check_indices(indices, values.shape[0])
+    if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
+        raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
+    check_same_device(z=values, indices=indices)
+
+
+def check_ema_inputs(
+    codebook: object,
+    cluster_size: object,
+    embed_avg: object,
+    z: object,
+    indices: object,
+    decay: object,
+    eps: object,
+    step: object,
+) -> None:
+    """Checks the state and batch of the in-place EMA update."""
+    codebook = check_tensor("codebook", codebook)
+    cluster_size = check_tensor("cluster_size", cluster_size)
+    embed_avg = check_tensor("embed_avg", embed_avg)
+    z = check_tensor("z", z)
+    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+        raise ValueError(f"codebook must be 2-D [K, D] with K, D >= 1, got shape {tuple(codebook.shape)}")
+    num_codes, dim = codebook.shape
+    if tuple(cluster_size.shape) != (num_codes,):
+        raise ValueError(f"cluster_size must have shape ({num_codes},) to match codebook, got {tuple(cluster_size.shape)}")
+    if tuple(embed_avg.shape) != (num_codes, dim):
+        raise ValueError(f"embed_avg must have shape ({num_codes}, {dim}) to match codebook, got {tuple(embed_avg.shape)}")
+    if z.dim() != 2 or z.shape[1] != dim:
+        raise ValueError(f"z must be 2-D [N, {dim}] to match codebook, got shape {tuple(z.shape)}")
+    for name, tensor in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg), ("z", z)):
+        check_float(name, tensor)
+    indices = check_indices(indices, z.shape[0])
+    tensors = dict(codebook=codebook, cluster_size=cluster_size, embed_avg=embed_avg, z=z, indices=indices)
+    if step is not None:
+        step = check_tensor("step", step)
+        if step.numel() != 1:
+            raise ValueError(f"step must be a one-element counter tensor, got shape {tuple(step.shape)}")
+        tensors["step"] = step
+    check_same_device(**tensors)
+    if not isinstance(decay, (int, float)) or not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
+    if not isinstance(eps, (int, float)) or float(eps) < 0.0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")

@@ -1,0 +1,318 @@
+"""Every fastvq op declared once with ``torch.library``, and the choice of backend.
+
+Each op has a schema (inferred from the annotations), a fake implementation so ``torch.compile``
+and ``torch.export`` can trace it without running it, autograd where it is differentiable, and
+one real implementation that checks its inputs and then hands the work to a backend:
+
+- ``triton``: the kernels in ``fastvq.kernels``, for CUDA tensors, or for CPU tensors when
+  ``TRITON_INTERPRET=1`` runs them through Triton's interpreter;
+- ``torch``: the memory-bounded pure-PyTorch path in ``fastvq._chunked``, for any device.
+
+``FASTVQ_BACKEND=auto|triton|cuda|cpp|torch`` is read at every call. ``auto`` sends CUDA tensors
+to Triton when it is installed and everything else to ``torch``; float64 always goes to
+``torch`` because the Triton kernels are written for fp32/fp16/bf16. ``cuda`` and ``cpp`` name
+the compiled backends of ``fastvq._C``, which this build does not contain yet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _chunked
+from ._checks import check_ema_inputs, check_search_inputs, check_segment_inputs
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def requested_backend() -> str:
+    name = os.environ.get("FASTVQ_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FASTVQ_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def select_backend(tensor: Tensor, dtype: torch.dtype) -> str:
+    """The backend that will run an op on ``tensor``'s device with compute dtype ``dtype``."""
+    name = requested_backend()
+    if name == "torch":
+        return "torch"
+    if name in ("cuda", "cpp"):
+        raise RuntimeError(
+            f"FASTVQ_BACKEND={name} asks for the compiled extension fastvq._C, which this build of fastvq "
+            "does not include; use FASTVQ_BACKEND=auto, triton or torch"
+        )
+    if name == "auto":
+        usable = tensor.device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if usable else "torch"
+    if not triton_available():
+        raise RuntimeError("FASTVQ_BACKEND=triton needs Triton: pip install triton")
+    if tensor.device.type == "cpu" and not _triton_interpreting():
+        raise RuntimeError(
+            "FASTVQ_BACKEND=triton got CPU tensors: Triton kernels run on CUDA tensors, or on CPU tensors "
+            "only under its interpreter (set TRITON_INTERPRET=1 before the first fastvq op)"
+        )
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"FASTVQ_BACKEND=triton cannot run on {tensor.device.type} tensors")
+    if dtype == torch.float64:
+        raise TypeError("FASTVQ_BACKEND=triton supports float32, float16 and bfloat16 inputs, got float64")
+    return "triton"
+
+
+def _backend_module(tensor: Tensor, dtype: torch.dtype, family: str):
+    if select_backend(tensor, dtype) == "torch":
+        return _chunked
+    if family == "search":
+        from .kernels import search as module
+    elif family == "segment":
+        from .kernels import segment_reduce as module
+    else:
+        from .kernels import vector_quantize as module
+    return module
+
+
+def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
+    return torch.promote_types(a.dtype, b.dtype)
+
+
+# --------------------------------------------------------------------------- nearest_code
+
+
+@torch.library.custom_op("fastvq::nearest_code", mutates_args=())
+def nearest_code(z: Tensor, codebook: Tensor, metric: str = "l2", return_codes: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``z [N, D]``, ``codebook [K, D]`` -> ``(indices int64 [N], distances fp32 [N], codes)``.
+
+    ``codes`` is ``[N, D]`` in the promoted dtype when ``return_codes`` else ``[0, D]``.
+    """
+    check_search_inputs(z, codebook, metric)
+    backend = _backend_module(z, _promoted(z, codebook), "search")
+    return backend.nearest_code(z, codebook, metric, return_codes)
+
+
+@nearest_code.register_fake
+def _nearest_code_fake(z, codebook, metric="l2", return_codes=False):
+    check_search_inputs(z, codebook, metric)
+    num_rows, dim = z.shape
+    return (
+        z.new_empty(num_rows, dtype=torch.int64),
+        z.new_empty(num_rows, dtype=torch.float32),
+        z.new_empty((num_rows if return_codes else 0, dim), dtype=_promoted(z, codebook)),
+    )
+
+
+# --------------------------------------------------------------------------- segment_reduce
+
+
+@torch.library.custom_op("fastvq::segment_reduce", mutates_args=())
+def segment_reduce(values: Tensor, indices: Tensor, num_codes: int, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    """``values [N, D]``, ``indices [N]`` -> ``(counts fp32 [K], sums fp32 [K, D])``."""
+    check_segment_inputs(values, indices, num_codes)
+    backend = _backend_module(values, values.dtype, "segment")
+    return backend.segment_reduce(values, indices, num_codes, deterministic)
+
+
+@segment_reduce.register_fake
+def _segment_reduce_fake(values, indices, num_codes, deterministic=False):
+    check_segment_inputs(values, indices, num_codes)
+    return (
+        values.new_empty(num_codes, dtype=torch.float32),
+        values.new_empty((num_codes, values.shape[1]), dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------- vector_quantize
+
+
+def _loss_scales(num_rows: int, dim: int, commitment_weight: float, codebook_weight: float) -> tuple[float, float]:
+    """d mean((z - e)^2) / dz = 2 (z - e) / (N D); an empty batch has zero loss and gradient."""
+    if num_rows == 0:
+        return 0.0, 0.0
+    unit = 2.0 / (num_rows * dim)
+    return commitment_weight * unit, codebook_weight * unit
+
+
+@torch.library.custom_op("fastvq::vector_quantize", mutates_args=())
+def vector_quantize(
+    z: Tensor, codebook: Tensor, metric: str, commitment_weight: float, codebook_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Search, gather and the two VQ losses: ``(quantized [N, D], indices int64 [N], loss fp32 [])``.
+
+    ``loss = codebook_weight * mean((sg[z] - e)^2) + commitment_weight * mean((z - sg[e])^2)``.
+    """
+    check_search_inputs(z, codebook, metric)
+    dtype = _promoted(z, codebook)
+    backend = _backend_module(z, dtype, "search")
+    indices, distances, quantized = backend.nearest_code(z, codebook, metric, True)
+    num_rows, dim = z.shape
+    if num_rows == 0:
+        return quantized, indices, torch.zeros((), dtype=torch.float32, device=z.device)
+    if metric == "l2":
+        squared_error = distances.sum(dtype=torch.float32)
+    else:
+        squared_error = _sum_squared_difference(z, quantized)
+    loss = squared_error * ((commitment_weight + codebook_weight) / (num_rows * dim))
+    return quantized, indices, loss
+
+
+def _sum_squared_difference(z: Tensor, codes: Tensor) -> Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=z.device)
+    rows_per_chunk = max(1, _chunked.CHUNK_BYTES // max(1, 8 * z.shape[1]))
+    for start in range(0, z.shape[0], rows_per_chunk):
+        diff = z[start : start + rows_per_chunk].float() - codes[start : start + rows_per_chunk].float()
+        total += (diff * diff).sum()
+    return total
+
+
+@vector_quantize.register_fake
+def _vector_quantize_fake(z, codebook, metric, commitment_weight, codebook_weight):
+    check_search_inputs(z, codebook, metric)
+    num_rows = z.shape[0]
+    return (
+        z.new_empty(z.shape, dtype=_promoted(z, codebook)),
+        z.new_empty(num_rows, dtype=torch.int64),
+        z.new_empty((), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastvq::vector_quantize_backward", mutates_args=())
+def vector_quantize_backward(
+    grad_quantized: Tensor,
+    grad_loss: Tensor,
+    z: Tensor,
+    codebook: Tensor,
+    indices: Tensor,
+    commitment_weight: float,
+    codebook_weight: float,
+    compute_codebook_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(grad_z, grad_codebook)`` of ``vector_quantize``; float atomics unless deterministic mode is on."""
+    num_rows, dim = z.shape
+    commitment_scale, codebook_scale = _loss_scales(num_rows, dim, commitment_weight, codebook_weight)
+    backend = _backend_module(z, _promoted(z, codebook), "vq")
+    return backend.vector_quantize_backward(
+        grad_quantized,
+        grad_loss,
+        z,
+        codebook,
+        indices,
+        commitment_scale,
+        codebook_scale,
+        compute_codebook_grad,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+@vector_quantize_backward.register_fake
+def _vector_quantize_backward_fake(grad_quantized, grad_loss, z, codebook, indices, commitment_weight,
+                                   codebook_weight, compute_codebook_grad):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(
+        codebook, memory_format=torch.contiguous_format
+    )
+
+
+def _vector_quantize_setup_context(ctx, inputs, output):
+    z, codebook, metric, commitment_weight, codebook_weight = inputs
+    _, indices, _ = output
+    ctx.save_for_backward(z, codebook, indices)
+    ctx.weights = (commitment_weight, codebook_weight)
+    ctx.mark_non_differentiable(indices)
+
+
+def _vector_quantize_autograd(ctx, grad_quantized, grad_indices, grad_loss):
+    z, codebook, indices = ctx.saved_tensors
+    commitment_weight, codebook_weight = ctx.weights
+    if grad_quantized is None:
+        grad_quantized = torch.zeros_like(z)
+    if grad_loss is None:
+        grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
+    grad_z, grad_codebook = torch.ops.fastvq.vector_quantize_backward(
+        grad_quantized,
+        grad_loss,
+        z,
+        codebook,
+        indices,
+        commitment_weight,
+        codebook_weight,
+        ctx.needs_input_grad[1],
+    )
+    return (
+        grad_z if ctx.needs_input_grad[0] else None,
+        grad_codebook if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
+
+
+vector_quantize.register_autograd(_vector_quantize_autograd, setup_context=_vector_quantize_setup_context)
+
+
+# --------------------------------------------------------------------------- ema_update_
+
+
+@torch.library.custom_op(
+    "fastvq::ema_update_", mutates_args=("codebook", "cluster_size", "embed_avg", "step")
+)
+def ema_update_(
+    codebook: Tensor,
+    cluster_size: Tensor,
+    embed_avg: Tensor,
+    z: Tensor,
+    indices: Tensor,
+    decay: float,
+    eps: float,
+    step: Optional[Tensor] = None,
+    deterministic: bool = False,
+) -> None:
+    """EMA codebook update in place (see ``fastvq.ema_update_`` for the formulas)."""
+    check_ema_inputs(codebook, cluster_size, embed_avg, z, indices, decay, eps, step)
+    num_codes = codebook.shape[0]
+    backend = _backend_module(z, z.dtype, "segment")
+    counts, sums = backend.segment_reduce(z, indices, num_codes, deterministic)
+    apply_ema_(codebook, cluster_size, embed_avg, counts, sums, decay, eps, step)
+
+
+@ema_update_.register_fake
+def _ema_update_fake(codebook, cluster_size, embed_avg, z, indices, decay, eps, step=None, deterministic=False):
+    check_ema_inputs(codebook, cluster_size, embed_avg, z, indices, decay, eps, step)
+
+
+def apply_ema_(
+    codebook: Tensor,
+    cluster_size: Tensor,
+    embed_avg: Tensor,
+    counts: Tensor,
+    sums: Tensor,
+    decay: float,
+    eps: float,
+    step: Optional[Tensor],
+) -> None:
+    """Folds one batch's counts ``[K]`` and sums ``[K, D]`` into the moving averages, then
+    renormalises the codebook. All of it is O(K D) elementwise work on the device, with no host
+    synchronisation (the debiasing power ``decay^step`` is taken on the device too)."""
+    cluster_size.lerp_(counts.to(cluster_size.dtype), 1.0 - decay)
+    embed_avg.lerp_(sums.to(embed_avg.dtype), 1.0 - decay)
+    sizes = cluster_size.float()
+    averages = embed_avg.float()
+    if step is not None:
+        step.add_(1)
+        correction = 1.0 - torch.pow(torch.tensor(decay, dtype=torch.float64, device=step.device), step.double())
+        correction = correction.float().reshape(())
+        sizes = sizes / correction
+        averages = averages / correction
+    num_codes = sizes.shape[0]
+    total = sizes.sum()
+    smoothed = (sizes + eps) / (total + num_codes * eps) * total
+    codebook.copy_(averages / smoothed[:, None])

@@ -1,0 +1,171 @@
+"""fastvq's public functional API.
+
+Every function checks its arguments before any kernel runs and raises ``TypeError`` (wrong type
+or dtype) or ``ValueError`` (wrong shape or value) naming the argument and its shape. None of
+them builds an ``N x K`` matrix: the search keeps a running minimum per row across tiles of codes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from ._checks import check_ema_inputs, check_search_inputs
+
+__all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
+
+
+def nearest_code(
+    z: Tensor, codebook: Tensor, *, metric: str = "l2", return_codes: bool = False
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Finds the nearest code of every row of ``z``.
+
+    Args:
+        z: ``[N, D]`` float32, float16, bfloat16 or float64, any strides. ``N`` may be 0.
+        codebook: ``[K, D]`` floating point, ``K >= 1``, on ``z``'s device. A dtype different
+            from ``z``'s is promoted (``torch.promote_types``), not rejected.
+        metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``) or ``"dot"`` (``-z.e``).
+        return_codes: also return the chosen codes, gathered in the same kernel.
+
+    Returns:
+        ``(indices, distances)`` or ``(indices, distances, codes)``: ``indices`` int64 ``[N]``;
+        ``distances`` float32 ``[N]``, each row's true distance to its code (for ``l2`` computed
+        as ``sum((z - e)^2)``, so it is exact and never negative); ``codes`` ``[N, D]`` in the
+        promoted dtype.
+
+    Scores accumulate in fp32 for every input dtype. Ties go to the lowest index. A NaN distance
+    never wins; a row whose distances are all NaN gets index 0 and a NaN distance. The search is
+    deterministic.
+
+    Raises:
+        TypeError: a non-tensor or an integer/bool tensor.
+        ValueError: ``z`` or ``codebook`` not 2-D, different ``D``, ``K == 0``, different
+            devices, or an unknown metric.
+    """
+    check_search_inputs(z, codebook, metric)
+    indices, distances, codes = torch.ops.fastvq.nearest_code(z, codebook, metric, return_codes)
+    return (indices, distances, codes) if return_codes else (indices, distances)
+
+
+def vector_quantize(
+    z: Tensor,
+    codebook: Tensor,
+    *,
+    beta: float = 0.25,
+    metric: str = "l2",
+    codebook_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantizes ``z`` to its nearest codes with the straight-through estimator and VQ-VAE's losses.
+
+    The forward value of ``quantized`` is the chosen code; its gradient goes to ``z`` unchanged
+    (``z + (e - z).detach()``). ``loss = codebook_weight * mean((sg[z] - e)^2) +
+    beta * mean((z - sg[e])^2)`` (van den Oord et al. 2017): the first term trains the chosen
+    codes only (a scatter-add, no one-hot matrix), the second commits ``z`` to its code.
+    An empty batch (``N == 0``) has loss 0.
+
+    Args:
+        z: ``[N, D]`` float32, float16, bfloat16 or float64.
+        codebook: ``[K, D]``, on ``z``'s device; a ``Parameter`` to train it by gradient, or a
+            tensor without grad (EMA training) to get only the commitment gradient.
+        beta: commitment weight (0.25 in the paper).
+        metric: the search metric, ``"l2"``, ``"cosine"`` or ``"dot"``. The losses are always
+            squared errors between ``z`` and the chosen code; normalise both first for cosine codes.
+        codebook_weight: weight of the codebook term (taming-transformers' ``legacy`` form puts
+            ``beta`` here and 1 on the commitment term).
+
+    Returns:
+        ``(quantized [N, D] promoted dtype, indices int64 [N], loss float32 scalar)``.
+
+    The codebook gradient is summed with float atomics on GPU, so its last bits can vary between
+    runs; ``torch.use_deterministic_algorithms(True)`` selects a sorted, deterministic reduction.
+
+    Raises:
+        TypeError, ValueError: as ``nearest_code``; ``ValueError`` for a non-finite weight.
+    """
+    check_search_inputs(z, codebook, metric)
+    for name, value in (("beta", beta), ("codebook_weight", codebook_weight)):
+        if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be a finite float, got {value!r}")
+    return torch.ops.fastvq.vector_quantize(z, codebook, metric, float(beta), float(codebook_weight))
+
+
+def segment_reduce(
+    values: Tensor, indices: Tensor, num_codes: int, *, deterministic: Optional[bool] = None
+) -> tuple[Tensor, Tensor]:
+    """Per-code counts and sums of rows, without a one-hot matrix.
+
+    Args:
+        values: ``[N, D]`` floating point.
+        indices: int64 or int32 ``[N]``; entries outside ``[0, num_codes)`` are ignored.
+        num_codes: ``K >= 1``.
+        deterministic: sum in a fixed order (sorted by code) instead of with float atomics;
+            ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.
+
+    Returns:
+        ``(counts float32 [K], sums float32 [K, D])``.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return torch.ops.fastvq.segment_reduce(values, indices, num_codes, bool(deterministic))
+
+
+def ema_update_(
+    codebook: Tensor,
+    cluster_size: Tensor,
+    embed_avg: Tensor,
+    z: Tensor,
+    indices: Tensor,
+    *,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    step: Optional[Tensor] = None,
+    deterministic: Optional[bool] = None,
+    check_indices_range: bool = True,
+) -> None:
+    """Trains the codebook by exponential moving averages of its clusters, in place.
+
+    With ``n_k`` the number of rows of ``z`` assigned to code ``k`` and ``s_k`` their sum::
+
+        cluster_size <- decay * cluster_size + (1 - decay) * n
+        embed_avg    <- decay * embed_avg    + (1 - decay) * s
+        smoothed_k    = (cluster_size_k + eps) / (sum(cluster_size) + K eps) * sum(cluster_size)
+        codebook_k    = embed_avg_k / smoothed_k
+
+    (VQ-VAE's appendix with Laplace smoothing, as vector-quantize-pytorch computes it.) With
+    ``step``, the zero-debiased variant: ``step`` is incremented and the averages are divided by
+    ``1 - decay^step`` before smoothing; start ``cluster_size`` and ``embed_avg`` at zero for it.
+
+    Args:
+        codebook: ``[K, D]`` floating point, overwritten.
+        cluster_size: ``[K]`` floating point (float32 recommended), updated.
+        embed_avg: ``[K, D]`` floating point (float32 recommended), updated.
+        z: ``[N, D]`` the batch, any float dtype; ``N`` may be 0 (the averages still decay).
+        indices: int64/int32 ``[N]`` codes chosen for ``z``, in ``[0, K)``.
+        decay: in ``[0, 1)``. eps: Laplace smoothing, ``>= 0``.
+        step: optional one-element counter tensor for zero-debiasing, incremented in place.
+        deterministic: as in ``segment_reduce``.
+        check_indices_range: verify ``0 <= indices < K`` first (one host synchronisation; skipped
+            under ``torch.compile``). The kernels never write out of bounds either way: an
+            out-of-range index is ignored.
+
+    Raises:
+        TypeError: a non-tensor or a non-float state or batch, non-integer indices.
+        ValueError: shapes that do not match the codebook, ``decay`` outside ``[0, 1)``,
+            ``eps < 0``, different devices, or indices out of range.
+    """
+    check_ema_inputs(codebook, cluster_size, embed_avg, z, indices, decay, eps, step)
+    if check_indices_range and indices.numel() and not torch.compiler.is_compiling():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= codebook.shape[0]:
+            raise ValueError(
+                f"indices must lie in [0, {codebook.shape[0]}) for a codebook of shape {tuple(codebook.shape)}, "
+                f"got values in [{low}, {high}]"
+            )
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.ops.fastvq.ema_update_(
+        codebook, cluster_size, embed_avg, z, indices, float(decay), float(eps), step, bool(deterministic)
+    )

@@ -1,0 +1,5 @@
+"""fastvq's layers. Modules hold parameters, buffers and configuration; the math is in the ops."""
+
+from .vector_quantize import Codebook, VectorQuantize
+
+__all__ = ["Codebook", "VectorQuantize"]

@@ -1,0 +1,123 @@
+"""The specification: every fastvq op written the naive way the VQ-VAE literature writes it.
+
+These functions build the full ``N x K`` distance and one-hot matrices on purpose. They are the
+oracle the tests and benchmarks compare the fused kernels against and are never called by the
+fast path. ``upcast=True`` computes in float64 (the "true" answer); ``upcast=False`` computes in
+the inputs' own dtype, which is what PyTorch users get today and what a low-precision kernel's
+error is measured against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("l2", "cosine", "dot")
+
+
+def distance_matrix_ref(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", *, upcast: bool = True
+) -> torch.Tensor:
+    """All pairwise distances ``[N, K]``: squared L2, ``1 - cos`` or ``-z.e``.
+
+    ``l2`` is written ``z^2 + e^2 - 2 z.e`` as the VQ-VAE code bases write it; with ``upcast`` it
+    is evaluated in float64, where that form's cancellation is harmless at test sizes.
+    """
+    dtype = torch.float64 if upcast else torch.promote_types(z.dtype, codebook.dtype)
+    z = z.to(dtype)
+    codebook = codebook.to(dtype)
+    if metric == "l2":
+        z_sq = (z * z).sum(dim=1, keepdim=True)
+        e_sq = (codebook * codebook).sum(dim=1)
+        return (z_sq + e_sq - 2.0 * z @ codebook.T).clamp_min(0)
+    if metric == "cosine":
+        return 1.0 - F.normalize(z, dim=1) @ F.normalize(codebook, dim=1).T
+    if metric == "dot":
+        return -(z @ codebook.T)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def nearest_code_ref(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", *, upcast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``argmin`` over the full distance matrix, then a gather.
+
+    Returns ``(indices int64 [N], distances float32 [N], codes [N, D])``. Ties go to the lowest
+    index (``argmin`` semantics); NaN distances never win, and a row whose distances are all NaN
+    gets index 0 and distance NaN, which is the contract the kernels keep.
+    """
+    dist = distance_matrix_ref(z, codebook, metric, upcast=upcast)
+    all_nan = dist.isnan().all(dim=1)
+    indices = dist.nan_to_num(nan=float("inf"), posinf=float("inf")).argmin(dim=1)
+    indices = torch.where(all_nan, torch.zeros_like(indices), indices)
+    best = dist.gather(1, indices[:, None]).squeeze(1)
+    out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+    return indices, best.float(), codebook.to(out_dtype)[indices]
+
+
+def vector_quantize_ref(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float = 0.25,
+    metric: str = "l2",
+    *,
+    codebook_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VQ-VAE's quantizer (van den Oord et al. 2017) with autograd, as the papers write it.
+
+    ``quantized = z + (e - z).detach()`` (straight-through estimator) and
+    ``loss = codebook_weight * mean((sg[z] - e)^2) + beta * mean((z - sg[e])^2)``.
+    Returns ``(quantized, indices, loss)``; ``loss`` is float32.
+    """
+    with torch.no_grad():
+        indices, _, _ = nearest_code_ref(z, codebook, metric)
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    z = z.to(dtype)
+    codes = codebook.to(dtype)[indices]
+    codebook_loss = F.mse_loss(codes.float(), z.detach().float())
+    commitment_loss = F.mse_loss(z.float(), codes.detach().float())
+    quantized = z + (codes - z).detach()
+    return quantized, indices, codebook_weight * codebook_loss + beta * commitment_loss
+
+
+def segment_reduce_ref(
+    z: torch.Tensor, indices: torch.Tensor, num_codes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts ``[K]`` and sums ``[K, D]`` (float32) through a one-hot matrix."""
+    one_hot = F.one_hot(indices, num_codes).to(torch.float64)
+    return one_hot.sum(dim=0).float(), (one_hot.T @ z.to(torch.float64)).float()
+
+
+def ema_update_ref_(
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_avg: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    step: Optional[torch.Tensor] = None,
+) -> None:
+    """EMA codebook update with Laplace smoothing, in place, as VQ-VAE's appendix writes it.
+
+    ``cluster_size <- lerp(cluster_size, one_hot.sum(0), 1 - decay)``,
+    ``embed_avg <- lerp(embed_avg, one_hot.T @ z, 1 - decay)``, then with ``n = sum(N_k)`` the
+    smoothed counts ``(N_k + eps) / (n + K eps) * n`` and ``codebook = embed_avg / smoothed``.
+
+    With ``step`` (a counter tensor, incremented here) the zero-debiased variant is used: the
+    moving averages start at zero and are divided by ``1 - decay^step`` before smoothing.
+    """
+    num_codes = codebook.shape[0]
+    counts, sums = segment_reduce_ref(z, indices, num_codes)
+    cluster_size.lerp_(counts.to(cluster_size.dtype), 1.0 - decay)
+    embed_avg.lerp_(sums.to(embed_avg.dtype), 1.0 - decay)
+    sizes, avgs = cluster_size.double(), embed_avg.double()
+    if step is not None:
+        step.add_(1)
+        correction = 1.0 - decay ** step.double()
+        sizes, avgs = sizes / correction, avgs / correction
+    total = sizes.sum()
+    smoothed = (sizes + eps) / (total + num_codes * eps) * total
+    codebook.copy_((avgs / smoothed[:, None]).to(codebook.dtype))
