@@ -74,14 +74,14 @@ def check_indices(indices: object, num_rows: int, name: str = "indices") -> torc
 
 def check_segment_inputs(values: object, indices: object, num_codes: object) -> None:
     """Checks ``values [N, D]``, ``indices [N]`` and ``num_codes`` for the segment reduce."""
-    values = check_tensor("z", values)
+    values = check_tensor("values", values)
     if values.dim() != 2:
-        raise ValueError(f"z must be 2-D [N, D], got shape {tuple(values.shape)}")
-    check_float("z", values)
+        raise ValueError(f"values must be 2-D [N, D], got shape {tuple(values.shape)}")
+    check_float("values", values)
     indices = check_indices(indices, values.shape[0])
     if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
         raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
-    check_same_device(z=values, indices=indices)
+    check_same_device(values=values, indices=indices)
 
 
 def check_ema_inputs(

@@ -17,6 +17,9 @@ import torch
 CHUNK_BYTES = 32 * 1024 * 1024
 # Bytes one slab entry costs: the score itself plus the argmin/compare temporaries of its row.
 _SLAB_BYTES_PER_SCORE = 8
+# Codes per chunk: small enough that the codebook chunk stays cache-resident while rows stream
+# past it, large enough that each matmul is worth its launch.
+_CODES_PER_CHUNK = 2048
 _NORM_EPS = 1e-12  # F.normalize's eps: a zero vector has cosine 0 to every code
 
 
@@ -27,7 +30,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunk_sizes(num_rows: int, num_codes: int) -> tuple[int, int]:
     max_scores = max(1, CHUNK_BYTES // _SLAB_BYTES_PER_SCORE)
-    codes_per_chunk = min(num_codes, max_scores)
+    codes_per_chunk = min(num_codes, _CODES_PER_CHUNK, max_scores)
     rows_per_chunk = max(1, min(max(num_rows, 1), max_scores // codes_per_chunk))
     return rows_per_chunk, codes_per_chunk
 
@@ -47,7 +50,10 @@ class SearchCodebook:
         self.center: Optional[torch.Tensor] = None
         self.code_bias: Optional[torch.Tensor] = None
         if metric == "l2":
-            self.center = work.mean(dim=0)
+            # The centre is the mean of the finite codes only: a single NaN or Inf code must not
+            # poison the shift of every other code, which would turn every score into NaN.
+            finite = work.isfinite().all(dim=1, keepdim=True)
+            self.center = torch.where(finite, work, 0).sum(dim=0) / finite.sum().clamp_min(1)
             work = work - self.center
             self.code_bias = (work * work).sum(dim=1)
         elif metric == "cosine":
@@ -153,8 +159,9 @@ def vector_quantize_backward(
     grad_quantized: torch.Tensor,
     grad_loss: torch.Tensor,
     z: torch.Tensor,
-    codebook: torch.Tensor,
+    quantized: torch.Tensor,
     indices: torch.Tensor,
+    num_codes: int,
     commitment_scale: float,
     codebook_scale: float,
     compute_codebook_grad: bool,
@@ -162,23 +169,25 @@ def vector_quantize_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """STE gradient plus commitment term to ``z``; codebook-loss gradient to the chosen codes only.
 
+    With ``e_i = quantized[i]`` the code row ``i`` chose:
     ``grad_z = grad_q + grad_loss * commitment_scale * (z - e)`` and
-    ``grad_codebook[k] = grad_loss * codebook_scale * sum_{i: idx_i = k} (e_k - z_i)``, where
-    the scales already hold ``2 * weight / (N * D)``.
+    ``grad_codebook[k] = grad_loss * codebook_scale * sum_{i: idx_i = k} (e_i - z_i)`` (fp32), where
+    the scales already hold ``2 * weight / (N * D)``. Indices outside ``[0, K)`` scatter nowhere.
     """
     num_rows, dim = z.shape
-    work_dtype = compute_dtype(torch.promote_types(z.dtype, codebook.dtype))
+    work_dtype = compute_dtype(quantized.dtype)
     scale = grad_loss.to(work_dtype)
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    grad_codebook = torch.zeros(codebook.shape, dtype=work_dtype, device=codebook.device)
+    grad_codebook = torch.zeros(num_codes + 1, dim, dtype=work_dtype, device=z.device)
     rows_per_chunk = max(1, CHUNK_BYTES // max(1, dim * 8))
     with deterministic_scatter(deterministic):
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, num_rows))
-            chosen = indices[rows]
-            diff = z[rows].to(work_dtype) - codebook[chosen].to(work_dtype)
+            diff = z[rows].to(work_dtype) - quantized[rows].to(work_dtype)
             grad_z[rows] = grad_quantized[rows].to(work_dtype) + (scale * commitment_scale) * diff
             if compute_codebook_grad:
-                grad_codebook.index_add_(0, chosen, diff, alpha=-codebook_scale)
-    grad_codebook *= scale
-    return grad_z, grad_codebook.to(codebook.dtype)
+                chosen = indices[rows]
+                safe = torch.where((chosen >= 0) & (chosen < num_codes), chosen.long(), num_codes)
+                grad_codebook.index_add_(0, safe, diff, alpha=-codebook_scale)
+    grad_codebook = grad_codebook[:num_codes] * scale
+    return grad_z, grad_codebook.float()

@@ -191,22 +191,29 @@ def vector_quantize_backward(
     grad_quantized: Tensor,
     grad_loss: Tensor,
     z: Tensor,
-    codebook: Tensor,
+    quantized: Tensor,
     indices: Tensor,
+    num_codes: int,
     commitment_weight: float,
     codebook_weight: float,
     compute_codebook_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(grad_z, grad_codebook)`` of ``vector_quantize``; float atomics unless deterministic mode is on."""
+    """``(grad_z [N, D] z's dtype, grad_codebook fp32 [K, D])`` of ``vector_quantize``.
+
+    It reads the codes the forward chose (``quantized``), not the codebook, so a codebook that an
+    EMA step rewrote in place after the forward cannot leak into the gradient. The codebook
+    gradient is summed with float atomics unless PyTorch's deterministic mode is on.
+    """
     num_rows, dim = z.shape
     commitment_scale, codebook_scale = _loss_scales(num_rows, dim, commitment_weight, codebook_weight)
-    backend = _backend_module(z, _promoted(z, codebook), "vq")
+    backend = _backend_module(z, quantized.dtype, "vq")
     return backend.vector_quantize_backward(
         grad_quantized,
         grad_loss,
         z,
-        codebook,
+        quantized,
         indices,
+        num_codes,
         commitment_scale,
         codebook_scale,
         compute_codebook_grad,
@@ -215,41 +222,45 @@ def vector_quantize_backward(
 
 
 @vector_quantize_backward.register_fake
-def _vector_quantize_backward_fake(grad_quantized, grad_loss, z, codebook, indices, commitment_weight,
+def _vector_quantize_backward_fake(grad_quantized, grad_loss, z, quantized, indices, num_codes, commitment_weight,
                                    codebook_weight, compute_codebook_grad):
-    return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(
-        codebook, memory_format=torch.contiguous_format
+    return (
+        torch.empty_like(z, memory_format=torch.contiguous_format),
+        z.new_empty((num_codes, z.shape[1]), dtype=torch.float32),
     )
 
 
 def _vector_quantize_setup_context(ctx, inputs, output):
     z, codebook, metric, commitment_weight, codebook_weight = inputs
-    _, indices, _ = output
-    ctx.save_for_backward(z, codebook, indices)
+    quantized, indices, _ = output
+    ctx.save_for_backward(z, quantized, indices)
+    ctx.num_codes = codebook.shape[0]
+    ctx.codebook_dtype = codebook.dtype
     ctx.weights = (commitment_weight, codebook_weight)
     ctx.mark_non_differentiable(indices)
 
 
 def _vector_quantize_autograd(ctx, grad_quantized, grad_indices, grad_loss):
-    z, codebook, indices = ctx.saved_tensors
+    z, quantized, indices = ctx.saved_tensors
     commitment_weight, codebook_weight = ctx.weights
     if grad_quantized is None:
-        grad_quantized = torch.zeros_like(z)
+        grad_quantized = torch.zeros_like(quantized)
     if grad_loss is None:
         grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
     grad_z, grad_codebook = torch.ops.fastvq.vector_quantize_backward(
         grad_quantized,
         grad_loss,
         z,
-        codebook,
+        quantized,
         indices,
+        ctx.num_codes,
         commitment_weight,
         codebook_weight,
         ctx.needs_input_grad[1],
     )
     return (
         grad_z if ctx.needs_input_grad[0] else None,
-        grad_codebook if ctx.needs_input_grad[1] else None,
+        grad_codebook.to(ctx.codebook_dtype) if ctx.needs_input_grad[1] else None,
         None,
         None,
         None,

@@ -103,6 +103,7 @@ def segment_sum_(
     if num_rows == 0:
         return
     block_n, block_d = _blocks(dim)
+    indices = indices.contiguous()  # the kernels read indices with unit stride
     context = torch.cuda.device(values.device) if values.is_cuda else contextlib.nullcontext()
     with context:
         if not deterministic:

@@ -61,11 +61,10 @@ class Codebook(nn.Module):
         if not train_codebook:
             indices, _, quantized = torch.ops.fastvq.nearest_code(flat, codebook, self.metric, True)
             return quantized, indices, flat.new_zeros((), dtype=torch.float32)
-        # The EMA step below rewrites the codebook in place; the backward must see the codes the
-        # forward chose, so the op gets a snapshot (O(K D), against the O(N K D) search).
-        snapshot = codebook.clone() if self.ema_update else codebook
+        # The EMA step below rewrites the codebook in place after the search; the op's backward
+        # reads the chosen codes it returned, never the codebook, so that is safe.
         quantized, indices, loss = torch.ops.fastvq.vector_quantize(
-            flat, snapshot, self.metric, float(commitment_weight), 0.0
+            flat, codebook, self.metric, float(commitment_weight), 0.0
         )
         if self.ema_update:
             torch.ops.fastvq.ema_update_(

@@ -1,0 +1,276 @@
+"""The harness every fastvq benchmark script shares: timing, peak memory, throughput, the machine's
+description and the result files under ``benchmarks/results/``.
+
+A bench script measures one op family on a grid of sizes, builds one row (a dict) per
+(bench, impl, N, K, D, dtype, metric) and hands the rows to ``write_results`` and ``format_table``.
+Only what is measured is written: a row that could not be measured carries a ``note`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import gc
+import importlib.metadata
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+MIB = 1024**2
+GIB = 1024**3
+KEY_COLUMNS = ("bench", "impl", "N", "K", "D", "dtype", "metric")
+ENVIRONMENT_COLUMNS = ("device", "torch", "triton", "fastvq", "date")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: the median and the 20% / 80% quantiles of the repeats."""
+
+    median_ms: float
+    q20_ms: float
+    q80_ms: float
+
+
+def time_call(
+    fn: Callable[[], object],
+    device: str,
+    *,
+    cpu_budget_s: float = 1.0,
+    min_repeats: int = 5,
+    max_repeats: int = 100,
+) -> Timing:
+    """Times ``fn()`` after a warm-up call.
+
+    On CUDA the timing is ``triton.testing.do_bench``, which times with CUDA events (a host clock
+    around an asynchronous launch would measure the launch, not the kernel) and flushes the L2
+    cache between calls. On CPU every op finishes before it returns, so ``time.perf_counter``
+    around each call is exact; the warm-up call's duration sets how many repeats fit in
+    ``cpu_budget_s``, clamped to ``[min_repeats, max_repeats]`` so slow calls still get a median.
+    """
+    if device.startswith("cuda"):
+        import triton.testing
+
+        fn()  # Triton autotunes on the first call; keep that out of do_bench's estimate.
+        torch.cuda.synchronize()
+        median, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return Timing(median, q20, q80)
+    start = time.perf_counter()
+    fn()
+    warmup_s = time.perf_counter() - start
+    repeats = min(max_repeats, max(min_repeats, int(cpu_budget_s / max(warmup_s, 1e-9))))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    median, q20, q80 = torch.tensor(seconds, dtype=torch.float64).mul(1e3).quantile(
+        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    ).tolist()
+    return Timing(median, q20, q80)
+
+
+def peak_memory_growth_mib(
+    fn: Callable[..., object],
+    make_inputs: Callable[[], tuple],
+    make_warmup_inputs: Callable[[], tuple],
+    device: str,
+) -> float:
+    """Peak memory, in MiB, that ``fn(*make_inputs())`` needs on top of its inputs.
+
+    The growth includes everything alive at the peak: temporaries and ``fn``'s outputs.
+    ``fn(*make_warmup_inputs())`` runs first, on inputs small enough to cost nothing, so that
+    one-time costs (loading BLAS code pages, thread pools, Triton's autotuning) are not counted.
+
+    CUDA: the caching allocator's own counters, ``torch.cuda.max_memory_allocated()`` after
+    ``torch.cuda.reset_peak_memory_stats()``, minus ``torch.cuda.memory_allocated()`` with the
+    inputs allocated. Memory the allocator holds in reserve but has not handed out is not counted.
+
+    CPU: there is no allocator counter, so the call runs in a fresh interpreter (multiprocessing
+    "spawn"; ``fn`` and the input factories must therefore be picklable, i.e. module-level
+    functions or ``functools.partial`` of them). The child allocates the inputs, runs the warm-up,
+    resets its resident-set high-water mark ``VmHWM`` to the current resident set size
+    (``echo 5 > /proc/self/clear_refs``) and takes it as the baseline, runs ``fn`` once and
+    reports how far ``VmHWM`` (``/proc/self/status``) rose above it. A fresh process matters: in one
+    that has already run ``fn``, freed pages stay resident in malloc's arenas and a second call
+    would reuse them unseen. ``getrusage().ru_maxrss`` is not used: a spawned child starts with
+    its parent's peak (Linux carries it through fork and exec), which hides any growth below the
+    parent's size. The figure has page granularity and counts every page first touched during the call.
+    """
+    if device.startswith("cuda"):
+        inputs = make_inputs()
+        fn(*make_warmup_inputs())
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(*inputs)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - baseline) / MIB
+    with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
+        growth_bytes = pool.apply(_peak_rss_growth_bytes, (fn, make_inputs, make_warmup_inputs))
+    return growth_bytes / MIB
+
+
+def _peak_rss_growth_bytes(fn, make_inputs, make_warmup_inputs) -> int:
+    """Runs in the spawned child of ``peak_memory_growth_mib``."""
+    inputs = make_inputs()
+    fn(*make_warmup_inputs())
+    gc.collect()
+    # Without the reset (kernels before 4.0), a transient peak of the set-up could mask the growth.
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    baseline = _proc_status_bytes("VmHWM")
+    fn(*inputs)
+    return _proc_status_bytes("VmHWM") - baseline
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status``, which the kernel reports in KiB."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024
+
+
+def tflops(flop_count: int, milliseconds: float) -> float:
+    return flop_count / (milliseconds * 1e-3) / 1e12
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: Optional[str]) -> Iterator[None]:
+    """Sets ``name`` for the duration (``None`` leaves it as it is); spawned children inherit it."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if previous is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = previous
+
+
+def describe_device(device: str) -> str:
+    """``"NVIDIA H200"`` for a GPU; the CPU model and the number of CPUs this process may use."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{_cpu_model()}, {len(os.sched_getaffinity(0))} cores"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device: str) -> str:
+    """The result files' name: the device description in lower case, e.g. ``amd-epyc-2-cores``."""
+    return re.sub(r"[^a-z0-9]+", "-", describe_device(device).lower()).strip("-")
+
+
+def environment(device: str) -> dict[str, str]:
+    """The columns that say where and when a row was measured."""
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "none"
+    return {
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastvq": _fastvq_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _fastvq_version() -> str:
+    """``fastvq.__version__`` plus the git commit when run from a checkout: the version number
+    alone does not change while the kernels do."""
+    import fastvq
+
+    checkout = Path(fastvq.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return fastvq.__version__
+    return f"{fastvq.__version__}+{commit}"
+
+
+def write_results(rows: Sequence[dict[str, Any]], device: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """Merges ``rows`` into ``<out_dir>/<device-slug>.csv`` and rewrites ``<device-slug>.md`` from it.
+
+    A new row replaces the stored row with the same ``KEY_COLUMNS``; every other stored row is
+    kept, so one bench script (or one grid) can be re-run without losing the others.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{device_slug(device)}.csv"
+    md_path = csv_path.with_suffix(".md")
+    stored: list[dict[str, str]] = []
+    columns: list[str] = []
+    if csv_path.exists():
+        with csv_path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            stored = list(reader)
+    new_rows = [{name: _format_value(value) for name, value in row.items()} for row in rows]
+    merged = {_row_key(row): row for row in stored}
+    merged.update({_row_key(row): row for row in new_rows})
+    columns += [name for row in new_rows for name in row if name not in columns]
+    columns = list(dict.fromkeys(columns))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(merged.values())
+    md_path.write_text(_markdown_report(list(merged.values()), columns, describe_device(device)))
+    return csv_path, md_path
+
+
+def _row_key(row: dict[str, str]) -> tuple[str, ...]:
+    return tuple(str(row.get(name, "")) for name in KEY_COLUMNS)
+
+
+def _markdown_report(rows: list[dict[str, str]], columns: list[str], device_name: str) -> str:
+    environments = sorted({f"torch {r['torch']}, triton {r['triton']}, fastvq {r['fastvq']}" for r in rows})
+    table_columns = [name for name in columns if name not in ENVIRONMENT_COLUMNS or name == "date"]
+    lines = [f"# fastvq benchmarks on {device_name}", ""]
+    lines += [f"- {line}" for line in environments]
+    for bench in dict.fromkeys(row["bench"] for row in rows):
+        lines += ["", f"## {bench}", ""]
+        lines.append(format_table([row for row in rows if row["bench"] == bench], table_columns))
+    return "\n".join(lines) + "\n"
+
+
+def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table (readable as plain text too) of ``columns`` of ``rows``."""
+    cells = [[_format_value(row.get(name, "")) for name in columns] for row in rows]
+    widths = [max([len(name)] + [len(line[i]) for line in cells]) for i, name in enumerate(columns)]
+
+    def render(values: Sequence[str]) -> str:
+        return "| " + " | ".join(value.ljust(width) for value, width in zip(values, widths)) + " |"
+
+    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([render(columns), separator] + [render(line) for line in cells])
+
+
+def _format_value(value: Any) -> str:
+    """Four significant digits, without switching to exponent notation for large values; ``None``
+    (not measured) is an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)

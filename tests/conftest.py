@@ -1,0 +1,44 @@
+"""Shared test set-up: which backends run here, on which device.
+
+Without a GPU, Triton's kernels run on CPU tensors through its interpreter. TRITON_INTERPRET must
+be set before Triton compiles anything, so it is set here, before any test module imports fastvq.
+"""
+
+import os
+import platform
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - Triton is a test requirement on Linux
+    HAS_TRITON = False
+
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+BACKENDS = [("torch", "cpu"), ("triton", TRITON_DEVICE)] + ([("torch", "cuda")] if HAS_CUDA else [])
+BACKEND_IDS = [f"{name}-{device}" for name, device in BACKENDS]
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+def backend(request, monkeypatch):
+    """Selects a backend for the test through FASTVQ_BACKEND and returns ``(name, device)``."""
+    name, device = request.param
+    if name == "triton" and not HAS_TRITON:
+        if platform.system() == "Linux":
+            pytest.fail("Triton is not installed: pip install -e '.[test]' installs it on Linux")
+        pytest.skip("Triton is not available on this platform")
+    monkeypatch.setenv("FASTVQ_BACKEND", name)
+    return name, device
+
+
+@pytest.fixture
+def device(backend):
+    return backend[1]
