@@ -9,6 +9,8 @@ only in registers, so nothing of size ``N x K`` is ever allocated.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -230,6 +232,6 @@ def nearest_code(
         _nearest_code_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
     else:
         grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]),)  # noqa: E731
-        with torch.cuda.device(device):
+        with torch.cuda.device(device) if z.is_cuda else contextlib.nullcontext():
             _nearest_code_tuned[grid](*args, **meta)
     return indices, distances, codes_out
