@@ -63,6 +63,19 @@ def check_search_inputs(z: object, codebook: object, metric: object = "l2") -> N
     check_same_device(z=z, codebook=codebook)
 
 
+def check_sampling(sample_temperature: object, seed: object, z: torch.Tensor) -> None:
+    """Checks the Gumbel-max sampling arguments: a temperature >= 0 and, when sampling, a seed."""
+    if not isinstance(sample_temperature, (int, float)) or not float(sample_temperature) >= 0.0:
+        raise ValueError(f"sample_temperature must be a float >= 0, got {sample_temperature!r}")
+    if float(sample_temperature) == float("inf"):
+        raise ValueError("sample_temperature must be finite")
+    if sample_temperature > 0:
+        seed = check_tensor("seed", seed)
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed must be a one-element int64 tensor, got dtype {seed.dtype} and shape {tuple(seed.shape)}")
+        check_same_device(z=z, seed=seed)
+
+
 def check_indices(indices: object, num_rows: int, name: str = "indices") -> torch.Tensor:
     indices = check_tensor(name, indices)
     if indices.dtype not in (torch.int64, torch.int32):

@@ -83,8 +83,31 @@ def true_distance(z_rows: torch.Tensor, codes: torch.Tensor, metric: str) -> tor
     return 1.0 - dots / norms
 
 
+def gumbel_scores(
+    scores: torch.Tensor, z_sq: torch.Tensor, metric: str, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Turns a slab of search scores into Gumbel-max sampling scores, in place.
+
+    The argmin of ``distance / T - gumbel`` is a sample from ``softmax(-distance / T)``: l2 uses
+    the plain distance (vector-quantize-pytorch's ``-cdist`` logits), cosine the true cosine, dot
+    ``-z.e``. ``z_sq`` holds each row's ``|z - c|^2`` (l2) or ``|z|^2`` (cosine).
+    """
+    if metric == "l2":
+        scores.add_(z_sq[:, None]).clamp_(min=0).sqrt_()
+    elif metric == "cosine":
+        scores.div_(z_sq.sqrt().clamp_min(_NORM_EPS)[:, None])
+    uniform = torch.rand(scores.shape, generator=generator, dtype=scores.dtype, device=scores.device)
+    gumbel = uniform.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
+    return scores.mul_(1.0 / temperature).sub_(gumbel)
+
+
 def nearest_code(
-    z: torch.Tensor, codebook: torch.Tensor, metric: str, return_codes: bool
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str,
+    return_codes: bool,
+    sample_temperature: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_rows, dim = z.shape
     num_codes = codebook.shape[0]
@@ -97,20 +120,33 @@ def nearest_code(
         return indices, distances, codes_out
     search = SearchCodebook(codebook, metric, out_dtype)
     rows_per_chunk, codes_per_chunk = _chunk_sizes(num_rows, num_codes)
+    sampling = sample_temperature > 0.0
+    if sampling:
+        # One generator stream per slab, seeded from (seed, slab position): reproducible for a
+        # seed and independent of everything else. Reading the seed syncs with its device, which
+        # only matters for this path on a GPU, the last-resort case.
+        base_seed = int(seed.reshape(()).item())
+        generator = torch.Generator(device=z.device)
     for row_start in range(0, num_rows, rows_per_chunk):
         rows = slice(row_start, min(row_start + rows_per_chunk, num_rows))
         z_rows = z[rows].to(work_dtype)
         z_search = z_rows - search.center if search.center is not None else z_rows
         best = torch.full((z_rows.shape[0],), float("inf"), dtype=work_dtype, device=z.device)
         best_index = torch.zeros(z_rows.shape[0], dtype=torch.int64, device=z.device)
+        if sampling:
+            z_sq = (z_search * z_search).sum(dim=1) if metric != "dot" else None
         for code_start in range(0, num_codes, codes_per_chunk):
             code_stop = min(code_start + codes_per_chunk, num_codes)
-            chunk_best, chunk_index = search.scores(z_search, code_start, code_stop).min(dim=1)
+            scores = search.scores(z_search, code_start, code_stop)
+            if sampling:
+                generator.manual_seed((base_seed * 1000003 + row_start * num_codes + code_start) % (2**63))
+                scores = gumbel_scores(scores, z_sq, metric, sample_temperature, generator)
+            chunk_best, chunk_index = scores.min(dim=1)
             # Strict '<' keeps the earlier chunk on ties: the lowest index wins across chunks too.
             better = chunk_best < best
             best = torch.where(better, chunk_best, best)
             best_index = torch.where(better, chunk_index + code_start, best_index)
-            del chunk_best, chunk_index, better
+            del scores, chunk_best, chunk_index, better
         chosen = codebook[best_index]
         indices[rows] = best_index
         distances[rows] = true_distance(z_rows, chosen.to(work_dtype), metric).float()
@@ -155,6 +191,23 @@ def segment_reduce(
     return counts[:num_codes].float(), sums[:num_codes].float()
 
 
+def rotation_trick_grad(grad: torch.Tensor, z: torch.Tensor, codes: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The rotation trick's gradient (Fifty et al. 2024) for rows of ``z`` quantized to ``codes``.
+
+    With ``u = z/|z|``, ``q = e/|e|``, ``w = (u + q)/|u + q|`` and ``s = |e|/|z|`` held constant,
+    the forward ``s (I - 2 w w^T + 2 q u^T) z`` equals ``e``; its transpose sends ``g`` to
+    ``s (g - 2 w (w.g) + 2 u (q.g))``. ``eps`` floors the norms as vector-quantize-pytorch does.
+    """
+    z_norm = z.norm(dim=1, keepdim=True)
+    e_norm = codes.norm(dim=1, keepdim=True)
+    u = z / z_norm.clamp_min(eps)
+    q = codes / e_norm.clamp_min(eps)
+    w = u + q
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(eps)
+    scale = e_norm / z_norm.clamp_min(eps)
+    return scale * (grad - 2.0 * w * (grad * w).sum(dim=1, keepdim=True) + 2.0 * u * (grad * q).sum(dim=1, keepdim=True))
+
+
 def vector_quantize_backward(
     grad_quantized: torch.Tensor,
     grad_loss: torch.Tensor,
@@ -165,12 +218,14 @@ def vector_quantize_backward(
     commitment_scale: float,
     codebook_scale: float,
     compute_codebook_grad: bool,
+    rotation_trick: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """STE gradient plus commitment term to ``z``; codebook-loss gradient to the chosen codes only.
+    """The gradient to ``z`` and the codebook-loss gradient to the chosen codes only.
 
     With ``e_i = quantized[i]`` the code row ``i`` chose:
-    ``grad_z = grad_q + grad_loss * commitment_scale * (z - e)`` and
+    ``grad_z = T(grad_q) + grad_loss * commitment_scale * (z - e)``, ``T`` the identity
+    (straight-through) or the rotation trick's transpose, and
     ``grad_codebook[k] = grad_loss * codebook_scale * sum_{i: idx_i = k} (e_i - z_i)`` (fp32), where
     the scales already hold ``2 * weight / (N * D)``. Indices outside ``[0, K)`` scatter nowhere.
     """
@@ -183,8 +238,13 @@ def vector_quantize_backward(
     with deterministic_scatter(deterministic):
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, num_rows))
-            diff = z[rows].to(work_dtype) - quantized[rows].to(work_dtype)
-            grad_z[rows] = grad_quantized[rows].to(work_dtype) + (scale * commitment_scale) * diff
+            z_rows = z[rows].to(work_dtype)
+            codes = quantized[rows].to(work_dtype)
+            grad_rows = grad_quantized[rows].to(work_dtype)
+            if rotation_trick:
+                grad_rows = rotation_trick_grad(grad_rows, z_rows, codes)
+            diff = z_rows - codes
+            grad_z[rows] = grad_rows + (scale * commitment_scale) * diff
             if compute_codebook_grad:
                 chosen = indices[rows]
                 safe = torch.where((chosen >= 0) & (chosen < num_codes), chosen.long(), num_codes)

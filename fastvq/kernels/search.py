@@ -32,6 +32,7 @@ def _nearest_code_fwd_kernel(
     indices_ptr,
     distances_ptr,
     codes_out_ptr,
+    seed_ptr,
     N,
     K,
     D,
@@ -39,8 +40,10 @@ def _nearest_code_fwd_kernel(
     stride_z_col,
     stride_cb_row,
     stride_cb_col,
+    inv_temperature,
     METRIC: tl.constexpr,
     RETURN_CODES: tl.constexpr,
+    SAMPLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
@@ -71,6 +74,28 @@ def _nearest_code_fwd_kernel(
             center = tl.load(center_ptr + dims, mask=dim_mask, other=0.0)
             z_tile = z_tile - center[None, :]
         z_tile = z_tile.to(search_dtype)
+
+    if SAMPLE:
+        # Gumbel-max sampling draws code k with probability softmax(-distance_k / T): the same
+        # noise-plus-argmax as vector-quantize-pytorch's stochastic codes, with the noise drawn
+        # here from a counter-based generator (one Philox stream per row) instead of an N x K
+        # tensor. l2 samples on the plain (not squared) distance, as their -cdist logits do, and
+        # cosine on the true cosine, so the row's |z - c|^2 or |z| that the argmin drops is needed.
+        row_seeds = tl.load(seed_ptr) + rows * 1000003
+        z_centered_sq = tl.zeros((BLOCK_N,), tl.float32)
+        if METRIC != 2:
+            for dim_start in range(0, D, BLOCK_D):
+                dim_idx = dim_start + dims
+                dim_mask_s = dim_idx < D
+                z_slice = tl.load(
+                    z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
+                    mask=row_mask[:, None] & dim_mask_s[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                if METRIC == 0:
+                    center_s = tl.load(center_ptr + dim_idx, mask=dim_mask_s, other=0.0)
+                    z_slice = tl.where(dim_mask_s[None, :], z_slice - center_s[None, :], 0.0)
+                z_centered_sq += tl.sum(z_slice * z_slice, axis=1)
 
     best = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_index = tl.zeros((BLOCK_N,), tl.int64)
@@ -109,6 +134,14 @@ def _nearest_code_fwd_kernel(
             scores = bias[None, :] - 2.0 * acc
         else:
             scores = -acc
+        if SAMPLE:
+            if METRIC == 0:
+                scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
+            elif METRIC == 1:
+                scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
+            uniform = tl.maximum(tl.rand(row_seeds[:, None], codes[None, :]), 1e-20)
+            gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
+            scores = scores * inv_temperature - gumbel
         # A NaN score never wins, and padding codes past K never win either.
         scores = tl.where(scores != scores, float("inf"), scores)
         scores = tl.where(code_mask[None, :], scores, float("inf"))
@@ -189,9 +222,15 @@ _INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
 
 
 def nearest_code(
-    z: torch.Tensor, codebook: torch.Tensor, metric: str, return_codes: bool
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str,
+    return_codes: bool,
+    sample_temperature: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the fused search. Inputs are checked by the caller; fp64 is not handled here."""
+    """Launches the fused search (or Gumbel-max sampling when ``sample_temperature > 0``, noise
+    from the int64 ``seed`` tensor). Inputs are checked by the caller; fp64 is not handled here."""
     num_rows, dim = z.shape
     num_codes = codebook.shape[0]
     out_dtype = torch.promote_types(z.dtype, codebook.dtype)
@@ -201,6 +240,7 @@ def nearest_code(
     codes_out = torch.empty((num_rows if return_codes else 0, dim), dtype=out_dtype, device=device)
     if num_rows == 0:
         return indices, distances, codes_out
+    sampling = sample_temperature > 0.0
     search = SearchCodebook(codebook, metric, out_dtype)
     search_codes = search.codes.to(out_dtype).contiguous()
     placeholder = distances  # never read: the metric's constexpr branch skips it
@@ -213,6 +253,7 @@ def nearest_code(
         indices,
         distances,
         codes_out if return_codes else placeholder,
+        seed if sampling else indices,
         num_rows,
         num_codes,
         dim,
@@ -220,10 +261,12 @@ def nearest_code(
         z.stride(1),
         codebook.stride(0),
         codebook.stride(1),
+        1.0 / sample_temperature if sampling else 1.0,
     )
     meta = dict(
         METRIC=METRIC_IDS[metric],
         RETURN_CODES=return_codes,
+        SAMPLE=sampling,
         DOT_PRECISION=dot_precision(out_dtype),
         DOT_IN_FP32=interpreting() and out_dtype == torch.bfloat16,
     )

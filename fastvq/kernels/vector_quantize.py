@@ -1,12 +1,15 @@
-"""Vector-quantize backward: the straight-through gradient to ``z`` and the codebook gradient.
+"""Vector-quantize backward: the gradient to ``z`` and the codebook gradient.
 
 The forward is the fused search (``search.py``) plus a reduction of its distances; only the
-backward needs a kernel of its own. ``_vector_quantize_bwd_kernel`` reads ``z``, the codes the
-forward chose (its ``quantized`` output, so a codebook rewritten in place by an EMA step since
-then cannot leak in) and the output gradient once, writes ``grad_z = grad_q + grad_loss * commitment_scale * (z - e)``
-and, on the atomic path, adds ``-grad_loss * codebook_scale * (z - e)`` to the chosen codes' rows
-of the codebook gradient, so only codes that were chosen are touched and no one-hot matrix
-exists. On the deterministic path it writes ``z - e`` instead and the sorted segment reduce sums it.
+backward needs a kernel of its own. ``_vector_quantize_bwd_kernel`` owns ``BLOCK_N`` rows and walks
+their ``D`` in slices. It reads ``z``, the codes the forward chose (its ``quantized`` output, so a
+codebook rewritten in place by an EMA step since then cannot leak in) and the output gradient,
+and writes ``grad_z = T(grad_q) + grad_loss * commitment_scale * (z - e)``, where ``T`` is the
+identity (straight-through estimator) or, with ``ROTATION``, the transpose of the rotation trick's
+map (Fifty et al. 2024), which needs a first pass over the row for its dot products. On the atomic
+path it adds ``-grad_loss * codebook_scale * (z - e)`` to the chosen codes' rows of the codebook
+gradient, so only chosen codes are touched and no one-hot matrix exists; on the deterministic
+path it writes ``z - e`` and the sorted segment reduce sums it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import triton.language as tl
 
 from ._common import interpreting
 from .segment_reduce import segment_sum_
+
+# vector-quantize-pytorch's safe_div / l2norm floor for the rotation trick's norms.
+ROTATION_EPS = 1e-6
 
 
 @triton.jit
@@ -42,35 +48,88 @@ def _vector_quantize_bwd_kernel(
     stride_q_col,
     commitment_scale,
     codebook_scale,
+    rotation_eps,
     CODEBOOK_GRAD: tl.constexpr,
     ATOMIC: tl.constexpr,
+    ROTATION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_row = tl.program_id(0).to(tl.int64)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = pid_row * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
-    mask = row_mask[:, None] & (dims < D)[None, :]
     grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
     codes = tl.load(indices_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    # An index outside [0, K) reads no code and scatters nowhere.
-    code_mask = mask & ((codes >= 0) & (codes < K))[:, None]
-    z = tl.load(z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col, mask=mask, other=0.0)
-    e = tl.load(quantized_ptr + rows[:, None] * stride_q_row + dims[None, :] * stride_q_col, mask=mask, other=0.0)
-    grad_q = tl.load(
-        grad_quantized_ptr + rows[:, None] * stride_gq_row + dims[None, :] * stride_gq_col, mask=mask, other=0.0
-    )
-    diff = z.to(tl.float32) - e.to(tl.float32)
-    grad_z = grad_q.to(tl.float32) + (grad_loss * commitment_scale) * diff
-    tl.store(grad_z_ptr + rows[:, None] * D + dims[None, :], grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
-    if CODEBOOK_GRAD:
-        if ATOMIC:
-            tl.atomic_add(
-                grad_codebook_ptr + codes[:, None] * D + dims[None, :], -(grad_loss * codebook_scale) * diff, mask=code_mask
+    # An index outside [0, K) scatters nowhere.
+    code_ok = row_mask & (codes >= 0) & (codes < K)
+
+    if ROTATION:
+        # With u = z/|z|, q = e/|e|, w = (u + q)/|u + q| and s = |e|/|z| (all held constant, as
+        # in the paper), the forward is s (I - 2 w w^T + 2 q u^T) z = e, so the gradient is
+        # s (g - 2 w (w.g) + 2 u (q.g)). The row's dot products come first.
+        zz = tl.zeros((BLOCK_N,), tl.float32)
+        ee = tl.zeros((BLOCK_N,), tl.float32)
+        ze = tl.zeros((BLOCK_N,), tl.float32)
+        gz = tl.zeros((BLOCK_N,), tl.float32)
+        ge = tl.zeros((BLOCK_N,), tl.float32)
+        for dim_start in range(0, D, BLOCK_D):
+            dims = dim_start + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (dims < D)[None, :]
+            z = tl.load(z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col, mask=mask, other=0.0)
+            e = tl.load(
+                quantized_ptr + rows[:, None] * stride_q_row + dims[None, :] * stride_q_col, mask=mask, other=0.0
             )
-        else:
-            tl.store(diff_ptr + rows[:, None] * D + dims[None, :], diff, mask=mask)
+            g = tl.load(
+                grad_quantized_ptr + rows[:, None] * stride_gq_row + dims[None, :] * stride_gq_col,
+                mask=mask,
+                other=0.0,
+            )
+            z = z.to(tl.float32)
+            e = e.to(tl.float32)
+            g = g.to(tl.float32)
+            zz += tl.sum(z * z, axis=1)
+            ee += tl.sum(e * e, axis=1)
+            ze += tl.sum(z * e, axis=1)
+            gz += tl.sum(g * z, axis=1)
+            ge += tl.sum(g * e, axis=1)
+        z_norm = tl.maximum(tl.sqrt(zz), rotation_eps)
+        e_norm = tl.maximum(tl.sqrt(ee), rotation_eps)
+        scale = tl.sqrt(ee) / z_norm
+        uu = zz / (z_norm * z_norm)
+        qq = ee / (e_norm * e_norm)
+        uq = ze / (z_norm * e_norm)
+        w_norm = tl.maximum(tl.sqrt(tl.maximum(uu + qq + 2.0 * uq, 0.0)), rotation_eps)
+        g_dot_u = gz / z_norm
+        g_dot_q = ge / e_norm
+        g_dot_w = (g_dot_u + g_dot_q) / w_norm
+
+    for dim_start in range(0, D, BLOCK_D):
+        dims = dim_start + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (dims < D)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col, mask=mask, other=0.0)
+        e = tl.load(quantized_ptr + rows[:, None] * stride_q_row + dims[None, :] * stride_q_col, mask=mask, other=0.0)
+        g = tl.load(
+            grad_quantized_ptr + rows[:, None] * stride_gq_row + dims[None, :] * stride_gq_col, mask=mask, other=0.0
+        )
+        z = z.to(tl.float32)
+        e = e.to(tl.float32)
+        g = g.to(tl.float32)
+        if ROTATION:
+            u = z / z_norm[:, None]
+            w = (u + e / e_norm[:, None]) / w_norm[:, None]
+            g = scale[:, None] * (g - 2.0 * w * g_dot_w[:, None] + 2.0 * u * g_dot_q[:, None])
+        diff = z - e
+        grad_z = g + (grad_loss * commitment_scale) * diff
+        tl.store(grad_z_ptr + rows[:, None] * D + dims[None, :], grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
+        if CODEBOOK_GRAD:
+            if ATOMIC:
+                tl.atomic_add(
+                    grad_codebook_ptr + codes[:, None] * D + dims[None, :],
+                    -(grad_loss * codebook_scale) * diff,
+                    mask=mask & code_ok[:, None],
+                )
+            else:
+                tl.store(diff_ptr + rows[:, None] * D + dims[None, :], diff, mask=mask)
 
 
 def vector_quantize_backward(
@@ -83,6 +142,7 @@ def vector_quantize_backward(
     commitment_scale: float,
     codebook_scale: float,
     compute_codebook_grad: bool,
+    rotation_trick: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(grad_z, grad_codebook)``: ``z``'s dtype and fp32 ``[K, D]``."""
@@ -96,8 +156,11 @@ def vector_quantize_backward(
     atomic = not deterministic
     diff_rows = num_rows if compute_codebook_grad and not atomic else 0
     diff = torch.empty((diff_rows, dim), dtype=torch.float32, device=z.device)
-    block_n, block_d = (16, 16) if interpreting() else (64, min(128, max(16, triton.next_power_of_2(dim))))
-    grid = (triton.cdiv(num_rows, block_n), triton.cdiv(dim, block_d))
+    if interpreting():
+        block_n, block_d = 16, 16
+    else:
+        block_n, block_d = 32, min(128, max(16, triton.next_power_of_2(dim)))
+    grid = (triton.cdiv(num_rows, block_n),)
     context = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with context:
         _vector_quantize_bwd_kernel[grid](
@@ -107,8 +170,9 @@ def vector_quantize_backward(
             grad_quantized.stride(0), grad_quantized.stride(1),
             z.stride(0), z.stride(1),
             quantized.stride(0), quantized.stride(1),
-            commitment_scale, codebook_scale,
-            CODEBOOK_GRAD=compute_codebook_grad, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_D=block_d,
+            commitment_scale, codebook_scale, ROTATION_EPS,
+            CODEBOOK_GRAD=compute_codebook_grad, ATOMIC=atomic, ROTATION=rotation_trick,
+            BLOCK_N=block_n, BLOCK_D=block_d,
         )
     if diff_rows:
         # grad_loss stays on the device: scaling after the sum avoids a host sync.
