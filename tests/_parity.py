@@ -9,6 +9,9 @@ most twice PyTorch's own error in that dtype, plus a small slack.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from fastvq import reference
@@ -95,8 +98,10 @@ def assert_search_parity(
     """
     num_rows = z.shape[0]
     out_dtype = torch.promote_types(z.dtype, codebook.dtype)
-    assert indices.dtype == torch.int64 and tuple(indices.shape) == (num_rows,), (indices.dtype, indices.shape)
-    assert distances.dtype == torch.float32 and tuple(distances.shape) == (num_rows,), (distances.dtype, distances.shape)
+    assert indices.dtype == torch.int64, indices.dtype
+    assert tuple(indices.shape) == (num_rows,), indices.shape
+    assert distances.dtype == torch.float32, distances.dtype
+    assert tuple(distances.shape) == (num_rows,), distances.shape
     assert indices.device == z.device and distances.device == z.device
     if codes is not None:
         assert codes.dtype == out_dtype and tuple(codes.shape) == tuple(z.shape), (codes.dtype, codes.shape)
@@ -155,3 +160,19 @@ def assert_close_flash_rule(
             f"true {truth.flatten()[worst].item():.6g}) exceeds 2 x PyTorch's error {float(torch_error):.3g} "
             f"+ slack {slack:.3g}"
         )
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """Sets ``torch.use_deterministic_algorithms(enabled)`` for a block and restores the previous mode."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace_config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses deterministic mode without it
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+        if workspace_config is None:
+            del os.environ["CUBLAS_WORKSPACE_CONFIG"]

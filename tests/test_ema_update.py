@@ -93,7 +93,8 @@ def test_triton_segment_sum_writes_nothing_out_of_bounds(deterministic):
     )
     assert not guarded_sums[[0, -1]].any() and not guarded_counts[[0, -1]].any()
     in_range = (indices >= 0) & (indices < num_codes)
-    assert_segments_match(guarded_counts[1:-1].float(), guarded_sums[1:-1], values[in_range], indices[in_range], num_codes)
+    counts, sums = guarded_counts[1:-1].float(), guarded_sums[1:-1]
+    assert_segments_match(counts, sums, values[in_range], indices[in_range], num_codes)
 
 
 # --------------------------------------------------------------------------- ema_update_

@@ -118,6 +118,8 @@ class Codebook(nn.Module):
         self.sample_codebook_temp = float(sample_codebook_temp)
         self.stochastic_sample_codes = stochastic_sample_codes
         self.ema_update = ema_update
+        # ResidualVQ's shared codebook accumulates every layer's statistics before renormalising once.
+        self.manual_ema_update = False
         self.use_cosine_sim = use_cosine_sim
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
@@ -149,21 +151,25 @@ class Codebook(nn.Module):
     # ------------------------------------------------------------------ EMA statistics
 
     @torch.no_grad()
-    def _ema_step(self, head: int, flat: Tensor, indices: Tensor, update_codes: bool) -> None:
-        """Folds one batch into the moving averages of codebook ``head``; renormalises its codes."""
+    def _ema_step(self, head: int, flat: Tensor, indices: Tensor, update_codes: bool, active: Optional[Tensor]) -> None:
+        """Folds one batch into the moving averages of codebook ``head``; renormalises its codes.
+        ``active`` False (a device tensor) leaves everything as it was."""
         counts, sums = torch.ops.fastvq.segment_reduce(
             flat, indices, self.codebook_size, torch.are_deterministic_algorithms_enabled()
         )
         if self.use_ddp:
             all_reduce_sum_(counts)
             all_reduce_sum_(sums)
-        self.cluster_size[head].lerp_(counts, 1.0 - self.decay)
-        self.embed_avg[head].lerp_(sums, 1.0 - self.decay)
+        weight = 1.0 - self.decay
+        if active is not None:
+            weight = active.to(torch.float32) * weight
+        self.cluster_size[head].lerp_(counts, weight)
+        self.embed_avg[head].lerp_(sums, weight)
         if update_codes:
-            self.renormalize(head)
+            self.renormalize(head, active)
 
     @torch.no_grad()
-    def renormalize(self, head: int) -> None:
+    def renormalize(self, head: int, active: Optional[Tensor] = None) -> None:
         """``embed = embed_avg / laplace_smoothed(cluster_size)`` (l2-normalised for cosine codes)."""
         sizes = self.cluster_size[head]
         total = sizes.sum()
@@ -171,10 +177,12 @@ class Codebook(nn.Module):
         codes = self.embed_avg[head] / smoothed[:, None]
         if self.use_cosine_sim:
             codes = l2norm(codes)
+        if active is not None:
+            codes = torch.where(active, codes, self.embed[head])
         self.embed.data[head].copy_(codes)
 
     @torch.no_grad()
-    def expire_codes_(self, head: int, flat: Tensor, valid: Optional[Tensor]) -> None:
+    def expire_codes_(self, head: int, flat: Tensor, valid: Optional[Tensor], active: Optional[Tensor] = None) -> None:
         """Replaces codes whose EMA cluster size fell below ``threshold_ema_dead_code`` by rows of
         the batch, resetting their statistics to the threshold, as vector-quantize-pytorch does.
         Every code gets a candidate and ``torch.where`` keeps the live ones: no host sync."""
@@ -182,6 +190,8 @@ class Codebook(nn.Module):
         candidates, found = sample_rows(rows, self.codebook_size, synced=self.use_ddp, valid=valid)
         candidates = candidates.to(self.embed.dtype)
         dead = (self.cluster_size[head] < self.threshold_ema_dead_code) & found
+        if active is not None:
+            dead = dead & active
         reset = self.threshold_ema_dead_code
         self.embed.data[head].copy_(torch.where(dead[:, None], candidates, self.embed[head]))
         self.cluster_size[head].copy_(torch.where(dead, torch.full_like(self.cluster_size[head], reset), self.cluster_size[head]))
@@ -236,6 +246,7 @@ class Codebook(nn.Module):
         rotation_trick: bool,
         freeze_codebook: bool,
         sample_codebook_temp: Optional[float],
+        active: Optional[Tensor] = None,
     ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Quantizes ``flats``, one ``[M, D]`` tensor per codebook (all against codebook 0 when
         there is one codebook and several heads have been stacked into ``M``).
@@ -280,9 +291,10 @@ class Codebook(nn.Module):
                 indices = torch.where(valid, indices, -1)
             counted = indices
             if train_codes and (self.ema_update or self.has_dead_code_replacement):
-                self._ema_step(head, flat.detach(), counted, update_codes=self.ema_update)
+                update_codes = self.ema_update and not self.manual_ema_update
+                self._ema_step(head, flat.detach(), counted, update_codes, active)
                 if self.has_dead_code_replacement:
-                    self.expire_codes_(head, flat.detach(), valid)
+                    self.expire_codes_(head, flat.detach(), valid, active)
             self._record_usage(head, counted)
             quantized_heads.append(quantized)
             index_heads.append(indices)
@@ -569,7 +581,11 @@ class VectorQuantize(nn.Module):
         *,
         freeze_codebook: Optional[bool] = None,
         sample_codebook_temp: Optional[float] = None,
+        active: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """See the class docstring. ``active`` (a bool scalar tensor) switches the whole call off
+        on the device when False, as if every position were masked: ResidualVQ's quantize dropout
+        uses it so that which layers drop out is decided without a host synchronisation."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -590,6 +606,9 @@ class VectorQuantize(nn.Module):
         if self.use_cosine_sim:
             rows = l2norm(rows)
         valid = None if mask is None else mask.reshape(-1)
+        if active is not None:
+            keep = active.reshape(()).expand(batch * length)
+            valid = keep if valid is None else valid & keep
         if self.separate_codebook_per_head:
             flats = list(rows.unbind(0))
             row_valid = valid
@@ -603,15 +622,16 @@ class VectorQuantize(nn.Module):
             rotation_trick=self.rotation_trick,
             freeze_codebook=freeze_codebook,
             sample_codebook_temp=sample_codebook_temp,
+            active=None if active is None else active.reshape(()),
         )
         quantized = torch.stack(quantized_heads).reshape(heads, batch * length, self.codebook_dim)
         indices = torch.stack(index_heads).reshape(heads, batch, length)
         quantized = rearrange(quantized, "h (b n) d -> b n (h d)", b=batch).to(projected.dtype)
         quantized = self.project_out(quantized).to(x.dtype)
         indices = rearrange(indices, "h b n -> b n h") if heads > 1 else indices[0]
-        if mask is not None:
+        if valid is not None:
             fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else sequence.to(quantized.dtype)
-            quantized = torch.where(mask[..., None], quantized, fill)
+            quantized = torch.where(valid.reshape(batch, length, 1), quantized, fill)
         quantized, indices = _from_sequence(quantized, indices, pattern, sizes)
         return quantized, indices, loss
 
