@@ -1,5 +1,6 @@
 """fastvq's layers. Modules hold parameters, buffers and configuration; the math is in the ops."""
 
+from .sonnet import VectorQuantizerEMA
 from .taming import GumbelQuantize, VectorQuantizer2
 from .vector_quantize import Codebook, VectorQuantize
 
@@ -8,4 +9,5 @@ __all__ = [
     "VectorQuantize",
     "VectorQuantizer2",
     "GumbelQuantize",
+    "VectorQuantizerEMA",
 ]
