@@ -1,8 +1,10 @@
 """fastvq's layers. Modules hold parameters, buffers and configuration; the math is in the ops."""
 
+from .simvq import SimVQ
 from .sonnet import VectorQuantizerEMA
 from .taming import GumbelQuantize, VectorQuantizer2
 from .vector_quantize import Codebook, VectorQuantize
+from .vit_vqgan import FactorizedL2Quantizer
 
 __all__ = [
     "Codebook",
@@ -10,4 +12,6 @@ __all__ = [
     "VectorQuantizer2",
     "GumbelQuantize",
     "VectorQuantizerEMA",
+    "SimVQ",
+    "FactorizedL2Quantizer",
 ]
