@@ -7,7 +7,9 @@ two shards compute what one process computes on the whole batch. Vectors drawn f
 outcome everywhere: each rank proposes candidates from its own rows, the proposals are gathered,
 and one shared draw picks, for each code, a rank with probability proportional to its row count.
 A rank whose shard is empty proposes nothing and is never picked. None of this synchronises the
-host with the device: every decision is a tensor operation.
+host with the device: every decision is a tensor operation. The collectives are PyTorch's
+functional collectives, which ``torch.compile`` traces into the graph (``dist.broadcast`` and
+friends would break it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -26,7 +29,14 @@ def is_distributed() -> bool:
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sums ``tensor`` over ranks in place (a no-op outside a multi-process group)."""
     if is_distributed():
-        dist.all_reduce(tensor)
+        tensor.copy_(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
+    return tensor
+
+
+def broadcast_from_first(tensor: Tensor) -> Tensor:
+    """Rank 0's value of ``tensor`` on every rank (``tensor`` itself outside a process group)."""
+    if is_distributed():
+        return funcol.broadcast(tensor, 0, dist.group.WORLD)
     return tensor
 
 
@@ -50,16 +60,12 @@ def sample_rows(rows: Tensor, num: int, *, synced: bool, valid: Optional[Tensor]
     if not (synced and is_distributed()):
         return local, count > 0
     world = dist.get_world_size()
-    proposals = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(proposals, local.contiguous())
-    counts = [torch.empty(1, dtype=torch.float32, device=device) for _ in range(world)]
-    dist.all_gather(counts, count.reshape(1).float())
-    weights = torch.cat(counts)
-    shared = torch.rand(num, device=device)
-    dist.broadcast(shared, src=0)
+    group = dist.group.WORLD
+    proposals = funcol.all_gather_tensor(local.contiguous(), 0, group).reshape(world, num, rows.shape[1])
+    weights = funcol.all_gather_tensor(count.reshape(1).float(), 0, group)
+    shared = broadcast_from_first(torch.rand(num, device=device))
     # Rank r owns the slice [cdf[r-1], cdf[r]) of [0, 1); empty ranks own nothing.
     total = weights.sum()
     cdf = torch.cumsum(weights, 0) / total.clamp_min(1.0)
     owner = torch.searchsorted(cdf, shared, right=True).clamp_max(world - 1)
-    stacked = torch.stack(proposals)
-    return stacked[owner, torch.arange(num, device=device)], total > 0
+    return proposals[owner, torch.arange(num, device=device)], total > 0

@@ -11,10 +11,9 @@ import random
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._distributed import is_distributed
+from ._distributed import broadcast_from_first
 from .vector_quantize import VectorQuantize, l2norm
 
 # Arguments of vector-quantize-pytorch's ResidualVQ fastvq does not implement, with inert values.
@@ -177,9 +176,9 @@ class ResidualVQ(nn.Module):
 
     def draw_dropout_index(self, device: torch.device) -> Tensor:
         """The last layer kept by quantize dropout, as a device tensor, the same on every rank."""
-        index = torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers, (), device=device)
-        if is_distributed():
-            dist.broadcast(index, src=0)
+        index = broadcast_from_first(
+            torch.randint(self.quantize_dropout_cutoff_index, self.num_quantizers, (), device=device)
+        )
         multiple = self.quantize_dropout_multiple_of
         if multiple != 1:
             index = (index + multiple) // multiple * multiple - 1
