@@ -7,7 +7,7 @@ also registered as ``torch.ops.fastvq.*``. Importing fastvq never touches CUDA o
 
 from . import nn
 from .functional import ema_update_, nearest_code, segment_reduce, vector_quantize
-from .nn import VectorQuantize
+from .nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,7 @@ __all__ = [
     "segment_reduce",
     "nn",
     "VectorQuantize",
+    "ResidualVQ",
+    "GroupedResidualVQ",
     "__version__",
 ]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _chunked
-from ._checks import check_ema_inputs, check_search_inputs, check_segment_inputs
+from ._checks import check_ema_inputs, check_sampling, check_search_inputs, check_segment_inputs
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 
@@ -91,19 +91,30 @@ def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("fastvq::nearest_code", mutates_args=())
-def nearest_code(z: Tensor, codebook: Tensor, metric: str = "l2", return_codes: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def nearest_code(
+    z: Tensor,
+    codebook: Tensor,
+    metric: str = "l2",
+    return_codes: bool = False,
+    sample_temperature: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``z [N, D]``, ``codebook [K, D]`` -> ``(indices int64 [N], distances fp32 [N], codes)``.
 
-    ``codes`` is ``[N, D]`` in the promoted dtype when ``return_codes`` else ``[0, D]``.
+    ``codes`` is ``[N, D]`` in the promoted dtype when ``return_codes`` else ``[0, D]``. With
+    ``sample_temperature > 0`` the index is sampled from ``softmax(-distance / T)`` by Gumbel-max
+    with noise drawn from the int64 ``seed`` tensor, instead of the argmin.
     """
     check_search_inputs(z, codebook, metric)
+    check_sampling(sample_temperature, seed, z)
     backend = _backend_module(z, _promoted(z, codebook), "search")
-    return backend.nearest_code(z, codebook, metric, return_codes)
+    return backend.nearest_code(z, codebook, metric, return_codes, sample_temperature, seed)
 
 
 @nearest_code.register_fake
-def _nearest_code_fake(z, codebook, metric="l2", return_codes=False):
+def _nearest_code_fake(z, codebook, metric="l2", return_codes=False, sample_temperature=0.0, seed=None):
     check_search_inputs(z, codebook, metric)
+    check_sampling(sample_temperature, seed, z)
     num_rows, dim = z.shape
     return (
         z.new_empty(num_rows, dtype=torch.int64),
@@ -145,16 +156,26 @@ def _loss_scales(num_rows: int, dim: int, commitment_weight: float, codebook_wei
 
 @torch.library.custom_op("fastvq::vector_quantize", mutates_args=())
 def vector_quantize(
-    z: Tensor, codebook: Tensor, metric: str, commitment_weight: float, codebook_weight: float
+    z: Tensor,
+    codebook: Tensor,
+    metric: str,
+    commitment_weight: float,
+    codebook_weight: float,
+    rotation_trick: bool = False,
+    sample_temperature: float = 0.0,
+    seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Search, gather and the two VQ losses: ``(quantized [N, D], indices int64 [N], loss fp32 [])``.
 
     ``loss = codebook_weight * mean((sg[z] - e)^2) + commitment_weight * mean((z - sg[e])^2)``.
+    ``quantized``'s gradient reaches ``z`` straight through, or rotated by the rotation trick.
+    ``sample_temperature``/``seed`` sample the codes as in ``nearest_code``.
     """
     check_search_inputs(z, codebook, metric)
+    check_sampling(sample_temperature, seed, z)
     dtype = _promoted(z, codebook)
     backend = _backend_module(z, dtype, "search")
-    indices, distances, quantized = backend.nearest_code(z, codebook, metric, True)
+    indices, distances, quantized = backend.nearest_code(z, codebook, metric, True, sample_temperature, seed)
     num_rows, dim = z.shape
     if num_rows == 0:
         return quantized, indices, torch.zeros((), dtype=torch.float32, device=z.device)
@@ -176,8 +197,10 @@ def _sum_squared_difference(z: Tensor, codes: Tensor) -> Tensor:
 
 
 @vector_quantize.register_fake
-def _vector_quantize_fake(z, codebook, metric, commitment_weight, codebook_weight):
+def _vector_quantize_fake(z, codebook, metric, commitment_weight, codebook_weight, rotation_trick=False,
+                          sample_temperature=0.0, seed=None):
     check_search_inputs(z, codebook, metric)
+    check_sampling(sample_temperature, seed, z)
     num_rows = z.shape[0]
     return (
         z.new_empty(z.shape, dtype=_promoted(z, codebook)),
@@ -197,6 +220,7 @@ def vector_quantize_backward(
     commitment_weight: float,
     codebook_weight: float,
     compute_codebook_grad: bool,
+    rotation_trick: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(grad_z [N, D] z's dtype, grad_codebook fp32 [K, D])`` of ``vector_quantize``.
 
@@ -217,13 +241,14 @@ def vector_quantize_backward(
         commitment_scale,
         codebook_scale,
         compute_codebook_grad,
+        rotation_trick,
         torch.are_deterministic_algorithms_enabled(),
     )
 
 
 @vector_quantize_backward.register_fake
 def _vector_quantize_backward_fake(grad_quantized, grad_loss, z, quantized, indices, num_codes, commitment_weight,
-                                   codebook_weight, compute_codebook_grad):
+                                   codebook_weight, compute_codebook_grad, rotation_trick=False):
     return (
         torch.empty_like(z, memory_format=torch.contiguous_format),
         z.new_empty((num_codes, z.shape[1]), dtype=torch.float32),
@@ -231,12 +256,13 @@ def _vector_quantize_backward_fake(grad_quantized, grad_loss, z, quantized, indi
 
 
 def _vector_quantize_setup_context(ctx, inputs, output):
-    z, codebook, metric, commitment_weight, codebook_weight = inputs
+    z, codebook, metric, commitment_weight, codebook_weight, rotation_trick, _, _ = inputs
     quantized, indices, _ = output
     ctx.save_for_backward(z, quantized, indices)
     ctx.num_codes = codebook.shape[0]
     ctx.codebook_dtype = codebook.dtype
     ctx.weights = (commitment_weight, codebook_weight)
+    ctx.rotation_trick = rotation_trick
     ctx.mark_non_differentiable(indices)
 
 
@@ -257,10 +283,14 @@ def _vector_quantize_autograd(ctx, grad_quantized, grad_indices, grad_loss):
         commitment_weight,
         codebook_weight,
         ctx.needs_input_grad[1],
+        ctx.rotation_trick,
     )
     return (
         grad_z if ctx.needs_input_grad[0] else None,
         grad_codebook.to(ctx.codebook_dtype) if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
         None,
         None,
         None,

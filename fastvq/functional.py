@@ -13,13 +13,24 @@ import torch
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
-from ._checks import check_ema_inputs, check_search_inputs
+from ._checks import check_ema_inputs, check_search_inputs, check_segment_inputs
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
 
 
+def draw_seed(device: torch.device) -> Tensor:
+    """A fresh int64 seed tensor from PyTorch's RNG, made on ``device`` with no host sync."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
 def nearest_code(
-    z: Tensor, codebook: Tensor, *, metric: str = "l2", return_codes: bool = False
+    z: Tensor,
+    codebook: Tensor,
+    *,
+    metric: str = "l2",
+    return_codes: bool = False,
+    sample_temperature: float = 0.0,
+    seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Finds the nearest code of every row of ``z``.
 
@@ -29,6 +40,12 @@ def nearest_code(
             from ``z``'s is promoted (``torch.promote_types``), not rejected.
         metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``) or ``"dot"`` (``-z.e``).
         return_codes: also return the chosen codes, gathered in the same kernel.
+        sample_temperature: when ``> 0``, sample each row's code from ``softmax(-d_k / T)``
+            (Gumbel-max, the noise generated inside the search, never as an ``N x K`` tensor)
+            instead of taking the argmin. ``d`` is the plain (not squared) distance for ``l2``
+            and ``-cos`` for ``cosine``, as vector-quantize-pytorch's stochastic codes use.
+        seed: int64 one-element tensor on ``z``'s device seeding the noise; drawn from PyTorch's
+            RNG when omitted (so ``torch.manual_seed`` makes sampling reproducible).
 
     Returns:
         ``(indices, distances)`` or ``(indices, distances, codes)``: ``indices`` int64 ``[N]``;
@@ -46,7 +63,11 @@ def nearest_code(
             devices, or an unknown metric.
     """
     check_search_inputs(z, codebook, metric)
-    indices, distances, codes = torch.ops.fastvq.nearest_code(z, codebook, metric, return_codes)
+    if sample_temperature > 0 and seed is None:
+        seed = draw_seed(z.device)
+    indices, distances, codes = torch.ops.fastvq.nearest_code(
+        z, codebook, metric, return_codes, float(sample_temperature), seed
+    )
     return (indices, distances, codes) if return_codes else (indices, distances)
 
 
@@ -57,11 +78,13 @@ def vector_quantize(
     beta: float = 0.25,
     metric: str = "l2",
     codebook_weight: float = 1.0,
+    rotation_trick: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quantizes ``z`` to its nearest codes with the straight-through estimator and VQ-VAE's losses.
 
     The forward value of ``quantized`` is the chosen code; its gradient goes to ``z`` unchanged
-    (``z + (e - z).detach()``). ``loss = codebook_weight * mean((sg[z] - e)^2) +
+    (``z + (e - z).detach()``), or, with ``rotation_trick``, rotated and rescaled the way the
+    rotation trick (Fifty et al. 2024) maps ``z`` onto its code. ``loss = codebook_weight * mean((sg[z] - e)^2) +
     beta * mean((z - sg[e])^2)`` (van den Oord et al. 2017): the first term trains the chosen
     codes only (a scatter-add, no one-hot matrix), the second commits ``z`` to its code.
     An empty batch (``N == 0``) has loss 0.
@@ -75,6 +98,8 @@ def vector_quantize(
             squared errors between ``z`` and the chosen code; normalise both first for cosine codes.
         codebook_weight: weight of the codebook term (taming-transformers' ``legacy`` form puts
             ``beta`` here and 1 on the commitment term).
+        rotation_trick: pass the output gradient to ``z`` through the rotation trick instead of
+            straight through (the forward value is the same).
 
     Returns:
         ``(quantized [N, D] promoted dtype, indices int64 [N], loss float32 scalar)``.
@@ -89,7 +114,9 @@ def vector_quantize(
     for name, value in (("beta", beta), ("codebook_weight", codebook_weight)):
         if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{name} must be a finite float, got {value!r}")
-    return torch.ops.fastvq.vector_quantize(z, codebook, metric, float(beta), float(codebook_weight))
+    return torch.ops.fastvq.vector_quantize(
+        z, codebook, metric, float(beta), float(codebook_weight), bool(rotation_trick)
+    )
 
 
 def segment_reduce(
@@ -107,6 +134,7 @@ def segment_reduce(
     Returns:
         ``(counts float32 [K], sums float32 [K, D])``.
     """
+    check_segment_inputs(values, indices, num_codes)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     return torch.ops.fastvq.segment_reduce(values, indices, num_codes, bool(deterministic))

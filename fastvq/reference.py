@@ -57,6 +57,23 @@ def nearest_code_ref(
     return indices, best.float(), codebook.to(out_dtype)[indices]
 
 
+def rotate_to_ref(z: torch.Tensor, codes: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024, section 4.2) written with autograd.
+
+    Rotates ``z`` onto ``codes`` with the Householder-style map ``I - 2 w w^T + 2 q u^T``
+    (``u = z/|z|``, ``q = e/|e|``, ``w = (u + q)/|u + q|``) and rescales by ``|e|/|z|``; every
+    factor but ``z`` itself is detached, so the forward value is ``e`` and the gradient to ``z``
+    is the transposed rotation of the output gradient.
+    """
+    z_norm = z.norm(dim=-1, keepdim=True)
+    e_norm = codes.norm(dim=-1, keepdim=True)
+    u = (z / z_norm.clamp_min(eps)).detach()
+    q = (codes / e_norm.clamp_min(eps)).detach()
+    w = F.normalize(u + q, dim=-1, eps=eps).detach()
+    rotated = z - 2.0 * (z * w).sum(-1, keepdim=True) * w + 2.0 * (z * u).sum(-1, keepdim=True) * q
+    return rotated * (e_norm / z_norm.clamp_min(eps)).detach()
+
+
 def vector_quantize_ref(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -64,10 +81,12 @@ def vector_quantize_ref(
     metric: str = "l2",
     *,
     codebook_weight: float = 1.0,
+    rotation_trick: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """VQ-VAE's quantizer (van den Oord et al. 2017) with autograd, as the papers write it.
 
-    ``quantized = z + (e - z).detach()`` (straight-through estimator) and
+    ``quantized = z + (e - z).detach()`` (straight-through estimator), or ``rotate_to_ref(z, e)``
+    with ``rotation_trick``, and
     ``loss = codebook_weight * mean((sg[z] - e)^2) + beta * mean((z - sg[e])^2)``.
     Returns ``(quantized, indices, loss)``; ``loss`` is float32.
     """
@@ -78,7 +97,10 @@ def vector_quantize_ref(
     codes = codebook.to(dtype)[indices]
     codebook_loss = F.mse_loss(codes.float(), z.detach().float())
     commitment_loss = F.mse_loss(z.float(), codes.detach().float())
-    quantized = z + (codes - z).detach()
+    if rotation_trick:
+        quantized = rotate_to_ref(z, codes.detach())
+    else:
+        quantized = z + (codes - z).detach()
     return quantized, indices, codebook_weight * codebook_loss + beta * commitment_loss
 
 

@@ -3,12 +3,15 @@
 from .simvq import SimVQ
 from .sonnet import VectorQuantizerEMA
 from .taming import GumbelQuantize, VectorQuantizer2
+from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .vector_quantize import Codebook, VectorQuantize
 from .vit_vqgan import FactorizedL2Quantizer
 
 __all__ = [
     "Codebook",
     "VectorQuantize",
+    "ResidualVQ",
+    "GroupedResidualVQ",
     "VectorQuantizer2",
     "GumbelQuantize",
     "VectorQuantizerEMA",
