@@ -356,4 +356,6 @@ def apply_ema_(
     num_codes = sizes.shape[0]
     total = sizes.sum()
     smoothed = (sizes + eps) / (total + num_codes * eps) * total
-    codebook.copy_(averages / smoothed[:, None])
+    # With no mass at all yet (a zero-started debiased average and an empty first batch) the
+    # codes would be 0/0: they stay as they are instead.
+    codebook.copy_(torch.where(total > 0, averages / smoothed[:, None], codebook))

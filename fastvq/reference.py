@@ -141,5 +141,7 @@ def ema_update_ref_(
         correction = 1.0 - decay ** step.double()
         sizes, avgs = sizes / correction, avgs / correction
     total = sizes.sum()
+    if total <= 0:  # no mass yet: 0/0 codes would corrupt the codebook, so it is left alone
+        return
     smoothed = (sizes + eps) / (total + num_codes * eps) * total
     codebook.copy_((avgs / smoothed[:, None]).to(codebook.dtype))

@@ -208,3 +208,16 @@ def test_ema_update_ignores_out_of_range_indices_when_unchecked(backend, device,
     through_op = initial_state(num_codes, dim, torch.float32, device, debiased=False)
     torch.ops.fastvq.ema_update_(*through_op[:3], z, indices, DECAY, EPS, None, deterministic)
     assert_states_match(through_op, expected)
+
+
+def test_debiased_update_from_zero_state_with_empty_first_batch_keeps_codebook(backend):
+    _, device = backend
+    codebook = torch.randn(6, 4, device=device)
+    before = codebook.clone()
+    cluster_size = torch.zeros(6, device=device)
+    embed_avg = torch.zeros(6, 4, device=device)
+    step = torch.zeros((), dtype=torch.int64, device=device)
+    empty = torch.empty(0, 4, device=device)
+    fastvq.ema_update_(codebook, cluster_size, embed_avg, empty, torch.empty(0, dtype=torch.int64, device=device),
+                       decay=0.9, step=step)
+    assert torch.equal(codebook, before) and int(step) == 1

@@ -21,29 +21,8 @@ from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
 
 __all__ = ["SimVQ"]
 
-# vector-quantize-pytorch's floor for the norms in the rotation trick (its safe_div / l2norm eps).
-_ROTATION_EPS = 1e-6
-
-
 def _identity(t: Tensor) -> Tensor:
     return t
-
-
-def _rotate_to(x: Tensor, codes: Tensor) -> Tensor:
-    """The rotation trick (Fifty et al. 2024, section 4.2), row-wise on ``[N, D]``.
-
-    The value is ``codes``; the gradient reaches ``x`` rotated from the direction of ``codes``
-    to that of ``x`` and scaled by ``|codes| / |x|``, with every factor but ``x`` held constant.
-    Elementwise ``O(N D)`` work: ``I - 2 w w^T + 2 q u^T`` is never materialised.
-    """
-    codes = codes.detach()
-    x_norm = x.norm(dim=-1, keepdim=True)
-    codes_norm = codes.norm(dim=-1, keepdim=True)
-    u = (x / x_norm.clamp_min(_ROTATION_EPS)).detach()
-    q = codes / codes_norm.clamp_min(_ROTATION_EPS)
-    w = F.normalize(u + q, dim=-1, eps=_ROTATION_EPS)
-    rotated = x - 2.0 * (x * w).sum(-1, keepdim=True) * w + 2.0 * (x * u).sum(-1, keepdim=True) * q
-    return rotated * (codes_norm / x_norm.clamp_min(_ROTATION_EPS)).detach()
 
 
 class SimVQ(nn.Module):
@@ -77,8 +56,8 @@ class SimVQ(nn.Module):
     computed in training and eval mode alike, as in vector-quantize-pytorch. The codebook term
     trains ``code_transform``; the frozen codebook never changes.
 
-    The rotation trick runs in this layer as ``O(N D)`` elementwise work after the fused op, not
-    in the op itself; its values and gradients match vector-quantize-pytorch's ``rotate_to``.
+    The rotation trick is the vector-quantize op's own backward option; its values and gradients
+    match vector-quantize-pytorch's ``rotate_to``.
 
     Raises:
         ValueError: non-positive sizes, negative or non-finite weights, ``init_fn`` or
@@ -179,10 +158,8 @@ class SimVQ(nn.Module):
         flat = channels_last.reshape(-1, self.dim)
         weight = self.commitment_weight
         quantized, indices, loss = torch.ops.fastvq.vector_quantize(
-            flat, self.codebook, "l2", weight * self.input_to_quantize_commit_loss_weight, weight
+            flat, self.codebook, "l2", weight * self.input_to_quantize_commit_loss_weight, weight, self.rotation_trick
         )
-        if self.rotation_trick:
-            quantized = _rotate_to(flat, quantized)
         quantized = quantized.to(x.dtype).reshape(channels_last.shape)
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)

@@ -177,8 +177,10 @@ class Codebook(nn.Module):
         codes = self.embed_avg[head] / smoothed[:, None]
         if self.use_cosine_sim:
             codes = l2norm(codes)
+        keep_new = total > 0  # no mass at all: 0/0 codes are not written
         if active is not None:
-            codes = torch.where(active, codes, self.embed[head])
+            keep_new = keep_new & active
+        codes = torch.where(keep_new, codes, self.embed[head])
         self.embed.data[head].copy_(codes)
 
     @torch.no_grad()
