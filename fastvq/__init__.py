@@ -22,3 +22,8 @@ __all__ = [
     "GroupedResidualVQ",
     "__version__",
 ]
+
+from . import models  # noqa: E402
+from .functional import masked_conv2d  # noqa: E402
+
+__all__ += ["masked_conv2d", "models"]

@@ -145,3 +145,50 @@ def ema_update_ref_(
         return
     smoothed = (sizes + eps) / (total + num_codes * eps) * total
     codebook.copy_((avgs / smoothed[:, None]).to(codebook.dtype))
+
+
+# --------------------------------------------------------------------------- masked convolution
+
+
+def pixelcnn_mask_ref(mask_type: str, kernel_size: int | tuple[int, int]) -> torch.Tensor:
+    """PixelCNN's mask, float ``[kH, kW]``, built the way the PixelCNN code bases build it.
+
+    Type ``"A"`` zeroes the centre tap, everything right of it and every row below it; type ``"B"``
+    keeps the centre. ``"V"``, Gated PixelCNN's vertical stack, keeps every row up to and including
+    the centre row and zeroes the rows below it.
+    """
+    height, width = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    mask = torch.ones(height, width)
+    if mask_type == "V":
+        mask[height // 2 + 1 :, :] = 0
+        return mask
+    if mask_type not in ("A", "B"):
+        raise ValueError(f"mask_type must be 'A', 'B' or 'V', got {mask_type!r}")
+    mask[height // 2, width // 2 + (mask_type == "B") :] = 0
+    mask[height // 2 + 1 :, :] = 0
+    return mask
+
+
+def masked_conv2d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    mask_type: str = "B",
+    padding: Optional[int | tuple[int, int]] = None,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """``conv2d(x, weight * mask)``: the masked convolution every PixelCNN writes, stride 1.
+
+    ``padding=None`` pads ``(kH // 2, kW // 2)`` ("same"). With ``upcast`` it runs in float64;
+    otherwise in the promoted dtype of the inputs. Masked taps still cost a multiply-add here, and a
+    NaN or Inf in a masked tap of ``weight`` poisons the output (``0 * inf = nan``).
+    """
+    height, width = weight.shape[-2:]
+    if padding is None:
+        padding = (height // 2, width // 2)
+    dtype = torch.float64 if upcast else torch.promote_types(x.dtype, weight.dtype)
+    mask = pixelcnn_mask_ref(mask_type, (height, width)).to(device=weight.device, dtype=dtype)
+    return F.conv2d(
+        x.to(dtype), weight.to(dtype) * mask, None if bias is None else bias.to(dtype), padding=padding
+    )

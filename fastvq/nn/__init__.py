@@ -18,3 +18,7 @@ __all__ = [
     "SimVQ",
     "FactorizedL2Quantizer",
 ]
+
+from .masked_conv import GatedMaskedConv2d, MaskedConv2d  # noqa: E402
+
+__all__ += ["MaskedConv2d", "GatedMaskedConv2d"]

@@ -1,0 +1,499 @@
+"""PixelCNN priors over VQ code maps: ``PixelCNN`` and ``GatedPixelCNN``, with two samplers.
+
+Both models take a code map ``[B, H, W]`` (int64 in ``[0, num_codes)``), embed it, run masked
+convolutions and return logits ``[B, num_codes, H, W]`` whose value at ``(i, j)`` depends only on
+the codes before ``(i, j)`` in raster order. Either model can be conditioned on a class label
+(``num_classes``) or on a spatial code map such as VQ-VAE-2's top-level codes (``cond_num_codes``;
+the map is embedded and resized to ``H x W`` by nearest-neighbour interpolation).
+
+``sample`` draws code maps position by position. ``method="naive"`` reruns the whole network on
+the whole map for every position. ``method="fast"`` (the default) keeps every layer's activations
+in a cache and, per position, computes only what the new code can change: for each layer the one
+new output position from a ``k x k`` (PixelCNN) or ``1 x k`` (Gated PixelCNN's horizontal stack)
+crop of the layer below; Gated PixelCNN's vertical stack is advanced one row at a time. Both
+samplers consume the generator identically (one uniform number per sample and position) and draw
+by inverse CDF, so they return the same maps: the cached logits equal the full ones up to float
+rounding, and wherever that rounding could change a draw (the uniform number within a small margin
+of a category boundary, or a tie at the top-k threshold) the fast sampler recomputes that position
+with a full forward pass, exactly as the naive one does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.masked_conv import GatedMaskedConv2d, MaskedConv2d
+
+__all__ = ["PixelCNN", "GatedPixelCNN"]
+
+SAMPLE_METHODS = ("fast", "naive")
+# How close (in CDF units, and relative in logit units for top-k and argmax) a draw may come to a
+# decision boundary before the fast sampler re-checks it with a full forward pass. The cached and
+# the full logits differ by float rounding only, orders of magnitude below these margins.
+_DRAW_MARGIN = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_odd(name: str, value: object) -> int:
+    _check_positive_int(name, value)
+    if value % 2 == 0:  # type: ignore[operator]
+        raise ValueError(f"{name} must be odd, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _draw(
+    logits: Tensor, uniform: Tensor, temperature: float, top_k: Optional[int], margin: float
+) -> tuple[Tensor, Tensor]:
+    """Draws one code per row of ``logits [n, K]`` from ``uniform [n]`` (float64 in ``[0, 1)``).
+
+    Returns ``(codes int64 [n], ambiguous bool [n])``: ``ambiguous`` marks rows whose draw a
+    perturbation of ``logits`` by float rounding could change.
+    """
+    logits = logits.double()
+    num_codes = logits.shape[1]
+    ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if top_k is not None and top_k < num_codes:
+        top = logits.topk(top_k + 1, dim=1).values
+        threshold, runner_up = top[:, top_k - 1], top[:, top_k]
+        ambiguous |= threshold - runner_up <= margin * (1 + threshold.abs())
+        logits = logits.masked_fill(logits < threshold[:, None], float("-inf"))
+    if temperature == 0:
+        if num_codes > 1:
+            best, second = logits.topk(2, dim=1).values.unbind(1)
+            ambiguous |= best - second <= margin * (1 + best.abs())
+        return logits.argmax(dim=1), ambiguous
+    cdf = torch.softmax(logits / temperature, dim=1).cumsum(dim=1)
+    target = uniform * cdf[:, -1]
+    codes = (cdf <= target[:, None]).sum(dim=1).clamp_max(num_codes - 1)
+    upper = cdf.gather(1, codes[:, None]).squeeze(1)
+    lower = torch.where(codes > 0, cdf.gather(1, (codes - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)
+    ambiguous |= (upper - target <= margin) | ((codes > 0) & (target - lower <= margin))
+    return codes, ambiguous
+
+
+class _CodePrior(nn.Module):
+    """What both priors share: the code and condition embeddings, input checks and the samplers."""
+
+    def __init__(
+        self,
+        num_codes: int,
+        channels: int,
+        num_classes: Optional[int],
+        cond_num_codes: Optional[int],
+        cond_channels: Optional[int],
+    ):
+        super().__init__()
+        _check_positive_int("num_codes", num_codes)
+        _check_positive_int("channels", channels)
+        if num_classes is not None and cond_num_codes is not None:
+            raise ValueError("condition on a class (num_classes) or on a code map (cond_num_codes), not both")
+        if num_classes is not None:
+            _check_positive_int("num_classes", num_classes)
+        if cond_num_codes is not None:
+            _check_positive_int("cond_num_codes", cond_num_codes)
+            cond_channels = _check_positive_int("cond_channels", channels if cond_channels is None else cond_channels)
+        elif cond_channels is not None:
+            raise ValueError("cond_channels needs cond_num_codes")
+        self.num_codes = num_codes
+        self.channels = channels
+        self.num_classes = num_classes
+        self.cond_num_codes = cond_num_codes
+        self.cond_channels = cond_channels
+        self.embedding = nn.Embedding(num_codes, channels)
+        self.cond_embedding = nn.Embedding(cond_num_codes, cond_channels) if cond_num_codes else None
+
+    # -- inputs
+
+    def _check_codes(self, codes: object) -> Tensor:
+        if not isinstance(codes, Tensor) or codes.dtype not in (torch.int64, torch.int32) or codes.dim() != 3:
+            shape = f"{codes.dtype} tensor of shape {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"codes must be an int64 [B, H, W] code map, got {shape}")
+        return codes
+
+    def _condition(self, cond: object, batch: int, height: int, width: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(labels [B] or None, cond_map [B, cond_channels, H, W] or None)`` from ``cond``."""
+        if self.num_classes is None and self.cond_num_codes is None:
+            if cond is not None:
+                raise ValueError(f"{type(self).__name__} was built without conditioning, but cond was given")
+            return None, None
+        if self.num_classes is not None:
+            if not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32) or tuple(cond.shape) != (batch,):
+                shape = tuple(cond.shape) if isinstance(cond, Tensor) else cond
+                raise ValueError(f"cond must be int64 class labels of shape ({batch},), got {shape}")
+            return cond, None
+        if not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 3 or cond.shape[0] != batch:
+            shape = tuple(cond.shape) if isinstance(cond, Tensor) else cond
+            raise ValueError(f"cond must be an int64 code map [{batch}, H_cond, W_cond], got {shape}")
+        cond_map = self.cond_embedding(cond).permute(0, 3, 1, 2)
+        if tuple(cond_map.shape[2:]) != (height, width):
+            cond_map = F.interpolate(cond_map, size=(height, width), mode="nearest")
+        return None, cond_map
+
+    def _embed(self, codes: Tensor) -> Tensor:
+        return self.embedding(codes).permute(0, 3, 1, 2)
+
+    # -- sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        shape: Sequence[int],
+        cond: Optional[Tensor] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        *,
+        method: str = "fast",
+    ) -> Tensor:
+        """Draws ``n`` code maps of size ``shape = (H, W)`` in raster order.
+
+        Args:
+            n: number of maps, ``>= 0``.
+            shape: ``(H, W)``, each ``>= 1``.
+            cond: class labels int64 ``[n]`` (``num_classes``) or a code map int64
+                ``[n, H_cond, W_cond]`` (``cond_num_codes``); ``None`` for an unconditional model.
+            temperature: logits are divided by it; ``0`` takes the most likely code (greedy).
+            top_k: draw among the ``top_k`` most likely codes only (ties at the threshold kept).
+            generator: a ``torch.Generator`` on the model's device; ``None`` uses the global RNG.
+            method: ``"fast"`` (cached, recomputes only what each new code changes) or
+                ``"naive"`` (the whole network per position). Both return the same maps for the
+                same generator state.
+
+        Returns:
+            int64 ``[n, H, W]`` on the model's device. Each position takes one
+            ``torch.rand(n, generator=generator, dtype=torch.float64)`` draw, also when greedy.
+
+        Raises:
+            ValueError: a bad ``n``, ``shape``, ``cond``, ``temperature``, ``top_k``, ``method``
+                or a generator on another device.
+        """
+        height, width = self._check_sample_args(n, shape, temperature, top_k, generator, method)
+        device = self.embedding.weight.device
+        codes = torch.zeros((n, height, width), dtype=torch.int64, device=device)
+        if n == 0:
+            return codes
+        labels, cond_map = self._condition(cond, n, height, width)
+        margin = _DRAW_MARGIN[self.embedding.weight.dtype]
+        stepper = self._stepper(n, height, width, labels, cond_map) if method == "fast" else None
+        for i in range(height):
+            if stepper is not None:
+                stepper.begin_row(i)
+            for j in range(width):
+                uniform = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+                if stepper is None:
+                    drawn, _ = _draw(self(codes, cond)[:, :, i, j], uniform, temperature, top_k, margin)
+                else:
+                    drawn, ambiguous = _draw(stepper.logits(i, j), uniform, temperature, top_k, margin)
+                    if ambiguous.any():
+                        stepper.rechecked += 1
+                        drawn, _ = _draw(self(codes, cond)[:, :, i, j], uniform, temperature, top_k, margin)
+                    stepper.commit(i, j, drawn)
+                codes[:, i, j] = drawn
+        self.last_sample_rechecks = 0 if stepper is None else stepper.rechecked
+        return codes
+
+    def _check_sample_args(self, n, shape, temperature, top_k, generator, method) -> tuple[int, int]:
+        _check_positive_int("n", n, minimum=0)
+        if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
+                or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in shape)):
+            raise ValueError(f"shape must be (H, W) with ints >= 1, got {shape!r}")
+        height, width = shape
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.num_codes):
+            raise ValueError(f"top_k must be None or an int in [1, {self.num_codes}], got {top_k!r}")
+        if method not in SAMPLE_METHODS:
+            raise ValueError(f"method must be one of {SAMPLE_METHODS}, got {method!r}")
+        device = self.embedding.weight.device
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != device.type:
+                raise ValueError(f"generator is on {generator.device} but the model is on {device}")
+        return height, width
+
+
+def _crop(cond: Optional[Tensor], row: int, col: Optional[int] = None) -> Optional[Tensor]:
+    """The conditioning term at one row (``col=None``) or one position; constant terms as they are."""
+    if cond is None or cond.shape[2:] == (1, 1):
+        return cond
+    if col is None:
+        return cond[:, :, row : row + 1, :]
+    return cond[:, :, row : row + 1, col : col + 1]
+
+
+# --------------------------------------------------------------------------- PixelCNN
+
+
+class _PixelCNNLayer(nn.Module):
+    """Type A: ``conv_A(x) + c``. Type B (residual): ``x + W_o relu(conv_B(relu(x)) + c)``."""
+
+    def __init__(self, channels: int, kernel_size: int, mask_type: str, num_classes, cond_channels):
+        super().__init__()
+        self.mask_type = mask_type
+        self.kernel_size = kernel_size
+        self.conv = MaskedConv2d(mask_type, channels, channels, kernel_size, padding=kernel_size // 2)
+        self.out = MaskedConv2d("B", channels, channels, 1) if mask_type == "B" else None
+        self.class_embedding = nn.Embedding(num_classes, channels) if num_classes else None
+        self.cond = MaskedConv2d("B", cond_channels, channels, 1, bias=False) if cond_channels else None
+
+    def conditioning(self, labels: Optional[Tensor], cond_map: Optional[Tensor]) -> Optional[Tensor]:
+        if self.class_embedding is not None:
+            return self.class_embedding(labels)[:, :, None, None]
+        if self.cond is not None:
+            return self.cond(cond_map)
+        return None
+
+    def forward(self, x: Tensor, cond: Optional[Tensor], *, padding: Optional[int] = None) -> Tensor:
+        """With ``padding=0``, ``x`` is a crop and the output covers the positions whose whole
+        window lies inside it (the residual comes from the crop's centre)."""
+        y = self.conv(x if self.out is None else F.relu(x), padding=padding)
+        if cond is not None:
+            y = y + cond
+        if self.out is None:
+            return y
+        y = self.out(F.relu(y))
+        top, left = (x.shape[2] - y.shape[2]) // 2, (x.shape[3] - y.shape[3]) // 2
+        return x[:, :, top : top + y.shape[2], left : left + y.shape[3]] + y
+
+
+class PixelCNN(_CodePrior):
+    """PixelCNN (van den Oord et al. 2016a) over a map of discrete codes.
+
+    ``embedding -> MaskedConv2d("A", first_kernel_size) -> (num_layers - 1) residual blocks
+    [ReLU, MaskedConv2d("B", kernel_size), ReLU, 1 x 1] -> ReLU, 1 x 1, ReLU, 1 x 1 -> logits``,
+    with the conditioning (when asked for) added after every masked convolution. Stacked type-B
+    masks leave PixelCNN's known blind spot above-right of each position; ``GatedPixelCNN``
+    removes it.
+
+    Args:
+        num_codes: ``K``, the codebook size: codes in, ``K`` logits out.
+        channels: width of every layer.
+        num_layers: masked convolutions, the type-A one included (``>= 1``).
+        kernel_size, first_kernel_size: odd kernel sizes of the type-B and the type-A layers.
+        head_channels: width of the hidden 1 x 1 layer of the output head (default ``channels``).
+        num_classes: condition on a class label ``cond`` int64 ``[B]``.
+        cond_num_codes: condition on a code map ``cond`` int64 ``[B, H_cond, W_cond]`` (e.g. VQ-VAE-2's
+            top codes), embedded in ``cond_channels`` (default ``channels``) and resized to ``H x W``.
+
+    ``forward(codes [B, H, W] int64, cond=None)`` returns logits ``[B, K, H, W]`` in the
+    parameters' dtype. ``sample(...)`` draws code maps (see ``_CodePrior.sample``).
+
+    Raises:
+        ValueError: bad sizes, both kinds of conditioning, codes or ``cond`` of the wrong shape.
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        channels: int = 64,
+        num_layers: int = 8,
+        kernel_size: int = 3,
+        first_kernel_size: int = 7,
+        head_channels: Optional[int] = None,
+        *,
+        num_classes: Optional[int] = None,
+        cond_num_codes: Optional[int] = None,
+        cond_channels: Optional[int] = None,
+    ):
+        super().__init__(num_codes, channels, num_classes, cond_num_codes, cond_channels)
+        _check_positive_int("num_layers", num_layers)
+        _check_odd("kernel_size", kernel_size)
+        _check_odd("first_kernel_size", first_kernel_size)
+        head_channels = _check_positive_int("head_channels", channels if head_channels is None else head_channels)
+        self.layers = nn.ModuleList(
+            _PixelCNNLayer(channels, first_kernel_size if index == 0 else kernel_size, "A" if index == 0 else "B",
+                           num_classes, self.cond_channels)
+            for index in range(num_layers)
+        )
+        self.head_hidden = MaskedConv2d("B", channels, head_channels, 1)
+        self.head_out = MaskedConv2d("B", head_channels, num_codes, 1)
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.head_out(F.relu(self.head_hidden(F.relu(x))))
+
+    def forward(self, codes: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        codes = self._check_codes(codes)
+        batch, height, width = codes.shape
+        labels, cond_map = self._condition(cond, batch, height, width)
+        x = self._embed(codes)
+        for layer in self.layers:
+            x = layer(x, layer.conditioning(labels, cond_map))
+        return self.head(x)
+
+    def _stepper(self, n, height, width, labels, cond_map) -> "_PixelCNNStepper":
+        return _PixelCNNStepper(self, n, height, width, labels, cond_map)
+
+
+class _PixelCNNStepper:
+    """The fast sampler's state: every layer's input map, zero-padded by the reading layer's kernel.
+
+    At ``(i, j)`` each layer computes its one output position from the ``k x k`` crop of its input
+    centred there. Rows below ``i`` and positions right of ``j`` in row ``i`` hold zeros or stale
+    values, which the masks never read.
+    """
+
+    def __init__(self, model: PixelCNN, n: int, height: int, width: int, labels, cond_map):
+        self.model = model
+        weight = model.embedding.weight
+        self.inputs = []
+        for layer in model.layers:
+            pad = layer.kernel_size // 2
+            self.inputs.append(weight.new_zeros((n, model.channels, height + 2 * pad, width + 2 * pad)))
+        self.conds = [layer.conditioning(labels, cond_map) for layer in model.layers]
+        self.rechecked = 0
+
+    def begin_row(self, i: int) -> None:
+        pass
+
+    def logits(self, i: int, j: int) -> Tensor:
+        x = None
+        for index, layer in enumerate(self.model.layers):
+            if x is not None:
+                pad = layer.kernel_size // 2
+                self.inputs[index][:, :, i + pad, j + pad] = x[:, :, 0, 0]
+            size = layer.kernel_size
+            crop = self.inputs[index][:, :, i : i + size, j : j + size]
+            x = layer(crop, _crop(self.conds[index], i, j), padding=0)
+        return self.model.head(x)[:, :, 0, 0]
+
+    def commit(self, i: int, j: int, codes: Tensor) -> None:
+        pad = self.model.layers[0].kernel_size // 2
+        self.inputs[0][:, :, i + pad, j + pad] = self.model.embedding(codes)
+
+
+# --------------------------------------------------------------------------- GatedPixelCNN
+
+
+class GatedPixelCNN(_CodePrior):
+    """Gated PixelCNN (van den Oord et al. 2016b) over a map of discrete codes.
+
+    ``embedding -> num_layers x GatedMaskedConv2d`` (the first type A with ``first_kernel_size``
+    and no residual, the rest type B with ``kernel_size``), the layers' skip outputs summed
+    ``-> ReLU, 1 x 1, ReLU, 1 x 1 -> logits``. Vertical and horizontal stacks remove PixelCNN's
+    blind spot: the logits at ``(i, j)`` see every earlier position within the receptive field.
+
+    Args: as ``PixelCNN`` (``num_layers`` counts gated layers); the conditioning goes into every
+    gated layer (``GatedMaskedConv2d``'s ``num_classes`` / ``cond_channels``).
+
+    ``forward(codes [B, H, W] int64, cond=None)`` returns logits ``[B, K, H, W]``.
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        channels: int = 64,
+        num_layers: int = 12,
+        kernel_size: int = 3,
+        first_kernel_size: int = 7,
+        head_channels: Optional[int] = None,
+        *,
+        num_classes: Optional[int] = None,
+        cond_num_codes: Optional[int] = None,
+        cond_channels: Optional[int] = None,
+    ):
+        super().__init__(num_codes, channels, num_classes, cond_num_codes, cond_channels)
+        _check_positive_int("num_layers", num_layers)
+        _check_odd("kernel_size", kernel_size)
+        _check_odd("first_kernel_size", first_kernel_size)
+        head_channels = _check_positive_int("head_channels", channels if head_channels is None else head_channels)
+        self.layers = nn.ModuleList(
+            GatedMaskedConv2d(
+                channels,
+                first_kernel_size if index == 0 else kernel_size,
+                mask_type="A" if index == 0 else "B",
+                num_classes=num_classes,
+                cond_channels=self.cond_channels,
+            )
+            for index in range(num_layers)
+        )
+        self.head_hidden = MaskedConv2d("B", channels, head_channels, 1)
+        self.head_out = MaskedConv2d("B", head_channels, num_codes, 1)
+
+    def head(self, skip: Tensor) -> Tensor:
+        return self.head_out(F.relu(self.head_hidden(F.relu(skip))))
+
+    def forward(self, codes: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        codes = self._check_codes(codes)
+        batch, height, width = codes.shape
+        labels, cond_map = self._condition(cond, batch, height, width)
+        v = h = self._embed(codes)
+        skip = None
+        for layer in self.layers:
+            v, h, layer_skip = layer(v, h, labels, cond_map)
+            skip = layer_skip if skip is None else skip + layer_skip
+        return self.head(skip)
+
+    def _stepper(self, n, height, width, labels, cond_map) -> "_GatedStepper":
+        return _GatedStepper(self, n, height, width, labels, cond_map)
+
+
+class _GatedStepper:
+    """The fast sampler's state for ``GatedPixelCNN``.
+
+    ``vertical[l]`` holds layer ``l``'s vertical input map with ``k // 2`` zero rows on top;
+    ``rows[l]`` holds its horizontal input for the current row with ``k // 2`` zero columns each
+    side; ``links[l]`` the current row's (already shifted) vertical-to-horizontal term. When row
+    ``i`` begins, every layer's vertical stack advances by row ``i - 1`` (all of whose codes are
+    known); at ``(i, j)`` every layer's horizontal stack computes its one new position.
+    """
+
+    def __init__(self, model: GatedPixelCNN, n: int, height: int, width: int, labels, cond_map):
+        self.model = model
+        weight = model.embedding.weight
+        channels = model.channels
+        self.vertical = [weight.new_zeros((n, channels, height + layer.kernel_size // 2, width))
+                         for layer in model.layers]
+        self.rows = [weight.new_zeros((n, channels, 1, width + 2 * (layer.kernel_size // 2)))
+                     for layer in model.layers]
+        self.links = [weight.new_zeros((n, 2 * channels, 1, width)) for _ in model.layers]
+        self.conds = [layer.conditioning(labels, cond_map) for layer in model.layers]
+        self.rechecked = 0
+
+    def begin_row(self, i: int) -> None:
+        for row in self.rows:
+            row.zero_()
+        if i == 0:
+            return
+        above = i - 1
+        layers = self.model.layers
+        for index, layer in enumerate(layers):
+            size = layer.kernel_size
+            # Padded rows above - k//2 .. above hold rows above - k//2 .. above; rows after the
+            # centre are masked, so a crop of k//2 + 1 rows padded by k//2 zero rows below suffices.
+            crop = F.pad(self.vertical[index][:, :, above : above + size // 2 + 1, :], (0, 0, 0, size // 2))
+            v_pre = layer.vertical(crop, padding=(0, size // 2))
+            if index + 1 < len(layers):
+                v_out = layer.vertical_output(v_pre, _crop(self.conds[index], above))
+                self.vertical[index + 1][:, :, above + layers[index + 1].kernel_size // 2, :] = v_out[:, :, 0, :]
+            self.links[index] = layer.link(v_pre)
+
+    def logits(self, i: int, j: int) -> Tensor:
+        skip = None
+        layers = self.model.layers
+        for index, layer in enumerate(layers):
+            size = layer.kernel_size
+            crop = self.rows[index][:, :, :, j : j + size]
+            link = self.links[index][:, :, :, j : j + 1]
+            h_out, layer_skip = layer.horizontal_output(crop, link, _crop(self.conds[index], i, j), padding=(0, 0))
+            if index + 1 < len(layers):
+                self.rows[index + 1][:, :, 0, j + layers[index + 1].kernel_size // 2] = h_out[:, :, 0, 0]
+            skip = layer_skip if skip is None else skip + layer_skip
+        return self.model.head(skip)[:, :, 0, 0]
+
+    def commit(self, i: int, j: int, codes: Tensor) -> None:
+        pad = self.model.layers[0].kernel_size // 2
+        embedded = self.model.embedding(codes)
+        self.rows[0][:, :, 0, j + pad] = embedded
+        self.vertical[0][:, :, i + pad, j] = embedded
