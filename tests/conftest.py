@@ -6,9 +6,17 @@ be set before Triton compiles anything, so it is set here, before any test modul
 
 import os
 import platform
+import shutil
+import tempfile
 
-import pytest
-import torch
+# A fresh inductor cache per test session: a cache left by an earlier build of fastvq can hold
+# compiled graphs that call an operator with an older schema, and inductor's key does not see it.
+_INDUCTOR_CACHE = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="fastvq-inductor-")
+if _INDUCTOR_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -42,3 +50,8 @@ def backend(request, monkeypatch):
 @pytest.fixture
 def device(backend):
     return backend[1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _INDUCTOR_CACHE:
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
