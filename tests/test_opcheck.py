@@ -28,10 +28,17 @@ def test_nearest_code_opcheck(backend, metric, return_codes):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("codebook_grad", [True, False])
-def test_vector_quantize_opcheck(backend, dtype, codebook_grad):
+@pytest.mark.parametrize("rotation_trick", [False, True])
+def test_vector_quantize_opcheck(backend, dtype, codebook_grad, rotation_trick):
     z, codebook = _inputs(backend[1], dtype, requires_grad=True)
     codebook.requires_grad_(codebook_grad)
-    torch.library.opcheck(torch.ops.fastvq.vector_quantize.default, (z, codebook, "l2", 0.25, 1.0))
+    torch.library.opcheck(torch.ops.fastvq.vector_quantize.default, (z, codebook, "l2", 0.25, 1.0, rotation_trick))
+
+
+def test_sampled_search_opcheck(backend):
+    z, codebook = _inputs(backend[1], torch.float32)
+    seed = torch.tensor(7, device=z.device)
+    torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (z, codebook, "l2", True, 0.5, seed))
 
 
 def test_vector_quantize_backward_opcheck(backend):
