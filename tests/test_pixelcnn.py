@@ -168,11 +168,11 @@ def test_fast_sampler_draws_the_naive_samplers_maps(kind, cond, temperature, top
         assert len(torch.unique(naive)) > 1, "an untrained prior should not draw a constant map"
 
 
-@pytest.mark.parametrize("margin, expected_rechecks", [(0.0, 0), (2.0, 24)])
-def test_fast_sampler_rechecks_only_where_rounding_could_matter(monkeypatch, margin, expected_rechecks):
-    """With no margin every draw comes from the cached logits; with an impossible one, every draw
-    is re-made from a full pass. Both give the naive maps."""
-    monkeypatch.setitem(pixelcnn_module._DRAW_MARGIN, torch.float32, margin)
+@pytest.mark.parametrize("ulps, expected_rechecks", [(0, 0), (1e9, 24)])
+def test_fast_sampler_rechecks_only_where_rounding_could_matter(monkeypatch, ulps, expected_rechecks):
+    """With no rounding allowance every draw comes from the cached logits; with an absurd one,
+    every draw is re-made from a full pass. Both give the naive maps."""
+    monkeypatch.setattr(pixelcnn_module, "_ROUNDING_ULPS", ulps)
     model = _model("gated")
     fast, naive, rechecks = _sample_both(model, None)
     assert torch.equal(fast, naive)

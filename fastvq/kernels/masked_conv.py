@@ -7,7 +7,7 @@ convolution does 25 taps' work, not 49. The weight is read through a packed copy
 
 - ``_masked_conv_implicit_gemm_kernel``: ``out[pixel, n] = sum_tap sum_k src[pixel + offset(tap), k]
   * w[tap, k, n]``. A program owns ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels and
-  accumulates ``tl.dot`` tiles in fp32. The forward reads ``x`` at ``+(tap - pad)``; the input
+  accumulates ``tl.dot`` tiles in fp32 over the kept taps x ``BLOCK_K``-channel blocks. The forward reads ``x`` at ``+(tap - pad)``; the input
   gradient (``TRANSPOSED``) is the same loop reading the output gradient at ``-(tap - pad)`` with
   the weight's channel axes swapped. Padding is a load mask, never a padded copy.
 - ``_masked_conv_weight_grad_kernel``: ``grad_w[tap, ci, co] = sum_pixels x[pixel + offset(tap), ci]
@@ -84,8 +84,12 @@ def _masked_conv_implicit_gemm_kernel(
     else:
         dot_dtype = w_ptr.dtype.element_ty
 
+    # One flat loop over (tap, channel block) rather than two nested ones, so that the compiler's
+    # software pipelining keeps loads in flight across tap boundaries too.
+    k_blocks = tl.cdiv(SRC_C, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for tap in range(NUM_TAPS):
+    for step in range(NUM_TAPS * k_blocks):
+        tap = step // k_blocks
         tap_h = tap // KW
         tap_w = tap % KW
         if TRANSPOSED:
@@ -95,20 +99,20 @@ def _masked_conv_implicit_gemm_kernel(
             src_h = out_h + tap_h - PAD_H
             src_w = out_w + tap_w - PAD_W
         inside = pixel_mask & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W)
-        src_rows = src_ptr + batch * stride_src_b + src_h * stride_src_h + src_w * stride_src_w
-        w_tap = w_ptr + tap * stride_w_tap
-        for k_start in range(0, SRC_C, BLOCK_K):
-            ks = k_start + channels
-            k_mask = ks < SRC_C
-            src_tile = tl.load(
-                src_rows[:, None] + ks[None, :] * stride_src_c, mask=inside[:, None] & k_mask[None, :], other=0.0
-            )
-            w_tile = tl.load(
-                w_tap + ks[:, None] * stride_w_k + cols[None, :] * stride_w_n,
-                mask=k_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(src_tile.to(dot_dtype), w_tile.to(dot_dtype), acc, input_precision=DOT_PRECISION)
+        ks = (step % k_blocks) * BLOCK_K + channels
+        k_mask = ks < SRC_C
+        src_tile = tl.load(
+            src_ptr + (batch * stride_src_b + src_h * stride_src_h + src_w * stride_src_w)[:, None]
+            + (ks * stride_src_c)[None, :],
+            mask=inside[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w_tile = tl.load(
+            w_ptr + tap * stride_w_tap + (ks * stride_w_k)[:, None] + (cols * stride_w_n)[None, :],
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(src_tile.to(dot_dtype), w_tile.to(dot_dtype), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]

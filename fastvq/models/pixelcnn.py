@@ -32,10 +32,10 @@ from ..nn.masked_conv import GatedMaskedConv2d, MaskedConv2d
 __all__ = ["PixelCNN", "GatedPixelCNN"]
 
 SAMPLE_METHODS = ("fast", "naive")
-# How close (in CDF units, and relative in logit units for top-k and argmax) a draw may come to a
-# decision boundary before the fast sampler re-checks it with a full forward pass. The cached and
-# the full logits differ by float rounding only, orders of magnitude below these margins.
-_DRAW_MARGIN = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# The cached and the full logits differ by float rounding only: measured at most ~3 units of the
+# dtype's epsilon times (1 + max |logit|) for 12-layer models. A draw is re-checked with a full
+# pass when that difference, bounded ten times more generously, could move it across a boundary.
+_ROUNDING_ULPS = 32
 
 
 def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -52,31 +52,34 @@ def _check_odd(name: str, value: object) -> int:
 
 
 def _draw(
-    logits: Tensor, uniform: Tensor, temperature: float, top_k: Optional[int], margin: float
+    logits: Tensor, uniform: Tensor, temperature: float, top_k: Optional[int], ulps: float
 ) -> tuple[Tensor, Tensor]:
     """Draws one code per row of ``logits [n, K]`` from ``uniform [n]`` (float64 in ``[0, 1)``).
 
-    Returns ``(codes int64 [n], ambiguous bool [n])``: ``ambiguous`` marks rows whose draw a
-    perturbation of ``logits`` by float rounding could change.
+    Returns ``(codes int64 [n], ambiguous bool [n])``: ``ambiguous`` marks rows whose draw could
+    change if each logit moved by up to ``ulps * eps(dtype) * (1 + max |logit|)``. A CDF entry moves
+    by at most twice that (over ``temperature``), a gap between two logits by twice that.
     """
+    slack = ulps * torch.finfo(logits.dtype).eps * (1 + logits.abs().amax(dim=1).double())
     logits = logits.double()
     num_codes = logits.shape[1]
     ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     if top_k is not None and top_k < num_codes:
         top = logits.topk(top_k + 1, dim=1).values
         threshold, runner_up = top[:, top_k - 1], top[:, top_k]
-        ambiguous |= threshold - runner_up <= margin * (1 + threshold.abs())
+        ambiguous |= threshold - runner_up <= 2 * slack
         logits = logits.masked_fill(logits < threshold[:, None], float("-inf"))
     if temperature == 0:
         if num_codes > 1:
             best, second = logits.topk(2, dim=1).values.unbind(1)
-            ambiguous |= best - second <= margin * (1 + best.abs())
+            ambiguous |= best - second <= 2 * slack
         return logits.argmax(dim=1), ambiguous
     cdf = torch.softmax(logits / temperature, dim=1).cumsum(dim=1)
     target = uniform * cdf[:, -1]
     codes = (cdf <= target[:, None]).sum(dim=1).clamp_max(num_codes - 1)
     upper = cdf.gather(1, codes[:, None]).squeeze(1)
     lower = torch.where(codes > 0, cdf.gather(1, (codes - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)
+    margin = 2 * slack / temperature
     ambiguous |= (upper - target <= margin) | ((codes > 0) & (target - lower <= margin))
     return codes, ambiguous
 
@@ -173,6 +176,8 @@ class _CodePrior(nn.Module):
         Returns:
             int64 ``[n, H, W]`` on the model's device. Each position takes one
             ``torch.rand(n, generator=generator, dtype=torch.float64)`` draw, also when greedy.
+            After a fast sample, ``self.last_sample_rechecks`` says at how many positions a draw
+            came so close to a decision boundary that it was re-made from a full forward pass.
 
         Raises:
             ValueError: a bad ``n``, ``shape``, ``cond``, ``temperature``, ``top_k``, ``method``
@@ -184,7 +189,6 @@ class _CodePrior(nn.Module):
         if n == 0:
             return codes
         labels, cond_map = self._condition(cond, n, height, width)
-        margin = _DRAW_MARGIN[self.embedding.weight.dtype]
         stepper = self._stepper(n, height, width, labels, cond_map) if method == "fast" else None
         for i in range(height):
             if stepper is not None:
@@ -192,12 +196,12 @@ class _CodePrior(nn.Module):
             for j in range(width):
                 uniform = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
                 if stepper is None:
-                    drawn, _ = _draw(self(codes, cond)[:, :, i, j], uniform, temperature, top_k, margin)
+                    drawn, _ = _draw(self(codes, cond)[:, :, i, j], uniform, temperature, top_k, _ROUNDING_ULPS)
                 else:
-                    drawn, ambiguous = _draw(stepper.logits(i, j), uniform, temperature, top_k, margin)
+                    drawn, ambiguous = _draw(stepper.logits(i, j), uniform, temperature, top_k, _ROUNDING_ULPS)
                     if ambiguous.any():
                         stepper.rechecked += 1
-                        drawn, _ = _draw(self(codes, cond)[:, :, i, j], uniform, temperature, top_k, margin)
+                        drawn, _ = _draw(self(codes, cond)[:, :, i, j], uniform, temperature, top_k, _ROUNDING_ULPS)
                     stepper.commit(i, j, drawn)
                 codes[:, i, j] = drawn
         self.last_sample_rechecks = 0 if stepper is None else stepper.rechecked

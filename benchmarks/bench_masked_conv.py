@@ -1,0 +1,317 @@
+"""Masked convolution and PixelCNN sampling: fastvq against what PixelCNN code bases run today.
+
+    python benchmarks/bench_masked_conv.py [--small] [--conv-only | --sampler-only]
+                                           [--device cpu|cuda] [--dtypes fp32 bf16 ...] [--out DIR]
+
+Convolutions (PixelCNN-sized layers: channels 64-256, 32 x 32 and 64 x 64 maps, kernels 3-7,
+``C_in = C_out``, stride 1, "same" padding, with bias), each timed forward (``fwd``), backward
+alone (``bwd``: ``torch.autograd.grad`` on a retained graph, input, weight and bias gradients) and
+both (``fwd+bwd``):
+
+- ``fastvq``: ``fastvq.masked_conv2d`` with ``FASTVQ_BACKEND=auto`` (the Triton kernels on CUDA,
+  the row-group PyTorch path on CPU), which computes only the taps the mask keeps;
+- ``conv2d(w*mask)``: ``F.conv2d(x, weight * mask, bias)``, the usual masked layer (cuDNN on
+  CUDA, oneDNN on CPU), paying for every tap of the dense kernel plus the mask multiply.
+
+TFLOP/s count the kept taps only (``2 B H W C_in C_out taps`` forward, twice that backward), so
+both implementations are credited with the same useful work. ``vs_dense`` is the dense-weight
+baseline's median time over this row's (``> 1``: fastvq is faster). ``peak_mib`` is the peak
+memory growth of one forward + backward.
+
+Sampling: ``GatedPixelCNN`` and ``PixelCNN`` with 12 layers (kernel 3, first kernel 7, 64
+channels, 512 codes) drawing ``n`` maps of 32 x 32, ``method="naive"`` (the whole network per
+position) against ``method="fast"`` (cached; recomputes only what each new code changes), with the
+same generator seed; ``speedup`` is naive over fast. A naive 32 x 32 map takes about a minute or
+more on a small CPU, so it is timed once (``repeats``) and the fast sampler a few times.
+
+The harness keys rows by ``(bench, impl, N, K, D, dtype, metric)``: here ``N`` is the batch
+(or ``n``), ``K`` the output channels (or codes), ``D`` the input channels, and ``metric`` names
+the mask, kernel and map (or the model). ``load1`` is the host's 1-minute load average when the
+row's measurement started: timings taken while other processes shared the CPU are not clean.
+Results are merged into ``<out>/<device-slug>.csv`` and ``.md`` (default
+``benchmarks/results/masked_conv/``). The exit status is non-zero if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import _harness
+import fastvq
+from fastvq.models import GatedPixelCNN, PixelCNN
+from fastvq.reference import pixelcnn_mask_ref
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DEFAULT_OUT = _harness.RESULTS_DIR / "masked_conv"
+TABLE_COLUMNS = ("bench", "impl", "N", "D", "metric", "dtype", "median_ms", "q20_ms", "q80_ms", "tflops", "vs_dense",
+                 "peak_mib", "load1", "note")
+SAMPLER_COLUMNS = ("impl", "N", "K", "D", "metric", "median_ms", "repeats", "speedup", "rechecks", "load1", "note")
+
+
+@dataclass(frozen=True)
+class ConvPoint:
+    batch: int
+    channels: int
+    size: int
+    kernel: int
+    mask_type: str = "B"
+
+    @property
+    def metric(self) -> str:
+        return f"{self.mask_type} {self.kernel}x{self.kernel} @{self.size}x{self.size}"
+
+    def taps(self) -> int:
+        return int(pixelcnn_mask_ref(self.mask_type, self.kernel).sum().item())
+
+
+def _grid(batch: int, channels, sizes, kernels) -> list[ConvPoint]:
+    return [ConvPoint(batch, c, s, k) for c in channels for s in sizes for k in kernels]
+
+
+# The issue's headline: type A and B 7 x 7 at 128 channels, 32 x 32, batch 64, forward + backward.
+HEADLINE = [ConvPoint(64, 128, 32, 7, "A"), ConvPoint(64, 128, 32, 7, "B")]
+CONV_GRIDS = {
+    "cuda": HEADLINE + [p for p in _grid(64, (64, 128, 256), (32, 64), (3, 5, 7)) if p not in HEADLINE],
+    # Sized for a 2-core machine to finish in minutes.
+    "cpu": [ConvPoint(8, 128, 32, 7, "A")] + _grid(8, (64, 128, 256), (32,), (3, 5, 7)) + _grid(8, (64,), (64,), (3, 7)),
+}
+SMALL_CONV_GRID = [ConvPoint(2, 32, 16, 3), ConvPoint(2, 32, 16, 7)]
+DEFAULT_DTYPES = {"cuda": ("fp32", "bf16"), "cpu": ("fp32",)}
+
+
+@dataclass(frozen=True)
+class SamplerPoint:
+    model: str
+    num_layers: int
+    size: int
+    n: int
+    channels: int = 64
+    num_codes: int = 512
+
+    @property
+    def metric(self) -> str:
+        return f"{self.model} L{self.num_layers} {self.size}x{self.size}"
+
+
+SAMPLER_GRIDS = {
+    "cuda": [SamplerPoint("gated", 12, 32, 1), SamplerPoint("gated", 12, 32, 16), SamplerPoint("pixelcnn", 12, 32, 1)],
+    "cpu": [SamplerPoint("gated", 12, 32, 1), SamplerPoint("pixelcnn", 12, 32, 1)],
+}
+SMALL_SAMPLER_GRID = [SamplerPoint("gated", 4, 8, 1, channels=32, num_codes=64)]
+
+
+# --------------------------------------------------------------------------- convolutions
+
+
+def conv_inputs(point: ConvPoint, dtype: torch.dtype, device: str, seed: int = 0):
+    """``x [B, C, S, S]``, ``weight [C, C, k, k]``, ``bias [C]``, all requiring grad, and a fixed output gradient."""
+    generator = torch.Generator(device).manual_seed(seed)
+    shape = (point.batch, point.channels, point.size, point.size)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    scale = (point.channels * point.kernel * point.kernel) ** -0.5
+    weight = torch.randn((point.channels, point.channels, point.kernel, point.kernel), generator=generator,
+                         device=device, dtype=dtype) * scale
+    bias = torch.zeros(point.channels, device=device, dtype=dtype)
+    grad = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), grad
+
+
+def fastvq_conv(x, weight, bias, mask_type):
+    return fastvq.masked_conv2d(x, weight, bias, mask_type=mask_type)
+
+
+def dense_masked_conv(x, weight, bias, mask_type):
+    mask = pixelcnn_mask_ref(mask_type, weight.shape[-1]).to(device=weight.device, dtype=weight.dtype)
+    return F.conv2d(x, weight * mask, bias, padding=weight.shape[-1] // 2)
+
+
+CONV_IMPLEMENTATIONS: dict[str, tuple[Callable, Optional[str]]] = {
+    "fastvq": (fastvq_conv, "auto"),
+    "conv2d(w*mask)": (dense_masked_conv, None),
+}
+
+
+def forward_backward(fn, mask_type, x, weight, bias, grad):
+    out = fn(x, weight, bias, mask_type)
+    return torch.autograd.grad(out, (x, weight, bias), grad)
+
+
+def _pass_call(fn, mask_type, pass_name, x, weight, bias, grad) -> Callable[[], object]:
+    if pass_name == "fwd":
+        def forward():
+            with torch.no_grad():
+                return fn(x, weight, bias, mask_type)
+        return forward
+    if pass_name == "bwd":
+        out = fn(x, weight, bias, mask_type)
+        return lambda: torch.autograd.grad(out, (x, weight, bias), grad, retain_graph=True)
+    return functools.partial(forward_backward, fn, mask_type, x, weight, bias, grad)
+
+
+def measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple[list[dict], bool]:
+    dtype = DTYPES[dtype_name]
+    inputs = conv_inputs(point, dtype, device)
+    pixels = point.batch * point.size * point.size
+    forward_flops = 2 * pixels * point.channels * point.channels * point.taps()
+    flops = {"fwd": forward_flops, "bwd": 2 * forward_flops, "fwd+bwd": 3 * forward_flops}
+    make_inputs = functools.partial(conv_inputs, point, dtype, device)
+    make_warmup_inputs = functools.partial(conv_inputs, ConvPoint(1, point.channels, 8, point.kernel), dtype, device)
+    rows, all_ran = [], True
+    for impl, (fn, backend) in CONV_IMPLEMENTATIONS.items():
+        for pass_name in PASSES:
+            row = {"bench": f"masked_conv2d {pass_name}", "impl": impl, "N": point.batch, "K": point.channels,
+                   "D": point.channels, "dtype": dtype_name, "metric": point.metric, "median_ms": None,
+                   "q20_ms": None, "q80_ms": None, "tflops": None, "peak_mib": None, "note": "",
+                   "load1": os.getloadavg()[0]}
+            try:
+                with _harness.environment_variable("FASTVQ_BACKEND", backend):
+                    timing = _harness.time_call(_pass_call(fn, point.mask_type, pass_name, *inputs), device)
+                    if pass_name == "fwd+bwd":
+                        row["peak_mib"] = _harness.peak_memory_growth_mib(
+                            functools.partial(forward_backward, fn, point.mask_type), make_inputs,
+                            make_warmup_inputs, device)
+            except Exception as error:  # keep measuring the rest of the grid, and say what failed
+                all_ran = False
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                row["note"] = f"failed: {type(error).__name__}: {first_line}"
+                print(f"  {impl} {pass_name}: {row['note']}")
+            else:
+                row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms,
+                           tflops=_harness.tflops(flops[pass_name], timing.median_ms))
+            rows.append(row)
+    for pass_name in PASSES:
+        dense = next(r for r in rows if r["impl"] == "conv2d(w*mask)" and r["bench"].endswith(f" {pass_name}"))
+        for row in rows:
+            if row["bench"] == dense["bench"] and row["median_ms"] and dense["median_ms"]:
+                row["vs_dense"] = dense["median_ms"] / row["median_ms"]
+    return rows, all_ran
+
+
+def run_conv_grid(points: list[ConvPoint], dtype_names, device: str) -> tuple[list[dict], bool]:
+    rows, all_ran = [], True
+    for dtype_name in dtype_names:
+        for point in points:
+            print(f"B={point.batch} C={point.channels} {point.metric} {dtype_name}", flush=True)
+            point_rows, point_ran = measure_conv_point(point, dtype_name, device)
+            for row in point_rows:
+                if row["bench"].endswith("fwd+bwd"):
+                    print(f"  {row['impl']:>15} fwd+bwd {row['median_ms'] or float('nan'):9.3f} ms"
+                          f"  vs_dense {row.get('vs_dense') or float('nan'):.2f}", flush=True)
+            rows += point_rows
+            all_ran &= point_ran
+    return rows, all_ran
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def build_prior(point: SamplerPoint, device: str):
+    torch.manual_seed(0)
+    model_class = GatedPixelCNN if point.model == "gated" else PixelCNN
+    return model_class(point.num_codes, channels=point.channels, num_layers=point.num_layers, kernel_size=3,
+                       first_kernel_size=7).to(device).eval()
+
+
+def _timed_sample(model, point: SamplerPoint, method: str, device: str) -> tuple[float, torch.Tensor]:
+    generator = torch.Generator(device).manual_seed(1234)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    codes = model.sample(point.n, (point.size, point.size), generator=generator, method=method)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)  # the sampler syncs every position anyway; this closes the last one
+    return (time.perf_counter() - start) * 1e3, codes
+
+
+def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int, naive_repeats: int) -> tuple[list[dict], bool]:
+    """Times both samplers with the same seed (host clock around the whole, synchronised, loop) and
+    checks that they drew the same maps."""
+    model = build_prior(point, device)
+    model.sample(point.n, (4, 4), method="fast")  # warm-up: thread pools, kernels, autotuning
+    model.sample(point.n, (4, 4), method="naive")
+    rows, maps = {}, {}
+    for method, repeats in (("naive", naive_repeats), ("fast", fast_repeats)):
+        load = os.getloadavg()[0]
+        times = []
+        for _ in range(repeats):
+            elapsed, maps[method] = _timed_sample(model, point, method, device)
+            times.append(elapsed)
+        rows[method] = {"bench": "pixelcnn_sample", "impl": method, "N": point.n, "K": point.num_codes,
+                        "D": point.channels, "dtype": "fp32", "metric": point.metric,
+                        "median_ms": statistics.median(times), "q20_ms": min(times), "q80_ms": max(times),
+                        "repeats": repeats, "rechecks": model.last_sample_rechecks if method == "fast" else None,
+                        "load1": load, "note": ""}
+        print(f"  {method:>5}: {statistics.median(times) / 1e3:8.2f} s (x{repeats})", flush=True)
+    same = torch.equal(maps["naive"], maps["fast"])
+    rows["fast"]["speedup"] = rows["naive"]["median_ms"] / rows["fast"]["median_ms"]
+    if not same:
+        rows["fast"]["note"] = "FAILED: the fast sampler drew different maps"
+    print(f"  speedup {rows['fast']['speedup']:.1f}x, same maps: {same}", flush=True)
+    return list(rows.values()), same
+
+
+def run_sampler_grid(points: list[SamplerPoint], device: str, fast_repeats: int, naive_repeats: int):
+    rows, all_ran = [], True
+    for point in points:
+        print(f"sample n={point.n} {point.metric}", flush=True)
+        point_rows, ok = measure_sampler_point(point, device, fast_repeats, naive_repeats)
+        rows += point_rows
+        all_ran &= ok
+    return rows, all_ran
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny grids that finish in about a minute")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--conv-only", action="store_true", help="only the convolution grid")
+    which.add_argument("--sampler-only", action="store_true", help="only the sampler comparison")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default: fp32 and bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--naive-repeats", type=int, default=1, help="timed naive samples per point (default 1)")
+    parser.add_argument("--fast-repeats", type=int, default=3, help="timed fast samples per point (default 3)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    environment = _harness.environment(args.device)
+    print(", ".join(f"{name} {value}" for name, value in environment.items()))
+    rows, ok = [], True
+    if not args.sampler_only:
+        points = SMALL_CONV_GRID if args.small else CONV_GRIDS[args.device]
+        conv_rows, conv_ok = run_conv_grid(points, tuple(args.dtypes or DEFAULT_DTYPES[args.device]), args.device)
+        rows, ok = rows + conv_rows, ok and conv_ok
+    if not args.conv_only:
+        points = SMALL_SAMPLER_GRID if args.small else SAMPLER_GRIDS[args.device]
+        sampler_rows, sampler_ok = run_sampler_grid(points, args.device, args.fast_repeats, args.naive_repeats)
+        rows, ok = rows + sampler_rows, ok and sampler_ok
+    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, args.out)
+    conv_rows = [row for row in rows if row["bench"] != "pixelcnn_sample"]
+    sampler_rows = [row for row in rows if row["bench"] == "pixelcnn_sample"]
+    if conv_rows:
+        print("\n" + _harness.format_table(conv_rows, TABLE_COLUMNS))
+    if sampler_rows:
+        print("\n" + _harness.format_table(sampler_rows, SAMPLER_COLUMNS))
+    print(f"\nwrote {csv_path} and {md_path}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
