@@ -153,3 +153,15 @@ def test_bad_arguments(kwargs, error, message):
     arguments.update(kwargs)
     with pytest.raises(error, match=message):
         ResidualVQ(**arguments)
+
+
+def test_kmeans_init_waits_for_a_batch_that_reaches_the_layer():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=6, quantize_dropout=True, kmeans_init=True)
+    for _ in range(12):
+        _, indices, _ = rvq(torch.randn(2, 10, 8))
+        for depth, layer in enumerate(rvq.layers):
+            if (indices[..., depth] >= 0).any():
+                assert layer._codebook._initted, f"layer {depth} ran without being initialised"
+    assert all(layer._codebook._initted for layer in rvq.layers)
+    assert all(torch.isfinite(layer.codebook).all() for layer in rvq.layers)

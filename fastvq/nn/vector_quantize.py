@@ -208,6 +208,13 @@ class Codebook(nn.Module):
         seed), with the assignments from the fused search and the means from the segment reduce.
         Under ``sync_kmeans`` the counts and sums are summed over ranks before dividing."""
         synced = self.use_ddp and self.sync_kmeans
+        available = torch.tensor(float(min(flat.shape[0] for flat in flats)))
+        if synced:
+            all_reduce_sum_(available)
+        if available.item() == 0:
+            # No rows to cluster (every position masked, or a layer dropped out): initialise on a
+            # later batch, as vector-quantize-pytorch does when it never sees the layer run.
+            return
         for head, rows in enumerate(flats):
             rows = rows.detach().float()
             num_rows = rows.shape[0]
@@ -291,13 +298,12 @@ class Codebook(nn.Module):
                 indices, _, quantized = torch.ops.fastvq.nearest_code(flat, codebook, self.metric, True, 0.0, None)
             if valid is not None:
                 indices = torch.where(valid, indices, -1)
-            counted = indices
             if train_codes and (self.ema_update or self.has_dead_code_replacement):
                 update_codes = self.ema_update and not self.manual_ema_update
-                self._ema_step(head, flat.detach(), counted, update_codes, active)
+                self._ema_step(head, flat.detach(), indices, update_codes, active)
                 if self.has_dead_code_replacement:
                     self.expire_codes_(head, flat.detach(), valid, active)
-            self._record_usage(head, counted)
+            self._record_usage(head, indices)
             quantized_heads.append(quantized)
             index_heads.append(indices)
         # Each head's loss is a mean over its rows; the layer's is the mean over all of them.
