@@ -13,7 +13,9 @@ both (``fwd+bwd``):
 - ``conv2d(w*mask)``: ``F.conv2d(x, weight * mask, bias)``, the usual masked layer (cuDNN on
   CUDA, oneDNN on CPU), paying for every tap of the dense kernel plus the mask multiply.
 
-TFLOP/s count the kept taps only (``2 B H W C_in C_out taps`` forward, twice that backward), so
+On CUDA each point runs in bf16, in ``tf32`` (fp32 tensors, both sides allowed plain TF32 tensor
+cores: PyTorch's default for cuDNN convolutions) and in ``fp32`` (fp32 accuracy on both sides:
+fastvq's ``tf32x3`` against cuDNN without TF32). TFLOP/s count the kept taps only (``2 B H W C_in C_out taps`` forward, twice that backward), so
 both implementations are credited with the same useful work. ``vs_dense`` is the dense-weight
 baseline's median time over this row's (``> 1``: fastvq is faster). ``peak_mib`` is the peak
 memory growth of one forward + backward.
@@ -35,6 +37,7 @@ Results are merged into ``<out>/<device-slug>.csv`` and ``.md`` (default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -42,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +55,10 @@ import fastvq
 from fastvq.models import GatedPixelCNN, PixelCNN
 from fastvq.reference import pixelcnn_mask_ref
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "fp32" keeps fp32 accuracy on both sides (fastvq's tl.dot in tf32x3, cuDNN without TF32);
+# "tf32" lets both use plain TF32 tensor cores (PyTorch's default for cuDNN convolutions, and
+# fastvq's opt-in ``torch.backends.cuda.matmul.allow_tf32``). On CPU the two are the same.
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DEFAULT_OUT = _harness.RESULTS_DIR / "masked_conv"
 TABLE_COLUMNS = ("bench", "impl", "N", "D", "metric", "dtype", "median_ms", "q20_ms", "q80_ms", "tflops", "vs_dense",
@@ -88,7 +94,7 @@ CONV_GRIDS = {
     "cpu": [ConvPoint(8, 128, 32, 7, "A")] + _grid(8, (64, 128, 256), (32,), (3, 5, 7)) + _grid(8, (64,), (64,), (3, 7)),
 }
 SMALL_CONV_GRID = [ConvPoint(2, 32, 16, 3), ConvPoint(2, 32, 16, 7)]
-DEFAULT_DTYPES = {"cuda": ("fp32", "bf16"), "cpu": ("fp32",)}
+DEFAULT_DTYPES = {"cuda": ("bf16", "tf32", "fp32"), "cpu": ("fp32",)}
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,23 @@ def _pass_call(fn, mask_type, pass_name, x, weight, bias, grad) -> Callable[[], 
     return functools.partial(forward_backward, fn, mask_type, x, weight, bias, grad)
 
 
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """Sets PyTorch's two TF32 switches, cuDNN's and the matmul one fastvq's kernels read."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple[list[dict], bool]:
+    with tf32_allowed(dtype_name == "tf32"):
+        return _measure_conv_point(point, dtype_name, device)
+
+
+def _measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple[list[dict], bool]:
     dtype = DTYPES[dtype_name]
     inputs = conv_inputs(point, dtype, device)
     pixels = point.batch * point.size * point.size
@@ -282,7 +304,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     which.add_argument("--conv-only", action="store_true", help="only the convolution grid")
     which.add_argument("--sampler-only", action="store_true", help="only the sampler comparison")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default: fp32 and bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
+                        help="default: bf16, tf32 and fp32 on CUDA, fp32 on CPU")
     parser.add_argument("--naive-repeats", type=int, default=1, help="timed naive samples per point (default 1)")
     parser.add_argument("--fast-repeats", type=int, default=3, help="timed fast samples per point (default 3)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")

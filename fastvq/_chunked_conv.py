@@ -45,16 +45,21 @@ def masked_conv2d(
     work = compute_dtype(out_dtype)
     pad_h, pad_w = padding
     out_height, out_width = output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], padding)
-    x_pad = F.pad(x.to(work), (pad_w, pad_w, pad_h, pad_h))
+    x_pad = x.to(work)
+    if pad_h or pad_w:
+        x_pad = F.pad(x_pad, (pad_w, pad_w, pad_h, pad_h))
     weight = weight.to(work)
+    bias = None if bias is None else bias.to(work)
     out = None
     for weight_rows, weight_cols, rows, cols in _row_groups(mask_type, weight.shape, out_height, out_width):
-        part = F.conv2d(x_pad[:, :, rows, cols], weight[:, :, weight_rows, weight_cols])
-        out = part if out is None else out.add_(part)
+        if out is None:
+            out = F.conv2d(x_pad[:, :, rows, cols], weight[:, :, weight_rows, weight_cols], bias)
+        else:
+            out.add_(F.conv2d(x_pad[:, :, rows, cols], weight[:, :, weight_rows, weight_cols]))
     if out is None:  # type A on a 1 x 1 kernel keeps no tap at all
         out = x_pad.new_zeros((x.shape[0], weight.shape[0], out_height, out_width))
-    if bias is not None:
-        out = out.add_(bias.to(work)[:, None, None])
+        if bias is not None:
+            out.add_(bias[:, None, None])
     return out.to(out_dtype).contiguous(memory_format=output_memory_format(x))
 
 

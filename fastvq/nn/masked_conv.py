@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._conv_masks import check_kernel_size, check_mask_type, conv_mask, resolve_padding
-from ..functional import masked_conv2d
+from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
 
@@ -84,8 +84,11 @@ class MaskedConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor, *, padding: Union[None, int, tuple[int, int]] = None) -> Tensor:
         """``padding`` overrides the layer's own for this call (the fast samplers use ``0`` on crops)."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         pads = resolve_padding(self.padding if padding is None else padding, *self.kernel_size)
-        return masked_conv2d(input, self.weight, self.bias, mask_type=self.mask_type, padding=pads)
+        # The operator checks its inputs itself; going through fastvq.masked_conv2d would check twice.
+        return torch.ops.fastvq.masked_conv2d(input, self.weight, self.bias, self.mask_type, list(pads))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
