@@ -1,11 +1,153 @@
-"""fastvq: fused vector quantization for PyTorch (search + argmin + gather, STE, EMA) on Triton
-and a memory-bounded PyTorch path."""
+"""fastvq: fused vector quantization for PyTorch (search + argmin + gather, STE, EMA) on Triton,
+compiled C++/CUDA kernels (fastvq._C) and a memory-bounded PyTorch path.
 
+Building fastvq._C needs the PyTorch it will run with, so build without pip's build isolation,
+after installing torch (an isolated build environment would have to resolve torch itself, which on
+PyPI means the multi-GB CUDA wheels)::
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+
+The build never makes the installation fail unless asked to: without torch at build time, without
+a C++ compiler, or when the compiler fails, fastvq installs without fastvq._C, runs on the PyTorch
+path, and ``fastvq._ops.backend_info()`` says why (setup.py records it in
+``fastvq/_build_status.json``). Environment variables:
+
+- ``FASTVQ_CPU_ARCH_FLAGS``: the host vector-instruction flags for the C++ kernels, default
+  ``-march=native`` (dropped if the compiler rejects it); set it to ``""`` or e.g.
+  ``-march=x86-64-v3`` for a binary that must run on other machines.
+- ``FASTVQ_BUILD_CUDA=auto|0|1``: ``auto`` (default) adds the CUDA C++ kernels when PyTorch is a
+  CUDA build and the CUDA toolkit (nvcc) is found; ``0`` never; ``1`` always, and fails the
+  installation if that is impossible or the build fails.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 here = Path(__file__).parent
+PACKAGE_DIR = here / "fastvq"
+STATUS_FILE = PACKAGE_DIR / "_build_status.json"
+CPU_SOURCES = ["csrc/module.cpp", "csrc/search_cpu.cpp", "csrc/segment_reduce_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/search_kernels.cu", "csrc/cuda/segment_reduce_kernels.cu", "csrc/cuda/binding.cpp"]
+DEFAULT_CPU_ARCH_FLAGS = "-march=native"
+
+
+def write_status(**status) -> None:
+    STATUS_FILE.write_text(json.dumps(status, indent=2) + "\n")
+
+
+def remove_stale_extension() -> None:
+    """A failed build must not leave an older fastvq._C behind, built from other sources."""
+    for stale in PACKAGE_DIR.glob("_C.*"):
+        if stale.suffix in (".so", ".pyd", ".dylib"):
+            stale.unlink()
+
+
+def compiler_accepts(flags: list[str], source: str = "int main() { return 0; }\n") -> bool:
+    """Whether the C++ compiler that will build the extension compiles and links with ``flags``."""
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "probe.cpp"
+        path.write_text(source)
+        try:
+            result = subprocess.run(
+                [*compiler, *flags, str(path), "-o", str(Path(scratch) / "probe")], capture_output=True, timeout=120
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return result.returncode == 0
+
+
+OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+
+
+def cpu_flags() -> tuple[list[str], list[str], dict]:
+    """Compile flags, link flags and what was chosen, probed against the compiler."""
+    arch_flags = shlex.split(os.environ.get("FASTVQ_CPU_ARCH_FLAGS", DEFAULT_CPU_ARCH_FLAGS))
+    if arch_flags and not compiler_accepts(arch_flags):
+        print(f"fastvq: the C++ compiler rejects {arch_flags}; building for its default target", file=sys.stderr)
+        arch_flags = []
+    # PyTorch's CPU wheels run ATen's parallel loops on OpenMP; at::parallel_for in the kernels
+    # only spreads over threads when they are compiled with it too. At run time the extension
+    # shares the libgomp.so.1 that torch has already loaded.
+    openmp = compiler_accepts(["-fopenmp"], OPENMP_PROBE)
+    compile_flags = ["-O3", *arch_flags] + (["-fopenmp"] if openmp else [])
+    link_flags = ["-fopenmp"] if openmp else []
+    return compile_flags, link_flags, {"arch_flags": arch_flags, "openmp": openmp}
+
+
+def cuda_wanted(torch_module, cuda_home) -> bool:
+    mode = os.environ.get("FASTVQ_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FASTVQ_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    possible = torch_module.version.cuda is not None and cuda_home is not None
+    if mode == "1" and not possible:
+        missing = "a CUDA build of PyTorch" if torch_module.version.cuda is None else "the CUDA toolkit (nvcc)"
+        raise SystemExit(f"FASTVQ_BUILD_CUDA=1 but {missing} was not found")
+    return mode == "1" or (mode == "auto" and possible)
+
+
+def extension_setup() -> dict:
+    """``ext_modules`` and ``cmdclass`` for fastvq._C, or nothing (with the reason recorded)."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as error:
+        write_status(
+            built=False,
+            reason=(
+                f"PyTorch was not importable while fastvq was built ({error}); pip's default build "
+                "isolation builds in a fresh environment without it: install torch first, then "
+                "pip install --no-build-isolation -e ."
+            ),
+        )
+        remove_stale_extension()
+        return {}
+
+    compile_flags, link_flags, chosen = cpu_flags()
+    with_cuda = cuda_wanted(torch, CUDA_HOME)
+    status = {"built": True, "torch": torch.__version__, "cuda": with_cuda, **chosen}
+    if with_cuda:
+        extension = CUDAExtension(
+            "fastvq._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={"cxx": compile_flags + ["-DFASTVQ_WITH_CUDA"], "nvcc": ["-O3", "-DFASTVQ_WITH_CUDA"]},
+            extra_link_args=link_flags,
+        )
+    else:
+        extension = CppExtension(
+            "fastvq._C", CPU_SOURCES, extra_compile_args={"cxx": compile_flags}, extra_link_args=link_flags
+        )
+    must_build = with_cuda and os.environ.get("FASTVQ_BUILD_CUDA", "auto").strip() == "1"
+
+    class BuildOrFallBack(BuildExtension):
+        """Builds fastvq._C; if that fails, installs fastvq without it and records why."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # noqa: BLE001 - any failure means "no extension", not "no fastvq"
+                if must_build:
+                    raise
+                reason = f"building fastvq._C failed: {type(error).__name__}: {error}".strip()
+                write_status(built=False, reason=reason, **chosen)
+                remove_stale_extension()
+                print(traceback.format_exc(), file=sys.stderr)
+                print(f"fastvq: WARNING: {reason}\nfastvq: installing without fastvq._C (the PyTorch path runs "
+                      "instead)", file=sys.stderr)
+                return
+            write_status(**status)
+
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildOrFallBack}}
+
 
 setup(
     name="fastvq",
@@ -16,6 +158,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["fastvq", "fastvq.*"]),
+    package_data={"fastvq": ["_build_status.json"]},
     # torch is left unpinned on purpose: install the build you want first (the README installs the
     # CPU build on CPU machines); a satisfied requirement pulls nothing more.
     install_requires=["torch>=2.4", "einops>=0.7"],
@@ -31,4 +174,5 @@ setup(
         "bench": ["pytest-benchmark>=4", "numpy"],
     },
     entry_points={},
+    **extension_setup(),
 )

@@ -1,0 +1,61 @@
+// The torch.ops.fastvq_C operators and the Python module fastvq._C that registers them on import.
+//
+// These are the compiled kernels behind the public torch.ops.fastvq operators: fastvq/_compiled.py
+// calls them from the real implementations declared in fastvq/_ops.py (which keep the one public
+// schema, the fake functions and autograd) and registers their own fake functions, so they pass
+// torch.library.opcheck by themselves too.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include <string>
+
+#include "fastvq.h"
+
+namespace fastvq {
+namespace {
+
+std::string build_info() {
+  std::string info = "{";
+#ifdef _OPENMP
+  info += "\"openmp\": true";
+#else
+  info += "\"openmp\": false";
+#endif
+#if defined(__AVX512F__)
+  info += ", \"vector_isa\": \"avx512\"";
+#elif defined(__AVX2__)
+  info += ", \"vector_isa\": \"avx2\"";
+#elif defined(__ARM_NEON)
+  info += ", \"vector_isa\": \"neon\"";
+#else
+  info += ", \"vector_isa\": \"baseline\"";
+#endif
+#ifdef FASTVQ_WITH_CUDA
+  info += ", \"cuda\": true";
+#else
+  info += ", \"cuda\": false";
+#endif
+  info += ", \"compiler\": \"" __VERSION__ "\"}";
+  return info;
+}
+
+}  // namespace
+}  // namespace fastvq
+
+TORCH_LIBRARY(fastvq_C, m) {
+  m.def("nearest_code(Tensor z, Tensor codebook, str metric, bool return_codes) -> (Tensor, Tensor, Tensor)");
+  m.def("segment_reduce(Tensor values, Tensor indices, int num_codes, bool deterministic) -> (Tensor, Tensor)");
+  m.def("build_info() -> str", &fastvq::build_info);
+}
+
+TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
+  m.impl("nearest_code", &fastvq::nearest_code_cpu);
+  m.impl("segment_reduce", &fastvq::segment_reduce_cpu);
+}
+
+// An empty module: importing it runs the static registrations above.
+static PyModuleDef fastvq_c_module = {PyModuleDef_HEAD_INIT, "_C", "fastvq's compiled kernels (torch.ops.fastvq_C)",
+                                      -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastvq_c_module); }
