@@ -6,12 +6,17 @@ one real implementation that checks its inputs and then hands the work to a back
 
 - ``triton``: the kernels in ``fastvq.kernels``, for CUDA tensors, or for CPU tensors when
   ``TRITON_INTERPRET=1`` runs them through Triton's interpreter;
+- ``cpp``: the C++ kernels of the compiled extension ``fastvq._C`` (``fastvq._compiled``), for
+  CPU tensors of every float dtype;
+- ``cuda``: the CUDA C++ kernels of ``fastvq._C``, in builds made against a CUDA build of PyTorch;
 - ``torch``: the memory-bounded pure-PyTorch path in ``fastvq._chunked``, for any device.
 
-``FASTVQ_BACKEND=auto|triton|cuda|cpp|torch`` is read at every call. ``auto`` sends CUDA tensors
-to Triton when it is installed and everything else to ``torch``; float64 always goes to
-``torch`` because the Triton kernels are written for fp32/fp16/bf16. ``cuda`` and ``cpp`` name
-the compiled backends of ``fastvq._C``, which this build does not contain yet.
+``FASTVQ_BACKEND=auto|triton|cuda|cpp|torch`` is read at every call. ``auto`` sends CPU tensors to
+``cpp`` when ``fastvq._C`` loads and to ``torch`` otherwise, and CUDA tensors to Triton when it is
+installed (float64 to ``torch``: the Triton kernels are written for fp32/fp16/bf16), else to
+``cuda`` when built, else to ``torch``. Triton stays the CUDA default until the two are measured
+against each other on a GPU. ``backend_info()`` says what runs where and, when ``fastvq._C`` is
+missing, why.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _chunked
+from . import _chunked, _compiled
 from ._checks import check_ema_inputs, check_sampling, check_search_inputs, check_segment_inputs
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
@@ -46,34 +51,95 @@ def requested_backend() -> str:
 
 def select_backend(tensor: Tensor, dtype: torch.dtype) -> str:
     """The backend that will run an op on ``tensor``'s device with compute dtype ``dtype``."""
+    return backend_for(tensor.device.type, dtype)
+
+
+def backend_for(device_type: str, dtype: torch.dtype) -> str:
+    """The backend for tensors of ``device_type`` (``"cpu"``, ``"cuda"``, ...) and compute dtype
+    ``dtype`` under the current ``FASTVQ_BACKEND``; raises if the requested backend cannot run them."""
     name = requested_backend()
     if name == "torch":
         return "torch"
     if name in ("cuda", "cpp"):
-        raise RuntimeError(
-            f"FASTVQ_BACKEND={name} asks for the compiled extension fastvq._C, which this build of fastvq "
-            "does not include; use FASTVQ_BACKEND=auto, triton or torch"
-        )
+        return _compiled_backend(name, device_type, dtype)
     if name == "auto":
-        usable = tensor.device.type == "cuda" and dtype != torch.float64 and triton_available()
-        return "triton" if usable else "torch"
+        if device_type == "cpu":
+            return "cpp" if _compiled.available() else "torch"
+        if device_type == "cuda" and dtype != torch.float64:
+            if triton_available():
+                return "triton"
+            if _compiled.cuda_available():
+                return "cuda"
+        return "torch"
     if not triton_available():
         raise RuntimeError("FASTVQ_BACKEND=triton needs Triton: pip install triton")
-    if tensor.device.type == "cpu" and not _triton_interpreting():
+    if device_type == "cpu" and not _triton_interpreting():
         raise RuntimeError(
             "FASTVQ_BACKEND=triton got CPU tensors: Triton kernels run on CUDA tensors, or on CPU tensors "
             "only under its interpreter (set TRITON_INTERPRET=1 before the first fastvq op)"
         )
-    if tensor.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"FASTVQ_BACKEND=triton cannot run on {tensor.device.type} tensors")
+    if device_type not in ("cpu", "cuda"):
+        raise RuntimeError(f"FASTVQ_BACKEND=triton cannot run on {device_type} tensors")
     if dtype == torch.float64:
         raise TypeError("FASTVQ_BACKEND=triton supports float32, float16 and bfloat16 inputs, got float64")
     return "triton"
 
 
+def _compiled_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
+    """Checks that ``FASTVQ_BACKEND=cpp|cuda`` can run here, with an error that says what to do."""
+    device = "cpu" if name == "cpp" else "cuda"
+    if device_type != device:
+        raise RuntimeError(f"FASTVQ_BACKEND={name} runs on {device} tensors, got {device_type} tensors")
+    loaded, reason = _compiled.load()
+    if not loaded:
+        raise RuntimeError(f"FASTVQ_BACKEND={name} needs the compiled extension fastvq._C: {reason}")
+    if name == "cuda":
+        if not _compiled.cuda_available():
+            raise RuntimeError(
+                "FASTVQ_BACKEND=cuda needs fastvq._C built with its CUDA kernels, which needs a CUDA build of "
+                "PyTorch and the CUDA toolkit when fastvq is installed (FASTVQ_BUILD_CUDA=1 makes the install fail "
+                "where either is missing); this build has the CPU kernels only"
+            )
+        if dtype == torch.float64:
+            raise TypeError("FASTVQ_BACKEND=cuda supports float32, float16 and bfloat16 inputs, got float64")
+    return name
+
+
+def backend_info() -> dict:
+    """What runs where under the current ``FASTVQ_BACKEND``, and the state of every backend.
+
+    ``selected`` maps ``cpu`` and ``cuda`` to the backend fp32 tensors there go to (or the error the
+    requested backend raises there); ``compiled`` says whether ``fastvq._C`` loaded, why not when it
+    did not, and how it was built; ``triton`` whether Triton is installed and interpreting. The
+    ``fastvq info`` command prints this.
+    """
+    loaded, reason = _compiled.load()
+    selected = {}
+    for device_type in ("cpu", "cuda"):
+        try:
+            selected[device_type] = backend_for(device_type, torch.float32)
+        except (RuntimeError, TypeError, ValueError) as error:
+            selected[device_type] = f"error: {error}"
+    return {
+        "requested": os.environ.get("FASTVQ_BACKEND", "auto"),
+        "selected": selected,
+        "compiled": {
+            "available": loaded,
+            "reason": reason,
+            "cuda_kernels": _compiled.cuda_available(),
+            "build": {**_compiled.build_status(), **_compiled.build_info()},
+        },
+        "triton": {"available": triton_available(), "interpreting": _triton_interpreting()},
+        "torch": torch.__version__,
+    }
+
+
 def _backend_module(tensor: Tensor, dtype: torch.dtype, family: str):
-    if select_backend(tensor, dtype) == "torch":
+    selected = select_backend(tensor, dtype)
+    if selected == "torch":
         return _chunked
+    if selected in ("cpp", "cuda"):
+        return _compiled
     if family == "search":
         from .kernels import search as module
     elif family == "segment":
@@ -368,7 +434,8 @@ from ._conv_masks import check_masked_conv_inputs, output_memory_format, output_
 
 
 def _masked_conv_backend(tensor: Tensor, dtype: torch.dtype):
-    if select_backend(tensor, dtype) == "torch":
+    # fastvq._C has no masked convolution: on CPU the PyTorch path's oneDNN convolution runs.
+    if select_backend(tensor, dtype) in ("torch", "cpp"):
         return _chunked_conv
     from .kernels import masked_conv as module
 

@@ -31,7 +31,19 @@ except ImportError:  # pragma: no cover - Triton is a test requirement on Linux
 
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-BACKENDS = [("torch", "cpu"), ("triton", TRITON_DEVICE)] + ([("torch", "cuda")] if HAS_CUDA else [])
+from fastvq import _compiled  # noqa: E402  (after TRITON_INTERPRET is set)
+
+# The compiled backend joins the parametrisation wherever fastvq._C was built and loads;
+# tests/test_cpp_backend.py says why it is missing where it is not.
+HAS_CPP, CPP_MISSING_REASON = _compiled.load()
+HAS_CUDA_KERNELS = HAS_CUDA and _compiled.cuda_available()
+
+BACKENDS = (
+    [("torch", "cpu"), ("triton", TRITON_DEVICE)]
+    + ([("cpp", "cpu")] if HAS_CPP else [])
+    + ([("torch", "cuda")] if HAS_CUDA else [])
+    + ([("cuda", "cuda")] if HAS_CUDA_KERNELS else [])
+)
 BACKEND_IDS = [f"{name}-{device}" for name, device in BACKENDS]
 
 

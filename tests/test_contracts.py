@@ -33,7 +33,11 @@ ENTRY_POINTS = {
               ("fastvq._chunked", "vector_quantize_backward")],
     "triton": [("fastvq.kernels.search", "nearest_code"), ("fastvq.kernels.segment_reduce", "segment_reduce"),
                ("fastvq.kernels.vector_quantize", "vector_quantize_backward")],
+    "cpp": [("fastvq._compiled", "nearest_code"), ("fastvq._compiled", "segment_reduce"),
+            ("fastvq._compiled", "vector_quantize_backward")],
 }
+# FASTVQ_BACKEND=cuda runs the same entry points as cpp: fastvq._C picks the kernel by device.
+ENTRY_POINTS_OF = {"cuda": "cpp"}
 
 
 def _entry_points():
@@ -70,9 +74,10 @@ def no_kernel_may_run(monkeypatch):
 
 
 def test_every_op_runs_on_the_selected_backend(backend, device, backend_calls):
-    name, _ = backend
+    backend_name, _ = backend
     for dtype in DTYPES:
-        assert _ops.select_backend(torch.empty(0, device=device), dtype) == name
+        assert _ops.select_backend(torch.empty(0, device=device), dtype) == backend_name
+    name = ENTRY_POINTS_OF.get(backend_name, backend_name)
     z = torch.randn(20, 6, device=device, requires_grad=True)
     codebook = torch.randn(9, 6, device=device, requires_grad=True)
     fastvq.nearest_code(z.detach(), codebook.detach())

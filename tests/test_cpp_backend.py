@@ -1,0 +1,302 @@
+"""The compiled CPU backend, ``fastvq._C``: what the shared parity suite does not already cover.
+
+Every contract and parity test runs on ``cpp`` through the ``backend`` fixture (tests/conftest.py
+adds it wherever fastvq._C loads), including ``opcheck`` of the public operators. This file adds
+the extension's own concerns: that it was built (CI sets ``FASTVQ_REQUIRE_C=1`` so a failed build
+fails the run instead of quietly testing less), ``backend_info`` and the fallback when it is
+missing, ``opcheck`` of the ``torch.ops.fastvq_C`` operators themselves, ties across its code tiles
+and lanes, results that do not depend on the number of threads, float64, and memory: beyond one
+row tile and one score tile per thread, the search adds only an fp32 copy of the codebook, whatever
+N and K.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _parity import METRICS, assert_search_parity
+from conftest import CPP_MISSING_REASON, HAS_CPP
+
+import fastvq
+from fastvq import _chunked, _compiled, _ops, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"fastvq._C is not available: {CPP_MISSING_REASON}")
+
+
+def test_compiled_extension_is_built():
+    if HAS_CPP:
+        return
+    message = f"fastvq._C is not available, so the cpp backend is not tested: {CPP_MISSING_REASON}"
+    if os.environ.get("FASTVQ_REQUIRE_C") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+# --------------------------------------------------------------------------- dispatch and backend_info
+
+
+@needs_cpp
+def test_auto_sends_cpu_tensors_to_cpp(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "auto")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert _ops.select_backend(torch.empty(0), dtype) == "cpp"
+    info = _ops.backend_info()
+    assert info["selected"]["cpu"] == "cpp"
+    assert info["compiled"]["available"] and info["compiled"]["reason"] is None
+    assert info["compiled"]["build"]["openmp"] in (True, False)
+    json.dumps(info)  # the CLI prints it as JSON
+
+
+def test_missing_extension_falls_back_and_says_why(monkeypatch):
+    reason = "building fastvq._C failed: no compiler"
+    monkeypatch.setattr(_compiled, "load", lambda: (False, reason))
+    monkeypatch.setenv("FASTVQ_BACKEND", "auto")
+    assert _ops.select_backend(torch.empty(0), torch.float32) == "torch"
+    info = _ops.backend_info()
+    assert info["selected"]["cpu"] == "torch"
+    assert info["compiled"] == {"available": False, "reason": reason, "cuda_kernels": False,
+                                "build": _compiled.build_status()}
+    indices, _ = fastvq.nearest_code(torch.randn(5, 3), torch.randn(4, 3))
+    assert indices.shape == (5,)
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match=r"FASTVQ_BACKEND=cpp needs the compiled extension fastvq._C: building"):
+        fastvq.nearest_code(torch.randn(5, 3), torch.randn(4, 3))
+    assert "error: FASTVQ_BACKEND=cpp needs" in _ops.backend_info()["selected"]["cpu"]
+
+
+@needs_cpp
+def test_cpp_backend_refuses_other_devices(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match=r"FASTVQ_BACKEND=cpp runs on cpu tensors, got cuda tensors"):
+        _ops.backend_for("cuda", torch.float32)
+
+
+@needs_cpp
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only build's message")
+def test_cuda_backend_without_cuda_kernels_says_what_is_missing(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"needs fastvq._C built with its CUDA kernels"):
+        _ops.backend_for("cuda", torch.float32)
+
+
+# --------------------------------------------------------------------------- the fastvq_C operators
+
+
+@needs_cpp
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("return_codes", [False, True])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                    (torch.float64, torch.float32)], ids=["fp32", "bf16-fp16", "fp64-fp32"])
+def test_nearest_code_kernel_opcheck(metric, return_codes, dtypes):
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(19, 18, generator=generator).to(dtypes[0])
+    codebook = torch.randn(21, 18, generator=generator).to(dtypes[1])
+    torch.library.opcheck(torch.ops.fastvq_C.nearest_code.default, (z, codebook, metric, return_codes))
+
+
+@needs_cpp
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_segment_reduce_kernel_opcheck(dtype, index_dtype):
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(19, 18, generator=generator).to(dtype)
+    indices = torch.randint(-1, 8, (19,), generator=generator).to(index_dtype)
+    torch.library.opcheck(torch.ops.fastvq_C.segment_reduce.default, (values, indices, 7, False))
+
+
+# --------------------------------------------------------------------------- tiles, lanes and threads
+
+
+@needs_cpp
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_across_code_tiles_and_lanes_go_to_the_lowest_index(monkeypatch, metric):
+    """Duplicates in different 512-code tiles, in different lanes of one tile and in the ragged last
+    tile: every row must get the first copy of its code."""
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    generator = torch.Generator().manual_seed(7)
+    num_codes, dim = 1500, 24
+    codebook = 0.1 * torch.randn(num_codes, dim, generator=generator)
+    groups = [(5, 700, 1400), (17, 18, 1499), (511, 512, 1024), (600, 1100)]
+    targets = 3.0 * torch.nn.functional.normalize(torch.randn(len(groups), dim, generator=generator), dim=1)
+    for group, positions in enumerate(groups):
+        codebook[list(positions)] = targets[group]
+    group_of_row = torch.arange(300) % len(groups)
+    z = targets[group_of_row] + 0.01 * torch.randn(300, dim, generator=generator)
+    indices, _ = fastvq.nearest_code(z, codebook, metric=metric)
+    expected = torch.tensor([groups[group][0] for group in group_of_row.tolist()])
+    assert torch.equal(indices, expected), (indices != expected).nonzero().flatten().tolist()
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, dtype, metric):
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    generator = torch.Generator().manual_seed(8)
+    z = torch.randn(3000, 40, generator=generator).to(dtype)
+    codebook = torch.randn(700, 40, generator=generator).to(dtype)
+    indices = torch.randint(-2, 700, (3000,), generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            results.append((fastvq.nearest_code(z, codebook, metric=metric, return_codes=True),
+                            fastvq.segment_reduce(z, indices, 700)))
+    finally:
+        torch.set_num_threads(threads)
+    (search_one, segment_one), (search_many, segment_many) = results
+    for got, want in zip(search_many + segment_many, search_one + segment_one):
+        assert torch.equal(got, want)
+
+
+@needs_cpp
+def test_segment_reduce_adds_in_row_order_like_index_add(monkeypatch):
+    """Each code's rows are summed in row order: bit for bit what the PyTorch path's index_add_ gives."""
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    generator = torch.Generator().manual_seed(9)
+    values = torch.randn(5000, 33, generator=generator) * torch.logspace(-3, 3, 33)
+    indices = torch.randint(0, 50, (5000,), generator=generator)
+    counts, sums = fastvq.segment_reduce(values, indices, 50)
+    expected_counts, expected_sums = _chunked.segment_reduce(values, indices, 50, True)
+    assert torch.equal(counts, expected_counts) and torch.equal(sums, expected_sums)
+
+
+@needs_cpp
+@pytest.mark.parametrize("metric", METRICS)
+def test_float64_is_searched_in_float64(monkeypatch, metric):
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    generator = torch.Generator().manual_seed(10)
+    z = torch.randn(300, 70, generator=generator, dtype=torch.float64) + 1e4
+    codebook = torch.randn(129, 70, generator=generator, dtype=torch.float64) + 1e4
+    indices, distances, codes = fastvq.nearest_code(z, codebook, metric=metric, return_codes=True)
+    assert codes.dtype == torch.float64
+    assert_search_parity(z, codebook, metric, indices, distances, codes)
+    expected, _, _ = reference.nearest_code_ref(z, codebook, metric)
+    assert torch.equal(indices, expected)
+
+
+@needs_cpp
+def test_sampling_runs_the_pytorch_path(monkeypatch):
+    generator = torch.Generator().manual_seed(11)
+    z, codebook = torch.randn(200, 16, generator=generator), torch.randn(64, 16, generator=generator)
+    seed = torch.tensor(1234)
+    results = []
+    for backend in ("cpp", "torch"):
+        monkeypatch.setenv("FASTVQ_BACKEND", backend)
+        results.append(fastvq.nearest_code(z, codebook, sample_temperature=0.5, seed=seed, return_codes=True))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- memory
+
+_MEMORY_PROBE = textwrap.dedent(
+    """
+    import contextlib, json, os, re, sys
+    os.environ["FASTVQ_BACKEND"] = "cpp"
+    import torch, fastvq
+    num_rows, num_codes, dim = (int(v) for v in sys.argv[1:4])
+
+    def high_water_mark():
+        status = open("/proc/self/status").read()
+        return int(re.search(r"^VmHWM:\\s+(\\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(num_rows, dim, generator=generator)
+    codebook = torch.randn(num_codes, dim, generator=generator)
+    fastvq.nearest_code(z[:1024], codebook[:2048])  # thread pool and BLAS buffers, outside the window
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = high_water_mark()
+    indices, distances = fastvq.nearest_code(z, codebook)
+    growth = high_water_mark() - before
+    rows = torch.arange(0, num_rows, max(1, num_rows // 64))
+    exact = torch.cdist(z[rows].double(), codebook.double()).square().min(dim=1).values
+    chosen = (z[rows].double() - codebook[indices[rows]].double()).square().sum(dim=1)
+    print(json.dumps({"growth": growth, "threads": torch.get_num_threads(),
+                      "max_excess": float((chosen - exact).abs().max())}))
+    """
+)
+
+# One row tile plus one score tile per thread (csrc/search_cpu.cpp keeps them near 1 MiB), with
+# room for the BLAS's packing buffers and page granularity.
+PER_THREAD_ALLOWANCE = 4 * 1024**2
+SLACK = 8 * 1024**2
+
+
+@needs_cpp
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak resident set from /proc")
+def test_search_memory_does_not_grow_with_n_or_k():
+    """Peak growth at (N, K) = (8192, 4096), (65536, 4096) and (8192, 65536), D = 32: the outputs
+    (12 bytes a row), the fp32 centred codebook (4 K D bytes) and a bounded amount per thread, never
+    anything N x K (2 GiB at the largest of these)."""
+    dim = 32
+    for num_rows, num_codes in [(8192, 4096), (65536, 4096), (8192, 65536)]:
+        result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(num_rows), str(num_codes), str(dim)],
+                                capture_output=True, text=True, timeout=600, check=True)
+        figures = json.loads(result.stdout.strip().splitlines()[-1])
+        allowed = 12 * num_rows + 4 * num_codes * dim + figures["threads"] * PER_THREAD_ALLOWANCE + SLACK
+        print(f"N={num_rows} K={num_codes} D={dim}: peak growth {figures['growth'] / 2**20:.1f} MiB, "
+              f"allowed {allowed / 2**20:.1f} MiB")
+        assert figures["growth"] <= allowed, figures
+        assert figures["max_excess"] < 1e-3, figures
+
+
+# --------------------------------------------------------------------------- the build's fallbacks
+
+
+def _copy_for_build(tmp_path: Path) -> Path:
+    tree = tmp_path / "src"
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    shutil.copytree(ROOT / "fastvq", tree / "fastvq",
+                    ignore=shutil.ignore_patterns("_C.*", "_build_status.json", "__pycache__"))
+    shutil.copy(ROOT / "setup.py", tree / "setup.py")
+    return tree
+
+
+def _backend_info_of(tree: Path) -> dict:
+    probe = "import json, fastvq; print(json.dumps(fastvq._ops.backend_info()))"
+    environment = {**os.environ, "PYTHONPATH": str(tree), "FASTVQ_BACKEND": "auto"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tree, env=environment, capture_output=True, text=True,
+                            timeout=300, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_failed_build_installs_without_the_extension_and_says_why(tmp_path):
+    tree = _copy_for_build(tmp_path)
+    for source in (tree / "csrc").glob("*.cpp"):  # a missing header stops each compile at once
+        source.write_text('#include "missing_on_purpose.h"\n' + source.read_text())
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "installing without fastvq._C" in result.stderr
+    status = json.loads((tree / "fastvq" / "_build_status.json").read_text())
+    assert status["built"] is False and "building fastvq._C failed" in status["reason"]
+    assert not list((tree / "fastvq").glob("_C.*"))
+    info = _backend_info_of(tree)
+    assert info["selected"]["cpu"] == "torch"
+    assert info["compiled"]["reason"].startswith("setup.py did not build fastvq._C: building fastvq._C failed")
+
+
+def test_build_without_torch_installs_without_the_extension_and_says_why(tmp_path):
+    """What pip's build isolation does: setup.py runs where torch cannot be imported."""
+    tree = _copy_for_build(tmp_path)
+    script = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'build_ext', '--inplace']; "
+              "runpy.run_path('setup.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tree, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = _backend_info_of(tree)
+    assert info["selected"]["cpu"] == "torch"
+    assert "PyTorch was not importable while fastvq was built" in info["compiled"]["reason"]
+    assert "--no-build-isolation" in info["compiled"]["reason"]
+
