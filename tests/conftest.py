@@ -47,6 +47,15 @@ BACKENDS = (
 BACKEND_IDS = [f"{name}-{device}" for name, device in BACKENDS]
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: dynamo's recompile limit counts compilations per code
+    object across the whole process, and torch.compile's wrapper code is shared by every model,
+    so tests compiling different models would otherwise exhaust each other's budget."""
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
 def backend(request, monkeypatch):
     """Selects a backend for the test through FASTVQ_BACKEND and returns ``(name, device)``."""
