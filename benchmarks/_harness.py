@@ -12,6 +12,7 @@ import contextlib
 import csv
 import datetime
 import gc
+import hashlib
 import importlib.metadata
 import multiprocessing
 import os
@@ -28,7 +29,8 @@ import torch
 MIB = 1024**2
 GIB = 1024**3
 KEY_COLUMNS = ("bench", "impl", "N", "K", "D", "dtype", "metric")
-ENVIRONMENT_COLUMNS = ("device", "torch", "triton", "fastvq", "date")
+# Where a row was measured; the markdown report says each once, above the tables, when every row agrees.
+HEADER_COLUMNS = ("device", "torch", "triton", "fastvq")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -109,12 +111,12 @@ def peak_memory_growth_mib(
     if device.startswith("cuda"):
         inputs = make_inputs()
         fn(*make_warmup_inputs())
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         fn(*inputs)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - baseline) / MIB
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - baseline) / MIB
     with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
         growth_bytes = pool.apply(_peak_rss_growth_bytes, (fn, make_inputs, make_warmup_inputs))
     return growth_bytes / MIB
@@ -159,6 +161,16 @@ def environment_variable(name: str, value: Optional[str]) -> Iterator[None]:
                 os.environ[name] = previous
 
 
+def cpu_contention_warning() -> str:
+    """A warning when more processes want the CPU than it has cores, else ``""``: CPU timings (and
+    the host side of GPU ones) taken then are stretched by the other processes."""
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    if load <= cores:
+        return ""
+    return (f"warning: the 1-minute load average is {load:.1f} on {cores} cores; other processes share the "
+            "CPU and stretch the timings")
+
+
 def describe_device(device: str) -> str:
     """``"NVIDIA H200"`` for a GPU; the CPU model and the number of CPUs this process may use."""
     if device.startswith("cuda"):
@@ -195,19 +207,23 @@ def environment(device: str) -> dict[str, str]:
 
 
 def _fastvq_version() -> str:
-    """``fastvq.__version__`` plus the git commit when run from a checkout: the version number
-    alone does not change while the kernels do."""
+    """``fastvq.__version__`` plus, from a git checkout, the commit and, when the package's tracked
+    files differ from it, a hash of that diff: the version number alone does not change while the
+    kernels do, and neither does the commit while someone edits them."""
     import fastvq
 
-    checkout = Path(fastvq.__file__).resolve().parent.parent
+    package = Path(fastvq.__file__).resolve().parent
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
+        commit = _git(package, "rev-parse", "--short", "HEAD").strip()
+        diff = _git(package, "diff", "HEAD", "--", ".")
     except (OSError, subprocess.CalledProcessError):
         return fastvq.__version__
-    return f"{fastvq.__version__}+{commit}"
+    local = f".dirty-{hashlib.sha1(diff.encode()).hexdigest()[:7]}" if diff else ""
+    return f"{fastvq.__version__}+{commit}{local}"
+
+
+def _git(directory: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout
 
 
 def write_results(rows: Sequence[dict[str, Any]], device: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
@@ -229,8 +245,7 @@ def write_results(rows: Sequence[dict[str, Any]], device: str, out_dir: Path = R
     new_rows = [{name: _format_value(value) for name, value in row.items()} for row in rows]
     merged = {_row_key(row): row for row in stored}
     merged.update({_row_key(row): row for row in new_rows})
-    columns += [name for row in new_rows for name in row if name not in columns]
-    columns = list(dict.fromkeys(columns))
+    columns = list(dict.fromkeys(columns + [name for row in new_rows for name in row]))
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
@@ -244,10 +259,11 @@ def _row_key(row: dict[str, str]) -> tuple[str, ...]:
 
 
 def _markdown_report(rows: list[dict[str, str]], columns: list[str], device_name: str) -> str:
-    environments = sorted({f"torch {r['torch']}, triton {r['triton']}, fastvq {r['fastvq']}" for r in rows})
-    table_columns = [name for name in columns if name not in ENVIRONMENT_COLUMNS or name == "date"]
+    """One table per bench; a header column with one value in every row is said once, above them."""
+    shared = [name for name in HEADER_COLUMNS if len({row.get(name, "") for row in rows}) == 1]
+    table_columns = [name for name in columns if name not in shared and name != "bench"]
     lines = [f"# fastvq benchmarks on {device_name}", ""]
-    lines += [f"- {line}" for line in environments]
+    lines += [f"- {name}: {rows[0][name]}" for name in shared if name != "device"]
     for bench in dict.fromkeys(row["bench"] for row in rows):
         lines += ["", f"## {bench}", ""]
         lines.append(format_table([row for row in rows if row["bench"] == bench], table_columns))

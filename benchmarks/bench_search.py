@@ -5,9 +5,12 @@
 
 Implementations compared at every grid point (squared L2, random normal data):
 
-- ``fastvq``: ``fastvq.nearest_code`` with ``FASTVQ_BACKEND=auto`` (Triton on CUDA, the chunked
-  PyTorch path on CPU);
-- ``fastvq-torch``: the same with ``FASTVQ_BACKEND=torch``, on CUDA only (on CPU it is ``fastvq``);
+- ``fastvq``: ``fastvq.nearest_code`` with ``FASTVQ_BACKEND=auto`` (Triton on CUDA; on CPU the C++
+  kernel of ``fastvq._C`` when it is built, else the chunked PyTorch path);
+- ``fastvq-cpp`` / ``fastvq-cuda``: the same with ``FASTVQ_BACKEND=cpp`` on CPU / ``cuda`` on CUDA,
+  where ``fastvq._C`` has that backend;
+- ``fastvq-torch``: the same with ``FASTVQ_BACKEND=torch`` (left out on CPU without ``fastvq._C``,
+  where it is ``fastvq``);
 - ``cdist``: ``torch.cdist(z, codebook).argmin(1)``;
 - ``z2+e2-2ze``: ``fastvq.reference.distance_matrix_ref(..., upcast=False).argmin(1)``, the
   expanded form of the VQ-VAE code bases;
@@ -39,6 +42,7 @@ import torch
 
 import _harness
 import fastvq
+from fastvq import _compiled
 from fastvq.reference import distance_matrix_ref
 
 BENCH = "nearest_code"
@@ -113,7 +117,11 @@ class Implementation:
 
 def implementations(device: str) -> list[Implementation]:
     fastvq_impls = [Implementation("fastvq", fastvq_search, "auto", builds_matrix=False)]
-    if device.startswith("cuda"):
+    on_cuda = device.startswith("cuda")
+    if _compiled.cuda_available() if on_cuda else _compiled.available():
+        compiled = "cuda" if on_cuda else "cpp"
+        fastvq_impls.append(Implementation(f"fastvq-{compiled}", fastvq_search, compiled, builds_matrix=False))
+    if on_cuda or _compiled.available():
         fastvq_impls.append(Implementation("fastvq-torch", fastvq_search, "torch", builds_matrix=False))
     return fastvq_impls + [
         Implementation("cdist", cdist_argmin, None, builds_matrix=True),
@@ -126,6 +134,7 @@ def matrix_limit_bytes(device: str) -> int:
     """The largest ``N x K`` matrix a baseline may build. On CUDA a quarter of the free memory,
     because ``z2+e2-2ze`` holds about three such matrices at once."""
     if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the previous point's cached blocks are free memory too
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
         return free_bytes // 4
     return CPU_MATRIX_LIMIT_BYTES
@@ -205,11 +214,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--memory-check", action="store_true",
                         help=f"only the N=K={MEMORY_CHECK_SIZE}, D={MEMORY_CHECK_DIM} memory measurement")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default: fp32 and bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
+                        help="default: fp32 and bf16 on CUDA, fp32 on CPU (the memory check is always fp32)")
     parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
     args = parser.parse_args(argv)
     if args.small and args.memory_check:
         parser.error("--small and --memory-check are separate modes; pass one")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU and a CUDA build of torch; torch.cuda.is_available() is False")
     return args
 
 
@@ -217,6 +229,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     environment = _harness.environment(args.device)
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
+    if warning := _harness.cpu_contention_warning():
+        print(warning)
     if args.memory_check:
         rows, ok = run_memory_check(args.device)
     elif args.small:
@@ -230,6 +244,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print(_harness.format_table(rows, TABLE_COLUMNS))
     print(f"\nwrote {csv_path} and {md_path}")
+    if warning := _harness.cpu_contention_warning():
+        print(warning)
     return 0 if ok else 1
 
 

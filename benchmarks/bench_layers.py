@@ -1,0 +1,124 @@
+"""Layer benchmark: fastvq's VectorQuantize and ResidualVQ against vector-quantize-pytorch's.
+
+Both libraries get the same configuration (EMA codebook, their default rotation-trick gradient)
+and the same input; one step is a training forward plus backward. Reported per codebook size:
+median time with 20/80 % quantiles and the peak memory the step needs on top of its inputs and
+the layer (see ``_harness.peak_memory_growth_mib`` for how memory is measured on CPU and CUDA).
+
+    python benchmarks/bench_layers.py                 # the default grid for the device at hand
+    python benchmarks/bench_layers.py --target-only   # only N = 65 536, K = 16 384, D = 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
+BENCH = "layers"
+LAYERS = ("VectorQuantize", "ResidualVQ")
+LIBRARIES = ("fastvq", "vector-quantize-pytorch")
+RESIDUAL_DEPTH = 4
+TARGET = (65536, 16384, 256)  # the issue's memory figure: 65 536 vectors, K = 16 384, D = 256
+GRIDS = {
+    "cuda": [(65536, size, 256) for size in (512, 2048, 8192, 16384, 65536)],
+    "cpu": [(8192, size, 64) for size in (512, 2048, 8192, 65536)],
+}
+TABLE_COLUMNS = ("impl", "N", "K", "D", "median_ms", "q20_ms", "q80_ms", "peak_mib", "vs_theirs", "note")
+
+
+def build_layer(library: str, layer: str, num_codes: int, dim: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if library == "fastvq":
+        import fastvq.nn as module
+    else:
+        import vector_quantize_pytorch as module
+    if layer == "VectorQuantize":
+        made = module.VectorQuantize(dim=dim, codebook_size=num_codes, decay=0.8)
+    else:
+        made = module.ResidualVQ(dim=dim, num_quantizers=RESIDUAL_DEPTH, codebook_size=num_codes, decay=0.8)
+    return made.to(device).train()
+
+
+def step_inputs(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str):
+    """The layer and a ``[1, N, D]`` input that requires grad (batch 1: N is the vector count)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, num_rows, dim, generator=generator).to(device).requires_grad_()
+    return build_layer(library, layer, num_codes, dim, device), x
+
+
+def training_step(module: torch.nn.Module, x: torch.Tensor) -> None:
+    quantized, _, loss = module(x)
+    (quantized.square().mean() + loss.sum()).backward()
+
+
+def measure(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str, *,
+            repeats: int) -> dict:
+    row = {"bench": BENCH, "impl": f"{library}:{layer}", "N": num_rows, "K": num_codes, "D": dim,
+           "dtype": "fp32", "metric": "l2", "median_ms": None, "q20_ms": None, "q80_ms": None,
+           "peak_mib": None, "note": "", "load1": os.getloadavg()[0]}
+    make_inputs = functools.partial(step_inputs, library, layer, num_rows, num_codes, dim, device)
+    make_warmup = functools.partial(step_inputs, library, layer, 64, min(num_codes, 64), dim, device)
+    try:
+        module, x = make_inputs()
+        timing = _harness.time_call(functools.partial(training_step, module, x), device,
+                                    min_repeats=repeats, max_repeats=max(repeats, 20))
+        del module, x
+        peak = _harness.peak_memory_growth_mib(training_step, make_inputs, make_warmup, device)
+    except Exception as error:  # keep measuring the rest, and say what failed
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        row["note"] = f"failed: {type(error).__name__}: {first_line}"
+        print(f"  {row['impl']}: {row['note']}", flush=True)
+        return row
+    row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak)
+    print(f"  {row['impl']}: {timing.median_ms:.1f} ms, peak +{peak:.0f} MiB", flush=True)
+    return row
+
+
+def run(points: list[tuple[int, int, int]], device: str, repeats: int) -> list[dict]:
+    rows = []
+    for num_rows, num_codes, dim in points:
+        for layer in LAYERS:
+            print(f"{layer} N={num_rows} K={num_codes} D={dim}", flush=True)
+            pair = [measure(library, layer, num_rows, num_codes, dim, device, repeats=repeats) for library in LIBRARIES]
+            ours, theirs = pair
+            if ours["median_ms"] and theirs["median_ms"]:
+                ours["vs_theirs"] = ours["median_ms"] / theirs["median_ms"]
+            if ours["peak_mib"] is not None and theirs["peak_mib"]:
+                ours["memory_vs_theirs"] = ours["peak_mib"] / theirs["peak_mib"]
+            rows += pair
+    return rows
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--target-only", action="store_true", help="only the N=65536, K=16384, D=256 point")
+    parser.add_argument("--repeats", type=int, default=3, help="minimum timed repeats per point")
+    parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    environment = _harness.environment(args.device)
+    print(", ".join(f"{name} {value}" for name, value in environment.items()))
+    points = [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
+    rows = run(points, args.device, args.repeats)
+    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, args.out)
+    print()
+    print(_harness.format_table(rows, TABLE_COLUMNS + ("memory_vs_theirs",)))
+    print(f"\nwrote {csv_path} and {md_path}")
+    return 0 if all(not row["note"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
