@@ -264,11 +264,24 @@ def _copy_for_build(tmp_path: Path) -> Path:
     return tree
 
 
+# The copy's fastvq, and nothing else: an editable install's import hook would otherwise resolve
+# fastvq._C, missing from the copy, to the installed checkout's extension.
+_BACKEND_INFO_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    sys.meta_path[:] = [finder for finder in sys.meta_path
+                        if not getattr(finder, "__module__", "").startswith("__editable__")]
+    import fastvq
+    assert fastvq.__file__.startswith(sys.argv[1]), fastvq.__file__
+    print(json.dumps(fastvq._ops.backend_info()))
+    """
+)
+
+
 def _backend_info_of(tree: Path) -> dict:
-    probe = "import json, fastvq; print(json.dumps(fastvq._ops.backend_info()))"
     environment = {**os.environ, "PYTHONPATH": str(tree), "FASTVQ_BACKEND": "auto"}
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tree, env=environment, capture_output=True, text=True,
-                            timeout=300, check=True)
+    result = subprocess.run([sys.executable, "-c", _BACKEND_INFO_PROBE, str(tree)], cwd=tree, env=environment,
+                            capture_output=True, text=True, timeout=300, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
