@@ -11,6 +11,7 @@
 #include <string>
 
 #include "fastvq.h"
+#include "search_cpu_avx512.h"
 
 namespace fastvq {
 namespace {
@@ -36,6 +37,8 @@ std::string build_info() {
 #else
   info += ", \"cuda\": false";
 #endif
+  // The CPU search kernel this machine runs unless FASTVQ_CPU_SEARCH=blas asks for the BLAS tiles.
+  info += avx512::available() ? ", \"cpu_search\": \"avx512-direct\"" : ", \"cpu_search\": \"blas-tiles\"";
   info += ", \"compiler\": \"" __VERSION__ "\"}";
   return info;
 }

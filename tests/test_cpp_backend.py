@@ -4,10 +4,10 @@ Every contract and parity test runs on ``cpp`` through the ``backend`` fixture (
 adds it wherever fastvq._C loads), including ``opcheck`` of the public operators. This file adds
 the extension's own concerns: that it was built (CI sets ``FASTVQ_REQUIRE_C=1`` so a failed build
 fails the run instead of quietly testing less), ``backend_info`` and the fallback when it is
-missing, ``opcheck`` of the ``torch.ops.fastvq_C`` operators themselves, ties across its code tiles
-and lanes, results that do not depend on the number of threads, float64, and memory: beyond one
-row tile and one score tile per thread, the search adds only an fp32 copy of the codebook, whatever
-N and K.
+missing, ``opcheck`` of the ``torch.ops.fastvq_C`` operators themselves, both CPU search kernels
+(the AVX-512 one and the BLAS tiles), ties across their tiles and lanes, results that do not
+depend on the number of threads, float64, and memory: beyond one row tile and one score tile per
+thread, the search adds only an fp32 copy of the codebook, whatever N and K.
 """
 
 from __future__ import annotations
@@ -113,19 +113,50 @@ def test_segment_reduce_kernel_opcheck(dtype, index_dtype):
     torch.library.opcheck(torch.ops.fastvq_C.segment_reduce.default, (values, indices, 7, False))
 
 
-# --------------------------------------------------------------------------- tiles, lanes and threads
+# --------------------------------------------------------------------------- kernels, tiles, lanes and threads
+
+
+@pytest.fixture(params=["auto", "blas"])
+def cpu_search(request, monkeypatch):
+    """Runs a test on the kernel this CPU gets (the AVX-512 direct kernel where it has AVX-512F) and
+    again on the BLAS tiles that every other CPU runs (``FASTVQ_CPU_SEARCH=blas``)."""
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    monkeypatch.setenv("FASTVQ_CPU_SEARCH", request.param)
+    return request.param
 
 
 @needs_cpp
 @pytest.mark.parametrize("metric", METRICS)
-def test_ties_across_code_tiles_and_lanes_go_to_the_lowest_index(monkeypatch, metric):
-    """Duplicates in different 512-code tiles, in different lanes of one tile and in the ragged last
-    tile: every row must get the first copy of its code."""
-    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (13, 31, 5), (300, 129, 70), (1000, 2100, 33)],
+                         ids=lambda shape: "N{}-K{}-D{}".format(*shape))
+def test_both_cpu_kernels_match_the_reference(cpu_search, shape, dtype, metric):
+    """Ragged row tiles (14 rows), panels (32 codes) and BLAS tiles (2048 codes), a NaN code, an
+    all-NaN row and, for l2, data far from the origin (the centring's case)."""
+    num_rows, num_codes, dim = shape
+    generator = torch.Generator().manual_seed(12)
+    shift = 300.0 if metric == "l2" else 0.0
+    z = torch.randn(num_rows, dim, generator=generator) + shift
+    codebook = torch.randn(num_codes, dim, generator=generator) + shift
+    if num_codes > 3:
+        codebook[num_codes // 2] = float("nan")
+    if num_rows > 3:
+        z[num_rows // 3] = float("nan")
+    z, codebook = z.to(dtype), codebook.to(dtype)
+    indices, distances, codes = fastvq.nearest_code(z, codebook, metric=metric, return_codes=True)
+    assert_search_parity(z, codebook, metric, indices, distances, codes)
+
+
+@needs_cpp
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_across_code_tiles_and_lanes_go_to_the_lowest_index(cpu_search, metric):
+    """Duplicates in different BLAS tiles and panels, in the two halves of a panel that share a
+    lane, in the same lane of consecutive panels, in neighbouring lanes and in the ragged last tile:
+    every row must get the first copy of its code."""
     generator = torch.Generator().manual_seed(7)
-    num_codes, dim = 1500, 24
+    num_codes, dim = 2500, 24
     codebook = 0.1 * torch.randn(num_codes, dim, generator=generator)
-    groups = [(5, 700, 1400), (17, 18, 1499), (511, 512, 1024), (600, 1100)]
+    groups = [(5, 700, 2400), (17, 18, 2499), (511, 512, 2048), (600, 2100), (40, 56), (3, 35)]
     targets = 3.0 * torch.nn.functional.normalize(torch.randn(len(groups), dim, generator=generator), dim=1)
     for group, positions in enumerate(groups):
         codebook[list(positions)] = targets[group]
@@ -139,8 +170,7 @@ def test_ties_across_code_tiles_and_lanes_go_to_the_lowest_index(monkeypatch, me
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("metric", METRICS)
-def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, dtype, metric):
-    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+def test_results_do_not_depend_on_the_number_of_threads(cpu_search, dtype, metric):
     generator = torch.Generator().manual_seed(8)
     z = torch.randn(3000, 40, generator=generator).to(dtype)
     codebook = torch.randn(700, 40, generator=generator).to(dtype)
