@@ -158,10 +158,12 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["fastvq", "fastvq.*"]),
-    package_data={"fastvq": ["_build_status.json"]},
+    package_data={"fastvq": ["_build_status.json", "_datafiles/*"]},
     # torch is left unpinned on purpose: install the build you want first (the README installs the
     # CPU build on CPU machines); a satisfied requirement pulls nothing more.
-    install_requires=["torch>=2.4", "einops>=0.7"],
+    # numpy reads CIFAR-10's pickles, Pillow writes the pictures and reads image folders, tqdm draws
+    # the progress bars of the `fastvq` command.
+    install_requires=["torch>=2.4", "einops>=0.7", "numpy>=1.22", "pillow>=9.1", "tqdm>=4.60"],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux'"],
         "test": [
@@ -173,6 +175,6 @@ setup(
         ],
         "bench": ["pytest-benchmark>=4", "numpy"],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["fastvq = fastvq.cli:main"]},
     **extension_setup(),
 )

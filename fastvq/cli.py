@@ -1,0 +1,426 @@
+"""The ``fastvq`` command: ``train``, ``prior``, ``sample``, ``demo``, ``bench`` and ``info``.
+
+    fastvq train --model vqvae --data digits --out runs/digits
+    fastvq prior --run runs/digits
+    fastvq sample --run runs/digits -n 64
+    fastvq demo --out runs/digits          # the three above with their defaults, then a summary
+
+``python -m fastvq ...`` is the same command. ``docs/cli.md`` documents every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+
+BENCH_SCRIPT_PREFIX = "bench_"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; under torchrun each "
+                             "process takes cuda:LOCAL_RANK")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="PyTorch intra-op threads per process (default: half the cores, shared among the "
+                             "processes; 1 on a 2-core machine)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# Flags of `fastvq train` that describe the model, with the model argument each one sets
+# (per model where the names differ).
+MODEL_FLAGS = {
+    "codebook_size": {"*": "codebook_size"},
+    "embedding_dim": {"vit-vqgan": "codebook_dim", "*": "embedding_dim"},
+    "channels": {"vit-vqgan": "dim", "*": "channels"},
+    "codebook": {"*": "codebook"},
+    "beta": {"*": "beta"},
+    "decay": {"*": "decay"},
+    "depth": {"rqvae": "depth"},
+    "downsamples": {"vqvae2": "bottom_downsamples", "vit-vqgan": None, "*": "downsamples"},
+    "patch_size": {"vit-vqgan": "patch_size"},
+    "layers": {"vit-vqgan": "depth"},
+    "res_blocks": {"vit-vqgan": None, "*": "num_res_blocks"},
+    "dead_code_threshold": {"vit-vqgan": None, "*": "dead_code_threshold"},
+    "kmeans_init": {"vit-vqgan": None, "*": "kmeans_init"},
+    "logit_laplace_weight": {"vit-vqgan": "logit_laplace_weight"},
+    "adversarial_weight": {"vit-vqgan": "adversarial_weight"},
+    "perceptual_weight": {"vit-vqgan": "perceptual_weight"},
+}
+DATA_FLAGS = ("val_fraction", "image_size", "image_channels")
+TRAIN_FLAGS = ("batch_size", "lr", "seed", "eval_every", "adversarial_start", "perceptual_net")
+
+
+def _model_overrides(args: argparse.Namespace) -> dict:
+    from .training import RunError
+
+    overrides = {}
+    for flag, targets in MODEL_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        target = targets[args.model] if args.model in targets else targets.get("*")
+        if target is None:
+            raise RunError(f"--{flag.replace('_', '-')} does not apply to --model {args.model}")
+        overrides[target] = value
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastvq",
+        description="Train VQ models, their priors, and sample from them; benchmark fastvq's ops; show the set-up.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastvq {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a VQ model (stage 1) on a dataset",
+                                description="Train a VQ model; writes checkpoints, metrics.jsonl and pictures to --out.")
+    train.add_argument("--model", choices=("vqvae", "vqvae2", "vit-vqgan", "rqvae"), default=None,
+                       help="the model (required for a new run)")
+    train.add_argument("--data", default=None,
+                       help="digits (embedded, the default), mnist:DIR, cifar10:DIR or images:DIR")
+    train.add_argument("--out", required=True, type=Path, help="the run directory")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help="epochs (default: digits 60, mnist 10, cifar10 30, images 50); with --resume, the new total")
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (64)")
+    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (2e-3; vit-vqgan 3e-4), cosine-decayed")
+    train.add_argument("--seed", type=int, default=None, help="random seed (0)")
+    train.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate and checkpoint every N epochs (1)")
+    model_group = train.add_argument_group("model", "defaults depend on the image size: see docs/cli.md")
+    model_group.add_argument("--codebook-size", type=_positive_int, default=None, help="codes K per codebook")
+    model_group.add_argument("--embedding-dim", type=_positive_int, default=None,
+                             help="code dimension (vit-vqgan: the factorised lookup dimension)")
+    model_group.add_argument("--channels", type=_positive_int, default=None,
+                             help="encoder/decoder width (vit-vqgan: transformer width)")
+    model_group.add_argument("--codebook", choices=("ema", "gradient"), default=None,
+                             help="codebook training: EMA (conv models' default) or the codebook loss (vit-vqgan's)")
+    model_group.add_argument("--beta", type=float, default=None, help="commitment weight (0.25)")
+    model_group.add_argument("--decay", type=float, default=None, help="EMA decay (0.9 for images under 16 px, else 0.99)")
+    model_group.add_argument("--dead-code-threshold", type=float, default=None,
+                             help="EMA models: replace codes whose EMA usage falls below this (1.0; 0 = never)")
+    model_group.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=None,
+                             help="EMA models: initialise the codes by k-means on the first batch (on)")
+    model_group.add_argument("--downsamples", type=int, default=None,
+                             help="stride-2 stages to the (bottom) code map (1 for images under 16 px, else 2)")
+    model_group.add_argument("--res-blocks", type=int, default=None, help="residual blocks per encoder/decoder (2)")
+    model_group.add_argument("--depth", type=_positive_int, default=None, help="rqvae: codes per position (4)")
+    model_group.add_argument("--patch-size", type=_positive_int, default=None, help="vit-vqgan: patch side (2 or 4)")
+    model_group.add_argument("--layers", type=_positive_int, default=None, help="vit-vqgan: transformer blocks (2 or 4)")
+    model_group.add_argument("--logit-laplace-weight", type=float, default=None, help="vit-vqgan: logit-Laplace loss weight (0.1)")
+    model_group.add_argument("--adversarial-weight", type=float, default=None,
+                             help="vit-vqgan: adversarial loss weight (0.1; 0 = no discriminator)")
+    model_group.add_argument("--adversarial-start", type=int, default=None,
+                             help="vit-vqgan: step at which the discriminator joins (half the steps)")
+    model_group.add_argument("--perceptual-net", default=None, metavar="MODULE:CALLABLE",
+                             help="vit-vqgan: a callable returning the feature network of the perceptual loss")
+    model_group.add_argument("--perceptual-weight", type=float, default=None, help="vit-vqgan: perceptual loss weight (0.1)")
+    data_group = train.add_argument_group("data")
+    data_group.add_argument("--val-fraction", type=float, default=None,
+                            help="share held out when the data has no test split (0.1)")
+    data_group.add_argument("--image-size", type=_positive_int, default=None, help="images:DIR: side to resize to")
+    data_group.add_argument("--image-channels", type=int, choices=(1, 3), default=None,
+                            help="images:DIR: 1 (grey) or 3 (RGB); default grey when every image is")
+    run_group = train.add_argument_group("run")
+    run_group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run_group.add_argument("--force", action="store_true", help="start over even if --out holds a run")
+    _add_runtime_flags(run_group)
+
+    prior = commands.add_parser("prior", help="train a prior over a run's codes",
+                                description="Train a PixelCNN, Gated PixelCNN or GPT prior on the codes of a trained run.")
+    prior.add_argument("--run", required=True, type=Path, help="the run directory of `fastvq train`")
+    prior.add_argument("--model", choices=("pixelcnn", "gated-pixelcnn", "gpt"), default=None,
+                       help="the prior (gpt; rqvae runs need gpt)")
+    prior.add_argument("--epochs", type=_positive_int, default=None, help="epochs (digits 15, mnist 10, cifar10 20, images 50)")
+    prior.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process (64)")
+    prior.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3), cosine-decayed")
+    prior.add_argument("--channels", type=_positive_int, default=None, help="PixelCNN width / GPT width")
+    prior.add_argument("--layers", type=_positive_int, default=None, help="masked-convolution layers / transformer blocks")
+    prior.add_argument("--dropout", type=float, default=None, help="gpt: dropout (0.1)")
+    prior.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _add_runtime_flags(prior)
+
+    sample = commands.add_parser("sample", help="sample images from a run's prior",
+                                 description="Draw codes from the run's prior, decode them and write RUN/samples.png.")
+    sample.add_argument("--run", required=True, type=Path, help="the run directory")
+    sample.add_argument("-n", type=_positive_int, default=64, help="number of samples (64)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (1.0; 0 = greedy)")
+    sample.add_argument("--top-k", type=_positive_int, default=None, help="draw among the k most likely codes")
+    sample.add_argument("--top-p", type=float, default=None, help="gpt: nucleus sampling threshold")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    sample.add_argument("--out", type=Path, default=None, help="picture path (RUN/samples.png)")
+    sample.add_argument("--columns", type=_positive_int, default=None, help="images per row (sqrt(n))")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sample.add_argument("--threads", type=_positive_int, default=None, help="PyTorch intra-op threads")
+
+    demo = commands.add_parser("demo", help="train -> prior -> sample with the defaults, then a summary",
+                               description="The README's main job: fastvq train, prior and sample with their defaults "
+                                           "(the embedded digits unless --data says otherwise), then a summary.")
+    demo.add_argument("--out", type=Path, default=Path("runs/digits"), help="the run directory (runs/digits); "
+                      "a run already there is replaced")
+    demo.add_argument("--model", choices=("vqvae", "vqvae2", "vit-vqgan", "rqvae"), default="vqvae", help="vqvae")
+    demo.add_argument("--data", default="digits", help="digits")
+    demo.add_argument("--prior", choices=("pixelcnn", "gated-pixelcnn", "gpt"), default=None, help="as fastvq prior")
+    demo.add_argument("-n", type=_positive_int, default=64, help="samples to draw (64)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _add_runtime_flags(demo)
+
+    bench = commands.add_parser("bench", help="run the benchmark scripts and print their tables",
+                                description="Run benchmarks/bench_*.py from the source checkout (each prints a table "
+                                            "and writes benchmarks/results/), then a summary table.")
+    bench.add_argument("names", nargs="*", metavar="NAME",
+                       help="benchmarks to run, e.g. search layers (default: all of benchmarks/bench_*.py)")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument("--args", default="", metavar="'ARGS'",
+                       help="arguments passed to every script, e.g. --args='--small'")
+
+    commands.add_parser("info", help="versions, devices and which backend each op uses",
+                        description="Print versions, devices, the backends fastvq can use and the one each op takes.")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import training
+
+    if args.resume:
+        given = [flag for flag in ("model", "data", *MODEL_FLAGS, *DATA_FLAGS, *TRAIN_FLAGS)
+                 if getattr(args, flag) is not None]
+        if given:
+            names = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
+            raise training.RunError(f"--resume continues {args.out} with its own configuration; drop {names} "
+                                    "(only --epochs, --device, --threads and --no-progress may change)")
+        metrics = training.train(args.out, None, resume=True, device=args.device, threads=args.threads,
+                                 progress=not args.no_progress, epochs=args.epochs, log=_log)
+    else:
+        if args.model is None:
+            raise training.RunError("--model is required for a new run (vqvae, vqvae2, vit-vqgan or rqvae)")
+        spec = args.data or "digits"
+        data_args = {"val_fraction": args.val_fraction, "image_size": args.image_size, "channels": args.image_channels}
+        data_args = {name: value for name, value in data_args.items() if value is not None}
+        config = training.stage1_config(
+            args.model, spec, training.load_data({"data": spec, "data_args": data_args}),
+            model_overrides=_model_overrides(args), data_args=data_args, epochs=args.epochs,
+            batch_size=args.batch_size or 64, lr=args.lr, seed=args.seed or 0, eval_every=args.eval_every or 1,
+            adversarial_start=args.adversarial_start, perceptual_net=args.perceptual_net,
+        )
+        metrics = training.train(args.out, config, force=args.force, device=args.device, threads=args.threads,
+                                 progress=not args.no_progress, log=_log)
+    if metrics:
+        _log(_stage1_summary(args.out, metrics))
+    return 0
+
+
+def _stage1_summary(run: Path, metrics: dict) -> str:
+    return (f"epoch {metrics['epoch']}: val_nmse {metrics['val_nmse']:.4f}, perplexity {metrics['perplexity']:.1f}, "
+            f"codes used {metrics['codes_used']} of {metrics['codebook_size']} -> {run / 'metrics.jsonl'}, "
+            f"{run / 'reconstructions.png'}, {run / 'codebook_usage.png'}")
+
+
+def cmd_prior(args: argparse.Namespace) -> int:
+    from . import training
+
+    overrides = {"dropout": args.dropout, "num_layers": args.layers, "width": args.channels}
+    metrics = training.train_prior(args.run, args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                   prior_overrides=overrides, seed=args.seed, device=args.device, threads=args.threads,
+                                   progress=not args.no_progress)
+    if metrics:
+        _log(f"prior: val {metrics['val_bits_per_code']:.3f} bits per code -> {args.run / 'prior.pt'}, "
+             f"{args.run / 'prior_metrics.jsonl'}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from . import training
+
+    path = training.sample(args.run, args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, device=args.device, threads=args.threads, out=args.out, columns=args.columns)
+    _log(f"{args.n} samples -> {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import training
+
+    started = time.perf_counter()
+    progress = not args.no_progress
+    _log(f"fastvq demo: {args.model} on {args.data} -> {args.out}")
+    config = training.stage1_config(args.model, args.data, training.load_data({"data": args.data, "data_args": {}}),
+                                    seed=args.seed)
+    metrics = training.train(args.out, config, force=True, device=args.device, threads=args.threads,
+                             progress=progress, log=_log)
+    trained = time.perf_counter()
+    _log(_stage1_summary(args.out, metrics))
+    prior = training.train_prior(args.out, args.prior, seed=args.seed, device=args.device, threads=args.threads,
+                                 progress=progress)
+    fitted = time.perf_counter()
+    path = training.sample(args.out, args.n, seed=args.seed, device=args.device, threads=args.threads)
+    done = time.perf_counter()
+    size = metrics["codebook_size"]
+    ok = metrics["val_nmse"] <= 0.05 and metrics["perplexity"] >= (size if isinstance(size, int) else min(size)) / 2
+    lines = [
+        "",
+        f"fastvq demo finished in {done - started:.0f} s (train {trained - started:.0f} s, "
+        f"prior {fitted - trained:.0f} s, sample {done - fitted:.0f} s)",
+        f"  held-out reconstruction: val_nmse {metrics['val_nmse']:.4f} (MSE / data variance)",
+        f"  codebook: perplexity {metrics['perplexity']:.1f}, {metrics['codes_used']} of {size} codes used",
+        f"  prior: {prior['val_bits_per_code']:.3f} bits per code on held-out codes",
+        f"  target (val_nmse <= 0.05, perplexity >= half the codebook): {'met' if ok else 'NOT met'}",
+        "  pictures:",
+        f"    {args.out / 'reconstructions.png'}  (held-out originals over reconstructions)",
+        f"    {args.out / 'codebook_usage.png'}  (how often each code is used)",
+        f"    {path}  (samples from the prior, decoded)",
+        f"  metrics: {args.out / 'metrics.jsonl'}, {args.out / 'prior_metrics.jsonl'}",
+    ]
+    _log("\n".join(lines))
+    return 0
+
+
+def benchmarks_dir() -> Optional[Path]:
+    """The source checkout's ``benchmarks/`` folder, or None (a wheel install has none)."""
+    candidate = Path(__file__).resolve().parent.parent / "benchmarks"
+    return candidate if candidate.is_dir() and any(candidate.glob(f"{BENCH_SCRIPT_PREFIX}*.py")) else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    folder = benchmarks_dir()
+    if folder is None:
+        print("fastvq bench: the benchmark scripts live in the benchmarks/ folder of a source checkout, which this "
+              "install does not have (a wheel carries only the package). Clone the repository, "
+              "`pip install -e .` there, and run `fastvq bench` again.", file=sys.stderr)
+        return 2
+    scripts = {path.stem[len(BENCH_SCRIPT_PREFIX):]: path for path in sorted(folder.glob(f"{BENCH_SCRIPT_PREFIX}*.py"))}
+    if args.list:
+        for name, path in scripts.items():
+            _log(f"{name:12s} {path}")
+        return 0
+    unknown = [name for name in args.names if name not in scripts]
+    if unknown:
+        print(f"fastvq bench: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(scripts)}", file=sys.stderr)
+        return 2
+    chosen = args.names or list(scripts)
+    extra = shlex.split(args.args)
+    summary = []
+    for name in chosen:
+        command = [sys.executable, str(scripts[name]), *extra]
+        _log(f"\n=== {name}: {' '.join(command)}")
+        started = time.perf_counter()
+        status = subprocess.call(command, cwd=folder.parent)
+        summary.append((name, status, time.perf_counter() - started))
+    _log("\n| benchmark | status | seconds |\n| --- | --- | --- |")
+    for name, status, seconds in summary:
+        _log(f"| {name} | {'ok' if status == 0 else f'failed (exit {status})'} | {seconds:.1f} |")
+    _log(f"each script writes its tables to {folder / 'results'} unless given --out")
+    return 0 if all(status == 0 for _, status, _ in summary) else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import _ops
+
+    lines = [f"fastvq {__version__} ({Path(__file__).resolve().parent})",
+             f"python {platform.python_version()} on {platform.platform()}",
+             f"torch {torch.__version__}"]
+    for module in ("triton", "numpy", "PIL", "tqdm"):
+        try:
+            imported = __import__(module)
+            lines.append(f"{module} {getattr(imported, '__version__', '?')}")
+        except ImportError:
+            lines.append(f"{module}: not installed")
+    lines.append(f"cpu: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            lines.append(f"cuda:{index}: {torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})")
+    else:
+        lines.append("cuda: not available" + (f" (torch built with CUDA {torch.version.cuda})" if torch.version.cuda else ""))
+    lines.append(f"FASTVQ_BACKEND={os.environ.get('FASTVQ_BACKEND', 'auto')}  "
+                 f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    _log("\n".join(lines))
+    _log(_format_backend_info(_ops.backend_info(), _ops))
+    return 0
+
+
+OPS = ("nearest_code", "vector_quantize", "segment_reduce", "ema_update_", "masked_conv2d")
+
+
+def _op_backend(ops, op: str, device: str, selected: str) -> str:
+    """The backend ``op`` takes for fp32 tensors on ``device``: the device's, except where an op
+    family has no kernel in that backend (the masked convolution has no compiled kernel)."""
+    if op == "masked_conv2d" and not selected.startswith("error"):
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            return selected
+        module = ops._masked_conv_backend(torch.empty(0, device=device), torch.float32)
+        return "torch" if module.__name__.endswith("_chunked_conv") else "triton"
+    return selected
+
+
+def _format_backend_info(info: dict, ops) -> str:
+    compiled = info.get("compiled", {})
+    triton = info.get("triton", {})
+    build = compiled.get("build") or {}
+    built = ", ".join(f"{key} {value}" for key, value in build.items() if key not in ("built",))
+    lines = [
+        f"FASTVQ_BACKEND={info.get('requested', 'auto')}",
+        "compiled fastvq._C: " + ("available" + (" with CUDA kernels" if compiled.get("cuda_kernels") else "")
+                                  + (f" ({built})" if built else "")
+                                  if compiled.get("available") else f"not available ({compiled.get('reason')})"),
+        f"triton: {'installed' if triton.get('available') else 'not installed'}"
+        + (" (interpreter on: TRITON_INTERPRET=1)" if triton.get("interpreting") else ""),
+        "torch: always available (memory-bounded pure-PyTorch path)",
+        "",
+        "| op (fp32) | cpu | cuda |",
+        "| --- | --- | --- |",
+    ]
+    selected = info.get("selected", {})
+    for op in OPS:
+        cells = [_op_backend(ops, op, device, str(selected.get(device, "?"))) for device in ("cpu", "cuda")]
+        lines.append(f"| {op} | {cells[0]} | {cells[1]} |")
+    import torch
+
+    if not torch.cuda.is_available():
+        lines.append("(no CUDA device here: the cuda column is what CUDA tensors would take)")
+    return "\n".join(lines)
+
+
+COMMANDS = {"train": cmd_train, "prior": cmd_prior, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench,
+            "info": cmd_info}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .training import RunError
+
+    try:
+        return COMMANDS[args.command](args)
+    except RunError as error:
+        print(f"fastvq {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
