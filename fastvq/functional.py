@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from . import _ops
+from ._distributed import all_reduce_sum_, is_distributed
 from ._checks import check_ema_inputs, check_search_inputs, check_segment_inputs
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
@@ -152,6 +153,7 @@ def ema_update_(
     step: Optional[Tensor] = None,
     deterministic: Optional[bool] = None,
     check_indices_range: bool = True,
+    sync: Optional[bool] = None,
 ) -> None:
     """Trains the codebook by exponential moving averages of its clusters, in place.
 
@@ -178,6 +180,9 @@ def ema_update_(
         check_indices_range: verify ``0 <= indices < K`` first (one host synchronisation; skipped
             under ``torch.compile``). The kernels never write out of bounds either way: an
             out-of-range index is ignored.
+        sync: sum the batch's counts and sums over all ranks before the update, so every replica
+            keeps the same codebook; ``None`` syncs when a process group of several ranks is
+            initialised. (Functional collectives: ``torch.compile`` keeps them in its graph.)
 
     Raises:
         TypeError: a non-tensor or a non-float state or batch, non-integer indices.
@@ -194,6 +199,12 @@ def ema_update_(
             )
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    if (is_distributed() if sync is None else sync) and is_distributed():
+        counts, sums = torch.ops.fastvq.segment_reduce(z, indices, codebook.shape[0], bool(deterministic))
+        all_reduce_sum_(counts)
+        all_reduce_sum_(sums)
+        _ops.apply_ema_(codebook, cluster_size, embed_avg, counts, sums, float(decay), float(eps), step)
+        return
     torch.ops.fastvq.ema_update_(
         codebook, cluster_size, embed_avg, z, indices, float(decay), float(eps), step, bool(deterministic)
     )

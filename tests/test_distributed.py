@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastvq.nn import ResidualVQ, VectorQuantize
+from fastvq.nn import ResidualVQ, VectorQuantize, VectorQuantizerEMA
 
 DIM, CODES = 8, 12
 BATCH = 40
@@ -29,7 +29,21 @@ def _make(kind, **kwargs):
     torch.manual_seed(0)
     if kind == "vq":
         return VectorQuantize(DIM, CODES, decay=0.7, rotation_trick=False, **kwargs)
+    if kind == "sonnet":  # syncs through fastvq.ema_update_ whenever a process group is up
+        return SonnetAdapter(VectorQuantizerEMA(DIM, CODES, commitment_cost=0.25, decay=0.7))
     return ResidualVQ(dim=DIM, num_quantizers=3, codebook_size=CODES, decay=0.7, **kwargs)
+
+
+class SonnetAdapter(torch.nn.Module):
+    """Gives VectorQuantizerEMA's dict output the (quantized, indices, loss) shape of the others."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        out = self.layer(x)
+        return out["quantize"], out["encoding_indices"], out["loss"]
 
 
 def _state(model):
@@ -39,7 +53,7 @@ def _state(model):
 def _worker(rank, world, store, kind, kwargs, split, compile_model, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        model = _make(kind, sync_codebook=True, **kwargs)
+        model = _make(kind, **kwargs) if kind == "sonnet" else _make(kind, sync_codebook=True, **kwargs)
         runner = torch.compile(model, fullgraph=True) if compile_model else model
         for batch in _batches(3):
             shard = (batch[:, :split] if rank == 0 else batch[:, split:]).clone().requires_grad_()
@@ -58,7 +72,7 @@ def _run_ranks(tmp_path, kind, kwargs, split, compile_model=False):
 
 
 def _single_process(kind, kwargs):
-    model = _make(kind, sync_codebook=False, **kwargs)
+    model = _make(kind, **kwargs) if kind == "sonnet" else _make(kind, sync_codebook=False, **kwargs)
     for batch in _batches(3):
         quantized, _, loss = model(batch.clone().requires_grad_())
         (quantized.square().sum() + loss.sum()).backward()
@@ -90,3 +104,13 @@ def test_residual_dropout_and_compile_keep_replicas_identical(tmp_path):
     ranks = _run_ranks(tmp_path, "rvq", kwargs, 25, compile_model=True)
     for name, tensor in ranks[0].items():
         assert torch.equal(tensor, ranks[1][name]), f"{name} differs between replicas"
+
+
+def test_functional_ema_update_syncs_sonnet_layer(tmp_path):
+    ranks = _run_ranks(tmp_path, "sonnet", {}, 23)
+    whole = _single_process("sonnet", {})
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), f"{name} differs between replicas"
+    assert torch.equal(ranks[0]["layer.counter"], whole["layer.counter"])
+    torch.testing.assert_close(ranks[0]["layer.ema_cluster_size"], whole["layer.ema_cluster_size"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["layer.embeddings"], whole["layer.embeddings"], rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._distributed import broadcast_from_first
+from .._distributed import broadcast_from_first
 from .vector_quantize import VectorQuantize, l2norm
 
 # Arguments of vector-quantize-pytorch's ResidualVQ fastvq does not implement, with inert values.

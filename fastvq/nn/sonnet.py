@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from ..functional import ema_update_
 
 __all__ = ["VectorQuantizerEMA"]
 
@@ -137,16 +138,18 @@ class VectorQuantizerEMA(nn.Module):
         if self.training:
             # The op's backward reads the codes it returned, not the codebook, so rewriting the
             # codebook in place here cannot leak into this step's gradient.
-            torch.ops.fastvq.ema_update_(
+            # Under torch.distributed the statistics are summed over ranks first (see ema_update_).
+            ema_update_(
                 self.embeddings,
                 self.ema_cluster_size,
                 self.ema_dw,
                 flat.detach(),
                 indices,
-                self.decay,
-                self.epsilon,
-                self.counter,
-                deterministic,
+                decay=self.decay,
+                eps=self.epsilon,
+                step=self.counter,
+                deterministic=deterministic,
+                check_indices_range=False,
             )
         out = {
             "quantize": quantized.to(inputs.dtype).reshape(inputs.shape),

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .. import _ops
-from ._distributed import all_reduce_sum_, is_distributed, sample_rows
+from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 
 # vector-quantize-pytorch's l2norm floor.
 L2NORM_EPS = 1e-6

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from ..functional import ema_update_
 
 __all__ = ["FactorizedL2Quantizer"]
 
@@ -116,16 +117,16 @@ class FactorizedL2Quantizer(nn.Module):
             z, self.normalized_codebook(), "cosine", self.beta, 0.0 if self.ema_update else 1.0
         )
         if self.training and self.ema_update:
-            torch.ops.fastvq.ema_update_(
+            # Under torch.distributed the statistics are summed over ranks first (see ema_update_).
+            ema_update_(
                 self.codebook,
                 self.cluster_size,
                 self.embed_avg,
                 z.detach(),
                 indices,
-                self.decay,
-                self.eps,
-                None,
-                torch.are_deterministic_algorithms_enabled(),
+                decay=self.decay,
+                eps=self.eps,
+                check_indices_range=False,
             )
             self.codebook.copy_(F.normalize(self.codebook, dim=-1))
         # Straight through to the projection before its normalisation; the value stays the code.
