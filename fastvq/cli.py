@@ -5,7 +5,7 @@
     fastvq sample --run runs/digits -n 64
     fastvq demo --out runs/digits          # the three above with their defaults, then a summary
 
-``python -m fastvq ...`` is the same command. ``docs/cli.md`` documents every flag.
+``python -m fastvq ...`` is the same command. The README documents every flag.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="Adam learning rate (2e-3; vit-vqgan 3e-4), cosine-decayed")
     train.add_argument("--seed", type=int, default=None, help="random seed (0)")
     train.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate and checkpoint every N epochs (1)")
-    model_group = train.add_argument_group("model", "defaults depend on the image size: see docs/cli.md")
+    model_group = train.add_argument_group("model", "defaults depend on the image size: see the README")
     model_group.add_argument("--codebook-size", type=_positive_int, default=None, help="codes K per codebook")
     model_group.add_argument("--embedding-dim", type=_positive_int, default=None,
                              help="code dimension (vit-vqgan: the factorised lookup dimension)")
