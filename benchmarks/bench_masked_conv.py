@@ -28,7 +28,9 @@ more on a small CPU, so it is timed once (``repeats``) and the fast sampler a fe
 
 The harness keys rows by ``(bench, impl, N, K, D, dtype, metric)``: here ``N`` is the batch
 (or ``n``), ``K`` the output channels (or codes), ``D`` the input channels, and ``metric`` names
-the mask, kernel and map (or the model). ``load1`` is the host's 1-minute load average when the
+the mask, kernel and map (or the model), and on CPU the intra-op thread count (``t2``: with
+other processes on the cores, OpenMP's fork/join waits for descheduled threads and a two-thread
+run can be many times slower than a one-thread one; ``--threads`` sets it). ``load1`` is the host's 1-minute load average when the
 row's measurement started: timings taken while other processes shared the CPU are not clean.
 Results are merged into ``<out>/<device-slug>.csv`` and ``.md`` (default
 ``benchmarks/results/masked_conv/``). The exit status is non-zero if anything failed.
@@ -64,6 +66,11 @@ DEFAULT_OUT = _harness.RESULTS_DIR / "masked_conv"
 TABLE_COLUMNS = ("bench", "impl", "N", "D", "metric", "dtype", "median_ms", "q20_ms", "q80_ms", "tflops", "vs_dense",
                  "peak_mib", "load1", "note")
 SAMPLER_COLUMNS = ("impl", "N", "K", "D", "metric", "median_ms", "repeats", "speedup", "rechecks", "load1", "note")
+
+
+def threads_suffix(device: str) -> str:
+    """CPU rows name their intra-op thread count: on a shared machine it changes timings a lot."""
+    return "" if device.startswith("cuda") else f" t{torch.get_num_threads()}"
 
 
 @dataclass(frozen=True)
@@ -194,8 +201,8 @@ def _measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple
     for impl, (fn, backend) in CONV_IMPLEMENTATIONS.items():
         for pass_name in PASSES:
             row = {"bench": f"masked_conv2d {pass_name}", "impl": impl, "N": point.batch, "K": point.channels,
-                   "D": point.channels, "dtype": dtype_name, "metric": point.metric, "median_ms": None,
-                   "q20_ms": None, "q80_ms": None, "tflops": None, "peak_mib": None, "note": "",
+                   "D": point.channels, "dtype": dtype_name, "metric": point.metric + threads_suffix(device),
+                   "median_ms": None, "q20_ms": None, "q80_ms": None, "tflops": None, "peak_mib": None, "note": "",
                    "load1": os.getloadavg()[0]}
             try:
                 with _harness.environment_variable("FASTVQ_BACKEND", backend):
@@ -271,7 +278,7 @@ def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int, n
             elapsed, maps[method] = _timed_sample(model, point, method, device)
             times.append(elapsed)
         rows[method] = {"bench": "pixelcnn_sample", "impl": method, "N": point.n, "K": point.num_codes,
-                        "D": point.channels, "dtype": "fp32", "metric": point.metric,
+                        "D": point.channels, "dtype": "fp32", "metric": point.metric + threads_suffix(device),
                         "median_ms": statistics.median(times), "q20_ms": min(times), "q80_ms": max(times),
                         "repeats": repeats, "rechecks": model.last_sample_rechecks if method == "fast" else None,
                         "load1": load, "note": ""}
@@ -308,12 +315,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="default: bf16, tf32 and fp32 on CUDA, fp32 on CPU")
     parser.add_argument("--naive-repeats", type=int, default=1, help="timed naive samples per point (default 1)")
     parser.add_argument("--fast-repeats", type=int, default=3, help="timed fast samples per point (default 3)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: PyTorch's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     environment = _harness.environment(args.device)
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
     rows, ok = [], True
