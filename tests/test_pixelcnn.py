@@ -142,11 +142,14 @@ def test_fast_sampler_state_reproduces_the_full_logits(kind, cond):
                 stepper.commit(i, j, codes[:, i, j])
 
 
+SAMPLES, SAMPLE_SHAPE = 8, (5, 6)
+
+
 def _sample_both(model, cond, **kwargs):
-    shape = (4, 6)
-    fast = model.sample(3, shape, cond, generator=torch.Generator().manual_seed(11), **kwargs)
+    shape = SAMPLE_SHAPE
+    fast = model.sample(SAMPLES, shape, cond, generator=torch.Generator().manual_seed(11), **kwargs)
     rechecks = model.last_sample_rechecks
-    naive = model.sample(3, shape, cond, generator=torch.Generator().manual_seed(11), method="naive", **kwargs)
+    naive = model.sample(SAMPLES, shape, cond, generator=torch.Generator().manual_seed(11), method="naive", **kwargs)
     return fast, naive, rechecks
 
 
@@ -155,12 +158,12 @@ def _sample_both(model, cond, **kwargs):
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_fast_sampler_draws_the_naive_samplers_maps(kind, cond, temperature, top_k):
     model = _model(kind, cond)
-    fast, naive, rechecks = _sample_both(model, _cond(cond, 3), temperature=temperature, top_k=top_k)
-    assert fast.shape == (3, 4, 6) and fast.dtype == torch.int64
+    fast, naive, rechecks = _sample_both(model, _cond(cond, SAMPLES), temperature=temperature, top_k=top_k)
+    assert fast.shape == (SAMPLES, *SAMPLE_SHAPE) and fast.dtype == torch.int64
     assert torch.equal(fast, naive), f"fast sampler drew\n{fast}\nnaive sampler drew\n{naive}"
-    assert rechecks <= 2, f"{rechecks} of 24 positions needed a full pass: the cached logits are off"
+    assert rechecks <= 3, f"{rechecks} of 30 positions needed a full pass: the cached logits are off"
     if top_k is not None:
-        logits = model(naive, _cond(cond, 3))
+        logits = model(naive, _cond(cond, SAMPLES))
         kth = logits.topk(top_k, dim=1).values[:, -1]
         chosen = logits.gather(1, naive[:, None]).squeeze(1)
         assert (chosen >= kth).all(), "a code outside the top k was drawn"
@@ -168,7 +171,7 @@ def test_fast_sampler_draws_the_naive_samplers_maps(kind, cond, temperature, top
         assert len(torch.unique(naive)) > 1, "an untrained prior should not draw a constant map"
 
 
-@pytest.mark.parametrize("ulps, expected_rechecks", [(0, 0), (1e9, 24)])
+@pytest.mark.parametrize("ulps, expected_rechecks", [(0, 0), (1e9, 30)])
 def test_fast_sampler_rechecks_only_where_rounding_could_matter(monkeypatch, ulps, expected_rechecks):
     """With no rounding allowance every draw comes from the cached logits; with an absurd one,
     every draw is re-made from a full pass. Both give the naive maps."""
