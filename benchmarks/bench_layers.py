@@ -60,11 +60,32 @@ def training_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     (quantized.square().mean() + loss.sum()).backward()
 
 
+def their_matrix_bytes(num_rows: int, num_codes: int) -> int:
+    """What vector-quantize-pytorch's step holds at once, at least: the N x K distances (fp32),
+    the one-hot codes as int64 and again as fp32 (F.one_hot(...).type(dtype))."""
+    return num_rows * num_codes * (4 + 8 + 4)
+
+
+def available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str, *,
             repeats: int) -> dict:
     row = {"bench": BENCH, "impl": f"{library}:{layer}", "N": num_rows, "K": num_codes, "D": dim,
            "dtype": "fp32", "metric": "l2", "median_ms": None, "q20_ms": None, "q80_ms": None,
            "peak_mib": None, "note": "", "load1": os.getloadavg()[0]}
+    if library != "fastvq":
+        # Timing runs in this process and the memory figure in a second one; running out of
+        # memory would kill the whole benchmark, so a step that cannot fit is not started.
+        needed, available = their_matrix_bytes(num_rows, num_codes), available_bytes(device)
+        if 2 * needed > available:
+            row["note"] = (f"not run: its N x K matrices alone take {needed / _harness.GIB:.0f} GiB "
+                           f"(twice that for timing + memory runs), {available / _harness.GIB:.0f} GiB free")
+            print(f"  {row['impl']}: {row['note']}", flush=True)
+            return row
     make_inputs = functools.partial(step_inputs, library, layer, num_rows, num_codes, dim, device)
     make_warmup = functools.partial(step_inputs, library, layer, 64, min(num_codes, 64), dim, device)
     try:
@@ -83,7 +104,8 @@ def measure(library: str, layer: str, num_rows: int, num_codes: int, dim: int, d
     return row
 
 
-def run(points: list[tuple[int, int, int]], device: str, repeats: int) -> list[dict]:
+def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None) -> list[dict]:
+    """Measures every point; ``save(rows)`` is called after each, so a killed run keeps its rows."""
     rows = []
     for num_rows, num_codes, dim in points:
         for layer in LAYERS:
@@ -95,6 +117,8 @@ def run(points: list[tuple[int, int, int]], device: str, repeats: int) -> list[d
             if ours["peak_mib"] is not None and theirs["peak_mib"]:
                 ours["memory_vs_theirs"] = ours["peak_mib"] / theirs["peak_mib"]
             rows += pair
+            if save is not None:
+                save(pair)
     return rows
 
 
@@ -112,12 +136,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     environment = _harness.environment(args.device)
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
     points = [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
-    rows = run(points, args.device, args.repeats)
-    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, args.out)
+    def save(new_rows):
+        return _harness.write_results([{**row, **environment} for row in new_rows], args.device, args.out)
+
+    rows = run(points, args.device, args.repeats, save)
+    csv_path, md_path = save(rows)
     print()
     print(_harness.format_table(rows, TABLE_COLUMNS + ("memory_vs_theirs",)))
     print(f"\nwrote {csv_path} and {md_path}")
-    return 0 if all(not row["note"] for row in rows) else 1
+    return 1 if any(row["note"].startswith("failed") for row in rows) else 0
 
 
 if __name__ == "__main__":
