@@ -7,9 +7,13 @@ two shards compute what one process computes on the whole batch. Vectors drawn f
 outcome everywhere: each rank proposes candidates from its own rows, the proposals are gathered,
 and one shared draw picks, for each code, a rank with probability proportional to its row count.
 A rank whose shard is empty proposes nothing and is never picked. None of this synchronises the
-host with the device: every decision is a tensor operation. The collectives are PyTorch's
-functional collectives, which ``torch.compile`` traces into the graph (``dist.broadcast`` and
-friends would break it).
+host with the device: every decision is a tensor operation.
+
+Under ``torch.compile`` the collectives are PyTorch's functional collectives, which it traces into
+the graph (``dist.broadcast`` and friends would break it). In eager mode they are the ordinary
+blocking ``torch.distributed`` calls: eager functional collectives on gloo run asynchronously
+and were seen to corrupt the heap (``malloc(): unaligned tcache chunk``) when a temporary input
+was freed before the collective finished.
 """
 
 from __future__ import annotations
@@ -29,15 +33,33 @@ def is_distributed() -> bool:
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sums ``tensor`` over ranks in place (a no-op outside a multi-process group)."""
     if is_distributed():
-        tensor.copy_(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
+        if torch.compiler.is_compiling():
+            tensor.copy_(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
+        else:
+            dist.all_reduce(tensor)
     return tensor
 
 
 def broadcast_from_first(tensor: Tensor) -> Tensor:
     """Rank 0's value of ``tensor`` on every rank (``tensor`` itself outside a process group)."""
-    if is_distributed():
+    if not is_distributed():
+        return tensor
+    if torch.compiler.is_compiling():
         return funcol.broadcast(tensor, 0, dist.group.WORLD)
+    tensor = tensor.clone()
+    dist.broadcast(tensor, src=0)
     return tensor
+
+
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor [n, ...]`` stacked in rank order: ``[world, n, ...]``."""
+    world = dist.get_world_size()
+    tensor = tensor.contiguous()
+    if torch.compiler.is_compiling():
+        return funcol.all_gather_tensor(tensor, 0, dist.group.WORLD).reshape(world, *tensor.shape)
+    gathered = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(gathered, tensor)
+    return torch.stack(gathered)
 
 
 def sample_rows(rows: Tensor, num: int, *, synced: bool, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -60,9 +82,8 @@ def sample_rows(rows: Tensor, num: int, *, synced: bool, valid: Optional[Tensor]
     if not (synced and is_distributed()):
         return local, count > 0
     world = dist.get_world_size()
-    group = dist.group.WORLD
-    proposals = funcol.all_gather_tensor(local.contiguous(), 0, group).reshape(world, num, rows.shape[1])
-    weights = funcol.all_gather_tensor(count.reshape(1).float(), 0, group)
+    proposals = all_gather_rows(local)
+    weights = all_gather_rows(count.reshape(1).float()).reshape(world)
     shared = broadcast_from_first(torch.rand(num, device=device))
     # Rank r owns the slice [cdf[r-1], cdf[r]) of [0, 1); empty ranks own nothing.
     total = weights.sum()
