@@ -9,7 +9,7 @@ PyPI means the multi-GB CUDA wheels)::
 
 The build never makes the installation fail unless asked to: without torch at build time, without
 a C++ compiler, or when the compiler fails, fastvq installs without fastvq._C, runs on the PyTorch
-path, and ``fastvq._ops.backend_info()`` says why (setup.py records it in
+path, and ``fastvq.backends.backend_info()`` says why (setup.py records it in
 ``fastvq/_build_status.json``). Environment variables:
 
 - ``FASTVQ_CPU_ARCH_FLAGS``: the host vector-instruction flags for the C++ kernels, default

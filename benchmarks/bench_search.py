@@ -42,7 +42,7 @@ import torch
 
 import _harness
 import fastvq
-from fastvq import _compiled
+from fastvq.backends import cpp as compiled_backend
 from fastvq.reference import distance_matrix_ref
 
 BENCH = "nearest_code"
@@ -59,6 +59,8 @@ CPU_MATRIX_LIMIT_BYTES = 4 * _harness.GIB
 MEASURED_COLUMNS = ("median_ms", "q20_ms", "q80_ms", "tflops", "peak_mib", "vs_matmul")
 # load1, the host's 1-minute load average as the row's measurement starts, tells timings taken
 # while other processes shared the CPU from clean ones.
+# A row is one implementation searching N vectors of dimension D among K codes.
+KEY_COLUMNS = ("N", "K", "D", "dtype", "metric")
 TABLE_COLUMNS = ("impl", "N", "K", "D", "dtype", *MEASURED_COLUMNS, "load1", "note")
 
 
@@ -118,10 +120,10 @@ class Implementation:
 def implementations(device: str) -> list[Implementation]:
     fastvq_impls = [Implementation("fastvq", fastvq_search, "auto", builds_matrix=False)]
     on_cuda = device.startswith("cuda")
-    if _compiled.cuda_available() if on_cuda else _compiled.available():
+    if compiled_backend.cuda_available() if on_cuda else compiled_backend.available():
         compiled = "cuda" if on_cuda else "cpp"
         fastvq_impls.append(Implementation(f"fastvq-{compiled}", fastvq_search, compiled, builds_matrix=False))
-    if on_cuda or _compiled.available():
+    if on_cuda or compiled_backend.available():
         fastvq_impls.append(Implementation("fastvq-torch", fastvq_search, "torch", builds_matrix=False))
     return fastvq_impls + [
         Implementation("cdist", cdist_argmin, None, builds_matrix=True),
@@ -240,7 +242,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.device == "cpu":
             check_rows, check_ok = run_memory_check(args.device)
             rows, ok = rows + check_rows, ok and check_ok
-    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, args.out)
+    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, KEY_COLUMNS,
+                                               args.out)
     print()
     print(_harness.format_table(rows, TABLE_COLUMNS))
     print(f"\nwrote {csv_path} and {md_path}")

@@ -1,7 +1,7 @@
 // Declarations shared by the translation units of fastvq._C.
 //
 // Every kernel here is registered in module.cpp as an implementation of a torch.ops.fastvq_C
-// operator; fastvq/_compiled.py calls those operators from the real implementations of the public
+// operator; fastvq/backends/cpp.py calls those operators from the real implementations of the public
 // torch.ops.fastvq operators, after fastvq/_checks.py has validated the inputs.
 #pragma once
 

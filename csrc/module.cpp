@@ -1,6 +1,6 @@
 // The torch.ops.fastvq_C operators and the Python module fastvq._C that registers them on import.
 //
-// These are the compiled kernels behind the public torch.ops.fastvq operators: fastvq/_compiled.py
+// These are the compiled kernels behind the public torch.ops.fastvq operators: fastvq/backends/cpp.py
 // calls them from the real implementations declared in fastvq/_ops.py (which keep the one public
 // schema, the fake functions and autograd) and registers their own fake functions, so they pass
 // torch.library.opcheck by themselves too.

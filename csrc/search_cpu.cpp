@@ -13,7 +13,7 @@
 //
 // Neither ever holds more than one tile per thread, where the bare z @ codebook^T streams its
 // whole N x K result through memory. The chosen code's distance is then recomputed from z - e.
-// The scores follow fastvq/_chunked.py exactly: l2 uses |e - c|^2 - 2 (z - c).(e - c) with c the
+// The scores follow fastvq/backends/common.py (SearchCodebook) exactly: l2 uses |e - c|^2 - 2 (z - c).(e - c) with c the
 // mean of the finite codes, cosine -z.e/|e|, dot -z.e; a NaN score never wins, and ties keep the
 // lowest index, whatever the tiling.
 #include "fastvq.h"
@@ -56,7 +56,7 @@ namespace {
 
 // Scores folded per step of the running minimum: one AVX-512 register of fp32 (two of AVX2).
 constexpr int64_t kLanes = 16;
-constexpr double kNormEps = 1e-12;  // F.normalize's eps, as in _chunked.py
+constexpr double kNormEps = 1e-12;  // F.normalize's eps, as in fastvq/backends/common.py
 // Below this many multiply-adds a search runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelWork = int64_t{1} << 21;
 

@@ -1,156 +1,35 @@
-"""Every fastvq op declared once with ``torch.library``, and the choice of backend.
+"""Every fastvq op declared once with ``torch.library``: schema, fake function, autograd.
 
 Each op has a schema (inferred from the annotations), a fake implementation so ``torch.compile``
 and ``torch.export`` can trace it without running it, autograd where it is differentiable, and
-one real implementation that checks its inputs and then hands the work to a backend:
-
-- ``triton``: the kernels in ``fastvq.kernels``, for CUDA tensors, or for CPU tensors when
-  ``TRITON_INTERPRET=1`` runs them through Triton's interpreter;
-- ``cpp``: the C++ kernels of the compiled extension ``fastvq._C`` (``fastvq._compiled``), for
-  CPU tensors of every float dtype;
-- ``cuda``: the CUDA C++ kernels of ``fastvq._C``, in builds made against a CUDA build of PyTorch;
-- ``torch``: the memory-bounded pure-PyTorch path in ``fastvq._chunked``, for any device.
-
-``FASTVQ_BACKEND=auto|triton|cuda|cpp|torch`` is read at every call. ``auto`` sends CPU tensors to
-``cpp`` when ``fastvq._C`` loads and to ``torch`` otherwise, and CUDA tensors to Triton when it is
-installed (float64 to ``torch``: the Triton kernels are written for fp32/fp16/bf16), else to
-``cuda`` when built, else to ``torch``. Triton stays the CUDA default until the two are measured
-against each other on a GPU. ``backend_info()`` says what runs where and, when ``fastvq._C`` is
-missing, why.
+one real implementation that checks its inputs and then asks :func:`fastvq.backends.select` which
+backend's function runs it. Nothing here knows about backends beyond that question.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _chunked, _compiled
-from ._checks import check_ema_inputs, check_sampling, check_search_inputs, check_segment_inputs
-
-BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def requested_backend() -> str:
-    name = os.environ.get("FASTVQ_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"FASTVQ_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-def select_backend(tensor: Tensor, dtype: torch.dtype) -> str:
-    """The backend that will run an op on ``tensor``'s device with compute dtype ``dtype``."""
-    return backend_for(tensor.device.type, dtype)
-
-
-def backend_for(device_type: str, dtype: torch.dtype) -> str:
-    """The backend for tensors of ``device_type`` (``"cpu"``, ``"cuda"``, ...) and compute dtype
-    ``dtype`` under the current ``FASTVQ_BACKEND``; raises if the requested backend cannot run them."""
-    name = requested_backend()
-    if name == "torch":
-        return "torch"
-    if name in ("cuda", "cpp"):
-        return _compiled_backend(name, device_type, dtype)
-    if name == "auto":
-        if device_type == "cpu":
-            return "cpp" if _compiled.available() else "torch"
-        if device_type == "cuda" and dtype != torch.float64:
-            if triton_available():
-                return "triton"
-            if _compiled.cuda_available():
-                return "cuda"
-        return "torch"
-    if not triton_available():
-        raise RuntimeError("FASTVQ_BACKEND=triton needs Triton: pip install triton")
-    if device_type == "cpu" and not _triton_interpreting():
-        raise RuntimeError(
-            "FASTVQ_BACKEND=triton got CPU tensors: Triton kernels run on CUDA tensors, or on CPU tensors "
-            "only under its interpreter (set TRITON_INTERPRET=1 before the first fastvq op)"
-        )
-    if device_type not in ("cpu", "cuda"):
-        raise RuntimeError(f"FASTVQ_BACKEND=triton cannot run on {device_type} tensors")
-    if dtype == torch.float64:
-        raise TypeError("FASTVQ_BACKEND=triton supports float32, float16 and bfloat16 inputs, got float64")
-    return "triton"
-
-
-def _compiled_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
-    """Checks that ``FASTVQ_BACKEND=cpp|cuda`` can run here, with an error that says what to do."""
-    device = "cpu" if name == "cpp" else "cuda"
-    if device_type != device:
-        raise RuntimeError(f"FASTVQ_BACKEND={name} runs on {device} tensors, got {device_type} tensors")
-    loaded, reason = _compiled.load()
-    if not loaded:
-        raise RuntimeError(f"FASTVQ_BACKEND={name} needs the compiled extension fastvq._C: {reason}")
-    if name == "cuda":
-        if not _compiled.cuda_available():
-            raise RuntimeError(
-                "FASTVQ_BACKEND=cuda needs fastvq._C built with its CUDA kernels, which needs a CUDA build of "
-                "PyTorch and the CUDA toolkit when fastvq is installed (FASTVQ_BUILD_CUDA=1 makes the install fail "
-                "where either is missing); this build has the CPU kernels only"
-            )
-        if dtype == torch.float64:
-            raise TypeError("FASTVQ_BACKEND=cuda supports float32, float16 and bfloat16 inputs, got float64")
-    return name
-
-
-def backend_info() -> dict:
-    """What runs where under the current ``FASTVQ_BACKEND``, and the state of every backend.
-
-    ``selected`` maps ``cpu`` and ``cuda`` to the backend fp32 tensors there go to (or the error the
-    requested backend raises there); ``compiled`` says whether ``fastvq._C`` loaded, why not when it
-    did not, and how it was built; ``triton`` whether Triton is installed and interpreting. The
-    ``fastvq info`` command prints this.
-    """
-    loaded, reason = _compiled.load()
-    selected = {}
-    for device_type in ("cpu", "cuda"):
-        try:
-            selected[device_type] = backend_for(device_type, torch.float32)
-        except (RuntimeError, TypeError, ValueError) as error:
-            selected[device_type] = f"error: {error}"
-    return {
-        "requested": os.environ.get("FASTVQ_BACKEND", "auto"),
-        "selected": selected,
-        "compiled": {
-            "available": loaded,
-            "reason": reason,
-            "cuda_kernels": _compiled.cuda_available(),
-            "build": {**_compiled.build_status(), **_compiled.build_info()},
-        },
-        "triton": {"available": triton_available(), "interpreting": _triton_interpreting()},
-        "torch": torch.__version__,
-    }
-
-
-def _backend_module(tensor: Tensor, dtype: torch.dtype, family: str):
-    selected = select_backend(tensor, dtype)
-    if selected == "torch":
-        return _chunked
-    if selected in ("cpp", "cuda"):
-        return _compiled
-    if family == "search":
-        from .kernels import search as module
-    elif family == "segment":
-        from .kernels import segment_reduce as module
-    else:
-        from .kernels import vector_quantize as module
-    return module
+from . import backends
+from ._checks import (
+    check_ema_inputs,
+    check_masked_conv_inputs,
+    check_sampling,
+    check_search_inputs,
+    check_segment_inputs,
+)
+from .backends.common import CHUNK_BYTES, output_memory_format, output_size, promoted_dtype
 
 
 def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
     return torch.promote_types(a.dtype, b.dtype)
+
+
+def _search_op(sample_temperature: float) -> str:
+    return "gumbel_sample" if sample_temperature > 0.0 else "nearest_code"
 
 
 # --------------------------------------------------------------------------- nearest_code
@@ -173,7 +52,7 @@ def nearest_code(
     """
     check_search_inputs(z, codebook, metric)
     check_sampling(sample_temperature, seed, z)
-    backend = _backend_module(z, _promoted(z, codebook), "search")
+    backend = backends.select(_search_op(sample_temperature), z, _promoted(z, codebook))
     return backend.nearest_code(z, codebook, metric, return_codes, sample_temperature, seed)
 
 
@@ -196,7 +75,7 @@ def _nearest_code_fake(z, codebook, metric="l2", return_codes=False, sample_temp
 def segment_reduce(values: Tensor, indices: Tensor, num_codes: int, deterministic: bool = False) -> tuple[Tensor, Tensor]:
     """``values [N, D]``, ``indices [N]`` -> ``(counts fp32 [K], sums fp32 [K, D])``."""
     check_segment_inputs(values, indices, num_codes)
-    backend = _backend_module(values, values.dtype, "segment")
+    backend = backends.select("segment_reduce", values, values.dtype)
     return backend.segment_reduce(values, indices, num_codes, deterministic)
 
 
@@ -240,7 +119,7 @@ def vector_quantize(
     check_search_inputs(z, codebook, metric)
     check_sampling(sample_temperature, seed, z)
     dtype = _promoted(z, codebook)
-    backend = _backend_module(z, dtype, "search")
+    backend = backends.select(_search_op(sample_temperature), z, dtype)
     indices, distances, quantized = backend.nearest_code(z, codebook, metric, True, sample_temperature, seed)
     num_rows, dim = z.shape
     if num_rows == 0:
@@ -255,7 +134,7 @@ def vector_quantize(
 
 def _sum_squared_difference(z: Tensor, codes: Tensor) -> Tensor:
     total = torch.zeros((), dtype=torch.float32, device=z.device)
-    rows_per_chunk = max(1, _chunked.CHUNK_BYTES // max(1, 8 * z.shape[1]))
+    rows_per_chunk = max(1, CHUNK_BYTES // max(1, 8 * z.shape[1]))
     for start in range(0, z.shape[0], rows_per_chunk):
         diff = z[start : start + rows_per_chunk].float() - codes[start : start + rows_per_chunk].float()
         total += (diff * diff).sum()
@@ -296,7 +175,7 @@ def vector_quantize_backward(
     """
     num_rows, dim = z.shape
     commitment_scale, codebook_scale = _loss_scales(num_rows, dim, commitment_weight, codebook_weight)
-    backend = _backend_module(z, quantized.dtype, "vq")
+    backend = backends.select("vector_quantize_backward", z, quantized.dtype)
     return backend.vector_quantize_backward(
         grad_quantized,
         grad_loss,
@@ -386,7 +265,7 @@ def ema_update_(
     """EMA codebook update in place (see ``fastvq.ema_update_`` for the formulas)."""
     check_ema_inputs(codebook, cluster_size, embed_avg, z, indices, decay, eps, step)
     num_codes = codebook.shape[0]
-    backend = _backend_module(z, z.dtype, "segment")
+    backend = backends.select("segment_reduce", z, z.dtype)
     counts, sums = backend.segment_reduce(z, indices, num_codes, deterministic)
     apply_ema_(codebook, cluster_size, embed_avg, counts, sums, decay, eps, step)
 
@@ -429,19 +308,6 @@ def apply_ema_(
 
 # --------------------------------------------------------------------------- masked_conv2d
 
-from . import _chunked_conv  # noqa: E402
-from ._conv_masks import check_masked_conv_inputs, output_memory_format, output_size, promoted_dtype  # noqa: E402
-
-
-def _masked_conv_backend(tensor: Tensor, dtype: torch.dtype):
-    # fastvq._C has no masked convolution: on CPU the PyTorch path's oneDNN convolution runs.
-    if select_backend(tensor, dtype) in ("torch", "cpp"):
-        return _chunked_conv
-    from .kernels import masked_conv as module
-
-    return module
-
-
 @torch.library.custom_op("fastvq::masked_conv2d", mutates_args=())
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: str, padding: list[int]) -> Tensor:
     """``x [B, C_in, H, W]``, ``weight [C_out, C_in, kH, kW]`` -> ``[B, C_out, H_out, W_out]``, stride 1.
@@ -450,7 +316,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: 
     has the promoted dtype and follows a channels-last ``x``.
     """
     check_masked_conv_inputs(x, weight, bias, mask_type, padding)
-    backend = _masked_conv_backend(x, promoted_dtype(x, weight, bias))
+    backend = backends.select("masked_conv2d", x, promoted_dtype(x, weight, bias))
     return backend.masked_conv2d(x, weight, bias, mask_type, list(padding))
 
 
@@ -478,7 +344,7 @@ def masked_conv2d_backward(
 ) -> tuple[Tensor, Tensor]:
     """``(grad_x, grad_weight)`` of ``masked_conv2d`` in ``x``'s and ``weight``'s dtypes; one not
     asked for is an empty tensor. The masked taps of ``grad_weight`` are exactly zero."""
-    backend = _masked_conv_backend(x, promoted_dtype(x, weight, None))
+    backend = backends.select("masked_conv2d_backward", x, promoted_dtype(x, weight, None))
     return backend.masked_conv2d_backward(
         grad_out, x, weight, mask_type, list(padding), compute_input_grad, compute_weight_grad
     )

@@ -66,7 +66,7 @@ TRAIN_FLAGS = ("batch_size", "lr", "seed", "eval_every", "adversarial_start", "p
 
 
 def _model_overrides(args: argparse.Namespace) -> dict:
-    from .training import RunError
+    from .train import RunError
 
     overrides = {}
     for flag, targets in MODEL_FLAGS.items():
@@ -201,7 +201,7 @@ def _log(message: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import training
+    from . import train as training
 
     if args.resume:
         given = [flag for flag in ("model", "data", *MODEL_FLAGS, *DATA_FLAGS, *TRAIN_FLAGS)
@@ -238,7 +238,7 @@ def _stage1_summary(run: Path, metrics: dict) -> str:
 
 
 def cmd_prior(args: argparse.Namespace) -> int:
-    from . import training
+    from . import train as training
 
     overrides = {"dropout": args.dropout, "num_layers": args.layers, "width": args.channels}
     metrics = training.train_prior(args.run, args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -251,7 +251,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from . import training
+    from . import train as training
 
     path = training.sample(args.run, args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, device=args.device, threads=args.threads, out=args.out, columns=args.columns)
@@ -260,7 +260,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import training
+    from . import train as training
 
     started = time.perf_counter()
     progress = not args.no_progress
@@ -339,7 +339,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import _ops
+    from . import backends
 
     lines = [f"fastvq {__version__} ({Path(__file__).resolve().parent})",
              f"python {platform.python_version()} on {platform.platform()}",
@@ -359,27 +359,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines.append(f"FASTVQ_BACKEND={os.environ.get('FASTVQ_BACKEND', 'auto')}  "
                  f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     _log("\n".join(lines))
-    _log(_format_backend_info(_ops.backend_info(), _ops))
+    _log(_format_backend_info(backends.backend_info(), torch.cuda.is_available()))
     return 0
 
 
-OPS = ("nearest_code", "vector_quantize", "segment_reduce", "ema_update_", "masked_conv2d")
-
-
-def _op_backend(ops, op: str, device: str, selected: str) -> str:
-    """The backend ``op`` takes for fp32 tensors on ``device``: the device's, except where an op
-    family has no kernel in that backend (the masked convolution has no compiled kernel)."""
-    if op == "masked_conv2d" and not selected.startswith("error"):
-        import torch
-
-        if device == "cuda" and not torch.cuda.is_available():
-            return selected
-        module = ops._masked_conv_backend(torch.empty(0, device=device), torch.float32)
-        return "torch" if module.__name__.endswith("_chunked_conv") else "triton"
-    return selected
-
-
-def _format_backend_info(info: dict, ops) -> str:
+def _format_backend_info(info: dict, cuda_present: bool) -> str:
+    """``backend_info()`` as text: the backends' state, what each op runs on now, and the table."""
     compiled = info.get("compiled", {})
     triton = info.get("triton", {})
     build = compiled.get("build") or {}
@@ -393,17 +378,31 @@ def _format_backend_info(info: dict, ops) -> str:
         + (" (interpreter on: TRITON_INTERPRET=1)" if triton.get("interpreting") else ""),
         "torch: always available (memory-bounded pure-PyTorch path)",
         "",
-        "| op (fp32) | cpu | cuda |",
+        "what runs each op now (fp32 tensors):",
+        "",
+        "| op | cpu | cuda |",
         "| --- | --- | --- |",
     ]
-    selected = info.get("selected", {})
-    for op in OPS:
-        cells = [_op_backend(ops, op, device, str(selected.get(device, "?"))) for device in ("cpu", "cuda")]
-        lines.append(f"| {op} | {cells[0]} | {cells[1]} |")
-    import torch
-
-    if not torch.cuda.is_available():
+    for op, devices in info.get("ops", {}).items():
+        lines.append(f"| {op} | {devices.get('cpu', '?')} | {devices.get('cuda', '?')} |")
+    if not cuda_present:
         lines.append("(no CUDA device here: the cuda column is what CUDA tensors would take)")
+    lines += ["", "the table: which backend runs each op when a backend is selected (-> marks a fallback):", ""]
+    table = info.get("table", [])
+    selected_names = list(dict.fromkeys(row["backend"] for row in table))
+    lines += ["| op | " + " | ".join(selected_names) + " |", "|" + " --- |" * (len(selected_names) + 1)]
+    reasons: list[str] = []
+    for op in dict.fromkeys(row["op"] for row in table):
+        cells = []
+        for row in (row for row in table if row["op"] == op):
+            if row["runs"] == row["backend"]:
+                cells.append(row["runs"])
+                continue
+            if row["reason"] not in reasons:
+                reasons.append(row["reason"])
+            cells.append(f"-> {row['runs']} ({reasons.index(row['reason']) + 1})")
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"({number}) {reason}" for number, reason in enumerate(reasons, start=1)]
     return "\n".join(lines)
 
 
@@ -413,7 +412,7 @@ COMMANDS = {"train": cmd_train, "prior": cmd_prior, "sample": cmd_sample, "demo"
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .training import RunError
+    from .train import RunError
 
     try:
         return COMMANDS[args.command](args)

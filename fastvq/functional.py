@@ -14,7 +14,14 @@ from torch import Tensor
 
 from . import _ops
 from ._distributed import all_reduce_sum_, is_distributed
-from ._checks import check_ema_inputs, check_search_inputs, check_segment_inputs
+from ._checks import (
+    PaddingArg,
+    check_ema_inputs,
+    check_masked_conv_inputs,
+    check_search_inputs,
+    check_segment_inputs,
+    resolve_padding,
+)
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
 
@@ -212,9 +219,6 @@ def ema_update_(
 
 # --------------------------------------------------------------------------- masked convolution
 
-from ._conv_masks import PaddingArg, check_masked_conv_inputs, resolve_padding  # noqa: E402
-
-
 def masked_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -255,7 +259,7 @@ def masked_conv2d(
         ``weight`` and ``bias``; channels-last when ``x`` is. Accumulation is fp32 for every input
         dtype (fp64 for fp64). CUDA tensors run fastvq's Triton kernels (forward, input gradient and
         weight gradient, all deterministic); CPU tensors and fp64 run two plain convolutions over the
-        mask's row groups (``FASTVQ_BACKEND`` overrides, see ``fastvq._ops``).
+        mask's row groups (``FASTVQ_BACKEND`` overrides, see ``fastvq.backends``).
 
     Raises:
         TypeError: a non-tensor, an integer or bool tensor, or a ``padding`` that is not ``None``,

@@ -31,12 +31,12 @@ except ImportError:  # pragma: no cover - Triton is a test requirement on Linux
 
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-from fastvq import _compiled  # noqa: E402  (after TRITON_INTERPRET is set)
+from fastvq.backends import cpp as compiled_backend  # noqa: E402  (after TRITON_INTERPRET is set)
 
 # The compiled backend joins the parametrisation wherever fastvq._C was built and loads;
 # tests/test_cpp_backend.py says why it is missing where it is not.
-HAS_CPP, CPP_MISSING_REASON = _compiled.load()
-HAS_CUDA_KERNELS = HAS_CUDA and _compiled.cuda_available()
+HAS_CPP, CPP_MISSING_REASON = compiled_backend.load()
+HAS_CUDA_KERNELS = HAS_CUDA and compiled_backend.cuda_available()
 
 BACKENDS = (
     [("torch", "cpu"), ("triton", TRITON_DEVICE)]

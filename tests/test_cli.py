@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from fastvq import cli, training
+from fastvq import cli
+from fastvq.train import checkpoint
 
 RUNTIME = ["--no-progress", "--threads", "1", "--device", "cpu"]
 TINY_VQVAE = ["--channels", "16", "--embedding-dim", "8", "--codebook-size", "16", "--batch-size", "128"]
@@ -67,17 +68,17 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     assert run("train", "--out", straight, *flags) == 0
 
     saves = []
-    original = training._atomic_save
+    original = checkpoint.atomic_save
 
     def crash_after_first_checkpoint(obj, path):
         original(obj, path)
         saves.append(path)
         raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(training, "_atomic_save", crash_after_first_checkpoint)
+    monkeypatch.setattr(checkpoint, "atomic_save", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run("train", "--out", interrupted, *flags)
-    monkeypatch.setattr(training, "_atomic_save", original)
+    monkeypatch.setattr(checkpoint, "atomic_save", original)
     # The run stopped after writing the epoch-1 checkpoint, before its metrics row.
     assert len(saves) == 1 and not (interrupted / "metrics.jsonl").exists()
 

@@ -23,20 +23,20 @@ from _parity import (
 from conftest import HAS_TRITON
 
 import fastvq
-from fastvq import _chunked, _ops, reference
+from fastvq import backends, reference
+from fastvq.backends.torch import search as torch_search
 
 # --------------------------------------------------------------------------- backend dispatch
 
-# Each backend's entry points, by op family; _ops looks them up on the module at every call.
+# Each backend's modules; the op layer looks the function up on the module at every call.
 ENTRY_POINTS = {
-    "torch": [("fastvq._chunked", "nearest_code"), ("fastvq._chunked", "segment_reduce"),
-              ("fastvq._chunked", "vector_quantize_backward")],
-    "triton": [("fastvq.kernels.search", "nearest_code"), ("fastvq.kernels.segment_reduce", "segment_reduce"),
-               ("fastvq.kernels.vector_quantize", "vector_quantize_backward")],
-    "cpp": [("fastvq._compiled", "nearest_code"), ("fastvq._compiled", "segment_reduce"),
-            ("fastvq._compiled", "vector_quantize_backward")],
+    "torch": [("fastvq.backends.torch.search", "nearest_code"), ("fastvq.backends.torch.segment_reduce", "segment_reduce"),
+              ("fastvq.backends.torch.vector_quantize", "vector_quantize_backward")],
+    "triton": [("fastvq.backends.triton.search", "nearest_code"), ("fastvq.backends.triton.segment_reduce", "segment_reduce"),
+               ("fastvq.backends.triton.vector_quantize", "vector_quantize_backward")],
+    "cpp": [("fastvq.backends.cpp", "nearest_code"), ("fastvq.backends.cpp", "segment_reduce")],
 }
-# FASTVQ_BACKEND=cuda runs the same entry points as cpp: fastvq._C picks the kernel by device.
+# FASTVQ_BACKEND=cuda runs the same binding module as cpp: fastvq._C picks the kernel by device.
 ENTRY_POINTS_OF = {"cuda": "cpp"}
 
 
@@ -76,8 +76,13 @@ def no_kernel_may_run(monkeypatch):
 def test_every_op_runs_on_the_selected_backend(backend, device, backend_calls):
     backend_name, _ = backend
     for dtype in DTYPES:
-        assert _ops.select_backend(torch.empty(0, device=device), dtype) == backend_name
-    name = ENTRY_POINTS_OF.get(backend_name, backend_name)
+        assert backends.select_backend(torch.empty(0, device=device), dtype) == backend_name
+
+    def runs(op):
+        # The table's row for the op, seen as the entry-point module that records it.
+        ran = backends.route(op, backend_name)
+        return ENTRY_POINTS_OF.get(ran, ran)
+
     z = torch.randn(20, 6, device=device, requires_grad=True)
     codebook = torch.randn(9, 6, device=device, requires_grad=True)
     fastvq.nearest_code(z.detach(), codebook.detach())
@@ -87,11 +92,11 @@ def test_every_op_runs_on_the_selected_backend(backend, device, backend_calls):
     fastvq.ema_update_(codebook.detach().clone(), torch.ones(9, device=device), codebook.detach().clone(),
                        z.detach(), indices)
     assert backend_calls == [
-        (name, "nearest_code"),
-        (name, "nearest_code"),
-        (name, "vector_quantize_backward"),
-        (name, "segment_reduce"),
-        (name, "segment_reduce"),
+        (runs("nearest_code"), "nearest_code"),
+        (runs("nearest_code"), "nearest_code"),
+        (runs("vector_quantize_backward"), "vector_quantize_backward"),
+        (runs("segment_reduce"), "segment_reduce"),
+        (runs("segment_reduce"), "segment_reduce"),
     ]
 
 
@@ -307,8 +312,8 @@ def torch_chunking(request, monkeypatch):
     """Runs a test with the torch backend's default chunks and again walking the codebook 16 codes
     at a time, as the interpreted Triton kernel tiles it, so ties across its chunks are exercised."""
     if request.param == "16-code-chunks":
-        monkeypatch.setattr(_chunked, "CHUNK_BYTES", 16 * _chunked._SLAB_BYTES_PER_SCORE)
-        assert _chunked._chunk_sizes(20, 300)[1] == 16
+        monkeypatch.setattr(backends.common, "CHUNK_BYTES", 16 * torch_search._SLAB_BYTES_PER_SCORE)
+        assert torch_search._chunk_sizes(20, 300)[1] == 16
 
 
 def tied_inputs(dtype, device):

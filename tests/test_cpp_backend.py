@@ -26,7 +26,9 @@ from _parity import METRICS, assert_search_parity
 from conftest import CPP_MISSING_REASON, HAS_CPP
 
 import fastvq
-from fastvq import _chunked, _compiled, _ops, reference
+from fastvq import backends, reference
+from fastvq.backends import cpp
+from fastvq.backends.torch import segment_reduce as torch_segment_reduce
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"fastvq._C is not available: {CPP_MISSING_REASON}")
@@ -48,8 +50,8 @@ def test_compiled_extension_is_built():
 def test_auto_sends_cpu_tensors_to_cpp(monkeypatch):
     monkeypatch.setenv("FASTVQ_BACKEND", "auto")
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        assert _ops.select_backend(torch.empty(0), dtype) == "cpp"
-    info = _ops.backend_info()
+        assert backends.select_backend(torch.empty(0), dtype) == "cpp"
+    info = backends.backend_info()
     assert info["selected"]["cpu"] == "cpp"
     assert info["compiled"]["available"] and info["compiled"]["reason"] is None
     assert info["compiled"]["build"]["openmp"] in (True, False)
@@ -58,26 +60,26 @@ def test_auto_sends_cpu_tensors_to_cpp(monkeypatch):
 
 def test_missing_extension_falls_back_and_says_why(monkeypatch):
     reason = "building fastvq._C failed: no compiler"
-    monkeypatch.setattr(_compiled, "load", lambda: (False, reason))
+    monkeypatch.setattr(cpp, "load", lambda: (False, reason))
     monkeypatch.setenv("FASTVQ_BACKEND", "auto")
-    assert _ops.select_backend(torch.empty(0), torch.float32) == "torch"
-    info = _ops.backend_info()
+    assert backends.select_backend(torch.empty(0), torch.float32) == "torch"
+    info = backends.backend_info()
     assert info["selected"]["cpu"] == "torch"
     assert info["compiled"] == {"available": False, "reason": reason, "cuda_kernels": False,
-                                "build": _compiled.build_status()}
+                                "build": cpp.build_status()}
     indices, _ = fastvq.nearest_code(torch.randn(5, 3), torch.randn(4, 3))
     assert indices.shape == (5,)
     monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
     with pytest.raises(RuntimeError, match=r"FASTVQ_BACKEND=cpp needs the compiled extension fastvq._C: building"):
         fastvq.nearest_code(torch.randn(5, 3), torch.randn(4, 3))
-    assert "error: FASTVQ_BACKEND=cpp needs" in _ops.backend_info()["selected"]["cpu"]
+    assert "error: FASTVQ_BACKEND=cpp needs" in backends.backend_info()["selected"]["cpu"]
 
 
 @needs_cpp
 def test_cpp_backend_refuses_other_devices(monkeypatch):
     monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
     with pytest.raises(RuntimeError, match=r"FASTVQ_BACKEND=cpp runs on cpu tensors, got cuda tensors"):
-        _ops.backend_for("cuda", torch.float32)
+        backends.backend_for("cuda", torch.float32)
 
 
 @needs_cpp
@@ -85,7 +87,7 @@ def test_cpp_backend_refuses_other_devices(monkeypatch):
 def test_cuda_backend_without_cuda_kernels_says_what_is_missing(monkeypatch):
     monkeypatch.setenv("FASTVQ_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match=r"needs fastvq._C built with its CUDA kernels"):
-        _ops.backend_for("cuda", torch.float32)
+        backends.backend_for("cuda", torch.float32)
 
 
 # --------------------------------------------------------------------------- the fastvq_C operators
@@ -197,7 +199,7 @@ def test_segment_reduce_adds_in_row_order_like_index_add(monkeypatch):
     values = torch.randn(5000, 33, generator=generator) * torch.logspace(-3, 3, 33)
     indices = torch.randint(0, 50, (5000,), generator=generator)
     counts, sums = fastvq.segment_reduce(values, indices, 50)
-    expected_counts, expected_sums = _chunked.segment_reduce(values, indices, 50, True)
+    expected_counts, expected_sums = torch_segment_reduce.segment_reduce(values, indices, 50, True)
     assert torch.equal(counts, expected_counts) and torch.equal(sums, expected_sums)
 
 
@@ -303,7 +305,7 @@ _BACKEND_INFO_PROBE = textwrap.dedent(
                         if not getattr(finder, "__module__", "").startswith("__editable__")]
     import fastvq
     assert fastvq.__file__.startswith(sys.argv[1]), fastvq.__file__
-    print(json.dumps(fastvq._ops.backend_info()))
+    print(json.dumps(fastvq.backends.backend_info()))
     """
 )
 

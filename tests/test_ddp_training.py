@@ -4,7 +4,7 @@ Two CPU processes join through a file store (no network). Each takes the trainin
 ``fastvq train`` loop takes (``Stage1Trainer.step``) on its own shard of each batch, and the
 replicas must end bit-identical: DDP averages the gradients, the EMA codebooks are synchronised
 by the layers (k-means initialisation and dead-code replacement included), and ViT-VQGAN's
-discriminator has its own DDP wrapper. Then the whole ``training.train`` loop runs on both ranks.
+discriminator has its own DDP wrapper. Then the whole ``fastvq.train.train`` loop runs on both ranks.
 """
 
 import json
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastvq import training
+from fastvq import train as training
 from fastvq.data import load_dataset
 
 CONFIGS = {

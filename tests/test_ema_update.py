@@ -80,7 +80,7 @@ def test_segment_reduce_op_ignores_out_of_range_indices(backend, device, determi
 @pytest.mark.parametrize("deterministic", DETERMINISTIC)
 def test_triton_segment_sum_writes_nothing_out_of_bounds(deterministic):
     """The output lies between guard rows; an index of -1 or K would land on them."""
-    from fastvq.kernels.segment_reduce import segment_sum_
+    from fastvq.backends.triton.segment_reduce import segment_sum_
 
     num_codes, dim = 6, 19
     values, indices = random_batch(50, num_codes, dim, torch.float32, TRITON_DEVICE, seed=3)

@@ -74,7 +74,7 @@ def _check_against_reference(x, weight, bias, mask_type, padding=None, rtol=1e-5
 @pytest.mark.parametrize("mask_type", ["A", "B", "V"])
 @pytest.mark.parametrize("kernel", [(1, 1), (1, 3), (3, 1), (3, 3), (3, 5), (5, 5), (7, 7)])
 def test_tap_prefix_masks_equal_the_literature_masks(mask_type, kernel):
-    from fastvq._conv_masks import conv_mask
+    from fastvq.backends.common import conv_mask
 
     assert torch.equal(conv_mask(mask_type, *kernel), reference.pixelcnn_mask_ref(mask_type, kernel).bool())
 
@@ -222,7 +222,7 @@ def test_weight_grad_is_deterministic(backend):
 def test_triton_backend_really_launches_the_kernels(monkeypatch):
     if not HAS_TRITON:
         pytest.skip("Triton is not installed")
-    from fastvq.kernels import masked_conv as kernels
+    from fastvq.backends.triton import masked_conv as kernels
 
     launched = []
     for name in ("_implicit_gemm", "_weight_grad"):
@@ -320,14 +320,14 @@ def _bad_cases():
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_bad_input_raises_before_any_kernel(backend, monkeypatch, case):
-    from fastvq import _chunked_conv
+    from fastvq.backends.torch import masked_conv as torch_masked_conv
 
     def fail(*args, **kwargs):
         raise AssertionError("a kernel ran on bad input")
 
-    monkeypatch.setattr(_chunked_conv, "masked_conv2d", fail)
+    monkeypatch.setattr(torch_masked_conv, "masked_conv2d", fail)
     if backend[0] == "triton":
-        from fastvq.kernels import masked_conv as kernels
+        from fastvq.backends.triton import masked_conv as kernels
 
         monkeypatch.setattr(kernels, "masked_conv2d", fail)
     args, kwargs, error, message = _bad_cases()[case]

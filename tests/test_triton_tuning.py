@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU every search test alr
 def test_autotuned_wrapper_matches_reference(monkeypatch, dim):
     import triton
 
-    from fastvq.kernels import search
+    from fastvq.backends.triton import search
     from fastvq.reference import nearest_code_ref
 
     small = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)
@@ -36,7 +36,7 @@ def test_autotuned_wrapper_matches_reference(monkeypatch, dim):
 
 
 def test_pruning_keeps_tiles_no_wider_than_needed():
-    from fastvq.kernels.search import _TUNING_CONFIGS, _prune_configs
+    from fastvq.backends.triton.search import _TUNING_CONFIGS, _prune_configs
 
     kept = _prune_configs(_TUNING_CONFIGS, {"D": 20})
     assert kept and all(config.kwargs["BLOCK_D"] <= 32 for config in kept)

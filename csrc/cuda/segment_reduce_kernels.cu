@@ -1,5 +1,5 @@
 // Segment reduce in CUDA C++ (no PyTorch headers: compiles with nvcc alone): per-code counts and
-// fp32 sums of rows, with no one-hot matrix. Two kernels, as in fastvq/kernels/segment_reduce.py:
+// fp32 sums of rows, with no one-hot matrix. Two kernels, as in fastvq/backends/triton/segment_reduce.py:
 // fp32 atomics (fast, run-to-run variation in the last bits), and a sorted pass in which one
 // thread sums one (code, column) over the code's rows in a fixed order (deterministic).
 #include <cuda_bf16.h>

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._conv_masks import check_kernel_size, check_mask_type, conv_mask, resolve_padding
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .._checks import resolve_padding
+from ..backends.common import check_kernel_size, check_mask_type, conv_mask
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
 

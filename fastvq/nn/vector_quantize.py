@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .. import _ops
+from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 
 # vector-quantize-pytorch's l2norm floor.

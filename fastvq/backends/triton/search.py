@@ -15,11 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._chunked import SearchCodebook
-from ._common import dot_precision, interpreting
+from ..common import SearchCodebook
+from .common import dot_precision, interpreting
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
-_NORM_EPS = 1e-12
 
 
 @triton.jit

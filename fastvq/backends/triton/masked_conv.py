@@ -1,6 +1,6 @@
 """PixelCNN masked convolution as an implicit GEMM over the unmasked taps only.
 
-A mask keeps a raster-order prefix of ``NUM_TAPS`` taps (``fastvq._conv_masks``), so the kernels
+A mask keeps a raster-order prefix of ``NUM_TAPS`` taps (``fastvq.backends.common``), so the kernels
 loop ``for tap in range(NUM_TAPS)`` and never load, multiply or store a masked tap: a 7 x 7 type-B
 convolution does 25 taps' work, not 49. The weight is read through a packed copy of its kept taps
 (``[NUM_TAPS, K, N]``, a few MB at most) and is never modified.
@@ -16,7 +16,7 @@ convolution does 25 taps' work, not 49. The weight is read through a packed copy
   afterwards, so the result is deterministic (no atomics). Masked taps are exact zeros.
 
 Inputs may have any strides (NCHW, channels-last, views). Accumulation is fp32; fp32 ``tl.dot``
-uses ``tf32x3`` unless the caller opted into tf32 (``fastvq.kernels._common.dot_precision``).
+uses ``tf32x3`` unless the caller opted into tf32 (``fastvq.backends.triton.common.dot_precision``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._conv_masks import num_taps, output_memory_format, output_size, promoted_dtype
-from ._common import dot_precision, interpreting
+from ..common import num_taps, output_memory_format, output_size, promoted_dtype
+from .common import dot_precision, interpreting
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from .common import interpreting
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from .common import interpreting
 from .segment_reduce import segment_sum_
 
 # vector-quantize-pytorch's safe_div / l2norm floor for the rotation trick's norms.

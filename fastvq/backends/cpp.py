@@ -1,18 +1,18 @@
-"""The compiled backend (``FASTVQ_BACKEND=cpp``, and ``cuda`` where built): ``fastvq._C``.
+"""The compiled backend (``FASTVQ_BACKEND=cpp``, and ``cuda`` where built): the ``fastvq._C`` binding.
 
 ``fastvq._C`` registers the ``torch.ops.fastvq_C`` operators: a C++ nearest-code search and
 segment reduce for CPU tensors and, in builds made against a CUDA build of PyTorch, CUDA C++ ones
-for CUDA tensors. This module gives them the same entry points as ``fastvq._chunked``, so
-``fastvq._ops`` hands work to either in the same way, and registers their fake functions so that
-they pass ``torch.library.opcheck`` by themselves.
+for CUDA tensors. This module gives them the entry points every backend has (``nearest_code``,
+``segment_reduce``), and registers their fake functions so that they pass
+``torch.library.opcheck`` by themselves.
 
-What stays on the PyTorch path, on every device: Gumbel-max sampling (``sample_temperature > 0``)
-and the ``vector_quantize`` backward, whose codebook gradient ``index_add_`` already sums in row
-order on CPU.
+What ``fastvq._C`` does not implement (Gumbel-max sampling, the ``vector_quantize`` backward,
+the masked convolution) is not here: the table in ``fastvq.backends`` routes those ops to the
+PyTorch path.
 
 ``fastvq._C`` is imported on first use, never at ``import fastvq``. When it is missing or does not
 load, :func:`load` says why, ``FASTVQ_BACKEND=auto`` falls back to the PyTorch path, and
-``fastvq._ops.backend_info()`` reports the reason.
+``fastvq.backends.backend_info()`` reports the reason.
 """
 
 from __future__ import annotations
@@ -26,12 +26,8 @@ from typing import Optional
 
 import torch
 
-# The PyTorch path's functions for what stays on it, bound here as this backend's own.
-from ._chunked import nearest_code as _sampling_nearest_code
-from ._chunked import vector_quantize_backward as vector_quantize_backward  # noqa: PLC0414
-
 # Written by setup.py next to this file: whether it built fastvq._C, with which flags, or why not.
-BUILD_STATUS_FILE = Path(__file__).with_name("_build_status.json")
+BUILD_STATUS_FILE = Path(__file__).parent.parent / "_build_status.json"
 _REBUILD_HINT = (
     "install PyTorch first, then build fastvq against it without build isolation: "
     "pip install --no-build-isolation -e ."
@@ -129,8 +125,10 @@ def nearest_code(
     sample_temperature: float = 0.0,
     seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The argmin search; ``sample_temperature``/``seed`` are in the signature every backend shares,
+    but sampling is routed to the PyTorch path by the table, so they never reach here set."""
     if sample_temperature > 0.0:
-        return _sampling_nearest_code(z, codebook, metric, return_codes, sample_temperature, seed)
+        raise RuntimeError("fastvq._C has no Gumbel-max sampling; fastvq.backends routes it to the PyTorch path")
     return torch.ops.fastvq_C.nearest_code(z, codebook, metric, return_codes)
 
 

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on CPU tensors through its numpy interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from ..common import triton_interpreting as interpreting
 
 
 def dot_precision(dtype: torch.dtype) -> str:

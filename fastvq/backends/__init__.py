@@ -1,0 +1,242 @@
+"""The one place a backend is chosen, and the one table of which backend runs each op.
+
+The backends, each in its own module or package, none importing another:
+
+- ``torch`` (:mod:`fastvq.backends.torch`): the memory-bounded pure-PyTorch path, for any device;
+- ``triton`` (:mod:`fastvq.backends.triton`): Triton kernels, for CUDA tensors, or for CPU tensors
+  when ``TRITON_INTERPRET=1`` runs them through Triton's interpreter;
+- ``cpp`` (:mod:`fastvq.backends.cpp`): the C++ kernels of the compiled extension ``fastvq._C``,
+  for CPU tensors of every float dtype;
+- ``cuda``: the CUDA C++ kernels of ``fastvq._C``, in builds made against a CUDA build of PyTorch
+  (the same binding module as ``cpp``).
+
+``FASTVQ_BACKEND=auto|triton|cuda|cpp|torch`` is read at every call. ``auto`` sends CPU tensors to
+``cpp`` when ``fastvq._C`` loads and to ``torch`` otherwise, and CUDA tensors to Triton when it is
+installed (float64 to ``torch``: the Triton kernels are written for fp32/fp16/bf16), else to
+``cuda`` when built, else to ``torch``. Triton stays the CUDA default until the two are measured
+against each other on a GPU.
+
+A backend that does not implement an op falls back by one row of :data:`TABLE` (never by one
+backend calling another's function); ``fastvq info`` prints the table and :func:`backend_info`
+returns it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import NamedTuple, Optional
+
+# Not bound as ``torch``: importing the subpackage fastvq.backends.torch sets that attribute of this package.
+import torch as _torch
+
+from . import cpp
+from .common import triton_interpreting
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+IMPLEMENTATIONS = ("triton", "cuda", "cpp", "torch")
+
+# Each backend's module for each op family ("cuda" is the CUDA half of the same fastvq._C binding).
+_MODULES = {
+    "torch": {
+        "search": "fastvq.backends.torch.search",
+        "segment_reduce": "fastvq.backends.torch.segment_reduce",
+        "vector_quantize": "fastvq.backends.torch.vector_quantize",
+        "masked_conv": "fastvq.backends.torch.masked_conv",
+    },
+    "triton": {
+        "search": "fastvq.backends.triton.search",
+        "segment_reduce": "fastvq.backends.triton.segment_reduce",
+        "vector_quantize": "fastvq.backends.triton.vector_quantize",
+        "masked_conv": "fastvq.backends.triton.masked_conv",
+    },
+    "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
+    "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
+}
+
+
+class Op(NamedTuple):
+    """An op as the table sees it: its family (the file it lives in) and the function there."""
+
+    family: str
+    function: str
+
+
+OPS = {
+    "nearest_code": Op("search", "nearest_code"),
+    # nearest_code / vector_quantize with sample_temperature > 0
+    "gumbel_sample": Op("search", "nearest_code"),
+    "segment_reduce": Op("segment_reduce", "segment_reduce"),
+    "vector_quantize_backward": Op("vector_quantize", "vector_quantize_backward"),
+    "masked_conv2d": Op("masked_conv", "masked_conv2d"),
+    "masked_conv2d_backward": Op("masked_conv", "masked_conv2d_backward"),
+}
+
+
+class Route(NamedTuple):
+    """Which backend runs an op when another is selected, and why (``None`` when it is itself)."""
+
+    runs: str
+    reason: Optional[str] = None
+
+
+def _self_everywhere() -> dict[str, Route]:
+    return {name: Route(name) for name in IMPLEMENTATIONS}
+
+
+_NO_C_SAMPLING = "fastvq._C has no Gumbel-max sampling"
+_NO_C_VQ_BACKWARD = "fastvq._C has no VQ backward; index_add_ already sums in row order on CPU"
+_NO_C_CONV = "fastvq._C has no masked convolution"
+
+# THE table: op -> selected backend -> the backend that runs it.
+TABLE: dict[str, dict[str, Route]] = {
+    "nearest_code": _self_everywhere(),
+    "gumbel_sample": {**_self_everywhere(), "cpp": Route("torch", _NO_C_SAMPLING), "cuda": Route("torch", _NO_C_SAMPLING)},
+    "segment_reduce": _self_everywhere(),
+    "vector_quantize_backward": {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_VQ_BACKWARD),
+        "cuda": Route("torch", _NO_C_VQ_BACKWARD),
+    },
+    "masked_conv2d": {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_CONV + "; oneDNN's convolution runs on the mask's row groups"),
+        "cuda": Route("triton", _NO_C_CONV + "; the Triton kernel runs"),
+    },
+    "masked_conv2d_backward": {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_CONV + "; oneDNN's convolution runs on the mask's row groups"),
+        "cuda": Route("triton", _NO_C_CONV + "; the Triton kernel runs"),
+    },
+}
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def requested_backend() -> str:
+    """``FASTVQ_BACKEND``, checked; ``auto`` when unset."""
+    name = os.environ.get("FASTVQ_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FASTVQ_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def backend_for(device_type: str, dtype: _torch.dtype) -> str:
+    """The backend for tensors of ``device_type`` (``"cpu"``, ``"cuda"``, ...) and compute dtype
+    ``dtype`` under the current ``FASTVQ_BACKEND``; raises if the requested backend cannot run them."""
+    name = requested_backend()
+    if name == "torch":
+        return "torch"
+    if name in ("cuda", "cpp"):
+        return _compiled_backend(name, device_type, dtype)
+    if name == "auto":
+        if device_type == "cpu":
+            return "cpp" if cpp.available() else "torch"
+        if device_type == "cuda" and dtype != _torch.float64:
+            if triton_available():
+                return "triton"
+            if cpp.cuda_available():
+                return "cuda"
+        return "torch"
+    if not triton_available():
+        raise RuntimeError("FASTVQ_BACKEND=triton needs Triton: pip install triton")
+    if device_type == "cpu" and not triton_interpreting():
+        raise RuntimeError(
+            "FASTVQ_BACKEND=triton got CPU tensors: Triton kernels run on CUDA tensors, or on CPU tensors "
+            "only under its interpreter (set TRITON_INTERPRET=1 before the first fastvq op)"
+        )
+    if device_type not in ("cpu", "cuda"):
+        raise RuntimeError(f"FASTVQ_BACKEND=triton cannot run on {device_type} tensors")
+    if dtype == _torch.float64:
+        raise TypeError("FASTVQ_BACKEND=triton supports float32, float16 and bfloat16 inputs, got float64")
+    return "triton"
+
+
+def select_backend(tensor: _torch.Tensor, dtype: _torch.dtype) -> str:
+    """The backend selected for ``tensor``'s device and compute dtype ``dtype`` (before the table)."""
+    return backend_for(tensor.device.type, dtype)
+
+
+def _compiled_backend(name: str, device_type: str, dtype: _torch.dtype) -> str:
+    """Checks that ``FASTVQ_BACKEND=cpp|cuda`` can run here, with an error that says what to do."""
+    device = "cpu" if name == "cpp" else "cuda"
+    if device_type != device:
+        raise RuntimeError(f"FASTVQ_BACKEND={name} runs on {device} tensors, got {device_type} tensors")
+    loaded, reason = cpp.load()
+    if not loaded:
+        raise RuntimeError(f"FASTVQ_BACKEND={name} needs the compiled extension fastvq._C: {reason}")
+    if name == "cuda":
+        if not cpp.cuda_available():
+            raise RuntimeError(
+                "FASTVQ_BACKEND=cuda needs fastvq._C built with its CUDA kernels, which needs a CUDA build of "
+                "PyTorch and the CUDA toolkit when fastvq is installed (FASTVQ_BUILD_CUDA=1 makes the install fail "
+                "where either is missing); this build has the CPU kernels only"
+            )
+        if dtype == _torch.float64:
+            raise TypeError("FASTVQ_BACKEND=cuda supports float32, float16 and bfloat16 inputs, got float64")
+    return name
+
+
+def route(op: str, backend: str) -> str:
+    """The backend that runs ``op`` when ``backend`` is selected: itself, or its row's fallback."""
+    return TABLE[op][backend].runs
+
+
+def select(op: str, tensor: _torch.Tensor, dtype: _torch.dtype) -> ModuleType:
+    """The module whose ``OPS[op].function`` runs ``op`` on ``tensor``'s device in compute dtype ``dtype``."""
+    runs = route(op, select_backend(tensor, dtype))
+    if runs == "triton" and not triton_available():
+        raise RuntimeError(f"{op} runs on Triton for {tensor.device.type} tensors here: pip install triton")
+    return importlib.import_module(_MODULES[runs][OPS[op].family])
+
+
+def table_rows() -> list[dict]:
+    """The table as rows ``{op, backend, runs, reason}``, in the order of :data:`OPS`."""
+    return [
+        {"op": op, "backend": backend, "runs": entry.runs, "reason": entry.reason}
+        for op in OPS
+        for backend, entry in TABLE[op].items()
+    ]
+
+
+def backend_info() -> dict:
+    """What runs where under the current ``FASTVQ_BACKEND``, and the state of every backend.
+
+    ``selected`` maps ``cpu`` and ``cuda`` to the backend fp32 tensors there go to (or the error the
+    requested backend raises there); ``ops`` maps every op to the backend that runs it on each
+    device after the table's fallbacks; ``table`` is the whole table (:func:`table_rows`);
+    ``compiled`` says whether ``fastvq._C`` loaded, why not when it did not, and how it was built;
+    ``triton`` whether Triton is installed and interpreting. The ``fastvq info`` command prints this.
+    """
+    loaded, reason = cpp.load()
+    selected = {}
+    for device_type in ("cpu", "cuda"):
+        try:
+            selected[device_type] = backend_for(device_type, _torch.float32)
+        except (RuntimeError, TypeError, ValueError) as error:
+            selected[device_type] = f"error: {error}"
+    ops = {
+        op: {
+            device: route(op, backend) if backend in IMPLEMENTATIONS else backend
+            for device, backend in selected.items()
+        }
+        for op in OPS
+    }
+    return {
+        "requested": os.environ.get("FASTVQ_BACKEND", "auto"),
+        "selected": selected,
+        "ops": ops,
+        "table": table_rows(),
+        "compiled": {
+            "available": loaded,
+            "reason": reason,
+            "cuda_kernels": cpp.cuda_available(),
+            "build": {**cpp.build_status(), **cpp.build_info()},
+        },
+        "triton": {"available": triton_available(), "interpreting": triton_interpreting()},
+        "torch": _torch.__version__,
+    }

@@ -1,0 +1,66 @@
+"""Sampling: code maps drawn from a run's prior, decoded by its stage-1 model, saved as a picture."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .._pictures import save_image_grid
+from ..models import HierarchicalPrior
+from ..models.priors import prior_sample
+from . import checkpoint
+from .common import PRIOR_CHECKPOINT, SAMPLES, RunError
+from .distributed import default_threads, resolve_device
+from .prior import build_prior
+from .stage1 import build_stage1
+
+
+def sample(
+    run: Path,
+    n: int = 64,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+    device: str = "auto",
+    threads: Optional[int] = None,
+    out: Optional[Path] = None,
+    columns: Optional[int] = None,
+) -> Path:
+    """Draws ``n`` code maps from the run's prior, decodes them and writes the picture (``samples.png``)."""
+    run = Path(run)
+    if n < 1:
+        raise RunError(f"-n must be at least 1, got {n}")
+    torch.set_num_threads(threads or default_threads())
+    target = resolve_device(device, 0)
+    config, stage1_state = checkpoint.load_run(run)
+    prior_state = checkpoint.read_checkpoint(run / PRIOR_CHECKPOINT)
+    if "config" not in prior_state:
+        raise RunError(f"{run / PRIOR_CHECKPOINT} is not a fastvq prior checkpoint")
+    model = build_stage1(config).to(target)
+    model.load_state_dict(stage1_state["model"])
+    model.eval()
+    image_size = tuple(config["image_size"])
+    prior_config = prior_state["config"]
+    prior = build_prior(prior_config["prior"], prior_config["prior_args"], model, image_size).to(target)
+    prior.load_state_dict(prior_state["model"])
+    prior.eval()
+    generator = torch.Generator(device=target).manual_seed(seed)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    try:
+        if isinstance(prior, HierarchicalPrior):
+            top_shape, bottom_shape = model.code_shape(*image_size)
+            codes = prior.sample(n, top_shape, bottom_shape, **options)
+        else:
+            codes = prior_sample(prior, n, model.code_shape(*image_size), **options)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    with torch.no_grad():
+        images = model.decode_codes(codes).float().cpu()
+    path = Path(out) if out is not None else run / SAMPLES
+    save_image_grid(images, path, columns or max(1, math.ceil(math.sqrt(n))))
+    return path
