@@ -43,6 +43,39 @@ def check_float(name: str, value: object, *, minimum: Optional[float] = None, be
     return float(value)
 
 
+def check_conv_vq_args(
+    *,
+    in_channels: object,
+    channels: object,
+    res_channels: object,
+    num_res_blocks: object,
+    codebook_size: object,
+    embedding_dim: object,
+    beta: object,
+    data_variance: object,
+    **own: tuple[object, int],
+) -> None:
+    """The constructor checks the convolutional VQ models (VQ-VAE, VQ-VAE-2, RQ-VAE) share.
+
+    ``own`` holds a model's other int arguments as ``name=(value, minimum)``. Raises ``ValueError``
+    naming the first argument that is not an int at or above its minimum, a ``beta`` below 0 or a
+    ``data_variance`` that is not a finite float > 0.
+    """
+    for name, value, minimum in (
+        ("in_channels", in_channels, 1),
+        ("channels", channels, 1),
+        ("res_channels", res_channels, 1),
+        ("num_res_blocks", num_res_blocks, 0),
+        ("codebook_size", codebook_size, 1),
+        ("embedding_dim", embedding_dim, 1),
+        *((name, value, minimum) for name, (value, minimum) in own.items()),
+    ):
+        check_positive_int(name, value, minimum)
+    check_float("beta", beta, minimum=0.0)
+    if check_float("data_variance", data_variance) <= 0:
+        raise ValueError(f"data_variance must be > 0, got {data_variance!r}")
+
+
 def check_images(x: object, channels: int, multiple: int, owner: str) -> Tensor:
     """``x`` must be a float ``[B, channels, H, W]`` batch with ``H`` and ``W`` multiples of ``multiple``."""
     if not isinstance(x, Tensor):

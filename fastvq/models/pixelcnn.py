@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.masked_conv import GatedMaskedConv2d, MaskedConv2d
+from ._common import check_positive_int
 
 __all__ = ["PixelCNN", "GatedPixelCNN"]
 
@@ -38,14 +39,8 @@ SAMPLE_METHODS = ("fast", "naive")
 _ROUNDING_ULPS = 32
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _check_odd(name: str, value: object) -> int:
-    _check_positive_int(name, value)
+    check_positive_int(name, value)
     if value % 2 == 0:  # type: ignore[operator]
         raise ValueError(f"{name} must be odd, got {value!r}")
     return value  # type: ignore[return-value]
@@ -96,15 +91,15 @@ class _CodePrior(nn.Module):
         cond_channels: Optional[int],
     ):
         super().__init__()
-        _check_positive_int("num_codes", num_codes)
-        _check_positive_int("channels", channels)
+        check_positive_int("num_codes", num_codes)
+        check_positive_int("channels", channels)
         if num_classes is not None and cond_num_codes is not None:
             raise ValueError("condition on a class (num_classes) or on a code map (cond_num_codes), not both")
         if num_classes is not None:
-            _check_positive_int("num_classes", num_classes)
+            check_positive_int("num_classes", num_classes)
         if cond_num_codes is not None:
-            _check_positive_int("cond_num_codes", cond_num_codes)
-            cond_channels = _check_positive_int("cond_channels", channels if cond_channels is None else cond_channels)
+            check_positive_int("cond_num_codes", cond_num_codes)
+            cond_channels = check_positive_int("cond_channels", channels if cond_channels is None else cond_channels)
         elif cond_channels is not None:
             raise ValueError("cond_channels needs cond_num_codes")
         self.num_codes = num_codes
@@ -208,7 +203,7 @@ class _CodePrior(nn.Module):
         return codes
 
     def _check_sample_args(self, n, shape, temperature, top_k, generator, method) -> tuple[int, int]:
-        _check_positive_int("n", n, minimum=0)
+        check_positive_int("n", n, minimum=0)
         if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
                 or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in shape)):
             raise ValueError(f"shape must be (H, W) with ints >= 1, got {shape!r}")
@@ -312,10 +307,10 @@ class PixelCNN(_CodePrior):
         cond_channels: Optional[int] = None,
     ):
         super().__init__(num_codes, channels, num_classes, cond_num_codes, cond_channels)
-        _check_positive_int("num_layers", num_layers)
+        check_positive_int("num_layers", num_layers)
         _check_odd("kernel_size", kernel_size)
         _check_odd("first_kernel_size", first_kernel_size)
-        head_channels = _check_positive_int("head_channels", channels if head_channels is None else head_channels)
+        head_channels = check_positive_int("head_channels", channels if head_channels is None else head_channels)
         self.layers = nn.ModuleList(
             _PixelCNNLayer(channels, first_kernel_size if index == 0 else kernel_size, "A" if index == 0 else "B",
                            num_classes, self.cond_channels)
@@ -408,10 +403,10 @@ class GatedPixelCNN(_CodePrior):
         cond_channels: Optional[int] = None,
     ):
         super().__init__(num_codes, channels, num_classes, cond_num_codes, cond_channels)
-        _check_positive_int("num_layers", num_layers)
+        check_positive_int("num_layers", num_layers)
         _check_odd("kernel_size", kernel_size)
         _check_odd("first_kernel_size", first_kernel_size)
-        head_channels = _check_positive_int("head_channels", channels if head_channels is None else head_channels)
+        head_channels = check_positive_int("head_channels", channels if head_channels is None else head_channels)
         self.layers = nn.ModuleList(
             GatedMaskedConv2d(
                 channels,

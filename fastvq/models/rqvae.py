@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..functional import nearest_code
 from ..nn import ResidualVQ
-from ._common import CODEBOOK_KINDS, Decoder, Encoder, check_codes, check_float, check_images, check_positive_int
+from ._common import CODEBOOK_KINDS, Decoder, Encoder, check_codes, check_conv_vq_args, check_images
 
 __all__ = ["RQVAE"]
 
@@ -60,17 +60,9 @@ class RQVAE(nn.Module):
         data_variance: float = 1.0,
     ):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("channels", channels)
-        check_positive_int("res_channels", res_channels)
-        check_positive_int("num_res_blocks", num_res_blocks, minimum=0)
-        check_positive_int("downsamples", downsamples, minimum=0)
-        check_positive_int("codebook_size", codebook_size)
-        check_positive_int("embedding_dim", embedding_dim)
-        check_positive_int("depth", depth)
-        check_float("beta", beta, minimum=0.0)
-        if check_float("data_variance", data_variance) <= 0:
-            raise ValueError(f"data_variance must be > 0, got {data_variance!r}")
+        check_conv_vq_args(in_channels=in_channels, channels=channels, res_channels=res_channels,
+                           num_res_blocks=num_res_blocks, codebook_size=codebook_size, embedding_dim=embedding_dim,
+                           beta=beta, data_variance=data_variance, downsamples=(downsamples, 0), depth=(depth, 1))
         if codebook not in CODEBOOK_KINDS:
             raise ValueError(f"codebook must be one of {CODEBOOK_KINDS}, got {codebook!r}")
         if codebook == "gradient" and (kmeans_init or dead_code_threshold):

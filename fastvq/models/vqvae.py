@@ -11,9 +11,8 @@ from ._common import (
     Encoder,
     ImageQuantizer,
     check_codes,
-    check_float,
+    check_conv_vq_args,
     check_images,
-    check_positive_int,
 )
 
 __all__ = ["VQVAE"]
@@ -78,17 +77,9 @@ class VQVAE(nn.Module):
         data_variance: float = 1.0,
     ):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("channels", channels)
-        check_positive_int("res_channels", res_channels)
-        check_positive_int("num_res_blocks", num_res_blocks, minimum=0)
-        check_positive_int("downsamples", downsamples, minimum=0)
-        check_positive_int("codebook_size", codebook_size)
-        check_positive_int("embedding_dim", embedding_dim)
-        check_float("beta", beta, minimum=0.0)
-        check_float("data_variance", data_variance)
-        if data_variance <= 0:
-            raise ValueError(f"data_variance must be > 0, got {data_variance!r}")
+        check_conv_vq_args(in_channels=in_channels, channels=channels, res_channels=res_channels,
+                           num_res_blocks=num_res_blocks, codebook_size=codebook_size, embedding_dim=embedding_dim,
+                           beta=beta, data_variance=data_variance, downsamples=(downsamples, 0))
         self.in_channels = in_channels
         self.downsamples = downsamples
         self.codebook_size = codebook_size

@@ -11,9 +11,8 @@ from ._common import (
     Encoder,
     ImageQuantizer,
     check_codes,
-    check_float,
+    check_conv_vq_args,
     check_images,
-    check_positive_int,
 )
 
 __all__ = ["VQVAE2"]
@@ -68,19 +67,11 @@ class VQVAE2(nn.Module):
         data_variance: float = 1.0,
     ):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("channels", channels)
-        check_positive_int("res_channels", res_channels)
-        check_positive_int("num_res_blocks", num_res_blocks, minimum=0)
-        check_positive_int("bottom_downsamples", bottom_downsamples, minimum=0)
-        check_positive_int("top_downsamples", top_downsamples)
-        check_positive_int("codebook_size", codebook_size)
         top_codebook_size = codebook_size if top_codebook_size is None else top_codebook_size
-        check_positive_int("top_codebook_size", top_codebook_size)
-        check_positive_int("embedding_dim", embedding_dim)
-        check_float("beta", beta, minimum=0.0)
-        if check_float("data_variance", data_variance) <= 0:
-            raise ValueError(f"data_variance must be > 0, got {data_variance!r}")
+        check_conv_vq_args(in_channels=in_channels, channels=channels, res_channels=res_channels,
+                           num_res_blocks=num_res_blocks, codebook_size=codebook_size, embedding_dim=embedding_dim,
+                           beta=beta, data_variance=data_variance, bottom_downsamples=(bottom_downsamples, 0),
+                           top_downsamples=(top_downsamples, 1), top_codebook_size=(top_codebook_size, 1))
         self.in_channels = in_channels
         self.bottom_downsamples = bottom_downsamples
         self.top_downsamples = top_downsamples
