@@ -1,9 +1,11 @@
 """The harness every fastvq benchmark script shares: timing, peak memory, throughput, the machine's
 description and the result files under ``benchmarks/results/``.
 
-A bench script measures one op family on a grid of sizes, builds one row (a dict) per
-(bench, impl, N, K, D, dtype, metric) and hands the rows to ``write_results`` and ``format_table``.
-Only what is measured is written: a row that could not be measured carries a ``note`` instead.
+A bench script measures one op family on a grid of its own parameters (the search's ``N, K, D,
+dtype, metric``; the masked convolution's batch, channels, map size, kernel and mask; ...), builds
+one row (a dict) per ``(bench, impl, *its key columns)`` and hands the rows and the names of its
+key columns to ``write_results``, and the rows to ``format_table``. Only what is measured is
+written: a row that could not be measured carries a ``note`` instead.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import torch
 
 MIB = 1024**2
 GIB = 1024**3
-KEY_COLUMNS = ("bench", "impl", "N", "K", "D", "dtype", "metric")
 # Where a row was measured; the markdown report says each once, above the tables, when every row agrees.
 HEADER_COLUMNS = ("device", "torch", "triton", "fastvq")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -226,11 +227,15 @@ def _git(directory: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout
 
 
-def write_results(rows: Sequence[dict[str, Any]], device: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+def write_results(
+    rows: Sequence[dict[str, Any]], device: str, key_columns: Sequence[str], out_dir: Path = RESULTS_DIR
+) -> tuple[Path, Path]:
     """Merges ``rows`` into ``<out_dir>/<device-slug>.csv`` and rewrites ``<device-slug>.md`` from it.
 
-    A new row replaces the stored row with the same ``KEY_COLUMNS``; every other stored row is
-    kept, so one bench script (or one grid) can be re-run without losing the others.
+    ``key_columns`` are the parameters that identify a row of the benches in ``rows`` (besides
+    ``bench`` and ``impl``). A new row replaces the stored row of the same bench and impl whose key
+    columns agree; every other stored row is kept, those of other benches untouched, so one bench
+    script (or one grid) can be re-run without losing the others.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{device_slug(device)}.csv"
@@ -243,8 +248,16 @@ def write_results(rows: Sequence[dict[str, Any]], device: str, out_dir: Path = R
             columns = list(reader.fieldnames or [])
             stored = list(reader)
     new_rows = [{name: _format_value(value) for name, value in row.items()} for row in rows]
-    merged = {_row_key(row): row for row in stored}
-    merged.update({_row_key(row): row for row in new_rows})
+    benches = {row["bench"] for row in new_rows}
+    keys = ("bench", "impl", *key_columns)
+
+    def row_key(position: int, row: dict[str, str]) -> tuple[str, ...]:
+        if row["bench"] not in benches:  # another bench's row: kept as it is, under its own place
+            return ("kept", str(position))
+        return tuple(str(row.get(name, "")) for name in keys)
+
+    merged = {row_key(position, row): row for position, row in enumerate(stored)}
+    merged.update({row_key(0, row): row for row in new_rows})
     columns = list(dict.fromkeys(columns + [name for row in new_rows for name in row]))
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
@@ -254,19 +267,19 @@ def write_results(rows: Sequence[dict[str, Any]], device: str, out_dir: Path = R
     return csv_path, md_path
 
 
-def _row_key(row: dict[str, str]) -> tuple[str, ...]:
-    return tuple(str(row.get(name, "")) for name in KEY_COLUMNS)
-
-
 def _markdown_report(rows: list[dict[str, str]], columns: list[str], device_name: str) -> str:
-    """One table per bench; a header column with one value in every row is said once, above them."""
+    """One table per bench, of the columns its rows fill; a header column with one value in every row is said
+    once, above them."""
     shared = [name for name in HEADER_COLUMNS if len({row.get(name, "") for row in rows}) == 1]
     table_columns = [name for name in columns if name not in shared and name != "bench"]
     lines = [f"# fastvq benchmarks on {device_name}", ""]
     lines += [f"- {name}: {rows[0][name]}" for name in shared if name != "device"]
     for bench in dict.fromkeys(row["bench"] for row in rows):
+        bench_rows = [row for row in rows if row["bench"] == bench]
+        # Each bench shows its own columns: one that no row of it fills belongs to another bench.
+        filled = [name for name in table_columns if any(row.get(name, "") != "" for row in bench_rows)]
         lines += ["", f"## {bench}", ""]
-        lines.append(format_table([row for row in rows if row["bench"] == bench], table_columns))
+        lines.append(format_table(bench_rows, filled))
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,8 @@ GRIDS = {
     "cuda": [(65536, size, 256) for size in (512, 2048, 8192, 16384, 65536)],
     "cpu": [(8192, size, 64) for size in (512, 2048, 8192, 65536)],
 }
+# A row is one layer at one size: N vectors of dimension D, K codes.
+KEY_COLUMNS = ("N", "K", "D", "dtype")
 TABLE_COLUMNS = ("impl", "N", "K", "D", "median_ms", "q20_ms", "q80_ms", "peak_mib", "vs_theirs", "note")
 
 
@@ -75,7 +77,7 @@ def available_bytes(device: str) -> int:
 def measure(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str, *,
             repeats: int) -> dict:
     row = {"bench": BENCH, "impl": f"{library}:{layer}", "N": num_rows, "K": num_codes, "D": dim,
-           "dtype": "fp32", "metric": "l2", "median_ms": None, "q20_ms": None, "q80_ms": None,
+           "dtype": "fp32", "median_ms": None, "q20_ms": None, "q80_ms": None,
            "peak_mib": None, "note": "", "load1": os.getloadavg()[0]}
     if library != "fastvq":
         # Timing runs in this process and the memory figure in a second one; running out of
@@ -137,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
     points = [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
     def save(new_rows):
-        return _harness.write_results([{**row, **environment} for row in new_rows], args.device, args.out)
+        return _harness.write_results([{**row, **environment} for row in new_rows], args.device, KEY_COLUMNS, args.out)
 
     rows = run(points, args.device, args.repeats, save)
     csv_path, md_path = save(rows)

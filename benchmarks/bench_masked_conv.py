@@ -26,12 +26,14 @@ position) against ``method="fast"`` (cached; recomputes only what each new code 
 same generator seed; ``speedup`` is naive over fast. A naive 32 x 32 map takes about a minute or
 more on a small CPU, so it is timed once (``repeats``) and the fast sampler a few times.
 
-The harness keys rows by ``(bench, impl, N, K, D, dtype, metric)``: here ``N`` is the batch
-(or ``n``), ``K`` the output channels (or codes), ``D`` the input channels, and ``metric`` names
-the mask, kernel and map (or the model), and on CPU the intra-op thread count (``t2``: with
-other processes on the cores, OpenMP's fork/join waits for descheduled threads and a two-thread
-run can be many times slower than a one-thread one; ``--threads`` sets it). ``load1`` is the host's 1-minute load average when the
-row's measurement started: timings taken while other processes shared the CPU are not clean.
+Rows are keyed by their own parameters: a convolution by ``batch``, ``channels`` (in = out),
+``size`` (the map's side), ``kernel``, ``mask``, ``dtype`` and ``threads``; a sampler row by
+``model``, ``layers``, ``size``, ``n`` (maps drawn), ``channels``, ``codes`` and ``threads``.
+``threads`` is the intra-op thread count on CPU (with other processes on the cores, OpenMP's
+fork/join waits for descheduled threads and a two-thread run can be many times slower than a
+one-thread one; ``--threads`` sets it) and empty on CUDA. ``load1`` is the host's 1-minute load
+average when the row's measurement started: timings taken while other processes shared the CPU
+are not clean.
 Results are merged into ``<out>/<device-slug>.csv`` and ``.md`` (default
 ``benchmarks/results/masked_conv/``). The exit status is non-zero if anything failed.
 """
@@ -63,14 +65,16 @@ from fastvq.reference import pixelcnn_mask_ref
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DEFAULT_OUT = _harness.RESULTS_DIR / "masked_conv"
-TABLE_COLUMNS = ("bench", "impl", "N", "D", "metric", "dtype", "median_ms", "q20_ms", "q80_ms", "tflops", "vs_dense",
-                 "peak_mib", "load1", "note")
-SAMPLER_COLUMNS = ("impl", "N", "K", "D", "metric", "median_ms", "repeats", "speedup", "rechecks", "load1", "note")
+CONV_KEYS = ("batch", "channels", "size", "kernel", "mask", "dtype", "threads")
+SAMPLER_KEYS = ("model", "layers", "size", "n", "channels", "codes", "threads")
+TABLE_COLUMNS = ("bench", "impl", *CONV_KEYS, "median_ms", "q20_ms", "q80_ms", "tflops", "vs_dense", "peak_mib", "load1",
+                 "note")
+SAMPLER_COLUMNS = ("impl", *SAMPLER_KEYS, "median_ms", "repeats", "speedup", "rechecks", "load1", "note")
 
 
-def threads_suffix(device: str) -> str:
+def threads_used(device: str) -> Optional[int]:
     """CPU rows name their intra-op thread count: on a shared machine it changes timings a lot."""
-    return "" if device.startswith("cuda") else f" t{torch.get_num_threads()}"
+    return None if device.startswith("cuda") else torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class ConvPoint:
     mask_type: str = "B"
 
     @property
-    def metric(self) -> str:
+    def label(self) -> str:
         return f"{self.mask_type} {self.kernel}x{self.kernel} @{self.size}x{self.size}"
 
     def taps(self) -> int:
@@ -114,7 +118,7 @@ class SamplerPoint:
     num_codes: int = 512
 
     @property
-    def metric(self) -> str:
+    def label(self) -> str:
         return f"{self.model} L{self.num_layers} {self.size}x{self.size}"
 
 
@@ -200,8 +204,9 @@ def _measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple
     rows, all_ran = [], True
     for impl, (fn, backend) in CONV_IMPLEMENTATIONS.items():
         for pass_name in PASSES:
-            row = {"bench": f"masked_conv2d {pass_name}", "impl": impl, "N": point.batch, "K": point.channels,
-                   "D": point.channels, "dtype": dtype_name, "metric": point.metric + threads_suffix(device),
+            row = {"bench": f"masked_conv2d {pass_name}", "impl": impl, "batch": point.batch,
+                   "channels": point.channels, "size": point.size, "kernel": point.kernel, "mask": point.mask_type,
+                   "dtype": dtype_name, "threads": threads_used(device),
                    "median_ms": None, "q20_ms": None, "q80_ms": None, "tflops": None, "peak_mib": None, "note": "",
                    "load1": os.getloadavg()[0]}
             try:
@@ -232,7 +237,7 @@ def run_conv_grid(points: list[ConvPoint], dtype_names, device: str) -> tuple[li
     rows, all_ran = [], True
     for dtype_name in dtype_names:
         for point in points:
-            print(f"B={point.batch} C={point.channels} {point.metric} {dtype_name}", flush=True)
+            print(f"B={point.batch} C={point.channels} {point.label} {dtype_name}", flush=True)
             point_rows, point_ran = measure_conv_point(point, dtype_name, device)
             for row in point_rows:
                 if row["bench"].endswith("fwd+bwd"):
@@ -277,8 +282,9 @@ def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int, n
         for _ in range(repeats):
             elapsed, maps[method] = _timed_sample(model, point, method, device)
             times.append(elapsed)
-        rows[method] = {"bench": "pixelcnn_sample", "impl": method, "N": point.n, "K": point.num_codes,
-                        "D": point.channels, "dtype": "fp32", "metric": point.metric + threads_suffix(device),
+        rows[method] = {"bench": "pixelcnn_sample", "impl": method, "model": point.model, "layers": point.num_layers,
+                        "size": point.size, "n": point.n, "channels": point.channels, "codes": point.num_codes,
+                        "threads": threads_used(device),
                         "median_ms": statistics.median(times), "q20_ms": min(times), "q80_ms": max(times),
                         "repeats": repeats, "rechecks": model.last_sample_rechecks if method == "fast" else None,
                         "load1": load, "note": ""}
@@ -294,7 +300,7 @@ def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int, n
 def run_sampler_grid(points: list[SamplerPoint], device: str, fast_repeats: int, naive_repeats: int):
     rows, all_ran = [], True
     for point in points:
-        print(f"sample n={point.n} {point.metric}", flush=True)
+        print(f"sample n={point.n} {point.label}", flush=True)
         point_rows, ok = measure_sampler_point(point, device, fast_repeats, naive_repeats)
         rows += point_rows
         all_ran &= ok
@@ -335,9 +341,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         points = SMALL_SAMPLER_GRID if args.small else SAMPLER_GRIDS[args.device]
         sampler_rows, sampler_ok = run_sampler_grid(points, args.device, args.fast_repeats, args.naive_repeats)
         rows, ok = rows + sampler_rows, ok and sampler_ok
-    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, args.out)
     conv_rows = [row for row in rows if row["bench"] != "pixelcnn_sample"]
     sampler_rows = [row for row in rows if row["bench"] == "pixelcnn_sample"]
+    csv_path = md_path = None
+    for group, keys in ((conv_rows, CONV_KEYS), (sampler_rows, SAMPLER_KEYS)):
+        if group:
+            csv_path, md_path = _harness.write_results([{**row, **environment} for row in group], args.device, keys,
+                                                       args.out)
     if conv_rows:
         print("\n" + _harness.format_table(conv_rows, TABLE_COLUMNS))
     if sampler_rows:

@@ -45,7 +45,7 @@ def test_masked_conv2d_forward_backward(benchmark, monkeypatch, impl, point):
         monkeypatch.setenv("FASTVQ_BACKEND", backend)
     call = functools.partial(forward_backward, fn, point.mask_type, *conv_inputs(point, torch.float32, DEVICE))
     call()  # Triton autotunes on the first call; keep it out of the timed rounds
-    benchmark.group = f"masked_conv2d fwd+bwd {point.metric} C={point.channels} B={point.batch}"
+    benchmark.group = f"masked_conv2d fwd+bwd {point.label} C={point.channels} B={point.batch}"
     benchmark(_synchronized(call) if DEVICE == "cuda" else call)
     if benchmark.stats is not None:  # None under --benchmark-disable, which runs the call once untimed
         forward_flops = 2 * point.batch * point.size**2 * point.channels**2 * point.taps()
@@ -57,6 +57,6 @@ def test_pixelcnn_sample(benchmark, method):
     point = SMALL_SAMPLER_GRID[0]
     model = build_prior(point, DEVICE)
     model.sample(point.n, (4, 4), method=method)
-    benchmark.group = f"pixelcnn sample {point.metric} n={point.n}"
+    benchmark.group = f"pixelcnn sample {point.label} n={point.n}"
     benchmark.pedantic(model.sample, args=(point.n, (point.size, point.size)), kwargs={"method": method},
                        rounds=1 if method == "naive" else 3, iterations=1)
