@@ -288,26 +288,29 @@ inline void fold_row(const acc_t* products, const acc_t* bias, int64_t num, int6
 }
 
 // The contract's distance of a row to its chosen code, from the inputs themselves (no centring).
+// It is summed in double whatever the input dtype: a dot or cosine near zero is the difference of
+// terms far larger than itself, and an fp32 sum over D of them would lose the digits the contract
+// asks for. This is O(D) per row, once, against the search's O(K D).
 template <typename acc_t, typename z_t>
 float true_distance(const z_t* z_row, int64_t z_stride, const acc_t* code, int64_t dim, Metric metric) {
   if (metric == Metric::L2) {
-    acc_t total = 0;
+    double total = 0;
     for (int64_t d = 0; d < dim; ++d) {
-      const acc_t diff = static_cast<acc_t>(z_row[d * z_stride]) - code[d];
+      const double diff = static_cast<double>(static_cast<acc_t>(z_row[d * z_stride])) - static_cast<double>(code[d]);
       total += diff * diff;
     }
     return static_cast<float>(total);
   }
-  acc_t dot = 0, z_sq = 0, e_sq = 0;
+  double dot = 0, z_sq = 0, e_sq = 0;
   for (int64_t d = 0; d < dim; ++d) {
-    const acc_t value = static_cast<acc_t>(z_row[d * z_stride]);
-    dot += value * code[d];
+    const double value = static_cast<double>(static_cast<acc_t>(z_row[d * z_stride]));
+    const double code_value = static_cast<double>(code[d]);
+    dot += value * code_value;
     z_sq += value * value;
-    e_sq += code[d] * code[d];
+    e_sq += code_value * code_value;
   }
   if (metric == Metric::Dot) return static_cast<float>(-dot);
-  const acc_t eps = static_cast<acc_t>(kNormEps);
-  const acc_t norms = std::max(std::sqrt(z_sq), eps) * std::max(std::sqrt(e_sq), eps);
+  const double norms = std::max(std::sqrt(z_sq), kNormEps) * std::max(std::sqrt(e_sq), kNormEps);
   return static_cast<float>(1 - dot / norms);
 }
 
