@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"fastvq._C is not available: {CPP_MISSING_REASON}")
 
 
-def test_compiled_extension_is_built():
+def test_the_extension_is_built():
     if HAS_CPP:
         return
     message = f"fastvq._C is not available, so the cpp backend is not tested: {CPP_MISSING_REASON}"

@@ -226,11 +226,11 @@ def test_trains_under_compile_fullgraph(config):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), VectorQuantize(16, 24, **kwargs))
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
-    optim_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
-    optim_compiled = torch.optim.SGD(model.parameters(), lr=0.1)
+    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.1)
+    compiled_optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(3):
         x = torch.randn(4, 10, 8)
-        for net, optim in ((eager, optim_eager), (compiled, optim_compiled)):
+        for net, optim in ((eager, eager_optimizer), (compiled, compiled_optimizer)):
             torch.manual_seed(step)
             q, _, loss = net(x)
             (q.square().mean() + loss).backward()
