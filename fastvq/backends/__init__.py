@@ -132,7 +132,7 @@ def backend_for(device_type: str, dtype: _torch.dtype) -> str:
     if name == "torch":
         return "torch"
     if name in ("cuda", "cpp"):
-        return _checked_compiled_backend(name, device_type, dtype)
+        return _checked_extension_backend(name, device_type, dtype)
     if name == "auto":
         if device_type == "cpu":
             return "cpp" if cpp.available() else "torch"
@@ -161,7 +161,7 @@ def select_backend(tensor: _torch.Tensor, dtype: _torch.dtype) -> str:
     return backend_for(tensor.device.type, dtype)
 
 
-def _checked_compiled_backend(name: str, device_type: str, dtype: _torch.dtype) -> str:
+def _checked_extension_backend(name: str, device_type: str, dtype: _torch.dtype) -> str:
     """Checks that ``FASTVQ_BACKEND=cpp|cuda`` can run here, with an error that says what to do."""
     device = "cpu" if name == "cpp" else "cuda"
     if device_type != device:
