@@ -7,6 +7,7 @@ them builds an ``N x K`` matrix: the search keeps a running minimum per row acro
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -20,6 +21,7 @@ from ._checks import (
     check_masked_conv_inputs,
     check_search_inputs,
     check_segment_inputs,
+    check_tensor,
     resolve_padding,
 )
 
@@ -278,3 +280,117 @@ def masked_conv2d(
 
 
 __all__ += ["masked_conv2d"]
+
+
+# --------------------------------------------------------------------------- scalar quantization (FSQ)
+
+# FSQ's bound keeps tanh(z) * half_l away from the outermost rounding boundary by this margin.
+FSQ_BOUND_EPS = 1e-3
+
+
+def _round_ste(t: Tensor) -> Tensor:
+    return t + (t.round() - t).detach()
+
+
+def _floor_ste(t: Tensor) -> Tensor:
+    return t + (t.floor() - t).detach()
+
+
+def finite_scalar_quantize(
+    z: Tensor,
+    levels: Tensor,
+    *,
+    preserve_symmetry: bool = False,
+    hard_clamp: bool = False,
+    paper_bound: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Finite scalar quantization (Mentzer et al. 2023): each of the last axis' ``d`` values is
+    bounded and rounded to one of ``levels[i]`` values in ``[-1, 1]``, with straight-through gradients.
+
+    The default is vector-quantize-pytorch 1.32's ``FSQ.bound``, to the bit: with ``L`` the level,
+    ``half_l = (L - 1) (1 + 1e-3) / 2``, an offset of 0.5 for even ``L`` (so the levels are
+    ``{-L/2, ..., L/2 - 1} / (L/2)``, asymmetric, as in the paper) and
+    ``round(tanh(z + atanh(offset / half_l)) * half_l - offset) / (L // 2)``. ``hard_clamp``
+    replaces tanh by ``clamp(-1, 1)`` (and atanh by the identity). ``preserve_symmetry`` is the
+    symmetric quantizer of Parker et al. 2024 (arXiv 2411.19842, section 3.2):
+    ``2 / (L - 1) * floor((L - 1) (tanh(z) + 1) / 2 + 0.5) - 1``, levels symmetric around 0.
+
+    ``paper_bound`` uses the FSQ paper's Appendix A.1 bound as its authors corrected it
+    (vector-quantize-pytorch issue #94: ``arctanh`` for the printed ``tan``):
+    ``half_l = (L - 1) (1 - 1e-3) / 2``. vector-quantize-pytorch's ``1 + 1e-3`` lets the
+    bounded value pass the last rounding boundary once ``(L - 1) / 2 * 1e-3 > 0.5``, i.e. for
+    ``L > 1001``, where it rounds to an ``(L+1)``-th level and its index aliases into the next
+    dimension's digit; the paper's bound never leaves the ``L`` levels.
+
+    Args:
+        z: ``[..., d]`` floating point (computed in its own dtype).
+        levels: int ``[d]`` tensor of levels, each ``>= 2`` (``>= 3`` unless ``preserve_symmetry``;
+            the plain bound's even-level shift ``atanh(0.5 / half_l)`` is about 3.8 at ``L = 2``,
+            vector-quantize-pytorch issue #237, and undefined with ``paper_bound``).
+        preserve_symmetry, hard_clamp, paper_bound: as above (``paper_bound`` affects the plain
+            bound only).
+
+    Returns:
+        ``(codes, level_indices)``: ``codes`` like ``z``, each value one of its level's values in
+        ``[-1, 1]``, with gradient straight through the rounding (and through tanh); and
+        ``level_indices`` int64 ``[..., d]``, the level of each value in ``[0, L - 1]`` (a NaN input
+        gets level 0; vector-quantize-pytorch's out-of-range levels at ``L > 1001`` are clamped).
+
+    Raises:
+        TypeError: ``z`` not a float tensor, ``levels`` not an integer tensor.
+        ValueError: ``levels`` not 1-D of ``z``'s last size, or a level below the minimum.
+    """
+    z = check_tensor("z", z)
+    levels = check_tensor("levels", levels)
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype} with shape {tuple(z.shape)}")
+    if levels.is_floating_point() or levels.is_complex() or levels.dtype == torch.bool:
+        raise TypeError(f"levels must be an integer tensor, got dtype {levels.dtype}")
+    if levels.dim() != 1 or z.dim() < 1 or z.shape[-1] != levels.shape[0]:
+        raise ValueError(
+            f"levels must be 1-D with one level per value of z's last axis, got levels of shape "
+            f"{tuple(levels.shape)} for z of shape {tuple(z.shape)}"
+        )
+    check_fsq_levels(levels.tolist(), preserve_symmetry)
+    levels = levels.to(device=z.device, dtype=torch.int32)
+    return fsq_bound(z, levels, preserve_symmetry=preserve_symmetry, hard_clamp=hard_clamp,
+                     eps=-FSQ_BOUND_EPS if paper_bound else FSQ_BOUND_EPS)
+
+
+def check_fsq_levels(levels: list, preserve_symmetry: bool) -> None:
+    """Levels must be ints ``>= 2``, and ``>= 3`` for the plain bound (see ``finite_scalar_quantize``)."""
+    smallest = 2 if preserve_symmetry else 3
+    if not levels or any(not isinstance(level, numbers.Integral) or isinstance(level, bool) or level < smallest
+                         for level in levels):
+        hint = "" if preserve_symmetry else " (levels of 2 need preserve_symmetry=True)"
+        raise ValueError(f"levels must be a non-empty list of ints >= {smallest}{hint}, got {levels!r}")
+
+
+def fsq_bound(z: Tensor, levels: Tensor, *, preserve_symmetry: bool, hard_clamp: bool, eps: float) -> tuple[Tensor, Tensor]:
+    """``finite_scalar_quantize`` without the argument checks, for layers that checked their
+    levels once; ``levels`` int32 on ``z``'s device, ``half_l = (L - 1) (1 + eps) / 2``."""
+    if preserve_symmetry:
+        # vector-quantize-pytorch's FSQ.symmetry_preserving_bound, operation for operation.
+        levels_minus_1 = levels - 1
+        scale = 2.0 / levels_minus_1
+        bounded = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
+        bracket = _floor_ste(levels_minus_1 * (bounded + 1) / 2.0 + 0.5)
+        codes = scale * bracket - 1.0
+        level_float = bracket.detach()
+    else:
+        # vector-quantize-pytorch's FSQ.bound, operation for operation.
+        half_l = (levels - 1) * (1 + eps) / 2
+        offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+        if hard_clamp:
+            bounded = (z + offset / half_l).clamp(-1.0, 1.0) * half_l - offset
+        else:
+            bounded = torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
+        half_width = levels // 2
+        rounded = _round_ste(bounded)
+        codes = rounded / half_width
+        level_float = rounded.detach() + half_width
+    level_indices = level_float.nan_to_num(nan=0.0).clamp(min=0).minimum(levels - 1).long()
+    return codes, level_indices
+
+
+__all__ += ["finite_scalar_quantize"]

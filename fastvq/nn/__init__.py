@@ -22,3 +22,7 @@ __all__ = [
 from .masked_conv import GatedMaskedConv2d, MaskedConv2d  # noqa: E402
 
 __all__ += ["MaskedConv2d", "GatedMaskedConv2d"]
+
+from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ  # noqa: E402
+
+__all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]

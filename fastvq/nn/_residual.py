@@ -1,0 +1,90 @@
+"""What the residual quantizers of the vector-quantize-pytorch family share (ResidualFSQ,
+ResidualLFQ, ResidualSimVQ and their grouped forms): the quantize-dropout draw and the lookup of
+every layer's codes from stacked indices.
+
+Quantize dropout keeps the layers up to a random one. vector-quantize-pytorch draws that layer on
+the host (``torch.randint(...).item()`` seeds a ``random.Random``), one host synchronisation per
+step; here it is a device tensor (rank 0's draw under a process group), every layer runs and the
+dropped ones are masked out. ``rand_quantize_dropout_fixed_seed`` still reproduces
+vector-quantize-pytorch's choice exactly, through the same ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._distributed import broadcast_from_first
+
+
+def _round_up_to_multiple(index, multiple: int):
+    """The last kept layer rounded up so that a multiple of ``multiple`` layers is kept (EnCodec)."""
+    return (index + multiple) // multiple * multiple - 1 if multiple != 1 else index
+
+
+def quantize_dropout_index(
+    *,
+    cutoff_index: int,
+    num_quantizers: int,
+    multiple_of: int,
+    device: torch.device,
+    fixed_seed: Optional[int] = None,
+) -> Tensor:
+    """The last layer kept by quantize dropout, uniform in ``[cutoff_index, num_quantizers)`` and
+    rounded up to keep a multiple of ``multiple_of`` layers: an int64 scalar on ``device``, the
+    same on every rank. ``fixed_seed`` draws it as vector-quantize-pytorch does from that seed."""
+    if fixed_seed is not None:
+        chosen = random.Random(fixed_seed).randrange(cutoff_index, num_quantizers)
+        return torch.tensor(_round_up_to_multiple(chosen, multiple_of), device=device)
+    drawn = broadcast_from_first(torch.randint(cutoff_index, num_quantizers, (), device=device))
+    return _round_up_to_multiple(drawn, multiple_of)
+
+
+def check_dropout_arguments(owner: str, num_quantizers: int, cutoff_index: int, multiple_of: int) -> None:
+    if not isinstance(num_quantizers, int) or isinstance(num_quantizers, bool) or num_quantizers < 1:
+        raise ValueError(f"{owner}: num_quantizers must be a positive int, got {num_quantizers!r}")
+    if not isinstance(cutoff_index, int) or not 0 <= cutoff_index < num_quantizers:
+        raise ValueError(f"{owner}: quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {cutoff_index!r}")
+    if not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"{owner}: quantize_dropout_multiple_of must be an int >= 1, got {multiple_of!r}")
+
+
+def codes_from_indices(
+    codebooks: Tensor, indices: Tensor, *, quantize_dropout: bool, scales: Optional[Tensor] = None
+) -> Tensor:
+    """Every layer's codes for ``indices [B, ..., q]``: ``[Q, B, ..., d]`` from ``codebooks [Q, K, d]``.
+
+    ``q < Q`` (the coarse indices of a dropped-out step) is padded with -1, which needs
+    ``quantize_dropout``, as in vector-quantize-pytorch; a -1 index gives a zero code, any other
+    index outside ``[0, K)`` raises ``ValueError`` (one host synchronisation, skipped under
+    ``torch.compile``, where indices are clamped into range). ``scales [Q, d]`` multiply each
+    layer's codes (ResidualFSQ's per-layer scale).
+    """
+    if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+        found = indices.dtype if isinstance(indices, Tensor) else type(indices).__name__
+        raise TypeError(f"indices must be an int64 or int32 tensor, got {found}")
+    num_quantizers, num_codes = codebooks.shape[:2]
+    depth = indices.shape[-1] if indices.dim() else 0
+    if indices.dim() < 2 or depth > num_quantizers:
+        raise ValueError(f"indices must be [B, ..., q] with q <= {num_quantizers}, got shape {tuple(indices.shape)}")
+    if depth < num_quantizers:
+        if not quantize_dropout:
+            raise ValueError(
+                f"indices for {depth} of {num_quantizers} layers need quantize_dropout=True, as in vector-quantize-pytorch"
+            )
+        pad = indices.new_full((*indices.shape[:-1], num_quantizers - depth), -1)
+        indices = torch.cat((indices, pad), dim=-1)
+    indices = indices.long()
+    if not torch.compiler.is_compiling() and bool(((indices < -1) | (indices >= num_codes)).any()):
+        raise ValueError(f"indices must be -1 (a dropped layer) or in [0, {num_codes}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+    dropped = indices == -1
+    safe = indices.clamp(0, num_codes - 1)
+    codes = torch.stack([codebooks[layer][safe[..., layer]] for layer in range(num_quantizers)])
+    codes = codes.masked_fill(dropped.movedim(-1, 0)[..., None], 0.0)
+    if scales is not None:
+        codes = codes * scales.reshape(num_quantizers, *([1] * (codes.dim() - 2)), -1)
+    return codes
