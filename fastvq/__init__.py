@@ -27,3 +27,7 @@ from . import models  # noqa: E402
 from .functional import masked_conv2d  # noqa: E402
 
 __all__ += ["masked_conv2d", "models"]
+
+from .functional import soft_entropy, soft_quantize  # noqa: E402
+
+__all__ += ["soft_quantize", "soft_entropy"]

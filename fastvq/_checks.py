@@ -11,7 +11,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .backends.common import check_kernel_size, check_mask_type, output_size
+from .backends.common import SOFT_METRICS, check_kernel_size, check_mask_type, output_size
 
 METRICS = ("l2", "cosine", "dot")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -75,10 +75,7 @@ def check_sampling(sample_temperature: object, seed: object, z: torch.Tensor) ->
     if float(sample_temperature) == float("inf"):
         raise ValueError("sample_temperature must be finite")
     if sample_temperature > 0:
-        seed = check_tensor("seed", seed)
-        if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(f"seed must be a one-element int64 tensor, got dtype {seed.dtype} and shape {tuple(seed.shape)}")
-        check_same_device(z=z, seed=seed)
+        check_seed(seed, z)
 
 
 def check_indices(indices: object, num_rows: int, name: str = "indices") -> torch.Tensor:
@@ -208,3 +205,41 @@ def check_masked_conv_inputs(
             f"({kernel_height}, {kernel_width}) and padding {pads} gives {out_height} x {out_width}"
         )
     return pads
+
+
+# --------------------------------------------------------------------------- soft assignments
+
+
+def check_soft_inputs(
+    z: object, codebook: object, values: object = None, metric: object = "l2", temperature: object = 1.0
+) -> None:
+    """Checks ``z [N, D]``, ``codebook [K, D]``, ``values [K, Dv]`` (optional), the metric and the
+    temperature of the soft-assignment ops."""
+    if metric not in SOFT_METRICS:
+        raise ValueError(f"metric must be one of {SOFT_METRICS}, got {metric!r}")
+    check_search_inputs(z, codebook, "l2")
+    if values is not None:
+        values = check_tensor("values", values)
+        if values.dim() != 2:
+            raise ValueError(f"values must be 2-D [K, Dv], got shape {tuple(values.shape)}")
+        check_float("values", values)
+        if values.shape[0] != codebook.shape[0] or values.shape[1] < 1:
+            raise ValueError(
+                f"values must have one row per code and Dv >= 1: codebook of shape {tuple(codebook.shape)}, "
+                f"values of shape {tuple(values.shape)}"
+            )
+        check_same_device(z=z, values=values)
+    check_temperature("temperature", temperature)
+
+
+def check_temperature(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < float("inf"):
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+
+
+def check_seed(seed: object, z: torch.Tensor) -> None:
+    """A Gumbel-noise seed: a one-element int64 tensor on ``z``'s device."""
+    seed = check_tensor("seed", seed)
+    if seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"seed must be a one-element int64 tensor, got dtype {seed.dtype} and shape {tuple(seed.shape)}")
+    check_same_device(z=z, seed=seed)

@@ -19,9 +19,11 @@ from ._checks import (
     check_masked_conv_inputs,
     check_sampling,
     check_search_inputs,
+    check_seed,
     check_segment_inputs,
+    check_soft_inputs,
 )
-from .backends.common import CHUNK_BYTES, output_memory_format, output_size, promoted_dtype
+from .backends.common import CHUNK_BYTES, compute_dtype, output_memory_format, output_size, promoted_dtype
 
 
 def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
@@ -384,3 +386,197 @@ def _masked_conv2d_autograd(ctx, grad):
 
 
 masked_conv2d.register_autograd(_masked_conv2d_autograd, setup_context=_masked_conv2d_setup_context)
+
+
+# --------------------------------------------------------------------------- soft_quantize
+
+
+def _soft_dtype(z: Tensor, codebook: Tensor, values: Optional[Tensor]) -> torch.dtype:
+    dtype = _promoted(z, codebook)
+    return dtype if values is None else torch.promote_types(dtype, values.dtype)
+
+
+def _check_soft_quantize(z, codebook, values, metric, temperature, seed, return_hard) -> None:
+    check_soft_inputs(z, codebook, values, metric, temperature)
+    if seed is not None:
+        check_seed(seed, z)
+        if not return_hard:
+            raise ValueError("a seed (Gumbel noise) needs return_hard=True: the noise only enters the hard choice")
+
+
+@torch.library.custom_op("fastvq::soft_quantize", mutates_args=())
+def soft_quantize(
+    z: Tensor,
+    codebook: Tensor,
+    values: Optional[Tensor],
+    metric: str,
+    temperature: float,
+    seed: Optional[Tensor],
+    return_hard: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(soft [N, Dv], indices int64 [N] or [0], lse [N])``: ``softmax(logits) @ values`` (the codebook
+    when ``values`` is ``None``), the argmax of ``logits`` plus Gumbel noise drawn from ``seed``
+    (plain argmax without one), and the row log-sum-exp, in fp32 (fp64 for fp64 inputs)."""
+    _check_soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
+    backend = backends.select("soft_quantize", z, _soft_dtype(z, codebook, values))
+    return backend.soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
+
+
+@soft_quantize.register_fake
+def _soft_quantize_fake(z, codebook, values, metric, temperature, seed, return_hard):
+    _check_soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
+    dtype = _soft_dtype(z, codebook, values)
+    num_rows = z.shape[0]
+    value_dim = codebook.shape[1] if values is None else values.shape[1]
+    return (
+        z.new_empty((num_rows, value_dim), dtype=dtype),
+        z.new_empty(num_rows if return_hard else 0, dtype=torch.int64),
+        z.new_empty(num_rows, dtype=compute_dtype(dtype)),
+    )
+
+
+@torch.library.custom_op("fastvq::soft_quantize_backward", mutates_args=())
+def soft_quantize_backward(
+    grad_soft: Tensor,
+    grad_lse: Tensor,
+    z: Tensor,
+    codebook: Tensor,
+    values: Optional[Tensor],
+    soft: Tensor,
+    lse: Tensor,
+    metric: str,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_z [N, D], grad_codebook [K, D], grad_values [K, Dv] or [0, Dv])`` of ``soft_quantize``
+    in fp32 (fp64 for fp64 inputs), the probabilities recomputed code tile by code tile from ``lse``.
+    Without ``values``, the gradient through the values is part of ``grad_codebook``."""
+    backend = backends.select("soft_quantize_backward", z, _soft_dtype(z, codebook, values))
+    return backend.soft_quantize_backward(grad_soft, grad_lse, z, codebook, values, soft, lse, metric, temperature)
+
+
+@soft_quantize_backward.register_fake
+def _soft_quantize_backward_fake(grad_soft, grad_lse, z, codebook, values, soft, lse, metric, temperature):
+    work = compute_dtype(_soft_dtype(z, codebook, values))
+    value_shape = (0, codebook.shape[1]) if values is None else tuple(values.shape)
+    return (
+        z.new_empty(z.shape, dtype=work),
+        z.new_empty(codebook.shape, dtype=work),
+        z.new_empty(value_shape, dtype=work),
+    )
+
+
+def _soft_quantize_setup_context(ctx, inputs, output):
+    z, codebook, values, metric, temperature, _, _ = inputs
+    soft, indices, lse = output
+    ctx.save_for_backward(z, codebook, values, soft, lse)
+    ctx.metric = metric
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(indices)
+
+
+def _soft_quantize_autograd(ctx, grad_soft, grad_indices, grad_lse):
+    z, codebook, values, soft, lse = ctx.saved_tensors
+    if grad_soft is None:
+        grad_soft = torch.zeros_like(soft)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    grad_z, grad_codebook, grad_values = torch.ops.fastvq.soft_quantize_backward(
+        grad_soft, grad_lse, z, codebook, values, soft, lse, ctx.metric, ctx.temperature
+    )
+    needs_z, needs_codebook, needs_values = ctx.needs_input_grad[:3]
+    return (
+        grad_z.to(z.dtype) if needs_z else None,
+        grad_codebook.to(codebook.dtype) if needs_codebook else None,
+        grad_values.to(values.dtype) if needs_values else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+soft_quantize.register_autograd(_soft_quantize_autograd, setup_context=_soft_quantize_setup_context)
+
+
+# --------------------------------------------------------------------------- soft_entropy
+
+
+def _check_soft_entropy(z, codebook, metric, temperature) -> None:
+    check_soft_inputs(z, codebook, None, metric, temperature)
+
+
+@torch.library.custom_op("fastvq::soft_entropy", mutates_args=())
+def soft_entropy(z: Tensor, codebook: Tensor, metric: str, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row_entropy [N], mean_probs [K], lse [N])`` of ``p = softmax(logits)``: each row's entropy,
+    the batch mean of ``p`` per code and the row log-sum-exp, in fp32 (fp64 for fp64 inputs)."""
+    _check_soft_entropy(z, codebook, metric, temperature)
+    backend = backends.select("soft_entropy", z, _promoted(z, codebook))
+    return backend.soft_entropy(z, codebook, metric, temperature)
+
+
+@soft_entropy.register_fake
+def _soft_entropy_fake(z, codebook, metric, temperature):
+    _check_soft_entropy(z, codebook, metric, temperature)
+    work = compute_dtype(_promoted(z, codebook))
+    return (
+        z.new_empty(z.shape[0], dtype=work),
+        z.new_empty(codebook.shape[0], dtype=work),
+        z.new_empty(z.shape[0], dtype=work),
+    )
+
+
+@torch.library.custom_op("fastvq::soft_entropy_backward", mutates_args=())
+def soft_entropy_backward(
+    grad_row_entropy: Tensor,
+    grad_mean_probs: Tensor,
+    grad_lse: Tensor,
+    z: Tensor,
+    codebook: Tensor,
+    row_entropy: Tensor,
+    lse: Tensor,
+    metric: str,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """``(grad_z [N, D], grad_codebook [K, D])`` of ``soft_entropy``, in fp32 (fp64 for fp64 inputs)."""
+    backend = backends.select("soft_entropy_backward", z, _promoted(z, codebook))
+    return backend.soft_entropy_backward(
+        grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, metric, temperature
+    )
+
+
+@soft_entropy_backward.register_fake
+def _soft_entropy_backward_fake(grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, metric,
+                                temperature):
+    work = compute_dtype(_promoted(z, codebook))
+    return z.new_empty(z.shape, dtype=work), z.new_empty(codebook.shape, dtype=work)
+
+
+def _soft_entropy_setup_context(ctx, inputs, output):
+    z, codebook, metric, temperature = inputs
+    row_entropy, _, lse = output
+    ctx.save_for_backward(z, codebook, row_entropy, lse)
+    ctx.metric = metric
+    ctx.temperature = temperature
+
+
+def _soft_entropy_autograd(ctx, grad_row_entropy, grad_mean_probs, grad_lse):
+    z, codebook, row_entropy, lse = ctx.saved_tensors
+    if grad_row_entropy is None:
+        grad_row_entropy = torch.zeros_like(row_entropy)
+    if grad_mean_probs is None:
+        grad_mean_probs = lse.new_zeros(codebook.shape[0])
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    grad_z, grad_codebook = torch.ops.fastvq.soft_entropy_backward(
+        grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, ctx.metric, ctx.temperature
+    )
+    needs_z, needs_codebook = ctx.needs_input_grad[:2]
+    return (
+        grad_z.to(z.dtype) if needs_z else None,
+        grad_codebook.to(codebook.dtype) if needs_codebook else None,
+        None,
+        None,
+    )
+
+
+soft_entropy.register_autograd(_soft_entropy_autograd, setup_context=_soft_entropy_setup_context)

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .backends.common import gumbel_noise
+
 METRICS = ("l2", "cosine", "dot")
 
 
@@ -192,3 +194,111 @@ def masked_conv2d_ref(
     return F.conv2d(
         x.to(dtype), weight.to(dtype) * mask, None if bias is None else bias.to(dtype), padding=padding
     )
+
+
+# --------------------------------------------------------------------------- soft assignments
+
+
+def soft_logits_ref(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", temperature: float = 1.0, *, upcast: bool = True
+) -> torch.Tensor:
+    """The full ``[N, K]`` logits of the soft-assignment ops: ``-|z - e|^2``, ``-|z - e|`` (its square
+    floored at 1e-8, as vector-quantize-pytorch's ``cdist``), ``cos(z, e)`` or ``z.e``, over the
+    temperature. A code with a NaN or infinite entry gets logit ``-inf`` (the ops exclude it); a NaN
+    row keeps NaN logits."""
+    dtype = torch.float64 if upcast else torch.promote_types(z.dtype, codebook.dtype)
+    finite = codebook.isfinite().all(dim=1)
+    z, codebook = z.to(dtype), torch.where(finite[:, None], codebook, 0).to(dtype)
+    if metric == "l2":
+        similarity = -distance_matrix_ref(z, codebook, "l2", upcast=upcast)
+    elif metric == "euclidean":
+        similarity = -distance_matrix_ref(z, codebook, "l2", upcast=upcast).clamp_min(1e-8).sqrt()
+    elif metric == "cosine":
+        similarity = F.normalize(z, dim=1) @ F.normalize(codebook, dim=1).T
+    elif metric == "dot":
+        similarity = z @ codebook.T
+    else:
+        raise ValueError(f"metric must be one of ('l2', 'cosine', 'dot', 'euclidean'), got {metric!r}")
+    return (similarity / temperature).masked_fill(~finite, float("-inf"))
+
+
+def soft_quantize_ref(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    temperature: float = 1.0,
+    *,
+    seed: Optional[int] = None,
+    values: Optional[torch.Tensor] = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(softmax(logits) @ values, argmax(logits + gumbel), logsumexp(logits))`` over the full matrix,
+    with autograd. ``seed`` draws the ops' Gumbel noise (``fastvq.backends.common.gumbel_noise``) for
+    the whole ``N x K`` matrix at once; values default to the codebook, and an excluded code's value
+    row is zeroed as the ops zero it. A NaN logit never wins the argmax (an all-NaN row gets 0)."""
+    logits = soft_logits_ref(z, codebook, metric, temperature, upcast=upcast)
+    values = codebook if values is None else values
+    finite = codebook.isfinite().all(dim=1)
+    values = torch.where(finite[:, None], values, 0).to(logits.dtype)
+    soft = torch.softmax(logits, dim=1) @ values
+    scores = logits.detach().nan_to_num(nan=float("-inf"))
+    if seed is not None:
+        rows = torch.arange(z.shape[0], dtype=torch.int64, device=z.device)
+        scores = scores + gumbel_noise(seed, rows, 0, codebook.shape[0]).to(scores.dtype)
+    return soft, scores.argmax(dim=1), torch.logsumexp(logits, dim=1)
+
+
+def soft_entropy_ref(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "dot", temperature: float = 1.0, *, upcast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_entropy [N], mean_probs [K])`` of ``p = softmax(logits)`` through the full matrix."""
+    logits = soft_logits_ref(z, codebook, metric, temperature, upcast=upcast)
+    probs = torch.softmax(logits, dim=1)
+    log_probs = torch.log_softmax(logits, dim=1)
+    # 0 * log 0 = 0: an excluded code's -inf log-probability contributes nothing.
+    row_entropy = -torch.where(probs > 0, probs * log_probs, 0).sum(dim=1)
+    return row_entropy, probs.mean(dim=0)
+
+
+def ibq_ref(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float = 0.25,
+    *,
+    entropy_temperature: float = 0.01,
+    sample_minimization_weight: float = 1.0,
+    batch_maximization_weight: float = 1.0,
+    l2_normalize: bool = False,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Index backpropagation quantization (Shi et al. 2024, IBQ) for rows ``z [N, D]``, as SEED-Voken's
+    ``IndexPropagationQuantize`` computes it, through the logits, the soft and the hard one-hot.
+
+    ``p = softmax(z C^T)``, ``h = one_hot(argmax p)``, ``quantized = (h - sg(p) + p) C`` (the hard
+    code forward, the gradient through the soft assignment, to ``z`` and, through the logits and the
+    hard code, to ``C``), and ``quant_loss = mean((quantized - z)^2) + mean((sg(h C) - z)^2) + beta
+    mean((h C - sg(z))^2)``. The entropy terms are MAGVIT's ``compute_entropy_loss`` on
+    ``softmax(z C^T / entropy_temperature)``: the mean per-sample entropy, the entropy of the batch
+    mean (``-sum a log(a + eps)``) and ``sample_minimization_weight * sample -
+    batch_maximization_weight * batch``. ``l2_normalize`` first normalises ``z`` and the codes.
+
+    Returns ``(quantized, indices, quant_loss, (sample_entropy, avg_entropy, entropy_loss))``.
+    """
+    if l2_normalize:
+        z, codebook = F.normalize(z, dim=1), F.normalize(codebook, dim=1)
+    logits = z @ codebook.T
+    soft_one_hot = torch.softmax(logits, dim=1)
+    indices = soft_one_hot.argmax(dim=1)
+    hard_one_hot = F.one_hot(indices, codebook.shape[0]).to(soft_one_hot.dtype)
+    quantized = (hard_one_hot - soft_one_hot.detach() + soft_one_hot) @ codebook
+    hard_codes = hard_one_hot @ codebook
+    quant_loss = (
+        F.mse_loss(quantized, z) + F.mse_loss(hard_codes.detach(), z) + beta * F.mse_loss(hard_codes, z.detach())
+    )
+    probs = torch.softmax(logits / entropy_temperature, dim=1)
+    log_probs = torch.log_softmax(logits / entropy_temperature, dim=1)
+    avg_probs = probs.mean(dim=0)
+    avg_entropy = -(avg_probs * torch.log(avg_probs + eps)).sum()
+    sample_entropy = -(probs * log_probs).sum(dim=1).mean()
+    entropy_loss = sample_minimization_weight * sample_entropy - batch_maximization_weight * avg_entropy
+    return quantized, indices, quant_loss, (sample_entropy, avg_entropy, entropy_loss)

@@ -45,12 +45,14 @@ _MODULES = {
         "segment_reduce": "fastvq.backends.torch.segment_reduce",
         "vector_quantize": "fastvq.backends.torch.vector_quantize",
         "masked_conv": "fastvq.backends.torch.masked_conv",
+        "soft_quantize": "fastvq.backends.torch.soft_quantize",
     },
     "triton": {
         "search": "fastvq.backends.triton.search",
         "segment_reduce": "fastvq.backends.triton.segment_reduce",
         "vector_quantize": "fastvq.backends.triton.vector_quantize",
         "masked_conv": "fastvq.backends.triton.masked_conv",
+        "soft_quantize": "fastvq.backends.triton.soft_quantize",
     },
     "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
     "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
@@ -72,6 +74,10 @@ OPS = {
     "vector_quantize_backward": Op("vector_quantize", "vector_quantize_backward"),
     "masked_conv2d": Op("masked_conv", "masked_conv2d"),
     "masked_conv2d_backward": Op("masked_conv", "masked_conv2d_backward"),
+    "soft_quantize": Op("soft_quantize", "soft_quantize"),
+    "soft_quantize_backward": Op("soft_quantize", "soft_quantize_backward"),
+    "soft_entropy": Op("soft_quantize", "soft_entropy"),
+    "soft_entropy_backward": Op("soft_quantize", "soft_entropy_backward"),
 }
 
 
@@ -89,6 +95,16 @@ def _self_everywhere() -> dict[str, Route]:
 _NO_C_SAMPLING = "fastvq._C has no Gumbel-max sampling"
 _NO_C_VQ_BACKWARD = "fastvq._C has no VQ backward; index_add_ already sums in row order on CPU"
 _NO_C_CONV = "fastvq._C has no masked convolution"
+_NO_C_SOFT = "fastvq._C has no soft assignment"
+
+
+def _soft_routes() -> dict[str, Route]:
+    return {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_SOFT + "; the chunked PyTorch path runs on the BLAS matmuls of its code chunks"),
+        "cuda": Route("triton", _NO_C_SOFT + "; the Triton kernels run"),
+    }
+
 
 # THE table: op -> selected backend -> the backend that runs it.
 TABLE: dict[str, dict[str, Route]] = {
@@ -110,6 +126,7 @@ TABLE: dict[str, dict[str, Route]] = {
         "cpp": Route("torch", _NO_C_CONV + "; oneDNN's convolution runs on the mask's row groups"),
         "cuda": Route("triton", _NO_C_CONV + "; the Triton kernel runs"),
     },
+    **{op: _soft_routes() for op in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward")},
 }
 
 

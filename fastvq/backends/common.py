@@ -127,3 +127,177 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+# --------------------------------------------------------------------------- soft assignments
+
+SOFT_METRICS = ("l2", "cosine", "dot", "euclidean")
+# vector-quantize-pytorch's cdist clamps the squared distance here before its square root; the
+# "euclidean" logits do the same, so a row sitting on a code has a finite gradient (zero).
+EUCLIDEAN_EPS = 1e-8
+
+_PHILOX_MASK = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+def philox_uint32x4(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor):
+    """Philox-4x32 (Salmon et al. 2011, ``PHILOX_ROUNDS`` rounds) on int64 tensors holding uint32 values.
+
+    The same function as Triton's ``tl.philox(seed, c0, c1, c2, c3)``: key ``(seed mod 2^32,
+    seed >> 32)``, counter ``(c0, c1, c2, c3)``. A 32 x 32-bit product fits in 64 bits; int64
+    multiplication wraps modulo 2^64, so its low 64 bits, and with them the high and low words the
+    rounds need, are exact even when the int64 result reads negative.
+    """
+    key0, key1 = seed & _PHILOX_MASK, (seed >> 32) & _PHILOX_MASK
+    for _ in range(PHILOX_ROUNDS):
+        # In place where possible: on the PyTorch path this runs on every slab of logits.
+        product_a = c0 * _PHILOX_ROUND_A
+        product_b = c2 * _PHILOX_ROUND_B
+        new_c0 = (product_b >> 32).bitwise_and_(_PHILOX_MASK).bitwise_xor_(c1).bitwise_xor_(key0)
+        new_c2 = (product_a >> 32).bitwise_and_(_PHILOX_MASK).bitwise_xor_(c3).bitwise_xor_(key1)
+        c0, c1, c2, c3 = new_c0, product_b.bitwise_and_(_PHILOX_MASK), new_c2, product_a.bitwise_and_(_PHILOX_MASK)
+        key0 = (key0 + _PHILOX_KEY_A) & _PHILOX_MASK
+        key1 = (key1 + _PHILOX_KEY_B) & _PHILOX_MASK
+    return c0, c1, c2, c3
+
+
+def uniform_from_uint32(bits: torch.Tensor) -> torch.Tensor:
+    """The top 23 bits of a uint32 as the float32 ``(2 j + 1) / 2^24`` in ``(0, 1)``: exact in float32,
+    never 0 or 1, so both logarithms of the Gumbel noise stay finite."""
+    return ((bits >> 9) * 2 + 1).to(torch.float32) * (2.0**-24)
+
+
+def gumbel_noise(seed: int, rows: torch.Tensor, code_start: int, code_stop: int) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))`` float32 ``[len(rows), code_stop - code_start]`` for
+    the given int64 row numbers and the codes ``[code_start, code_stop)``.
+
+    The noise of (row ``n``, code ``k``) is a pure function of ``(seed, n, k)``: output ``k mod 4``
+    of Philox-4x32 at counter ``(k >> 2, n mod 2^32, n >> 32, 0)``. The Triton kernel draws the
+    same bits tile by tile, so every backend, chunking and tiling sees the same noise.
+    """
+    first_group, last_group = code_start >> 2, (code_stop - 1) >> 2
+    groups = torch.arange(first_group, last_group + 1, dtype=torch.int64, device=rows.device)
+    shape = (rows.shape[0], groups.shape[0])
+    counters = (
+        groups[None, :].expand(shape),
+        (rows & _PHILOX_MASK)[:, None].expand(shape),
+        (rows >> 32)[:, None].expand(shape),
+        torch.zeros((), dtype=torch.int64, device=rows.device).expand(shape),
+    )
+    bits = torch.stack(philox_uint32x4(seed, *counters), dim=2).reshape(rows.shape[0], -1)
+    offset = code_start - 4 * first_group
+    uniform = uniform_from_uint32(bits[:, offset : offset + code_stop - code_start])
+    return uniform.log_().neg_().log_().neg_()
+
+
+class SoftCodebook:
+    """Keys, values and per-code terms prepared once per call for the soft-assignment ops, and the
+    chain rule from the prepared tensors back to the caller's (PyTorch path and Triton launcher).
+
+    Every metric's logit is a function of the dot product ``a = zq . kq`` of a prepared row and a
+    prepared key, a per-code term ``c`` and a per-row term ``r``, divided by the temperature:
+
+    - ``dot``: ``(a - c) / T`` with the keys as given;
+    - ``cosine``: ``(a - c) / T`` with rows and keys divided by their norms (floored at ``NORM_EPS``);
+    - ``l2``: ``-(r + c - 2 a) / T = -|z - e|^2 / T`` with rows and keys centred on the mean of the
+      finite codes (which leaves every distance unchanged and removes the cancellation far from
+      the origin), ``r = |zq|^2``, ``c = |kq|^2``;
+    - ``euclidean``: ``-sqrt(max(r + c - 2 a, EUCLIDEAN_EPS)) / T = -|z - e| / T``, the plain
+      distance vector-quantize-pytorch's ``-cdist`` logits use.
+
+    A code whose key has a NaN or infinite entry is excluded: its key is zeroed and ``c = +inf``, so
+    its logit is ``-inf`` (probability 0, never the hard choice), and its value row is zeroed so it
+    adds nothing to the soft codes. ``c`` is 0 for every other dot/cosine code.
+    """
+
+    def __init__(self, codebook: torch.Tensor, values: Optional[torch.Tensor], metric: str, dtype: torch.dtype):
+        self.metric = metric
+        self.work_dtype = compute_dtype(dtype)
+        keys = codebook.to(self.work_dtype)
+        finite = keys.isfinite().all(dim=1)
+        self.key_norms: Optional[torch.Tensor] = None
+        self.center: Optional[torch.Tensor] = None
+        if metric in ("l2", "euclidean"):
+            self.center = torch.where(finite[:, None], keys, 0).sum(dim=0) / finite.sum().clamp_min(1)
+            keys = keys - self.center
+        elif metric == "cosine":
+            self.key_norms = keys.norm(dim=1, keepdim=True)
+            keys = keys / self.key_norms.clamp_min(NORM_EPS)
+        keys = torch.where(finite[:, None], keys, 0)
+        if metric in ("l2", "euclidean"):
+            code_term = (keys * keys).sum(dim=1)
+        else:
+            code_term = torch.zeros(keys.shape[0], dtype=self.work_dtype, device=keys.device)
+        self.keys = keys
+        self.code_term = torch.where(finite, code_term, float("inf"))
+        source = codebook if values is None else values
+        self.values = torch.where(finite[:, None], source.to(self.work_dtype), 0)
+
+    def rows(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(zq, r)``: the prepared rows in the work dtype and their per-row term (``|zq|^2`` for
+        l2 and euclidean, zeros otherwise)."""
+        zq = z.to(self.work_dtype)
+        if self.center is not None:
+            zq = zq - self.center
+            return zq, (zq * zq).sum(dim=1)
+        if self.metric == "cosine":
+            zq = zq / zq.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        return zq, torch.zeros(zq.shape[0], dtype=self.work_dtype, device=zq.device)
+
+    def prepared_grads(
+        self,
+        zq: torch.Tensor,
+        weighted_keys: torch.Tensor,
+        row_sums: torch.Tensor,
+        weighted_rows: torch.Tensor,
+        code_sums: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients to ``zq`` and to the prepared keys from the backward pass's sums.
+
+        With ``w[n, k]`` the backward's per-logit weight (``dL/dlogit / T`` for dot, cosine and l2;
+        ``dL/dlogit / (2 T |z - e|)`` for euclidean, 0 where the distance was clamped), the passes
+        return ``weighted_keys = w @ kq``, ``row_sums = w.sum(1)``, ``weighted_rows = w^T @ zq`` and
+        ``code_sums = w.sum(0)``. For dot and cosine the gradients are the first and third; for l2
+        and euclidean, whose logits depend on ``|zq - kq|^2``, they are ``2 (w @ kq - zq * rowsum)``
+        and ``2 (w^T @ zq - kq * colsum)``.
+        """
+        if self.metric in ("dot", "cosine"):
+            return weighted_keys, weighted_rows
+        grad_rows = 2.0 * (weighted_keys - zq * row_sums[:, None])
+        grad_keys = 2.0 * (weighted_rows - self.keys * code_sums[:, None])
+        return grad_rows, grad_keys
+
+    def row_grad(self, z: torch.Tensor, grad_zq: torch.Tensor) -> torch.Tensor:
+        """Chains the gradient of the prepared rows back to ``z`` (the centre is held constant:
+        the logits do not depend on it)."""
+        if self.metric != "cosine":
+            return grad_zq
+        return _normalize_backward(z.to(self.work_dtype), grad_zq)
+
+    def key_grad(self, codebook: torch.Tensor, grad_keys: torch.Tensor) -> torch.Tensor:
+        """Chains the gradient of the prepared keys back to the codebook."""
+        if self.metric != "cosine":
+            return grad_keys
+        return _normalize_backward(codebook.to(self.work_dtype), grad_keys)
+
+
+def split_value_grad(
+    values: Optional[torch.Tensor], grad_codebook: torch.Tensor, grad_values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_codebook, grad_values)`` as the soft-quantize backward returns them: without separate
+    ``values`` the codebook is also the values, so it takes their gradient and ``grad_values`` is empty."""
+    if values is None:
+        return grad_codebook + grad_values, grad_values[:0]
+    return grad_codebook, grad_values
+
+
+def _normalize_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``x / max(|x|, NORM_EPS)`` row-wise: ``(g - u (u . g)) / |x|`` with ``u`` the
+    normalised row, and ``g / NORM_EPS`` for a row shorter than the floor."""
+    norms = x.norm(dim=1, keepdim=True)
+    floored = norms.clamp_min(NORM_EPS)
+    unit = x / floored
+    projected = grad - unit * (unit * grad).sum(dim=1, keepdim=True)
+    return torch.where(norms > NORM_EPS, projected, grad) / floored

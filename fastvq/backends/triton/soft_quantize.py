@@ -1,0 +1,668 @@
+"""Soft assignments as flash attention: ``softmax(logits) @ values``, the hard argmax and the
+entropies of the soft assignment, with ``z`` as queries and the codebook as keys.
+
+Three kernels, each walking one operand in tiles and the other in a loop, the logits of a
+``BLOCK_N x BLOCK_K`` tile computed by ``_logit_tile`` (``tl.dot`` over ``D`` in ``BLOCK_D``
+slices, fp32 accumulation, then the metric's transform of ``SoftCodebook``):
+
+- ``_soft_quantize_fwd_kernel``: a program owns ``BLOCK_N`` rows (and one ``BLOCK_DV`` slice of
+  the values) and walks the codes, carrying a running maximum, the running sum of
+  ``exp(logit - max)``, the running ``p @ values`` (all rescaled when the maximum grows), the
+  running ``sum p * logit`` for the entropy and the running argmax of ``logit + gumbel``.
+- ``_soft_rows_bwd_kernel``: per row tile, over the codes, recomputes ``p = exp(logit - lse)``
+  from the saved log-sum-exp and forms the weight ``w = dL/dlogit / T`` (euclidean: also over
+  ``2 |z - e|``) with ``dL/dlogit = p (dp + gamma * logit - delta)``; ``dp`` is ``g @ values^T``
+  (soft quantize) or a per-code vector (entropy). It sums ``w @ keys`` and ``w`` per row.
+- ``_soft_codes_bwd_kernel``: per code tile, over the rows, the same ``w``, summing ``w^T @ zq``
+  and ``w`` per code, and ``p^T @ g`` (the values' gradient) or ``p`` per code (the batch mean
+  of the probabilities).
+
+``SoftCodebook.prepared_grads`` turns the sums into gradients. Each output element is written by
+exactly one program, so nothing uses atomics and every result is deterministic. Nothing of size
+``N x K`` is ever allocated. Gumbel noise comes from Philox-4x32-10 at counter
+``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4`` (``fastvq.backends.common.gumbel_noise``
+draws the same bits on the PyTorch path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
+from .common import dot_precision, interpreting
+
+METRIC_IDS = {"dot": 0, "cosine": 0, "l2": 1, "euclidean": 2}
+_EUCLIDEAN_EPS = tl.constexpr(EUCLIDEAN_EPS)
+
+
+@triton.jit
+def _logit_tile(
+    zq_ptr,
+    keys_ptr,
+    z_tile,
+    rows,
+    row_mask,
+    row_term,
+    codes,
+    code_mask,
+    code_term,
+    D,
+    inv_temperature,
+    METRIC: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``(logits [BLOCK_N, BLOCK_K], scale)``: ``-inf`` for NaN logits and padding codes; ``scale`` is
+    euclidean's ``1 / (2 |z - e|)`` (0 where clamped), ones otherwise."""
+    dims = tl.arange(0, BLOCK_D)
+    code_rows = codes.to(tl.int64) * D
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    if SINGLE_D_TILE:
+        key_tile = tl.load(
+            keys_ptr + code_rows[None, :] + dims[:, None], mask=code_mask[None, :] & (dims < D)[:, None], other=0.0
+        )
+        if DOT_IN_FP32:
+            key_tile = key_tile.to(tl.float32)
+        acc = tl.dot(z_tile, key_tile, acc, input_precision=DOT_PRECISION)
+    else:
+        for dim_start in range(0, D, BLOCK_D):
+            dim_idx = dim_start + dims
+            dim_mask = dim_idx < D
+            z_slice = tl.load(
+                zq_ptr + rows[:, None] * D + dim_idx[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0
+            )
+            key_tile = tl.load(
+                keys_ptr + code_rows[None, :] + dim_idx[:, None], mask=code_mask[None, :] & dim_mask[:, None], other=0.0
+            )
+            if DOT_IN_FP32:
+                z_slice = z_slice.to(tl.float32)
+                key_tile = key_tile.to(tl.float32)
+            acc = tl.dot(z_slice, key_tile, acc, input_precision=DOT_PRECISION)
+    scale = tl.full((BLOCK_N, BLOCK_K), 1.0, tl.float32)
+    if METRIC == 0:
+        logits = (acc - code_term[None, :]) * inv_temperature
+    elif METRIC == 1:
+        logits = (2.0 * acc - row_term[:, None] - code_term[None, :]) * inv_temperature
+    else:
+        squared = row_term[:, None] + code_term[None, :] - 2.0 * acc
+        distance = tl.sqrt(tl.maximum(squared, _EUCLIDEAN_EPS))
+        scale = tl.where(squared <= _EUCLIDEAN_EPS, 0.0, 0.5 / distance)
+        logits = -distance * inv_temperature
+    logits = tl.where(logits != logits, float("-inf"), logits)
+    logits = tl.where(code_mask[None, :], logits, float("-inf"))
+    return logits, scale
+
+
+@triton.jit
+def _load_row_tile(zq_ptr, rows, row_mask, D, DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The whole prepared row tile, for ``SINGLE_D_TILE`` (``D <= BLOCK_D``): loaded once, kept in registers."""
+    dims = tl.arange(0, BLOCK_D)
+    z_tile = tl.load(zq_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & (dims < D)[None, :], other=0.0)
+    if DOT_IN_FP32:
+        z_tile = z_tile.to(tl.float32)
+    return z_tile
+
+
+@triton.jit
+def _gumbel_tile(seed, rows, code_start, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Standard Gumbel noise of the tile's (row, code) pairs: Philox-4x32-10 at counter
+    ``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4``, its top 23 bits read as ``(2 j + 1) / 2^24``."""
+    groups = (code_start // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_K // 4)
+    c0 = tl.broadcast_to(groups[None, :], shape)
+    c1 = tl.broadcast_to((rows & 0xFFFFFFFF).to(tl.uint32)[:, None], shape)
+    c2 = tl.broadcast_to((rows >> 32).to(tl.uint32)[:, None], shape)
+    c3 = c0 * 0
+    out0, out1, out2, out3 = tl.philox(seed, c0, c1, c2, c3)
+    bits = tl.interleave(tl.interleave(out0, out2), tl.interleave(out1, out3))
+    uniform = ((bits >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+    return -tl.log(-tl.log(uniform))
+
+
+@triton.jit
+def _soft_quantize_fwd_kernel(
+    zq_ptr,
+    row_term_ptr,
+    keys_ptr,
+    code_term_ptr,
+    values_ptr,
+    soft_ptr,
+    indices_ptr,
+    lse_ptr,
+    mean_logit_ptr,
+    seed_ptr,
+    N,
+    K,
+    D,
+    DV,
+    inv_temperature,
+    METRIC: tl.constexpr,
+    VALUES: tl.constexpr,
+    HARD: tl.constexpr,
+    NOISE: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_value = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    row_term = tl.load(row_term_ptr + rows, mask=row_mask, other=0.0)
+    value_dims = pid_value * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    value_mask = value_dims < DV
+    z_tile = _load_row_tile(zq_ptr, rows, row_mask, D, DOT_IN_FP32, BLOCK_D) if SINGLE_D_TILE else 0.0
+    if NOISE:
+        seed = tl.load(seed_ptr)
+
+    maximum = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    weighted_logits = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    best_index = tl.zeros((BLOCK_N,), tl.int64)
+    for code_start in range(0, K, BLOCK_K):
+        codes = code_start + tl.arange(0, BLOCK_K)
+        code_mask = codes < K
+        code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=float("inf"))
+        logits, _ = _logit_tile(
+            zq_ptr, keys_ptr, z_tile, rows, row_mask, row_term, codes, code_mask, code_term, D, inv_temperature,
+            METRIC, SINGLE_D_TILE, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+        )
+        if HARD:
+            scores = logits
+            if NOISE:
+                scores = logits + _gumbel_tile(seed, rows, code_start, BLOCK_N, BLOCK_K)
+            tile_best, tile_index = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            # Strict '>' keeps the earlier tile on ties, so the lowest index wins whatever the tiling.
+            better = tile_best > best
+            best = tl.where(better, tile_best, best)
+            best_index = tl.where(better, tile_index.to(tl.int64) + code_start, best_index)
+        new_maximum = tl.maximum(maximum, tl.max(logits, axis=1))
+        # A row whose logits are all -inf so far keeps a zero sum instead of exp(nan).
+        shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
+        rescale = tl.exp(maximum - shift)
+        probs = tl.exp(logits - shift[:, None])
+        total = total * rescale + tl.sum(probs, axis=1)
+        if MEAN_LOGIT:
+            weighted_logits = weighted_logits * rescale + tl.sum(tl.where(probs > 0, probs * logits, 0.0), axis=1)
+        if VALUES:
+            value_tile = tl.load(
+                values_ptr + codes.to(tl.int64)[:, None] * DV + value_dims[None, :],
+                mask=code_mask[:, None] & value_mask[None, :],
+                other=0.0,
+            )
+            if DOT_IN_FP32:
+                value_tile = value_tile.to(tl.float32)
+            acc = acc * rescale[:, None]
+            acc = tl.dot(probs.to(value_tile.dtype), value_tile, acc, input_precision=DOT_PRECISION)
+        maximum = new_maximum
+
+    if VALUES:
+        tl.store(
+            soft_ptr + rows[:, None] * DV + value_dims[None, :],
+            (acc / total[:, None]).to(soft_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & value_mask[None, :],
+        )
+    first = row_mask & (pid_value == 0)
+    shift = tl.where(maximum == float("-inf"), 0.0, maximum)
+    lse = tl.where(total > 0, shift + tl.log(total), float("nan"))
+    tl.store(lse_ptr + rows, lse, mask=first)
+    if MEAN_LOGIT:
+        tl.store(mean_logit_ptr + rows, weighted_logits / total, mask=first)
+    if HARD:
+        tl.store(indices_ptr + rows, best_index, mask=first)
+
+
+@triton.jit
+def _logit_grad_weight(
+    logits,
+    scale,
+    lse,
+    dp,
+    gamma,
+    delta,
+    inv_temperature,
+    GAMMA: tl.constexpr,
+):
+    """``(p, w)``: ``p = exp(logit - lse)`` and ``w = p (dp + gamma * logit - delta) / T * scale``, 0
+    where ``p`` is 0 (an excluded code's ``-inf`` logit must not turn it into NaN)."""
+    probs = tl.exp(logits - lse[:, None])
+    bracket = dp - delta[:, None]
+    if GAMMA:
+        bracket += gamma[:, None] * logits
+    weight = tl.where(probs > 0, probs * bracket, 0.0) * (scale * inv_temperature)
+    return probs, weight
+
+
+@triton.jit
+def _output_grad_tile(
+    grad_ptr,
+    values_ptr,
+    code_weight_ptr,
+    rows,
+    row_mask,
+    codes,
+    code_mask,
+    DV,
+    CODE_WEIGHTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """``dp [BLOCK_N, BLOCK_K]``: ``grad @ values^T`` over ``DV`` in ``BLOCK_DV`` slices, or with
+    ``CODE_WEIGHTS`` the per-code vector broadcast over the rows."""
+    if CODE_WEIGHTS:
+        weights = tl.load(code_weight_ptr + codes, mask=code_mask, other=0.0)
+        return tl.broadcast_to(weights[None, :], (BLOCK_N, BLOCK_K))
+    code_rows = codes.to(tl.int64)
+    dp = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for value_start in range(0, DV, BLOCK_DV):
+        value_dims = value_start + tl.arange(0, BLOCK_DV)
+        value_mask = value_dims < DV
+        grad_tile = tl.load(
+            grad_ptr + rows[:, None] * DV + value_dims[None, :], mask=row_mask[:, None] & value_mask[None, :], other=0.0
+        )
+        value_tile = tl.load(
+            values_ptr + code_rows[None, :] * DV + value_dims[:, None], mask=code_mask[None, :] & value_mask[:, None],
+            other=0.0,
+        )
+        if DOT_IN_FP32:
+            value_tile = value_tile.to(tl.float32)
+        dp = tl.dot(grad_tile.to(value_tile.dtype), value_tile, dp, input_precision=DOT_PRECISION)
+    return dp
+
+
+@triton.jit
+def _soft_rows_bwd_kernel(
+    zq_ptr,
+    row_term_ptr,
+    keys_ptr,
+    code_term_ptr,
+    values_ptr,
+    grad_ptr,
+    code_weight_ptr,
+    lse_ptr,
+    gamma_ptr,
+    delta_ptr,
+    weighted_keys_ptr,
+    row_sums_ptr,
+    N,
+    K,
+    D,
+    DV,
+    inv_temperature,
+    METRIC: tl.constexpr,
+    CODE_WEIGHTS: tl.constexpr,
+    GAMMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_out = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    row_term = tl.load(row_term_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
+    gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0) if GAMMA else delta
+    out_dims = pid_out * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_dims < D
+    z_tile = _load_row_tile(zq_ptr, rows, row_mask, D, DOT_IN_FP32, BLOCK_D) if SINGLE_D_TILE else 0.0
+
+    weighted_keys = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+    row_sums = tl.zeros((BLOCK_N,), tl.float32)
+    for code_start in range(0, K, BLOCK_K):
+        codes = code_start + tl.arange(0, BLOCK_K)
+        code_mask = codes < K
+        code_rows = codes.to(tl.int64)
+        code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=float("inf"))
+        logits, scale = _logit_tile(
+            zq_ptr, keys_ptr, z_tile, rows, row_mask, row_term, codes, code_mask, code_term, D, inv_temperature,
+            METRIC, SINGLE_D_TILE, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+        )
+        dp = _output_grad_tile(grad_ptr, values_ptr, code_weight_ptr, rows, row_mask, codes, code_mask, DV,
+                               CODE_WEIGHTS, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_DV)
+        _, weight = _logit_grad_weight(logits, scale, lse, dp, gamma, delta, inv_temperature, GAMMA)
+        row_sums += tl.sum(weight, axis=1)
+        key_tile = tl.load(
+            keys_ptr + code_rows[:, None] * D + out_dims[None, :], mask=code_mask[:, None] & out_mask[None, :], other=0.0
+        )
+        if DOT_IN_FP32:
+            key_tile = key_tile.to(tl.float32)
+        weighted_keys = tl.dot(weight.to(key_tile.dtype), key_tile, weighted_keys, input_precision=DOT_PRECISION)
+
+    tl.store(weighted_keys_ptr + rows[:, None] * D + out_dims[None, :], weighted_keys,
+             mask=row_mask[:, None] & out_mask[None, :])
+    tl.store(row_sums_ptr + rows, row_sums, mask=row_mask & (pid_out == 0))
+
+
+@triton.jit
+def _soft_codes_bwd_kernel(
+    zq_ptr,
+    row_term_ptr,
+    keys_ptr,
+    code_term_ptr,
+    values_ptr,
+    grad_ptr,
+    code_weight_ptr,
+    lse_ptr,
+    gamma_ptr,
+    delta_ptr,
+    weighted_rows_ptr,
+    code_sums_ptr,
+    grad_values_ptr,
+    N,
+    K,
+    D,
+    DV,
+    inv_temperature,
+    METRIC: tl.constexpr,
+    WEIGHTS: tl.constexpr,
+    VALUE_GRAD: tl.constexpr,
+    PROB_SUMS: tl.constexpr,
+    CODE_WEIGHTS: tl.constexpr,
+    GAMMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    BLOCK_DVO: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_out = tl.program_id(1).to(tl.int64)
+    codes = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    code_rows = codes.to(tl.int64)
+    code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=float("inf"))
+    out_dims = pid_out * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_dims < D
+    value_out_dims = pid_out * BLOCK_DVO + tl.arange(0, BLOCK_DVO)
+    value_out_mask = value_out_dims < DV
+
+    weighted_rows = tl.zeros((BLOCK_K, BLOCK_DO), tl.float32)
+    code_sums = tl.zeros((BLOCK_K,), tl.float32)
+    grad_values = tl.zeros((BLOCK_K, BLOCK_DVO), tl.float32)
+    for row_start in range(0, N, BLOCK_N):
+        rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_mask = rows < N
+        row_term = tl.load(row_term_ptr + rows, mask=row_mask, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
+        logits, scale = _logit_tile(
+            zq_ptr, keys_ptr, 0.0, rows, row_mask, row_term, codes, code_mask, code_term, D, inv_temperature,
+            METRIC, False, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+        )
+        # Padding rows have lse = +inf, hence probability 0: they add nothing to any sum.
+        probs = tl.exp(logits - lse[:, None])
+        if PROB_SUMS:
+            code_sums += tl.sum(probs, axis=0)
+        if VALUE_GRAD:
+            grad_tile = tl.load(
+                grad_ptr + rows[:, None] * DV + value_out_dims[None, :],
+                mask=row_mask[:, None] & value_out_mask[None, :], other=0.0,
+            )
+            if DOT_IN_FP32:
+                grad_tile = grad_tile.to(tl.float32)
+            grad_values = tl.dot(tl.trans(probs.to(grad_tile.dtype)), grad_tile, grad_values,
+                                 input_precision=DOT_PRECISION)
+        if WEIGHTS:
+            delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
+            gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0) if GAMMA else delta
+            dp = _output_grad_tile(grad_ptr, values_ptr, code_weight_ptr, rows, row_mask, codes, code_mask, DV,
+                                   CODE_WEIGHTS, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_DV)
+            _, weight = _logit_grad_weight(logits, scale, lse, dp, gamma, delta, inv_temperature, GAMMA)
+            code_sums += tl.sum(weight, axis=0)
+            z_tile = tl.load(
+                zq_ptr + rows[:, None] * D + out_dims[None, :], mask=row_mask[:, None] & out_mask[None, :], other=0.0
+            )
+            if DOT_IN_FP32:
+                z_tile = z_tile.to(tl.float32)
+            weighted_rows = tl.dot(tl.trans(weight.to(z_tile.dtype)), z_tile, weighted_rows,
+                                   input_precision=DOT_PRECISION)
+
+    first = code_mask & (pid_out == 0)
+    if WEIGHTS:
+        tl.store(weighted_rows_ptr + code_rows[:, None] * D + out_dims[None, :], weighted_rows,
+                 mask=code_mask[:, None] & out_mask[None, :])
+    if WEIGHTS or PROB_SUMS:
+        tl.store(code_sums_ptr + codes, code_sums, mask=first)
+    if VALUE_GRAD:
+        tl.store(grad_values_ptr + code_rows[:, None] * DV + value_out_dims[None, :], grad_values,
+                 mask=code_mask[:, None] & value_out_mask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+# The widest output slice one program accumulates in registers; wider outputs take more programs,
+# each recomputing the logits.
+_MAX_OUT_BLOCK = 128
+_INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+
+
+def _blocks(dim: int) -> dict:
+    if interpreting():
+        return dict(_INTERPRETER_BLOCKS)
+    return {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))}
+
+
+def _out_block(dim: int) -> int:
+    if interpreting():
+        return 16
+    return min(_MAX_OUT_BLOCK, max(16, triton.next_power_of_2(max(dim, 1))))
+
+
+class _Launch:
+    """The prepared operands of one call and the kernels' common arguments."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, values: Optional[torch.Tensor], metric: str,
+                 temperature: float):
+        dtype = torch.promote_types(z.dtype, codebook.dtype)
+        if values is not None:
+            dtype = torch.promote_types(dtype, values.dtype)
+        self.dtype = dtype
+        self.prep = SoftCodebook(codebook, values, metric, dtype)
+        zq, row_term = self.prep.rows(z)
+        self.zq_work = zq
+        self.zq = zq.to(dtype).contiguous()
+        self.row_term = row_term.float().contiguous()
+        self.keys = self.prep.keys.to(dtype).contiguous()
+        self.code_term = self.prep.code_term.float().contiguous()
+        self.values = self.prep.values.to(dtype).contiguous()
+        self.num_rows, self.dim = z.shape
+        self.num_codes = codebook.shape[0]
+        self.value_dim = self.values.shape[1]
+        self.inv_temperature = 1.0 / temperature
+        self.blocks = _blocks(self.dim)
+        self.meta = dict(
+            METRIC=METRIC_IDS[metric],
+            DOT_PRECISION=dot_precision(dtype),
+            DOT_IN_FP32=interpreting() and dtype == torch.bfloat16,
+        )
+        self.device = z.device
+
+    def sizes(self) -> tuple:
+        return (self.num_rows, self.num_codes, self.dim, self.value_dim, self.inv_temperature)
+
+    def operands(self) -> tuple:
+        return (self.zq, self.row_term, self.keys, self.code_term, self.values)
+
+    def context(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def forward(self, values: torch.Tensor, *, hard: bool, seed: Optional[torch.Tensor], mean_logit: bool,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(soft [N, Dv], indices, lse, mean_logit)`` of ``softmax(logits) @ values``."""
+        value_dim = values.shape[1]
+        soft = torch.empty((self.num_rows, value_dim), dtype=out_dtype, device=self.device)
+        indices = torch.empty(self.num_rows if hard else 0, dtype=torch.int64, device=self.device)
+        lse = torch.empty(self.num_rows, dtype=torch.float32, device=self.device)
+        weighted = torch.empty(self.num_rows if mean_logit else 0, dtype=torch.float32, device=self.device)
+        if self.num_rows == 0:
+            return soft, indices, lse, weighted
+        block_dv = _out_block(value_dim)
+        grid = (triton.cdiv(self.num_rows, self.blocks["BLOCK_N"]), max(1, triton.cdiv(value_dim, block_dv)))
+        with self.context():
+            _soft_quantize_fwd_kernel[grid](
+                self.zq, self.row_term, self.keys, self.code_term, values,
+                soft, indices, lse, weighted, seed if seed is not None else lse,
+                self.num_rows, self.num_codes, self.dim, value_dim, self.inv_temperature,
+                VALUES=value_dim > 0, HARD=hard, NOISE=seed is not None, MEAN_LOGIT=mean_logit,
+                SINGLE_D_TILE=self.dim <= self.blocks["BLOCK_D"], BLOCK_DV=block_dv,
+                **self.meta, **self.blocks,
+            )
+        return soft, indices, lse, weighted
+
+    def backward_sums(self, lse: torch.Tensor, delta: torch.Tensor, *, grad: Optional[torch.Tensor] = None,
+                      code_weights: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None,
+                      value_grad: bool = False) -> tuple[torch.Tensor, ...]:
+        """``(weighted_keys, row_sums, weighted_rows, code_sums, grad_values)`` of the weight
+        ``w = p (dp + gamma * logit - delta) / T`` with ``dp = grad @ values^T`` or ``code_weights``."""
+        f32 = dict(dtype=torch.float32, device=self.device)
+        weighted_keys = torch.zeros((self.num_rows, self.dim), **f32)
+        row_sums = torch.zeros(self.num_rows, **f32)
+        weighted_rows = torch.zeros((self.num_codes, self.dim), **f32)
+        code_sums = torch.zeros(self.num_codes, **f32)
+        grad_values = torch.zeros((self.num_codes if value_grad else 0, self.value_dim), **f32)
+        if self.num_rows == 0:
+            return weighted_keys, row_sums, weighted_rows, code_sums, grad_values
+        lse, delta = lse.float().contiguous(), delta.float().contiguous()
+        grad = grad.contiguous() if grad is not None else lse
+        code_weights = code_weights.float().contiguous() if code_weights is not None else lse
+        gamma_arg = gamma.float().contiguous() if gamma is not None else lse
+        flags = dict(CODE_WEIGHTS=code_weights is not lse, GAMMA=gamma is not None)
+        block_do, block_dvo = _out_block(self.dim), _out_block(self.value_dim)
+        block_dv = _out_block(self.value_dim)
+        common_args = (*self.operands(), grad, code_weights, lse, gamma_arg, delta)
+        with self.context():
+            grid = (triton.cdiv(self.num_rows, self.blocks["BLOCK_N"]), triton.cdiv(self.dim, block_do))
+            _soft_rows_bwd_kernel[grid](
+                *common_args, weighted_keys, row_sums, *self.sizes(),
+                SINGLE_D_TILE=self.dim <= self.blocks["BLOCK_D"], BLOCK_DV=block_dv, BLOCK_DO=block_do,
+                **flags, **self.meta, **self.blocks,
+            )
+            slices = max(triton.cdiv(self.dim, block_do), triton.cdiv(self.value_dim, block_dvo) if value_grad else 1)
+            grid = (triton.cdiv(self.num_codes, self.blocks["BLOCK_K"]), slices)
+            _soft_codes_bwd_kernel[grid](
+                *common_args, weighted_rows, code_sums, grad_values, *self.sizes(),
+                WEIGHTS=True, VALUE_GRAD=value_grad, PROB_SUMS=False, BLOCK_DV=block_dv, BLOCK_DO=block_do,
+                BLOCK_DVO=block_dvo, **flags, **self.meta, **self.blocks,
+            )
+        return weighted_keys, row_sums, weighted_rows, code_sums, grad_values
+
+    def prob_sums(self, lse: torch.Tensor) -> torch.Tensor:
+        """``sum_n p[n, k]`` per code."""
+        sums = torch.zeros(self.num_codes, dtype=torch.float32, device=self.device)
+        if self.num_rows == 0:
+            return sums
+        lse = lse.float().contiguous()
+        grid = (triton.cdiv(self.num_codes, self.blocks["BLOCK_K"]), 1)
+        with self.context():
+            _soft_codes_bwd_kernel[grid](
+                *self.operands(), lse, lse, lse, lse, lse, sums, sums, sums, *self.sizes(),
+                WEIGHTS=False, VALUE_GRAD=False, PROB_SUMS=True, CODE_WEIGHTS=False, GAMMA=False,
+                BLOCK_DV=16, BLOCK_DO=16, BLOCK_DVO=16, **self.meta, **self.blocks,
+            )
+        return sums
+
+    def grads(self, z: torch.Tensor, codebook: torch.Tensor, sums: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        weighted_keys, row_sums, weighted_rows, code_sums, _ = sums
+        grad_zq, grad_keys = self.prep.prepared_grads(self.zq_work, weighted_keys, row_sums, weighted_rows, code_sums)
+        return self.prep.row_grad(z, grad_zq), self.prep.key_grad(codebook, grad_keys)
+
+
+def soft_quantize(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    metric: str,
+    temperature: float,
+    seed: Optional[torch.Tensor],
+    return_hard: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the forward; inputs are checked by the caller; fp64 is not handled here."""
+    launch = _Launch(z, codebook, values, metric, temperature)
+    soft, indices, lse, _ = launch.forward(launch.values, hard=return_hard, seed=seed, mean_logit=False,
+                                           out_dtype=launch.dtype)
+    return soft, indices, lse
+
+
+def soft_quantize_backward(
+    grad_soft: torch.Tensor,
+    grad_lse: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    soft: torch.Tensor,
+    lse: torch.Tensor,
+    metric: str,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook, grad_values)`` in fp32, as the PyTorch path's."""
+    launch = _Launch(z, codebook, values, metric, temperature)
+    delta = (grad_soft.float() * soft.float()).sum(dim=1) - grad_lse.float()
+    sums = launch.backward_sums(lse, delta, grad=grad_soft.to(launch.dtype), value_grad=True)
+    grad_z, grad_codebook = launch.grads(z, codebook, sums)
+    return (grad_z, *split_value_grad(values, grad_codebook, sums[4]))
+
+
+def soft_entropy(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row_entropy, mean_probs, lse)`` in fp32: the forward kernel's running ``sum p * logit``,
+    then the code kernel's per-code probability sums."""
+    launch = _Launch(z, codebook, None, metric, temperature)
+    no_values = launch.values[:, :0]
+    _, _, lse, mean_logit = launch.forward(no_values, hard=False, seed=None, mean_logit=True, out_dtype=launch.dtype)
+    mean_probs = launch.prob_sums(lse)
+    if launch.num_rows:
+        mean_probs /= launch.num_rows
+    return lse - mean_logit, mean_probs, lse
+
+
+def soft_entropy_backward(
+    grad_row_entropy: torch.Tensor,
+    grad_mean_probs: torch.Tensor,
+    grad_lse: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    row_entropy: torch.Tensor,
+    lse: torch.Tensor,
+    metric: str,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook)`` in fp32, with the weight of the PyTorch path's
+    ``soft_entropy_backward``: ``<p_n, c>`` is the forward kernel with the values ``c [K, 1]``."""
+    launch = _Launch(z, codebook, None, metric, temperature)
+    code_weights = grad_mean_probs.float() / max(launch.num_rows, 1)
+    expected, _, _, _ = launch.forward(code_weights[:, None].contiguous(), hard=False, seed=None, mean_logit=False,
+                                       out_dtype=torch.float32)
+    grad_entropy = grad_row_entropy.float()
+    mean_logit = lse.float() - row_entropy.float()
+    delta = expected[:, 0] - grad_lse.float() - grad_entropy * mean_logit
+    sums = launch.backward_sums(lse, delta, code_weights=code_weights, gamma=-grad_entropy)
+    return launch.grads(z, codebook, sums)
