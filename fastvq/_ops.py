@@ -446,22 +446,31 @@ def soft_quantize_backward(
     lse: Tensor,
     metric: str,
     temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+    compute_values_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_z [N, D], grad_codebook [K, D], grad_values [K, Dv] or [0, Dv])`` of ``soft_quantize``
-    in fp32 (fp64 for fp64 inputs), the probabilities recomputed code tile by code tile from ``lse``.
-    Without ``values``, the gradient through the values is part of ``grad_codebook``."""
+    """``(grad_z [N, D], grad_codebook [K, D], grad_values [K, Dv])`` of ``soft_quantize`` in fp32
+    (fp64 for fp64 inputs), the probabilities recomputed code tile by code tile from ``lse``. A
+    gradient not asked for is empty (``[0, D]``, ``[0, Dv]``), and so is ``grad_values`` without
+    ``values``: the gradient through the values is then part of ``grad_codebook``."""
     backend = backends.select("soft_quantize_backward", z, _soft_dtype(z, codebook, values))
-    return backend.soft_quantize_backward(grad_soft, grad_lse, z, codebook, values, soft, lse, metric, temperature)
+    return backend.soft_quantize_backward(
+        grad_soft, grad_lse, z, codebook, values, soft, lse, metric, temperature, compute_z_grad,
+        compute_codebook_grad, compute_values_grad,
+    )
 
 
 @soft_quantize_backward.register_fake
-def _soft_quantize_backward_fake(grad_soft, grad_lse, z, codebook, values, soft, lse, metric, temperature):
+def _soft_quantize_backward_fake(grad_soft, grad_lse, z, codebook, values, soft, lse, metric, temperature,
+                                 compute_z_grad, compute_codebook_grad, compute_values_grad):
     work = compute_dtype(_soft_dtype(z, codebook, values))
-    value_shape = (0, codebook.shape[1]) if values is None else tuple(values.shape)
+    value_dim = codebook.shape[1] if values is None else values.shape[1]
+    value_rows = values.shape[0] if values is not None and compute_values_grad else 0
     return (
-        z.new_empty(z.shape, dtype=work),
-        z.new_empty(codebook.shape, dtype=work),
-        z.new_empty(value_shape, dtype=work),
+        z.new_empty((z.shape[0] if compute_z_grad else 0, z.shape[1]), dtype=work),
+        z.new_empty((codebook.shape[0] if compute_codebook_grad else 0, codebook.shape[1]), dtype=work),
+        z.new_empty((value_rows, value_dim), dtype=work),
     )
 
 
@@ -480,10 +489,11 @@ def _soft_quantize_autograd(ctx, grad_soft, grad_indices, grad_lse):
         grad_soft = torch.zeros_like(soft)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    grad_z, grad_codebook, grad_values = torch.ops.fastvq.soft_quantize_backward(
-        grad_soft, grad_lse, z, codebook, values, soft, lse, ctx.metric, ctx.temperature
-    )
     needs_z, needs_codebook, needs_values = ctx.needs_input_grad[:3]
+    grad_z, grad_codebook, grad_values = torch.ops.fastvq.soft_quantize_backward(
+        grad_soft, grad_lse, z, codebook, values, soft, lse, ctx.metric, ctx.temperature, needs_z, needs_codebook,
+        needs_values,
+    )
     return (
         grad_z.to(z.dtype) if needs_z else None,
         grad_codebook.to(codebook.dtype) if needs_codebook else None,
@@ -536,19 +546,26 @@ def soft_entropy_backward(
     lse: Tensor,
     metric: str,
     temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(grad_z [N, D], grad_codebook [K, D])`` of ``soft_entropy``, in fp32 (fp64 for fp64 inputs)."""
+    """``(grad_z [N, D], grad_codebook [K, D])`` of ``soft_entropy``, in fp32 (fp64 for fp64 inputs);
+    a gradient not asked for is empty (``[0, D]``)."""
     backend = backends.select("soft_entropy_backward", z, _promoted(z, codebook))
     return backend.soft_entropy_backward(
-        grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, metric, temperature
+        grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, metric, temperature,
+        compute_z_grad, compute_codebook_grad,
     )
 
 
 @soft_entropy_backward.register_fake
 def _soft_entropy_backward_fake(grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, metric,
-                                temperature):
+                                temperature, compute_z_grad, compute_codebook_grad):
     work = compute_dtype(_promoted(z, codebook))
-    return z.new_empty(z.shape, dtype=work), z.new_empty(codebook.shape, dtype=work)
+    return (
+        z.new_empty((z.shape[0] if compute_z_grad else 0, z.shape[1]), dtype=work),
+        z.new_empty((codebook.shape[0] if compute_codebook_grad else 0, codebook.shape[1]), dtype=work),
+    )
 
 
 def _soft_entropy_setup_context(ctx, inputs, output):
@@ -567,10 +584,11 @@ def _soft_entropy_autograd(ctx, grad_row_entropy, grad_mean_probs, grad_lse):
         grad_mean_probs = lse.new_zeros(codebook.shape[0])
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    grad_z, grad_codebook = torch.ops.fastvq.soft_entropy_backward(
-        grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, ctx.metric, ctx.temperature
-    )
     needs_z, needs_codebook = ctx.needs_input_grad[:2]
+    grad_z, grad_codebook = torch.ops.fastvq.soft_entropy_backward(
+        grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, ctx.metric, ctx.temperature,
+        needs_z, needs_codebook,
+    )
     return (
         grad_z.to(z.dtype) if needs_z else None,
         grad_codebook.to(codebook.dtype) if needs_codebook else None,

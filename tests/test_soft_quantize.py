@@ -437,3 +437,20 @@ def test_soft_quantize_compiles_without_graph_breaks(impl):
     eager_loss, eager_indices = step(z, codebook.detach().requires_grad_(True))
     assert torch.equal(indices, eager_indices)
     torch.testing.assert_close(loss, eager_loss)
+
+
+@pytest.mark.parametrize("wanted", ["z", "codebook", "values"])
+def test_only_the_gradients_asked_for_are_computed(impl, wanted):
+    """A leaf that needs no gradient gets none; the others get what they get when all are asked."""
+    device = impl[1]
+    z, codebook, values = soft_inputs(9, 20, 4, device, value_dim=2)
+    everything = run_soft(z, codebook, values, "l2", 0.9, None)
+    leaves = {"z": z.clone(), "codebook": codebook.clone(), "values": values.clone()}
+    leaves[wanted].requires_grad_(True)
+    soft, _, lse = fastvq.soft_quantize(leaves["z"], leaves["codebook"], metric="l2", temperature=0.9,
+                                        values=leaves["values"])
+    generator = torch.Generator().manual_seed(1)
+    upstream = torch.randn(soft.shape, generator=generator).to(soft)
+    upstream_lse = torch.randn(lse.shape, generator=generator).to(lse)
+    (grad,) = torch.autograd.grad((soft * upstream).sum() + (lse * upstream_lse).sum(), [leaves[wanted]])
+    torch.testing.assert_close(grad, everything[3 + ["z", "codebook", "values"].index(wanted)])

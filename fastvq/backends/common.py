@@ -246,28 +246,25 @@ class SoftCodebook:
             zq = zq / zq.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
         return zq, torch.zeros(zq.shape[0], dtype=self.work_dtype, device=zq.device)
 
-    def prepared_grads(
-        self,
-        zq: torch.Tensor,
-        weighted_keys: torch.Tensor,
-        row_sums: torch.Tensor,
-        weighted_rows: torch.Tensor,
-        code_sums: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gradients to ``zq`` and to the prepared keys from the backward pass's sums.
+    def prepared_row_grad(self, zq: torch.Tensor, weighted_keys: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
+        """The gradient to the prepared rows ``zq`` from the backward's row sums.
 
         With ``w[n, k]`` the backward's per-logit weight (``dL/dlogit / T`` for dot, cosine and l2;
-        ``dL/dlogit / (2 T |z - e|)`` for euclidean, 0 where the distance was clamped), the passes
-        return ``weighted_keys = w @ kq``, ``row_sums = w.sum(1)``, ``weighted_rows = w^T @ zq`` and
-        ``code_sums = w.sum(0)``. For dot and cosine the gradients are the first and third; for l2
-        and euclidean, whose logits depend on ``|zq - kq|^2``, they are ``2 (w @ kq - zq * rowsum)``
-        and ``2 (w^T @ zq - kq * colsum)``.
+        ``dL/dlogit / (2 T |z - e|)`` for euclidean, 0 where the distance was clamped), the row pass
+        returns ``weighted_keys = w @ kq`` and ``row_sums = w.sum(1)``. For dot and cosine the
+        gradient is ``w @ kq``; for l2 and euclidean, whose logits depend on ``|zq - kq|^2``, it is
+        ``2 (w @ kq - zq * rowsum)``.
         """
         if self.metric in ("dot", "cosine"):
-            return weighted_keys, weighted_rows
-        grad_rows = 2.0 * (weighted_keys - zq * row_sums[:, None])
-        grad_keys = 2.0 * (weighted_rows - self.keys * code_sums[:, None])
-        return grad_rows, grad_keys
+            return weighted_keys
+        return 2.0 * (weighted_keys - zq * row_sums[:, None])
+
+    def prepared_key_grad(self, weighted_rows: torch.Tensor, code_sums: torch.Tensor) -> torch.Tensor:
+        """The gradient to the prepared keys from the code pass's ``weighted_rows = w^T @ zq`` and
+        ``code_sums = w.sum(0)``: ``w^T @ zq``, or ``2 (w^T @ zq - kq * colsum)`` for l2 and euclidean."""
+        if self.metric in ("dot", "cosine"):
+            return weighted_rows
+        return 2.0 * (weighted_rows - self.keys * code_sums[:, None])
 
     def row_grad(self, z: torch.Tensor, grad_zq: torch.Tensor) -> torch.Tensor:
         """Chains the gradient of the prepared rows back to ``z`` (the centre is held constant:

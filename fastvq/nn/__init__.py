@@ -26,3 +26,7 @@ __all__ += ["MaskedConv2d", "GatedMaskedConv2d"]
 from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ  # noqa: E402
 
 __all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
+
+from .ibq import IBQ  # noqa: E402
+
+__all__ += ["IBQ"]

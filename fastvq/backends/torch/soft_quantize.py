@@ -165,33 +165,41 @@ def _promoted(z: torch.Tensor, codebook: torch.Tensor, values: Optional[torch.Te
 
 
 class _GradSums:
-    """The backward's four sums of the per-logit weight ``w`` (see ``SoftCodebook.prepared_grads``)."""
+    """The backward's sums of the per-logit weight ``w``: ``w @ keys`` and ``w`` per row for the
+    gradient to ``z``, ``w^T @ zq`` and ``w`` per code for the codebook's (see
+    ``SoftCodebook.prepared_row_grad``); a gradient not asked for is neither summed nor returned."""
 
-    def __init__(self, prep: SoftCodebook, num_rows: int, dim: int, device: torch.device):
+    def __init__(self, prep: SoftCodebook, num_rows: int, dim: int, device: torch.device, rows_grad: bool,
+                 codes_grad: bool):
         self.prep = prep
         dtype = prep.work_dtype
         num_codes = prep.keys.shape[0]
-        self.weighted_keys = torch.zeros((num_rows, dim), dtype=dtype, device=device)
-        self.row_sums = torch.zeros(num_rows, dtype=dtype, device=device)
-        self.weighted_rows = torch.zeros((num_codes, dim), dtype=dtype, device=device)
-        self.code_sums = torch.zeros(num_codes, dtype=dtype, device=device)
+        self.rows_grad, self.codes_grad = rows_grad, codes_grad
+        self.weighted_keys = torch.zeros((num_rows if rows_grad else 0, dim), dtype=dtype, device=device)
+        self.row_sums = torch.zeros(num_rows if rows_grad else 0, dtype=dtype, device=device)
+        self.weighted_rows = torch.zeros((num_codes if codes_grad else 0, dim), dtype=dtype, device=device)
+        self.code_sums = torch.zeros(num_codes if codes_grad else 0, dtype=dtype, device=device)
 
     def add(self, rows: slice, chunk: _Rows, start: int, stop: int, grad_logits: torch.Tensor,
             scale: Optional[torch.Tensor]) -> None:
         weight = grad_logits.mul_(chunk.inverse_temperature)
         if scale is not None:
             weight.mul_(scale)
-        self.weighted_keys[rows].addmm_(weight, self.prep.keys[start:stop])
-        self.row_sums[rows] += weight.sum(dim=1)
-        self.weighted_rows[start:stop].addmm_(weight.T, chunk.zq)
-        self.code_sums[start:stop] += weight.sum(dim=0)
+        if self.rows_grad:
+            self.weighted_keys[rows].addmm_(weight, self.prep.keys[start:stop])
+            self.row_sums[rows] += weight.sum(dim=1)
+        if self.codes_grad:
+            self.weighted_rows[start:stop].addmm_(weight.T, chunk.zq)
+            self.code_sums[start:stop] += weight.sum(dim=0)
 
     def grads(self, z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        zq, _ = self.prep.rows(z)
-        grad_zq, grad_keys = self.prep.prepared_grads(
-            zq, self.weighted_keys, self.row_sums, self.weighted_rows, self.code_sums
-        )
-        return self.prep.row_grad(z, grad_zq), self.prep.key_grad(codebook, grad_keys)
+        grad_z, grad_codebook = self.weighted_keys, self.weighted_rows
+        if self.rows_grad:
+            zq, _ = self.prep.rows(z)
+            grad_z = self.prep.row_grad(z, self.prep.prepared_row_grad(zq, self.weighted_keys, self.row_sums))
+        if self.codes_grad:
+            grad_codebook = self.prep.key_grad(codebook, self.prep.prepared_key_grad(self.weighted_rows, self.code_sums))
+        return grad_z, grad_codebook
 
 
 def soft_quantize_backward(
@@ -204,9 +212,13 @@ def soft_quantize_backward(
     lse: torch.Tensor,
     metric: str,
     temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+    compute_values_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_z, grad_codebook, grad_values)`` in the work dtype; ``grad_values`` is ``[0, Dv]``
-    when ``values`` is ``None`` (its gradient is then part of ``grad_codebook``).
+    """``(grad_z, grad_codebook, grad_values)`` in the work dtype, each ``[0, *]`` when not asked for;
+    ``grad_values`` is also empty when ``values`` is ``None`` (its gradient is then part of
+    ``grad_codebook``).
 
     With ``p = exp(logits - lse)`` recomputed chunk by chunk, ``dL/dlogits = p * (g V^T - delta)``
     where ``delta = <g, soft> - grad_lse`` per row (flash attention's backward, with the
@@ -216,8 +228,10 @@ def soft_quantize_backward(
     out_dtype = _promoted(z, codebook, values)
     prep = SoftCodebook(codebook, values, metric, out_dtype)
     work = prep.work_dtype
-    grad_values = torch.zeros(prep.values.shape, dtype=work, device=z.device)
-    sums = _GradSums(prep, num_rows, dim, z.device)
+    value_grad = compute_values_grad if values is not None else compute_codebook_grad
+    value_shape = prep.values.shape if value_grad else (0, prep.values.shape[1])
+    grad_values = torch.zeros(value_shape, dtype=work, device=z.device)
+    sums = _GradSums(prep, num_rows, dim, z.device, compute_z_grad, compute_codebook_grad)
     grad_soft = grad_soft.to(work)
     delta = (grad_soft * soft.to(work)).sum(dim=1) - grad_lse.to(work)
     lse = lse.to(work)
@@ -225,7 +239,8 @@ def soft_quantize_backward(
         grad_rows = grad_soft[rows]
         for start, stop, logits, scale in chunk.chunks():
             probs = logits.sub_(lse[rows, None]).exp_()
-            grad_values[start:stop].addmm_(probs.T, grad_rows)
+            if value_grad:
+                grad_values[start:stop].addmm_(probs.T, grad_rows)
             grad_logits = (grad_rows @ prep.values[start:stop].T).sub_(delta[rows, None]).mul_(probs)
             del probs
             sums.add(rows, chunk, start, stop, grad_logits, scale)
@@ -275,8 +290,10 @@ def soft_entropy_backward(
     lse: torch.Tensor,
     metric: str,
     temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_z, grad_codebook)`` of ``soft_entropy`` in the work dtype.
+    """``(grad_z, grad_codebook)`` of ``soft_entropy`` in the work dtype (``[0, D]`` when not asked for).
 
     With ``a = grad_row_entropy``, ``c = grad_mean_probs / N`` and ``b = grad_lse``, and the mean
     logit ``m = lse - H`` per row, ``dL/dlogit[n, k] = p (-a_n (logit - m_n) + c_k - <p_n, c> + b_n)``.
@@ -285,7 +302,7 @@ def soft_entropy_backward(
     num_rows, dim = z.shape
     prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
     work = prep.work_dtype
-    sums = _GradSums(prep, num_rows, dim, z.device)
+    sums = _GradSums(prep, num_rows, dim, z.device, compute_z_grad, compute_codebook_grad)
     grad_entropy = grad_row_entropy.to(work)
     code_weights = grad_mean_probs.to(work) / max(num_rows, 1)
     lse = lse.to(work)

@@ -537,16 +537,20 @@ class _Launch:
             )
         return soft, indices, lse, weighted
 
-    def backward_sums(self, lse: torch.Tensor, delta: torch.Tensor, *, grad: Optional[torch.Tensor] = None,
-                      code_weights: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None,
-                      value_grad: bool = False) -> tuple[torch.Tensor, ...]:
+    def backward_sums(self, lse: torch.Tensor, delta: torch.Tensor, *, rows_grad: bool, codes_grad: bool,
+                      value_grad: bool = False, grad: Optional[torch.Tensor] = None,
+                      code_weights: Optional[torch.Tensor] = None,
+                      gamma: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
         """``(weighted_keys, row_sums, weighted_rows, code_sums, grad_values)`` of the weight
-        ``w = p (dp + gamma * logit - delta) / T`` with ``dp = grad @ values^T`` or ``code_weights``."""
+        ``w = p (dp + gamma * logit - delta) / T`` with ``dp = grad @ values^T`` or ``code_weights``;
+        the row kernel runs for ``rows_grad``, the code kernel for ``codes_grad`` or ``value_grad``,
+        and what is not asked for comes back empty."""
         f32 = dict(dtype=torch.float32, device=self.device)
-        weighted_keys = torch.zeros((self.num_rows, self.dim), **f32)
-        row_sums = torch.zeros(self.num_rows, **f32)
-        weighted_rows = torch.zeros((self.num_codes, self.dim), **f32)
-        code_sums = torch.zeros(self.num_codes, **f32)
+        rows, codes = (self.num_rows if rows_grad else 0), (self.num_codes if codes_grad else 0)
+        weighted_keys = torch.zeros((rows, self.dim), **f32)
+        row_sums = torch.zeros(rows, **f32)
+        weighted_rows = torch.zeros((codes, self.dim), **f32)
+        code_sums = torch.zeros(codes, **f32)
         grad_values = torch.zeros((self.num_codes if value_grad else 0, self.value_dim), **f32)
         if self.num_rows == 0:
             return weighted_keys, row_sums, weighted_rows, code_sums, grad_values
@@ -555,23 +559,25 @@ class _Launch:
         code_weights = code_weights.float().contiguous() if code_weights is not None else lse
         gamma_arg = gamma.float().contiguous() if gamma is not None else lse
         flags = dict(CODE_WEIGHTS=code_weights is not lse, GAMMA=gamma is not None)
-        block_do, block_dvo = _out_block(self.dim), _out_block(self.value_dim)
-        block_dv = _out_block(self.value_dim)
+        block_do, block_dv = _out_block(self.dim), _out_block(self.value_dim)
         common_args = (*self.operands(), grad, code_weights, lse, gamma_arg, delta)
         with self.context():
-            grid = (triton.cdiv(self.num_rows, self.blocks["BLOCK_N"]), triton.cdiv(self.dim, block_do))
-            _soft_rows_bwd_kernel[grid](
-                *common_args, weighted_keys, row_sums, *self.sizes(),
-                SINGLE_D_TILE=self.dim <= self.blocks["BLOCK_D"], BLOCK_DV=block_dv, BLOCK_DO=block_do,
-                **flags, **self.meta, **self.blocks,
-            )
-            slices = max(triton.cdiv(self.dim, block_do), triton.cdiv(self.value_dim, block_dvo) if value_grad else 1)
-            grid = (triton.cdiv(self.num_codes, self.blocks["BLOCK_K"]), slices)
-            _soft_codes_bwd_kernel[grid](
-                *common_args, weighted_rows, code_sums, grad_values, *self.sizes(),
-                WEIGHTS=True, VALUE_GRAD=value_grad, PROB_SUMS=False, BLOCK_DV=block_dv, BLOCK_DO=block_do,
-                BLOCK_DVO=block_dvo, **flags, **self.meta, **self.blocks,
-            )
+            if rows_grad:
+                grid = (triton.cdiv(self.num_rows, self.blocks["BLOCK_N"]), triton.cdiv(self.dim, block_do))
+                _soft_rows_bwd_kernel[grid](
+                    *common_args, weighted_keys, row_sums, *self.sizes(),
+                    SINGLE_D_TILE=self.dim <= self.blocks["BLOCK_D"], BLOCK_DV=block_dv, BLOCK_DO=block_do,
+                    **flags, **self.meta, **self.blocks,
+                )
+            if codes_grad or value_grad:
+                slices = max(triton.cdiv(self.dim, block_do) if codes_grad else 1,
+                             triton.cdiv(self.value_dim, block_dv) if value_grad else 1)
+                grid = (triton.cdiv(self.num_codes, self.blocks["BLOCK_K"]), slices)
+                _soft_codes_bwd_kernel[grid](
+                    *common_args, weighted_rows, code_sums, grad_values, *self.sizes(),
+                    WEIGHTS=codes_grad, VALUE_GRAD=value_grad, PROB_SUMS=False, BLOCK_DV=block_dv,
+                    BLOCK_DO=block_do, BLOCK_DVO=block_dv, **flags, **self.meta, **self.blocks,
+                )
         return weighted_keys, row_sums, weighted_rows, code_sums, grad_values
 
     def prob_sums(self, lse: torch.Tensor) -> torch.Tensor:
@@ -590,9 +596,14 @@ class _Launch:
         return sums
 
     def grads(self, z: torch.Tensor, codebook: torch.Tensor, sums: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(grad_z, grad_codebook)`` from ``backward_sums``; an empty sum gives an empty gradient."""
         weighted_keys, row_sums, weighted_rows, code_sums, _ = sums
-        grad_zq, grad_keys = self.prep.prepared_grads(self.zq_work, weighted_keys, row_sums, weighted_rows, code_sums)
-        return self.prep.row_grad(z, grad_zq), self.prep.key_grad(codebook, grad_keys)
+        grad_z, grad_codebook = weighted_keys, weighted_rows
+        if weighted_keys.shape[0]:
+            grad_z = self.prep.row_grad(z, self.prep.prepared_row_grad(self.zq_work, weighted_keys, row_sums))
+        if weighted_rows.shape[0]:
+            grad_codebook = self.prep.key_grad(codebook, self.prep.prepared_key_grad(weighted_rows, code_sums))
+        return grad_z, grad_codebook
 
 
 def soft_quantize(
@@ -621,11 +632,16 @@ def soft_quantize_backward(
     lse: torch.Tensor,
     metric: str,
     temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+    compute_values_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_z, grad_codebook, grad_values)`` in fp32, as the PyTorch path's."""
     launch = _Launch(z, codebook, values, metric, temperature)
     delta = (grad_soft.float() * soft.float()).sum(dim=1) - grad_lse.float()
-    sums = launch.backward_sums(lse, delta, grad=grad_soft.to(launch.dtype), value_grad=True)
+    value_grad = compute_values_grad if values is not None else compute_codebook_grad
+    sums = launch.backward_sums(lse, delta, rows_grad=compute_z_grad, codes_grad=compute_codebook_grad,
+                                value_grad=value_grad, grad=grad_soft.to(launch.dtype))
     grad_z, grad_codebook = launch.grads(z, codebook, sums)
     return (grad_z, *split_value_grad(values, grad_codebook, sums[4]))
 
@@ -654,6 +670,8 @@ def soft_entropy_backward(
     lse: torch.Tensor,
     metric: str,
     temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_z, grad_codebook)`` in fp32, with the weight of the PyTorch path's
     ``soft_entropy_backward``: ``<p_n, c>`` is the forward kernel with the values ``c [K, 1]``."""
@@ -664,5 +682,6 @@ def soft_entropy_backward(
     grad_entropy = grad_row_entropy.float()
     mean_logit = lse.float() - row_entropy.float()
     delta = expected[:, 0] - grad_lse.float() - grad_entropy * mean_logit
-    sums = launch.backward_sums(lse, delta, code_weights=code_weights, gamma=-grad_entropy)
+    sums = launch.backward_sums(lse, delta, rows_grad=compute_z_grad, codes_grad=compute_codebook_grad,
+                                code_weights=code_weights, gamma=-grad_entropy)
     return launch.grads(z, codebook, sums)
