@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_temperature
 from ..functional import soft_entropy, soft_quantize
+from .fsq import check_positive_int
 
 # MAGVIT's compute_entropy_loss floors the batch-mean probabilities inside its logarithm by this.
 ENTROPY_EPS = 1e-5
@@ -66,11 +68,9 @@ class IBQ(nn.Module):
         super().__init__()
         if remap is not None:
             raise ValueError(f"IBQ: index remapping (remap={remap!r}) is not supported by fastvq; pass remap=None")
-        for name, value in (("n_e", n_e), ("e_dim", e_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"IBQ: {name} must be an int >= 1, got {value!r}")
-        if not isinstance(entropy_temperature, (int, float)) or not 0.0 < float(entropy_temperature) < float("inf"):
-            raise ValueError(f"IBQ: entropy_temperature must be a finite float > 0, got {entropy_temperature!r}")
+        check_positive_int("n_e", n_e)
+        check_positive_int("e_dim", e_dim)
+        check_temperature("entropy_temperature", entropy_temperature)
         self.n_e = n_e
         self.e_dim = e_dim
         self.beta = beta
