@@ -35,7 +35,8 @@ from setuptools.command.build_ext import build_ext
 here = Path(__file__).parent
 PACKAGE_DIR = here / "fastvq"
 STATUS_FILE = PACKAGE_DIR / "_build_status.json"
-CPU_SOURCES = ["csrc/module.cpp", "csrc/search_cpu.cpp", "csrc/search_cpu_avx512.cpp", "csrc/segment_reduce_cpu.cpp"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/search_cpu.cpp", "csrc/search_cpu_avx2.cpp", "csrc/search_cpu_avx512.cpp",
+               "csrc/segment_reduce_cpu.cpp", "csrc/cpu_peak.cpp"]
 CUDA_SOURCES = ["csrc/cuda/search_kernels.cu", "csrc/cuda/segment_reduce_kernels.cu", "csrc/cuda/binding.cpp"]
 DEFAULT_CPU_ARCH_FLAGS = "-march=native"
 

@@ -20,6 +20,16 @@ Metric parse_metric(const std::string& metric);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
     const at::Tensor& z, const at::Tensor& codebook, const std::string& metric, bool return_codes);
 
+// The search kernel each dtype takes under the current FASTVQ_CPU_SEARCH, as a JSON object.
+std::string cpu_search_kernels();
+
+// fp32 GFLOP/s retired by `threads` threads running FMAs (isa "avx2", "avx512f") or vdpbf16ps
+// ("avx512bf16") for `iterations` steps of 12-16 independent chains each; see cpu_peak.cpp.
+double cpu_peak_gflops(const std::string& isa, int64_t threads, int64_t iterations);
+
+// The vector instruction sets this CPU runs that fastvq has kernels for, as a JSON list.
+std::string cpu_isa();
+
 // (counts fp32 [K], sums fp32 [K, D]); deterministic on CPU whatever `deterministic` says.
 std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu(
     const at::Tensor& values, const at::Tensor& indices, int64_t num_codes, bool deterministic);

@@ -11,7 +11,6 @@
 #include <string>
 
 #include "fastvq.h"
-#include "search_cpu_avx512.h"
 
 namespace fastvq {
 namespace {
@@ -37,8 +36,9 @@ std::string build_info() {
 #else
   info += ", \"cuda\": false";
 #endif
-  // The CPU search kernel this machine runs unless FASTVQ_CPU_SEARCH=blas asks for the BLAS tiles.
-  info += avx512::available() ? ", \"cpu_search\": \"avx512-direct\"" : ", \"cpu_search\": \"blas-tiles\"";
+  // What the CPU runs (at run time, not the build's -march) and the search kernel each dtype takes.
+  info += ", \"cpu_isa\": " + cpu_isa();
+  info += ", \"cpu_search\": " + cpu_search_kernels();
   info += ", \"compiler\": \"" __VERSION__ "\"}";
   return info;
 }
@@ -50,6 +50,8 @@ TORCH_LIBRARY(fastvq_C, m) {
   m.def("nearest_code(Tensor z, Tensor codebook, str metric, bool return_codes) -> (Tensor, Tensor, Tensor)");
   m.def("segment_reduce(Tensor values, Tensor indices, int num_codes, bool deterministic) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &fastvq::build_info);
+  m.def("cpu_search_kernels() -> str", &fastvq::cpu_search_kernels);
+  m.def("cpu_peak_gflops(str isa, int threads, int iterations) -> float", &fastvq::cpu_peak_gflops);
 }
 
 TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {

@@ -1,22 +1,27 @@
-// Nearest-code search on CPU, threads over blocks of rows of z, in one of two kernels.
+// Nearest-code search on CPU, threads over blocks of rows of z (and, when the rows are too few to
+// keep every thread busy, over segments of the codebook), in one of four kernels.
 //
-// Each thread converts (and, for l2, centres) a block of rows into an fp32 tile (fp64 for fp64
-// inputs) and walks the whole codebook with it, keeping a running (min, argmin) per row:
+// Each work item converts (and, for l2, centres) a block of rows into an fp32 tile (fp64 for fp64
+// inputs) and walks its codes with it, keeping a running (min, argmin) per row:
 //
-// - the direct kernel (search_cpu_avx512.cpp, fp32 on CPUs with AVX-512F): scores are computed in
-//   registers, 14 rows x 32 codes at a time, and folded at once; the codebook is packed in panels
-//   of 32 codes for it. It measured 2.5x faster than MKL's sgemm on this project's AMD EPYC CI
-//   machine, at D = 64 and at D = 256 alike.
-// - the BLAS tiles (every other CPU, fp64, or FASTVQ_CPU_SEARCH=blas): one single-threaded GEMM
+// - the direct kernels, fp32 (search_cpu_avx512.cpp on CPUs with AVX-512F, search_cpu_avx2.cpp on
+//   CPUs with AVX2 and FMA but not AVX-512F): scores are computed in registers, a register tile of
+//   rows x codes at a time, and folded at once; the codebook is packed in panels for them. The
+//   AVX-512 kernel measured 2.5x faster than MKL's sgemm on this project's Zen 4 CI machine.
+// - the bf16 direct kernel (search_cpu_avx512.cpp, AVX512-BF16; bf16 z and codebook): the same on
+//   the exact bf16 values with vdpbf16ps, never widened; it scores uncentred codes, so l2 takes it
+//   only for codebooks near the origin (bf16_codebook_near_origin).
+// - the BLAS tiles (fp64, CPUs without AVX2, or FASTVQ_CPU_SEARCH=blas): one single-threaded GEMM
 //   writes a tile of scores into a per-thread buffer of about 1 MiB that stays in cache, and a
 //   vectorised pass folds it into the running minimum before the next tile overwrites it.
 //
-// Neither ever holds more than one tile per thread, where the bare z @ codebook^T streams its
-// whole N x K result through memory. The chosen code's distance is then recomputed from z - e.
+// None ever holds more than one tile per thread, where the bare z @ codebook^T streams its whole
+// N x K result through memory. The chosen code's distance is then recomputed from z - e.
 // The scores follow fastvq/backends/common.py (SearchCodebook) exactly: l2 uses |e - c|^2 - 2 (z - c).(e - c) with c the
 // mean of the finite codes, cosine -z.e/|e|, dot -z.e; a NaN score never wins, and ties keep the
-// lowest index, whatever the tiling.
+// lowest index, whatever the tiling and the split.
 #include "fastvq.h"
+#include "search_cpu_avx2.h"
 #include "search_cpu_avx512.h"
 
 #include <ATen/ATen.h>
@@ -29,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 // The Fortran BLAS entry points of the BLAS that libtorch_cpu links (MKL on x86-64 wheels). They
@@ -60,6 +66,35 @@ constexpr double kNormEps = 1e-12;  // F.normalize's eps, as in fastvq/backends/
 // Below this many multiply-adds a search runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelWork = int64_t{1} << 21;
 
+// The kernels a search can run on: the BLAS tiles or one of the direct kernels.
+enum class Kernel { Blas, Avx2, Avx512, Avx512Bf16 };
+
+const char* kernel_name(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::Blas:
+      return "blas-tiles";
+    case Kernel::Avx2:
+      return "avx2-direct";
+    case Kernel::Avx512:
+      return "avx512-direct";
+    case Kernel::Avx512Bf16:
+      return "avx512bf16-direct";
+  }
+  return "";
+}
+
+// Codes per panel and rows per register tile of a direct kernel, and register tiles per block.
+struct DirectShape {
+  int64_t panel_codes;
+  int64_t tile_rows;
+  int64_t tiles_per_block;
+};
+
+DirectShape direct_shape(Kernel kernel) {
+  if (kernel == Kernel::Avx2) return {avx2::kPanelCodes, avx2::kTileRows, 16};
+  return {avx512::kPanelCodes, avx512::kTileRows, 8};
+}
+
 struct TileShape {
   int64_t rows;
   int64_t codes;
@@ -78,24 +113,59 @@ TileShape tile_shape(int64_t num_rows, int64_t num_codes, int64_t dim, int64_t e
   return {rows, codes};
 }
 
-// The direct kernel's rows per block: 8 register tiles of 14 rows share each L2 block of codes,
-// fewer for small N so that every thread still gets a block.
-TileShape direct_tile_shape(int64_t num_rows) {
+// A direct kernel's rows per block: its register tiles share each L2 block of codes, fewer of them
+// for small N so that every thread still gets a block. The codes are split in whole panels.
+TileShape direct_tile_shape(int64_t num_rows, const DirectShape& shape) {
   const int64_t rows_per_thread = (num_rows + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t tiles = std::min<int64_t>(8, (rows_per_thread + avx512::kTileRows - 1) / avx512::kTileRows);
-  return {std::max<int64_t>(1, tiles) * avx512::kTileRows, 0};
+  const int64_t tiles = std::min(shape.tiles_per_block, (rows_per_thread + shape.tile_rows - 1) / shape.tile_rows);
+  return {std::max<int64_t>(1, tiles) * shape.tile_rows, shape.panel_codes};
+}
+
+// How a search is cut into work items: blocks of rows times segments of codes. With enough row
+// blocks every item is a whole block against the whole codebook. With too few to keep every thread
+// busy (small N, large K) the codebook is split as well, each item folds its segment into a
+// partial (min, argmin) per row, and the partials are merged in code order afterwards, so that the
+// lowest index still wins ties. A segment is a whole number of code tiles (BLAS) or panels (direct
+// kernels), so that every code is scored by the same arithmetic whatever the split.
+struct Partition {
+  TileShape tile;
+  int64_t blocks;
+  int64_t segments;
+  int64_t segment_codes;
+};
+
+// Items per thread below which the codebook is split: the threads' shares of items then differ by
+// at most 1 / kItemsPerThread. Segments hold at least kMinSegmentCodes codes, so the per-item costs
+// (the row tile's packing, the lanes' merge) stay small against the scoring.
+constexpr int64_t kItemsPerThread = 16;
+constexpr int64_t kMinSegmentCodes = 1024;
+
+Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes) {
+  const int64_t blocks = (num_rows + tile.rows - 1) / tile.rows;
+  const int64_t wanted = kItemsPerThread * at::get_num_threads();
+  int64_t segments = 1;
+  if (blocks < wanted) {
+    segments = std::min((wanted + blocks - 1) / blocks, std::max<int64_t>(1, num_codes / kMinSegmentCodes));
+  }
+  const int64_t unit = tile.codes;
+  const int64_t segment_codes = ((num_codes + segments - 1) / segments + unit - 1) / unit * unit;
+  return {tile, blocks, (num_codes + segment_codes - 1) / segment_codes, segment_codes};
 }
 
 // The codebook as the search scores it, built once per call: O(K D), never O(N K). Row-major for
-// the BLAS tiles; for the AVX-512 kernel packed in panels of 32 codes, [panels, D, 32], the last
-// panel padded with zero codes whose bias is +inf so that they never win.
+// the BLAS tiles; for a direct kernel packed in panels of its panel width, [panels, D, width]
+// (bf16: [panels, D / 2, 32, 2], see search_cpu_avx512.h), the last panel padded with zero codes
+// whose bias is +inf so that they never win.
 template <typename acc_t>
 struct PreparedCodebook {
-  at::Tensor codes;   // centred (l2), unit rows (cosine) or as given (dot): [K, D] or packed panels
-  at::Tensor bias;    // l2's |e - c|^2 per code [K]; packed: [panels * 32] for every metric
-  at::Tensor center;  // [D] c (l2)
-  bool packed = false;
+  Kernel kernel = Kernel::Blas;
+  at::Tensor codes;   // centred (l2), unit rows (cosine) or as given (dot): [K, D] or packed panels;
+                      // bf16: the exact bf16 codes, never centred nor scaled
+  at::Tensor bias;    // l2's |e - c|^2 per code [K] (bf16: |e|^2); packed: [panels * width] for every metric
+  at::Tensor scale;   // bf16 only: the score's factor of z.e per code, [panels * 32]
+  at::Tensor center;  // [D] c (l2, except bf16)
   int64_t num_panels = 0;
+  int64_t dim_pairs = 0;  // bf16: D / 2 rounded up
 };
 
 // The centre is the mean of the finite codes only: one NaN or Inf code must not shift, and so
@@ -144,18 +214,19 @@ acc_t write_search_form(const acc_t* code, const acc_t* center, int64_t dim, Met
 }
 
 template <typename acc_t>
-PreparedCodebook<acc_t> prepare_codebook(const at::Tensor& codebook_acc, Metric metric, bool packed) {
+PreparedCodebook<acc_t> prepare_codebook(const at::Tensor& codebook_acc, Metric metric, Kernel kernel) {
   const int64_t num_codes = codebook_acc.size(0), dim = codebook_acc.size(1);
   const acc_t* source = codebook_acc.data_ptr<acc_t>();
   const auto options = codebook_acc.options();
+  const bool packed = kernel != Kernel::Blas;
+  const int64_t width = packed ? direct_shape(kernel).panel_codes : 1;
   PreparedCodebook<acc_t> prepared;
-  prepared.packed = packed;
+  prepared.kernel = kernel;
   if (metric == Metric::L2) prepared.center = finite_mean<acc_t>(codebook_acc);
   if (packed) {
-    prepared.num_panels = (num_codes + avx512::kPanelCodes - 1) / avx512::kPanelCodes;
-    prepared.codes = at::zeros({prepared.num_panels, dim, avx512::kPanelCodes}, options);
-    prepared.bias = at::full({prepared.num_panels * avx512::kPanelCodes}, std::numeric_limits<double>::infinity(),
-                             options);
+    prepared.num_panels = (num_codes + width - 1) / width;
+    prepared.codes = at::zeros({prepared.num_panels, dim, width}, options);
+    prepared.bias = at::full({prepared.num_panels * width}, std::numeric_limits<double>::infinity(), options);
   } else if (metric == Metric::Dot) {
     prepared.codes = codebook_acc;
     return prepared;
@@ -169,11 +240,81 @@ PreparedCodebook<acc_t> prepare_codebook(const at::Tensor& codebook_acc, Metric 
   const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1));
   at::parallel_for(0, num_codes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t panel = k / avx512::kPanelCodes, lane = k % avx512::kPanelCodes;
-      acc_t* target = packed ? codes + panel * dim * avx512::kPanelCodes + lane : codes + k * dim;
-      const acc_t code_bias =
-          write_search_form(source + k * dim, center, dim, metric, target, packed ? avx512::kPanelCodes : 1);
+      const int64_t panel = k / width, lane = k % width;
+      acc_t* target = packed ? codes + panel * dim * width + lane : codes + k * dim;
+      const acc_t code_bias = write_search_form(source + k * dim, center, dim, metric, target, packed ? width : 1);
       if (bias != nullptr) bias[k] = code_bias;
+    }
+  });
+  return prepared;
+}
+
+// The bf16 kernel scores the uncentred codes: centring would round z - c and e - c back to bf16,
+// and the products would no longer be those of the inputs. Without the centring, l2's
+// |e|^2 - 2 z.e loses digits to cancellation when the codebook sits far from the origin
+// compared with its spread, so the bf16 kernel takes l2 only where the mean of the finite codes
+// c has |c|^2 <= 4 mean |e - c|^2 (|c| at most twice the codes' RMS spread around it: the terms are
+// then at most about five times those of the centred form); elsewhere bf16 is widened to fp32 and
+// searched centred, as fp32 is.
+constexpr double kBf16MaxOffsetToSpread = 4.0;
+
+bool bf16_codebook_near_origin(const at::Tensor& codebook_acc) {
+  const at::Tensor center = finite_mean<float>(codebook_acc);
+  const int64_t num_codes = codebook_acc.size(0), dim = codebook_acc.size(1);
+  const float* source = codebook_acc.data_ptr<float>();
+  const float* c = center.data_ptr<float>();
+  double offset = 0, spread = 0;
+  int64_t finite_codes = 0;
+  for (int64_t d = 0; d < dim; ++d) offset += static_cast<double>(c[d]) * c[d];
+  for (int64_t k = 0; k < num_codes; ++k) {
+    double squares = 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      const double diff = static_cast<double>(source[k * dim + d]) - c[d];
+      squares += diff * diff;
+    }
+    if (!std::isfinite(squares)) continue;
+    spread += squares;
+    ++finite_codes;
+  }
+  return offset <= kBf16MaxOffsetToSpread * spread / std::max<int64_t>(finite_codes, 1);
+}
+
+// The bf16 codebook in the bf16 kernel's panels, with l2's |e|^2 or cosine's -1 / |e| per code
+// computed in double from the exact codes.
+PreparedCodebook<float> prepare_bf16_codebook(const at::Tensor& codebook, Metric metric) {
+  const int64_t num_codes = codebook.size(0), dim = codebook.size(1);
+  constexpr int64_t width = avx512::kPanelCodes;
+  const at::Tensor source_tensor = codebook.contiguous();
+  const uint16_t* source = reinterpret_cast<const uint16_t*>(source_tensor.data_ptr<at::BFloat16>());
+  const auto float_options = codebook.options().dtype(at::kFloat);
+  PreparedCodebook<float> prepared;
+  prepared.kernel = Kernel::Avx512Bf16;
+  prepared.dim_pairs = (dim + 1) / 2;
+  prepared.num_panels = (num_codes + width - 1) / width;
+  prepared.codes = at::zeros({prepared.num_panels, prepared.dim_pairs, width, 2}, codebook.options().dtype(at::kShort));
+  prepared.bias = at::full({prepared.num_panels * width}, std::numeric_limits<float>::infinity(), float_options);
+  prepared.scale = at::zeros({prepared.num_panels * width}, float_options);
+  uint16_t* codes = reinterpret_cast<uint16_t*>(prepared.codes.data_ptr<int16_t>());
+  float* bias = prepared.bias.data_ptr<float>();
+  float* scale = prepared.scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1));
+  at::parallel_for(0, num_codes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t panel = k / width, lane = k % width;
+      double squares = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        const uint16_t bits = source[k * dim + d];
+        codes[((panel * prepared.dim_pairs + d / 2) * width + lane) * 2 + d % 2] = bits;
+        const double value = static_cast<double>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+        squares += value * value;
+      }
+      if (metric == Metric::L2) {
+        bias[k] = static_cast<float>(squares);
+        scale[k] = -2.0f;
+      } else {
+        bias[k] = 0.0f;
+        scale[k] = metric == Metric::Cosine ? static_cast<float>(-1.0 / std::max(std::sqrt(squares), kNormEps)) : -1.0f;
+      }
     }
   });
   return prepared;
@@ -314,6 +455,18 @@ float true_distance(const z_t* z_row, int64_t z_stride, const acc_t* code, int64
   return static_cast<float>(1 - dot / norms);
 }
 
+// A thread's scratch: its row tile, and its score tile (BLAS) or lane state (direct kernels).
+template <typename acc_t>
+struct Scratch {
+  at::Tensor z_tile;  // [rows, D] acc_t, or [rows, 2 dim_pairs] bf16 bits for the bf16 kernel
+  at::Tensor scores;  // BLAS: [rows * codes]
+  std::vector<float> lane_best;
+  std::vector<int32_t> lane_index;
+  std::vector<acc_t> best;
+  std::vector<int64_t> best_index;
+  int64_t packed_block = -1;  // the block whose rows z_tile holds
+};
+
 template <typename acc_t, typename z_t, Metric metric>
 void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedCodebook<acc_t>& prepared,
             int64_t* indices, float* distances) {
@@ -321,70 +474,151 @@ void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedC
   const int64_t row_stride = z.stride(0), col_stride = z.stride(1);
   const z_t* z_data = z.data_ptr<z_t>();
   const acc_t* originals = codebook_acc.data_ptr<acc_t>();
-  const acc_t* center = metric == Metric::L2 ? prepared.center.template data_ptr<acc_t>() : nullptr;
-  const acc_t* bias = metric == Metric::L2 && !prepared.packed ? prepared.bias.template data_ptr<acc_t>() : nullptr;
-  const TileShape tile =
-      prepared.packed ? direct_tile_shape(num_rows) : tile_shape(num_rows, num_codes, dim, sizeof(acc_t));
-  const int64_t num_blocks = (num_rows + tile.rows - 1) / tile.rows;
-  const int64_t block_work = tile.rows * num_codes * dim;
-  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(block_work, 1));
+  const Kernel kernel = prepared.kernel;
+  const bool direct = kernel != Kernel::Blas;
+  const bool bf16 = kernel == Kernel::Avx512Bf16;
+  const DirectShape shape = direct_shape(kernel);
+  const acc_t* center = metric == Metric::L2 && !bf16 ? prepared.center.template data_ptr<acc_t>() : nullptr;
+  const acc_t* bias = metric == Metric::L2 && !direct ? prepared.bias.template data_ptr<acc_t>() : nullptr;
+  const Partition part = partition(direct ? direct_tile_shape(num_rows, shape)
+                                          : tile_shape(num_rows, num_codes, dim, sizeof(acc_t)),
+                                   num_rows, num_codes);
+  const TileShape tile = part.tile;
+  const int64_t num_items = part.blocks * part.segments;
+  const int64_t item_work = tile.rows * part.segment_codes * dim;
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_work, 1));
+  const bool split = part.segments > 1;
+  // The partial (min, argmin) of every segment for every row: O(N x threads), never O(N K).
+  std::vector<acc_t> partial_best(split ? part.segments * num_rows : 0);
+  std::vector<int64_t> partial_index(partial_best.size());
   const auto options = codebook_acc.options();
+  const int64_t tile_width = bf16 ? 2 * prepared.dim_pairs : dim;
 
-  at::parallel_for(0, num_blocks, grain, [&](int64_t block_begin, int64_t block_end) {
+  auto finish_row = [&](int64_t row, int64_t best_index) {
+    indices[row] = best_index;
+    distances[row] = true_distance<acc_t, z_t>(z_data + row * row_stride, col_stride, originals + best_index * dim,
+                                               dim, metric);
+  };
+
+  auto pack_rows = [&](Scratch<acc_t>& scratch, int64_t row_start, int64_t rows) {
+    if constexpr (std::is_same_v<z_t, at::BFloat16>) {
+      if (bf16) {
+        uint16_t* target = reinterpret_cast<uint16_t*>(scratch.z_tile.template data_ptr<int16_t>());
+        for (int64_t r = 0; r < rows; ++r) {
+          const z_t* source = z_data + (row_start + r) * row_stride;
+          for (int64_t d = 0; d < dim; ++d) target[r * tile_width + d] = source[d * col_stride].x;
+        }
+        return;
+      }
+    }
+    acc_t* target = scratch.z_tile.template data_ptr<acc_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const z_t* source = z_data + (row_start + r) * row_stride;
+      for (int64_t d = 0; d < dim; ++d) {
+        const acc_t value = static_cast<acc_t>(source[d * col_stride]);
+        target[r * dim + d] = metric == Metric::L2 ? value - center[d] : value;
+      }
+    }
+  };
+
+  // Folds codes [code_start, code_start + count) into the running (best, best_index) of the rows.
+  auto fold_segment = [&](Scratch<acc_t>& scratch, int64_t rows, int64_t code_start, int64_t count) {
+    if (direct) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        const int64_t width = shape.panel_codes;
+        const int64_t padded = (rows + shape.tile_rows - 1) / shape.tile_rows * shape.tile_rows;
+        const int64_t first_panel = code_start / width, panels = (count + width - 1) / width;
+        std::fill(scratch.lane_best.begin(), scratch.lane_best.end(), std::numeric_limits<float>::infinity());
+        std::fill(scratch.lane_index.begin(), scratch.lane_index.end(), 0);
+        const float* panel_bias = prepared.bias.template data_ptr<float>() + first_panel * width;
+        if (bf16) {
+          avx512::fold_scores_bf16(
+              reinterpret_cast<const uint16_t*>(scratch.z_tile.template data_ptr<int16_t>()), padded,
+              prepared.dim_pairs,
+              reinterpret_cast<const uint16_t*>(prepared.codes.template data_ptr<int16_t>()) +
+                  first_panel * prepared.dim_pairs * width * 2,
+              panel_bias, prepared.scale.template data_ptr<float>() + first_panel * width, panels,
+              scratch.lane_best.data(), scratch.lane_index.data());
+        } else {
+          const float scale = metric == Metric::L2 ? -2.0f : -1.0f;
+          const float* panel_codes = prepared.codes.template data_ptr<float>() + first_panel * dim * width;
+          const float* z_tile = scratch.z_tile.template data_ptr<float>();
+          if (kernel == Kernel::Avx512) {
+            avx512::fold_scores(z_tile, padded, dim, panel_codes, panel_bias, panels, scale,
+                                scratch.lane_best.data(), scratch.lane_index.data());
+          } else {
+            avx2::fold_scores(z_tile, padded, dim, panel_codes, panel_bias, panels, scale, scratch.lane_best.data(),
+                              scratch.lane_index.data());
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          fold_lanes(scratch.lane_best.data() + r * kLanes, scratch.lane_index.data() + r * kLanes, code_start,
+                     scratch.best[r], scratch.best_index[r]);
+        }
+      }
+      return;
+    }
+    const acc_t* products = scratch.scores.template data_ptr<acc_t>();
+    for (int64_t start = code_start; start < code_start + count; start += tile.codes) {
+      const int64_t num = std::min(tile.codes, code_start + count - start);
+      tile_product<acc_t>(scratch.z_tile, prepared.codes, scratch.scores, rows, start, num, dim);
+      for (int64_t r = 0; r < rows; ++r) {
+        fold_row<acc_t, metric>(products + r * num, bias == nullptr ? nullptr : bias + start, num, start,
+                                scratch.best[r], scratch.best_index[r]);
+      }
+    }
+  };
+
+  at::parallel_for(0, num_items, grain, [&](int64_t item_begin, int64_t item_end) {
     // One row tile and one score tile (or lane state) per thread: all the memory the search adds
-    // beyond O(K D). Zeros: the direct kernel also reads the padding rows of a short last block.
-    at::Tensor z_tile = at::zeros({tile.rows, dim}, options);
-    acc_t* z_tile_data = z_tile.data_ptr<acc_t>();
-    at::Tensor scores = prepared.packed ? at::Tensor() : at::empty({tile.rows * tile.codes}, options);
-    std::vector<float> lane_best(prepared.packed ? tile.rows * kLanes : 0);
-    std::vector<int32_t> lane_index(lane_best.size());
-    std::vector<acc_t> best(tile.rows);
-    std::vector<int64_t> best_index(tile.rows);
-    for (int64_t block = block_begin; block < block_end; ++block) {
+    // beyond O(K D) and the partials. Zeros: a direct kernel also reads the padding rows of a
+    // short last block.
+    Scratch<acc_t> scratch;
+    scratch.z_tile = bf16 ? at::zeros({tile.rows, tile_width}, options.dtype(at::kShort))
+                          : at::zeros({tile.rows, dim}, options);
+    if (!direct) scratch.scores = at::empty({tile.rows * tile.codes}, options);
+    scratch.lane_best.resize(direct ? tile.rows * kLanes : 0);
+    scratch.lane_index.resize(scratch.lane_best.size());
+    scratch.best.resize(tile.rows);
+    scratch.best_index.resize(tile.rows);
+    for (int64_t item = item_begin; item < item_end; ++item) {
+      const int64_t block = item / part.segments, segment = item % part.segments;
       const int64_t row_start = block * tile.rows;
       const int64_t rows = std::min(tile.rows, num_rows - row_start);
+      const int64_t code_start = segment * part.segment_codes;
+      if (scratch.packed_block != block) {
+        pack_rows(scratch, row_start, rows);
+        scratch.packed_block = block;
+      }
+      std::fill(scratch.best.begin(), scratch.best.begin() + rows, std::numeric_limits<acc_t>::infinity());
+      std::fill(scratch.best_index.begin(), scratch.best_index.begin() + rows, 0);
+      fold_segment(scratch, rows, code_start, std::min(part.segment_codes, num_codes - code_start));
       for (int64_t r = 0; r < rows; ++r) {
-        const z_t* source = z_data + (row_start + r) * row_stride;
-        acc_t* target = z_tile_data + r * dim;
-        for (int64_t d = 0; d < dim; ++d) {
-          const acc_t value = static_cast<acc_t>(source[d * col_stride]);
-          target[d] = metric == Metric::L2 ? value - center[d] : value;
+        if (split) {
+          partial_best[segment * num_rows + row_start + r] = scratch.best[r];
+          partial_index[segment * num_rows + row_start + r] = scratch.best_index[r];
+        } else {
+          finish_row(row_start + r, scratch.best_index[r]);
         }
-      }
-      std::fill(best.begin(), best.begin() + rows, std::numeric_limits<acc_t>::infinity());
-      std::fill(best_index.begin(), best_index.begin() + rows, 0);
-      if constexpr (std::is_same_v<acc_t, float>) {
-        if (prepared.packed) {
-          const int64_t padded = (rows + avx512::kTileRows - 1) / avx512::kTileRows * avx512::kTileRows;
-          std::fill(lane_best.begin(), lane_best.end(), std::numeric_limits<float>::infinity());
-          std::fill(lane_index.begin(), lane_index.end(), 0);
-          avx512::fold_scores(z_tile_data, padded, dim, prepared.codes.template data_ptr<float>(),
-                              prepared.bias.template data_ptr<float>(), prepared.num_panels,
-                              metric == Metric::L2 ? -2.0f : -1.0f, lane_best.data(), lane_index.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            fold_lanes(lane_best.data() + r * kLanes, lane_index.data() + r * kLanes, 0, best[r], best_index[r]);
-          }
-        }
-      }
-      if (!prepared.packed) {
-        const acc_t* products = scores.data_ptr<acc_t>();
-        for (int64_t code_start = 0; code_start < num_codes; code_start += tile.codes) {
-          const int64_t num = std::min(tile.codes, num_codes - code_start);
-          const acc_t* tile_bias = metric == Metric::L2 ? bias + code_start : nullptr;
-          tile_product<acc_t>(z_tile, prepared.codes, scores, rows, code_start, num, dim);
-          for (int64_t r = 0; r < rows; ++r) {
-            fold_row<acc_t, metric>(products + r * num, tile_bias, num, code_start, best[r], best_index[r]);
-          }
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = row_start + r;
-        indices[row] = best_index[r];
-        distances[row] = true_distance<acc_t, z_t>(z_data + row * row_stride, col_stride,
-                                                   originals + best_index[r] * dim, dim, metric);
       }
     }
   });
+  if (!split) return;
+  // Segments in code order and strictly better only: the lowest index wins ties, a NaN never wins.
+  at::parallel_for(0, num_rows, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t row = begin; row < end; ++row) {
+                       acc_t best = std::numeric_limits<acc_t>::infinity();
+                       int64_t best_index = 0;
+                       for (int64_t segment = 0; segment < part.segments; ++segment) {
+                         if (partial_best[segment * num_rows + row] < best) {
+                           best = partial_best[segment * num_rows + row];
+                           best_index = partial_index[segment * num_rows + row];
+                         }
+                       }
+                       finish_row(row, best_index);
+                     }
+                   });
 }
 
 template <typename acc_t, typename z_t>
@@ -400,14 +634,42 @@ void search_metric(Metric metric, const at::Tensor& z, const at::Tensor& codeboo
   }
 }
 
-// The AVX-512 kernel where the CPU has it; FASTVQ_CPU_SEARCH=blas forces the BLAS tiles (read at
-// every call, like FASTVQ_BACKEND).
-bool use_direct_kernel() {
+// FASTVQ_CPU_SEARCH (read at every call, like FASTVQ_BACKEND): `auto` (or unset) takes the fastest
+// kernel this CPU runs; `avx512-bf16`, `avx512`, `avx2` and `blas` ask for one (bf16 inputs go to
+// the bf16 kernel only under `auto` and `avx512-bf16`, and are widened to fp32 otherwise).
+std::string requested_kernel() {
   const char* choice = std::getenv("FASTVQ_CPU_SEARCH");
-  return avx512::available() && !(choice != nullptr && std::string(choice) == "blas");
+  const std::string name = choice == nullptr || *choice == '\0' ? "auto" : choice;
+  TORCH_CHECK_VALUE(name == "auto" || name == "avx512-bf16" || name == "avx512" || name == "avx2" || name == "blas",
+                    "FASTVQ_CPU_SEARCH must be auto, avx512-bf16, avx512, avx2 or blas, got '", name, "'");
+  TORCH_CHECK_VALUE((name != "avx512-bf16" || avx512::bf16_available()) && (name != "avx512" || avx512::available()) &&
+                        (name != "avx2" || avx2::available()),
+                    "FASTVQ_CPU_SEARCH=", name, " but this CPU (or this build) does not run that kernel");
+  return name;
+}
+
+// The fp32 kernel for `requested` (fp32, fp16 and widened bf16 inputs alike).
+Kernel fp32_kernel(const std::string& requested) {
+  if (requested == "blas") return Kernel::Blas;
+  if (requested == "avx2") return Kernel::Avx2;
+  if (avx512::available()) return Kernel::Avx512;
+  return avx2::available() ? Kernel::Avx2 : Kernel::Blas;
+}
+
+bool bf16_kernel_wanted(const std::string& requested) {
+  return (requested == "auto" || requested == "avx512-bf16") && avx512::bf16_available();
 }
 
 }  // namespace
+
+std::string cpu_search_kernels() {
+  const std::string requested = requested_kernel();
+  const char* fp32 = kernel_name(fp32_kernel(requested));
+  const std::string bf16 = bf16_kernel_wanted(requested) ? kernel_name(Kernel::Avx512Bf16)
+                                                         : std::string(fp32) + " (widened to fp32)";
+  return std::string("{\"fp32\": \"") + fp32 + "\", \"fp16\": \"" + fp32 + " (widened to fp32)\", \"bf16\": \"" +
+         bf16 + "\", \"fp64\": \"" + kernel_name(Kernel::Blas) + "\"}";
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
     const at::Tensor& z, const at::Tensor& codebook, const std::string& metric_name, bool return_codes) {
@@ -417,6 +679,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
                     codebook.sizes());
   TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "fastvq_C::nearest_code (CPU) got tensors on ",
               z.device(), " and ", codebook.device());
+  const std::string requested = requested_kernel();
   const at::ScalarType out_dtype = at::promote_types(z.scalar_type(), codebook.scalar_type());
   const at::ScalarType acc_dtype = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t num_rows = z.size(0), dim = z.size(1);
@@ -429,16 +692,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fastvq_nearest_code_cpu", [&] {
     using z_t = scalar_t;
     if (acc_dtype == at::kDouble) {
-      const auto prepared = prepare_codebook<double>(codebook_acc, metric, /*packed=*/false);
+      const auto prepared = prepare_codebook<double>(codebook_acc, metric, Kernel::Blas);
       search_metric<double, z_t>(metric, z, codebook_acc, prepared, indices.data_ptr<int64_t>(),
                                  distances.data_ptr<float>());
-    } else {
-      // The direct kernel numbers codes in int32 lanes.
-      const bool packed = use_direct_kernel() && codebook.size(0) < std::numeric_limits<int32_t>::max() / 2;
-      const auto prepared = prepare_codebook<float>(codebook_acc, metric, packed);
-      search_metric<float, z_t>(metric, z, codebook_acc, prepared, indices.data_ptr<int64_t>(),
-                                distances.data_ptr<float>());
+      return;
     }
+    // The direct kernels number codes in int32 lanes.
+    const bool lanes_fit = codebook.size(0) < std::numeric_limits<int32_t>::max() / 2;
+    const bool bf16 = z.scalar_type() == at::kBFloat16 && codebook.scalar_type() == at::kBFloat16 && lanes_fit &&
+                      bf16_kernel_wanted(requested) &&
+                      (metric != Metric::L2 || bf16_codebook_near_origin(codebook_acc));
+    const Kernel kernel = bf16 ? Kernel::Avx512Bf16 : lanes_fit ? fp32_kernel(requested) : Kernel::Blas;
+    const auto prepared = bf16 ? prepare_bf16_codebook(codebook, metric)
+                               : prepare_codebook<float>(codebook_acc, metric, kernel);
+    search_metric<float, z_t>(metric, z, codebook_acc, prepared, indices.data_ptr<int64_t>(),
+                              distances.data_ptr<float>());
   });
   at::Tensor codes = return_codes ? codebook.to(out_dtype).index_select(0, indices)
                                   : at::empty({0, dim}, z.options().dtype(out_dtype));

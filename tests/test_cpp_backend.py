@@ -4,9 +4,10 @@ Every contract and parity test runs on ``cpp`` through the ``backend`` fixture (
 adds it wherever fastvq._C loads), including ``opcheck`` of the public operators. This file adds
 the extension's own concerns: that it was built (CI sets ``FASTVQ_REQUIRE_C=1`` so a failed build
 fails the run instead of quietly testing less), ``backend_info`` and the fallback when it is
-missing, ``opcheck`` of the ``torch.ops.fastvq_C`` operators themselves, both CPU search kernels
-(the AVX-512 one and the BLAS tiles), ties across their tiles and lanes, results that do not
-depend on the number of threads, float64, and memory: beyond one row tile and one score tile per
+missing, ``opcheck`` of the ``torch.ops.fastvq_C`` operators themselves, every CPU search kernel
+the CPU runs (AVX512-BF16, AVX-512 and AVX2 direct kernels, the BLAS tiles), ties across their
+tiles, lanes and codebook segments, the bf16 kernel against the fp32 search of the same values,
+results that do not depend on the number of threads, float64, and memory: beyond one row tile and one score tile per
 thread, the search adds only an fp32 copy of the codebook, whatever N and K.
 """
 
@@ -118,10 +119,36 @@ def test_segment_reduce_kernel_opcheck(dtype, index_dtype):
 # --------------------------------------------------------------------------- kernels, tiles, lanes and threads
 
 
-@pytest.fixture(params=["auto", "blas"])
+CPU_KERNELS = ("auto", "avx512-bf16", "avx512", "avx2", "blas")
+
+
+def _kernels_taken(choice: str) -> dict:
+    """The kernel each dtype takes under ``FASTVQ_CPU_SEARCH=choice``, or {} where it cannot run."""
+    previous = os.environ.get("FASTVQ_CPU_SEARCH")
+    os.environ["FASTVQ_CPU_SEARCH"] = choice
+    try:
+        return json.loads(torch.ops.fastvq_C.cpu_search_kernels())
+    except ValueError:
+        return {}
+    finally:
+        if previous is None:
+            del os.environ["FASTVQ_CPU_SEARCH"]
+        else:
+            os.environ["FASTVQ_CPU_SEARCH"] = previous
+
+
+@pytest.fixture(params=CPU_KERNELS)
 def cpu_search(request, monkeypatch):
-    """Runs a test on the kernel this CPU gets (the AVX-512 direct kernel where it has AVX-512F) and
-    again on the BLAS tiles that every other CPU runs (``FASTVQ_CPU_SEARCH=blas``)."""
+    """Runs a test on the kernels this CPU gets (``auto``) and again on every other kernel it runs
+    (``FASTVQ_CPU_SEARCH``): the bf16 and fp32 AVX-512 kernels, the AVX2 one, the BLAS tiles. A
+    choice that takes the same kernels as ``auto`` for every dtype is skipped as a repeat."""
+    if not HAS_CPP:
+        pytest.skip(f"fastvq._C is not available: {CPP_MISSING_REASON}")
+    taken = _kernels_taken(request.param)
+    if not taken:
+        pytest.skip(f"this CPU does not run FASTVQ_CPU_SEARCH={request.param}")
+    if request.param != "auto" and taken == _kernels_taken("auto"):
+        pytest.skip(f"FASTVQ_CPU_SEARCH={request.param} takes the same kernels as auto here")
     monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
     monkeypatch.setenv("FASTVQ_CPU_SEARCH", request.param)
     return request.param
@@ -189,6 +216,59 @@ def test_results_do_not_depend_on_the_number_of_threads(cpu_search, dtype, metri
     (search_one, segment_one), (search_many, segment_many) = results
     for got, want in zip(search_many + segment_many, search_one + segment_one):
         assert torch.equal(got, want)
+
+
+@needs_cpp
+@pytest.mark.parametrize("metric", METRICS)
+def test_few_rows_split_the_codebook_and_keep_the_first_copy(cpu_search, metric):
+    """Five rows cannot keep two threads busy, so the 20 000 codes are split into segments (their
+    number depends on the thread count) whose partial minima are merged: copies of a code in
+    different segments still resolve to the first, and the result does not depend on the threads."""
+    generator = torch.Generator().manual_seed(10)
+    num_codes, dim = 20_000, 9
+    codebook = torch.randn(num_codes, dim, generator=generator)
+    copies = [(3, 9_000, 19_999), (1_100, 15_000)]
+    for positions in copies:
+        codebook[list(positions)] = 20.0 * torch.nn.functional.normalize(codebook[positions[0]], dim=0)
+    z = torch.stack([codebook[3], codebook[1_100], *torch.randn(3, dim, generator=generator)])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            results.append(fastvq.nearest_code(z, codebook, metric=metric, return_codes=True))
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+    indices, distances, codes = results[0]
+    assert indices[:2].tolist() == [3, 1_100]
+    assert_search_parity(z, codebook, metric, indices, distances, codes)
+
+
+BF16_KERNEL = HAS_CPP and _kernels_taken("auto").get("bf16") == "avx512bf16-direct"
+
+
+@pytest.mark.skipif(not BF16_KERNEL, reason="this CPU has no AVX512-BF16, so the bf16 search kernel does not run "
+                    "here (tests/test_simd_kernels.py checks it under SIMDe emulation)")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shift", [0.0, 300.0], ids=["centred", "far"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (13, 31, 5), (300, 129, 70), (1000, 2100, 33)],
+                         ids=lambda shape: "N{}-K{}-D{}".format(*shape))
+def test_bf16_kernel_chooses_the_codes_of_the_fp32_search(monkeypatch, shape, shift, metric):
+    """bf16 z and codebook on the vdpbf16ps kernel, held to the fp32 contract against the same values
+    widened to fp32: products of bf16 values are exact and accumulate in fp32. Far from the origin
+    l2 must still hold it (there the search widens to fp32: the uncentred form would cancel)."""
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    num_rows, num_codes, dim = shape
+    generator = torch.Generator().manual_seed(13)
+    z = (torch.randn(num_rows, dim, generator=generator) + shift).bfloat16()
+    codebook = (torch.randn(num_codes, dim, generator=generator) + shift).bfloat16()
+    if num_codes > 3:
+        codebook[num_codes // 2] = float("nan")
+    indices, distances, codes = fastvq.nearest_code(z, codebook, metric=metric, return_codes=True)
+    assert codes.dtype == torch.bfloat16
+    assert_search_parity(z.float(), codebook.float(), metric, indices, distances, codes.float())
 
 
 @needs_cpp

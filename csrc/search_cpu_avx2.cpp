@@ -1,0 +1,97 @@
+// The direct search kernel for AVX2 + FMA CPUs without AVX-512 (AMD Zen 1-3, Intel Haswell to
+// Alder Lake): the AVX-512 kernel's design (search_cpu_avx512.cpp) in 16 ymm registers.
+//
+// The micro-kernel holds a 6-row x 16-code tile of z.e in 12 ymm accumulators (the classic AVX2
+// GEMM tile: 12 accumulators, 2 code vectors and 1 broadcast fill the 16 registers, and 12
+// independent FMAs cover two FMA pipes of 4-cycle latency). Per dimension it loads the two code
+// vectors, broadcasts each row's z value from memory and issues 12 FMAs; per panel it turns the
+// tile into scores (one FMA with the bias) and folds them into each row's 16 lanes of (best score,
+// code). Codes are walked in L2-sized blocks that every row tile goes through (for_each_block).
+//
+// Compiled natively with per-function target attributes, or against SIMDe for tests (simd.h).
+#include "search_cpu_avx2.h"
+
+#include "simd.h"
+
+namespace fastvq {
+namespace avx2 {
+
+#ifdef FASTVQ_X86_KERNELS
+
+namespace {
+
+// One half (8 codes) of a panel's scores folded into 8 of a row's lanes; _OQ: NaN is never less.
+FASTVQ_TARGET("avx2,fma")
+inline void fold_half(__m256 products, __m256 scale, __m256 bias, __m256i codes, float* lane_best,
+                      int32_t* lane_index) {
+  const __m256 best = _mm256_loadu_ps(lane_best);
+  const __m256 index = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_index)));
+  const __m256 score = _mm256_fmadd_ps(products, scale, bias);
+  const __m256 better = _mm256_cmp_ps(score, best, _CMP_LT_OQ);
+  _mm256_storeu_ps(lane_best, _mm256_blendv_ps(best, score, better));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane_index),
+                      _mm256_castps_si256(_mm256_blendv_ps(index, _mm256_castsi256_ps(codes), better)));
+}
+
+FASTVQ_TARGET("avx2,fma")
+void fold_tile(const float* z, int64_t dim, const float* panels, const float* bias, int64_t first_panel,
+               int64_t num_panels, float scale, float* lane_best, int32_t* lane_index) {
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t p = first_panel; p < first_panel + num_panels; ++p) {
+    const float* panel = panels + p * dim * kPanelCodes;
+    __m256 low[kTileRows], high[kTileRows];
+#pragma GCC unroll 6
+    for (int r = 0; r < kTileRows; ++r) {
+      low[r] = _mm256_setzero_ps();
+      high[r] = _mm256_setzero_ps();
+    }
+    for (int64_t d = 0; d < dim; ++d) {
+      const __m256 codes_low = _mm256_load_ps(panel + d * kPanelCodes);
+      const __m256 codes_high = _mm256_load_ps(panel + d * kPanelCodes + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m256 value = _mm256_broadcast_ss(z + r * dim + d);
+        low[r] = _mm256_fmadd_ps(value, codes_low, low[r]);
+        high[r] = _mm256_fmadd_ps(value, codes_high, high[r]);
+      }
+    }
+    const int32_t code = static_cast<int32_t>(p * kPanelCodes);
+    const __m256 bias_low = _mm256_loadu_ps(bias + p * kPanelCodes);
+    const __m256 bias_high = _mm256_loadu_ps(bias + p * kPanelCodes + 8);
+    const __m256i code_low = _mm256_add_epi32(_mm256_set1_epi32(code), lane_ids);
+    const __m256i code_high = _mm256_add_epi32(_mm256_set1_epi32(code + 8), lane_ids);
+#pragma GCC unroll 6
+    for (int r = 0; r < kTileRows; ++r) {
+      fold_half(low[r], scale_v, bias_low, code_low, lane_best + r * kLanes, lane_index + r * kLanes);
+      fold_half(high[r], scale_v, bias_high, code_high, lane_best + r * kLanes + 8, lane_index + r * kLanes + 8);
+    }
+  }
+}
+
+}  // namespace
+
+bool available() {
+  static const bool supported = FASTVQ_CPU_SUPPORTS("avx2") && FASTVQ_CPU_SUPPORTS("fma");
+  return supported;
+}
+
+void fold_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float* panels, const float* bias,
+                 int64_t num_panels, float scale, float* lane_best, int32_t* lane_index) {
+  const int64_t panel_bytes = dim * kPanelCodes * static_cast<int64_t>(sizeof(float));
+  for_each_block(num_panels, panel_bytes, num_rows, kTileRows, [&](int64_t first, int64_t count, int64_t row) {
+    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale, lane_best + row * kLanes,
+              lane_index + row * kLanes);
+  });
+}
+
+#else
+
+bool available() { return false; }
+
+void fold_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, float*, int32_t*) {}
+
+#endif
+
+}  // namespace avx2
+}  // namespace fastvq
