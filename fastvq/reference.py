@@ -302,3 +302,34 @@ def ibq_ref(
     sample_entropy = -(probs * log_probs).sum(dim=1).mean()
     entropy_loss = sample_minimization_weight * sample_entropy - batch_maximization_weight * avg_entropy
     return quantized, indices, quant_loss, (sample_entropy, avg_entropy, entropy_loss)
+
+
+# --------------------------------------------------------------------------- code entropy (LFQ)
+
+
+def code_bits_ref(num_bits: int, *, device=None) -> torch.Tensor:
+    """``[2^d, d]`` float: the bits of every code, the first bit the most significant (LFQ's order)."""
+    codes = torch.arange(2**num_bits, device=device)
+    mask = 2 ** torch.arange(num_bits - 1, -1, -1, device=device)
+    return ((codes[:, None] & mask) != 0).to(torch.float64)
+
+
+def clamped_entropy_ref(probs: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """vector-quantize-pytorch's entropy ``-sum(p * log(max(p, eps)))`` over the last axis."""
+    return -(probs * probs.clamp_min(eps).log()).sum(dim=-1)
+
+
+def code_entropy_ref(
+    bit_logits: torch.Tensor, eps: float = 1e-5, *, upcast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFQ's entropy terms written the way vector-quantize-pytorch writes them, over all 2^d codes.
+
+    Code ``c`` of ``bit_logits [N, G, d]`` has logit ``sum_b bit_b(c) * l_b`` and probability
+    ``softmax`` of those logits over the ``2^d`` codes (equal to the product of the per-bit
+    ``sigmoid(+-l_b)``). Returns ``(sample_entropy [N, G], avg_probs [G, 2^d])``: each row's
+    :func:`clamped_entropy_ref` and the batch-mean distribution. Builds the ``N x G x 2^d`` matrix.
+    """
+    dtype = torch.float64 if upcast else bit_logits.dtype
+    bits = code_bits_ref(bit_logits.shape[-1], device=bit_logits.device).to(dtype)
+    probs = (bit_logits.to(dtype) @ bits.T).softmax(dim=-1)
+    return clamped_entropy_ref(probs, eps), probs.mean(dim=0)

@@ -46,6 +46,7 @@ _MODULES = {
         "vector_quantize": "fastvq.backends.torch.vector_quantize",
         "masked_conv": "fastvq.backends.torch.masked_conv",
         "soft_quantize": "fastvq.backends.torch.soft_quantize",
+        "code_entropy": "fastvq.backends.torch.code_entropy",
     },
     "triton": {
         "search": "fastvq.backends.triton.search",
@@ -53,6 +54,7 @@ _MODULES = {
         "vector_quantize": "fastvq.backends.triton.vector_quantize",
         "masked_conv": "fastvq.backends.triton.masked_conv",
         "soft_quantize": "fastvq.backends.triton.soft_quantize",
+        "code_entropy": "fastvq.backends.triton.code_entropy",
     },
     "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
     "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
@@ -78,6 +80,8 @@ OPS = {
     "soft_quantize_backward": Op("soft_quantize", "soft_quantize_backward"),
     "soft_entropy": Op("soft_quantize", "soft_entropy"),
     "soft_entropy_backward": Op("soft_quantize", "soft_entropy_backward"),
+    "code_entropy": Op("code_entropy", "code_entropy"),
+    "code_entropy_backward": Op("code_entropy", "code_entropy_backward"),
 }
 
 
@@ -106,6 +110,11 @@ def _soft_routes() -> dict[str, Route]:
     }
 
 
+_NO_C_ENTROPY = (
+    "fastvq._C has no code entropy: the PyTorch path is batched GEMMs and sorts of rows x 2^(d/2), "
+    "which MKL and PyTorch's CPU kernels already run at speed"
+)
+
 # THE table: op -> selected backend -> the backend that runs it.
 TABLE: dict[str, dict[str, Route]] = {
     "nearest_code": _self_everywhere(),
@@ -127,6 +136,16 @@ TABLE: dict[str, dict[str, Route]] = {
         "cuda": Route("triton", _NO_C_CONV + "; the Triton kernel runs"),
     },
     **{op: _soft_routes() for op in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward")},
+    "code_entropy": {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_ENTROPY),
+        "cuda": Route("triton", "fastvq._C has no CUDA code entropy; the Triton kernels run"),
+    },
+    "code_entropy_backward": {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_ENTROPY),
+        "cuda": Route("triton", "fastvq._C has no CUDA code entropy; the Triton kernels run"),
+    },
 }
 
 

@@ -298,3 +298,7 @@ def _normalize_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     unit = x / floored
     projected = grad - unit * (unit * grad).sum(dim=1, keepdim=True)
     return torch.where(norms > NORM_EPS, projected, grad) / floored
+def code_entropy_split(num_bits: int) -> tuple[int, int]:
+    """How the code entropy splits ``d`` bits: ``(h, d - h)``, the high half the larger when ``d`` is odd."""
+    high = (num_bits + 1) // 2
+    return high, num_bits - high

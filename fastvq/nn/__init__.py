@@ -30,3 +30,11 @@ __all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
 from .ibq import IBQ  # noqa: E402
 
 __all__ += ["IBQ"]
+
+from .lfq import LFQ, GroupedResidualLFQ, ResidualLFQ  # noqa: E402
+
+__all__ += ["LFQ", "ResidualLFQ", "GroupedResidualLFQ"]
+
+from .evo_lfq import EvoLFQ  # noqa: E402
+
+__all__ += ["EvoLFQ"]

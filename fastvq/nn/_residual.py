@@ -15,7 +15,7 @@ import random
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._distributed import broadcast_from_first
 
@@ -41,6 +41,23 @@ def quantize_dropout_index(
         return torch.tensor(_round_up_to_multiple(chosen, multiple_of), device=device)
     drawn = broadcast_from_first(torch.randint(cutoff_index, num_quantizers, (), device=device))
     return _round_up_to_multiple(drawn, multiple_of)
+
+
+class QuantizeDropout:
+    """Mixin for a residual quantizer with ``quantize_dropout``, ``quantize_dropout_cutoff_index``,
+    ``quantize_dropout_multiple_of`` and ``num_quantizers``: ``dropout_index(x, fixed_seed)`` is the
+    last layer kept this step, or ``None`` when nothing drops (eval mode, dropout off, or, where
+    ``dropout_needs_grad`` as in vector-quantize-pytorch's FSQ and LFQ residuals, grad disabled)."""
+
+    dropout_needs_grad = True
+
+    def dropout_index(self, x: Tensor, fixed_seed: Optional[int] = None) -> Optional[Tensor]:
+        if not (self.training and self.quantize_dropout) or (self.dropout_needs_grad and not torch.is_grad_enabled()):
+            return None
+        return quantize_dropout_index(
+            cutoff_index=self.quantize_dropout_cutoff_index, num_quantizers=self.num_quantizers,
+            multiple_of=self.quantize_dropout_multiple_of, device=x.device, fixed_seed=fixed_seed,
+        )
 
 
 def check_dropout_arguments(owner: str, num_quantizers: int, cutoff_index: int, multiple_of: int) -> None:
@@ -88,3 +105,46 @@ def codes_from_indices(
     if scales is not None:
         codes = codes * scales.reshape(num_quantizers, *([1] * (codes.dim() - 2)), -1)
     return codes
+
+
+class GroupedResidual(nn.Module):
+    """``groups`` independent residual quantizers of class ``residual_class`` on equal slices of the
+    feature axis (axis 1 with ``accept_image_fmap``, else the last), as vector-quantize-pytorch's
+    grouped residual classes: ``rvqs`` holds them; ``codebooks`` is ``[groups, Q, K, d]``."""
+
+    residual_class: type
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__()
+        for name, value in (("dim", dim), ("groups", groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dim % groups:
+            raise ValueError(f"groups must divide dim, got dim = {dim} and groups = {groups}")
+        self.dim = dim
+        self.groups = groups
+        self.accept_image_fmap = accept_image_fmap
+        self.rvqs = nn.ModuleList(self.residual_class(dim=dim // groups, **kwargs) for _ in range(groups))
+
+    @property
+    def codebooks(self) -> Tensor:
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    @property
+    def split_dim(self) -> int:
+        return 1 if self.accept_image_fmap else -1
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        return torch.stack([rvq.get_codes_from_indices(chunk) for rvq, chunk in zip(self.rvqs, indices)])
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        outputs = [rvq.get_output_from_indices(chunk) for rvq, chunk in zip(self.rvqs, indices)]
+        return torch.cat(outputs, dim=self.split_dim)
+
+    def split(self, x: Tensor) -> tuple[tuple[Tensor, ...], Optional[Tensor]]:
+        """The groups' slices of ``x`` and the quantize-dropout draw they share."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() < 2 or x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"x must have {self.dim} features on axis {self.split_dim}, got shape {tuple(x.shape)}")
+        return x.chunk(self.groups, dim=self.split_dim), self.rvqs[0].dropout_index(x, None)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import FSQ_BOUND_EPS, check_fsq_levels, fsq_bound
-from ._residual import check_dropout_arguments, codes_from_indices, quantize_dropout_index
+from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices
 
 __all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
 
@@ -283,7 +283,7 @@ class FSQ(nn.Module):
         return out, indices
 
 
-class ResidualFSQ(nn.Module):
+class ResidualFSQ(QuantizeDropout, nn.Module):
     """Residual FSQ (Algorithm 1 of SoundStream on FSQ layers), a drop-in for
     vector-quantize-pytorch's ``ResidualFSQ``.
 
@@ -371,14 +371,6 @@ class ResidualFSQ(nn.Module):
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
 
-    def dropout_index(self, x: Tensor, fixed_seed: Optional[int]) -> Optional[Tensor]:
-        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
-            return None
-        return quantize_dropout_index(
-            cutoff_index=self.quantize_dropout_cutoff_index, num_quantizers=self.num_quantizers,
-            multiple_of=self.quantize_dropout_multiple_of, device=x.device, fixed_seed=fixed_seed,
-        )
-
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: Optional[int] = None):
         return self.quantize(x, return_all_codes, self.dropout_index(x, rand_quantize_dropout_fixed_seed))
 
@@ -419,7 +411,7 @@ class ResidualFSQ(nn.Module):
         return quantized_out, all_indices, all_codes
 
 
-class GroupedResidualFSQ(nn.Module):
+class GroupedResidualFSQ(GroupedResidual):
     """``groups`` independent ResidualFSQs on equal slices of the features (vector-quantize-pytorch's
     ``GroupedResidualFSQ(*, dim, groups=1, accept_image_fmap=False, **kwargs)``).
 
@@ -428,41 +420,14 @@ class GroupedResidualFSQ(nn.Module):
     vector-quantize-pytorch returns it). The groups share one quantize-dropout draw per step.
     """
 
+    residual_class = ResidualFSQ
+
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
-        super().__init__()
-        check_positive_int("dim", dim)
-        check_positive_int("groups", groups)
-        if dim % groups:
-            raise ValueError(f"groups must divide dim, got dim = {dim} and groups = {groups}")
-        self.dim = dim
-        self.groups = groups
-        self.accept_image_fmap = accept_image_fmap
-        self.rvqs = nn.ModuleList(ResidualFSQ(dim=dim // groups, **kwargs) for _ in range(groups))
+        super().__init__(dim=dim, groups=groups, accept_image_fmap=accept_image_fmap, **kwargs)
         self.codebook_size = self.rvqs[0].codebook_size
 
-    @property
-    def codebooks(self) -> Tensor:
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
-
-    @property
-    def split_dim(self) -> int:
-        return 1 if self.accept_image_fmap else -1
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        return torch.stack([rvq.get_codes_from_indices(chunk) for rvq, chunk in zip(self.rvqs, indices)])
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        outputs = [rvq.get_output_from_indices(chunk) for rvq, chunk in zip(self.rvqs, indices)]
-        return torch.cat(outputs, dim=self.split_dim)
-
     def forward(self, x: Tensor, return_all_codes: bool = False):
-        x = check_float_input(x)
-        if x.dim() < 2 or x.shape[self.split_dim] != self.dim:
-            raise ValueError(f"x must have {self.dim} features on axis {self.split_dim}, got shape {tuple(x.shape)}")
-        dropout_index = self.rvqs[0].dropout_index(x, None)
-        outputs = [
-            rvq.quantize(chunk, return_all_codes, dropout_index)
-            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))
-        ]
+        chunks, dropout_index = self.split(x)
+        outputs = [rvq.quantize(chunk, return_all_codes, dropout_index) for rvq, chunk in zip(self.rvqs, chunks)]
         quantized, all_indices, *all_codes = zip(*outputs)
         return (torch.cat(quantized, dim=self.split_dim), torch.stack(all_indices), *all_codes)

@@ -1,0 +1,273 @@
+"""The code entropy (LFQ's entropy loss) over code tiles: three kernels that never hold ``N x 2^d``.
+
+Code ``(hi, lo)`` of a row has probability ``P_hi[hi] * P_lo[lo]``, the products of the row's
+per-bit probabilities over the high and the low half of its ``d`` bits (see
+``fastvq/backends/torch/code_entropy.py`` for the algebra). The kernels build tiles of ``P_hi`` and
+``P_lo`` in registers straight from the logits, so neither is ever written to memory:
+
+- ``_code_entropy_avg_kernel``: a program owns a ``BLOCK_H x BLOCK_L`` tile of codes and walks the
+  rows, accumulating ``P_hi^T @ P_lo`` with ``tl.dot``: the batch-mean distribution.
+- ``_code_entropy_sample_kernel``: a program owns ``BLOCK_N`` rows and walks every code tile,
+  summing ``-p log max(p, eps)`` over the ``[BLOCK_N, BLOCK_H, BLOCK_L]`` products: each row's
+  clamped entropy, ``N 2^d`` elementwise work (the PyTorch path's sort-based formula needs
+  sorting, which a GPU does not pay back at these sizes).
+- ``_code_entropy_bwd_kernel``: the same walk over code tiles with the weight ``W = g_avg / N +
+  g_n f'(p)`` of every code, accumulating per bit ``sum W p`` over the codes whose bit is 1 and
+  over those whose bit is 0; the gradient is ``sigmoid(-l) ones - sigmoid(l) zeros``. Each program
+  writes its own rows: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import code_entropy_split
+from .common import dot_precision, interpreting
+
+
+@triton.jit
+def _sigmoid_pair(logit):
+    """``(sigmoid(l), sigmoid(-l))``, each computed on its own from ``exp(-|l|)``: ``1 - sigmoid(l)``
+    would round to 0 long before ``sigmoid(-l)`` does, and ``exp(|l|)`` would overflow."""
+    small = tl.exp(-tl.abs(logit))
+    near_one = 1.0 / (1.0 + small)
+    near_zero = small / (1.0 + small)
+    positive = logit >= 0
+    return tl.where(positive, near_one, near_zero), tl.where(positive, near_zero, near_one)
+
+
+@triton.jit
+def _half_probs(logits_ptr, row_offsets, row_mask, stride_bit, codes, code_mask,
+                BIT_START: tl.constexpr, NUM_BITS: tl.constexpr):
+    """``[BLOCK_N, BLOCK_C]``: each row's product of per-bit probabilities for the patterns
+    ``codes`` of bits ``BIT_START ..< BIT_START + NUM_BITS`` (first bit most significant); zero for
+    masked rows and codes."""
+    probs = tl.where(row_mask[:, None] & code_mask[None, :], 1.0, 0.0)
+    for k in tl.static_range(NUM_BITS):
+        logit = tl.load(logits_ptr + row_offsets + (BIT_START + k) * stride_bit, mask=row_mask, other=0.0).to(tl.float32)
+        p_one, p_zero = _sigmoid_pair(logit)
+        bit = (codes >> (NUM_BITS - 1 - k)) & 1
+        probs = probs * tl.where(bit[None, :] == 1, p_one[:, None], p_zero[:, None])
+    return probs
+
+
+@triton.jit
+def _code_entropy_avg_kernel(
+    logits_ptr,
+    avg_ptr,
+    N,
+    stride_row,
+    stride_group,
+    stride_bit,
+    inv_rows,
+    NUM_HI: tl.constexpr,
+    NUM_LO: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    pid_hi = tl.program_id(0).to(tl.int64)
+    pid_lo = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    num_hi_codes: tl.constexpr = 1 << NUM_HI
+    num_lo_codes: tl.constexpr = 1 << NUM_LO
+    hi_codes = pid_hi * BLOCK_H + tl.arange(0, BLOCK_H)
+    lo_codes = pid_lo * BLOCK_L + tl.arange(0, BLOCK_L)
+    hi_mask = hi_codes < num_hi_codes
+    lo_mask = lo_codes < num_lo_codes
+    acc = tl.zeros((BLOCK_H, BLOCK_L), tl.float32)
+    for row_start in range(0, N, BLOCK_N):
+        rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_mask = rows < N
+        offsets = rows * stride_row + group * stride_group
+        p_hi = _half_probs(logits_ptr, offsets, row_mask, stride_bit, hi_codes, hi_mask, 0, NUM_HI)
+        p_lo = _half_probs(logits_ptr, offsets, row_mask, stride_bit, lo_codes, lo_mask, NUM_HI, NUM_LO)
+        acc = tl.dot(tl.trans(p_hi), p_lo, acc, input_precision=DOT_PRECISION)
+    out = avg_ptr + group * (num_hi_codes * num_lo_codes) + hi_codes[:, None] * num_lo_codes + lo_codes[None, :]
+    tl.store(out, acc * inv_rows, mask=hi_mask[:, None] & lo_mask[None, :])
+
+
+@triton.jit
+def _code_entropy_sample_kernel(
+    logits_ptr,
+    sample_ptr,
+    N,
+    stride_row,
+    stride_group,
+    stride_bit,
+    num_groups,
+    eps,
+    NUM_HI: tl.constexpr,
+    NUM_LO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    offsets = rows * stride_row + group * stride_group
+    entropy = tl.zeros((BLOCK_N,), tl.float32)
+    for hi_start in range(0, 1 << NUM_HI, BLOCK_H):
+        hi_codes = hi_start + tl.arange(0, BLOCK_H)
+        p_hi = _half_probs(logits_ptr, offsets, row_mask, stride_bit, hi_codes, hi_codes < (1 << NUM_HI), 0, NUM_HI)
+        for lo_start in range(0, 1 << NUM_LO, BLOCK_L):
+            lo_codes = lo_start + tl.arange(0, BLOCK_L)
+            p_lo = _half_probs(logits_ptr, offsets, row_mask, stride_bit, lo_codes, lo_codes < (1 << NUM_LO),
+                               NUM_HI, NUM_LO)
+            p = p_hi[:, :, None] * p_lo[:, None, :]
+            # p = 0 (masked, or underflowed) gives 0 * log(eps) = 0, as in vector-quantize-pytorch.
+            terms = -p * tl.log(tl.maximum(p, eps))
+            entropy += tl.sum(tl.sum(terms, axis=2), axis=1)
+    tl.store(sample_ptr + rows * num_groups + group, entropy, mask=row_mask)
+
+
+@triton.jit
+def _bit_table(codes, bit_ids, FIRST_BIT: tl.constexpr, NUM_BITS: tl.constexpr):
+    """``[BLOCK_C, D_PAD]`` as float: 1 where bit ``FIRST_BIT + k`` of the pattern is set, 0 where it is
+    clear, and which columns belong to this half (``is_half``)."""
+    local = bit_ids - FIRST_BIT
+    is_half = (local >= 0) & (local < NUM_BITS)
+    shift = tl.where(is_half, NUM_BITS - 1 - local, 0)
+    is_set = ((codes[:, None] >> shift[None, :]) & 1) == 1
+    ones = tl.where(is_half[None, :] & is_set, 1.0, 0.0)
+    zeros = tl.where(is_half[None, :] & (~is_set), 1.0, 0.0)
+    return ones, zeros
+
+
+@triton.jit
+def _code_entropy_bwd_kernel(
+    logits_ptr,
+    grad_sample_ptr,
+    grad_avg_ptr,
+    grad_logits_ptr,
+    N,
+    stride_row,
+    stride_group,
+    stride_bit,
+    num_groups,
+    inv_rows,
+    eps,
+    log_eps,
+    NUM_HI: tl.constexpr,
+    NUM_LO: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    offsets = rows * stride_row + group * stride_group
+    num_lo_codes: tl.constexpr = 1 << NUM_LO
+    grad_row = tl.load(grad_sample_ptr + rows * num_groups + group, mask=row_mask, other=0.0).to(tl.float32)
+    bit_ids = tl.arange(0, D_PAD)
+    ones = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    zeros = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    for hi_start in range(0, 1 << NUM_HI, BLOCK_H):
+        hi_codes = hi_start + tl.arange(0, BLOCK_H)
+        hi_mask = hi_codes < (1 << NUM_HI)
+        p_hi = _half_probs(logits_ptr, offsets, row_mask, stride_bit, hi_codes, hi_mask, 0, NUM_HI)
+        hi_ones, hi_zeros = _bit_table(hi_codes, bit_ids, 0, NUM_HI)
+        for lo_start in range(0, num_lo_codes, BLOCK_L):
+            lo_codes = lo_start + tl.arange(0, BLOCK_L)
+            lo_mask = lo_codes < num_lo_codes
+            p_lo = _half_probs(logits_ptr, offsets, row_mask, stride_bit, lo_codes, lo_mask, NUM_HI, NUM_LO)
+            lo_ones, lo_zeros = _bit_table(lo_codes, bit_ids, NUM_HI, NUM_LO)
+            mean_grad = tl.load(
+                grad_avg_ptr + group * ((1 << NUM_HI) * num_lo_codes) + hi_codes[:, None] * num_lo_codes
+                + lo_codes[None, :],
+                mask=hi_mask[:, None] & lo_mask[None, :],
+                other=0.0,
+            ).to(tl.float32) * inv_rows
+            p = p_hi[:, :, None] * p_lo[:, None, :]
+            # d/dp of -p log max(p, eps); where p < eps the log side is never selected.
+            slope = tl.where(p >= eps, -(tl.log(tl.maximum(p, eps)) + 1.0), -log_eps)
+            weighted = (mean_grad[None, :, :] + grad_row[:, None, None] * slope) * p
+            by_hi = tl.sum(weighted, axis=2)
+            by_lo = tl.sum(weighted, axis=1)
+            ones += tl.sum(by_hi[:, :, None] * hi_ones[None, :, :], axis=1)
+            ones += tl.sum(by_lo[:, :, None] * lo_ones[None, :, :], axis=1)
+            zeros += tl.sum(by_hi[:, :, None] * hi_zeros[None, :, :], axis=1)
+            zeros += tl.sum(by_lo[:, :, None] * lo_zeros[None, :, :], axis=1)
+    bit_mask = bit_ids < NUM_HI + NUM_LO
+    mask = row_mask[:, None] & bit_mask[None, :]
+    logits = tl.load(logits_ptr + offsets[:, None] + bit_ids[None, :] * stride_bit, mask=mask, other=0.0).to(tl.float32)
+    p_one, p_zero = _sigmoid_pair(logits)
+    grad = p_zero * ones - p_one * zeros
+    out = grad_logits_ptr + rows[:, None] * (num_groups * (NUM_HI + NUM_LO)) + group * (NUM_HI + NUM_LO) + bit_ids[None, :]
+    tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+# Tiles: the avg kernel's tl.dot needs every side >= 16; the elementwise kernels hold
+# BLOCK_N x BLOCK_H x BLOCK_L products (4 096 under the interpreter, 8 192 on a GPU).
+_AVG_BLOCKS = {"BLOCK_N": 32, "BLOCK_H": 64, "BLOCK_L": 64}
+_TILE_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 32}
+_INTERPRETER_AVG_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
+_INTERPRETER_TILE_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
+
+
+def _tile_blocks(num_hi: int, num_lo: int) -> dict:
+    blocks = dict(_INTERPRETER_TILE_BLOCKS if interpreting() else _TILE_BLOCKS)
+    # A half with fewer patterns than the tile is covered by one tile of its own (power-of-two) size.
+    blocks["BLOCK_H"] = min(blocks["BLOCK_H"], 1 << num_hi)
+    blocks["BLOCK_L"] = min(blocks["BLOCK_L"], 1 << num_lo)
+    return blocks
+
+
+def _device_guard(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def code_entropy(bit_logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the mean and the per-row entropy kernels; inputs are checked by the caller."""
+    num_rows, groups, num_bits = bit_logits.shape
+    num_hi, num_lo = code_entropy_split(num_bits)
+    device = bit_logits.device
+    sample = torch.empty((num_rows, groups), dtype=torch.float32, device=device)
+    if num_rows == 0:
+        return sample, torch.full((groups, 2**num_bits), float("nan"), dtype=torch.float32, device=device)
+    avg = torch.empty((groups, 2**num_bits), dtype=torch.float32, device=device)
+    strides = bit_logits.stride()
+    avg_blocks = _INTERPRETER_AVG_BLOCKS if interpreting() else _AVG_BLOCKS
+    tile_blocks = _tile_blocks(num_hi, num_lo)
+    with _device_guard(bit_logits):
+        grid = (triton.cdiv(2**num_hi, avg_blocks["BLOCK_H"]), triton.cdiv(2**num_lo, avg_blocks["BLOCK_L"]), groups)
+        _code_entropy_avg_kernel[grid](
+            bit_logits, avg, num_rows, *strides, 1.0 / num_rows,
+            NUM_HI=num_hi, NUM_LO=num_lo, DOT_PRECISION=dot_precision(torch.float32), **avg_blocks,
+        )
+        grid = (triton.cdiv(num_rows, tile_blocks["BLOCK_N"]), groups)
+        _code_entropy_sample_kernel[grid](
+            bit_logits, sample, num_rows, *strides, groups, eps, NUM_HI=num_hi, NUM_LO=num_lo, **tile_blocks,
+        )
+    return sample, avg
+
+
+def code_entropy_backward(
+    grad_sample: torch.Tensor, grad_avg: torch.Tensor, bit_logits: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Launches the backward kernel: the gradient ``[N, G, d]`` in ``bit_logits``' dtype."""
+    num_rows, groups, num_bits = bit_logits.shape
+    num_hi, num_lo = code_entropy_split(num_bits)
+    grad = torch.empty((num_rows, groups, num_bits), dtype=bit_logits.dtype, device=bit_logits.device)
+    if num_rows == 0:
+        return grad
+    blocks = _tile_blocks(num_hi, num_lo)
+    with _device_guard(bit_logits):
+        grid = (triton.cdiv(num_rows, blocks["BLOCK_N"]), groups)
+        _code_entropy_bwd_kernel[grid](
+            bit_logits, grad_sample.contiguous(), grad_avg.contiguous(), grad, num_rows, *bit_logits.stride(),
+            groups, 1.0 / num_rows, eps, math.log(eps), NUM_HI=num_hi, NUM_LO=num_lo,
+            D_PAD=max(2, triton.next_power_of_2(num_bits)), **blocks,
+        )
+    return grad
