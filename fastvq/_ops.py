@@ -25,7 +25,14 @@ from ._checks import (
     check_segment_inputs,
     check_soft_inputs,
 )
-from .backends.common import CHUNK_BYTES, compute_dtype, output_memory_format, output_size, promoted_dtype
+from .backends.common import (
+    CHUNK_BYTES,
+    compute_dtype,
+    find_duplicate_codes,
+    output_memory_format,
+    output_size,
+    promoted_dtype,
+)
 
 
 def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
@@ -34,6 +41,16 @@ def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
 
 def _search_op(sample_temperature: float) -> str:
     return "gumbel_sample" if sample_temperature > 0.0 else "nearest_code"
+
+
+def _lowest_duplicate(indices: Tensor, codebook: Tensor, sample_temperature: float) -> Tensor:
+    """An argmin's indices with every exact duplicate code replaced by the lowest index of its
+    group, so "ties go to the lowest index" holds whatever a backend's rounding chose (see
+    ``backends.common.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
+    if sample_temperature > 0.0 or indices.numel() == 0:
+        return indices
+    groups = find_duplicate_codes(codebook)
+    return indices if groups is None else groups.lowest(indices)
 
 
 # --------------------------------------------------------------------------- nearest_code
@@ -57,7 +74,8 @@ def nearest_code(
     check_search_inputs(z, codebook, metric)
     check_sampling(sample_temperature, seed, z)
     backend = backends.select(_search_op(sample_temperature), z, _promoted(z, codebook))
-    return backend.nearest_code(z, codebook, metric, return_codes, sample_temperature, seed)
+    indices, distances, codes = backend.nearest_code(z, codebook, metric, return_codes, sample_temperature, seed)
+    return _lowest_duplicate(indices, codebook, sample_temperature), distances, codes
 
 
 @nearest_code.register_fake
@@ -125,6 +143,7 @@ def vector_quantize(
     dtype = _promoted(z, codebook)
     backend = backends.select(_search_op(sample_temperature), z, dtype)
     indices, distances, quantized = backend.nearest_code(z, codebook, metric, True, sample_temperature, seed)
+    indices = _lowest_duplicate(indices, codebook, sample_temperature)
     num_rows, dim = z.shape
     if num_rows == 0:
         return quantized, indices, torch.zeros((), dtype=torch.float32, device=z.device)

@@ -1,5 +1,6 @@
 """What more than one backend uses: the compute dtype, the search's prepared codebook, the memory
-bound of the chunked loops, and the PixelCNN convolution masks as tap counts.
+bound of the chunked loops, the exact-duplicate codes of a codebook, and the PixelCNN convolution
+masks as tap counts.
 
 Nothing here imports a backend, so every backend, ``fastvq._checks`` and ``fastvq._ops`` may import it.
 
@@ -22,6 +23,8 @@ loop over ``num_taps`` taps and never touch the rest, which is why the masks are
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from typing import Optional, Sequence
 
@@ -77,6 +80,100 @@ class SearchCodebook:
             scores.neg_()
         # nan -> +inf so a NaN distance never wins; +/-inf stay what they are.
         return scores.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+class DuplicateCodes:
+    """The groups of exactly equal codes of a codebook, found once per call, so that every search
+    can report the lowest index of a group whatever its kernel's rounding chose.
+
+    Two equal codes have equal true distances, but a matrix-multiply kernel rounds two identical
+    columns differently depending on where they fall in its tiles, so the argmin over its scores
+    may land on any member of a group (measured: 1 % of fp32 trials and 12-17 % of fp64 trials on
+    the BLAS paths). The contract says ties go to the lowest index; rather than asking every
+    kernel to re-rank near-ties, the op layer maps each chosen index to its group's lowest index.
+
+    How the groups are found, in ``O(K D + K log K)`` against the search's ``O(N K D)``:
+
+    1. ``-0.0`` is made ``+0.0`` (they compare equal and give equal distances), then each code's
+       bytes are read as 16-bit integer words ``w`` (``W`` per code).
+    2. Two hashes per code, ``w @ M`` with ``M`` a fixed random integer matrix ``[W, 2]`` whose
+       entries are small enough that every partial sum is an integer below ``2^53``: the fp64
+       matrix product is then exact in any summation order, so equal codes get equal hashes
+       wherever they sit (the float scores could not promise that: that is the bug).
+    3. A stable sort by the hashes puts each group's members next to each other in index order;
+       neighbours are then compared value by value, so a hash collision can never merge two
+       different codes (NaN never equals NaN: a code holding one is never a duplicate). Two
+       different codes with equal hashes *between* the members of a group (odds below
+       ``K^2 / 2^56``) would split the group: its members after the intruder then keep the
+       kernel's choice, which is still a code at the minimal distance.
+
+    ``leaders[k]`` is the lowest index of code ``k``'s group. On CPU a codebook with no duplicate
+    is told apart cheaply and :func:`find_duplicate_codes` returns ``None``; on other devices that
+    test would need a host synchronisation, so the (all-device) remap always runs there.
+    """
+
+    def __init__(self, leaders: torch.Tensor):
+        self.leaders = leaders
+
+    def lowest(self, indices: torch.Tensor) -> torch.Tensor:
+        """Each index replaced by the lowest index of its code's duplicate group (same shape)."""
+        return self.leaders[indices]
+
+
+# The hashes' multipliers must keep |word| * multiplier * words_per_code below 2^52.
+_WORD_BITS = 15
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_multipliers(words: int, device: torch.device) -> torch.Tensor:
+    bits = 52 - _WORD_BITS - max(1, math.ceil(math.log2(words + 1)))
+    generator = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(0, 2**bits, (words, 2), generator=generator, dtype=torch.int64).double().to(device)
+
+
+def find_duplicate_codes(codebook: torch.Tensor) -> Optional[DuplicateCodes]:
+    """The exact-duplicate groups of ``codebook [K, D]`` (see :class:`DuplicateCodes`), or ``None``
+    when there is nothing to remap: a single code, or (on CPU) no two codes equal.
+
+    Apply it to an argmin search's indices with ``groups.lowest(indices)``; a top-k search must
+    also order a group's members by index within each row. Gumbel-max sampling should not use
+    it: a sampled index names a code, not a tie.
+    """
+    num_codes = codebook.shape[0]
+    if num_codes < 2:
+        return None
+    canonical = torch.add(codebook.detach(), 0.0).contiguous()  # -0.0 + 0.0 == +0.0
+    words = canonical.view(torch.int16)
+    multipliers = _hash_multipliers(words.shape[1], codebook.device)
+    rows_per_chunk = max(1, CHUNK_BYTES // max(1, 8 * words.shape[1]))
+    hashes = torch.cat([
+        words[start : start + rows_per_chunk].double() @ multipliers
+        for start in range(0, num_codes, rows_per_chunk)
+    ])
+    order = torch.argsort(hashes[:, 1], stable=True)
+    order = order[torch.argsort(hashes[order, 0], stable=True)]
+    sorted_hashes = hashes[order]
+    same_hash = (sorted_hashes[1:] == sorted_hashes[:-1]).all(dim=1)
+    if codebook.device.type == "cpu":
+        if not bool(same_hash.any()):
+            return None
+        candidates = same_hash.nonzero().flatten()
+        same = torch.zeros_like(same_hash)
+        same[candidates] = (canonical[order[candidates + 1]] == canonical[order[candidates]]).all(dim=1)
+    else:
+        same = same_hash
+        for start in range(0, num_codes - 1, rows_per_chunk):
+            stop = min(start + rows_per_chunk, num_codes - 1)
+            equal = (canonical[order[start + 1 : stop + 1]] == canonical[order[start:stop]]).all(dim=1)
+            same[start:stop] &= equal
+    positions = torch.arange(num_codes, device=codebook.device)
+    # Each sorted position's group starts at the last position before it that is not "same as
+    # the previous one"; stability made that start the group's lowest index.
+    starts = torch.where(torch.cat([same.new_zeros(1), same]), 0, positions)
+    starts = torch.cummax(starts, dim=0).values
+    leaders = torch.empty_like(order)
+    leaders[order] = order[starts]
+    return DuplicateCodes(leaders)
 
 
 def check_mask_type(mask_type: object) -> str:
