@@ -95,16 +95,17 @@ class DuplicateCodes:
     How the groups are found, in ``O(K D + K log K)`` against the search's ``O(N K D)``:
 
     1. ``-0.0`` is made ``+0.0`` (they compare equal and give equal distances), then each code's
-       bytes are read as 16-bit integer words ``w`` (``W`` per code).
-    2. Two hashes per code, ``w @ M`` with ``M`` a fixed random integer matrix ``[W, 2]`` whose
-       entries are small enough that every partial sum is an integer below ``2^53``: the fp64
-       matrix product is then exact in any summation order, so equal codes get equal hashes
-       wherever they sit (the float scores could not promise that: that is the bug).
-    3. A stable sort by the hashes puts each group's members next to each other in index order;
-       neighbours are then compared value by value, so a hash collision can never merge two
-       different codes (NaN never equals NaN: a code holding one is never a duplicate). Two
-       different codes with equal hashes *between* the members of a group (odds below
-       ``K^2 / 2^56``) would split the group: its members after the intruder then keep the
+       bytes are read as signed integer words ``w`` (32-bit, or 16-bit for half types and huge
+       ``D``; ``W`` per code).
+    2. Hashes ``w @ M``, ``M`` a fixed random integer matrix ``[W, 2..8]`` whose entries are small
+       enough that every partial sum is an integer below ``2^53``: the fp64 product is then exact
+       in any summation order, so equal codes get equal hashes wherever they sit (the float
+       scores could not promise that: that is the bug). The columns hold about 56 bits together.
+    3. A stable lexicographic sort by the hashes puts each group's members next to each other in
+       index order; neighbours are then compared value by value, so a hash collision can never
+       merge two different codes (NaN never equals NaN: a code holding one is never a
+       duplicate). A different code with the same hashes sorted *between* the members of a group
+       (odds below ``K^2 / 2^56``) would split it: the members after the intruder then keep the
        kernel's choice, which is still a code at the minimal distance.
 
     ``leaders[k]`` is the lowest index of code ``k``'s group. On CPU a codebook with no duplicate
@@ -120,20 +121,108 @@ class DuplicateCodes:
         return self.leaders[indices]
 
 
-# The hashes' multipliers must keep |word| * multiplier * words_per_code below 2^52.
-_WORD_BITS = 15
+# Rows of fp64 words hashed at a time: small enough to stay in the L2 cache between their
+# conversion and their product.
+_HASH_CHUNK_BYTES = 1 << 20
+# Wanted bits of hash per code in all (over several columns): pairs of different codes then
+# collide with odds below 2^-56 each.
+_HASH_BITS = 56
+
+
+def _hash_words(rows: torch.Tensor, single: bool) -> tuple[torch.Tensor, int]:
+    """``rows`` (contiguous) read as signed integer words: 32-bit ones where the product of
+    :func:`_code_hashes` stays exact with multipliers of at least 8 bits, else (and for a
+    ``single`` hash, which wants wide multipliers) 16-bit ones."""
+    if not single and rows.element_size() >= 4:
+        if 52 - 31 - math.ceil(math.log2(rows.shape[1] * rows.element_size() // 4 + 1)) >= 8:
+            return rows.view(torch.int32), 31
+    return rows.view(torch.int16), 15
 
 
 @functools.lru_cache(maxsize=16)
-def _hash_multipliers(words: int, device: torch.device) -> torch.Tensor:
-    bits = 52 - _WORD_BITS - max(1, math.ceil(math.log2(words + 1)))
+def _hash_multipliers(words: int, word_bits: int, single: bool, device: torch.device) -> torch.Tensor:
+    """``[words, columns]`` random integers small enough that ``words`` products of a word and a
+    multiplier sum below ``2^52``: the fp64 product is exact whatever its summation order."""
+    bits = 52 - word_bits - math.ceil(math.log2(words + 1))
+    columns = 1 if single else min(8, max(2, math.ceil(_HASH_BITS / bits)))
     generator = torch.Generator().manual_seed(0x5EED)
-    return torch.randint(0, 2**bits, (words, 2), generator=generator, dtype=torch.int64).double().to(device)
+    return torch.randint(0, 2**bits, (words, columns), generator=generator, dtype=torch.int64).double().to(device)
+
+
+def _code_hashes(codebook: torch.Tensor, single: bool = False) -> torch.Tensor:
+    """``[K, columns]`` exact integer hashes (as fp64) of the codes' values, ``-0.0`` as ``+0.0``:
+    about 56 bits over 2 to 8 columns, or one column of 30-odd bits when ``single``."""
+    num_codes, dim = codebook.shape
+    rows_per_chunk = max(1, _HASH_CHUNK_BYTES // max(1, 8 * dim))
+    parts = []
+    for start in range(0, num_codes, rows_per_chunk):
+        rows = torch.add(codebook[start : start + rows_per_chunk], 0.0).contiguous()  # -0.0 + 0.0 == +0.0
+        words, word_bits = _hash_words(rows, single)
+        multipliers = _hash_multipliers(words.shape[1], word_bits, single, codebook.device)
+        if single:
+            parts.append((words.double() @ multipliers[:, 0])[:, None])
+        else:  # [columns, W] @ [W, rows] runs a better kernel than the skinny [rows, W] @ [W, columns]
+            parts.append((multipliers.T @ words.double().T).T)
+    return torch.cat(parts)
+
+
+def _hash_order(hashes: torch.Tensor) -> torch.Tensor:
+    """The codes sorted by their hashes, lexicographically; equal hashes stay in index order."""
+    order = torch.arange(hashes.shape[0], device=hashes.device)
+    for column in reversed(range(hashes.shape[1])):  # stable sorts, the last key first
+        order = order[torch.argsort(hashes[order, column], stable=True)]
+    return order
+
+
+def _group_leaders(codebook: torch.Tensor) -> torch.Tensor:
+    """``leaders [K]``: for each code, the lowest index of the codes exactly equal to it."""
+    num_codes = codebook.shape[0]
+    hashes = _code_hashes(codebook)
+    order = _hash_order(hashes)
+    sorted_hashes = hashes[order]
+    same = (sorted_hashes[1:] == sorted_hashes[:-1]).all(dim=1)
+    rows_per_chunk = max(1, CHUNK_BYTES // max(1, 4 * codebook.shape[1] * codebook.element_size()))
+    for start in range(0, num_codes - 1, rows_per_chunk):
+        stop = min(start + rows_per_chunk, num_codes - 1)
+        same[start:stop] &= (codebook[order[start + 1 : stop + 1]] == codebook[order[start:stop]]).all(dim=1)
+    positions = torch.arange(num_codes, device=codebook.device)
+    # Each sorted position's group starts at the last position before it that is not "same as
+    # the previous one"; stability made that start the group's lowest index.
+    starts = torch.where(torch.cat([same.new_zeros(1), same]), 0, positions)
+    starts = torch.cummax(starts, dim=0).values
+    leaders = torch.empty_like(order)
+    leaders[order] = order[starts]
+    return leaders
+
+
+# Entries of each code the CPU pre-filter hashes: half from its start, half from its end.
+_PROBE_ENTRIES = 16
+
+
+def _probe_candidates(codebook: torch.Tensor) -> torch.Tensor:
+    """The indices of the codes that may have an exact duplicate: those whose hash over their
+    first and last few entries (a cache line or two of each code) equals another code's. Every
+    duplicate is among them (equal codes have equal entries, so equal hashes); a random codebook
+    gives none, for ``O(K log K)`` work."""
+    dim = codebook.shape[1]
+    half = _PROBE_ENTRIES // 2
+    probe = codebook if dim <= _PROBE_ENTRIES else torch.cat([codebook[:, :half], codebook[:, -half:]], dim=1)
+    hashes = _code_hashes(probe, single=True)[:, 0]
+    sorted_hashes, order = hashes.sort()
+    same = sorted_hashes[1:] == sorted_hashes[:-1]
+    tied = torch.zeros(codebook.shape[0], dtype=torch.bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    return order[tied].sort().values
 
 
 def find_duplicate_codes(codebook: torch.Tensor) -> Optional[DuplicateCodes]:
     """The exact-duplicate groups of ``codebook [K, D]`` (see :class:`DuplicateCodes`), or ``None``
     when there is nothing to remap: a single code, or (on CPU) no two codes equal.
+
+    On CPU a pre-filter hashes a few entries of every code first and runs the full hash and
+    comparison only on the codes it cannot tell apart, so a codebook without duplicates costs
+    ``O(K)``, not ``O(K D)``; on other devices the full pass always runs, with no host sync.
 
     Apply it to an argmin search's indices with ``groups.lowest(indices)``; a top-k search must
     also order a group's members by index within each row. Gumbel-max sampling should not use
@@ -142,37 +231,17 @@ def find_duplicate_codes(codebook: torch.Tensor) -> Optional[DuplicateCodes]:
     num_codes = codebook.shape[0]
     if num_codes < 2:
         return None
-    canonical = torch.add(codebook.detach(), 0.0).contiguous()  # -0.0 + 0.0 == +0.0
-    words = canonical.view(torch.int16)
-    multipliers = _hash_multipliers(words.shape[1], codebook.device)
-    rows_per_chunk = max(1, CHUNK_BYTES // max(1, 8 * words.shape[1]))
-    hashes = torch.cat([
-        words[start : start + rows_per_chunk].double() @ multipliers
-        for start in range(0, num_codes, rows_per_chunk)
-    ])
-    order = torch.argsort(hashes[:, 1], stable=True)
-    order = order[torch.argsort(hashes[order, 0], stable=True)]
-    sorted_hashes = hashes[order]
-    same_hash = (sorted_hashes[1:] == sorted_hashes[:-1]).all(dim=1)
-    if codebook.device.type == "cpu":
-        if not bool(same_hash.any()):
-            return None
-        candidates = same_hash.nonzero().flatten()
-        same = torch.zeros_like(same_hash)
-        same[candidates] = (canonical[order[candidates + 1]] == canonical[order[candidates]]).all(dim=1)
-    else:
-        same = same_hash
-        for start in range(0, num_codes - 1, rows_per_chunk):
-            stop = min(start + rows_per_chunk, num_codes - 1)
-            equal = (canonical[order[start + 1 : stop + 1]] == canonical[order[start:stop]]).all(dim=1)
-            same[start:stop] &= equal
-    positions = torch.arange(num_codes, device=codebook.device)
-    # Each sorted position's group starts at the last position before it that is not "same as
-    # the previous one"; stability made that start the group's lowest index.
-    starts = torch.where(torch.cat([same.new_zeros(1), same]), 0, positions)
-    starts = torch.cummax(starts, dim=0).values
-    leaders = torch.empty_like(order)
-    leaders[order] = order[starts]
+    codebook = codebook.detach()
+    if codebook.device.type != "cpu":
+        return DuplicateCodes(_group_leaders(codebook))
+    candidates = _probe_candidates(codebook)
+    if candidates.numel() < 2:
+        return None
+    candidate_leaders = candidates[_group_leaders(codebook[candidates])]
+    if torch.equal(candidate_leaders, candidates):
+        return None
+    leaders = torch.arange(num_codes)
+    leaders[candidates] = candidate_leaders
     return DuplicateCodes(leaders)
 
 
