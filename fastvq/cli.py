@@ -419,6 +419,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunError as error:
         print(f"fastvq {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file the run writes or reads failed under it (permissions, a full disk, ...)
+        where = f"{error.filename}: " if error.filename else ""
+        hint = "; the last checkpoint written, if any, is intact for --resume" if args.command == "train" else ""
+        print(f"fastvq {args.command}: error: {where}{error.strerror or error}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,24 @@
-"""Run files on disk: checkpoints written atomically, read back with a clear error, the RNG state,
-and ``metrics.jsonl`` made to agree with the checkpoint on resume."""
+"""Run files on disk: checkpoints written atomically with a checksum and read back with a clear
+error, the RNG state, the writability check, and ``metrics.jsonl`` made to agree with the
+checkpoint on resume.
+
+A checkpoint is one ``torch.save`` file (so ``torch.load`` still reads it) of a dict with a
+``format`` (``"fastvq-run"`` for ``checkpoint.pt``, ``"fastvq-prior"`` for ``prior.pt``) and a
+``sha256``: the SHA-256 of everything else in the dict (every tensor's dtype, shape and bytes, and
+every other value, in order; see :func:`payload_digest`), taken before it was written. Reading a
+checkpoint recomputes it from what was loaded and refuses a mismatch, so a flipped byte or a block
+of zeros inside the file is an error naming the file rather than a resumed run with changed
+weights or optimiser state. A checkpoint with no ``sha256`` (written before fastvq stored one)
+loads with a warning that it could not be verified.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +26,123 @@ import torch
 
 from .common import CHECKPOINT, RunError
 
+RUN_FORMAT, PRIOR_FORMAT = "fastvq-run", "fastvq-prior"
+CHECKSUM_KEY = "sha256"
+_FORMAT_NAMES = {
+    RUN_FORMAT: "a stage-1 run checkpoint (the checkpoint.pt of fastvq train)",
+    PRIOR_FORMAT: "a prior checkpoint (the prior.pt of fastvq prior)",
+}
 
-def atomic_save(obj: Any, path: Path) -> None:
+
+def payload_digest(payload: Any) -> str:
+    """SHA-256 (hex) of ``payload``'s content: tensors by dtype, shape and bytes, dicts in their
+    order, and the plain values a checkpoint holds (str, int, float, bool, None, bytes, lists,
+    tuples). The same content gives the same digest wherever its tensors live and however they
+    were laid out, so the digest taken before ``torch.save`` can be checked after ``torch.load``."""
+    digest = hashlib.sha256()
+    _feed(digest, payload)
+    return digest.hexdigest()
+
+
+def _feed(digest, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(b"D%d:" % len(value))
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"%s%d:" % (b"L" if isinstance(value, list) else b"U", len(value)))
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, str):
+        encoded = value.encode("utf-8")
+        digest.update(b"S%d:" % len(encoded) + encoded)
+    elif isinstance(value, bytes):
+        digest.update(b"B%d:" % len(value) + value)
+    elif isinstance(value, bool) or value is None:
+        digest.update(repr(value).encode())
+    elif isinstance(value, int):
+        digest.update(b"I%d;" % value)
+    elif isinstance(value, float):
+        digest.update(b"F" + value.hex().encode() + b";")
+    else:
+        raise TypeError(f"a checkpoint cannot hold a {type(value).__name__} ({value!r}): no checksum is defined for it")
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """Writes ``obj`` with its ``sha256`` to ``path`` through a temporary file, so ``path`` is always
+    either the previous checkpoint or the new one; a failed write leaves no temporary behind."""
+    path = Path(path)
+    payload = {**obj, CHECKSUM_KEY: payload_digest(obj)}
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def read_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Opened here, not by torch.save, whose own open turns a refused write into a RuntimeError.
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path, kind: str) -> dict:
+    """The checkpoint at ``path``, which must be of format ``kind`` (``RUN_FORMAT`` or
+    ``PRIOR_FORMAT``) and match its checksum; anything else is a ``RunError`` naming the file."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
+        if kind == PRIOR_FORMAT:
+            raise RunError(f"{path} not found: train a prior first (fastvq prior --run {path.parent})") from None
         raise RunError(f"{path} not found: no fastvq run there (fastvq train --out RUN creates one)") from None
     except Exception as error:  # torch raises many types for a bad file
         raise RunError(f"{path} is not a readable fastvq checkpoint ({type(error).__name__}: {error})") from None
+    wanted = _FORMAT_NAMES[kind]
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != kind:
+        what = _FORMAT_NAMES.get(found, "not a fastvq checkpoint")
+        raise RunError(f"{path} is {what}, but {wanted} was expected here")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        warnings.warn(f"{path} has no checksum (written before fastvq stored one): it is loaded unverified",
+                      stacklevel=2)
+        return state
+    try:
+        actual = payload_digest(state)
+    except TypeError as error:
+        raise RunError(f"{path} is corrupt: {error}") from None
+    if actual != stored:
+        raise RunError(
+            f"{path} is corrupt: the SHA-256 of its contents ({actual[:16]}...) is not the one stored when it was "
+            f"written ({str(stored)[:16]}...); the file was changed on disk. Restore it from a copy, or start over"
+        )
+    return state
 
 
 def load_run(run: Path) -> tuple[dict, dict]:
     """``(config, checkpoint)`` of the stage-1 run in ``run``."""
-    checkpoint = read_checkpoint(Path(run) / CHECKPOINT)
+    path = Path(run) / CHECKPOINT
+    checkpoint = read_checkpoint(path, RUN_FORMAT)
     if "config" not in checkpoint or "model" not in checkpoint:
-        raise RunError(f"{Path(run) / CHECKPOINT} is not a fastvq stage-1 checkpoint")
+        raise RunError(f"{path} is not a fastvq stage-1 checkpoint (it has no config or model)")
     return checkpoint["config"], checkpoint
+
+
+def require_writable(directory: Path, purpose: str) -> None:
+    """Creates ``directory`` if needed and checks that a file can be written there (a real write,
+    which also catches read-only file systems and permissions that ``os.access`` misjudges), so a
+    run that could not save its results fails before it starts rather than after its first epoch."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".fastvq-write-check-"):
+            pass
+    except OSError as error:
+        raise RunError(f"cannot write to {directory} ({error.strerror or error}): {purpose}") from None
 
 
 def rng_state() -> dict:
@@ -49,12 +158,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def reconcile_metrics(path: Path, state: dict) -> None:
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The rows of a ``metrics.jsonl`` and how many torn lines were dropped: a last line without
+    its newline that is not JSON is the row a killed run was writing; a bad line anywhere else is a
+    ``RunError`` naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], 0
+    except UnicodeDecodeError as error:
+        raise RunError(f"{path} is not a text file of JSON rows ({error})") from None
+    lines = text.split("\n")
+    rows, dropped = [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: the write was cut short
+                dropped += 1
+                continue
+            raise RunError(f"{path}, line {number}, is not a JSON row ({error.msg}): fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise RunError(f"{path}, line {number}, is not a JSON object: fix or delete that line")
+        rows.append(row)
+    return rows, dropped
+
+
+def reconcile_metrics(path: Path, state: dict) -> int:
     """Makes ``metrics.jsonl`` end at the checkpoint's evaluation: rows written after it (by a run
     that stopped before its next checkpoint) go, and the checkpoint's own row is restored if the
-    run stopped between writing the checkpoint and the row."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line] if path.exists() else []
+    run stopped between writing the checkpoint and the row. Returns the number of torn lines dropped."""
+    rows, dropped = read_metrics(path)
     rows = [row for row in rows if row.get("epoch", 0) <= state["epoch"]]
     if state.get("metrics") and (not rows or rows[-1].get("epoch") != state["epoch"]):
         rows.append(state["metrics"])
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return dropped

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +74,30 @@ def build_prior(kind: str, args: dict, model: nn.Module, image_size: tuple[int, 
     return _flat_prior(kind, args, model.codebook_size, model.code_shape(*image_size), depth=depth)
 
 
+def stage1_identity(config: dict) -> dict:
+    """What a prior records of the run whose codes it models: the model type and the run's id."""
+    return {"model": config["model"], "run_id": config.get("run_id")}
+
+
+def check_prior_fits(prior_state: dict, config: dict, path: Path) -> None:
+    """Refuses a prior trained on another run's codes (another model type, or another run id), which
+    would otherwise decode to noise without a word when the shapes happen to agree."""
+    recorded = prior_state.get("stage1")
+    if recorded is None:
+        warnings.warn(f"{path} does not say which run's codes it was trained on (written before fastvq recorded it): "
+                      "it is assumed to be this run's", stacklevel=2)
+        return
+    if not isinstance(recorded, dict):
+        raise RunError(f"{path} is corrupt: its record of the stage-1 run is a {type(recorded).__name__}")
+    if recorded.get("model") != config["model"]:
+        raise RunError(f"{path} was trained on the codes of a {recorded.get('model')} model, but {path.parent} holds a "
+                       f"{config['model']} model: train its prior with fastvq prior --run {path.parent}")
+    if recorded.get("run_id") != config.get("run_id"):
+        raise RunError(f"{path} was trained on the codes of another {config['model']} run (run id "
+                       f"{recorded.get('run_id')}, this run is {config.get('run_id')}): train its prior with "
+                       f"fastvq prior --run {path.parent}")
+
+
 class _PriorRunner(nn.Module):
     """Puts the prior's loss in ``forward`` so DDP sees one forward per backward."""
 
@@ -121,6 +146,8 @@ def train_prior(
     try:
         torch.set_num_threads(threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))))
         config, stage1_state = checkpoint.load_run(run)
+        if ctx.is_main:
+            checkpoint.require_writable(run, "fastvq prior writes prior.pt and prior_metrics.jsonl there")
         kind = kind or "gpt"
         if kind not in PRIOR_MODELS:
             raise RunError(f"unknown prior {kind!r}: use one of {', '.join(PRIOR_MODELS)}")
@@ -192,8 +219,8 @@ def train_prior(
             ctx.barrier()
         bar.close()
         if ctx.is_main:
-            checkpoint.atomic_save({"format": "fastvq-prior", "config": prior_config, "model": prior.state_dict(), "metrics": metrics},
-                         run / PRIOR_CHECKPOINT)
+            checkpoint.atomic_save({"format": checkpoint.PRIOR_FORMAT, "config": prior_config, "model": prior.state_dict(),
+                                    "metrics": metrics, "stage1": stage1_identity(config)}, run / PRIOR_CHECKPOINT)
         return metrics
     finally:
         ctx.close()

@@ -14,7 +14,7 @@ from ..models.priors import prior_sample
 from . import checkpoint
 from .common import PRIOR_CHECKPOINT, SAMPLES, RunError
 from .distributed import default_threads, resolve_device
-from .prior import build_prior
+from .prior import build_prior, check_prior_fits
 from .stage1 import build_stage1
 
 
@@ -38,16 +38,22 @@ def sample(
     torch.set_num_threads(threads or default_threads())
     target = resolve_device(device, 0)
     config, stage1_state = checkpoint.load_run(run)
-    prior_state = checkpoint.read_checkpoint(run / PRIOR_CHECKPOINT)
-    if "config" not in prior_state:
-        raise RunError(f"{run / PRIOR_CHECKPOINT} is not a fastvq prior checkpoint")
+    prior_path = run / PRIOR_CHECKPOINT
+    prior_state = checkpoint.read_checkpoint(prior_path, checkpoint.PRIOR_FORMAT)
+    check_prior_fits(prior_state, config, prior_path)
+    path = Path(out) if out is not None else run / SAMPLES
+    checkpoint.require_writable(path.parent, f"fastvq sample writes {path.name} there (--out chooses another path)")
     model = build_stage1(config).to(target)
     model.load_state_dict(stage1_state["model"])
     model.eval()
     image_size = tuple(config["image_size"])
-    prior_config = prior_state["config"]
-    prior = build_prior(prior_config["prior"], prior_config["prior_args"], model, image_size).to(target)
-    prior.load_state_dict(prior_state["model"])
+    try:
+        prior_config = prior_state["config"]
+        prior = build_prior(prior_config["prior"], prior_config["prior_args"], model, image_size).to(target)
+        prior.load_state_dict(prior_state["model"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise RunError(f"{prior_path} does not fit the model of {run} ({type(error).__name__}: {error}): "
+                       f"train its prior again with fastvq prior --run {run}") from None
     prior.eval()
     generator = torch.Generator(device=target).manual_seed(seed)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -61,6 +67,5 @@ def sample(
         raise RunError(str(error)) from None
     with torch.no_grad():
         images = model.decode_codes(codes).float().cpu()
-    path = Path(out) if out is not None else run / SAMPLES
     save_image_grid(images, path, columns or max(1, math.ceil(math.sqrt(n))))
     return path

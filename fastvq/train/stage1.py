@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -126,6 +127,8 @@ def stage1_config(
         raise RunError(f"--lr must be > 0, got {lr!r}")
     return {
         "fastvq_version": __version__,
+        # Names this run, so that a prior trained on its codes cannot be used with another run's.
+        "run_id": uuid.uuid4().hex,
         "model": model,
         "model_args": model_args,
         "perceptual_net": perceptual_net,
@@ -357,12 +360,14 @@ def train(
             config, state = checkpoint.load_run(run)
             if epochs is not None:
                 config["train"]["epochs"] = epochs
+            if ctx.is_main:
+                checkpoint.require_writable(run, "resuming writes the run's checkpoint, metrics and pictures there")
         else:
             if (run / CHECKPOINT).exists() and not force:
                 raise RunError(f"{run} already holds a run: pass --resume to continue it, --force to start over, "
                                "or choose another --out")
             if ctx.is_main:
-                run.mkdir(parents=True, exist_ok=True)
+                checkpoint.require_writable(run, "the run directory holds the run's checkpoint, metrics and pictures")
                 for name in (METRICS, PRIOR_CHECKPOINT, PRIOR_METRICS, SAMPLES):
                     (run / name).unlink(missing_ok=True)
         train_args = config["train"]
@@ -377,8 +382,8 @@ def train(
         if state is not None:
             start_epoch = state["epoch"]
             checkpoint.set_rng_state(state["rng"])
-            if ctx.is_main:
-                checkpoint.reconcile_metrics(run / METRICS, state)
+            if ctx.is_main and checkpoint.reconcile_metrics(run / METRICS, state):
+                log(f"{run / METRICS}: dropped its cut-off last line (the row an interrupted run was writing)")
         if ctx.is_main:
             (run / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if start_epoch >= train_args["epochs"]:
@@ -406,7 +411,7 @@ def train(
                                "train_loss": sum(losses) / max(1, len(losses)),
                                "lr": trainer.scheduler.get_last_lr()[0],
                                "time_s": round(time.perf_counter() - started, 3)}
-                    checkpoint.atomic_save({"format": "fastvq-run", "config": config, "epoch": epoch + 1, "rng": checkpoint.rng_state(),
+                    checkpoint.atomic_save({"format": checkpoint.RUN_FORMAT, "config": config, "epoch": epoch + 1, "rng": checkpoint.rng_state(),
                                   "metrics": metrics, **trainer.state_dict()}, run / CHECKPOINT)
                     append_jsonl(run / METRICS, metrics)
                     write_stage1_pictures(run, config, data, counts, reconstructions)
