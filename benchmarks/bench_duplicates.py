@@ -55,7 +55,7 @@ def measure(point, duplicates: bool, device: str, threads: Optional[int]) -> lis
     load1 = os.getloadavg()[0]
     original = _ops._lowest_duplicate
 
-    def without_remap(indices, codebook, sample_temperature):
+    def without_remap(indices, codebook, sampled):
         return indices
 
     def search_without_remap():

@@ -43,11 +43,11 @@ def _search_op(sample_temperature: float) -> str:
     return "gumbel_sample" if sample_temperature > 0.0 else "nearest_code"
 
 
-def _lowest_duplicate(indices: Tensor, codebook: Tensor, sample_temperature: float) -> Tensor:
+def _lowest_duplicate(indices: Tensor, codebook: Tensor, sampled: bool) -> Tensor:
     """An argmin's indices with every exact duplicate code replaced by the lowest index of its
     group, so "ties go to the lowest index" holds whatever a backend's rounding chose (see
     ``backends.common.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
-    if sample_temperature > 0.0 or indices.numel() == 0:
+    if sampled or indices.numel() == 0:
         return indices
     groups = find_duplicate_codes(codebook)
     return indices if groups is None else groups.lowest(indices)
@@ -75,7 +75,7 @@ def nearest_code(
     check_sampling(sample_temperature, seed, z)
     backend = backends.select(_search_op(sample_temperature), z, _promoted(z, codebook))
     indices, distances, codes = backend.nearest_code(z, codebook, metric, return_codes, sample_temperature, seed)
-    return _lowest_duplicate(indices, codebook, sample_temperature), distances, codes
+    return _lowest_duplicate(indices, codebook, sample_temperature > 0.0), distances, codes
 
 
 @nearest_code.register_fake
@@ -143,7 +143,7 @@ def vector_quantize(
     dtype = _promoted(z, codebook)
     backend = backends.select(_search_op(sample_temperature), z, dtype)
     indices, distances, quantized = backend.nearest_code(z, codebook, metric, True, sample_temperature, seed)
-    indices = _lowest_duplicate(indices, codebook, sample_temperature)
+    indices = _lowest_duplicate(indices, codebook, sample_temperature > 0.0)
     num_rows, dim = z.shape
     if num_rows == 0:
         return quantized, indices, torch.zeros((), dtype=torch.float32, device=z.device)
@@ -440,7 +440,8 @@ def soft_quantize(
     (plain argmax without one), and the row log-sum-exp, in fp32 (fp64 for fp64 inputs)."""
     _check_soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
     backend = backends.select("soft_quantize", z, _soft_dtype(z, codebook, values))
-    return backend.soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
+    soft, indices, lse = backend.soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
+    return soft, _lowest_duplicate(indices, codebook, seed is not None), lse
 
 
 @soft_quantize.register_fake
