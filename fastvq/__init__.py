@@ -1,11 +1,12 @@
 """fastvq: fused vector quantization for PyTorch.
 
 ``fastvq.nearest_code``, ``fastvq.vector_quantize``, ``fastvq.ema_update_`` and
-``fastvq.segment_reduce`` are the functional API; ``fastvq.nn`` holds the layers; the ops are
-also registered as ``torch.ops.fastvq.*``. Importing fastvq never touches CUDA or imports Triton.
+``fastvq.segment_reduce`` are the functional API, ``fastvq.kmeans`` clusters on them; ``fastvq.nn``
+holds the layers; the ops are also registered as ``torch.ops.fastvq.*``. Importing fastvq never touches CUDA or imports Triton.
 """
 
 from . import nn
+from .clustering import KMeansResult, kmeans
 from .functional import ema_update_, nearest_code, segment_reduce, vector_quantize
 from .nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
@@ -31,3 +32,4 @@ __all__ += ["masked_conv2d", "models"]
 from .functional import soft_entropy, soft_quantize  # noqa: E402
 
 __all__ += ["soft_quantize", "soft_entropy"]
+__all__ += ["kmeans", "KMeansResult"]

@@ -9,6 +9,7 @@ error is measured against.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -147,6 +148,90 @@ def ema_update_ref_(
         return
     smoothed = (sizes + eps) / (total + num_codes * eps) * total
     codebook.copy_((avgs / smoothed[:, None]).to(codebook.dtype))
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+def kmeans_plusplus_ref(
+    x: torch.Tensor, num_clusters: int, generator: torch.Generator, metric: str = "l2"
+) -> torch.Tensor:
+    """scikit-learn's ``_kmeans_plusplus`` (greedy k-means++), float32 seeds ``[K, D]``.
+
+    The first seed is a uniform row; each further one is the best, by the potential
+    ``sum(min(closest, d(x, candidate)))``, of ``2 + int(log K)`` rows drawn by
+    ``searchsorted(cumsum(closest), uniform * potential)``, with ``d`` the full ``[T, N]`` distance
+    matrix in float64. The draws come from ``generator`` in the order ``fastvq.kmeans`` makes them.
+    Cosine seeds are normalised.
+    """
+    num_rows = x.shape[0]
+    trials = 2 + int(math.log(num_clusters))
+    rows = x.to(torch.float64)
+    chosen = [int(torch.randint(num_rows, (1,), generator=generator))]
+    closest = distance_matrix_ref(rows[chosen], rows, metric)[0]
+    for _ in range(1, num_clusters):
+        targets = torch.rand(trials, generator=generator, dtype=torch.float64) * closest.sum()
+        candidates = torch.searchsorted(torch.cumsum(closest, 0), targets).clamp_max(num_rows - 1)
+        candidate_closest = torch.minimum(closest, distance_matrix_ref(rows[candidates], rows, metric))
+        best = int(candidate_closest.sum(dim=1).argmin())
+        closest = candidate_closest[best]
+        chosen.append(int(candidates[best]))
+    seeds = x[chosen].float()
+    return F.normalize(seeds, dim=1, eps=1e-6) if metric == "cosine" else seeds
+
+
+def kmeans_ref(
+    x: torch.Tensor,
+    init: torch.Tensor,
+    iters: int,
+    metric: str = "l2",
+    *,
+    tol: Optional[float] = None,
+    empty_clusters: str = "farthest",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means the textbook way: argmin over the full ``[N, K]`` distance matrix (float64),
+    means through a one-hot matrix. Returns ``(centroids float32 [K, D], assignments int64 [N],
+    inertia float64 [iterations run])`` with ``fastvq.kmeans``'s meaning.
+
+    An empty cluster (``empty_clusters="farthest"``) takes, in cluster order, the next of the rows
+    farthest from their centroids (largest distance first, ties to the lower row) among as many
+    such rows as there are empty clusters, skipping a row at distance 0 or one whose cluster it
+    would leave empty; ``"keep"`` keeps its centroid. Cosine centroids are normalised sums.
+    """
+    centroids = init.to(torch.float64)
+    rows = x.to(torch.float64)
+    num_clusters = centroids.shape[0]
+    inertia: list[float] = []
+    for _ in range(iters):
+        distances = distance_matrix_ref(rows, centroids, metric)
+        assignments = distances.argmin(dim=1)
+        best = distances.gather(1, assignments[:, None]).squeeze(1)
+        inertia.append(float(best.sum()))
+        one_hot = F.one_hot(assignments, num_clusters).to(torch.float64)
+        counts, sums = one_hot.sum(dim=0), one_hot.T @ rows
+        empty = [k for k in range(num_clusters) if counts[k] == 0]
+        if empty and empty_clusters == "farthest":
+            farthest = sorted(range(rows.shape[0]), key=lambda row: (-float(best[row]), row))[: len(empty)]
+            leaving: dict[int, int] = {}
+            targets = iter(empty)
+            for row in farthest:
+                old = int(assignments[row])
+                earlier = leaving.get(old, 0)
+                leaving[old] = earlier + 1
+                if best[row] <= 0 or earlier >= counts[old] - 1:
+                    continue
+                target = next(targets)
+                counts[old] -= 1
+                sums[old] -= rows[row]
+                counts[target], sums[target] = 1, rows[row]
+                assignments[row] = target
+        new = sums / counts.clamp_min(1)[:, None]
+        if metric == "cosine":
+            new = F.normalize(new, dim=1, eps=1e-6)
+        centroids = torch.where((counts == 0)[:, None], centroids, new)
+        if tol is not None and len(inertia) > 1 and inertia[-2] - inertia[-1] <= tol * inertia[-1]:
+            break
+    return centroids.float(), assignments, torch.tensor(inertia, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- masked convolution

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
+from ..clustering import kmeans
 
 # vector-quantize-pytorch's l2norm floor.
 L2NORM_EPS = 1e-6
@@ -205,8 +206,8 @@ class Codebook(nn.Module):
     def kmeans_init_(self, flats: list[Tensor]) -> None:
         """Initialises every codebook by k-means on the batch (vector-quantize-pytorch's recipe:
         seeds sampled from the rows, ``kmeans_iters`` Lloyd steps, empty clusters keep their
-        seed), with the assignments from the fused search and the means from the segment reduce.
-        Under ``sync_kmeans`` the counts and sums are summed over ranks before dividing."""
+        seed), run by ``fastvq.kmeans``. Under ``sync_kmeans`` its counts and sums are summed
+        over ranks."""
         synced = self.use_ddp and self.sync_kmeans
         available = torch.tensor(float(min(flat.shape[0] for flat in flats)))
         if synced:
@@ -224,20 +225,12 @@ class Codebook(nn.Module):
                 means = rows[torch.randperm(num_rows, device=rows.device)[: self.codebook_size]]
             else:
                 means = rows[torch.randint(0, max(num_rows, 1), (self.codebook_size,), device=rows.device)]
-            counts = torch.zeros(self.codebook_size, device=rows.device)
-            for _ in range(self.kmeans_iters):
-                assignment, _, _ = torch.ops.fastvq.nearest_code(rows, means, self.metric, False)
-                counts, sums = torch.ops.fastvq.segment_reduce(
-                    rows, assignment, self.codebook_size, torch.are_deterministic_algorithms_enabled()
-                )
-                if synced:
-                    all_reduce_sum_(counts)
-                    all_reduce_sum_(sums)
-                empty = counts == 0
-                new_means = sums / counts.clamp_min(1.0)[:, None]
-                if self.use_cosine_sim:
-                    new_means = l2norm(new_means)
-                means = torch.where(empty[:, None], means, new_means)
+            means, assignments, _ = kmeans(rows, self.codebook_size, iters=self.kmeans_iters, init=means,
+                                           metric=self.metric, tol=None, empty_clusters="keep", sync=synced)
+            counts = torch.zeros(self.codebook_size, device=rows.device).index_add_(
+                0, assignments, torch.ones_like(assignments, dtype=torch.float32))
+            if synced:
+                all_reduce_sum_(counts)
             self.embed_avg[head].copy_(means * counts[:, None])
             self.cluster_size[head].copy_(counts)
             self.renormalize(head)
