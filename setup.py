@@ -173,8 +173,13 @@ setup(
             "triton>=3.2; platform_system == 'Linux'",
             # the layer tests compare against the original library directly
             "vector-quantize-pytorch==1.32.0",
+            # `fastvq kmeans --data FILE.safetensors` is tested
+            "safetensors>=0.4",
         ],
-        "bench": ["pytest-benchmark>=4", "numpy"],
+        # `fastvq kmeans --data FILE.safetensors`
+        "safetensors": ["safetensors>=0.4"],
+        # bench_kmeans.py compares against FAISS's and scikit-learn's k-means
+        "bench": ["pytest-benchmark>=4", "numpy", "faiss-cpu>=1.7", "scikit-learn>=1.2"],
     },
     entry_points={"console_scripts": ["fastvq = fastvq.cli:main"]},
     **extension_setup(),

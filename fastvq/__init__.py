@@ -2,7 +2,8 @@
 
 ``fastvq.nearest_code``, ``fastvq.vector_quantize``, ``fastvq.ema_update_`` and
 ``fastvq.segment_reduce`` are the functional API, ``fastvq.kmeans`` clusters on them; ``fastvq.nn``
-holds the layers; the ops are also registered as ``torch.ops.fastvq.*``. Importing fastvq never touches CUDA or imports Triton.
+holds the layers; the ops are also registered as ``torch.ops.fastvq.*``. Importing fastvq never
+touches CUDA or imports Triton.
 """
 
 from . import nn

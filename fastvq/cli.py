@@ -1,4 +1,4 @@
-"""The ``fastvq`` command: ``train``, ``prior``, ``sample``, ``demo``, ``bench`` and ``info``.
+"""The ``fastvq`` command: ``train``, ``prior``, ``sample``, ``demo``, ``kmeans``, ``bench`` and ``info``.
 
     fastvq train --model vqvae --data digits --out runs/digits
     fastvq prior --run runs/digits
@@ -188,6 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--args", default="", metavar="'ARGS'",
                        help="arguments passed to every script, e.g. --args='--small'")
 
+    clusters = commands.add_parser("kmeans", help="k-means on the rows of a .npy, .pt or .safetensors file",
+                                   description="Cluster the rows of a matrix file with fastvq.kmeans (fused search, "
+                                               "segment sums, k-means++) and write the centroids as .npy. Arrays of "
+                                               "more than two dimensions are clustered over their last one.")
+    clusters.add_argument("--data", required=True, type=Path,
+                          help="FILE.npy (memory-mapped, never loaded whole), FILE.pt or FILE.safetensors")
+    clusters.add_argument("--key", default=None,
+                          help="the tensor to cluster in a .pt dict or .safetensors file holding several")
+    clusters.add_argument("--k", required=True, type=_positive_int, help="number of clusters")
+    clusters.add_argument("--out", required=True, type=Path, help="where the centroids go (.npy, float32 [K, D])")
+    clusters.add_argument("--assignments", type=Path, default=None,
+                          help="also write each row's cluster here (.npy, int64 [N])")
+    clusters.add_argument("--iters", type=_positive_int, default=25, help="most Lloyd iterations (25)")
+    clusters.add_argument("--tol", type=float, default=1e-4,
+                          help="stop once an iteration lowers the inertia by at most this fraction (1e-4; 0: only "
+                               "when it stops falling)")
+    clusters.add_argument("--init", choices=("k-means++", "random"), default="k-means++", help="seeding (k-means++)")
+    clusters.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="l2 or cosine (spherical k-means)")
+    clusters.add_argument("--batch-size", type=_positive_int, default=None,
+                          help="mini-batch k-means with batches of this many rows (default: full Lloyd passes)")
+    clusters.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    clusters.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    clusters.add_argument("--threads", type=_positive_int, default=None, help="PyTorch intra-op threads")
+    clusters.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     commands.add_parser("info", help="versions, devices and which backend each op uses",
                         description="Print versions, devices, the backends fastvq can use and the one each op takes.")
     return parser
@@ -336,6 +361,95 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if all(status == 0 for _, status, _ in summary) else 1
 
 
+def _load_matrix(path: Path, key: Optional[str]):
+    """The array in ``path`` (.npy memory-mapped; .pt and .safetensors as tensors), rows flattened
+    over every dimension but the last; a ``RunError`` that says what is wrong otherwise."""
+    import numpy as np
+    import torch
+
+    from .train import RunError
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif suffix == ".pt":
+            array = _single_tensor(torch.load(path, map_location="cpu", weights_only=True), key, path)
+        elif suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+            except ImportError:
+                raise RunError("reading .safetensors files needs the safetensors package: "
+                               "pip install safetensors (or fastvq[safetensors])") from None
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+                array = handle.get_tensor(_pick_key(names, key, path))
+        else:
+            raise RunError(f"--data must be a .npy, .pt or .safetensors file, got {path}")
+    except RunError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure to read is the user's file, reported as such
+        raise RunError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+    if array.ndim < 2:
+        raise RunError(f"{path} holds an array of shape {tuple(array.shape)}; k-means needs rows: [N, D] or [..., D]")
+    return array.reshape(-1, array.shape[-1])
+
+
+def _pick_key(names: list, key: Optional[str], path: Path) -> str:
+    from .train import RunError
+
+    if key is not None:
+        if key not in names:
+            raise RunError(f"{path} has no tensor {key!r}; it holds {', '.join(map(str, names)) or 'none'}")
+        return key
+    if len(names) != 1:
+        raise RunError(f"{path} holds {len(names)} tensors ({', '.join(map(str, names))}): choose one with --key")
+    return names[0]
+
+
+def _single_tensor(loaded, key: Optional[str], path: Path):
+    import torch
+
+    from .train import RunError
+
+    if isinstance(loaded, torch.Tensor):
+        if key is not None:
+            raise RunError(f"{path} holds a single tensor, not a dict: drop --key")
+        return loaded
+    if isinstance(loaded, dict):
+        tensors = {name: value for name, value in loaded.items() if isinstance(value, torch.Tensor)}
+        return tensors[_pick_key(list(tensors), key, path)]
+    raise RunError(f"{path} holds a {type(loaded).__name__}, not a tensor or a dict of tensors")
+
+
+def cmd_kmeans(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .clustering import kmeans
+    from .train import RunError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    data = _load_matrix(args.data, args.key)
+    started = time.perf_counter()
+    try:
+        result = kmeans(data, args.k, iters=args.iters, init=args.init, metric=args.metric, tol=args.tol,
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, device=device)
+    except (TypeError, ValueError) as error:
+        raise RunError(str(error)) from None
+    seconds = time.perf_counter() - started
+    for path, tensor in ((args.out, result.centroids), (args.assignments, result.assignments)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, tensor.cpu().numpy())
+    written = str(args.out) + (f" and {args.assignments}" if args.assignments else "")
+    _log(f"k-means: {args.k} clusters of {data.shape[0]} rows x {data.shape[1]} on {device}, "
+         f"{len(result.inertia)} iterations in {seconds:.1f} s, inertia {float(result.inertia[-1]):.6g} -> {written}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -407,7 +521,7 @@ def _format_backend_info(info: dict, cuda_present: bool) -> str:
 
 
 COMMANDS = {"train": cmd_train, "prior": cmd_prior, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench,
-            "info": cmd_info}
+            "info": cmd_info, "kmeans": cmd_kmeans}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,10 +1,12 @@
 """fastvq.kmeans against the textbook reference (fastvq.reference.kmeans_ref / kmeans_plusplus_ref),
 on every backend, and its contracts: seeds, re-seeding, mini-batches, memory-mapped data, bad
-arguments, and two gloo ranks giving what one process gives on the concatenated shards."""
+arguments, two gloo ranks giving what one process gives on the concatenated shards; and the
+``fastvq kmeans`` command."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastvq
-from fastvq import clustering
+from fastvq import cli, clustering
 from fastvq.reference import kmeans_plusplus_ref, kmeans_ref
 
 CLUSTERS, DIM = 7, 5
@@ -252,3 +254,65 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
             assert torch.equal(assignments, whole.assignments), f"{label}: assignments differ from one process"
             torch.testing.assert_close(first[0], whole.centroids, rtol=1e-5, atol=1e-5, msg=label)
             torch.testing.assert_close(first[2], whole.inertia, rtol=1e-6, atol=0, msg=label)
+
+
+# --------------------------------------------------------------------------- the fastvq kmeans command
+
+
+def _write(path, x):
+    if path.suffix == ".npy":
+        np.save(path, x.numpy())
+    elif path.suffix == ".pt":
+        torch.save({"features": x}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"features": x}, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".safetensors"])
+def test_command_writes_the_centroids_of_fastvq_kmeans(tmp_path, capsys, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    x = _blobs()
+    data = tmp_path / f"x{suffix}"
+    # [3, N / 3, D]: the rows of every leading index are clustered together.
+    _write(data, x[:300].reshape(3, 100, DIM))
+    out, labels = tmp_path / "out" / "centroids.npy", tmp_path / "labels.npy"
+    status = cli.main(["kmeans", "--data", str(data), "--k", str(CLUSTERS), "--out", str(out), "--assignments",
+                       str(labels), "--iters", "5", "--seed", "3", "--device", "cpu", "--no-progress"])
+    assert status == 0
+    expected = fastvq.kmeans(x[:300], CLUSTERS, iters=5, seed=3)
+    assert np.array_equal(np.load(out), expected.centroids.numpy())
+    assert np.array_equal(np.load(labels), expected.assignments.numpy())
+    assert f"k-means: {CLUSTERS} clusters of 300 rows x {DIM}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, content, extra, message",
+    [
+        ("x.npy", b"not an array", [], "cannot read .*x.npy"),
+        ("absent.npy", None, [], "cannot read .*absent.npy: FileNotFoundError"),
+        ("x.csv", b"1,2\n", [], "--data must be a .npy, .pt or .safetensors file"),
+        ("x.pt", "two", [], r"holds 2 tensors \(a, b\): choose one with --key"),
+        ("x.pt", "two", ["--key", "c"], "has no tensor 'c'"),
+        ("x.npy", "vector", [], r"shape \(10,\); k-means needs rows"),
+        ("x.npy", "ints", [], "float16, float32 or float64 values, got a numpy array of dtype int64"),
+        ("x.npy", "few", [], "draws 3 distinct rows, but x has 2 rows"),
+    ],
+)
+def test_command_errors_are_messages(tmp_path, capsys, name, content, extra, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "two":
+        torch.save({"a": torch.zeros(4, 2), "b": torch.zeros(4, 2)}, path)
+    elif content is not None:
+        array = {"vector": np.zeros(10, np.float32), "ints": np.zeros((4, 2), np.int64),
+                 "few": np.zeros((2, 2), np.float32)}[content]
+        np.save(path, array)
+    status = cli.main(["kmeans", "--data", str(path), "--k", "3", "--out", str(tmp_path / "c.npy"), "--no-progress",
+                       *extra])
+    assert status == 2
+    assert re.search(f"fastvq kmeans: error: .*{message}", capsys.readouterr().err)
+    assert not (tmp_path / "c.npy").exists()
