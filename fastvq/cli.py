@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import subprocess
@@ -31,6 +32,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+def _dist_timeout(args: argparse.Namespace) -> dict:
+    return {} if args.dist_timeout is None else {"dist_timeout": args.dist_timeout}
+
+
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; under torchrun each "
@@ -39,6 +54,9 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="PyTorch intra-op threads per process (default: half the cores, shared among the "
                              "processes; 1 on a 2-core machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dist-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others in a collective before it gives "
+                             "up with an error (600)")
 
 
 # Flags of `fastvq train` that describe the model, with the model argument each one sets
@@ -234,9 +252,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given:
             names = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
             raise training.RunError(f"--resume continues {args.out} with its own configuration; drop {names} "
-                                    "(only --epochs, --device, --threads and --no-progress may change)")
+                                    "(only --epochs, --device, --threads, --dist-timeout and --no-progress may change)")
         metrics = training.train(args.out, None, resume=True, device=args.device, threads=args.threads,
-                                 progress=not args.no_progress, epochs=args.epochs, log=_log)
+                                 progress=not args.no_progress, epochs=args.epochs, log=_log, **_dist_timeout(args))
     else:
         if args.model is None:
             raise training.RunError("--model is required for a new run (vqvae, vqvae2, vit-vqgan or rqvae)")
@@ -250,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             adversarial_start=args.adversarial_start, perceptual_net=args.perceptual_net,
         )
         metrics = training.train(args.out, config, force=args.force, device=args.device, threads=args.threads,
-                                 progress=not args.no_progress, log=_log)
+                                 progress=not args.no_progress, log=_log, **_dist_timeout(args))
     if metrics:
         _log(_stage1_summary(args.out, metrics))
     return 0
@@ -268,7 +286,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
     overrides = {"dropout": args.dropout, "num_layers": args.layers, "width": args.channels}
     metrics = training.train_prior(args.run, args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                    prior_overrides=overrides, seed=args.seed, device=args.device, threads=args.threads,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, **_dist_timeout(args))
     if metrics:
         _log(f"prior: val {metrics['val_bits_per_code']:.3f} bits per code -> {args.run / 'prior.pt'}, "
              f"{args.run / 'prior_metrics.jsonl'}")
@@ -293,11 +311,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = training.stage1_config(args.model, args.data, training.load_data({"data": args.data, "data_args": {}}),
                                     seed=args.seed)
     metrics = training.train(args.out, config, force=True, device=args.device, threads=args.threads,
-                             progress=progress, log=_log)
+                             progress=progress, log=_log, **_dist_timeout(args))
     trained = time.perf_counter()
     _log(_stage1_summary(args.out, metrics))
     prior = training.train_prior(args.out, args.prior, seed=args.seed, device=args.device, threads=args.threads,
-                                 progress=progress)
+                                 progress=progress, **_dist_timeout(args))
     fitted = time.perf_counter()
     path = training.sample(args.out, args.n, seed=args.seed, device=args.device, threads=args.threads)
     done = time.perf_counter()

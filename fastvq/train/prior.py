@@ -29,7 +29,7 @@ from .common import (
     load_data,
     progress as progress_bar,
 )
-from .distributed import default_threads, epoch_shard, setup_distributed
+from .distributed import DEFAULT_DIST_TIMEOUT_S, collective_timeout, default_threads, epoch_shard, setup_distributed
 from .stage1 import build_stage1
 
 
@@ -134,6 +134,7 @@ def train_prior(
     device: str = "auto",
     threads: Optional[int] = None,
     progress: bool = True,
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
 ) -> dict:
     """Fits a prior to the codes of the run's training split; writes ``prior.pt`` and its metrics.
 
@@ -142,7 +143,7 @@ def train_prior(
     split's codes give ``val_loss`` (nats per code) and ``val_bits_per_code``.
     """
     run = Path(run)
-    ctx = setup_distributed(device)
+    ctx = setup_distributed(device, dist_timeout)
     try:
         torch.set_num_threads(threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))))
         config, stage1_state = checkpoint.load_run(run)
@@ -222,5 +223,10 @@ def train_prior(
             checkpoint.atomic_save({"format": checkpoint.PRIOR_FORMAT, "config": prior_config, "model": prior.state_dict(),
                                     "metrics": metrics, "stage1": stage1_identity(config)}, run / PRIOR_CHECKPOINT)
         return metrics
+    except RuntimeError as error:
+        timed_out = collective_timeout(error, ctx, dist_timeout)
+        if timed_out is None:
+            raise
+        raise timed_out from None
     finally:
         ctx.close()

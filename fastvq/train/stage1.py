@@ -42,7 +42,14 @@ from .common import (
     load_data,
     progress as progress_bar,
 )
-from .distributed import DistContext, default_threads, epoch_shard, setup_distributed
+from .distributed import (
+    DEFAULT_DIST_TIMEOUT_S,
+    DistContext,
+    collective_timeout,
+    default_threads,
+    epoch_shard,
+    setup_distributed,
+)
 
 
 def _fit_downsamples(size: tuple[int, int], wanted: int, extra: int = 0) -> int:
@@ -345,6 +352,7 @@ def train(
     progress: bool = True,
     epochs: Optional[int] = None,
     log: Callable[[str], None] = print,
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
 ) -> dict:
     """Trains (or, with ``resume``, continues) the stage-1 run in ``run``; returns the last metrics.
 
@@ -352,7 +360,7 @@ def train(
     own config is used; ``epochs`` may extend it).
     """
     run = Path(run)
-    ctx = setup_distributed(device)
+    ctx = setup_distributed(device, dist_timeout)
     try:
         torch.set_num_threads(threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))))
         state = None
@@ -420,5 +428,10 @@ def train(
                 ctx.barrier()
         bar.close()
         return metrics
+    except RuntimeError as error:
+        timed_out = collective_timeout(error, ctx, dist_timeout)
+        if timed_out is None:
+            raise
+        raise timed_out from None
     finally:
         ctx.close()
