@@ -1,12 +1,18 @@
-"""Layer benchmark: fastvq's VectorQuantize and ResidualVQ against vector-quantize-pytorch's.
+"""Layer benchmark: fastvq's layers against vector-quantize-pytorch's.
 
-Both libraries get the same configuration (EMA codebook, their default rotation-trick gradient)
-and the same input; one step is a training forward plus backward. Reported per codebook size:
-median time with 20/80 % quantiles and the peak memory the step needs on top of its inputs and
-the layer (see ``_harness.peak_memory_growth_mib`` for how memory is measured on CPU and CUDA).
+Both libraries get the same configuration (VectorQuantize/ResidualVQ: EMA codebook, their default
+rotation-trick gradient; FSQ, LFQ, HierarchicalVQ: their defaults) and the same input; one step is
+a training forward plus backward. Reported per size: median time with 20/80 % quantiles and the
+peak memory the step needs on top of its inputs and the layer (see
+``_harness.peak_memory_growth_mib`` for how memory is measured on CPU and CUDA).
 
-    python benchmarks/bench_layers.py                 # the default grid for the device at hand
+    python benchmarks/bench_layers.py                 # VectorQuantize and ResidualVQ, default grid
     python benchmarks/bench_layers.py --target-only   # only N = 65 536, K = 16 384, D = 256
+    python benchmarks/bench_layers.py --layers LFQ FSQ HierarchicalVQ   # the scalar/LFQ/multi-scale grids
+
+LFQ's rows carry the codebook size K = 2^D (D bits); its entropy loss is where vector-quantize-pytorch
+builds N x 2^D matrices. FSQ's K is the product of its levels (``FSQ_LEVELS``). HierarchicalVQ
+quantizes [B, D, 16, 16] maps at VAR's scales; its N is B * 16 * 16.
 """
 
 from __future__ import annotations
@@ -25,6 +31,18 @@ import _harness  # noqa: E402
 
 BENCH = "layers"
 LAYERS = ("VectorQuantize", "ResidualVQ")
+# The grids of the other layers, (N, K, D) per device.
+QUANTIZER_GRIDS = {
+    "LFQ": {
+        "cpu": [(8192, 2**bits, bits) for bits in (12, 14, 16, 18)],
+        "cuda": [(8192, 2**bits, bits) for bits in (12, 14, 16, 18)] + [(65536, 2**18, 18)],
+    },
+    "FSQ": {"cpu": [(65536, 1000, 4), (65536, 64000, 6)], "cuda": [(262144, 1000, 4), (262144, 64000, 6)]},
+    "HierarchicalVQ": {"cpu": [(8192, 4096, 32)], "cuda": [(65536, 4096, 32)]},
+}
+FSQ_LEVELS = {1000: [8, 5, 5, 5], 64000: [8, 8, 8, 5, 5, 5]}  # the FSQ paper's 1k and Cosmos' 64k grids
+HVQ_SCALES = (1, 2, 3, 4, 6, 8, 10, 13, 16)  # VAR's scales on a 16 x 16 map
+HVQ_MAP = 16
 LIBRARIES = ("fastvq", "vector-quantize-pytorch")
 RESIDUAL_DEPTH = 4
 TARGET = (65536, 16384, 256)  # the issue's memory figure: 65 536 vectors, K = 16 384, D = 256
@@ -45,26 +63,56 @@ def build_layer(library: str, layer: str, num_codes: int, dim: int, device: str)
         import vector_quantize_pytorch as module
     if layer == "VectorQuantize":
         made = module.VectorQuantize(dim=dim, codebook_size=num_codes, decay=0.8)
-    else:
+    elif layer == "ResidualVQ":
         made = module.ResidualVQ(dim=dim, num_quantizers=RESIDUAL_DEPTH, codebook_size=num_codes, decay=0.8)
+    elif layer == "LFQ":
+        made = module.LFQ(dim=dim, codebook_size=num_codes)
+    elif layer == "FSQ":
+        made = module.FSQ(levels=FSQ_LEVELS[num_codes])
+    else:
+        # k-means initialisation is a one-time cost; the step measured is the steady one.
+        made = module.HierarchicalVQ(dim=dim, codebook_size=num_codes, scales=HVQ_SCALES, accept_image_fmap=True,
+                                     kmeans_init=False)
     return made.to(device).train()
 
 
 def step_inputs(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str):
-    """The layer and a ``[1, N, D]`` input that requires grad (batch 1: N is the vector count)."""
+    """The layer and an input that requires grad: ``[1, N, D]`` (batch 1: N is the vector count), or
+    for HierarchicalVQ ``[N / 256, D, 16, 16]`` maps."""
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(1, num_rows, dim, generator=generator).to(device).requires_grad_()
+    if layer == "HierarchicalVQ":
+        shape = (max(1, num_rows // HVQ_MAP**2), dim, HVQ_MAP, HVQ_MAP)
+    else:
+        shape = (1, num_rows, dim)
+    x = torch.randn(shape, generator=generator).to(device).requires_grad_()
     return build_layer(library, layer, num_codes, dim, device), x
 
 
+def warmup_inputs(library: str, layer: str, num_codes: int, dim: int, device: str):
+    if layer == "FSQ":  # FSQ's size is its levels
+        return step_inputs(library, layer, 64, num_codes, dim, device)
+    if layer == "LFQ":
+        return step_inputs(library, layer, 64, 2**4, 4, device)
+    return step_inputs(library, layer, 64 if layer != "HierarchicalVQ" else HVQ_MAP**2, min(num_codes, 64), dim, device)
+
+
 def training_step(module: torch.nn.Module, x: torch.Tensor) -> None:
-    quantized, _, loss = module(x)
-    (quantized.square().mean() + loss.sum()).backward()
+    outputs = module(x)
+    loss = outputs[0].square().mean()
+    if len(outputs) > 2:  # FSQ has no loss
+        loss = loss + outputs[2].sum()
+    loss.backward()
 
 
-def their_matrix_bytes(num_rows: int, num_codes: int) -> int:
-    """What vector-quantize-pytorch's step holds at once, at least: the N x K distances (fp32),
-    the one-hot codes as int64 and again as fp32 (F.one_hot(...).type(dtype))."""
+def their_matrix_bytes(layer: str, num_rows: int, num_codes: int) -> int:
+    """What vector-quantize-pytorch's step holds at once, at least. VectorQuantize and ResidualVQ:
+    the N x K distances (fp32), the one-hot codes as int64 and again as fp32
+    (F.one_hot(...).type(dtype)). LFQ: the N x K distances, logits, softmax, clamped and logged
+    probabilities and their product kept for the backward (six fp32 copies). FSQ: nothing of N x K."""
+    if layer == "FSQ":
+        return 0
+    if layer == "LFQ":
+        return num_rows * num_codes * 4 * 6
     return num_rows * num_codes * (4 + 8 + 4)
 
 
@@ -82,14 +130,14 @@ def measure(library: str, layer: str, num_rows: int, num_codes: int, dim: int, d
     if library != "fastvq":
         # Timing runs in this process and the memory figure in a second one; running out of
         # memory would kill the whole benchmark, so a step that cannot fit is not started.
-        needed, available = their_matrix_bytes(num_rows, num_codes), available_bytes(device)
+        needed, available = their_matrix_bytes(layer, num_rows, num_codes), available_bytes(device)
         if 2 * needed > available:
             row["note"] = (f"not run: its N x K matrices alone take {needed / _harness.GIB:.0f} GiB "
                            f"(twice that for timing + memory runs), {available / _harness.GIB:.0f} GiB free")
             print(f"  {row['impl']}: {row['note']}", flush=True)
             return row
     make_inputs = functools.partial(step_inputs, library, layer, num_rows, num_codes, dim, device)
-    make_warmup = functools.partial(step_inputs, library, layer, 64, min(num_codes, 64), dim, device)
+    make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
     try:
         module, x = make_inputs()
         timing = _harness.time_call(functools.partial(training_step, module, x), device,
@@ -106,11 +154,12 @@ def measure(library: str, layer: str, num_rows: int, num_codes: int, dim: int, d
     return row
 
 
-def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None) -> list[dict]:
-    """Measures every point; ``save(rows)`` is called after each, so a killed run keeps its rows."""
+def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None, layers=LAYERS) -> list[dict]:
+    """Measures every point of every layer; ``save(rows)`` is called after each, so a killed run
+    keeps its rows."""
     rows = []
     for num_rows, num_codes, dim in points:
-        for layer in LAYERS:
+        for layer in layers:
             print(f"{layer} N={num_rows} K={num_codes} D={dim}", flush=True)
             pair = [measure(library, layer, num_rows, num_codes, dim, device, repeats=repeats) for library in LIBRARIES]
             ours, theirs = pair
@@ -128,6 +177,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--target-only", action="store_true", help="only the N=65536, K=16384, D=256 point")
+    parser.add_argument("--layers", nargs="+", choices=LAYERS + tuple(QUANTIZER_GRIDS), default=list(LAYERS),
+                        help="the layers to measure (VectorQuantize and ResidualVQ by default)")
     parser.add_argument("--repeats", type=int, default=3, help="minimum timed repeats per point")
     parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
     return parser.parse_args(argv)
@@ -138,10 +189,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     environment = _harness.environment(args.device)
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
     points = [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
+
     def save(new_rows):
         return _harness.write_results([{**row, **environment} for row in new_rows], args.device, KEY_COLUMNS, args.out)
 
-    rows = run(points, args.device, args.repeats, save)
+    vq_layers = [layer for layer in args.layers if layer in LAYERS]
+    rows = run(points, args.device, args.repeats, save, vq_layers) if vq_layers else []
+    for layer in args.layers:
+        if layer in QUANTIZER_GRIDS:
+            rows += run(QUANTIZER_GRIDS[layer][args.device], args.device, args.repeats, save, (layer,))
     csv_path, md_path = save(rows)
     print()
     print(_harness.format_table(rows, TABLE_COLUMNS + ("memory_vs_theirs",)))

@@ -38,3 +38,9 @@ __all__ += ["LFQ", "ResidualLFQ", "GroupedResidualLFQ"]
 from .evo_lfq import EvoLFQ  # noqa: E402
 
 __all__ += ["EvoLFQ"]
+
+from .binary_mapper import BinaryMapper  # noqa: E402
+from .fsp import FSP  # noqa: E402
+from .latent_quantize import LatentQuantize  # noqa: E402
+
+__all__ += ["LatentQuantize", "FSP", "BinaryMapper"]
