@@ -44,3 +44,11 @@ from .fsp import FSP  # noqa: E402
 from .latent_quantize import LatentQuantize  # noqa: E402
 
 __all__ += ["LatentQuantize", "FSP", "BinaryMapper"]
+
+from .residual_simvq import ResidualSimVQ  # noqa: E402
+
+__all__ += ["ResidualSimVQ"]
+
+from .random_projection import RandomProjectionQuantizer  # noqa: E402
+
+__all__ += ["RandomProjectionQuantizer"]
