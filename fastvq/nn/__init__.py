@@ -52,3 +52,7 @@ __all__ += ["ResidualSimVQ"]
 from .random_projection import RandomProjectionQuantizer  # noqa: E402
 
 __all__ += ["RandomProjectionQuantizer"]
+
+from .hierarchical_vq import HierarchicalVQ  # noqa: E402
+
+__all__ += ["HierarchicalVQ"]
