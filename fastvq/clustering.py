@@ -73,8 +73,9 @@ def kmeans(
 
     Every iteration assigns each row to its nearest centroid with the fused nearest-code search
     and moves each centroid to the mean of its rows with the segment sum; no ``N x K`` matrix is
-    built, and the memory added on top of ``x`` is ``O(N + K D)`` (12 bytes a row for the
-    assignments and their distances).
+    built, and the memory added on top of ``x`` is ``O(N + K D)``: 12 bytes a row for the
+    assignments and their distances (k-means++ seeding briefly needs 16 more: each row's distance
+    to the nearest seed, a per-row norm, and their running float64 sum).
 
     Args:
         x: ``[N, D]`` float32, float16, bfloat16 or float64: a tensor (any device, any strides) or a
