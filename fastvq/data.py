@@ -13,7 +13,10 @@ data the user already has:
   trust, as with any pickle;
 - ``images:DIR``: every ``.png``/``.jpg``/``.jpeg``/``.bmp``/``.gif``/``.webp``/``.tif``/``.tiff``
   under ``DIR`` (recursively), centre-cropped to a square and resized to ``image_size`` (default:
-  the smallest side among the images, at most 64). Needs Pillow.
+  the smallest side among the images, at most 64; a warning names an image much smaller than the
+  others, which would shrink them all). 16-bit greyscale images are scaled from their full range
+  (``0..65535`` to ``0..255``), 32-bit integer ones too when their values fit in 16 bits (else from
+  the whole signed 32-bit range), and float ones are read as ``[0, 1]`` (clipped). Needs Pillow.
 
 A missing file raises ``FileNotFoundError`` and a malformed one ``DatasetError`` (a ``ValueError``);
 both name the path and the format that was expected. Images are kept as ``uint8`` (digits: 0..16)
@@ -337,6 +340,48 @@ def load_cifar10(root: PathLike, split: str = "train") -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- image folders
 
 
+def _to_8_bits(image):
+    """``image`` with 8-bit channels. Pillow's ``convert("L")`` clips wider greyscale modes at 255
+    (a 16-bit image comes out almost all white), so those are scaled from their range instead."""
+    from PIL import Image
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0
+    elif image.mode.startswith("I;16") or (values.size and values.min() >= 0 and values.max() <= 65535):
+        top = 65535.0
+    else:
+        top = 2.0**32 - 1
+        values = values + 2.0**31 if values.size and values.min() < 0 else values
+    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def _default_image_size(paths: Sequence[Path], opened: Sequence) -> int:
+    """The smallest side among the images, at most ``MAX_DEFAULT_IMAGE_SIZE``; an image whose side is
+    under half the median one is named in a warning, since it alone shrinks every other image."""
+    import statistics
+    import warnings
+
+    sides = [min(image.size) for image in opened]
+    size = min(MAX_DEFAULT_IMAGE_SIZE, min(sides))
+    median = statistics.median(sides)
+    if size < min(MAX_DEFAULT_IMAGE_SIZE, median) / 2:
+        smallest = min(range(len(sides)), key=sides.__getitem__)
+        width, height = opened[smallest].size
+        warnings.warn(
+            f"{paths[smallest]} is {width} x {height}: the default image size is the smallest side, so every image is "
+            f"resized to {size} x {size} (the median side is {median:g}); pass image_size (fastvq train --image-size) "
+            "or remove the small image",
+            stacklevel=3,
+        )
+    return size
+
+
 def load_image_folder(root: PathLike, *, image_size: Optional[int] = None, channels: Optional[int] = None) -> Tensor:
     """Every image under ``root`` (recursively, sorted by path) as uint8 ``[N, C, S, S]``.
 
@@ -367,16 +412,17 @@ def load_image_folder(root: PathLike, *, image_size: Optional[int] = None, chann
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise DatasetError(f"{path} is not a readable image ({error}); expected a {'/'.join(IMAGE_SUFFIXES)} file") from None
     if channels is None:
-        channels = 1 if all(image.mode in ("1", "L", "I;16", "I", "F", "LA") for image in opened) else 3
+        channels = 1 if all(image.mode in ("1", "L", "LA", "La", "F") or image.mode.startswith("I")
+                            for image in opened) else 3
     if image_size is None:
-        image_size = min(MAX_DEFAULT_IMAGE_SIZE, min(min(image.size) for image in opened))
+        image_size = _default_image_size(paths, opened)
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for image in opened:
         width, height = image.size
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
-        square = image.convert(mode).crop((left, top, left + side, top + side))
+        square = _to_8_bits(image).convert(mode).crop((left, top, left + side, top + side))
         square = square.resize((image_size, image_size), Image.BICUBIC)
         arrays.append(torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8))
     images = torch.stack(arrays).reshape(len(arrays), image_size, image_size, channels)

@@ -3,6 +3,7 @@
 import gzip
 import pickle
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -207,3 +208,37 @@ def test_image_folder_corrupt_file_names_path(tmp_path):
 def test_image_folder_without_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images"):
         load_image_folder(tmp_path)
+
+
+def test_image_folder_scales_16_bit_images_by_their_depth(tmp_path):
+    """convert("L") clips 16-bit values at 255 (1000, 30000, 65535 all came out white)."""
+    from PIL import Image
+
+    values = np.array([[1000, 30000], [65535, 0]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    Image.fromarray(values.astype(np.int32), mode="I").save(tmp_path / "wide.tif")
+    Image.fromarray(values.astype(np.float32) / 65535, mode="F").save(tmp_path / "float.tif")
+    images = load_image_folder(tmp_path, image_size=2)
+    expected = np.rint(values / 65535 * 255)
+    for image in images:  # the bicubic resize to the same size keeps every pixel
+        assert image.shape == (1, 2, 2)
+        assert np.abs(image[0].numpy().astype(np.float64) - expected).max() <= 1, image[0].tolist()
+    colour = load_image_folder(tmp_path, image_size=2, channels=3)
+    assert np.abs(colour[0, 2].numpy().astype(np.float64) - expected).max() <= 1
+
+
+def test_image_folder_warns_when_one_tiny_image_shrinks_the_rest(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / f"big{index}.png")
+    Image.fromarray(np.zeros((1, 1), dtype=np.uint8)).save(tmp_path / "tiny.png")
+    with pytest.warns(UserWarning, match=r"tiny.png is 1 x 1.*resized to 1 x 1.*median side is 16"):
+        images = load_image_folder(tmp_path)
+    assert images.shape == (5, 1, 1, 1)
+    (tmp_path / "tiny.png").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image_folder(tmp_path).shape == (4, 1, 16, 16)
