@@ -21,7 +21,34 @@ PaddingArg = Union[None, int, str, Sequence[int]]
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {value.layout} with shape {tuple(value.shape)}: "
+            "call .to_dense() first"
+        )
     return value
+
+
+def check_own_memory(name: str, tensor: torch.Tensor) -> None:
+    """An in-place output must not have a stride 0 over a dimension of size > 1 (an ``expand()``ed
+    tensor): several of its elements would be one memory location, written by several updates."""
+    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
+        raise ValueError(
+            f"{name} is updated in place but several of its elements share memory (shape {tuple(tensor.shape)}, "
+            f"strides {tuple(tensor.stride())}, as made by expand()): pass a tensor with its own memory, e.g. "
+            f"{name}.clone()"
+        )
+
+
+def unbatched_as_batch(x: object) -> tuple[torch.Tensor, bool]:
+    """``x [C_in, H, W]`` (unbatched, as ``nn.Conv2d`` takes it) as a batch of one, or ``x [B, C_in, H, W]``
+    as it is; and whether it was unbatched (so the output loses its batch dimension again)."""
+    x = check_tensor("x", x)
+    if x.dim() == 3:
+        return x.unsqueeze(0), True
+    if x.dim() != 4:
+        raise ValueError(f"x must be 3-D [C_in, H, W] (unbatched) or 4-D [B, C_in, H, W], got shape {tuple(x.shape)}")
+    return x, False
 
 
 def check_float(name: str, tensor: torch.Tensor) -> None:
@@ -133,6 +160,9 @@ def check_ema_inputs(
             raise ValueError(f"step must be a one-element counter tensor, got shape {tuple(step.shape)}")
         tensors["step"] = step
     check_same_device(**tensors)
+    for name in ("codebook", "cluster_size", "embed_avg", "step"):
+        if name in tensors:
+            check_own_memory(name, tensors[name])
     if not isinstance(decay, (int, float)) or not 0.0 <= float(decay) < 1.0:
         raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
     if not isinstance(eps, (int, float)) or float(eps) < 0.0:

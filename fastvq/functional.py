@@ -1,7 +1,8 @@
 """fastvq's public functional API.
 
 Every function checks its arguments before any kernel runs and raises ``TypeError`` (wrong type
-or dtype) or ``ValueError`` (wrong shape or value) naming the argument and its shape. None of
+or dtype, or a sparse tensor) or ``ValueError`` (wrong shape or value: NaN and infinite floats
+included) naming the argument and its shape. None of
 them builds an ``N x K`` matrix: the search keeps a running minimum per row across tiles of codes.
 """
 
@@ -25,6 +26,7 @@ from ._checks import (
     check_soft_inputs,
     check_tensor,
     resolve_padding,
+    unbatched_as_batch,
 )
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
@@ -251,7 +253,8 @@ def masked_conv2d(
       a ``1 x k`` kernel.
 
     Args:
-        x: ``[B, C_in, H, W]`` float32, float16, bfloat16 or float64, any strides; ``B`` may be 0.
+        x: ``[B, C_in, H, W]`` float32, float16, bfloat16 or float64, any strides; ``B`` may be 0. An
+            unbatched ``[C_in, H, W]`` gives an unbatched output, as with ``conv2d``.
         weight: ``[C_out, C_in, kH, kW]`` floating point with odd ``kH`` and ``kW``, on ``x``'s device.
         bias: optional ``[C_out]`` floating point.
         mask_type: ``"A"``, ``"B"`` or ``"V"``.
@@ -277,8 +280,10 @@ def masked_conv2d(
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D [C_out, C_in, kH, kW], got shape {tuple(weight.shape)}")
     pads = resolve_padding(padding, weight.shape[2], weight.shape[3])
+    x, unbatched = unbatched_as_batch(x)
     check_masked_conv_inputs(x, weight, bias, mask_type, pads)
-    return torch.ops.fastvq.masked_conv2d(x, weight, bias, mask_type, list(pads))
+    out = torch.ops.fastvq.masked_conv2d(x, weight, bias, mask_type, list(pads))
+    return out.squeeze(0) if unbatched else out
 
 
 __all__ += ["masked_conv2d"]

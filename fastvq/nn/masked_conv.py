@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
-from .._checks import resolve_padding
+from .._checks import resolve_padding, unbatched_as_batch
 from ..backends.common import check_kernel_size, check_mask_type, conv_mask
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
@@ -40,7 +40,8 @@ class MaskedConv2d(nn.Conv2d):
     map size, as PixelCNNs do; note that ``nn.Conv2d``'s default ``padding=0`` shrinks it.
 
     Shapes: input ``[B, in_channels, H, W]`` float; output ``[B, out_channels, H + 2 pad_h - kH + 1,
-    W + 2 pad_w - kW + 1]``. ``weight`` is ``[out_channels, in_channels, kH, kW]`` as in
+    W + 2 pad_w - kW + 1]``; an unbatched ``[in_channels, H, W]`` input gives an unbatched output,
+    as in ``nn.Conv2d``. ``weight`` is ``[out_channels, in_channels, kH, kW]`` as in
     ``nn.Conv2d``; its masked taps are never read, never modified and get zero gradient. ``mask``
     is a non-persistent ``[1, 1, kH, kW]`` float buffer for code that reads it; state_dicts of the
     layers that store their mask load here (the stored mask is ignored).
@@ -88,8 +89,10 @@ class MaskedConv2d(nn.Conv2d):
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         pads = resolve_padding(self.padding if padding is None else padding, *self.kernel_size)
+        batch, unbatched = unbatched_as_batch(input)  # [C_in, H, W] works as in nn.Conv2d
         # The operator checks its inputs itself; going through fastvq.masked_conv2d would check twice.
-        return torch.ops.fastvq.masked_conv2d(input, self.weight, self.bias, self.mask_type, list(pads))
+        out = torch.ops.fastvq.masked_conv2d(batch, self.weight, self.bias, self.mask_type, list(pads))
+        return out.squeeze(0) if unbatched else out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
