@@ -6,6 +6,17 @@ dtype, metric``; the masked convolution's batch, channels, map size, kernel and 
 one row (a dict) per ``(bench, impl, *its key columns)`` and hands the rows and the names of its
 key columns to ``write_results``, and the rows to ``format_table``. Only what is measured is
 written: a row that could not be measured carries a ``note`` instead.
+
+Every row names the machine it ran on and how close it came to that machine's limit. ``environment``
+gives the machine columns (``MACHINE_COLUMNS``: the CPU's model name, family/model, the vector
+instruction sets it runs, and its fp32 FMA peak per core and over all cores, measured by a short
+probe in ``fastvq._C``; on CUDA also the GPU's measured fp32, tf32 and bf16 matmul peaks), and
+``write_results`` adds to every row what it lacks: those columns, ``threads`` (the intra-op
+thread count, CPU rows), ``vector_isa`` (the instruction set the row's code ran on; a bench that
+knows better, e.g. the search's bf16 kernel or FAISS, sets it itself), and, for every row with a
+``tflops`` figure, ``peak_gflops`` (the measured peak it is held against: the fp32 FMA peak of the
+threads used, the vdpbf16ps peak for rows on AVX512-BF16, the GPU matmul peak of the row's dtype)
+and ``fraction_of_peak``.
 """
 
 from __future__ import annotations
@@ -13,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import functools
 import gc
 import hashlib
 import importlib.metadata
+import json
 import multiprocessing
 import os
 import platform
@@ -30,8 +43,17 @@ import torch
 
 MIB = 1024**2
 GIB = 1024**3
+# What names the machine and its limit, in every row (see the module docstring).
+MACHINE_COLUMNS = ("cpu_model", "cpu_family_model", "cpu_cores", "cpu_isa", "peak_fp32_gflops_core",
+                   "peak_fp32_gflops_total", "peak_bf16_gflops_core", "peak_bf16_gflops_total",
+                   "peak_load1", "gpu_peak_fp32_tflops", "gpu_peak_tf32_tflops", "gpu_peak_bf16_tflops")
 # Where a row was measured; the markdown report says each once, above the tables, when every row agrees.
-HEADER_COLUMNS = ("device", "torch", "triton", "fastvq")
+HEADER_COLUMNS = ("device", "torch", "triton", "fastvq", *MACHINE_COLUMNS)
+# The names the results use for the instruction sets fastvq._C reports.
+ISA_NAMES = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512bf16": "AVX512-BF16"}
+# Wall time of one run of the FMA probe; the peak is the best of PROBE_REPEATS runs.
+PROBE_SECONDS = 0.25
+PROBE_REPEATS = 3
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -80,6 +102,38 @@ def time_call(
         torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
     ).tolist()
     return Timing(median, q20, q80)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: str,
+    *,
+    cpu_budget_s: float = 1.0,
+    min_repeats: int = 5,
+    max_repeats: int = 100,
+) -> dict[str, Timing]:
+    """Times several calls against each other: on CPU one warm-up call each, then rounds in which
+    each is called once in turn, so that a change in the machine's load (other processes on a
+    shared CPU) falls on all of them alike and their ratios stay meaningful. The warm-ups set the
+    rounds, ``cpu_budget_s`` per call, clamped to ``[min_repeats, max_repeats]``. On CUDA each is
+    timed by ``time_call`` (CUDA events do not see the host's load)."""
+    if device.startswith("cuda"):
+        return {name: time_call(fn, device) for name, fn in fns.items()}
+    warmup_s = 0.0
+    for fn in fns.values():
+        start = time.perf_counter()
+        fn()
+        warmup_s += time.perf_counter() - start
+    repeats = min(max_repeats, max(min_repeats, int(cpu_budget_s * len(fns) / max(warmup_s, 1e-9))))
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    quantiles = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    return {name: Timing(*torch.tensor(values, dtype=torch.float64).mul(1e3).quantile(quantiles).tolist())
+            for name, values in seconds.items()}
 
 
 def peak_memory_growth_mib(
@@ -173,27 +227,169 @@ def cpu_contention_warning() -> str:
 
 
 def describe_device(device: str) -> str:
-    """``"NVIDIA H200"`` for a GPU; the CPU model and the number of CPUs this process may use."""
+    """``"NVIDIA H200"`` for a GPU; for the CPU its model, family and model numbers (which tell
+    apart CPUs sold under one name, e.g. AMD EPYC Zen 3 and Zen 4) and the CPUs this process may use."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{_cpu_model()}, {len(os.sched_getaffinity(0))} cores"
+    family_model = _cpu_family_model()
+    numbers = f" (family {family_model.replace('/', ', model ')})" if family_model else ""
+    return f"{_cpu_model()}{numbers}, {len(os.sched_getaffinity(0))} cores"
+
+
+def _cpuinfo_field(name: str) -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
+    return ""
 
 
 def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_family_model() -> str:
+    """``"25/1"``: /proc/cpuinfo's ``cpu family`` and ``model``, or ``""`` where it has none."""
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    return f"{family}/{model}" if family and model else ""
 
 
 def device_slug(device: str) -> str:
-    """The result files' name: the device description in lower case, e.g. ``amd-epyc-2-cores``."""
+    """The result files' name: the device description in lower case, e.g.
+    ``amd-epyc-family-25-model-1-2-cores``."""
     return re.sub(r"[^a-z0-9]+", "-", describe_device(device).lower()).strip("-")
 
 
+def _extension():
+    """``torch.ops.fastvq_C`` when fastvq._C loads, else ``None`` (no probe, no peak columns)."""
+    from fastvq.backends import cpp
+
+    return torch.ops.fastvq_C if cpp.available() else None
+
+
+def cpu_isas() -> list[str]:
+    """The vector instruction sets this CPU runs that fastvq has kernels for (``ISA_NAMES``' values)."""
+    extension = _extension()
+    if extension is None:
+        return []
+    return [ISA_NAMES[name] for name in json.loads(extension.build_info())["cpu_isa"]]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak_gflops(isa: str, threads: int) -> float:
+    """The best of ``PROBE_REPEATS`` runs of fastvq._C's FMA probe (``isa``: ``avx2``, ``avx512f``
+    or ``avx512bf16``) on ``threads`` threads at once, in fp32 GFLOP/s; measured once per process."""
+    extension = _extension()
+    start = time.perf_counter()
+    calibration = 1_000_000
+    extension.cpu_peak_gflops(isa, 1, calibration)
+    iterations = max(calibration, int(calibration * PROBE_SECONDS / max(time.perf_counter() - start, 1e-6)))
+    return max(extension.cpu_peak_gflops(isa, threads, iterations) for _ in range(PROBE_REPEATS))
+
+
+def _fp32_probe_isa(isas: Sequence[str]) -> Optional[str]:
+    return "avx512f" if "AVX-512F" in isas else "avx2" if "AVX2" in isas else None
+
+
+@functools.lru_cache(maxsize=None)
+def machine(device: str) -> dict[str, Any]:
+    """The machine columns (``MACHINE_COLUMNS``) of ``device``'s host and, on CUDA, of the GPU.
+    The peaks are measured on first use (about two seconds per figure); a figure that cannot be
+    measured (no fastvq._C, no such instruction set) is ``None``."""
+    isas = cpu_isas()
+    cores = len(os.sched_getaffinity(0))
+    columns: dict[str, Any] = {
+        "cpu_model": _cpu_model(), "cpu_family_model": _cpu_family_model(), "cpu_cores": cores,
+        "cpu_isa": "+".join(isas) if isas else "unknown (fastvq._C not loaded)",
+        **dict.fromkeys(MACHINE_COLUMNS[4:]),
+    }
+    if (fp32_isa := _fp32_probe_isa(isas)) is not None:
+        columns["peak_fp32_gflops_core"] = cpu_peak_gflops(fp32_isa, 1)
+        columns["peak_fp32_gflops_total"] = cpu_peak_gflops(fp32_isa, cores)
+    if "AVX512-BF16" in isas:
+        columns["peak_bf16_gflops_core"] = cpu_peak_gflops("avx512bf16", 1)
+        columns["peak_bf16_gflops_total"] = cpu_peak_gflops("avx512bf16", cores)
+    # Other processes on the cores lower the measured peak as they lower every timing.
+    columns["peak_load1"] = os.getloadavg()[0]
+    if device.startswith("cuda"):
+        columns.update(_gpu_matmul_peaks(device))
+    return columns
+
+
+def _gpu_matmul_peaks(device: str) -> dict[str, float]:
+    """TFLOP/s of an 8192^3 ``torch.matmul`` on the GPU in fp32 (tf32 off), tf32 and bf16: the
+    ceilings GPU rows are held against, measured rather than taken from a data sheet."""
+    import triton.testing
+
+    size = 8192
+    peaks = {}
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for name, dtype, allow_tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
+                                        ("bf16", torch.bfloat16, False)):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            a = torch.randn(size, size, device=device, dtype=dtype)
+            b = torch.randn(size, size, device=device, dtype=dtype)
+            milliseconds = triton.testing.do_bench(lambda: a @ b, quantiles=[0.5])[0]
+            peaks[f"gpu_peak_{name}_tflops"] = tflops(2 * size**3, milliseconds)
+            del a, b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.cuda.empty_cache()
+    return peaks
+
+
+def default_vector_isa(device: str) -> str:
+    """What a CPU row ran on unless its bench says otherwise: the widest fp32 instruction set of
+    this CPU that fastvq._C and ATen dispatch to (AVX-512F, else AVX2); ``""`` on CUDA."""
+    if device.startswith("cuda"):
+        return ""
+    isas = cpu_isas()
+    return "AVX-512F" if "AVX-512F" in isas else "AVX2" if "AVX2" in isas else torch.backends.cpu.get_cpu_capability()
+
+
+def peak_gflops(row: dict[str, Any], device: str) -> Optional[float]:
+    """The measured peak, in GFLOP/s, that a row (with its machine columns) is held against: on CPU
+    the FMA peak of the row's threads (per core times threads, the all-core figure from all cores
+    on), from vdpbf16ps for rows that ran on AVX512-BF16; on CUDA the matmul peak of the row's dtype
+    (bf16 and fp16 rows: bf16; fp32 rows: tf32 where the row's ``precision`` says tf32, else fp32)."""
+    columns = row
+    if device.startswith("cuda"):
+        dtype, precision = str(row.get("dtype", "")), str(row.get("precision", ""))
+        kind = "bf16" if dtype in ("bf16", "fp16") else "tf32" if precision == "tf32" else "fp32"
+        peak = columns.get(f"gpu_peak_{kind}_tflops")
+        return None if peak in (None, "") else float(peak) * 1e3
+    kind = "bf16" if row.get("vector_isa") == "AVX512-BF16" else "fp32"
+    per_core, total = columns.get(f"peak_{kind}_gflops_core"), columns.get(f"peak_{kind}_gflops_total")
+    if per_core in (None, "") or total in (None, ""):
+        return None
+    threads = int(row.get("threads") or columns["cpu_cores"])
+    return float(total) if threads >= int(columns["cpu_cores"]) else float(per_core) * threads
+
+
+def with_machine_columns(row: dict[str, Any], device: str) -> dict[str, Any]:
+    """``row`` with what it lacks of the machine columns, ``threads``, ``vector_isa``,
+    ``peak_gflops`` and ``fraction_of_peak`` (see the module docstring); what it has is kept."""
+    full = dict(row)
+    for name, value in machine(device).items():
+        if full.get(name) in (None, ""):
+            full[name] = value
+    on_cuda = device.startswith("cuda")
+    if "threads" not in row and not on_cuda:
+        full["threads"] = torch.get_num_threads()
+    if not full.get("vector_isa"):
+        full["vector_isa"] = default_vector_isa(device)
+    measured = row.get("tflops")
+    if measured not in (None, "") and row.get("fraction_of_peak") in (None, ""):
+        peak = peak_gflops(full, device)
+        full["peak_gflops"] = peak
+        full["fraction_of_peak"] = None if peak is None else float(measured) * 1e3 / peak
+    return full
+
+
 def environment(device: str) -> dict[str, str]:
-    """The columns that say where and when a row was measured."""
+    """The columns that say where and when a row was measured: versions, date and the machine
+    columns (``machine``; its peaks are measured the first time)."""
     try:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
@@ -204,6 +400,7 @@ def environment(device: str) -> dict[str, str]:
         "triton": triton_version,
         "fastvq": _fastvq_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine(device),
     }
 
 
@@ -235,7 +432,9 @@ def write_results(
     ``key_columns`` are the parameters that identify a row of the benches in ``rows`` (besides
     ``bench`` and ``impl``). A new row replaces the stored row of the same bench and impl whose key
     columns agree; every other stored row is kept, those of other benches untouched, so one bench
-    script (or one grid) can be re-run without losing the others.
+    script (or one grid) can be re-run without losing the others. Every new row first gets what it
+    lacks of the machine columns, ``threads``, ``vector_isa`` and ``fraction_of_peak``
+    (``with_machine_columns``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{device_slug(device)}.csv"
@@ -247,7 +446,8 @@ def write_results(
             reader = csv.DictReader(handle)
             columns = list(reader.fieldnames or [])
             stored = list(reader)
-    new_rows = [{name: _format_value(value) for name, value in row.items()} for row in rows]
+    new_rows = [{name: _format_value(value) for name, value in with_machine_columns(row, device).items()}
+                for row in rows]
     benches = {row["bench"] for row in new_rows}
     keys = ("bench", "impl", *key_columns)
 
@@ -273,7 +473,7 @@ def _markdown_report(rows: list[dict[str, str]], columns: list[str], device_name
     shared = [name for name in HEADER_COLUMNS if len({row.get(name, "") for row in rows}) == 1]
     table_columns = [name for name in columns if name not in shared and name != "bench"]
     lines = [f"# fastvq benchmarks on {device_name}", ""]
-    lines += [f"- {name}: {rows[0][name]}" for name in shared if name != "device"]
+    lines += [f"- {name}: {rows[0][name]}" for name in shared if name != "device" and rows[0].get(name, "") != ""]
     for bench in dict.fromkeys(row["bench"] for row in rows):
         bench_rows = [row for row in rows if row["bench"] == bench]
         # Each bench shows its own columns: one that no row of it fills belongs to another bench.

@@ -1,0 +1,146 @@
+"""Rewrites the README's benchmark figures from the results files, so that every figure there is a
+row of ``benchmarks/results/`` and says which machine it came from.
+
+    python benchmarks/render.py [--check] [--readme README.md]
+
+A figure is a block of the README between two markers::
+
+    <!-- results source=FILE bench=NAME where="COLUMN=V1,V2 ..." columns="COLUMN,COLUMN:LABEL,..." -->
+    ...rewritten...
+    <!-- /results -->
+
+``source`` is a CSV under ``benchmarks/results/`` (written by ``_harness.write_results``);
+``bench`` picks its rows of one bench; ``where`` keeps the rows whose columns take one of the
+listed values; ``columns`` are the table's columns in order, each optionally relabelled. The
+block becomes a markdown table of the matching rows, in file order, followed by a line naming the
+machine (device, CPU family/model, vector instruction sets, the measured FMA peak) and the dates,
+versions and load averages of those rows. A figure whose filter matches no row is emptied: no
+number stays in the README without a results row behind it. ``--check`` changes nothing and exits
+with status 1 if the README differs from what the results give (tests/test_render.py runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK = re.compile(r"(<!-- results (?P<spec>.*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
+
+
+class FigureError(ValueError):
+    """A marker that cannot be rendered: unknown source, bad spec, a column no row has."""
+
+
+def parse_spec(spec: str) -> dict[str, str]:
+    fields = {}
+    for token in shlex.split(spec):
+        name, sep, value = token.partition("=")
+        if not sep or name not in ("source", "bench", "where", "columns"):
+            raise FigureError(f"figure spec {spec!r}: expected source=, bench=, where=, columns=, got {token!r}")
+        fields[name] = value
+    missing = {"source", "bench", "columns"} - fields.keys()
+    if missing:
+        raise FigureError(f"figure spec {spec!r} lacks {sorted(missing)}")
+    return fields
+
+
+def read_rows(source: str, results_dir: Path) -> list[dict[str, str]]:
+    path = results_dir / source
+    if not path.is_file():
+        raise FigureError(f"results file {path} does not exist")
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def select(rows: list[dict[str, str]], bench: str, where: str) -> list[dict[str, str]]:
+    conditions = [condition.split("=", 1) for condition in where.split()]
+    if any(len(condition) != 2 for condition in conditions):
+        raise FigureError(f"where={where!r}: every condition is COLUMN=VALUE[,VALUE...]")
+    return [row for row in rows if row.get("bench") == bench
+            and all(row.get(column, "") in values.split(",") for column, values in conditions)]
+
+
+def _span(values: list[str]) -> str:
+    present = sorted({value for value in values if value})
+    if not present:
+        return "not recorded"
+    return present[0] if len(present) == 1 else f"{present[0]} to {present[-1]}"
+
+
+def machine_line(rows: list[dict[str, str]]) -> str:
+    """Where the rows were measured, from their own columns; what they do not record is said."""
+    devices = sorted({row.get("device", "") for row in rows})
+    parts = [" / ".join(devices)]
+    if family := _span([row.get("cpu_family_model", "") for row in rows]):
+        parts.append(f"CPU family/model {family}")
+    parts.append(f"vector ISA {_span([row.get('cpu_isa', '') for row in rows])}")
+    cores, total = _span([row.get("peak_fp32_gflops_core", "") for row in rows]), _span(
+        [row.get("peak_fp32_gflops_total", "") for row in rows])
+    parts.append(f"measured fp32 FMA peak {cores} GFLOP/s per core, {total} all cores"
+                 if cores != "not recorded" else "FMA peak not recorded")
+    if (bf16 := _span([row.get("peak_bf16_gflops_core", "") for row in rows])) != "not recorded":
+        parts.append(f"bf16 (vdpbf16ps) peak {bf16} GFLOP/s per core")
+    load = [float(row["load1"]) for row in rows if row.get("load1")]
+    load_text = f"1-minute load {min(load):.1f} to {max(load):.1f}" if load else "load not recorded"
+    return (f"Measured on {', '.join(parts)}; {_span([row.get('date', '') for row in rows])}; {load_text}; "
+            f"torch {_span([row.get('torch', '') for row in rows])}, fastvq {_span([row.get('fastvq', '') for row in rows])}.")
+
+
+def render_table(rows: list[dict[str, str]], columns: str) -> str:
+    names, labels = [], []
+    for entry in columns.split(","):
+        name, _, label = entry.partition(":")
+        names.append(name)
+        labels.append(label or name)
+    for name in names:
+        if not any(name in row for row in rows):
+            raise FigureError(f"column {name!r} is in no selected row")
+    lines = ["| " + " | ".join(labels) + " |", "|" + "|".join(" --- " for _ in labels) + "|"]
+    lines += ["| " + " | ".join(row.get(name, "") for name in names) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_block(spec: str, results_dir: Path) -> str:
+    fields = parse_spec(spec)
+    rows = select(read_rows(fields["source"], results_dir), fields["bench"], fields.get("where", ""))
+    if not rows:
+        return ""
+    return f"{render_table(rows, fields['columns'])}\n\n{machine_line(rows)}\n"
+
+
+def render(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    return BLOCK.sub(lambda match: match.group(1) + render_block(match.group("spec"), results_dir) + match.group(4),
+                     text)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README is not what the results give")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    rendered = render(text, args.results)
+    if args.check:
+        if rendered != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True),
+                                                       str(args.readme), "rendered"))
+            print(f"\n{args.readme} is out of date with {args.results}: run python benchmarks/render.py")
+            return 1
+        return 0
+    if rendered != text:
+        args.readme.write_text(rendered)
+    print(f"rendered {len(BLOCK.findall(text))} figures in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
