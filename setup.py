@@ -15,6 +15,9 @@ path, and ``fastvq.backends.backend_info()`` says why (setup.py records it in
 - ``FASTVQ_CPU_ARCH_FLAGS``: the host vector-instruction flags for the C++ kernels, default
   ``-march=native`` (dropped if the compiler rejects it); set it to ``""`` or e.g.
   ``-march=x86-64-v3`` for a binary that must run on other machines.
+- ``FASTVQ_SIMDE=1`` (tests only): the AVX-512 search kernels are built against SIMDe's portable
+  intrinsics (Debian: libsimde-dev), so that they run, slowly and emulated, on CPUs without
+  AVX-512F / AVX512-BF16 and the test suite checks the whole search path with them there.
 - ``FASTVQ_BUILD_CUDA=auto|0|1``: ``auto`` (default) adds the CUDA C++ kernels when PyTorch is a
   CUDA build and the CUDA toolkit (nvcc) is found; ``0`` never; ``1`` always, and fails the
   installation if that is impossible or the build fails.
@@ -85,6 +88,13 @@ def cpu_flags() -> tuple[list[str], list[str], dict]:
     return compile_flags, link_flags, {"arch_flags": arch_flags, "openmp": openmp}
 
 
+def cpu_sources() -> list[str]:
+    if os.environ.get("FASTVQ_SIMDE", "0").strip() == "1":
+        emulated = "csrc/emulated/search_cpu_avx512_simde.cpp"
+        return [emulated if source == "csrc/search_cpu_avx512.cpp" else source for source in CPU_SOURCES]
+    return CPU_SOURCES
+
+
 def cuda_wanted(torch_module, cuda_home) -> bool:
     mode = os.environ.get("FASTVQ_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
@@ -119,13 +129,13 @@ def extension_setup() -> dict:
     if with_cuda:
         extension = CUDAExtension(
             "fastvq._C",
-            CPU_SOURCES + CUDA_SOURCES,
+            cpu_sources() + CUDA_SOURCES,
             extra_compile_args={"cxx": compile_flags + ["-DFASTVQ_WITH_CUDA"], "nvcc": ["-O3", "-DFASTVQ_WITH_CUDA"]},
             extra_link_args=link_flags,
         )
     else:
         extension = CppExtension(
-            "fastvq._C", CPU_SOURCES, extra_compile_args={"cxx": compile_flags}, extra_link_args=link_flags
+            "fastvq._C", cpu_sources(), extra_compile_args={"cxx": compile_flags}, extra_link_args=link_flags
         )
     must_build = with_cuda and os.environ.get("FASTVQ_BUILD_CUDA", "auto").strip() == "1"
 
@@ -178,7 +188,8 @@ setup(
         ],
         # `fastvq kmeans --data FILE.safetensors`
         "safetensors": ["safetensors>=0.4"],
-        # bench_kmeans.py compares against FAISS's and scikit-learn's k-means
+        # bench_kmeans.py compares against FAISS's and scikit-learn's k-means, bench_search against FAISS's
+        # exact IndexFlatL2 / IndexFlatIP search
         "bench": ["pytest-benchmark>=4", "numpy", "faiss-cpu>=1.7", "scikit-learn>=1.2"],
     },
     entry_points={"console_scripts": ["fastvq = fastvq.cli:main"]},
