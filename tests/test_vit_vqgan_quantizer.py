@@ -140,9 +140,14 @@ def test_trains_under_autocast_without_nan(dtype, ema_update):
 
 
 @pytest.mark.parametrize("ema_update", [False, True], ids=["grad", "ema"])
-def test_trains_under_compile_fullgraph(ema_update):
+@pytest.mark.parametrize("replacement", [False, True], ids=["", "dead-codes"])
+def test_trains_under_compile_fullgraph(ema_update, replacement):
     torch.manual_seed(0)
     model = _model(ema_update)
+    if replacement:
+        # A threshold no code falls below in 3 steps: the replacement is traced into the graph (no
+        # break, no host sync) but replaces nothing, since compiled and eager random draws differ.
+        model[1] = FactorizedL2Quantizer(DIM, CODES, CODE_DIM, ema_update=ema_update, decay=0.5, dead_code_threshold=1e-3)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
     optims = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (eager, model)]
@@ -200,3 +205,64 @@ def test_runs_on_the_triton_kernels(backend):
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(grads["codebook"], grads_ref["codebook"], rtol=1e-4, atol=1e-6)
+
+
+def test_dead_codes_are_replaced_by_batch_rows():
+    torch.manual_seed(0)
+    for ema_update in (False, True):
+        layer = FactorizedL2Quantizer(DIM, CODES, CODE_DIM, ema_update=ema_update, decay=0.5, dead_code_threshold=1.0)
+        usage = layer.cluster_size if ema_update else layer.code_usage
+        assert "code_usage" in layer.state_dict() or ema_update
+        # Inputs whose projections all point one way choose one code: the others die and are re-seeded.
+        x = torch.randn(1, DIM).expand(64, DIM) + 0.01 * torch.randn(64, DIM)
+        for _ in range(4):
+            _, _, indices = layer(x)
+        z = F.normalize(layer.project_in(x), dim=-1).detach()
+        codes = layer.normalized_codebook().detach()
+        # Every replaced code is one of the batch's normalised rows.
+        nearest = (codes @ z.T).max(dim=1).values
+        assert int((nearest > 1 - 1e-5).sum()) >= CODES - 2
+        assert bool((usage >= 0).all())
+        layer.eval()
+        before = layer.codebook.clone()
+        layer(torch.randn(5, DIM))
+        assert torch.equal(layer.codebook, before)
+
+
+def test_a_gradient_codebook_with_replacement_trains():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, DIM),
+                                FactorizedL2Quantizer(DIM, CODES, CODE_DIM, decay=0.5, dead_code_threshold=1.0))
+    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        out, loss, _ = model(torch.randn(4, 16, 8))
+        (out.square().mean() + loss).backward()
+        optim.step()
+        optim.zero_grad()
+    assert torch.isfinite(model[1].codebook).all()
+
+
+def test_kmeans_init_starts_from_the_batch():
+    torch.manual_seed(0)
+    for ema_update in (False, True):
+        layer = FactorizedL2Quantizer(DIM, 4, CODE_DIM, ema_update=ema_update, kmeans_init=True)
+        centres = F.normalize(torch.randn(4, DIM), dim=-1) * 5
+        x = (centres[:, None] + 0.05 * torch.randn(4, 50, DIM)).reshape(-1, DIM)
+        assert not bool(layer.initted)
+        _, _, indices = layer(x)
+        assert bool(layer.initted)
+        # Four tight clusters, four codes: k-means gives each cluster its own code.
+        assert indices.reshape(4, 50).unique(dim=1).shape[1] == 1 and indices.unique().numel() == 4
+        clone = FactorizedL2Quantizer(DIM, 4, CODE_DIM, ema_update=ema_update, kmeans_init=True)
+        clone.load_state_dict(layer.state_dict())
+        before = clone.codebook.clone()
+        clone(x)
+        if not ema_update:
+            assert torch.equal(clone.codebook, before)  # initialised already: no second k-means
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(dead_code_threshold=-1.0), "dead_code_threshold"),
+                                             (dict(kmeans_iters=0), "kmeans_iters")])
+def test_bad_replacement_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FactorizedL2Quantizer(DIM, CODES, **kwargs)

@@ -177,6 +177,10 @@ class ViTVQGAN(nn.Module):
             (``dim`` a multiple of 4 and of ``heads``).
         codebook_size, codebook_dim, beta: the quantizer's ``K``, lookup dimension and commitment weight.
         codebook: ``"gradient"`` (the paper) or ``"ema"`` (``FactorizedL2Quantizer(ema_update=True)``).
+        decay: EMA decay of the codebook (``"ema"``) and of the code-use averages of the
+            dead-code replacement.
+        dead_code_threshold, kmeans_init: the quantizer's dead-code replacement and k-means
+            initialisation (both off by default, as in the paper; see ``FactorizedL2Quantizer``).
         l2_weight, logit_laplace_weight, perceptual_weight, adversarial_weight: loss weights.
         adversarial_loss: ``"hinge"`` or ``"vanilla"``.
         perceptual_network: a module mapping images ``[B, C, H, W]`` in ``[0, 1]`` to a feature
@@ -211,6 +215,8 @@ class ViTVQGAN(nn.Module):
         beta: float = 0.25,
         codebook: str = "gradient",
         decay: float = 0.99,
+        dead_code_threshold: float = 0.0,
+        kmeans_init: bool = False,
         l2_weight: float = 1.0,
         logit_laplace_weight: float = 0.1,
         perceptual_weight: float = 0.1,
@@ -250,7 +256,8 @@ class ViTVQGAN(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.encoder = _Transformer(dim, depth, heads, mlp_dim)
         self.quantizer = FactorizedL2Quantizer(dim, codebook_size, codebook_dim, beta, ema_update=codebook == "ema",
-                                               decay=decay)
+                                               decay=decay, dead_code_threshold=dead_code_threshold,
+                                               kmeans_init=kmeans_init)
         self.decoder = _Transformer(dim, depth, heads, mlp_dim)
         self.to_pixels = nn.ConvTranspose2d(dim, 2 * in_channels, patch_size, stride=patch_size)
         self.register_buffer("position", sincos_position_embedding_2d(dim, *self.grid)[None], persistent=False)

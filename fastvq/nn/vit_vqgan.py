@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 from ..functional import ema_update_
 
 __all__ = ["FactorizedL2Quantizer"]
@@ -33,12 +34,28 @@ class FactorizedL2Quantizer(nn.Module):
             codebook term (the paper trains it by gradient, the default).
         decay: EMA decay, in ``[0, 1)``; only used with ``ema_update``.
         eps: Laplace smoothing of the EMA cluster sizes, ``>= 0``; only used with ``ema_update``.
+        dead_code_threshold: in training, codes whose moving-average use per batch (decay
+            ``decay``) falls below it are replaced by normalised projected inputs of the batch,
+            drawn at random, and their use reset to the threshold; ``0`` (the default) never
+            replaces. A code trained by gradient gets a gradient only while it is chosen, so a
+            code no input is near never moves: without replacement ViT-VQGAN on the digits kept
+            29 of 128 codes (see the README's "ViT-VQGAN on the digits").
+        kmeans_init: initialise the codes by spherical k-means (``kmeans_iters`` Lloyd steps,
+            seeded with rows of the batch) on the normalised projected inputs of the first
+            training batch, instead of the standard normal draw.
+        kmeans_iters: Lloyd steps of ``kmeans_init``, ``>= 1``.
+
+    Under ``torch.distributed`` the use counts, the replacement rows and the k-means statistics
+    are shared by all ranks, so every rank keeps the same codebook.
 
     State: ``project_in`` (``nn.Linear(dim, codebook_dim)``), ``project_out``
     (``nn.Linear(codebook_dim, dim)``) and ``codebook [K, d]``, drawn from a standard normal as
     in the paper: a parameter when trained by gradient; with ``ema_update`` a buffer kept at unit
     norm, beside the buffers ``cluster_size [K]`` (ones) and ``embed_avg [K, d]`` (the codebook)
-    of the moving averages (vector-quantize-pytorch's convention, no zero-debiasing).
+    of the moving averages (vector-quantize-pytorch's convention, no zero-debiasing). With
+    ``dead_code_threshold > 0`` and a gradient codebook, a buffer ``code_usage [K]`` (ones) holds
+    the moving-average use (an EMA codebook uses its ``cluster_size``); with ``kmeans_init`` a
+    bool buffer ``initted`` says whether the codes were initialised.
 
     ``forward(x)`` takes ``x [..., dim]`` channels last (ViT tokens ``[B, N, dim]``), any float
     dtype, and returns ``(quantized, loss, indices)`` in that order, as the ViT-VQGAN code this
@@ -68,12 +85,17 @@ class FactorizedL2Quantizer(nn.Module):
         ema_update: bool = False,
         decay: float = 0.99,
         eps: float = 1e-5,
+        dead_code_threshold: float = 0.0,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
     ):
         super().__init__()
         for name, value in (("dim", dim), ("codebook_size", codebook_size), ("codebook_dim", codebook_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value in (("beta", beta), ("decay", decay), ("eps", eps)):
+        if not isinstance(kmeans_iters, int) or isinstance(kmeans_iters, bool) or kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be a positive int, got {kmeans_iters!r}")
+        for name, value in (("beta", beta), ("decay", decay), ("eps", eps), ("dead_code_threshold", dead_code_threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite float, got {value!r}")
         if beta < 0:
@@ -82,6 +104,8 @@ class FactorizedL2Quantizer(nn.Module):
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold!r}")
         self.dim = dim
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim
@@ -89,6 +113,9 @@ class FactorizedL2Quantizer(nn.Module):
         self.ema_update = bool(ema_update)
         self.decay = float(decay)
         self.eps = float(eps)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_iters = kmeans_iters
         self.project_in = nn.Linear(dim, codebook_dim)
         self.project_out = nn.Linear(codebook_dim, dim)
         codebook = torch.randn(codebook_size, codebook_dim)
@@ -99,6 +126,17 @@ class FactorizedL2Quantizer(nn.Module):
             self.register_buffer("embed_avg", codebook.clone())
         else:
             self.codebook = nn.Parameter(codebook)
+            if self.dead_code_threshold > 0:
+                self.register_buffer("code_usage", torch.ones(codebook_size))
+        if self.kmeans_init:
+            self.register_buffer("initted", torch.tensor(False))
+            # A host-side copy, so the forward does not read the buffer (no sync, no graph break).
+            self._initted = False
+            self._register_load_state_dict_pre_hook(self._read_initted)
+
+    def _read_initted(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "initted" in state_dict:
+            self._initted = bool(state_dict[prefix + "initted"])
 
     def normalized_codebook(self) -> Tensor:
         """The codes on the unit sphere, ``[K, codebook_dim]``."""
@@ -113,6 +151,11 @@ class FactorizedL2Quantizer(nn.Module):
             raise ValueError(f"x must be channels-last [..., dim={self.dim}], got shape {tuple(x.shape)}")
         projected = self.project_in(x.reshape(-1, self.dim))
         z = F.normalize(projected, dim=-1)
+        if self.training and self.kmeans_init and not self._initted:
+            self._kmeans_init_(z.detach())
+        if self.training and self.dead_code_threshold > 0:
+            # Before the search: the codebook is not yet saved for the backward.
+            self._replace_dead_codes_(z.detach())
         quantized, indices, loss = torch.ops.fastvq.vector_quantize(
             z, self.normalized_codebook(), "cosine", self.beta, 0.0 if self.ema_update else 1.0
         )
@@ -129,10 +172,50 @@ class FactorizedL2Quantizer(nn.Module):
                 check_indices_range=False,
             )
             self.codebook.copy_(F.normalize(self.codebook, dim=-1))
+        if self.training and self.dead_code_threshold > 0 and not self.ema_update:
+            with torch.no_grad():
+                counts = torch.bincount(indices, minlength=self.codebook_size).to(self.code_usage.dtype)
+                self.code_usage.lerp_(all_reduce_sum_(counts), 1.0 - self.decay)
         # Straight through to the projection before its normalisation; the value stays the code.
         quantized = quantized.detach().to(projected.dtype) + (projected - projected.detach())
         out = self.project_out(quantized)
         return out.reshape(*x.shape[:-1], self.dim), loss, indices.reshape(x.shape[:-1])
+
+    @torch.no_grad()
+    def _replace_dead_codes_(self, z: Tensor) -> None:
+        """Codes whose moving-average use (up to the previous batch) fell below the threshold take
+        random rows of ``z``. Every code gets a candidate and ``torch.where`` keeps the live ones:
+        no host sync."""
+        usage = self.cluster_size if self.ema_update else self.code_usage
+        candidates, found = sample_rows(z, self.codebook_size, synced=is_distributed())
+        dead = (usage < self.dead_code_threshold) & found
+        candidates = candidates.to(self.codebook.dtype)
+        self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
+        usage.copy_(torch.where(dead, torch.full_like(usage, self.dead_code_threshold), usage))
+        if self.ema_update:
+            self.embed_avg.copy_(torch.where(dead[:, None], candidates * self.dead_code_threshold, self.embed_avg))
+
+    @torch.no_grad()
+    def _kmeans_init_(self, z: Tensor) -> None:
+        """Spherical k-means on the rows of ``z`` (unit vectors); the codes and, for an EMA
+        codebook, its statistics start from the result."""
+        means, _ = sample_rows(z.float(), self.codebook_size, synced=is_distributed())
+        counts = torch.zeros(self.codebook_size, device=z.device)
+        for _ in range(self.kmeans_iters):
+            assignment, _, _ = torch.ops.fastvq.nearest_code(z, means, "cosine", False)
+            counts, sums = torch.ops.fastvq.segment_reduce(
+                z, assignment, self.codebook_size, torch.are_deterministic_algorithms_enabled()
+            )
+            all_reduce_sum_(counts)
+            all_reduce_sum_(sums)
+            # An empty cluster keeps its seed.
+            means = torch.where((counts == 0)[:, None], means, F.normalize(sums, dim=-1))
+        self.codebook.copy_(means.to(self.codebook.dtype))
+        if self.ema_update:
+            self.cluster_size.copy_(counts)
+            self.embed_avg.copy_(means * counts[:, None])
+        self.initted.fill_(True)
+        self._initted = True
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """``indices`` int ``[...]`` -> the layer's output for them, ``[..., dim]``."""
