@@ -191,6 +191,8 @@ setup(
         # bench_kmeans.py compares against FAISS's and scikit-learn's k-means, bench_search against FAISS's
         # exact IndexFlatL2 / IndexFlatIP search
         "bench": ["pytest-benchmark>=4", "numpy", "faiss-cpu>=1.7", "scikit-learn>=1.2"],
+        # training curves (RUN/training_curves.png, prior_curves.png); without it they are skipped
+        "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fastvq = fastvq.cli:main"]},
     **extension_setup(),

@@ -109,3 +109,55 @@ def save_usage_chart(counts: Sequence[Tensor], names: Sequence[str], path: Path,
     canvas.save(path, format="PNG", optimize=True)
     return path
 
+
+
+# The panels of a run's training curves: (title, metrics drawn in it); a panel none of whose metrics
+# the rows hold is left out, so the stage-1 and prior runs share the list.
+CURVE_PANELS = (
+    ("loss", ("train_loss", "val_loss")),
+    ("held-out val_nmse", ("val_nmse",)),
+    ("perplexity", ("perplexity",)),
+    ("codes used", ("codes_used",)),
+    ("held-out bits per code", ("val_bits_per_code", "val_masked_bits_per_code")),
+)
+
+
+def save_training_curves(rows: Sequence[dict], path: Path, title: str) -> Optional[Path]:
+    """Draws the metrics rows of a run (``metrics.jsonl`` or ``prior_metrics.jsonl``) against the
+    epoch as a PNG at ``path``: one panel per quantity of ``CURVE_PANELS`` the rows hold (codes used
+    with the codebook size as a dashed line). Returns ``path``, or None when matplotlib, an optional
+    dependency (``pip install matplotlib``), is missing or there are no rows."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display is needed or touched
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    epochs = [row["epoch"] for row in rows]
+    panels = [(name, [key for key in keys if any(isinstance(row.get(key), (int, float)) for row in rows)])
+              for name, keys in CURVE_PANELS]
+    panels = [(name, keys) for name, keys in panels if keys]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    for axis, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(epoch, row[key]) for epoch, row in zip(epochs, rows) if isinstance(row.get(key), (int, float))]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None, label=key)
+        size = rows[-1].get("codebook_size")
+        if name == "codes used" and isinstance(size, int):
+            axis.axhline(size, linestyle="--", color="grey", linewidth=1, label=f"codebook size {size}")
+        if name == "held-out val_nmse" and min(row.get("val_nmse", 1.0) for row in rows) > 0:
+            axis.set_yscale("log")
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if len(keys) > 1 or name == "codes used":
+            axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

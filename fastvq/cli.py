@@ -73,8 +73,8 @@ MODEL_FLAGS = {
     "patch_size": {"vit-vqgan": "patch_size"},
     "layers": {"vit-vqgan": "depth"},
     "res_blocks": {"vit-vqgan": None, "*": "num_res_blocks"},
-    "dead_code_threshold": {"vit-vqgan": None, "*": "dead_code_threshold"},
-    "kmeans_init": {"vit-vqgan": None, "*": "kmeans_init"},
+    "dead_code_threshold": {"*": "dead_code_threshold"},
+    "kmeans_init": {"*": "kmeans_init"},
     "logit_laplace_weight": {"vit-vqgan": "logit_laplace_weight"},
     "adversarial_weight": {"vit-vqgan": "adversarial_weight"},
     "perceptual_weight": {"vit-vqgan": "perceptual_weight"},
@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--beta", type=float, default=None, help="commitment weight (0.25)")
     model_group.add_argument("--decay", type=float, default=None, help="EMA decay (0.9 for images under 16 px, else 0.99)")
     model_group.add_argument("--dead-code-threshold", type=float, default=None,
-                             help="EMA models: replace codes whose EMA usage falls below this (1.0; 0 = never)")
+                             help="replace codes whose moving-average use per batch falls below this (1.0; 0 = never)")
     model_group.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=None,
-                             help="EMA models: initialise the codes by k-means on the first batch (on)")
+                             help="initialise the codes by k-means on the first batch (on; vit-vqgan: off)")
     model_group.add_argument("--downsamples", type=int, default=None,
                              help="stride-2 stages to the (bottom) code map (1 for images under 16 px, else 2)")
     model_group.add_argument("--res-blocks", type=int, default=None, help="residual blocks per encoder/decoder (2)")
@@ -161,14 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     prior = commands.add_parser("prior", help="train a prior over a run's codes",
                                 description="Train a PixelCNN, Gated PixelCNN or GPT prior on the codes of a trained run.")
     prior.add_argument("--run", required=True, type=Path, help="the run directory of `fastvq train`")
-    prior.add_argument("--model", choices=("pixelcnn", "gated-pixelcnn", "gpt"), default=None,
-                       help="the prior (gpt; rqvae runs need gpt)")
+    prior.add_argument("--model", choices=("pixelcnn", "gated-pixelcnn", "gpt", "maskgit"), default=None,
+                       help="the prior (gpt; rqvae runs need gpt or maskgit)")
     prior.add_argument("--epochs", type=_positive_int, default=None, help="epochs (digits 15, mnist 10, cifar10 20, images 50)")
     prior.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process (64)")
     prior.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3), cosine-decayed")
     prior.add_argument("--channels", type=_positive_int, default=None, help="PixelCNN width / GPT width")
     prior.add_argument("--layers", type=_positive_int, default=None, help="masked-convolution layers / transformer blocks")
-    prior.add_argument("--dropout", type=float, default=None, help="gpt: dropout (0.1)")
+    prior.add_argument("--dropout", type=float, default=None, help="gpt, maskgit: dropout (0.1)")
     prior.add_argument("--seed", type=int, default=0, help="random seed (0)")
     _add_runtime_flags(prior)
 
@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=_positive_int, default=64, help="number of samples (64)")
     sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (1.0; 0 = greedy)")
     sample.add_argument("--top-k", type=_positive_int, default=None, help="draw among the k most likely codes")
-    sample.add_argument("--top-p", type=float, default=None, help="gpt: nucleus sampling threshold")
+    sample.add_argument("--top-p", type=float, default=None, help="gpt, maskgit: nucleus sampling threshold")
+    sample.add_argument("--steps", type=_positive_int, default=None,
+                        help="maskgit: parallel decoding steps (8)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (0)")
     sample.add_argument("--out", type=Path, default=None, help="picture path (RUN/samples.png)")
     sample.add_argument("--columns", type=_positive_int, default=None, help="images per row (sqrt(n))")
@@ -192,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "a run already there is replaced")
     demo.add_argument("--model", choices=("vqvae", "vqvae2", "vit-vqgan", "rqvae"), default="vqvae", help="vqvae")
     demo.add_argument("--data", default="digits", help="digits")
-    demo.add_argument("--prior", choices=("pixelcnn", "gated-pixelcnn", "gpt"), default=None, help="as fastvq prior")
+    demo.add_argument("--prior", choices=("pixelcnn", "gated-pixelcnn", "gpt", "maskgit"), default=None,
+                      help="as fastvq prior")
     demo.add_argument("-n", type=_positive_int, default=64, help="samples to draw (64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     _add_runtime_flags(demo)
@@ -288,16 +291,21 @@ def cmd_prior(args: argparse.Namespace) -> int:
                                    prior_overrides=overrides, seed=args.seed, device=args.device, threads=args.threads,
                                    progress=not args.no_progress, **_dist_timeout(args))
     if metrics:
-        _log(f"prior: val {metrics['val_bits_per_code']:.3f} bits per code -> {args.run / 'prior.pt'}, "
-             f"{args.run / 'prior_metrics.jsonl'}")
+        _log(f"prior: val {_prior_summary(metrics)} -> {args.run / 'prior.pt'}, {args.run / 'prior_metrics.jsonl'}")
     return 0
+
+
+def _prior_summary(metrics: dict) -> str:
+    if "val_masked_bits_per_code" in metrics:
+        return f"{metrics['val_masked_bits_per_code']:.3f} bits per masked code (maskgit's masked-token loss)"
+    return f"{metrics['val_bits_per_code']:.3f} bits per code"
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from . import train as training
 
     path = training.sample(args.run, args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, device=args.device, threads=args.threads, out=args.out, columns=args.columns)
+                           steps=args.steps, seed=args.seed, device=args.device, threads=args.threads, out=args.out, columns=args.columns)
     _log(f"{args.n} samples -> {path}")
     return 0
 
@@ -327,7 +335,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"prior {fitted - trained:.0f} s, sample {done - fitted:.0f} s)",
         f"  held-out reconstruction: val_nmse {metrics['val_nmse']:.4f} (MSE / data variance)",
         f"  codebook: perplexity {metrics['perplexity']:.1f}, {metrics['codes_used']} of {size} codes used",
-        f"  prior: {prior['val_bits_per_code']:.3f} bits per code on held-out codes",
+        f"  prior: {_prior_summary(prior)} on held-out codes",
         f"  target (val_nmse <= 0.05, perplexity >= half the codebook): {'met' if ok else 'NOT met'}",
         "  pictures:",
         f"    {args.out / 'reconstructions.png'}  (held-out originals over reconstructions)",

@@ -161,3 +161,45 @@ def test_bench_lists_the_scripts_and_explains_a_missing_checkout(capsys, monkeyp
 def test_python_dash_m_runs_the_command():
     done = subprocess.run([sys.executable, "-m", "fastvq", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("fastvq ")
+
+
+def test_maskgit_prior_and_parallel_sampling(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("train", "--model", "vqvae", "--out", out, "--epochs", 1, *TINY_VQVAE, *RUNTIME) == 0
+    assert run("prior", "--run", out, "--model", "maskgit", *TINY_PRIOR, *RUNTIME) == 0
+    row = _metrics(out / "prior_metrics.jsonl")[-1]
+    assert row["val_masked_bits_per_code"] > 0 and "val_bits_per_code" not in row
+    assert "bits per masked code" in capsys.readouterr().out
+    assert torch.load(out / "prior.pt", weights_only=True)["config"]["prior"] == "maskgit"
+    assert run("sample", "--run", out, "-n", 3, "--steps", 2, "--top-p", 0.9, "--threads", 1) == 0
+    assert _is_png(out / "samples.png")
+    assert run("prior", "--run", out, *TINY_PRIOR, *RUNTIME) == 0  # a GPT now: --steps is refused
+    assert run("sample", "--run", out, "-n", 2, "--steps", 2, "--threads", 1) == 2
+    assert "steps (parallel decoding steps) needs the maskgit prior" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, flags", [("vqvae2", TINY_VQVAE), ("rqvae", [*TINY_VQVAE, "--depth", "2"])])
+def test_maskgit_on_hierarchical_and_residual_codes(tmp_path, model, flags):
+    out = tmp_path / model
+    assert run("train", "--model", model, "--out", out, "--epochs", 1, *flags, *RUNTIME) == 0
+    assert run("prior", "--run", out, "--model", "maskgit", *TINY_PRIOR, *RUNTIME) == 0
+    assert run("sample", "--run", out, "-n", 2, "--steps", 3, "--threads", 1) == 0
+    assert _is_png(out / "samples.png")
+
+
+def test_training_curves_are_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert run("train", "--model", "vqvae", "--out", out, "--epochs", 2, *TINY_VQVAE, *RUNTIME) == 0
+    assert _is_png(out / "training_curves.png")
+    assert run("prior", "--run", out, "--model", "gpt", *TINY_PRIOR, *RUNTIME) == 0
+    assert _is_png(out / "prior_curves.png")
+
+
+def test_training_curves_without_matplotlib_are_one_line_of_notice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    out = tmp_path / "run"
+    assert run("train", "--model", "vqvae", "--out", out, "--epochs", 1, *TINY_VQVAE, *RUNTIME) == 0
+    assert not (out / "training_curves.png").exists()
+    notice = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
+    assert notice == ["training curves not drawn (training_curves.png): matplotlib is not installed (pip install matplotlib)"]

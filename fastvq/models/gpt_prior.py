@@ -39,17 +39,18 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
 
 
 class _SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
+        self.causal = causal
 
     def forward(self, x: Tensor, cache: Optional[list] = None) -> Tensor:
-        """Causal attention over ``x [B, T, dim]``. With ``cache`` (a list, empty at first), the
-        keys and values of earlier calls are prepended and this call's appended: ``x`` then holds
-        the tokens that follow the cached ones."""
+        """Causal (or, built with ``causal=False``, bidirectional) attention over ``x [B, T, dim]``.
+        With ``cache`` (a list, empty at first; causal only), the keys and values of earlier calls
+        are prepended and this call's appended: ``x`` then holds the tokens that follow the cached ones."""
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         past = 0
@@ -61,7 +62,7 @@ class _SelfAttention(nn.Module):
             cache[:] = [k, v]
         dropout = self.dropout if self.training else 0.0
         if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and length > 1, dropout_p=dropout)
         elif length == 1:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
@@ -72,10 +73,10 @@ class _SelfAttention(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attention = _SelfAttention(dim, heads, dropout)
+        self.attention = _SelfAttention(dim, heads, dropout, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
         self.dropout = nn.Dropout(dropout)
@@ -86,9 +87,9 @@ class _Block(nn.Module):
 
 
 class _Transformer(nn.Module):
-    def __init__(self, dim: int, num_layers: int, heads: int, dropout: float):
+    def __init__(self, dim: int, num_layers: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
-        self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(_Block(dim, heads, dropout, causal) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, caches: Optional[list] = None) -> Tensor:

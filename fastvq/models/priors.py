@@ -1,5 +1,5 @@
-"""One interface over the code priors (``PixelCNN``, ``GatedPixelCNN``, ``GPTPrior``), flat over one
-code map or hierarchical over VQ-VAE-2's two (the bottom prior conditioned on the top codes)."""
+"""One interface over the code priors (``PixelCNN``, ``GatedPixelCNN``, ``GPTPrior``, ``MaskGITPrior``),
+flat over one code map or hierarchical over VQ-VAE-2's two (the bottom prior conditioned on the top codes)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gpt_prior import GPTPrior
+from .maskgit import MaskGITPrior
 
 __all__ = ["prior_loss", "prior_sample", "HierarchicalPrior"]
 
 
-def prior_loss(prior: nn.Module, codes: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+def prior_loss(prior: nn.Module, codes: Tensor, cond: Optional[Tensor] = None, *,
+               generator: Optional[torch.Generator] = None) -> Tensor:
     """Mean cross-entropy (nats per code) of ``codes`` under ``prior``, float32.
 
-    ``prior`` is a ``GPTPrior`` or a PixelCNN-style model whose ``forward(codes [B, H, W], cond)``
-    returns logits ``[B, K, H, W]``.
+    ``prior`` is a ``GPTPrior``, a ``MaskGITPrior`` (the cross-entropy of the codes it masks, the
+    masks drawn from ``generator``; the other priors draw nothing) or a PixelCNN-style model whose
+    ``forward(codes [B, H, W], cond)`` returns logits ``[B, K, H, W]``.
     """
+    if isinstance(prior, MaskGITPrior):
+        return prior.loss(codes, cond, generator=generator)
     if isinstance(prior, GPTPrior):
         return prior.loss(codes, cond)
     return F.cross_entropy(prior(codes, cond).float(), codes.long())
@@ -35,8 +40,17 @@ def prior_sample(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    steps: Optional[int] = None,
 ) -> Tensor:
-    """``n`` code maps of size ``shape = (H, W)`` from ``prior`` (``top_p`` needs a ``GPTPrior``)."""
+    """``n`` code maps of size ``shape = (H, W)`` from ``prior`` (``top_p`` needs a ``GPTPrior`` or a
+    ``MaskGITPrior``; ``steps``, the decoding steps, a ``MaskGITPrior``: its own default when None)."""
+    if isinstance(prior, MaskGITPrior):
+        extra = {} if steps is None else {"steps": steps}
+        return prior.sample(n, shape, cond, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                            **extra)
+    if steps is not None:
+        raise ValueError(f"steps (parallel decoding steps) needs the maskgit prior; {type(prior).__name__} draws "
+                         "one position at a time")
     if isinstance(prior, GPTPrior):
         return prior.sample(n, shape, cond, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     if top_p is not None:
@@ -49,8 +63,8 @@ class HierarchicalPrior(nn.Module):
 
     ``bottom`` must be conditioned on the top codes: a ``PixelCNN``/``GatedPixelCNN`` built with
     ``cond_num_codes`` = the top codebook size (the top map is embedded and resized to the bottom
-    map's size), or a ``GPTPrior`` with ``cond_num_codes`` and ``cond_len`` = the top map's size
-    (the top codes are a prefix of the bottom sequence).
+    map's size), or a ``GPTPrior`` / ``MaskGITPrior`` with ``cond_num_codes`` and ``cond_len`` = the
+    top map's size (the top codes are a prefix of the bottom sequence).
 
     ``loss((top, bottom))`` returns ``(top_loss, bottom_loss)`` in nats per code;
     ``sample(n, top_shape, bottom_shape, ...)`` returns ``(top, bottom)`` code maps.
@@ -61,9 +75,10 @@ class HierarchicalPrior(nn.Module):
         self.top = top
         self.bottom = bottom
 
-    def loss(self, codes: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def loss(self, codes: tuple[Tensor, Tensor], *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         top, bottom = codes
-        return prior_loss(self.top, top), prior_loss(self.bottom, bottom, top)
+        return (prior_loss(self.top, top, generator=generator),
+                prior_loss(self.bottom, bottom, top, generator=generator))
 
     @torch.no_grad()
     def sample(
@@ -76,7 +91,8 @@ class HierarchicalPrior(nn.Module):
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
+        steps: Optional[int] = None,
     ) -> tuple[Tensor, Tensor]:
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, steps=steps)
         top = prior_sample(self.top, n, top_shape, **options)
         return top, prior_sample(self.bottom, n, bottom_shape, top, **options)

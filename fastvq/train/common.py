@@ -12,10 +12,11 @@ import torch
 from ..data import ImageData, load_dataset
 
 STAGE1_MODELS = ("vqvae", "vqvae2", "vit-vqgan", "rqvae")
-PRIOR_MODELS = ("pixelcnn", "gated-pixelcnn", "gpt")
+PRIOR_MODELS = ("pixelcnn", "gated-pixelcnn", "gpt", "maskgit")
 CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "config.json", "metrics.jsonl"
 PRIOR_CHECKPOINT, PRIOR_METRICS = "prior.pt", "prior_metrics.jsonl"
 RECONSTRUCTIONS, USAGE, SAMPLES = "reconstructions.png", "codebook_usage.png", "samples.png"
+CURVES, PRIOR_CURVES = "training_curves.png", "prior_curves.png"
 EVAL_BATCH = 256
 # Images with a side below this count as small (the 8 x 8 digits): narrower models, one
 # downsampling stage.
@@ -49,6 +50,16 @@ def progress(total: int, initial: int, description: str, enabled: bool):
 def append_jsonl(path: Path, row: dict) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+def draw_curves(metrics: Path, picture: Path, title: str, log=print) -> None:
+    """``metrics`` (a JSON-lines file of rows with an ``epoch``) drawn at ``picture``; one line of
+    notice instead where matplotlib, an optional dependency, is missing."""
+    from .._pictures import save_training_curves
+
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if rows and save_training_curves(rows, picture, title) is None:
+        log(f"training curves not drawn ({picture.name}): matplotlib is not installed (pip install matplotlib)")
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -13,19 +13,21 @@ import torch
 from torch import Tensor, nn
 
 from ..data import ImageData
-from ..models import RQVAE, VQVAE2, GatedPixelCNN, GPTPrior, HierarchicalPrior, PixelCNN
+from ..models import RQVAE, VQVAE2, GatedPixelCNN, GPTPrior, HierarchicalPrior, MaskGITPrior, PixelCNN
 from ..models.priors import prior_loss
 from . import checkpoint
 from .common import (
     DEFAULT_PRIOR_EPOCHS,
     EVAL_BATCH,
     PRIOR_CHECKPOINT,
+    PRIOR_CURVES,
     PRIOR_METRICS,
     PRIOR_MODELS,
     SMALL_IMAGE,
     RunError,
     append_jsonl,
     cosine_schedule,
+    draw_curves,
     load_data,
     progress as progress_bar,
 )
@@ -45,18 +47,19 @@ def _code_maps(model: nn.Module, images: Tensor, data: ImageData, device: torch.
 
 
 def default_prior_args(kind: str, small: bool) -> dict:
-    if kind == "gpt":
+    if kind in ("gpt", "maskgit"):
         return dict(dim=128 if small else 256, num_layers=4 if small else 6, heads=4, dropout=0.1)
     return dict(channels=64 if small else 128, num_layers=6 if small else 12, kernel_size=3, first_kernel_size=5 if small else 7)
 
 
 def _flat_prior(kind: str, args: dict, num_codes: int, shape: tuple[int, int], depth: int = 1,
                 cond_codes: Optional[int] = None, cond_len: Optional[int] = None) -> nn.Module:
-    if kind == "gpt":
+    if kind in ("gpt", "maskgit"):
         extra = dict(cond_num_codes=cond_codes, cond_len=cond_len) if cond_codes else {}
-        return GPTPrior(num_codes, shape[0] * shape[1], depth=depth, **args, **extra)
+        model_class = GPTPrior if kind == "gpt" else MaskGITPrior
+        return model_class(num_codes, shape[0] * shape[1], depth=depth, **args, **extra)
     if depth > 1:
-        raise RunError("the RQ-VAE's codes have a depth axis: train its prior with --model gpt")
+        raise RunError("the RQ-VAE's codes have a depth axis: train its prior with --model gpt or --model maskgit")
     model_class = PixelCNN if kind == "pixelcnn" else GatedPixelCNN
     return model_class(num_codes, **args, cond_num_codes=cond_codes)
 
@@ -105,11 +108,11 @@ class _PriorRunner(nn.Module):
         super().__init__()
         self.prior = prior
 
-    def forward(self, codes):
+    def forward(self, codes, generator: Optional[torch.Generator] = None):
         if isinstance(self.prior, HierarchicalPrior):
-            top_loss, bottom_loss = self.prior.loss(codes)
+            top_loss, bottom_loss = self.prior.loss(codes, generator=generator)
             return (top_loss + bottom_loss) / 2
-        return prior_loss(self.prior, codes)
+        return prior_loss(self.prior, codes, generator=generator)
 
 
 def _select(codes, rows: Tensor, device: torch.device):
@@ -140,7 +143,10 @@ def train_prior(
 
     ``kind`` defaults to ``gpt``: on the digits' 4 x 4 code maps it reached 3.9 bits per held-out
     code where the best Gated PixelCNN setting tried reached 4.4 (both in under a minute). The held-out
-    split's codes give ``val_loss`` (nats per code) and ``val_bits_per_code``.
+    split's codes give ``val_loss`` (nats per code) and ``val_bits_per_code``; for ``maskgit``,
+    whose objective is the cross-entropy of the codes it masks, ``val_loss`` is that (nats per
+    masked code, under masks drawn from a generator seeded with 0 at every evaluation, so epochs
+    and runs compare) and ``val_masked_bits_per_code`` the same in bits.
     """
     run = Path(run)
     ctx = setup_distributed(device, dist_timeout)
@@ -164,7 +170,7 @@ def train_prior(
             if value is None:
                 continue
             if name == "width":
-                name = "dim" if kind == "gpt" else "channels"
+                name = "dim" if kind in ("gpt", "maskgit") else "channels"
             if name not in args:
                 raise RunError(f"--{name.replace('_', '-')} does not apply to the {kind} prior")
             args[name] = value
@@ -208,20 +214,24 @@ def train_prior(
                 with torch.no_grad():
                     val_total, val_rows = 0.0, 0
                     val_count = _count(val_codes)
+                    masks = torch.Generator(device=ctx.device).manual_seed(0)
                     for begin in range(0, val_count, EVAL_BATCH):
                         batch_rows = torch.arange(begin, min(begin + EVAL_BATCH, val_count))
-                        val_total += float(loss_of(_select(val_codes, batch_rows, ctx.device))) * batch_rows.numel()
+                        val_batch = _select(val_codes, batch_rows, ctx.device)
+                        val_total += float(loss_of(val_batch, masks)) * batch_rows.numel()
                         val_rows += batch_rows.numel()
                 val_loss = val_total / max(1, val_rows)
+                bits_key = "val_masked_bits_per_code" if kind == "maskgit" else "val_bits_per_code"
                 metrics = {"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), "val_loss": val_loss,
-                           "val_bits_per_code": val_loss / math.log(2), "time_s": round(time.perf_counter() - started, 3)}
+                           bits_key: val_loss / math.log(2), "time_s": round(time.perf_counter() - started, 3)}
                 append_jsonl(run / PRIOR_METRICS, metrics)
-                bar.set_postfix(epoch=epoch + 1, val_bits_per_code=f"{metrics['val_bits_per_code']:.3f}")
+                bar.set_postfix(epoch=epoch + 1, **{bits_key: f"{metrics[bits_key]:.3f}"})
             ctx.barrier()
         bar.close()
         if ctx.is_main:
             checkpoint.atomic_save({"format": checkpoint.PRIOR_FORMAT, "config": prior_config, "model": prior.state_dict(),
                                     "metrics": metrics, "stage1": stage1_identity(config)}, run / PRIOR_CHECKPOINT)
+            draw_curves(run / PRIOR_METRICS, run / PRIOR_CURVES, f"fastvq prior: {kind} on the codes of {run.name}")
         return metrics
     except RuntimeError as error:
         timed_out = collective_timeout(error, ctx, dist_timeout)

@@ -25,13 +25,17 @@ def sample(
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    steps: Optional[int] = None,
     seed: int = 0,
     device: str = "auto",
     threads: Optional[int] = None,
     out: Optional[Path] = None,
     columns: Optional[int] = None,
 ) -> Path:
-    """Draws ``n`` code maps from the run's prior, decodes them and writes the picture (``samples.png``)."""
+    """Draws ``n`` code maps from the run's prior, decodes them and writes the picture (``samples.png``).
+
+    ``steps`` is the number of parallel decoding steps of a ``maskgit`` prior (its default when None);
+    the other priors draw one position at a time and refuse it."""
     run = Path(run)
     if n < 1:
         raise RunError(f"-n must be at least 1, got {n}")
@@ -56,7 +60,7 @@ def sample(
                        f"train its prior again with fastvq prior --run {run}") from None
     prior.eval()
     generator = torch.Generator(device=target).manual_seed(seed)
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, steps=steps)
     try:
         if isinstance(prior, HierarchicalPrior):
             top_shape, bottom_shape = model.code_shape(*image_size)

@@ -26,10 +26,12 @@ from . import checkpoint
 from .common import (
     CHECKPOINT,
     CONFIG,
+    CURVES,
     DEFAULT_EPOCHS,
     EVAL_BATCH,
     METRICS,
     PRIOR_CHECKPOINT,
+    PRIOR_CURVES,
     PRIOR_METRICS,
     RECONSTRUCTIONS,
     SAMPLES,
@@ -39,6 +41,7 @@ from .common import (
     RunError,
     append_jsonl,
     cosine_schedule,
+    draw_curves,
     load_data,
     progress as progress_bar,
 )
@@ -78,7 +81,7 @@ def default_model_args(model: str, data: ImageData) -> dict:
         return dict(image_size=list(size), patch_size=patch, in_channels=data.channels, dim=dim,
                     depth=2 if small else 4, heads=4, mlp_dim=4 * dim, codebook_size=128 if small else 512,
                     codebook_dim=16 if small else 32, beta=0.25, codebook="gradient", decay=0.99,
-                    l2_weight=1.0, logit_laplace_weight=0.1, perceptual_weight=0.0, adversarial_weight=0.1,
+                    dead_code_threshold=0.0, kmeans_init=False, l2_weight=1.0, logit_laplace_weight=0.1, perceptual_weight=0.0, adversarial_weight=0.1,
                     adversarial_loss="hinge")
     common = dict(in_channels=data.channels, channels=64 if small else 128, res_channels=32 if small else 64,
                   num_res_blocks=2, codebook_size=128 if small else 512, embedding_dim=16 if small else 64,
@@ -376,7 +379,7 @@ def train(
                                "or choose another --out")
             if ctx.is_main:
                 checkpoint.require_writable(run, "the run directory holds the run's checkpoint, metrics and pictures")
-                for name in (METRICS, PRIOR_CHECKPOINT, PRIOR_METRICS, SAMPLES):
+                for name in (METRICS, CURVES, PRIOR_CHECKPOINT, PRIOR_METRICS, PRIOR_CURVES, SAMPLES):
                     (run / name).unlink(missing_ok=True)
         train_args = config["train"]
         data = load_data(config)
@@ -427,6 +430,8 @@ def train(
                                     ppl=f"{metrics['perplexity']:.1f}", used=metrics["codes_used"])
                 ctx.barrier()
         bar.close()
+        if ctx.is_main:
+            draw_curves(run / METRICS, run / CURVES, f"fastvq train: {config['model']} on {config['data']}", log)
         return metrics
     except RuntimeError as error:
         timed_out = collective_timeout(error, ctx, dist_timeout)
