@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=None,
                        help="epochs (default: digits 60, mnist 10, cifar10 30, images 50); with --resume, the new total")
     train.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (64)")
-    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (2e-3; vit-vqgan 3e-4), cosine-decayed")
+    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (2e-3; vit-vqgan 1e-3 under 16 px, else 3e-4), cosine-decayed")
     train.add_argument("--seed", type=int, default=None, help="random seed (0)")
     train.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate and checkpoint every N epochs (1)")
     model_group = train.add_argument_group("model", "defaults depend on the image size: see the README")
