@@ -60,6 +60,17 @@ class QuantizeDropout:
         )
 
 
+def drop_layer(depth: int, dropout_index: Optional[Tensor], quantized: Tensor, indices: Tensor,
+               loss: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Layer ``depth``'s output, indices and loss, zeroed (index -1) when quantize dropout drops it."""
+    if dropout_index is None:
+        return quantized, indices, loss
+    kept = depth <= dropout_index
+    quantized = torch.where(kept, quantized, 0.0)
+    indices = torch.where(kept, indices.long(), -1)
+    return quantized, indices, None if loss is None else torch.where(kept, loss, 0.0)
+
+
 def check_dropout_arguments(owner: str, num_quantizers: int, cutoff_index: int, multiple_of: int) -> None:
     if not isinstance(num_quantizers, int) or isinstance(num_quantizers, bool) or num_quantizers < 1:
         raise ValueError(f"{owner}: num_quantizers must be a positive int, got {num_quantizers!r}")

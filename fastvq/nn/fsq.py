@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import FSQ_BOUND_EPS, check_fsq_levels, fsq_bound
-from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices
+from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
 
 __all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
 
@@ -390,14 +390,10 @@ class ResidualFSQ(QuantizeDropout, nn.Module):
         with torch.autocast("cuda", enabled=False):
             for depth, (layer, scale) in enumerate(zip(self.layers, self.scales)):
                 quantized, indices = layer(residual / scale)
-                quantized = quantized * scale
-                if dropout_index is not None:
-                    kept = depth <= dropout_index
-                    quantized = torch.where(kept, quantized, 0.0)
-                    indices = torch.where(kept, indices.long(), -1)
+                quantized, indices, _ = drop_layer(depth, dropout_index, quantized * scale, indices)
                 residual = residual - quantized.detach()
                 quantized_out = quantized_out + quantized
-                all_indices.append(indices.long() if dropout_index is not None else indices)
+                all_indices.append(indices)
         quantized_out = self.project_out(quantized_out)
         all_indices = torch.stack(all_indices, dim=-1)
         all_codes = self.get_codes_from_indices(all_indices) if return_all_codes else None

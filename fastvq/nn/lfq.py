@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._distributed import is_distributed
 from ..functional import ENTROPY_EPS, clamped_entropy, code_entropy
-from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices
+from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
 from .fsq import channels_to_sequence, check_float_input, check_positive_int, sequence_to_channels
 
 __all__ = ["LFQ", "ResidualLFQ", "GroupedResidualLFQ", "CosineSimLinear", "Return", "LossBreakdown"]
@@ -415,12 +415,7 @@ class ResidualLFQ(QuantizeDropout, nn.Module):
         all_indices, all_losses = [], []
         with torch.autocast("cuda", enabled=False):
             for depth, layer in enumerate(self.layers):
-                quantized, indices, loss = layer(residual, mask=mask)
-                if dropout_index is not None:
-                    kept = depth <= dropout_index
-                    quantized = torch.where(kept, quantized, 0.0)
-                    indices = torch.where(kept, indices, -1)
-                    loss = torch.where(kept, loss, 0.0)
+                quantized, indices, loss = drop_layer(depth, dropout_index, *layer(residual, mask=mask))
                 residual = residual - quantized.detach()
                 quantized_out = quantized_out + quantized
                 all_indices.append(indices)

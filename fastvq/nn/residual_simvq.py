@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._residual import QuantizeDropout, check_dropout_arguments, codes_from_indices
+from ._residual import QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
 from .fsq import check_float_input
 from .simvq import SimVQ
 
@@ -93,12 +93,7 @@ class ResidualSimVQ(QuantizeDropout, nn.Module):
         residual = x
         all_indices, all_losses = [], []
         for depth, layer in enumerate(self.layers):
-            quantized, indices, loss = layer(residual)
-            if dropout_index is not None:
-                kept = depth <= dropout_index
-                quantized = torch.where(kept, quantized, 0.0)
-                indices = torch.where(kept, indices, -1)
-                loss = torch.where(kept, loss, 0.0)
+            quantized, indices, loss = drop_layer(depth, dropout_index, *layer(residual))
             residual = residual - quantized.detach()
             quantized_out = quantized_out + quantized
             all_indices.append(indices)
