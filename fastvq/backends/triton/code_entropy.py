@@ -5,8 +5,9 @@ per-bit probabilities over the high and the low half of its ``d`` bits (see
 ``fastvq/backends/torch/code_entropy.py`` for the algebra). The kernels build tiles of ``P_hi`` and
 ``P_lo`` in registers straight from the logits, so neither is ever written to memory:
 
-- ``_code_entropy_avg_kernel``: a program owns a ``BLOCK_H x BLOCK_L`` tile of codes and walks the
-  rows, accumulating ``P_hi^T @ P_lo`` with ``tl.dot``: the batch-mean distribution.
+- ``_code_entropy_avg_kernel``: a program owns a ``BLOCK_H x BLOCK_L`` tile of codes and walks a
+  slice of the rows, accumulating ``P_hi^T @ P_lo`` with ``tl.dot``; the slices' partial sums are
+  added afterwards: the batch-mean distribution.
 - ``_code_entropy_sample_kernel``: a program owns ``BLOCK_N`` rows and walks every code tile,
   summing ``-p log max(p, eps)`` over the ``[BLOCK_N, BLOCK_H, BLOCK_L]`` products: each row's
   clamped entropy, ``N 2^d`` elementwise work (the PyTorch path's sort-based formula needs
@@ -59,12 +60,13 @@ def _half_probs(logits_ptr, row_offsets, row_mask, stride_bit, codes, code_mask,
 @triton.jit
 def _code_entropy_avg_kernel(
     logits_ptr,
-    avg_ptr,
+    partial_ptr,
     N,
+    rows_per_split,
+    num_splits,
     stride_row,
     stride_group,
     stride_bit,
-    inv_rows,
     NUM_HI: tl.constexpr,
     NUM_LO: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -74,23 +76,28 @@ def _code_entropy_avg_kernel(
 ):
     pid_hi = tl.program_id(0).to(tl.int64)
     pid_lo = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2).to(tl.int64)
+    pid_split = tl.program_id(2).to(tl.int64)
+    group = pid_split // num_splits
+    split = pid_split % num_splits
     num_hi_codes: tl.constexpr = 1 << NUM_HI
     num_lo_codes: tl.constexpr = 1 << NUM_LO
     hi_codes = pid_hi * BLOCK_H + tl.arange(0, BLOCK_H)
     lo_codes = pid_lo * BLOCK_L + tl.arange(0, BLOCK_L)
     hi_mask = hi_codes < num_hi_codes
     lo_mask = lo_codes < num_lo_codes
+    first_row = split * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, N)
     acc = tl.zeros((BLOCK_H, BLOCK_L), tl.float32)
-    for row_start in range(0, N, BLOCK_N):
+    for row_start in range(first_row, end_row, BLOCK_N):
         rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_mask = rows < N
+        row_mask = rows < end_row
         offsets = rows * stride_row + group * stride_group
         p_hi = _half_probs(logits_ptr, offsets, row_mask, stride_bit, hi_codes, hi_mask, 0, NUM_HI)
         p_lo = _half_probs(logits_ptr, offsets, row_mask, stride_bit, lo_codes, lo_mask, NUM_HI, NUM_LO)
         acc = tl.dot(tl.trans(p_hi), p_lo, acc, input_precision=DOT_PRECISION)
-    out = avg_ptr + group * (num_hi_codes * num_lo_codes) + hi_codes[:, None] * num_lo_codes + lo_codes[None, :]
-    tl.store(out, acc * inv_rows, mask=hi_mask[:, None] & lo_mask[None, :])
+    out = (partial_ptr + pid_split * (num_hi_codes * num_lo_codes) + hi_codes[:, None] * num_lo_codes
+           + lo_codes[None, :])
+    tl.store(out, acc, mask=hi_mask[:, None] & lo_mask[None, :])
 
 
 @triton.jit
@@ -214,6 +221,8 @@ _AVG_BLOCKS = {"BLOCK_N": 32, "BLOCK_H": 64, "BLOCK_L": 64}
 _TILE_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 32}
 _INTERPRETER_AVG_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
 _INTERPRETER_TILE_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
+# Programs the mean's grid should reach (several per SM of an A100/H100-class GPU).
+_TARGET_PROGRAMS = 512
 
 
 def _tile_blocks(num_hi: int, num_lo: int) -> dict:
@@ -236,20 +245,29 @@ def code_entropy(bit_logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, to
     sample = torch.empty((num_rows, groups), dtype=torch.float32, device=device)
     if num_rows == 0:
         return sample, torch.full((groups, 2**num_bits), float("nan"), dtype=torch.float32, device=device)
-    avg = torch.empty((groups, 2**num_bits), dtype=torch.float32, device=device)
     strides = bit_logits.stride()
     avg_blocks = _INTERPRETER_AVG_BLOCKS if interpreting() else _AVG_BLOCKS
     tile_blocks = _tile_blocks(num_hi, num_lo)
+    code_tiles = triton.cdiv(2**num_hi, avg_blocks["BLOCK_H"]) * triton.cdiv(2**num_lo, avg_blocks["BLOCK_L"])
+    # With few code tiles (2^16 codes make 16) the rows are split too, so that the GPU has enough
+    # programs; the partial sums are added in a fixed order afterwards (deterministic, no atomics).
+    row_blocks = triton.cdiv(num_rows, avg_blocks["BLOCK_N"])
+    num_splits = 1 if interpreting() else max(1, min(row_blocks, triton.cdiv(_TARGET_PROGRAMS, code_tiles * groups)))
+    rows_per_split = triton.cdiv(row_blocks, num_splits) * avg_blocks["BLOCK_N"]
+    num_splits = triton.cdiv(num_rows, rows_per_split)
+    partial = torch.empty((groups * num_splits, 2**num_bits), dtype=torch.float32, device=device)
     with _device_guard(bit_logits):
-        grid = (triton.cdiv(2**num_hi, avg_blocks["BLOCK_H"]), triton.cdiv(2**num_lo, avg_blocks["BLOCK_L"]), groups)
+        grid = (triton.cdiv(2**num_hi, avg_blocks["BLOCK_H"]), triton.cdiv(2**num_lo, avg_blocks["BLOCK_L"]),
+                groups * num_splits)
         _code_entropy_avg_kernel[grid](
-            bit_logits, avg, num_rows, *strides, 1.0 / num_rows,
+            bit_logits, partial, num_rows, rows_per_split, num_splits, *strides,
             NUM_HI=num_hi, NUM_LO=num_lo, DOT_PRECISION=dot_precision(torch.float32), **avg_blocks,
         )
         grid = (triton.cdiv(num_rows, tile_blocks["BLOCK_N"]), groups)
         _code_entropy_sample_kernel[grid](
             bit_logits, sample, num_rows, *strides, groups, eps, NUM_HI=num_hi, NUM_LO=num_lo, **tile_blocks,
         )
+    avg = partial.reshape(groups, num_splits, 2**num_bits).sum(dim=1) / num_rows
     return sample, avg
 
 
