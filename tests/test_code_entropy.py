@@ -67,6 +67,10 @@ def test_code_entropy_layouts_dtypes_and_empty(backend):
     _check(half, atol=2e-6)  # computed in fp32 from the bf16 values
     sample, avg = F.code_entropy(torch.zeros(0, 2, 3, device=device, requires_grad=True))
     assert sample.shape == (0, 2) and avg.shape == (2, 8) and avg.isnan().all()
+    poisoned = torch.randn(4, 1, 3, device=device)
+    poisoned[1, 0, 2] = float("nan")  # a NaN logit turns its row and the mean NaN, visibly
+    sample, avg = F.code_entropy(poisoned)
+    assert sample[1].isnan().all() and not sample[[0, 2, 3]].isnan().any() and avg.isnan().all()
 
 
 def test_code_entropy_opcheck(backend):
