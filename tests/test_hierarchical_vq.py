@@ -53,10 +53,10 @@ def test_hierarchical_vq_matches_vector_quantize_pytorch(name):
     config = CONFIGS[name]
     theirs, mine = _pair(**config)
     generator = torch.Generator().manual_seed(1)
-    for step in range(3):
+    for step in range(2):
         x = torch.randn(_shape(config), generator=generator)
         mask = None
-        if name == "1d-channel-last" and step == 2:
+        if name == "1d-channel-last" and step == 1:
             mask = torch.rand(3, 9, generator=generator) > 0.3
         got_theirs, got_mine = _step(theirs, x, step, mask=mask), _step(mine, x, step, mask=mask)
         torch.testing.assert_close(got_mine[0], got_theirs[0], atol=ATOL, rtol=0)
