@@ -2,8 +2,9 @@
 
 Both libraries get the same configuration (VectorQuantize/ResidualVQ: EMA codebook, their default
 rotation-trick gradient; FSQ, LFQ, HierarchicalVQ: their defaults) and the same input; one step is
-a training forward plus backward. Reported per size: median time with 20/80 % quantiles and the
-peak memory the step needs on top of its inputs and the layer (see
+a training forward plus backward. Reported per size: median time with 20/80 % quantiles, the two
+libraries' steps called in turn (``_harness.time_interleaved``, so their ratio holds on a shared
+machine), and the peak memory the step needs on top of its inputs and the layer (see
 ``_harness.peak_memory_growth_mib`` for how memory is measured on CPU and CUDA).
 
     python benchmarks/bench_layers.py                 # VectorQuantize and ResidualVQ, default grid
@@ -105,10 +106,14 @@ def training_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     loss.backward()
 
 
-def time_step(make_inputs, device: str, repeats: int) -> _harness.Timing:
-    module, x = make_inputs()
-    return _harness.time_call(functools.partial(training_step, module, x), device,
-                              min_repeats=repeats, max_repeats=max(repeats, 20))
+def time_steps(factories: dict, device: str, repeats: int) -> dict:
+    """Each library's training step, timed against the others call for call
+    (``_harness.time_interleaved``), so a change in the machine's load falls on all alike."""
+    steps = {}
+    for library, make_inputs in factories.items():
+        module, x = make_inputs()
+        steps[library] = functools.partial(training_step, module, x)
+    return _harness.time_interleaved(steps, device, min_repeats=repeats, max_repeats=max(repeats, 20))
 
 
 def their_matrix_bytes(layer: str, num_rows: int, num_codes: int) -> int:
@@ -129,41 +134,51 @@ def available_bytes(device: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str, *,
-            repeats: int) -> dict:
-    row = {"bench": BENCH, "impl": f"{library}:{layer}", "N": num_rows, "K": num_codes, "D": dim,
-           "dtype": "fp32", "median_ms": None, "q20_ms": None, "q80_ms": None,
-           "peak_mib": None, "note": "", "load1": os.getloadavg()[0]}
-    # On CPU vector-quantize-pytorch's step is timed in a child process of its own (its N x K pages,
-    # once touched, would stay resident here and be counted again), and the memory figure comes from
-    # a second one; running out of memory would kill the whole benchmark, so a step that cannot fit
-    # is not started.
-    timed_apart = library != "fastvq" and not device.startswith("cuda")
-    if library != "fastvq":
-        needed, available = their_matrix_bytes(layer, num_rows, num_codes), available_bytes(device)
-        copies = 1 if timed_apart else 2
-        if copies * needed > available:
-            row["note"] = (f"not run: its N x K matrices alone take {needed / _harness.GIB:.0f} GiB, "
-                           f"{available / _harness.GIB:.0f} GiB free")
-            print(f"  {row['impl']}: {row['note']}", flush=True)
-            return row
-    make_inputs = functools.partial(step_inputs, library, layer, num_rows, num_codes, dim, device)
-    make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
+def measure(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *, repeats: int) -> list[dict]:
+    """Both libraries' rows for one layer at one size: time (interleaved), peak memory, ratios."""
+    rows, factories = {}, {}
+    for library in LIBRARIES:
+        rows[library] = {"bench": BENCH, "impl": f"{library}:{layer}", "N": num_rows, "K": num_codes, "D": dim,
+                         "dtype": "fp32", "median_ms": None, "q20_ms": None, "q80_ms": None,
+                         "peak_mib": None, "note": "", "load1": os.getloadavg()[0]}
+        factories[library] = functools.partial(step_inputs, library, layer, num_rows, num_codes, dim, device)
+    # Running out of memory would kill the whole benchmark, so a step of theirs that cannot fit is
+    # not started. On CPU the timing runs in a child process and each memory figure in another, so
+    # one copy of their N x K matrices is alive at a time.
+    needed, available = their_matrix_bytes(layer, num_rows, num_codes), available_bytes(device)
+    if (1 if device == "cpu" else 2) * needed > available:
+        theirs = rows.pop(LIBRARIES[1])
+        theirs["note"] = (f"not run: its N x K matrices alone take {needed / _harness.GIB:.0f} GiB, "
+                          f"{available / _harness.GIB:.0f} GiB free")
+        print(f"  {theirs['impl']}: {theirs['note']}", flush=True)
+        factories.pop(LIBRARIES[1])
+        done = [theirs]
+    else:
+        done = []
     try:
-        if timed_apart:
+        if device == "cpu":
             with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
-                timing = pool.apply(time_step, (make_inputs, device, repeats))
+                timings = pool.apply(time_steps, (factories, device, repeats))
         else:
-            timing = time_step(make_inputs, device, repeats)
-        peak = _harness.peak_memory_growth_mib(training_step, make_inputs, make_warmup, device)
+            timings = time_steps(factories, device, repeats)
+        for library, row in rows.items():
+            make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
+            peak = _harness.peak_memory_growth_mib(training_step, factories[library], make_warmup, device)
+            timing = timings[library]
+            row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak)
+            print(f"  {row['impl']}: {timing.median_ms:.1f} ms, peak +{peak:.0f} MiB", flush=True)
     except Exception as error:  # keep measuring the rest, and say what failed
         first_line = str(error).splitlines()[0] if str(error) else ""
-        row["note"] = f"failed: {type(error).__name__}: {first_line}"
-        print(f"  {row['impl']}: {row['note']}", flush=True)
-        return row
-    row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak)
-    print(f"  {row['impl']}: {timing.median_ms:.1f} ms, peak +{peak:.0f} MiB", flush=True)
-    return row
+        for row in rows.values():
+            row["note"] = f"failed: {type(error).__name__}: {first_line}"
+        print(f"  {layer}: {rows[LIBRARIES[0]]['note']}", flush=True)
+    ours = rows[LIBRARIES[0]]
+    theirs = rows.get(LIBRARIES[1])
+    if theirs is not None and ours["median_ms"] and theirs["median_ms"]:
+        ours["vs_theirs"] = ours["median_ms"] / theirs["median_ms"]
+    if theirs is not None and ours["peak_mib"] is not None and theirs["peak_mib"]:
+        ours["memory_vs_theirs"] = ours["peak_mib"] / theirs["peak_mib"]
+    return [ours, theirs] if theirs is not None else [ours, *done]
 
 
 def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None, layers=LAYERS) -> list[dict]:
@@ -173,12 +188,7 @@ def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None
     for num_rows, num_codes, dim in points:
         for layer in layers:
             print(f"{layer} N={num_rows} K={num_codes} D={dim}", flush=True)
-            pair = [measure(library, layer, num_rows, num_codes, dim, device, repeats=repeats) for library in LIBRARIES]
-            ours, theirs = pair
-            if ours["median_ms"] and theirs["median_ms"]:
-                ours["vs_theirs"] = ours["median_ms"] / theirs["median_ms"]
-            if ours["peak_mib"] is not None and theirs["peak_mib"]:
-                ours["memory_vs_theirs"] = ours["peak_mib"] / theirs["peak_mib"]
+            pair = measure(layer, num_rows, num_codes, dim, device, repeats=repeats)
             rows += pair
             if save is not None:
                 save(pair)
