@@ -7,7 +7,8 @@ values, so that nothing a user passes reaches a kernel that could read out of bo
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -57,6 +58,28 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
             f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
             f"got dtype {tensor.dtype} with shape {tuple(tensor.shape)}"
         )
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    minimum: Optional[float] = None,
+    above: Optional[float] = None,
+    maximum: Optional[float] = None,
+    below: Optional[float] = None,
+) -> float:
+    """``value`` as a float, which must be a finite real number (not a bool, NaN or infinity) and lie
+    ``>= minimum``, ``> above``, ``<= maximum`` and ``< below`` where those are given; anything else
+    is a ``ValueError`` naming the argument. Every float argument of the ops and layers goes
+    through here: a NaN or infinite weight, rate or temperature would poison the state it touches."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    for bound, holds, relation in ((minimum, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
+                                   (maximum, lambda b: value <= b, "<="), (below, lambda b: value < b, "<")):
+        if bound is not None and not holds(bound):
+            raise ValueError(f"{name} must be a float {relation} {bound:g}, got {value!r}")
+    return float(value)
 
 
 def check_metric(metric: object) -> str:
@@ -163,10 +186,9 @@ def check_ema_inputs(
     for name in ("codebook", "cluster_size", "embed_avg", "step"):
         if name in tensors:
             check_own_memory(name, tensors[name])
-    if not isinstance(decay, (int, float)) or not 0.0 <= float(decay) < 1.0:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= float(decay) < 1.0:
         raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
-    if not isinstance(eps, (int, float)) or float(eps) < 0.0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    check_real("eps", eps, minimum=0.0)
 
 
 # --------------------------------------------------------------------------- masked convolution

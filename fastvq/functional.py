@@ -21,6 +21,7 @@ from ._checks import (
     check_code_entropy_inputs,
     check_ema_inputs,
     check_masked_conv_inputs,
+    check_real,
     check_search_inputs,
     check_segment_inputs,
     check_soft_inputs,
@@ -527,7 +528,9 @@ ENTROPY_EPS = 1e-5
 def clamped_entropy(probs: Tensor, eps: float = ENTROPY_EPS, dim: int = -1) -> Tensor:
     """``-sum(p * log(max(p, eps)))`` along ``dim``: vector-quantize-pytorch's entropy (``eps`` keeps
     the log finite and its gradient bounded at ``p = 0``). For small distributions, such as the
-    ``avg_probs`` that :func:`code_entropy` returns; any float dtype, autograd as written."""
+    ``avg_probs`` that :func:`code_entropy` returns; any float dtype, autograd as written. ``eps``
+    must be a finite float > 0 (``ValueError`` otherwise)."""
+    check_real("eps", eps, above=0.0)
     return -(probs * probs.clamp_min(eps).log()).sum(dim=dim)
 
 

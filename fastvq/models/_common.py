@@ -14,13 +14,11 @@ which the ``fastvq`` command relies on:
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_real as check_float
 from ..functional import nearest_code
 from ..nn import VectorQuantize, VectorQuantizer2
 
@@ -33,16 +31,6 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-def check_float(name: str, value: object, *, minimum: Optional[float] = None, below: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if below is not None and value >= below:
-        raise ValueError(f"{name} must be < {below}, got {value!r}")
-    return float(value)
-
-
 def check_conv_vq_args(
     *,
     in_channels: object,
@@ -53,13 +41,16 @@ def check_conv_vq_args(
     embedding_dim: object,
     beta: object,
     data_variance: object,
+    eps: object,
+    dead_code_threshold: object,
     **own: tuple[object, int],
 ) -> None:
     """The constructor checks the convolutional VQ models (VQ-VAE, VQ-VAE-2, RQ-VAE) share.
 
     ``own`` holds a model's other int arguments as ``name=(value, minimum)``. Raises ``ValueError``
-    naming the first argument that is not an int at or above its minimum, a ``beta`` below 0 or a
-    ``data_variance`` that is not a finite float > 0.
+    naming the first argument that is not an int at or above its minimum, a ``beta``, ``eps`` or
+    ``dead_code_threshold`` that is not a finite float >= 0, or a ``data_variance`` that is not a
+    finite float > 0.
     """
     for name, value, minimum in (
         ("in_channels", in_channels, 1),
@@ -71,9 +62,9 @@ def check_conv_vq_args(
         *((name, value, minimum) for name, (value, minimum) in own.items()),
     ):
         check_positive_int(name, value, minimum)
-    check_float("beta", beta, minimum=0.0)
-    if check_float("data_variance", data_variance) <= 0:
-        raise ValueError(f"data_variance must be > 0, got {data_variance!r}")
+    for name, value in (("beta", beta), ("eps", eps), ("dead_code_threshold", dead_code_threshold)):
+        check_float(name, value, minimum=0.0)
+    check_float("data_variance", data_variance, above=0.0)
 
 
 def check_images(x: object, channels: int, multiple: int, owner: str) -> Tensor:

@@ -62,7 +62,8 @@ class RQVAE(nn.Module):
         super().__init__()
         check_conv_vq_args(in_channels=in_channels, channels=channels, res_channels=res_channels,
                            num_res_blocks=num_res_blocks, codebook_size=codebook_size, embedding_dim=embedding_dim,
-                           beta=beta, data_variance=data_variance, downsamples=(downsamples, 0), depth=(depth, 1))
+                           beta=beta, data_variance=data_variance, eps=eps,
+                           dead_code_threshold=dead_code_threshold, downsamples=(downsamples, 0), depth=(depth, 1))
         if codebook not in CODEBOOK_KINDS:
             raise ValueError(f"codebook must be one of {CODEBOOK_KINDS}, got {codebook!r}")
         if codebook == "gradient" and (kmeans_init or dead_code_threshold):

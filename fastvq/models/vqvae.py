@@ -79,7 +79,8 @@ class VQVAE(nn.Module):
         super().__init__()
         check_conv_vq_args(in_channels=in_channels, channels=channels, res_channels=res_channels,
                            num_res_blocks=num_res_blocks, codebook_size=codebook_size, embedding_dim=embedding_dim,
-                           beta=beta, data_variance=data_variance, downsamples=(downsamples, 0))
+                           beta=beta, data_variance=data_variance, eps=eps,
+                           dead_code_threshold=dead_code_threshold, downsamples=(downsamples, 0))
         self.in_channels = in_channels
         self.downsamples = downsamples
         self.codebook_size = codebook_size

@@ -70,7 +70,8 @@ class VQVAE2(nn.Module):
         top_codebook_size = codebook_size if top_codebook_size is None else top_codebook_size
         check_conv_vq_args(in_channels=in_channels, channels=channels, res_channels=res_channels,
                            num_res_blocks=num_res_blocks, codebook_size=codebook_size, embedding_dim=embedding_dim,
-                           beta=beta, data_variance=data_variance, bottom_downsamples=(bottom_downsamples, 0),
+                           beta=beta, data_variance=data_variance, eps=eps,
+                           dead_code_threshold=dead_code_threshold, bottom_downsamples=(bottom_downsamples, 0),
                            top_downsamples=(top_downsamples, 1), top_codebook_size=(top_codebook_size, 1))
         self.in_channels = in_channels
         self.bottom_downsamples = bottom_downsamples

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_real
 from .fsq import check_float_input, check_positive_int
 
 __all__ = ["BinaryMapper", "binary_entropy"]
@@ -64,6 +65,7 @@ class BinaryMapper(nn.Module):
     def __init__(self, bits: int = 1, kl_loss_threshold: float = NAT, deterministic_on_eval: bool = False):
         super().__init__()
         check_positive_int("bits", bits)
+        check_real("kl_loss_threshold", kl_loss_threshold)
         self.bits = bits
         self.num_codes = 2**bits
         power_two = 2 ** torch.arange(bits)

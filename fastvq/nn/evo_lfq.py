@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_real
 from .lfq import LFQ
 
 __all__ = ["EvoLFQ", "EvoReturn", "EvoResult"]
@@ -70,6 +71,7 @@ class EvoLFQ(nn.Module):
         **lfq_kwargs,
     ):
         super().__init__()
+        check_real("mutation_rate", mutation_rate, minimum=0.0, maximum=1.0)
         if pop_size <= elitism_count:
             raise ValueError(f"pop_size must be greater than elitism_count, got {pop_size} and {elitism_count}")
         self.encoder = encoder

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_real
 from .fsq import check_float_input
 
 __all__ = ["FSP", "VectorNorm", "CDF_ACTIVATIONS"]
@@ -120,8 +121,7 @@ class FSP(nn.Module):
         vector_norm: str = "var_tanh",
     ):
         super().__init__()
-        if not 0.0 <= quantize_rate <= 1.0:
-            raise ValueError(f"quantize_rate must be in [0.0, 1.0], got {quantize_rate}")
+        check_real("quantize_rate", quantize_rate, minimum=0.0, maximum=1.0)
         if act_name not in CDF_ACTIVATIONS:
             raise ValueError(f"CDF activation {act_name!r} not available: {list(CDF_ACTIVATIONS)}")
         levels = [int(level) for level in levels]
@@ -178,6 +178,8 @@ class FSP(nn.Module):
 
     def forward(self, z: Tensor, eps: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, dict]:
         z = check_float_input(z, "z")
+        if eps is not None:
+            check_real("eps", eps, minimum=0.0)
         eps = eps or torch.finfo(z.dtype).eps
         if self.channel_first:
             z = z.movedim(1, -1)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_real
 from ..functional import FSQ_BOUND_EPS, check_fsq_levels, fsq_bound
 from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
 
@@ -128,8 +129,9 @@ class FSQ(nn.Module):
         check_positive_int("num_codebooks", num_codebooks)
         if dim is not None:
             check_positive_int("dim", dim)
-        if not isinstance(noise_dropout, (int, float)) or not 0.0 <= noise_dropout <= 1.0:
-            raise ValueError(f"noise_dropout must be in [0, 1], got {noise_dropout!r}")
+        check_real("noise_dropout", noise_dropout, minimum=0.0, maximum=1.0)
+        if scale is not None:
+            check_real("scale", scale)
         if noise_dropout > 0 and not preserve_symmetry:
             raise ValueError("noise_dropout > 0 needs preserve_symmetry=True (as in vector-quantize-pytorch)")
         keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_real
 from .._distributed import all_reduce_sum_
 from .fsq import check_float_input, check_positive_int
 from .vector_quantize import VectorQuantize
@@ -112,8 +113,8 @@ class HierarchicalVQ(nn.Module):
         check_positive_int("dim", dim)
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("choose at most one of accept_image_fmap / accept_3d_fmap")
-        if not 0.0 <= nested_dropout <= 1.0:
-            raise ValueError(f"nested_dropout must be in [0, 1], got {nested_dropout}")
+        check_real("nested_dropout", nested_dropout, minimum=0.0, maximum=1.0)
+        check_real("quant_resi", quant_resi)
         if nested_dropout_min_levels < 1:
             raise ValueError(f"nested_dropout_min_levels must be >= 1, got {nested_dropout_min_levels}")
         spatial_dims = 2 if accept_image_fmap else 3 if accept_3d_fmap else 1

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_temperature
+from .._checks import check_real, check_temperature
 from ..functional import soft_entropy, soft_quantize
 from .fsq import check_positive_int
 
@@ -71,6 +71,9 @@ class IBQ(nn.Module):
         check_positive_int("n_e", n_e)
         check_positive_int("e_dim", e_dim)
         check_temperature("entropy_temperature", entropy_temperature)
+        for name, value in (("beta", beta), ("sample_minimization_weight", sample_minimization_weight),
+                            ("batch_maximization_weight", batch_maximization_weight)):
+            check_real(name, value)
         self.n_e = n_e
         self.e_dim = e_dim
         self.beta = beta

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_real
 from .fsq import channels_to_sequence, check_float_input, check_positive_int, sequence_to_channels
 
 __all__ = ["LatentQuantize"]
@@ -72,6 +73,8 @@ class LatentQuantize(nn.Module):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("num_codebooks", num_codebooks)
+        check_real("commitment_loss_weight", commitment_loss_weight)
+        check_real("quantization_loss_weight", quantization_loss_weight)
         if isinstance(levels, int):
             if codebook_dim < 1:
                 raise ValueError(f"an int levels needs codebook_dim >= 1, got codebook_dim = {codebook_dim}")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_real
 from .._distributed import is_distributed
 from ..functional import ENTROPY_EPS, clamped_entropy, code_entropy
 from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
@@ -155,8 +156,15 @@ class LFQ(nn.Module):
             raise ValueError(f"codebook_size must be at least 2, got {codebook_size}")
         codebook_dims = codebook_dim * num_codebooks
         dim = codebook_dims if dim is None else check_positive_int("dim", dim)
-        if not 0 < frac_per_sample_entropy <= 1:
-            raise ValueError(f"frac_per_sample_entropy must be in (0, 1], got {frac_per_sample_entropy!r}")
+        for name, value in (("entropy_loss_weight", entropy_loss_weight), ("commitment_loss_weight", commitment_loss_weight),
+                            ("diversity_gamma", diversity_gamma), ("entropy_loss_offset", entropy_loss_offset)):
+            check_real(name, value)
+        check_real("codebook_scale", codebook_scale, above=0.0)
+        check_real("frac_per_sample_entropy", frac_per_sample_entropy, above=0.0, maximum=1.0)
+        for name, value in (("soft_clamp_input_value", soft_clamp_input_value),
+                            ("cosine_sim_project_in_scale", cosine_sim_project_in_scale)):
+            if value is not None:
+                check_real(name, value, above=0.0)
         if soft_clamp_input_value is not None and soft_clamp_input_value < codebook_scale:
             raise ValueError(f"soft_clamp_input_value must be >= codebook_scale = {codebook_scale}, got {soft_clamp_input_value}")
         keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
@@ -375,6 +383,8 @@ class ResidualLFQ(QuantizeDropout, nn.Module):
         check_dropout_arguments("ResidualLFQ", num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
         check_positive_int("dim", dim)
         check_positive_int("codebook_size", codebook_size)
+        if soft_clamp_input_value is not None:
+            check_real("soft_clamp_input_value", soft_clamp_input_value, above=0.0)
         codebook_dim = codebook_size.bit_length() - 1
         self.has_projections = codebook_dim != dim
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
