@@ -412,23 +412,25 @@ class SoftCodebook:
             zq = zq / zq.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
         return zq, torch.zeros(zq.shape[0], dtype=self.work_dtype, device=zq.device)
 
-    def prepared_row_grad(self, zq: torch.Tensor, weighted_keys: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
+    def prepared_row_grad(
+        self, zq: torch.Tensor, weighted_keys: torch.Tensor, row_sums: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """The gradient to the prepared rows ``zq`` from the backward's row sums.
 
         With ``w[n, k]`` the backward's per-logit weight (``dL/dlogit / T`` for dot, cosine and l2;
         ``dL/dlogit / (2 T |z - e|)`` for euclidean, 0 where the distance was clamped), the row pass
         returns ``weighted_keys = w @ kq`` and ``row_sums = w.sum(1)``. For dot and cosine the
         gradient is ``w @ kq``; for l2 and euclidean, whose logits depend on ``|zq - kq|^2``, it is
-        ``2 (w @ kq - zq * rowsum)``.
+        ``2 (w @ kq - zq * rowsum)`` (``row_sums`` is ``None`` for dot and cosine, which need none).
         """
-        if self.metric in ("dot", "cosine"):
+        if row_sums is None:
             return weighted_keys
         return 2.0 * (weighted_keys - zq * row_sums[:, None])
 
-    def prepared_key_grad(self, weighted_rows: torch.Tensor, code_sums: torch.Tensor) -> torch.Tensor:
+    def prepared_key_grad(self, weighted_rows: torch.Tensor, code_sums: Optional[torch.Tensor]) -> torch.Tensor:
         """The gradient to the prepared keys from the code pass's ``weighted_rows = w^T @ zq`` and
         ``code_sums = w.sum(0)``: ``w^T @ zq``, or ``2 (w^T @ zq - kq * colsum)`` for l2 and euclidean."""
-        if self.metric in ("dot", "cosine"):
+        if code_sums is None:
             return weighted_rows
         return 2.0 * (weighted_rows - self.keys * code_sums[:, None])
 

@@ -19,9 +19,8 @@ from .. import common
 from ..common import EUCLIDEAN_EPS, SoftCodebook, gumbel_noise, split_value_grad
 
 # Bytes one slab entry costs: the logit and the few same-sized temporaries alive with it (the
-# backward's probability, output-gradient product and weight). The Gumbel noise adds Philox's
-# int64 counters and products.
-_SLAB_BYTES_PER_LOGIT = 32
+# backward's probability and weight). The Gumbel noise adds Philox's int64 counters and products.
+_SLAB_BYTES_PER_LOGIT = 24
 _NOISE_BYTES_PER_LOGIT = 64
 # Codes per chunk: the codebook chunk stays cache-resident while the rows stream past it.
 _CODES_PER_CHUNK = 2048
@@ -35,42 +34,75 @@ def _chunk_sizes(num_rows: int, num_codes: int, noisy: bool = False) -> tuple[in
     return rows_per_chunk, codes_per_chunk
 
 
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """``[x, 1]``: a matmul against it also sums the other operand's rows."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+
+
+class _Operands:
+    """The per-call operands of the slab matmuls, laid out so that BLAS does the elementwise work.
+
+    Every metric's logits come out of one ``addmm(bias, lhs, rhs^T)``: ``lhs`` is the prepared rows
+    already scaled by ``1 / T`` (``2 / T`` for l2), ``bias = -c / T`` (``-inf`` for an excluded code);
+    l2 appends ``-|zq|^2 / T`` to the rows and a ones column to the keys, so the row term is in the
+    product too. Euclidean's square root cannot be: its matmul gives the squared distance. A ones
+    column on the values makes ``p @ values`` also sum ``p``; on the keys and rows (l2, euclidean)
+    it makes the backward's products also give the weight's row and code sums.
+    """
+
+    def __init__(self, prep: SoftCodebook, temperature: float):
+        self.prep = prep
+        self.metric = prep.metric
+        self.inverse_temperature = 1.0 / temperature
+        self.distance_based = prep.metric in ("l2", "euclidean")
+        self.keys_with_ones = _with_ones(prep.keys) if self.distance_based else prep.keys
+        self.logit_keys = self.keys_with_ones if prep.metric == "l2" else prep.keys
+        if prep.metric == "euclidean":
+            self.bias = prep.code_term
+        else:
+            self.bias = prep.code_term * -self.inverse_temperature
+        self.values_with_ones = _with_ones(prep.values)
+
+    def rows(self, z_rows: torch.Tensor, row_start: int, codes_per_chunk: int) -> "_Rows":
+        zq, row_term = self.prep.rows(z_rows)
+        if self.metric == "l2":
+            lhs = torch.cat([zq * (2.0 * self.inverse_temperature), (row_term * -self.inverse_temperature)[:, None]], 1)
+        elif self.metric == "euclidean":
+            lhs = zq * -2.0
+        else:
+            lhs = zq * self.inverse_temperature
+        return _Rows(self, zq, row_term, lhs, row_start, codes_per_chunk)
+
+
 class _Rows:
     """One chunk of prepared rows and the logits of its code chunks."""
 
-    def __init__(self, prep: SoftCodebook, zq: torch.Tensor, row_term: torch.Tensor, inverse_temperature: float,
-                 codes_per_chunk: int):
-        self.prep = prep
+    def __init__(self, operands: _Operands, zq: torch.Tensor, row_term: torch.Tensor, lhs: torch.Tensor,
+                 row_start: int, codes_per_chunk: int):
+        self.operands = operands
         self.zq = zq
+        self.zq_with_ones = _with_ones(zq) if operands.distance_based else zq
         self.row_term = row_term
-        self.inverse_temperature = inverse_temperature
+        self.lhs = lhs
+        self.row_ids = torch.arange(row_start, row_start + zq.shape[0], dtype=torch.int64, device=zq.device)
         self.codes_per_chunk = codes_per_chunk
 
     def logits(self, start: int, stop: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(logits [rows, codes], scale)``: a NaN logit reads as ``-inf``. ``scale`` is euclidean's
-        ``1 / (2 |z - e|)`` (0 where the squared distance was clamped), ``None`` otherwise."""
-        prep = self.prep
-        dots = self.zq @ prep.keys[start:stop].T
-        code_term = prep.code_term[start:stop]
-        scale = None
-        if prep.metric in ("dot", "cosine"):
-            logits = dots.sub_(code_term).mul_(self.inverse_temperature)
-        else:
-            squared = dots.mul_(-2.0).add_(self.row_term[:, None]).add_(code_term)
-            if prep.metric == "l2":
-                logits = squared.mul_(-self.inverse_temperature)
-            else:
-                clamped = squared <= EUCLIDEAN_EPS
-                distance = squared.clamp_(min=EUCLIDEAN_EPS).sqrt_()
-                scale = torch.where(clamped, 0.0, 0.5 / distance)
-                logits = distance.mul_(-self.inverse_temperature)
-        return logits.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")), scale
+        """``(logits [rows, codes], scale)``: ``scale`` is euclidean's ``1 / (2 |z - e|)`` (0 where the
+        squared distance was clamped), ``None`` otherwise. A NaN row gives NaN logits."""
+        ops = self.operands
+        logits = torch.addmm(ops.bias[start:stop], self.lhs, ops.logit_keys[start:stop].T)
+        if ops.metric != "euclidean":
+            return logits, None
+        squared = logits.add_(self.row_term[:, None])
+        scale = torch.where(squared <= EUCLIDEAN_EPS, 0.0, 0.5 / squared.clamp(min=EUCLIDEAN_EPS).sqrt())
+        return squared.clamp_(min=EUCLIDEAN_EPS).sqrt_().mul_(-ops.inverse_temperature), scale
 
     def chunks(self) -> Iterator[tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
         """``(start, stop, logits, scale)`` of each code chunk. The last chunk's logits come from a
         full-width matmul over ``[stop - width, stop)``: BLAS rounds a narrower product differently,
         and two equal codes must get equal logits whichever chunk they fall in (ties)."""
-        num_codes, width = self.prep.keys.shape[0], self.codes_per_chunk
+        num_codes, width = self.operands.prep.keys.shape[0], self.codes_per_chunk
         for start in range(0, num_codes, width):
             stop = min(start + width, num_codes)
             low = max(0, stop - width)
@@ -83,10 +115,21 @@ class _Rows:
 def _row_chunks(prep: SoftCodebook, z: torch.Tensor, temperature: float, noisy: bool = False) -> Iterator[tuple[slice, _Rows]]:
     num_rows, num_codes = z.shape[0], prep.keys.shape[0]
     rows_per_chunk, codes_per_chunk = _chunk_sizes(num_rows, num_codes, noisy)
+    operands = _Operands(prep, temperature)
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))
-        zq, row_term = prep.rows(z[rows])
-        yield rows, _Rows(prep, zq, row_term, 1.0 / temperature, codes_per_chunk)
+        yield rows, operands.rows(z[rows], start, codes_per_chunk)
+
+
+def _best(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``(max, argmax)``, the first index on ties, a NaN score never winning (a row of
+    NaN scores gets ``(-inf, 0)``). ``max`` puts NaN first, so only rows whose maximum is NaN are redone."""
+    best, index = scores.max(dim=1)
+    nan_rows = best.isnan()
+    if bool(nan_rows.any()):
+        fixed_best, fixed_index = scores[nan_rows].nan_to_num(nan=float("-inf")).max(dim=1)
+        best[nan_rows], index[nan_rows] = fixed_best, fixed_index
+    return best, index
 
 
 class _OnlineSoftmax:
@@ -95,22 +138,20 @@ class _OnlineSoftmax:
 
     def __init__(self, num_rows: int, dtype: torch.dtype, device: torch.device):
         self.maximum = torch.full((num_rows,), float("-inf"), dtype=dtype, device=device)
-        self.total = torch.zeros(num_rows, dtype=dtype, device=device)
 
-    def update(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Folds in a slab; returns ``(rescale [rows], exp(logits - shift) [rows, codes])``."""
-        new_maximum = torch.maximum(self.maximum, logits.max(dim=1).values)
+    def shift(self, chunk_maximum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Folds in a chunk's row maxima; returns ``(shift, rescale)``: the new safe shift and the
+        factor ``exp(old max - shift)`` the running sums are multiplied by."""
+        new_maximum = torch.maximum(self.maximum, chunk_maximum)
         shift = torch.where(new_maximum == float("-inf"), 0.0, new_maximum)
         rescale = (self.maximum - shift).exp_()
-        weights = (logits - shift[:, None]).exp_()
-        self.total.mul_(rescale).add_(weights.sum(dim=1))
         self.maximum = new_maximum
-        return rescale, weights
+        return shift, rescale
 
-    def log_sum_exp(self) -> torch.Tensor:
-        """NaN where every logit was ``-inf`` (a NaN row, or every code excluded)."""
+    def log_sum_exp(self, total: torch.Tensor) -> torch.Tensor:
+        """NaN where the sum is not positive (every logit ``-inf``, or a NaN row)."""
         shift = torch.where(self.maximum == float("-inf"), 0.0, self.maximum)
-        return torch.where(self.total > 0, shift + self.total.log(), float("nan"))
+        return torch.where(total > 0, shift + total.log(), float("nan"))
 
 
 def soft_quantize(
@@ -126,7 +167,8 @@ def soft_quantize(
     num_rows = z.shape[0]
     out_dtype = _promoted(z, codebook, values)
     prep = SoftCodebook(codebook, values, metric, out_dtype)
-    soft = torch.empty((num_rows, prep.values.shape[1]), dtype=out_dtype, device=z.device)
+    value_dim = prep.values.shape[1]
+    soft = torch.empty((num_rows, value_dim), dtype=out_dtype, device=z.device)
     indices = torch.empty(num_rows if return_hard else 0, dtype=torch.int64, device=z.device)
     lse = torch.empty(num_rows, dtype=prep.work_dtype, device=z.device)
     if num_rows == 0:
@@ -136,24 +178,32 @@ def soft_quantize(
     for rows, chunk in _row_chunks(prep, z, temperature, noisy=seed is not None):
         count = rows.stop - rows.start
         softmax = _OnlineSoftmax(count, prep.work_dtype, z.device)
-        weighted = torch.zeros((count, prep.values.shape[1]), dtype=prep.work_dtype, device=z.device)
+        # The weighted sum of the values and, in its last column, the sum of exp(logit - max).
+        weighted = torch.zeros((count, value_dim + 1), dtype=prep.work_dtype, device=z.device)
         best = torch.full((count,), float("-inf"), dtype=prep.work_dtype, device=z.device)
         best_index = torch.zeros(count, dtype=torch.int64, device=z.device)
-        row_ids = torch.arange(rows.start, rows.stop, dtype=torch.int64, device=z.device)
+        values_with_ones = chunk.operands.values_with_ones
         for start, stop, logits, _ in chunk.chunks():
+            chunk_maximum = None
             if return_hard:
-                scores = logits if seed_value is None else logits + gumbel_noise(seed_value, row_ids, start, stop)
-                chunk_best, chunk_index = scores.max(dim=1)
+                if seed_value is None:
+                    chunk_best, chunk_index = _best(logits)
+                    chunk_maximum = chunk_best
+                else:
+                    chunk_best, chunk_index = _best(logits + gumbel_noise(seed_value, chunk.row_ids, start, stop))
                 # Strict '>' keeps the earlier chunk on ties: the lowest index wins across chunks too.
                 better = chunk_best > best
                 best = torch.where(better, chunk_best, best)
                 best_index = torch.where(better, chunk_index + start, best_index)
-                del scores
-            rescale, weights = softmax.update(logits)
-            weighted.mul_(rescale[:, None]).addmm_(weights, prep.values[start:stop])
+            if chunk_maximum is None:
+                chunk_maximum = logits.max(dim=1).values
+            shift, rescale = softmax.shift(chunk_maximum)
+            weights = logits.sub_(shift[:, None]).exp_()
+            weighted.mul_(rescale[:, None]).addmm_(weights, values_with_ones[start:stop])
             del logits, weights
-        soft[rows] = weighted / softmax.total[:, None]
-        lse[rows] = softmax.log_sum_exp()
+        total = weighted[:, value_dim]
+        soft[rows] = weighted[:, :value_dim] / total[:, None]
+        lse[rows] = softmax.log_sum_exp(total)
         if return_hard:
             indices[rows] = best_index
     return soft, indices, lse
@@ -167,38 +217,40 @@ def _promoted(z: torch.Tensor, codebook: torch.Tensor, values: Optional[torch.Te
 class _GradSums:
     """The backward's sums of the per-logit weight ``w``: ``w @ keys`` and ``w`` per row for the
     gradient to ``z``, ``w^T @ zq`` and ``w`` per code for the codebook's (see
-    ``SoftCodebook.prepared_row_grad``); a gradient not asked for is neither summed nor returned."""
+    ``SoftCodebook.prepared_row_grad``); a gradient not asked for is neither summed nor returned.
+    For l2 and euclidean each sum is the last column of its product (the operands' ones columns)."""
 
     def __init__(self, prep: SoftCodebook, num_rows: int, dim: int, device: torch.device, rows_grad: bool,
                  codes_grad: bool):
         self.prep = prep
         dtype = prep.work_dtype
-        num_codes = prep.keys.shape[0]
+        width = dim + (1 if prep.metric in ("l2", "euclidean") else 0)
+        self.dim = dim
         self.rows_grad, self.codes_grad = rows_grad, codes_grad
-        self.weighted_keys = torch.zeros((num_rows if rows_grad else 0, dim), dtype=dtype, device=device)
-        self.row_sums = torch.zeros(num_rows if rows_grad else 0, dtype=dtype, device=device)
-        self.weighted_rows = torch.zeros((num_codes if codes_grad else 0, dim), dtype=dtype, device=device)
-        self.code_sums = torch.zeros(num_codes if codes_grad else 0, dtype=dtype, device=device)
+        self.row_products = torch.zeros((num_rows if rows_grad else 0, width), dtype=dtype, device=device)
+        self.code_products = torch.zeros((prep.keys.shape[0] if codes_grad else 0, width), dtype=dtype, device=device)
 
     def add(self, rows: slice, chunk: _Rows, start: int, stop: int, grad_logits: torch.Tensor,
             scale: Optional[torch.Tensor]) -> None:
-        weight = grad_logits.mul_(chunk.inverse_temperature)
-        if scale is not None:
-            weight.mul_(scale)
+        """Adds a slab of ``dL/dlogits``; ``w = dL/dlogits / T`` (times euclidean's ``scale``), the
+        ``1 / T`` folded into the products."""
+        weight = grad_logits if scale is None else grad_logits.mul_(scale)
+        alpha = chunk.operands.inverse_temperature
         if self.rows_grad:
-            self.weighted_keys[rows].addmm_(weight, self.prep.keys[start:stop])
-            self.row_sums[rows] += weight.sum(dim=1)
+            self.row_products[rows].addmm_(weight, chunk.operands.keys_with_ones[start:stop], alpha=alpha)
         if self.codes_grad:
-            self.weighted_rows[start:stop].addmm_(weight.T, chunk.zq)
-            self.code_sums[start:stop] += weight.sum(dim=0)
+            self.code_products[start:stop].addmm_(weight.T, chunk.zq_with_ones, alpha=alpha)
 
     def grads(self, z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_z, grad_codebook = self.weighted_keys, self.weighted_rows
+        dim, prep = self.dim, self.prep
+        grad_z, grad_codebook = self.row_products[:, :dim], self.code_products[:, :dim]
         if self.rows_grad:
-            zq, _ = self.prep.rows(z)
-            grad_z = self.prep.row_grad(z, self.prep.prepared_row_grad(zq, self.weighted_keys, self.row_sums))
+            zq, _ = prep.rows(z)
+            sums = self.row_products[:, dim] if self.row_products.shape[1] > dim else None
+            grad_z = prep.row_grad(z, prep.prepared_row_grad(zq, self.row_products[:, :dim], sums))
         if self.codes_grad:
-            grad_codebook = self.prep.key_grad(codebook, self.prep.prepared_key_grad(self.weighted_rows, self.code_sums))
+            sums = self.code_products[:, dim] if self.code_products.shape[1] > dim else None
+            grad_codebook = prep.key_grad(codebook, prep.prepared_key_grad(self.code_products[:, :dim], sums))
         return grad_z, grad_codebook
 
 
@@ -222,7 +274,8 @@ def soft_quantize_backward(
 
     With ``p = exp(logits - lse)`` recomputed chunk by chunk, ``dL/dlogits = p * (g V^T - delta)``
     where ``delta = <g, soft> - grad_lse`` per row (flash attention's backward, with the
-    log-sum-exp's own gradient folded into ``delta``), and ``dL/dV = p^T g``.
+    log-sum-exp's own gradient folded into ``delta``), and ``dL/dV = p^T g``. ``g V^T - delta`` is
+    one matmul of ``[g, -delta]`` against the values with their ones column.
     """
     num_rows, dim = z.shape
     out_dtype = _promoted(z, codebook, values)
@@ -234,14 +287,16 @@ def soft_quantize_backward(
     sums = _GradSums(prep, num_rows, dim, z.device, compute_z_grad, compute_codebook_grad)
     grad_soft = grad_soft.to(work)
     delta = (grad_soft * soft.to(work)).sum(dim=1) - grad_lse.to(work)
+    grad_with_delta = torch.cat([grad_soft, -delta[:, None]], dim=1)
     lse = lse.to(work)
     for rows, chunk in _row_chunks(prep, z, temperature):
-        grad_rows = grad_soft[rows]
+        grad_rows = grad_with_delta[rows]
+        values_with_ones = chunk.operands.values_with_ones
         for start, stop, logits, scale in chunk.chunks():
             probs = logits.sub_(lse[rows, None]).exp_()
             if value_grad:
-                grad_values[start:stop].addmm_(probs.T, grad_rows)
-            grad_logits = (grad_rows @ prep.values[start:stop].T).sub_(delta[rows, None]).mul_(probs)
+                grad_values[start:stop].addmm_(probs.T, grad_soft[rows])
+            grad_logits = (grad_rows @ values_with_ones[start:stop].T).mul_(probs)
             del probs
             sums.add(rows, chunk, start, stop, grad_logits, scale)
     grad_z, grad_codebook = sums.grads(z, codebook)
@@ -264,15 +319,19 @@ def soft_entropy(
     lse = torch.empty(num_rows, dtype=work, device=z.device)
     mean_probs = torch.zeros(codebook.shape[0], dtype=work, device=z.device)
     for rows, chunk in _row_chunks(prep, z, temperature):
-        softmax = _OnlineSoftmax(rows.stop - rows.start, work, z.device)
-        weighted_logits = torch.zeros(rows.stop - rows.start, dtype=work, device=z.device)
+        count = rows.stop - rows.start
+        softmax = _OnlineSoftmax(count, work, z.device)
+        total = torch.zeros(count, dtype=work, device=z.device)
+        weighted_logits = torch.zeros(count, dtype=work, device=z.device)
         for _, _, logits, _ in chunk.chunks():
-            rescale, weights = softmax.update(logits)
-            # An excluded code has weight 0 and logit -inf: its term is 0, not nan.
-            terms = torch.where(weights > 0, weights * logits, 0.0)
-            weighted_logits.mul_(rescale).add_(terms.sum(dim=1))
-        lse[rows] = softmax.log_sum_exp()
-        row_entropy[rows] = lse[rows] - weighted_logits / softmax.total
+            shift, rescale = softmax.shift(logits.max(dim=1).values)
+            weights = (logits - shift[:, None]).exp_()
+            total.mul_(rescale).add_(weights.sum(dim=1))
+            # An excluded code has weight 0 and logit -inf: floored, its term is 0, not nan.
+            floor = torch.finfo(work).min
+            weighted_logits.mul_(rescale).add_(torch.linalg.vecdot(weights, logits.clamp_(min=floor), dim=1))
+        lse[rows] = softmax.log_sum_exp(total)
+        row_entropy[rows] = lse[rows] - weighted_logits / total
         for start, stop, logits, _ in chunk.chunks():
             mean_probs[start:stop] += logits.sub_(lse[rows, None]).exp_().sum(dim=0)
     if num_rows:
@@ -313,10 +372,12 @@ def soft_entropy_backward(
         for start, stop, logits, _ in chunk.chunks():
             expected_code_weight.addmv_(logits.sub_(lse[rows, None]).exp_(), code_weights[start:stop])
         constant = row_constant[rows] - expected_code_weight
+        floor = torch.finfo(work).min
         for start, stop, logits, scale in chunk.chunks():
             probs = (logits - lse[rows, None]).exp_()
-            bracket = torch.where(probs > 0, logits * -grad_entropy[rows, None], 0.0)
+            # Floored, an excluded code's -inf logit times its zero probability is 0, not nan.
+            bracket = logits.clamp_(min=floor).mul_(-grad_entropy[rows, None])
             bracket.add_(code_weights[start:stop]).add_(constant[:, None])
-            del logits
             sums.add(rows, chunk, start, stop, bracket.mul_(probs), scale)
+            del logits, probs
     return sums.grads(z, codebook)

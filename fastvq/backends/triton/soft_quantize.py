@@ -598,6 +598,8 @@ class _Launch:
     def grads(self, z: torch.Tensor, codebook: torch.Tensor, sums: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """``(grad_z, grad_codebook)`` from ``backward_sums``; an empty sum gives an empty gradient."""
         weighted_keys, row_sums, weighted_rows, code_sums, _ = sums
+        if self.prep.metric in ("dot", "cosine"):  # their gradients need no row or code sums
+            row_sums = code_sums = None
         grad_z, grad_codebook = weighted_keys, weighted_rows
         if weighted_keys.shape[0]:
             grad_z = self.prep.row_grad(z, self.prep.prepared_row_grad(self.zq_work, weighted_keys, row_sums))
