@@ -1,0 +1,283 @@
+"""Soft assignments: ``fastvq.soft_quantize`` and the IBQ layer against the formulations users run
+today, which build the ``N x K`` logits, soft and hard one-hot matrices.
+
+    python benchmarks/bench_soft_quantize.py [--small] [--only soft_quantize|ibq_step|ibq_parity]
+                                             [--device cpu|cuda] [--out DIR]
+
+Benches (``dot`` logits, IBQ's, standard-normal data scaled by 0.1; fp32):
+
+- ``soft_quantize``, forward and backward of ``sum(soft * g)`` with respect to ``z`` and the
+  codebook, at each ``(N, K, D)``:
+  ``fastvq`` (``FASTVQ_BACKEND=auto``: Triton on CUDA, the chunked PyTorch path on CPU, where
+  ``fastvq._C`` has no soft assignment), with the hard index; ``sdpa``,
+  ``torch.nn.functional.scaled_dot_product_attention(z, C, C, scale=1)`` (the soft codes only:
+  no hard index, no log-sum-exp); ``reference``, ``fastvq.reference.soft_quantize_ref`` in fp32 (the
+  full matrices); and, forward only, the hard fused search ``nearest_code`` and the hard VQ op
+  ``vector_quantize`` forward and backward, the goals' yardstick (``vs_search``).
+- ``ibq_step``: one IBQ training step, forward and backward of ``sum(z_q * g) + quant_loss +
+  0.05 * entropy_loss`` (SEED-Voken's 2^18-code configuration weights the entropy loss 0.05), of
+  ``fastvq.nn.IBQ(use_entropy_loss=True)`` and of ``reference.ibq_ref`` (SEED-Voken's formulation);
+  the reference is skipped where its matrices would not fit. ``vs_reference_peak`` is the peak
+  memory growth over the reference's.
+- ``ibq_parity``: fastvq's IBQ in float64 and in float32 against ``ibq_ref`` in float64 at a size
+  where the reference fits: the largest error of the output, the losses and both gradients,
+  relative to each tensor's largest true entry.
+
+Timings are the harness's (median and 20/80 % quantiles of repeated calls; CUDA events on a
+GPU); peak memory is the growth of a fresh process's resident set (CPU) or of the CUDA caching
+allocator over the inputs. Results are merged into ``<out>/<device-slug>.csv`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import _harness
+import fastvq
+from fastvq import reference
+
+ENTROPY_LOSS_WEIGHT = 0.05
+# Per-implementation memory limit for the formulations that build N x K matrices (3 of them
+# plus their gradients, about 6 alive at the peak).
+CPU_MATRIX_LIMIT_BYTES = 4 * _harness.GIB
+MATRICES_ALIVE = 6
+KEY_COLUMNS = ("N", "K", "D", "dtype", "mode")
+MEASURED_COLUMNS = ("median_ms", "q20_ms", "q80_ms", "peak_mib")
+TABLE_COLUMNS = ("bench", "impl", "mode", "N", "K", "D", "dtype", *MEASURED_COLUMNS, "vs_search", "vs_reference_peak",
+                 "max_rel_error", "load1", "note")
+
+SOFT_GRIDS = {"cpu": [(4096, 1024, 256), (4096, 16384, 256)], "cuda": [(16384, 16384, 256), (16384, 262144, 256)]}
+IBQ_GRIDS = {"cpu": [(4096, 16384, 256), (4096, 262144, 256)], "cuda": [(4096, 16384, 256), (4096, 262144, 256)]}
+PARITY_POINT = (1024, 16384, 256)
+SMALL_SOFT_GRID = [(512, 1024, 64)]
+SMALL_IBQ_GRID = [(256, 2048, 32)]
+SMALL_PARITY_POINT = (128, 512, 16)
+WARMUP_ROWS = WARMUP_CODES = 16
+
+
+def soft_inputs(num_rows: int, num_codes: int, dim: int, device: str, seed: int = 0):
+    """``z [N, D]``, ``codebook [K, D]``, upstream ``g [N, D]``."""
+    generator = torch.Generator(device).manual_seed(seed)
+    z = 0.1 * torch.randn(num_rows, dim, generator=generator, device=device)
+    codebook = 0.1 * torch.randn(num_codes, dim, generator=generator, device=device)
+    upstream = torch.randn(num_rows, dim, generator=generator, device=device)
+    return z, codebook, upstream
+
+
+def _leaves(z, codebook):
+    return z.detach().requires_grad_(True), codebook.detach().requires_grad_(True)
+
+
+def fastvq_soft_step(z, codebook, upstream):
+    z, codebook = _leaves(z, codebook)
+    soft, _, _ = fastvq.soft_quantize(z, codebook, metric="dot")
+    (soft * upstream).sum().backward()
+
+
+def sdpa_step(z, codebook, upstream):
+    z, codebook = _leaves(z, codebook)
+    soft = F.scaled_dot_product_attention(z[None, None], codebook[None, None], codebook[None, None], scale=1.0)
+    (soft[0, 0] * upstream).sum().backward()
+
+
+def reference_soft_step(z, codebook, upstream):
+    z, codebook = _leaves(z, codebook)
+    soft, _, _ = reference.soft_quantize_ref(z, codebook, "dot", upcast=False)
+    (soft * upstream).sum().backward()
+
+
+def search_step(z, codebook, upstream):
+    fastvq.nearest_code(z, codebook, metric="dot")
+
+
+def vector_quantize_step(z, codebook, upstream):
+    z, codebook = _leaves(z, codebook)
+    quantized, _, loss = fastvq.vector_quantize(z, codebook, metric="dot")
+    ((quantized * upstream).sum() + loss).backward()
+
+
+def ibq_inputs(num_rows: int, num_codes: int, dim: int, device: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """``(layer, z [N/64, D, 8, 8], upstream)``: the layer holds the codebook, so that its
+    construction is not counted in the step's memory growth."""
+    z, codebook, upstream = soft_inputs(num_rows, num_codes, dim, device, seed)
+    layer = fastvq.nn.IBQ(num_codes, dim, use_entropy_loss=True).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.embedding.weight.copy_(codebook)
+    side = 8 if num_rows % 64 == 0 else 1
+    images = z.to(dtype).reshape(num_rows // (side * side), side, side, dim).permute(0, 3, 1, 2)
+    return layer, images, upstream.to(dtype).reshape(images.shape[0], side, side, dim).permute(0, 3, 1, 2)
+
+
+def fastvq_ibq_step(layer, z, upstream):
+    z = z.detach().requires_grad_(True)
+    z_q, (quant_loss, _, _, entropy_loss), _ = layer(z)
+    objective = (z_q * upstream).sum() + quant_loss + ENTROPY_LOSS_WEIGHT * entropy_loss
+    objective.backward()
+    return z_q, (quant_loss, entropy_loss), z.grad, layer.embedding.weight.grad
+
+
+def reference_ibq_step(layer, z, upstream):
+    z = z.detach().requires_grad_(True)
+    codebook = layer.embedding.weight
+    rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    quantized, _, quant_loss, (_, _, entropy_loss) = reference.ibq_ref(rows, codebook)
+    z_q = quantized.reshape(z.shape[0], z.shape[2], z.shape[3], z.shape[1]).permute(0, 3, 1, 2)
+    objective = (z_q * upstream).sum() + quant_loss + ENTROPY_LOSS_WEIGHT * entropy_loss
+    objective.backward()
+    return z_q, (quant_loss, entropy_loss), z.grad, codebook.grad
+
+
+def _row(bench: str, impl: str, mode: str, num_rows: int, num_codes: int, dim: int, dtype: str = "fp32") -> dict:
+    return {"bench": bench, "impl": impl, "mode": mode, "N": num_rows, "K": num_codes, "D": dim, "dtype": dtype,
+            **dict.fromkeys(MEASURED_COLUMNS), "note": "", "load1": os.getloadavg()[0]}
+
+
+def _measure(row: dict, fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable, device: str,
+             min_repeats: int) -> bool:
+    """Fills the row's timing and peak memory (or its note when it fails); True when it ran."""
+    try:
+        inputs = make_inputs()
+        timing = _harness.time_call(functools.partial(fn, *inputs), device, min_repeats=min_repeats)
+        del inputs
+        peak_mib = _harness.peak_memory_growth_mib(fn, make_inputs, make_warmup_inputs, device)
+    except Exception as error:  # keep measuring the rest, and say what failed
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        row["note"] = f"failed: {type(error).__name__}: {first_line}"
+        print(f"  {row['impl']}: {row['note']}", flush=True)
+        return False
+    row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak_mib)
+    print(f"  {row['impl']} {row['mode']}: {timing.median_ms:.1f} ms, peak {peak_mib:.1f} MiB", flush=True)
+    return True
+
+
+def _too_big(row: dict, num_rows: int, num_codes: int, device: str) -> bool:
+    needed = MATRICES_ALIVE * num_rows * num_codes * 4
+    limit = CPU_MATRIX_LIMIT_BYTES
+    if device.startswith("cuda"):
+        limit = torch.cuda.mem_get_info(torch.device(device))[0] // 2
+    if needed <= limit:
+        return False
+    row["note"] = f"skipped: its N x K matrices need about {needed / _harness.GIB:.1f} GiB, limit {limit / _harness.GIB:.1f} GiB"
+    print(f"  {row['impl']}: {row['note']}", flush=True)
+    return True
+
+
+SOFT_IMPLEMENTATIONS = [
+    ("fastvq", "fwd+bwd", fastvq_soft_step, False),
+    ("sdpa", "fwd+bwd", sdpa_step, False),
+    ("reference", "fwd+bwd", reference_soft_step, True),
+    ("nearest_code", "fwd", search_step, False),
+    ("vector_quantize", "fwd+bwd", vector_quantize_step, False),
+]
+
+
+def run_soft(grid, device: str) -> tuple[list[dict], bool]:
+    rows, ok = [], True
+    for num_rows, num_codes, dim in grid:
+        print(f"soft_quantize N={num_rows} K={num_codes} D={dim}", flush=True)
+        make_inputs = functools.partial(soft_inputs, num_rows, num_codes, dim, device)
+        make_warmup = functools.partial(soft_inputs, WARMUP_ROWS, WARMUP_CODES, dim, device)
+        point = []
+        for impl, mode, fn, builds_matrices in SOFT_IMPLEMENTATIONS:
+            row = _row("soft_quantize", impl, mode, num_rows, num_codes, dim)
+            if not (builds_matrices and _too_big(row, num_rows, num_codes, device)):
+                ok &= _measure(row, fn, make_inputs, make_warmup, device, min_repeats=3)
+            point.append(row)
+        search_ms = next(row["median_ms"] for row in point if row["impl"] == "nearest_code")
+        for row in point:
+            if row["median_ms"] is not None and search_ms:
+                row["vs_search"] = row["median_ms"] / search_ms
+        rows += point
+    return rows, ok
+
+
+def run_ibq(grid, device: str) -> tuple[list[dict], bool]:
+    rows, ok = [], True
+    for num_rows, num_codes, dim in grid:
+        print(f"ibq_step N={num_rows} K={num_codes} D={dim}", flush=True)
+        make_inputs = functools.partial(ibq_inputs, num_rows, num_codes, dim, device)
+        make_warmup = functools.partial(ibq_inputs, 64, WARMUP_CODES, dim, device)
+        point = []
+        for impl, fn, builds_matrices in (("fastvq", fastvq_ibq_step, False), ("reference", reference_ibq_step, True)):
+            row = _row("ibq_step", impl, "fwd+bwd", num_rows, num_codes, dim)
+            if not (builds_matrices and _too_big(row, num_rows, num_codes, device)):
+                ok &= _measure(row, fn, make_inputs, make_warmup, device, min_repeats=1)
+            point.append(row)
+        fastvq_row, reference_row = point
+        if fastvq_row["peak_mib"] is not None and reference_row["peak_mib"]:
+            fastvq_row["vs_reference_peak"] = fastvq_row["peak_mib"] / reference_row["peak_mib"]
+        rows += point
+    return rows, ok
+
+
+def _max_relative_error(actual, expected) -> float:
+    pairs = [(actual[0], expected[0]), *zip(actual[1], expected[1]), (actual[2], expected[2]), (actual[3], expected[3])]
+    return max(float((a.double() - e).abs().max()) / max(float(e.abs().max()), 1e-300) for a, e in pairs)
+
+
+def run_parity(point, device: str) -> tuple[list[dict], bool]:
+    num_rows, num_codes, dim = point
+    print(f"ibq_parity N={num_rows} K={num_codes} D={dim}", flush=True)
+    truth = reference_ibq_step(*ibq_inputs(num_rows, num_codes, dim, device, torch.float64))
+    truth = (truth[0].detach(), [loss.detach() for loss in truth[1]], truth[2], truth[3])
+    rows = []
+    for dtype_name, dtype in (("fp64", torch.float64), ("fp32", torch.float32)):
+        row = _row("ibq_parity", "fastvq", "fwd+bwd", num_rows, num_codes, dim, dtype_name)
+        if dtype == torch.float64 and device.startswith("cuda"):
+            row["note"] = "float64 runs the PyTorch path on CUDA"
+        got = fastvq_ibq_step(*ibq_inputs(num_rows, num_codes, dim, device, dtype))
+        row["max_rel_error"] = _max_relative_error((got[0].detach(), [loss.detach() for loss in got[1]], got[2], got[3]),
+                                                   truth)
+        print(f"  {dtype_name}: max relative error {row['max_rel_error']:.3g}", flush=True)
+        rows.append(row)
+    return rows, True
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny sizes that finish in about a minute")
+    parser.add_argument("--only", choices=("soft_quantize", "ibq_step", "ibq_parity"), help="run one bench")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU and a CUDA build of torch; torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    environment = _harness.environment(args.device)
+    print(", ".join(f"{name} {value}" for name, value in environment.items()))
+    if warning := _harness.cpu_contention_warning():
+        print(warning)
+    benches = {
+        "soft_quantize": lambda: run_soft(SMALL_SOFT_GRID if args.small else SOFT_GRIDS[args.device], args.device),
+        "ibq_step": lambda: run_ibq(SMALL_IBQ_GRID if args.small else IBQ_GRIDS[args.device], args.device),
+        "ibq_parity": lambda: run_parity(SMALL_PARITY_POINT if args.small else PARITY_POINT, args.device),
+    }
+    rows, ok = [], True
+    for name, run in benches.items():
+        if args.only in (None, name):
+            bench_rows, bench_ok = run()
+            rows, ok = rows + bench_rows, ok and bench_ok
+    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, KEY_COLUMNS,
+                                               args.out)
+    print()
+    print(_harness.format_table(rows, TABLE_COLUMNS))
+    print(f"\nwrote {csv_path} and {md_path}")
+    if warning := _harness.cpu_contention_warning():
+        print(warning)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
