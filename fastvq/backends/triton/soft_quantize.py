@@ -27,7 +27,7 @@ draws the same bits on the PyTorch path).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -45,10 +45,10 @@ def _logit_tile(
     zq_ptr,
     keys_ptr,
     z_tile,
-    rows,
+    local_rows,
     row_mask,
     row_term,
-    codes,
+    local_codes,
     code_mask,
     code_term,
     D,
@@ -61,14 +61,15 @@ def _logit_tile(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``(logits [BLOCK_N, BLOCK_K], scale)``: ``-inf`` for NaN logits and padding codes; ``scale`` is
-    euclidean's ``1 / (2 |z - e|)`` (0 where clamped), ones otherwise."""
+    """``(logits [BLOCK_N, BLOCK_K], scale)`` of a row tile (``zq_ptr`` at its first row) and a code
+    tile (``keys_ptr`` at its first code): ``-inf`` for NaN logits and padding codes; ``scale`` is
+    euclidean's ``1 / (2 |z - e|)`` (0 where clamped), ones otherwise. Offsets inside the tiles are
+    int32 (a tile spans far fewer than 2^31 elements); the callers move the base pointers in int64."""
     dims = tl.arange(0, BLOCK_D)
-    code_rows = codes.to(tl.int64) * D
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if SINGLE_D_TILE:
         key_tile = tl.load(
-            keys_ptr + code_rows[None, :] + dims[:, None], mask=code_mask[None, :] & (dims < D)[:, None], other=0.0
+            keys_ptr + local_codes[None, :] * D + dims[:, None], mask=code_mask[None, :] & (dims < D)[:, None], other=0.0
         )
         if DOT_IN_FP32:
             key_tile = key_tile.to(tl.float32)
@@ -78,10 +79,12 @@ def _logit_tile(
             dim_idx = dim_start + dims
             dim_mask = dim_idx < D
             z_slice = tl.load(
-                zq_ptr + rows[:, None] * D + dim_idx[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0
+                zq_ptr + local_rows[:, None] * D + dim_idx[None, :], mask=row_mask[:, None] & dim_mask[None, :],
+                other=0.0,
             )
             key_tile = tl.load(
-                keys_ptr + code_rows[None, :] + dim_idx[:, None], mask=code_mask[None, :] & dim_mask[:, None], other=0.0
+                keys_ptr + local_codes[None, :] * D + dim_idx[:, None], mask=code_mask[None, :] & dim_mask[:, None],
+                other=0.0,
             )
             if DOT_IN_FP32:
                 z_slice = z_slice.to(tl.float32)
@@ -103,10 +106,12 @@ def _logit_tile(
 
 
 @triton.jit
-def _load_row_tile(zq_ptr, rows, row_mask, D, DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_row_tile(zq_ptr, local_rows, row_mask, D, DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
     """The whole prepared row tile, for ``SINGLE_D_TILE`` (``D <= BLOCK_D``): loaded once, kept in registers."""
     dims = tl.arange(0, BLOCK_D)
-    z_tile = tl.load(zq_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & (dims < D)[None, :], other=0.0)
+    z_tile = tl.load(
+        zq_ptr + local_rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & (dims < D)[None, :], other=0.0
+    )
     if DOT_IN_FP32:
         z_tile = z_tile.to(tl.float32)
     return z_tile
@@ -114,8 +119,9 @@ def _load_row_tile(zq_ptr, rows, row_mask, D, DOT_IN_FP32: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _gumbel_tile(seed, rows, code_start, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Standard Gumbel noise of the tile's (row, code) pairs: Philox-4x32-10 at counter
-    ``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4``, its top 23 bits read as ``(2 j + 1) / 2^24``."""
+    """Standard Gumbel noise of the tile's (row, code) pairs (``rows`` the int64 row numbers):
+    Philox-4x32-10 at counter ``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4``, its top 23
+    bits read as ``(2 j + 1) / 2^24``."""
     groups = (code_start // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)
     shape: tl.constexpr = (BLOCK_N, BLOCK_K // 4)
     c0 = tl.broadcast_to(groups[None, :], shape)
@@ -158,14 +164,15 @@ def _soft_quantize_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_value = tl.program_id(1).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < N
-    row_term = tl.load(row_term_ptr + rows, mask=row_mask, other=0.0)
-    value_dims = pid_value * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_N
+    value_start = tl.program_id(1) * BLOCK_DV
+    local_rows = tl.arange(0, BLOCK_N)
+    row_mask = local_rows < N - row_start
+    zq_ptr += row_start * D
+    row_term = tl.load(row_term_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+    value_dims = value_start + tl.arange(0, BLOCK_DV)
     value_mask = value_dims < DV
-    z_tile = _load_row_tile(zq_ptr, rows, row_mask, D, DOT_IN_FP32, BLOCK_D) if SINGLE_D_TILE else 0.0
+    z_tile = _load_row_tile(zq_ptr, local_rows, row_mask, D, DOT_IN_FP32, BLOCK_D) if SINGLE_D_TILE else 0.0
     if NOISE:
         seed = tl.load(seed_ptr)
 
@@ -174,24 +181,28 @@ def _soft_quantize_fwd_kernel(
     weighted_logits = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    best_index = tl.zeros((BLOCK_N,), tl.int64)
+    best_index = tl.zeros((BLOCK_N,), tl.int32)
+    local_codes = tl.arange(0, BLOCK_K)
+    # The tile pointers advance by whole tiles: 64-bit pointers, 32-bit steps.
+    tile_keys_ptr = keys_ptr
+    tile_values_ptr = values_ptr
     for code_start in range(0, K, BLOCK_K):
-        codes = code_start + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=float("inf"))
+        code_mask = local_codes < K - code_start
+        code_term = tl.load(code_term_ptr + code_start + local_codes, mask=code_mask, other=float("inf"))
         logits, _ = _logit_tile(
-            zq_ptr, keys_ptr, z_tile, rows, row_mask, row_term, codes, code_mask, code_term, D, inv_temperature,
-            METRIC, SINGLE_D_TILE, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+            zq_ptr, tile_keys_ptr, z_tile, local_rows, row_mask, row_term, local_codes,
+            code_mask, code_term, D, inv_temperature, METRIC, SINGLE_D_TILE, DOT_PRECISION, DOT_IN_FP32,
+            BLOCK_N, BLOCK_K, BLOCK_D,
         )
         if HARD:
             scores = logits
             if NOISE:
-                scores = logits + _gumbel_tile(seed, rows, code_start, BLOCK_N, BLOCK_K)
+                scores = logits + _gumbel_tile(seed, row_start + local_rows, code_start, BLOCK_N, BLOCK_K)
             tile_best, tile_index = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
             # Strict '>' keeps the earlier tile on ties, so the lowest index wins whatever the tiling.
             better = tile_best > best
             best = tl.where(better, tile_best, best)
-            best_index = tl.where(better, tile_index.to(tl.int64) + code_start, best_index)
+            best_index = tl.where(better, tile_index + code_start, best_index)
         new_maximum = tl.maximum(maximum, tl.max(logits, axis=1))
         # A row whose logits are all -inf so far keeps a zero sum instead of exp(nan).
         shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
@@ -202,7 +213,7 @@ def _soft_quantize_fwd_kernel(
             weighted_logits = weighted_logits * rescale + tl.sum(tl.where(probs > 0, probs * logits, 0.0), axis=1)
         if VALUES:
             value_tile = tl.load(
-                values_ptr + codes.to(tl.int64)[:, None] * DV + value_dims[None, :],
+                tile_values_ptr + local_codes[:, None] * DV + value_dims[None, :],
                 mask=code_mask[:, None] & value_mask[None, :],
                 other=0.0,
             )
@@ -211,21 +222,23 @@ def _soft_quantize_fwd_kernel(
             acc = acc * rescale[:, None]
             acc = tl.dot(probs.to(value_tile.dtype), value_tile, acc, input_precision=DOT_PRECISION)
         maximum = new_maximum
+        tile_keys_ptr += BLOCK_K * D
+        tile_values_ptr += BLOCK_K * DV
 
     if VALUES:
         tl.store(
-            soft_ptr + rows[:, None] * DV + value_dims[None, :],
+            soft_ptr + row_start * DV + local_rows[:, None] * DV + value_dims[None, :],
             (acc / total[:, None]).to(soft_ptr.dtype.element_ty),
             mask=row_mask[:, None] & value_mask[None, :],
         )
-    first = row_mask & (pid_value == 0)
+    first = row_mask & (tl.program_id(1) == 0)
     shift = tl.where(maximum == float("-inf"), 0.0, maximum)
     lse = tl.where(total > 0, shift + tl.log(total), float("nan"))
-    tl.store(lse_ptr + rows, lse, mask=first)
+    tl.store(lse_ptr + row_start + local_rows, lse, mask=first)
     if MEAN_LOGIT:
-        tl.store(mean_logit_ptr + rows, weighted_logits / total, mask=first)
+        tl.store(mean_logit_ptr + row_start + local_rows, weighted_logits / total, mask=first)
     if HARD:
-        tl.store(indices_ptr + rows, best_index, mask=first)
+        tl.store(indices_ptr + row_start + local_rows, best_index.to(tl.int64), mask=first)
 
 
 @triton.jit
@@ -254,9 +267,9 @@ def _output_grad_tile(
     grad_ptr,
     values_ptr,
     code_weight_ptr,
-    rows,
+    local_rows,
     row_mask,
-    codes,
+    local_codes,
     code_mask,
     DV,
     CODE_WEIGHTS: tl.constexpr,
@@ -267,21 +280,22 @@ def _output_grad_tile(
     BLOCK_DV: tl.constexpr,
 ):
     """``dp [BLOCK_N, BLOCK_K]``: ``grad @ values^T`` over ``DV`` in ``BLOCK_DV`` slices, or with
-    ``CODE_WEIGHTS`` the per-code vector broadcast over the rows."""
+    ``CODE_WEIGHTS`` the per-code vector broadcast over the rows (pointers at the tiles' first row
+    and code)."""
     if CODE_WEIGHTS:
-        weights = tl.load(code_weight_ptr + codes, mask=code_mask, other=0.0)
+        weights = tl.load(code_weight_ptr + local_codes, mask=code_mask, other=0.0)
         return tl.broadcast_to(weights[None, :], (BLOCK_N, BLOCK_K))
-    code_rows = codes.to(tl.int64)
     dp = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for value_start in range(0, DV, BLOCK_DV):
         value_dims = value_start + tl.arange(0, BLOCK_DV)
         value_mask = value_dims < DV
         grad_tile = tl.load(
-            grad_ptr + rows[:, None] * DV + value_dims[None, :], mask=row_mask[:, None] & value_mask[None, :], other=0.0
+            grad_ptr + local_rows[:, None] * DV + value_dims[None, :], mask=row_mask[:, None] & value_mask[None, :],
+            other=0.0,
         )
         value_tile = tl.load(
-            values_ptr + code_rows[None, :] * DV + value_dims[:, None], mask=code_mask[None, :] & value_mask[:, None],
-            other=0.0,
+            values_ptr + local_codes[None, :] * DV + value_dims[:, None],
+            mask=code_mask[None, :] & value_mask[:, None], other=0.0,
         )
         if DOT_IN_FP32:
             value_tile = value_tile.to(tl.float32)
@@ -320,43 +334,49 @@ def _soft_rows_bwd_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_out = tl.program_id(1).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < N
-    row_term = tl.load(row_term_ptr + rows, mask=row_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
-    gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0) if GAMMA else delta
-    out_dims = pid_out * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_N
+    local_rows = tl.arange(0, BLOCK_N)
+    row_mask = local_rows < N - row_start
+    zq_ptr += row_start * D
+    grad_ptr += row_start * DV
+    row_term = tl.load(row_term_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+    delta = tl.load(delta_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+    gamma = tl.load(gamma_ptr + row_start + local_rows, mask=row_mask, other=0.0) if GAMMA else delta
+    out_dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out_dims < D
-    z_tile = _load_row_tile(zq_ptr, rows, row_mask, D, DOT_IN_FP32, BLOCK_D) if SINGLE_D_TILE else 0.0
+    z_tile = _load_row_tile(zq_ptr, local_rows, row_mask, D, DOT_IN_FP32, BLOCK_D) if SINGLE_D_TILE else 0.0
 
     weighted_keys = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     row_sums = tl.zeros((BLOCK_N,), tl.float32)
+    local_codes = tl.arange(0, BLOCK_K)
+    code_keys_ptr = keys_ptr
+    code_values_ptr = values_ptr
     for code_start in range(0, K, BLOCK_K):
-        codes = code_start + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        code_rows = codes.to(tl.int64)
-        code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=float("inf"))
+        code_mask = local_codes < K - code_start
+        code_term = tl.load(code_term_ptr + code_start + local_codes, mask=code_mask, other=float("inf"))
         logits, scale = _logit_tile(
-            zq_ptr, keys_ptr, z_tile, rows, row_mask, row_term, codes, code_mask, code_term, D, inv_temperature,
-            METRIC, SINGLE_D_TILE, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+            zq_ptr, code_keys_ptr, z_tile, local_rows, row_mask, row_term, local_codes, code_mask, code_term, D,
+            inv_temperature, METRIC, SINGLE_D_TILE, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
         )
-        dp = _output_grad_tile(grad_ptr, values_ptr, code_weight_ptr, rows, row_mask, codes, code_mask, DV,
-                               CODE_WEIGHTS, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_DV)
+        dp = _output_grad_tile(grad_ptr, code_values_ptr, code_weight_ptr + code_start,
+                               local_rows, row_mask, local_codes, code_mask, DV, CODE_WEIGHTS, DOT_PRECISION,
+                               DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_DV)
         _, weight = _logit_grad_weight(logits, scale, lse, dp, gamma, delta, inv_temperature, GAMMA)
         row_sums += tl.sum(weight, axis=1)
         key_tile = tl.load(
-            keys_ptr + code_rows[:, None] * D + out_dims[None, :], mask=code_mask[:, None] & out_mask[None, :], other=0.0
+            code_keys_ptr + local_codes[:, None] * D + out_dims[None, :], mask=code_mask[:, None] & out_mask[None, :],
+            other=0.0,
         )
         if DOT_IN_FP32:
             key_tile = key_tile.to(tl.float32)
         weighted_keys = tl.dot(weight.to(key_tile.dtype), key_tile, weighted_keys, input_precision=DOT_PRECISION)
+        code_keys_ptr += BLOCK_K * D
+        code_values_ptr += BLOCK_K * DV
 
-    tl.store(weighted_keys_ptr + rows[:, None] * D + out_dims[None, :], weighted_keys,
+    tl.store(weighted_keys_ptr + row_start * D + local_rows[:, None] * D + out_dims[None, :], weighted_keys,
              mask=row_mask[:, None] & out_mask[None, :])
-    tl.store(row_sums_ptr + rows, row_sums, mask=row_mask & (pid_out == 0))
+    tl.store(row_sums_ptr + row_start + local_rows, row_sums, mask=row_mask & (tl.program_id(1) == 0))
 
 
 @triton.jit
@@ -394,28 +414,31 @@ def _soft_codes_bwd_kernel(
     BLOCK_DO: tl.constexpr,
     BLOCK_DVO: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_out = tl.program_id(1).to(tl.int64)
-    codes = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    code_mask = codes < K
-    code_rows = codes.to(tl.int64)
-    code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=float("inf"))
-    out_dims = pid_out * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    code_start = tl.program_id(0).to(tl.int64) * BLOCK_K
+    local_codes = tl.arange(0, BLOCK_K)
+    code_mask = local_codes < K - code_start
+    keys_ptr += code_start * D
+    values_ptr += code_start * DV
+    code_weight_ptr += code_start
+    code_term = tl.load(code_term_ptr + code_start + local_codes, mask=code_mask, other=float("inf"))
+    out_dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out_dims < D
-    value_out_dims = pid_out * BLOCK_DVO + tl.arange(0, BLOCK_DVO)
+    value_out_dims = tl.program_id(1) * BLOCK_DVO + tl.arange(0, BLOCK_DVO)
     value_out_mask = value_out_dims < DV
 
     weighted_rows = tl.zeros((BLOCK_K, BLOCK_DO), tl.float32)
     code_sums = tl.zeros((BLOCK_K,), tl.float32)
     grad_values = tl.zeros((BLOCK_K, BLOCK_DVO), tl.float32)
+    local_rows = tl.arange(0, BLOCK_N)
+    tile_zq_ptr = zq_ptr
+    tile_grad_ptr = grad_ptr
     for row_start in range(0, N, BLOCK_N):
-        rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_mask = rows < N
-        row_term = tl.load(row_term_ptr + rows, mask=row_mask, other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
+        row_mask = local_rows < N - row_start
+        row_term = tl.load(row_term_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+        lse = tl.load(lse_ptr + row_start + local_rows, mask=row_mask, other=float("inf"))
         logits, scale = _logit_tile(
-            zq_ptr, keys_ptr, 0.0, rows, row_mask, row_term, codes, code_mask, code_term, D, inv_temperature,
-            METRIC, False, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
+            tile_zq_ptr, keys_ptr, 0.0, local_rows, row_mask, row_term, local_codes, code_mask, code_term, D,
+            inv_temperature, METRIC, False, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_D,
         )
         # Padding rows have lse = +inf, hence probability 0: they add nothing to any sum.
         probs = tl.exp(logits - lse[:, None])
@@ -423,7 +446,7 @@ def _soft_codes_bwd_kernel(
             code_sums += tl.sum(probs, axis=0)
         if VALUE_GRAD:
             grad_tile = tl.load(
-                grad_ptr + rows[:, None] * DV + value_out_dims[None, :],
+                tile_grad_ptr + local_rows[:, None] * DV + value_out_dims[None, :],
                 mask=row_mask[:, None] & value_out_mask[None, :], other=0.0,
             )
             if DOT_IN_FP32:
@@ -431,49 +454,74 @@ def _soft_codes_bwd_kernel(
             grad_values = tl.dot(tl.trans(probs.to(grad_tile.dtype)), grad_tile, grad_values,
                                  input_precision=DOT_PRECISION)
         if WEIGHTS:
-            delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
-            gamma = tl.load(gamma_ptr + rows, mask=row_mask, other=0.0) if GAMMA else delta
-            dp = _output_grad_tile(grad_ptr, values_ptr, code_weight_ptr, rows, row_mask, codes, code_mask, DV,
-                                   CODE_WEIGHTS, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_DV)
+            delta = tl.load(delta_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+            gamma = tl.load(gamma_ptr + row_start + local_rows, mask=row_mask, other=0.0) if GAMMA else delta
+            dp = _output_grad_tile(tile_grad_ptr, values_ptr, code_weight_ptr, local_rows, row_mask, local_codes,
+                                   code_mask, DV, CODE_WEIGHTS, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_K, BLOCK_DV)
             _, weight = _logit_grad_weight(logits, scale, lse, dp, gamma, delta, inv_temperature, GAMMA)
             code_sums += tl.sum(weight, axis=0)
             z_tile = tl.load(
-                zq_ptr + rows[:, None] * D + out_dims[None, :], mask=row_mask[:, None] & out_mask[None, :], other=0.0
+                tile_zq_ptr + local_rows[:, None] * D + out_dims[None, :], mask=row_mask[:, None] & out_mask[None, :],
+                other=0.0,
             )
             if DOT_IN_FP32:
                 z_tile = z_tile.to(tl.float32)
             weighted_rows = tl.dot(tl.trans(weight.to(z_tile.dtype)), z_tile, weighted_rows,
                                    input_precision=DOT_PRECISION)
+        tile_zq_ptr += BLOCK_N * D
+        tile_grad_ptr += BLOCK_N * DV
 
-    first = code_mask & (pid_out == 0)
+    first = code_mask & (tl.program_id(1) == 0)
     if WEIGHTS:
-        tl.store(weighted_rows_ptr + code_rows[:, None] * D + out_dims[None, :], weighted_rows,
+        tl.store(weighted_rows_ptr + code_start * D + local_codes[:, None] * D + out_dims[None, :], weighted_rows,
                  mask=code_mask[:, None] & out_mask[None, :])
     if WEIGHTS or PROB_SUMS:
-        tl.store(code_sums_ptr + codes, code_sums, mask=first)
+        tl.store(code_sums_ptr + code_start + local_codes, code_sums, mask=first)
     if VALUE_GRAD:
-        tl.store(grad_values_ptr + code_rows[:, None] * DV + value_out_dims[None, :], grad_values,
+        tl.store(grad_values_ptr + code_start * DV + local_codes[:, None] * DV + value_out_dims[None, :], grad_values,
                  mask=code_mask[:, None] & value_out_mask[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
 
-# The widest output slice one program accumulates in registers; wider outputs take more programs,
-# each recomputing the logits.
-_MAX_OUT_BLOCK = 128
-_INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+class KernelConfig(NamedTuple):
+    """One kernel's tile sizes: rows, codes and the ``D`` slice of the logits; ``out``, the widest
+    output slice a program accumulates in registers (wider outputs take more programs, each
+    recomputing the logits); and the warps."""
+
+    block_n: int
+    block_k: int
+    block_d: int
+    out: int
+    num_warps: int
+
+    def blocks(self) -> dict:
+        return {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "BLOCK_D": self.block_d}
+
+    def out_block(self, dim: int) -> int:
+        return min(self.out, max(16, triton.next_power_of_2(max(dim, 1))))
 
 
-def _blocks(dim: int) -> dict:
+# Configurations that compiled without spills for sm_80 and sm_90, fp32/fp16/bf16, every metric
+# and flag combination the launcher uses (triton.compile for both targets, the cubin's resource
+# usage read with cuobjdump); not yet timed on a GPU. fp32's tf32x3 products
+# triple the dot operands, so its tiles are smaller; the backward kernels carry more tiles than
+# the forward.
+_CONFIGS = {
+    "fp32": {"fwd": KernelConfig(32, 32, 32, 32, 8), "rows": KernelConfig(16, 32, 32, 32, 4),
+             "codes": KernelConfig(16, 32, 32, 32, 4)},
+    "16-bit": {"fwd": KernelConfig(64, 32, 32, 64, 8), "rows": KernelConfig(64, 32, 32, 64, 8),
+               "codes": KernelConfig(32, 32, 32, 64, 8)},
+}
+# Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
+_INTERPRETER_CONFIG = KernelConfig(16, 16, 16, 16, 4)
+
+
+def kernel_config(kernel: str, dtype: torch.dtype) -> KernelConfig:
+    """The tiles ``kernel`` (``"fwd"``, ``"rows"`` or ``"codes"``) runs with for inputs of ``dtype``."""
     if interpreting():
-        return dict(_INTERPRETER_BLOCKS)
-    return {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))}
-
-
-def _out_block(dim: int) -> int:
-    if interpreting():
-        return 16
-    return min(_MAX_OUT_BLOCK, max(16, triton.next_power_of_2(max(dim, 1))))
+        return _INTERPRETER_CONFIG
+    return _CONFIGS["fp32" if dtype == torch.float32 else "16-bit"][kernel]
 
 
 class _Launch:
@@ -497,7 +545,7 @@ class _Launch:
         self.num_codes = codebook.shape[0]
         self.value_dim = self.values.shape[1]
         self.inv_temperature = 1.0 / temperature
-        self.blocks = _blocks(self.dim)
+        self.configs = {kernel: kernel_config(kernel, dtype) for kernel in ("fwd", "rows", "codes")}
         self.meta = dict(
             METRIC=METRIC_IDS[metric],
             DOT_PRECISION=dot_precision(dtype),
@@ -524,16 +572,17 @@ class _Launch:
         weighted = torch.empty(self.num_rows if mean_logit else 0, dtype=torch.float32, device=self.device)
         if self.num_rows == 0:
             return soft, indices, lse, weighted
-        block_dv = _out_block(value_dim)
-        grid = (triton.cdiv(self.num_rows, self.blocks["BLOCK_N"]), max(1, triton.cdiv(value_dim, block_dv)))
+        config = self.configs["fwd"]
+        block_dv = config.out_block(value_dim)
+        grid = (triton.cdiv(self.num_rows, config.block_n), max(1, triton.cdiv(value_dim, block_dv)))
         with self.context():
             _soft_quantize_fwd_kernel[grid](
                 self.zq, self.row_term, self.keys, self.code_term, values,
                 soft, indices, lse, weighted, seed if seed is not None else lse,
                 self.num_rows, self.num_codes, self.dim, value_dim, self.inv_temperature,
                 VALUES=value_dim > 0, HARD=hard, NOISE=seed is not None, MEAN_LOGIT=mean_logit,
-                SINGLE_D_TILE=self.dim <= self.blocks["BLOCK_D"], BLOCK_DV=block_dv,
-                **self.meta, **self.blocks,
+                SINGLE_D_TILE=self.dim <= config.block_d, BLOCK_DV=block_dv,
+                **self.meta, **config.blocks(), num_warps=config.num_warps,
             )
         return soft, indices, lse, weighted
 
@@ -559,24 +608,28 @@ class _Launch:
         code_weights = code_weights.float().contiguous() if code_weights is not None else lse
         gamma_arg = gamma.float().contiguous() if gamma is not None else lse
         flags = dict(CODE_WEIGHTS=code_weights is not lse, GAMMA=gamma is not None)
-        block_do, block_dv = _out_block(self.dim), _out_block(self.value_dim)
         common_args = (*self.operands(), grad, code_weights, lse, gamma_arg, delta)
         with self.context():
             if rows_grad:
-                grid = (triton.cdiv(self.num_rows, self.blocks["BLOCK_N"]), triton.cdiv(self.dim, block_do))
+                config = self.configs["rows"]
+                block_do, block_dv = config.out_block(self.dim), config.out_block(self.value_dim)
+                grid = (triton.cdiv(self.num_rows, config.block_n), triton.cdiv(self.dim, block_do))
                 _soft_rows_bwd_kernel[grid](
                     *common_args, weighted_keys, row_sums, *self.sizes(),
-                    SINGLE_D_TILE=self.dim <= self.blocks["BLOCK_D"], BLOCK_DV=block_dv, BLOCK_DO=block_do,
-                    **flags, **self.meta, **self.blocks,
+                    SINGLE_D_TILE=self.dim <= config.block_d, BLOCK_DV=block_dv, BLOCK_DO=block_do,
+                    **flags, **self.meta, **config.blocks(), num_warps=config.num_warps,
                 )
             if codes_grad or value_grad:
+                config = self.configs["codes"]
+                block_do, block_dv = config.out_block(self.dim), config.out_block(self.value_dim)
                 slices = max(triton.cdiv(self.dim, block_do) if codes_grad else 1,
                              triton.cdiv(self.value_dim, block_dv) if value_grad else 1)
-                grid = (triton.cdiv(self.num_codes, self.blocks["BLOCK_K"]), slices)
+                grid = (triton.cdiv(self.num_codes, config.block_k), slices)
                 _soft_codes_bwd_kernel[grid](
                     *common_args, weighted_rows, code_sums, grad_values, *self.sizes(),
                     WEIGHTS=codes_grad, VALUE_GRAD=value_grad, PROB_SUMS=False, BLOCK_DV=block_dv,
-                    BLOCK_DO=block_do, BLOCK_DVO=block_dv, **flags, **self.meta, **self.blocks,
+                    BLOCK_DO=block_do, BLOCK_DVO=block_dv, **flags, **self.meta, **config.blocks(),
+                    num_warps=config.num_warps,
                 )
         return weighted_keys, row_sums, weighted_rows, code_sums, grad_values
 
@@ -586,12 +639,13 @@ class _Launch:
         if self.num_rows == 0:
             return sums
         lse = lse.float().contiguous()
-        grid = (triton.cdiv(self.num_codes, self.blocks["BLOCK_K"]), 1)
+        config = self.configs["codes"]
+        grid = (triton.cdiv(self.num_codes, config.block_k), 1)
         with self.context():
             _soft_codes_bwd_kernel[grid](
                 *self.operands(), lse, lse, lse, lse, lse, sums, sums, sums, *self.sizes(),
                 WEIGHTS=False, VALUE_GRAD=False, PROB_SUMS=True, CODE_WEIGHTS=False, GAMMA=False,
-                BLOCK_DV=16, BLOCK_DO=16, BLOCK_DVO=16, **self.meta, **self.blocks,
+                BLOCK_DV=16, BLOCK_DO=16, BLOCK_DVO=16, **self.meta, **config.blocks(), num_warps=config.num_warps,
             )
         return sums
 
