@@ -189,3 +189,44 @@ def test_evo_lfq_matches_vector_quantize_pytorch(num_codebooks):
         assert torch.equal(a.pop_bits, b.pop_bits) and torch.equal(a.best_gene, b.best_gene)
         assert a.best_fitness == b.best_fitness
         torch.testing.assert_close(b.best_decoded, a.best_decoded)
+
+
+def _distributed_lfq_worker(rank, world, store, out_dir):
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        lfq = ours.LFQ(dim=6, codebook_size=64, force_quantization_f32=False).double()
+        batch = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.05
+        shard = batch[rank : rank + 1].clone().requires_grad_()
+        _, breakdown = lfq(shard, return_loss_breakdown=True)
+        breakdown.batch_entropy.backward()
+        torch.save((breakdown.batch_entropy.detach(), shard.grad), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see tests/test_distributed.py: gloo ranks can abort in interpreter teardown
+
+
+def test_lfq_batch_entropy_is_averaged_over_ranks(tmp_path):
+    """Two gloo ranks on halves of a batch see the batch entropy of the whole batch (their avg_prob
+    is all-reduced, as vector-quantize-pytorch's); each rank's gradient is its rows' share of the
+    whole batch's, summed over the two ranks' copies of the loss."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_lfq_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    torch.manual_seed(0)
+    lfq = ours.LFQ(dim=6, codebook_size=64, force_quantization_f32=False).double()
+    batch = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.05
+    whole = batch.clone().requires_grad_()
+    _, breakdown = lfq(whole, return_loss_breakdown=True)
+    breakdown.batch_entropy.backward()
+    for rank, (entropy, grad) in enumerate(ranks):
+        torch.testing.assert_close(entropy, breakdown.batch_entropy.detach(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(grad, 2 * whole.grad[rank : rank + 1], atol=1e-12, rtol=0)
