@@ -16,7 +16,9 @@ convolution does 25 taps' work, not 49. The weight is read through a packed copy
   afterwards, so the result is deterministic (no atomics). Masked taps are exact zeros.
 
 Inputs may have any strides (NCHW, channels-last, views). Accumulation is fp32; fp32 ``tl.dot``
-uses ``tf32x3`` unless the caller opted into tf32 (``fastvq.backends.triton.common.dot_precision``).
+follows PyTorch's convolution flag as ``conv2d`` does (``torch.backends.cudnn``'s ``allow_tf32`` or
+``conv.fp32_precision``, tf32 by default), and uses ``tf32x3`` where that is off
+(``fastvq.backends.triton.common.dot_precision``).
 """
 
 from __future__ import annotations
@@ -313,7 +315,7 @@ def _implicit_gemm(src, packed, bias, out, pad, kernel_width, taps, transposed) 
         NUM_TAPS=taps,
         TRANSPOSED=transposed,
         HAS_BIAS=bias is not None,
-        DOT_PRECISION=dot_precision(packed.dtype),
+        DOT_PRECISION=dot_precision(packed.dtype, "conv"),
         DOT_IN_FP32=_dot_in_fp32(packed.dtype),
     )
     if interpreting():
@@ -385,7 +387,7 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, taps
     meta = dict(
         KW=kernel_width,
         NUM_TAPS=taps,
-        DOT_PRECISION=dot_precision(grad.dtype),
+        DOT_PRECISION=dot_precision(grad.dtype, "conv"),
         DOT_IN_FP32=_dot_in_fp32(grad.dtype),
     )
     if interpreting():
