@@ -23,17 +23,22 @@ Benches (``dot`` logits, IBQ's, standard-normal data scaled by 0.1; fp32):
   where the reference fits: the largest error of the output, the losses and both gradients,
   relative to each tensor's largest true entry.
 
-Timings are the harness's (median and 20/80 % quantiles of repeated calls; CUDA events on a
-GPU); peak memory is the growth of a fresh process's resident set (CPU) or of the CUDA caching
-allocator over the inputs. Results are merged into ``<out>/<device-slug>.csv`` and ``.md``.
+Timings are the harness's: the implementations at one point are timed against each other on the
+same inputs, call for call (``time_interleaved``; median and 20/80 % quantiles; CUDA events on a
+GPU), so their ratios hold on a shared machine whose load changes. An IBQ step where the reference
+cannot run takes minutes on a CPU: it is run once, in a fresh process, which gives both its time
+and its peak memory (note "one call"). Peak memory is the growth of a fresh process's resident set
+(CPU) or of the CUDA caching allocator over the inputs. Results are merged into ``<out>/<device-slug>.csv`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,6 +66,9 @@ SMALL_SOFT_GRID = [(512, 1024, 64)]
 SMALL_IBQ_GRID = [(256, 2048, 32)]
 SMALL_PARITY_POINT = (128, 512, 16)
 WARMUP_ROWS = WARMUP_CODES = 16
+# From N K D = 2^34 multiply-adds a soft step takes tens of seconds on a shared 2-core CPU: one
+# timed round after the warm-up round, so the point fits a 10-minute hold of the bench lock.
+LONG_POINT_MACS = 2**34
 
 
 def soft_inputs(num_rows: int, num_codes: int, dim: int, device: str, seed: int = 0):
@@ -140,21 +148,71 @@ def _row(bench: str, impl: str, mode: str, num_rows: int, num_codes: int, dim: i
             **dict.fromkeys(MEASURED_COLUMNS), "note": "", "load1": os.getloadavg()[0]}
 
 
-def _measure(row: dict, fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable, device: str,
-             min_repeats: int) -> bool:
-    """Fills the row's timing and peak memory (or its note when it fails); True when it ran."""
+def _fail(row: dict, error: Exception) -> None:
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    row["note"] = f"failed: {type(error).__name__}: {first_line}"
+    print(f"  {row['impl']}: {row['note']}", flush=True)
+
+
+def _measure_interleaved(rows: list[dict], fns: list[Callable], make_inputs: Callable, make_warmup_inputs: Callable,
+                         device: str, min_repeats: int) -> bool:
+    """Times the rows' calls against each other on the same inputs (``time_interleaved``: a change
+    of the shared machine's load falls on all of them alike), then each one's peak memory in a
+    fresh process; fills the rows (or their notes when they fail). True when all ran."""
+    ok = True
     try:
         inputs = make_inputs()
-        timing = _harness.time_call(functools.partial(fn, *inputs), device, min_repeats=min_repeats)
+        timings = _harness.time_interleaved({row["impl"]: functools.partial(fn, *inputs) for row, fn in zip(rows, fns)},
+                                            device, min_repeats=min_repeats)
         del inputs
-        peak_mib = _harness.peak_memory_growth_mib(fn, make_inputs, make_warmup_inputs, device)
     except Exception as error:  # keep measuring the rest, and say what failed
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        row["note"] = f"failed: {type(error).__name__}: {first_line}"
-        print(f"  {row['impl']}: {row['note']}", flush=True)
+        for row in rows:
+            _fail(row, error)
         return False
-    row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak_mib)
-    print(f"  {row['impl']} {row['mode']}: {timing.median_ms:.1f} ms, peak {peak_mib:.1f} MiB", flush=True)
+    for row, fn in zip(rows, fns):
+        timing = timings[row["impl"]]
+        row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms)
+        try:
+            row["peak_mib"] = _harness.peak_memory_growth_mib(fn, make_inputs, make_warmup_inputs, device)
+        except Exception as error:
+            _fail(row, error)
+            ok = False
+            continue
+        print(f"  {row['impl']} {row['mode']}: {timing.median_ms:.1f} ms, peak {row['peak_mib']:.1f} MiB", flush=True)
+    return ok
+
+
+_LAST_CALL_SECONDS: list[float] = []
+
+
+def _timed_call(fn: Callable, *inputs) -> None:
+    start = time.perf_counter()
+    fn(*inputs)
+    _LAST_CALL_SECONDS.append(time.perf_counter() - start)
+
+
+def _peak_and_seconds(fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable) -> tuple[int, float]:
+    """Runs in a spawned child: the peak growth of one call and that call's duration."""
+    growth = _harness._peak_rss_growth_bytes(functools.partial(_timed_call, fn), make_inputs, make_warmup_inputs)
+    return growth, _LAST_CALL_SECONDS[-1]
+
+
+def _measure_once(row: dict, fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable, device: str) -> bool:
+    """For a step that takes minutes on a CPU: one call in a fresh process gives both its time
+    and its peak memory (after the harness's small warm-up), so the step runs once, not three
+    times. On CUDA the harness's timing and allocator counters as usual."""
+    if device.startswith("cuda"):
+        return _measure_interleaved([row], [fn], make_inputs, make_warmup_inputs, device, min_repeats=1)
+    try:
+        with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
+            growth, seconds = pool.apply(_peak_and_seconds, (fn, make_inputs, make_warmup_inputs))
+    except Exception as error:
+        _fail(row, error)
+        return False
+    milliseconds = seconds * 1e3
+    row.update(median_ms=milliseconds, q20_ms=milliseconds, q80_ms=milliseconds, peak_mib=growth / _harness.MIB,
+               note="one call, timed in its memory run")
+    print(f"  {row['impl']} {row['mode']}: {milliseconds:.1f} ms (one call), peak {row['peak_mib']:.1f} MiB", flush=True)
     return True
 
 
@@ -179,41 +237,47 @@ SOFT_IMPLEMENTATIONS = [
 ]
 
 
-def run_soft(grid, device: str) -> tuple[list[dict], bool]:
+def _ignore(rows: list[dict]) -> None:
+    pass
+
+
+def run_soft(grid, device: str, save: Callable[[list[dict]], object] = _ignore) -> tuple[list[dict], bool]:
     rows, ok = [], True
     for num_rows, num_codes, dim in grid:
         print(f"soft_quantize N={num_rows} K={num_codes} D={dim}", flush=True)
         make_inputs = functools.partial(soft_inputs, num_rows, num_codes, dim, device)
         make_warmup = functools.partial(soft_inputs, WARMUP_ROWS, WARMUP_CODES, dim, device)
-        point = []
-        for impl, mode, fn, builds_matrices in SOFT_IMPLEMENTATIONS:
-            row = _row("soft_quantize", impl, mode, num_rows, num_codes, dim)
-            if not (builds_matrices and _too_big(row, num_rows, num_codes, device)):
-                ok &= _measure(row, fn, make_inputs, make_warmup, device, min_repeats=3)
-            point.append(row)
+        point = [_row("soft_quantize", impl, mode, num_rows, num_codes, dim) for impl, mode, _, _ in SOFT_IMPLEMENTATIONS]
+        runs = [(row, fn) for row, (_, _, fn, builds_matrices) in zip(point, SOFT_IMPLEMENTATIONS)
+                if not (builds_matrices and _too_big(row, num_rows, num_codes, device))]
+        ok &= _measure_interleaved([row for row, _ in runs], [fn for _, fn in runs], make_inputs, make_warmup, device,
+                                   min_repeats=1 if num_rows * num_codes * dim >= LONG_POINT_MACS else 2)
         search_ms = next(row["median_ms"] for row in point if row["impl"] == "nearest_code")
         for row in point:
             if row["median_ms"] is not None and search_ms:
                 row["vs_search"] = row["median_ms"] / search_ms
+        save(point)
         rows += point
     return rows, ok
 
 
-def run_ibq(grid, device: str) -> tuple[list[dict], bool]:
+def run_ibq(grid, device: str, save: Callable[[list[dict]], object] = _ignore) -> tuple[list[dict], bool]:
     rows, ok = [], True
     for num_rows, num_codes, dim in grid:
         print(f"ibq_step N={num_rows} K={num_codes} D={dim}", flush=True)
         make_inputs = functools.partial(ibq_inputs, num_rows, num_codes, dim, device)
         make_warmup = functools.partial(ibq_inputs, 64, WARMUP_CODES, dim, device)
-        point = []
-        for impl, fn, builds_matrices in (("fastvq", fastvq_ibq_step, False), ("reference", reference_ibq_step, True)):
-            row = _row("ibq_step", impl, "fwd+bwd", num_rows, num_codes, dim)
-            if not (builds_matrices and _too_big(row, num_rows, num_codes, device)):
-                ok &= _measure(row, fn, make_inputs, make_warmup, device, min_repeats=1)
-            point.append(row)
+        point = [_row("ibq_step", impl, "fwd+bwd", num_rows, num_codes, dim) for impl in ("fastvq", "reference")]
         fastvq_row, reference_row = point
+        if _too_big(reference_row, num_rows, num_codes, device):
+            # Only fastvq runs here, a step of minutes on a CPU: timed once, in its memory run.
+            ok &= _measure_once(fastvq_row, fastvq_ibq_step, make_inputs, make_warmup, device)
+        else:
+            ok &= _measure_interleaved(point, [fastvq_ibq_step, reference_ibq_step], make_inputs, make_warmup, device,
+                                       min_repeats=2)
         if fastvq_row["peak_mib"] is not None and reference_row["peak_mib"]:
             fastvq_row["vs_reference_peak"] = fastvq_row["peak_mib"] / reference_row["peak_mib"]
+        save(point)
         rows += point
     return rows, ok
 
@@ -241,10 +305,20 @@ def run_parity(point, device: str) -> tuple[list[dict], bool]:
     return rows, True
 
 
+def _point(text: str) -> tuple[int, int, int]:
+    try:
+        num_rows, num_codes, dim = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,K,D (three integers), got {text!r}") from None
+    return num_rows, num_codes, dim
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes that finish in about a minute")
     parser.add_argument("--only", choices=("soft_quantize", "ibq_step", "ibq_parity"), help="run one bench")
+    parser.add_argument("--points", type=_point, nargs="+", metavar="N,K,D",
+                        help="the (N, K, D) points of the soft_quantize and ibq_step benches instead of their grids")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
     args = parser.parse_args(argv)
@@ -259,9 +333,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
     if warning := _harness.cpu_contention_warning():
         print(warning)
+    def save(point_rows: list[dict]) -> tuple[Path, Path]:
+        # Each point is written as soon as it is measured: a long run cut short keeps what it did.
+        return _harness.write_results([{**row, **environment} for row in point_rows], args.device, KEY_COLUMNS,
+                                      args.out)
+
+    soft_grid = args.points or (SMALL_SOFT_GRID if args.small else SOFT_GRIDS[args.device])
+    ibq_grid = args.points or (SMALL_IBQ_GRID if args.small else IBQ_GRIDS[args.device])
     benches = {
-        "soft_quantize": lambda: run_soft(SMALL_SOFT_GRID if args.small else SOFT_GRIDS[args.device], args.device),
-        "ibq_step": lambda: run_ibq(SMALL_IBQ_GRID if args.small else IBQ_GRIDS[args.device], args.device),
+        "soft_quantize": lambda: run_soft(soft_grid, args.device, save),
+        "ibq_step": lambda: run_ibq(ibq_grid, args.device, save),
         "ibq_parity": lambda: run_parity(SMALL_PARITY_POINT if args.small else PARITY_POINT, args.device),
     }
     rows, ok = [], True
@@ -269,11 +350,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.only in (None, name):
             bench_rows, bench_ok = run()
             rows, ok = rows + bench_rows, ok and bench_ok
-    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, KEY_COLUMNS,
-                                               args.out)
+            if name == "ibq_parity":
+                save(bench_rows)
     print()
     print(_harness.format_table(rows, TABLE_COLUMNS))
-    print(f"\nwrote {csv_path} and {md_path}")
+    print(f"\nmerged into {args.out / _harness.device_slug(args.device)}.csv and .md")
     if warning := _harness.cpu_contention_warning():
         print(warning)
     return 0 if ok else 1
