@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._distributed import broadcast_from_first
-from .vector_quantize import VectorQuantize, l2norm
+from .vector_quantize import VectorQuantize
 
 # Arguments of vector-quantize-pytorch's ResidualVQ fastvq does not implement, with inert values.
 UNSUPPORTED_RESIDUAL_ARGUMENTS = {
@@ -233,7 +233,7 @@ class ResidualVQ(nn.Module):
         for depth, layer in enumerate(self.layers):
             active = None if dropout_index is None else depth <= dropout_index
             layer_inputs.append(residual)
-            quantized, layer_indices, loss = layer(
+            quantized, layer_indices, loss = layer._forward(
                 residual,
                 mask=mask,
                 freeze_codebook=freeze_codebook,
@@ -262,23 +262,22 @@ class ResidualVQ(nn.Module):
 
     @torch.no_grad()
     def _finish_shared_codebook_step(self, layer_inputs: list[Tensor], mask: Optional[Tensor]) -> None:
-        """One EMA renormalisation of the shared codebook, then dead-code expiry over every
-        layer's inputs, as vector-quantize-pytorch does after the residual loop."""
-        codebook = self.layers[0]._codebook
-        if codebook.ema_update:
-            codebook.renormalize(0)
-        if codebook.has_dead_code_replacement:
-            rows = torch.cat([_rows(t, self.accept_image_fmap) for t in layer_inputs])
-            if codebook.use_cosine_sim:
-                rows = l2norm(rows)
-            valid = None if mask is None else mask.reshape(-1).repeat(len(layer_inputs))
-            codebook.expire_codes_(0, rows, valid)
+        """One EMA renormalisation of the shared codebook, then dead-code expiry, as
+        vector-quantize-pytorch does after the residual loop (its ``expire_codes_`` reads the
+        leading axis of ``[B, N * Q, d]`` as the codebooks', so the rows of the first batch entry
+        are the candidates)."""
+        shared = self.layers[0]
+        if shared._codebook.ema_update:
+            shared._codebook.update_ema()
+            shared.update_in_place_optimizer()
+        rows = torch.stack([_channels_last(t, self.accept_image_fmap) for t in layer_inputs], dim=-2)
+        shared.expire_codes_(rows.reshape(rows.shape[0], -1, rows.shape[-1]))
 
 
-def _rows(tensor: Tensor, channels_first: bool) -> Tensor:
+def _channels_last(tensor: Tensor, channels_first: bool) -> Tensor:
     if channels_first:
         tensor = tensor.movedim(1, -1)
-    return tensor.reshape(-1, tensor.shape[-1])
+    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
 
 
 class GroupedResidualVQ(nn.Module):
