@@ -112,15 +112,6 @@ REQUIRED = {
     "ViTVQGAN": dict(image_size=(8, 8), patch_size=2, dim=16, depth=1, heads=2, mlp_dim=16, codebook_size=8,
                      codebook_dim=4),
 }
-# The vector-quantize-pytorch layers issue 13 is rewriting (their float checks land with or after it).
-PENDING = {
-    ("Codebook", name) for name in ("decay", "eps", "threshold_ema_dead_code", "sample_codebook_temp")
-} | {
-    ("VectorQuantize", name) for name in ("eps", "threshold_ema_dead_code", "commitment_weight", "sample_codebook_temp")
-} | {
-    ("HierarchicalVQ", name) for name in ("commitment_weight", "threshold_ema_dead_code", "sample_codebook_temp",
-                                          "orthogonal_reg_weight")
-} | {("ResidualVQ", "quant_grad_frac")}
 
 
 def _layer_classes():
@@ -153,12 +144,8 @@ def test_every_layer_is_covered():
 FLOAT_ARGUMENTS = list(_float_arguments())
 
 
-@pytest.mark.parametrize(
-    "name, cls, argument",
-    [pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason="issue 13 rewrites this layer"))
-     if case[::2] in PENDING else case for case in FLOAT_ARGUMENTS],
-    ids=[f"{name}.{argument}" for name, _, argument in FLOAT_ARGUMENTS],
-)
+@pytest.mark.parametrize("name, cls, argument", FLOAT_ARGUMENTS,
+                         ids=[f"{name}.{argument}" for name, _, argument in FLOAT_ARGUMENTS])
 def test_layer_float_arguments_must_be_finite(name, cls, argument):
     import warnings
 

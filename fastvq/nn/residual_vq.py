@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_real
 from .._distributed import broadcast_from_first
 from .vector_quantize import VectorQuantize
 
@@ -123,7 +124,7 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout = quantize_dropout and num_quantizers > 1
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.quant_grad_frac = float(quant_grad_frac)
+        self.quant_grad_frac = check_real("quant_grad_frac", quant_grad_frac, minimum=0.0, maximum=1.0)
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.shared_codebook = shared_codebook
         self.layers = nn.ModuleList(

@@ -20,6 +20,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .._checks import check_real
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 from ..clustering import kmeans
 from ..functional import (
@@ -114,6 +115,14 @@ class Codebook(nn.Module):
         vq_bridge: Optional[nn.Module] = None,
     ):
         super().__init__()
+        for name, value in (("decay", decay), ("affine_param_batch_decay", affine_param_batch_decay),
+                            ("affine_param_codebook_decay", affine_param_codebook_decay)):
+            check_real(name, value, minimum=0.0, maximum=1.0)
+        for name, value in (("eps", eps), ("threshold_ema_dead_code", threshold_ema_dead_code),
+                            ("sample_codebook_temp", sample_codebook_temp)):
+            check_real(name, value, minimum=0.0)
+        if reset_cluster_size is not None:
+            check_real("reset_cluster_size", reset_cluster_size, minimum=0.0)
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
         else:
@@ -663,18 +672,18 @@ class VectorQuantize(nn.Module):
             _positive_int("codebook_dim", codebook_dim)
         if orthogonal_reg_max_codes is not None:
             _positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
-        if not 0.0 <= float(decay) <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+        for name, value in (("decay", decay), ("sync_update_v", sync_update_v),
+                            ("affine_param_batch_decay", affine_param_batch_decay),
+                            ("affine_param_codebook_decay", affine_param_codebook_decay)):
+            check_real(name, value, minimum=0.0, maximum=1.0)
         for name, value in (("eps", eps), ("commitment_weight", commitment_weight),
                             ("threshold_ema_dead_code", threshold_ema_dead_code),
                             ("sample_codebook_temp", sample_codebook_temp),
                             ("orthogonal_reg_weight", orthogonal_reg_weight),
                             ("codebook_diversity_loss_weight", codebook_diversity_loss_weight),
                             ("directional_reparam_variance", directional_reparam_variance)):
-            if not float(value) >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if not 0.0 <= float(sync_update_v) <= 1.0:
-            raise ValueError(f"sync_update_v must be in [0, 1], got {sync_update_v!r}")
+            check_real(name, value, minimum=0.0)
+        check_real("codebook_diversity_temperature", codebook_diversity_temperature, above=0.0)
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
 
