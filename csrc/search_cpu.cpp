@@ -452,7 +452,9 @@ float true_distance(const z_t* z_row, int64_t z_stride, const acc_t* code, int64
   }
   if (metric == Metric::Dot) return static_cast<float>(-dot);
   const double norms = std::max(std::sqrt(z_sq), kNormEps) * std::max(std::sqrt(e_sq), kNormEps);
-  return static_cast<float>(1 - dot / norms);
+  // Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN (never < 0) stays NaN.
+  const double distance = 1 - dot / norms;
+  return static_cast<float>(distance < 0 ? 0 : distance);
 }
 
 // A thread's scratch: its row tile, and its score tile (BLAS) or lane state (direct kernels).

@@ -147,7 +147,7 @@ def vector_quantize(
     num_rows, dim = z.shape
     if num_rows == 0:
         return quantized, indices, torch.zeros((), dtype=torch.float32, device=z.device)
-    if metric == "l2":
+    if metric == "l2" and dtype != torch.float64:
         squared_error = distances.sum(dtype=torch.float32)
     else:
         squared_error = _sum_squared_difference(z, quantized)
@@ -156,12 +156,15 @@ def vector_quantize(
 
 
 def _sum_squared_difference(z: Tensor, codes: Tensor) -> Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=z.device)
+    # fp64 inputs are subtracted and summed in fp64 (rounding them to fp32 first loses the
+    # difference of nearby z and e); the fp32 loss is rounded once, at the end.
+    dtype = torch.float64 if codes.dtype == torch.float64 else torch.float32
+    total = torch.zeros((), dtype=dtype, device=z.device)
     rows_per_chunk = max(1, CHUNK_BYTES // max(1, 8 * z.shape[1]))
     for start in range(0, z.shape[0], rows_per_chunk):
-        diff = z[start : start + rows_per_chunk].float() - codes[start : start + rows_per_chunk].float()
+        diff = z[start : start + rows_per_chunk].to(dtype) - codes[start : start + rows_per_chunk].to(dtype)
         total += (diff * diff).sum()
-    return total
+    return total.float()
 
 
 @vector_quantize.register_fake

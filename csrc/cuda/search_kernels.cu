@@ -152,7 +152,11 @@ __global__ void __launch_bounds__(kThreads) nearest_code_fwd_kernel(SearchArgs a
   }
   float distance = total;
   if (metric == Metric::Dot) distance = -total;
-  if (metric == Metric::Cosine) distance = 1.0f - total / (fmaxf(sqrtf(z_sq), kNormEps) * fmaxf(sqrtf(e_sq), kNormEps));
+  if (metric == Metric::Cosine) {
+    distance = 1.0f - total / (fmaxf(sqrtf(z_sq), kNormEps) * fmaxf(sqrtf(e_sq), kNormEps));
+    // Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN (never < 0) stays NaN.
+    if (distance < 0.0f) distance = 0.0f;
+  }
   args.indices[row] = row_index;
   args.distances[row] = distance;
 }

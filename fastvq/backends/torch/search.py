@@ -39,7 +39,8 @@ def true_distance(z_rows: torch.Tensor, codes: torch.Tensor, metric: str) -> tor
     if metric == "dot":
         return -dots
     norms = z_rows.norm(dim=1).clamp_min(NORM_EPS) * codes.norm(dim=1).clamp_min(NORM_EPS)
-    return 1.0 - dots / norms
+    # Rounding can put a parallel pair's 1 - cos a few ulps below 0; clamp_min keeps NaN.
+    return (1.0 - dots / norms).clamp_min(0.0)
 
 
 def gumbel_scores(

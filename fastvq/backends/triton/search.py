@@ -182,7 +182,8 @@ def _nearest_code_fwd_kernel(
         distance = sq_sum
     elif METRIC == 1:
         norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
-        distance = 1.0 - dot_sum / norms
+        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
+        distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         distance = -dot_sum
     tl.store(indices_ptr + rows, best_index, mask=row_mask)
