@@ -23,10 +23,13 @@ METRICS = ("l2", "cosine", "dot")
 def distance_matrix_ref(
     z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", *, upcast: bool = True
 ) -> torch.Tensor:
-    """All pairwise distances ``[N, K]``: squared L2, ``1 - cos`` or ``-z.e``.
+    """All pairwise distances ``[N, K]``: squared L2, ``1 - cos`` (clamped at 0) or ``-z.e``.
 
     ``l2`` is written ``z^2 + e^2 - 2 z.e`` as the VQ-VAE code bases write it; with ``upcast`` it
-    is evaluated in float64, where that form's cancellation is harmless at test sizes.
+    is evaluated in float64, where that form's cancellation is harmless at test sizes. Where a row
+    or code holds an Inf or NaN that form gives ``inf - inf`` or ``0 * inf`` = NaN even when the
+    distance is plainly infinite (``z = 0`` against an Inf code), so those pairs are computed from
+    ``z - e`` as the kernels' returned distances are: Inf, or NaN for ``inf - inf`` and NaN inputs.
     """
     dtype = torch.float64 if upcast else torch.promote_types(z.dtype, codebook.dtype)
     z = z.to(dtype)
@@ -34,9 +37,15 @@ def distance_matrix_ref(
     if metric == "l2":
         z_sq = (z * z).sum(dim=1, keepdim=True)
         e_sq = (codebook * codebook).sum(dim=1)
-        return (z_sq + e_sq - 2.0 * z @ codebook.T).clamp_min(0)
+        distances = (z_sq + e_sq - 2.0 * z @ codebook.T).clamp_min(0)
+        rows = (~z.isfinite()).any(dim=1).nonzero().flatten()
+        codes = (~codebook.isfinite()).any(dim=1).nonzero().flatten()
+        distances[rows] = (z[rows, None] - codebook[None]).square().sum(dim=2)
+        distances[:, codes] = (z[:, None] - codebook[None, codes]).square().sum(dim=2)
+        return distances
     if metric == "cosine":
-        return 1.0 - F.normalize(z, dim=1) @ F.normalize(codebook, dim=1).T
+        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; clamp_min keeps NaN.
+        return (1.0 - F.normalize(z, dim=1) @ F.normalize(codebook, dim=1).T).clamp_min(0)
     if metric == "dot":
         return -(z @ codebook.T)
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -110,9 +119,15 @@ def vector_quantize_ref(
 def segment_reduce_ref(
     z: torch.Tensor, indices: torch.Tensor, num_codes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-code counts ``[K]`` and sums ``[K, D]`` (float32) through a one-hot matrix."""
+    """Per-code counts ``[K]`` (through a one-hot matrix) and sums ``[K, D]``, float32.
+
+    The sums are added row by row in float64 (``index_add_``), not as ``one_hot.T @ z``: there
+    ``0 * nan`` would turn every code's sum NaN from one NaN row, where the contract (and every
+    backend) lets a NaN or Inf row change only its own code's sum.
+    """
     one_hot = F.one_hot(indices, num_codes).to(torch.float64)
-    return one_hot.sum(dim=0).float(), (one_hot.T @ z.to(torch.float64)).float()
+    sums = torch.zeros((num_codes, z.shape[1]), dtype=torch.float64, device=z.device)
+    return one_hot.sum(dim=0).float(), sums.index_add_(0, indices, z.to(torch.float64)).float()
 
 
 def ema_update_ref_(
