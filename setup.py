@@ -7,10 +7,12 @@ PyPI means the multi-GB CUDA wheels)::
 
     pip install torch==2.13.0 && pip install --no-build-isolation -e .
 
-The build never makes the installation fail unless asked to: without torch at build time, without
-a C++ compiler, or when the compiler fails, fastvq installs without fastvq._C, runs on the PyTorch
-path, and ``fastvq.backends.backend_info()`` says why (setup.py records it in
-``fastvq/_build_status.json``). Environment variables:
+The build never makes the installation fail unless asked to: when the CUDA kernels fail to compile,
+fastvq._C is built with its C++ CPU kernels alone; without torch at build time, without a C++
+compiler, or when that compile fails too, fastvq installs without fastvq._C and runs on the PyTorch
+path. ``fastvq.backends.backend_info()`` says which and why (setup.py records it in
+``fastvq/_build_status.json``). ``scripts/build_cuda_extension.sh`` builds the CUDA kernels against a
+CUDA build of PyTorch. Environment variables:
 
 - ``FASTVQ_CPU_ARCH_FLAGS``: the host vector-instruction flags for the C++ kernels, default
   ``-march=native`` (dropped if the compiler rejects it); set it to ``""`` or e.g.
@@ -125,39 +127,65 @@ def extension_setup() -> dict:
 
     compile_flags, link_flags, chosen = cpu_flags()
     with_cuda = cuda_wanted(torch, CUDA_HOME)
-    status = {"built": True, "torch": torch.__version__, "cuda": with_cuda, **chosen}
+    status = {"built": True, "torch": torch.__version__, **chosen}
+    # Tried in order: with the CUDA kernels (where wanted), then with the C++ CPU kernels alone, so a
+    # CUDA compile that fails cannot take the CPU kernels down with it.
+    plans = [
+        (
+            CppExtension(
+                "fastvq._C", cpu_sources(), extra_compile_args={"cxx": compile_flags}, extra_link_args=link_flags
+            ),
+            {**status, "cuda": False},
+        )
+    ]
     if with_cuda:
-        extension = CUDAExtension(
+        cuda_extension = CUDAExtension(
             "fastvq._C",
             cpu_sources() + CUDA_SOURCES,
             extra_compile_args={"cxx": compile_flags + ["-DFASTVQ_WITH_CUDA"], "nvcc": ["-O3", "-DFASTVQ_WITH_CUDA"]},
             extra_link_args=link_flags,
         )
-    else:
-        extension = CppExtension(
-            "fastvq._C", cpu_sources(), extra_compile_args={"cxx": compile_flags}, extra_link_args=link_flags
-        )
+        plans.insert(0, (cuda_extension, {**status, "cuda": True}))
     must_build = with_cuda and os.environ.get("FASTVQ_BUILD_CUDA", "auto").strip() == "1"
 
     class BuildOrFallBack(BuildExtension):
-        """Builds fastvq._C; if that fails, installs fastvq without it and records why."""
+        """Builds fastvq._C, falling back from the CUDA build to the CPU one; if both fail, installs
+        fastvq without it. What was built, and why not more, goes to _build_status.json."""
+
+        def record(self, **build_status):
+            write_status(**build_status)
+            # A wheel build (not in place) copied the package before this ran: the status goes there too.
+            if not self.inplace and self.build_lib:
+                built = Path(self.build_lib) / "fastvq" / STATUS_FILE.name
+                built.parent.mkdir(parents=True, exist_ok=True)
+                built.write_text(STATUS_FILE.read_text())
 
         def run(self):
-            try:
-                super().run()
-            except Exception as error:  # noqa: BLE001 - any failure means "no extension", not "no fastvq"
-                if must_build:
-                    raise
-                reason = f"building fastvq._C failed: {type(error).__name__}: {error}".strip()
-                write_status(built=False, reason=reason, **chosen)
-                remove_stale_extension()
-                print(traceback.format_exc(), file=sys.stderr)
-                print(f"fastvq: WARNING: {reason}\nfastvq: installing without fastvq._C (the PyTorch path runs "
-                      "instead)", file=sys.stderr)
+            failures = []
+            # build_ext.run replaces the compiler option (a name, or None) by the compiler it made,
+            # which a second run cannot take: each attempt starts from the option.
+            compiler_option = self.compiler
+            for extension, plan_status in plans:
+                self.extensions = [extension]
+                self.compiler = compiler_option
+                try:
+                    super().run()
+                except Exception as error:  # noqa: BLE001 - any failure means "try less", not "no fastvq"
+                    if must_build:
+                        raise
+                    kind = "with its CUDA kernels" if plan_status["cuda"] else "with its C++ CPU kernels"
+                    failures.append(f"building fastvq._C {kind} failed: {type(error).__name__}: {error}".strip())
+                    print(traceback.format_exc(), file=sys.stderr)
+                    print(f"fastvq: WARNING: {failures[-1]}", file=sys.stderr)
+                    continue
+                self.record(**plan_status, **({"cuda_failure": failures[0]} if failures else {}))
                 return
-            write_status(**status)
+            reason = "; ".join(failures)
+            self.record(built=False, reason=reason, **chosen)
+            remove_stale_extension()
+            print("fastvq: installing without fastvq._C (the PyTorch path runs instead)", file=sys.stderr)
 
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildOrFallBack}}
+    return {"ext_modules": [plans[0][0]], "cmdclass": {"build_ext": BuildOrFallBack}}
 
 
 setup(
