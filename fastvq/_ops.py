@@ -132,7 +132,8 @@ def vector_quantize(
     sample_temperature: float = 0.0,
     seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Search, gather and the two VQ losses: ``(quantized [N, D], indices int64 [N], loss fp32 [])``.
+    """Search, gather and the two VQ losses: ``(quantized [N, D], indices int64 [N], loss fp32 [])``
+    (fp64 inputs: the loss summed in fp64, rounded to fp32 once).
 
     ``loss = codebook_weight * mean((sg[z] - e)^2) + commitment_weight * mean((z - sg[e])^2)``.
     ``quantized``'s gradient reaches ``z`` straight through, or rotated by the rotation trick.

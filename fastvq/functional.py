@@ -69,12 +69,26 @@ def nearest_code(
     Returns:
         ``(indices, distances)`` or ``(indices, distances, codes)``: ``indices`` int64 ``[N]``;
         ``distances`` float32 ``[N]``, each row's true distance to its code (for ``l2`` computed
-        as ``sum((z - e)^2)``, so it is exact and never negative); ``codes`` ``[N, D]`` in the
-        promoted dtype.
+        as ``sum((z - e)^2)``, so it is exact and never negative; ``1 - cos`` is clamped at 0 too);
+        ``codes`` ``[N, D]`` in the promoted dtype.
 
     Scores accumulate in fp32 for every input dtype. Ties go to the lowest index. A NaN distance
     never wins; a row whose distances are all NaN gets index 0 and a NaN distance. The search is
     deterministic.
+
+    Accuracy (fp32): the chosen code's true (float64) distance is within 1e-5 of the best,
+    relative to the row's distances, for ``l2`` and ``dot`` at any offset from the origin. For
+    ``cosine`` it is within that or ``sqrt(D) * 2**-23`` absolute, whichever is larger: cosines
+    are compared in fp32, whose resolution near 1 is absolute, so for data far from the origin
+    (all ``1 - cos`` tiny) the rule relative to the row's distances does not hold.
+
+    Range (fp32 and bf16 inputs, whose squares are formed in fp32): the contract holds while
+    squared norms and squared distances are normal fp32 numbers, about 1.2e-38 to 3.4e38
+    (vector norms below about 1.8e19, differences that matter above about 1e-19); cosine treats
+    a vector of norm below 1e-12 as zero (``F.normalize``'s eps). Outside it nothing crashes and
+    every index is a valid one, but overflowing distances come back Inf (or NaN) with any index,
+    and underflowing ones 0, ties, lowest index first. Inputs are not rescaled. fp16 inputs
+    cannot leave the range; fp64 is computed in fp64.
 
     Raises:
         TypeError: a non-tensor or an integer/bool tensor.
@@ -121,7 +135,8 @@ def vector_quantize(
             straight through (the forward value is the same).
 
     Returns:
-        ``(quantized [N, D] promoted dtype, indices int64 [N], loss float32 scalar)``.
+        ``(quantized [N, D] promoted dtype, indices int64 [N], loss float32 scalar)``. The loss
+        is summed in fp32, or for float64 inputs in float64 and rounded to fp32 once.
 
     The codebook gradient is summed with float atomics on GPU, so its last bits can vary between
     runs; ``torch.use_deterministic_algorithms(True)`` selects a sorted, deterministic reduction.

@@ -73,6 +73,8 @@ def search_tolerance(z: torch.Tensor, codebook: torch.Tensor, metric: str, truth
     dtype = torch.promote_types(z.dtype, codebook.dtype)
     scale = row_scale(truth)
     if dtype in (torch.float32, torch.float64):
+        if metric == "cosine":  # fp32 resolves a cosine to an absolute sqrt(D) ulps of 1 (the contract)
+            return torch.clamp_min(FP32_SEARCH_RTOL * scale, z.shape[1] ** 0.5 * torch.finfo(torch.float32).eps)
         return FP32_SEARCH_RTOL * scale
     torch_indices, _, _ = reference.nearest_code_ref(z, codebook, metric, upcast=False)
     torch_error = search_error(truth, torch_indices).max()

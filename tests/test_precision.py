@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _parity import DTYPE_IDS, DTYPES, METRICS, assert_search_parity
+from _parity import DTYPE_IDS, DTYPES, METRICS, assert_search_parity, row_scale
 
 import fastvq
 from fastvq import reference
@@ -78,3 +78,86 @@ def test_oracle_and_kernels_agree_that_a_bad_row_changes_only_its_code(backend, 
     assert torch.equal(expected_sums[indices[9], 2].isnan(), torch.tensor(bad != bad))
     torch.testing.assert_close(counts.cpu(), expected_counts, rtol=0, atol=0)
     torch.testing.assert_close(sums.cpu(), expected_sums, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- fp32 cosine far from the origin
+
+
+def _grid(num_rows, num_codes, dim, shift, seed):
+    """Values on a 1/1024 grid in [-4, 4] shifted by ``shift``: exact in fp32 up to a few thousand."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randint(-4096, 4097, (num_rows, dim), generator=generator) / 1024.0 + shift
+    codebook = torch.randint(-4096, 4097, (num_codes, dim), generator=generator) / 1024.0 + shift
+    return z, codebook
+
+
+@pytest.mark.parametrize("shift", [1000.0, -3000.0])
+def test_fp32_cosine_far_from_the_origin_holds_its_absolute_rule(backend, device, shift):
+    """Far from the origin every ``1 - cos`` is ~1e-6, a few fp32 ulps of 1: the search (and plain
+    PyTorch) misses the 1e-5 rule relative to the row's distances, and the contract is absolute
+    for cosine: within ``sqrt(D) * 2^-23`` of the best (measured: at most half of that)."""
+    z, codebook = _grid(127, 129, 17, shift, seed=14)
+    truth = reference.distance_matrix_ref(z, codebook, "cosine")
+    best = truth.min(dim=1).values
+    relative_rule = 1e-5 * row_scale(truth)
+    plain, _, _ = reference.nearest_code_ref(z, codebook, "cosine", upcast=False)
+    plain_error = truth.gather(1, plain[:, None]).squeeze(1) - best
+    assert (plain_error > relative_rule).any(), "the relative rule alone would hold here: the test shows nothing"
+
+    indices, distances, codes = fastvq.nearest_code(z.to(device), codebook.to(device), metric="cosine",
+                                                    return_codes=True)
+    error = truth.gather(1, indices.cpu()[:, None]).squeeze(1) - best
+    absolute_rule = 17**0.5 * torch.finfo(torch.float32).eps
+    assert float(error.max()) <= absolute_rule, (float(error.max()), absolute_rule)
+    assert_search_parity(z.to(device), codebook.to(device), "cosine", indices, distances, codes)
+
+
+# --------------------------------------------------------------------------- the fp32 range
+
+
+def _scaled(scale, seed=15):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(50, 17, generator=generator) * scale, torch.randn(40, 17, generator=generator) * scale
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_contract_holds_at_the_top_of_the_fp32_range(backend, device, dtype, metric):
+    """Norms up to about 1e19, squared distances up to 1e38: just under fp32's largest, 3.4e38."""
+    z, codebook = (x.to(dtype).to(device) for x in _scaled(1e18))
+    assert reference.distance_matrix_ref(z, codebook, "l2").max() < torch.finfo(torch.float32).max
+    assert_search_parity(z, codebook, metric, *fastvq.nearest_code(z, codebook, metric=metric, return_codes=True))
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+def test_the_contract_holds_at_the_bottom_of_the_fp32_range(backend, device, metric):
+    """Entries about 1e-19: squared distances about 1e-37, above fp32's smallest normal (1.2e-38)."""
+    z, codebook = (x.to(device) for x in _scaled(1e-19))
+    indices, distances, codes = fastvq.nearest_code(z, codebook, metric=metric, return_codes=True)
+    assert_search_parity(z, codebook, metric, indices, distances, codes)
+    truth = reference.distance_matrix_ref(z.cpu(), codebook.cpu(), metric).gather(1, indices.cpu()[:, None])
+    torch.testing.assert_close(distances.cpu().double(), truth.squeeze(1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("metric", METRICS)
+def test_beyond_the_fp32_range_nothing_crashes_and_l2_says_inf(backend, device, metric):
+    """Above it (norms ~4e20) squares overflow: every index is still a code, the codes are those
+    codes, and l2's distance is Inf, fp32's rounding of the true one; inputs are not rescaled."""
+    z, codebook = (x.to(device) for x in _scaled(1e20))
+    indices, distances, codes = fastvq.nearest_code(z, codebook, metric=metric, return_codes=True)
+    assert ((indices >= 0) & (indices < codebook.shape[0])).all()
+    assert torch.equal(codes, codebook[indices])
+    if metric == "l2":
+        assert distances.isinf().all() and (distances > 0).all(), distances
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+def test_beneath_the_fp32_range_distances_are_zero_and_tie(backend, device, metric):
+    """Below it (entries ~1e-24) squares and products underflow to 0: every code ties at distance 0
+    (the true one rounded to fp32), and a tie goes to the lowest index, 0."""
+    z, codebook = (x.to(device) for x in _scaled(1e-24))
+    indices, distances = fastvq.nearest_code(z, codebook, metric=metric)
+    assert torch.equal(distances.cpu(), torch.zeros(50)), distances
+    assert not indices.any(), indices
