@@ -103,6 +103,7 @@ REQUIRED = {
     "ResidualFSQ": dict(levels=[3, 3], num_quantizers=2, dim=4), "ResidualLFQ": dict(dim=4, num_quantizers=2, codebook_size=16),
     "ResidualSimVQ": dict(dim=4, num_quantizers=2, codebook_size=8),
     "ResidualVQ": dict(dim=4, codebook_size=8, num_quantizers=2), "SimVQ": dict(dim=4, codebook_size=8),
+    "Sequential": {},  # no float arguments: its modules are checked on their own
     "VectorQuantize": dict(dim=4, codebook_size=8), "VectorQuantizer2": dict(n_e=8, e_dim=4, beta=0.25),
     "VectorQuantizerEMA": dict(embedding_dim=4, num_embeddings=8, commitment_cost=0.25, decay=0.99),
     "GPTPrior": dict(num_codes=8, seq_len=4), "MaskGITPrior": dict(num_codes=8, seq_len=4, dim=8, heads=2),

@@ -56,3 +56,7 @@ __all__ += ["RandomProjectionQuantizer"]
 from .hierarchical_vq import HierarchicalVQ  # noqa: E402
 
 __all__ += ["HierarchicalVQ"]
+
+from .sequential import Sequential  # noqa: E402
+
+__all__ += ["Sequential"]
