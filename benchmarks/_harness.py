@@ -163,22 +163,37 @@ def peak_memory_growth_mib(
     its parent's peak (Linux carries it through fork and exec), which hides any growth below the
     parent's size. The figure has page granularity and counts every page first touched during the call.
     """
+    return once_with_peak_memory(fn, make_inputs, make_warmup_inputs, device)[1]
+
+
+def once_with_peak_memory(
+    fn: Callable[..., object],
+    make_inputs: Callable[[], tuple],
+    make_warmup_inputs: Callable[[], tuple],
+    device: str,
+) -> tuple[float, float]:
+    """``(milliseconds, peak MiB)`` of one call ``fn(*make_inputs())``, both taken from that same
+    call, measured as ``peak_memory_growth_mib`` describes (CPU: in a fresh process). For calls so
+    long that timing them again on their own would not fit a benchmark's time: the figure is one
+    call, with no quantiles and not interleaved with anything."""
     if device.startswith("cuda"):
         inputs = make_inputs()
         fn(*make_warmup_inputs())
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         fn(*inputs)
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - baseline) / MIB
+        seconds = time.perf_counter() - start
+        return seconds * 1e3, (torch.cuda.max_memory_allocated(device) - baseline) / MIB
     with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
-        growth_bytes = pool.apply(_peak_rss_growth_bytes, (fn, make_inputs, make_warmup_inputs))
-    return growth_bytes / MIB
+        growth_bytes, seconds = pool.apply(_peak_rss_growth_bytes, (fn, make_inputs, make_warmup_inputs))
+    return seconds * 1e3, growth_bytes / MIB
 
 
-def _peak_rss_growth_bytes(fn, make_inputs, make_warmup_inputs) -> int:
-    """Runs in the spawned child of ``peak_memory_growth_mib``."""
+def _peak_rss_growth_bytes(fn, make_inputs, make_warmup_inputs) -> tuple[int, float]:
+    """Runs in the spawned child of ``once_with_peak_memory``: the growth and the call's seconds."""
     inputs = make_inputs()
     fn(*make_warmup_inputs())
     gc.collect()
@@ -186,8 +201,10 @@ def _peak_rss_growth_bytes(fn, make_inputs, make_warmup_inputs) -> int:
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
     baseline = _proc_status_bytes("VmHWM")
+    start = time.perf_counter()
     fn(*inputs)
-    return _proc_status_bytes("VmHWM") - baseline
+    seconds = time.perf_counter() - start
+    return _proc_status_bytes("VmHWM") - baseline, seconds
 
 
 def _proc_status_bytes(field: str) -> int:

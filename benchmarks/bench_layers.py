@@ -10,6 +10,7 @@ machine), and the peak memory the step needs on top of its inputs and the layer 
     python benchmarks/bench_layers.py                 # VectorQuantize and ResidualVQ, default grid
     python benchmarks/bench_layers.py --target-only   # only N = 65 536, K = 16 384, D = 256
     python benchmarks/bench_layers.py --layers LFQ FSQ HierarchicalVQ   # the scalar/LFQ/multi-scale grids
+    python benchmarks/bench_layers.py --layers LFQ --codes 65536 262144 --once   # LFQ's goal points
 
 LFQ's rows carry the codebook size K = 2^D (D bits); its entropy loss is where vector-quantize-pytorch
 builds N x 2^D matrices. FSQ's K is the product of its levels (``FSQ_LEVELS``). HierarchicalVQ
@@ -22,6 +23,7 @@ import argparse
 import functools
 import multiprocessing
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -129,13 +131,19 @@ def their_matrix_bytes(layer: str, num_rows: int, num_codes: int) -> int:
 
 
 def available_bytes(device: str) -> int:
+    """Memory a step may take: free GPU memory, or the kernel's MemAvailable (free pages plus the
+    page cache it can drop; the free pages alone undercount a machine that has read files)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info()[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *, repeats: int) -> list[dict]:
-    """Both libraries' rows for one layer at one size: time (interleaved), peak memory, ratios."""
+def measure(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *, repeats: int,
+            once: bool = False) -> list[dict]:
+    """Both libraries' rows for one layer at one size: time (interleaved), peak memory, ratios.
+    ``once``: each library's step is called once, its time and peak memory taken from that call
+    (``_harness.once_with_peak_memory``), for sizes where one of their steps takes minutes."""
     rows, factories = {}, {}
     for library in LIBRARIES:
         rows[library] = {"bench": BENCH, "impl": f"{library}:{layer}", "N": num_rows, "K": num_codes, "D": dim,
@@ -149,24 +157,33 @@ def measure(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *,
     if (1 if device == "cpu" else 2) * needed > available:
         theirs = rows.pop(LIBRARIES[1])
         theirs["note"] = (f"not run: its N x K matrices alone take {needed / _harness.GIB:.0f} GiB, "
-                          f"{available / _harness.GIB:.0f} GiB free")
+                          f"{available / _harness.GIB:.0f} GiB available")
         print(f"  {theirs['impl']}: {theirs['note']}", flush=True)
         factories.pop(LIBRARIES[1])
         done = [theirs]
     else:
         done = []
     try:
-        if device == "cpu":
-            with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
-                timings = pool.apply(time_steps, (factories, device, repeats))
+        if once:
+            for library, row in rows.items():
+                make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
+                milliseconds, peak = _harness.once_with_peak_memory(training_step, factories[library], make_warmup,
+                                                                    device)
+                row.update(median_ms=milliseconds, peak_mib=peak, load1=os.getloadavg()[0],
+                           note="one call: time and memory from it")
+                print(f"  {row['impl']}: {milliseconds:.1f} ms, peak +{peak:.0f} MiB", flush=True)
         else:
-            timings = time_steps(factories, device, repeats)
-        for library, row in rows.items():
-            make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
-            peak = _harness.peak_memory_growth_mib(training_step, factories[library], make_warmup, device)
-            timing = timings[library]
-            row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak)
-            print(f"  {row['impl']}: {timing.median_ms:.1f} ms, peak +{peak:.0f} MiB", flush=True)
+            if device == "cpu":
+                with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
+                    timings = pool.apply(time_steps, (factories, device, repeats))
+            else:
+                timings = time_steps(factories, device, repeats)
+            for library, row in rows.items():
+                make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
+                peak = _harness.peak_memory_growth_mib(training_step, factories[library], make_warmup, device)
+                timing = timings[library]
+                row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak)
+                print(f"  {row['impl']}: {timing.median_ms:.1f} ms, peak +{peak:.0f} MiB", flush=True)
     except Exception as error:  # keep measuring the rest, and say what failed
         first_line = str(error).splitlines()[0] if str(error) else ""
         for row in rows.values():
@@ -181,14 +198,15 @@ def measure(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *,
     return [ours, theirs] if theirs is not None else [ours, *done]
 
 
-def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None, layers=LAYERS) -> list[dict]:
+def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None, layers=LAYERS,
+        once: bool = False) -> list[dict]:
     """Measures every point of every layer; ``save(rows)`` is called after each, so a killed run
-    keeps its rows."""
+    keeps its rows. ``once``: see ``measure``."""
     rows = []
     for num_rows, num_codes, dim in points:
         for layer in layers:
             print(f"{layer} N={num_rows} K={num_codes} D={dim}", flush=True)
-            pair = measure(layer, num_rows, num_codes, dim, device, repeats=repeats)
+            pair = measure(layer, num_rows, num_codes, dim, device, repeats=repeats, once=once)
             rows += pair
             if save is not None:
                 save(pair)
@@ -202,6 +220,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--layers", nargs="+", choices=LAYERS + tuple(QUANTIZER_GRIDS), default=list(LAYERS),
                         help="the layers to measure (VectorQuantize and ResidualVQ by default)")
     parser.add_argument("--repeats", type=int, default=3, help="minimum timed repeats per point")
+    parser.add_argument("--codes", type=int, nargs="+", metavar="K",
+                        help="only the grid points with these codebook sizes (e.g. LFQ's 65536 262144)")
+    parser.add_argument("--once", action="store_true",
+                        help="one call per library and point, time and memory from it (steps of minutes)")
     parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
     return parser.parse_args(argv)
 
@@ -212,14 +234,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
     points = [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
 
+    def chosen(grid):
+        return [point for point in grid if args.codes is None or point[1] in args.codes]
+
     def save(new_rows):
         return _harness.write_results([{**row, **environment} for row in new_rows], args.device, KEY_COLUMNS, args.out)
 
     vq_layers = [layer for layer in args.layers if layer in LAYERS]
-    rows = run(points, args.device, args.repeats, save, vq_layers) if vq_layers else []
+    rows = run(chosen(points), args.device, args.repeats, save, vq_layers, args.once) if vq_layers else []
     for layer in args.layers:
         if layer in QUANTIZER_GRIDS:
-            rows += run(QUANTIZER_GRIDS[layer][args.device], args.device, args.repeats, save, (layer,))
+            rows += run(chosen(QUANTIZER_GRIDS[layer][args.device]), args.device, args.repeats, save, (layer,),
+                        args.once)
     csv_path, md_path = save(rows)
     print()
     print(_harness.format_table(rows, TABLE_COLUMNS + ("memory_vs_theirs",)))
