@@ -261,7 +261,6 @@ def test_trains_under_compile_fullgraph(config):
         (dict(eps=-1.0), ValueError, "eps"),
         (dict(commitment_weight=-1.0), ValueError, "commitment_weight"),
         (dict(ema_update=True, learnable_codebook=True), ValueError, "learnable_codebook"),
-        (dict(straight_through=True, rotation_trick=False), NotImplementedError, "issue 15"),
         (dict(straight_through=True), ValueError, "at most one"),
         (dict(no_such_argument=1), TypeError, "no_such_argument"),
     ],

@@ -249,11 +249,6 @@ def test_eval_returns_zero_loss_and_changes_nothing():
     assert ours(torch.randn(2, 3, DIM))[2].item() == 0.0
 
 
-def test_straight_through_names_the_issue_it_waits_for():
-    with pytest.raises(NotImplementedError, match="issue 15"):
-        VectorQuantize(DIM, CODES, straight_through=True, rotation_trick=False)
-
-
 def test_signature_is_vector_quantize_pytorchs():
     import inspect
 

@@ -31,6 +31,7 @@ from ..functional import (
     draw_seed,
     orthogonal_loss,
     rotate_to,
+    soft_quantize,
 )
 
 # vector-quantize-pytorch's l2norm floor.
@@ -560,8 +561,17 @@ class VectorQuantize(nn.Module):
       the average code distribution ``softmax(temperature * -distance)`` at each position.
     - ``stochastic_sample_codes``, ``sample_codebook_temp``: in training, sample codes from
       ``softmax(-distance / T)`` by Gumbel-max inside the fused search.
-    - ``straight_through``: the Gumbel-softmax straight-through estimator; it comes with the soft
-      quantize op of issue 15 and raises ``NotImplementedError`` until then.
+    - ``straight_through`` (needs ``rotation_trick=False`` and no ``learnable_codebook``): the
+      Gumbel-softmax straight-through codes of vector-quantize-pytorch, ``hard + p @ sg(C) -
+      sg(p @ sg(C))`` with ``p = softmax(-|x - e| / T)`` (``T = sample_codebook_temp``; cosine:
+      ``softmax(cos / T)``), computed by ``fastvq.soft_quantize`` without the ``N x K`` matrix. As
+      there, the layer applies the plain straight-through estimator ``x + sg(q - x)`` when its
+      input requires a gradient (and ``route_gradients_to_input``), which drops ``p``'s gradient;
+      so ``p`` is computed in training only when the estimator does not apply and the codebook's
+      input requires a gradient (a trained ``project_in``), and the gradient reaches it through
+      ``p``. The gradient uses the codes of the forward (vector-quantize-pytorch's backward sees
+      the codes its EMA step rewrote in place). With ``codebook_transform_fn`` it raises
+      ``NotImplementedError``.
     - ``rotation_trick`` (default ``dim > 1`` unless ``directional_reparam``): pass gradients to the
       input through the rotation trick (Fifty et al. 2024) instead of straight through.
     - ``directional_reparam``, ``directional_reparam_variance``: DiVeQ's estimator (output
@@ -614,7 +624,8 @@ class VectorQuantize(nn.Module):
     Raises:
         ValueError: bad sizes or incompatible options, or an input whose shape does not fit
             (the message shows the shape). TypeError: a non-float input or an unknown argument.
-        NotImplementedError: ``straight_through=True`` (issue 15).
+        NotImplementedError: ``straight_through=True`` with a live soft gradient and a
+            ``codebook_transform_fn``.
     """
 
     def __init__(
@@ -712,12 +723,6 @@ class VectorQuantize(nn.Module):
             raise ValueError("affine_param is only compatible with the euclidean codebook (use_cosine_sim=False)")
         if orthogonal_reg_active_codes_only and heads > 1 and separate_codebook_per_head:
             raise ValueError("orthogonal_reg_active_codes_only is not compatible with separate codebooks per head")
-        if straight_through:
-            raise NotImplementedError(
-                "VectorQuantize(straight_through=True), the Gumbel-softmax straight-through estimator, comes with "
-                "the fused soft-quantize op of fastvq issue 15 (a softmax over every code computed online); "
-                "it is not available yet"
-            )
 
         codebook_dim = dim if codebook_dim is None else codebook_dim
         codebook_input_dim = codebook_dim * heads
@@ -1017,10 +1022,18 @@ class VectorQuantize(nn.Module):
             active = active.reshape(())
             valid = active.expand(flatten.shape[:2]) if valid is None else valid & active
         temperature = codebook.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
+        soft_temperature = temperature
         temperature = temperature if self.training and codebook.stochastic_sample_codes and temperature > 0 else 0.0
         training_codes = self.training and not freeze_codebook
         commit_grad = self.learnable_codebook and not freeze_codebook
         estimator = self.training and input_requires_grad and self.route_gradients_to_input
+        # Gumbel straight-through: vector-quantize-pytorch's estimator x + sg(q - x) would discard
+        # the soft assignment's gradient, so it is only computed where the estimator does not apply.
+        live_soft = self.straight_through and self.training and not estimator and flatten.requires_grad
+        soft_temperature = soft_temperature if live_soft and soft_temperature > 0 else 0.0
+        if soft_temperature and codebook_transform_fn is not None:
+            raise NotImplementedError("VectorQuantize(straight_through=True) with a codebook_transform_fn and an "
+                                      "input without gradient (the soft codes' gradient) is not supported by fastvq")
         fuse = (
             estimator and not self.directional_reparam and codebook_transform_fn is None
         )
@@ -1043,7 +1056,8 @@ class VectorQuantize(nn.Module):
         books, search = self._codebook_pass(flatten, valid, codebook_transform_fn, temperature, fused, training_codes,
                                             update, logit_losses=indices is not None or self.training and (
                                                 self.commitment_use_cross_entropy_loss
-                                                or self.has_codebook_diversity_loss))
+                                                or self.has_codebook_diversity_loss),
+                                            soft_temperature=soft_temperature)
         codes = search.codes
         embed_ind = search.indices
 
@@ -1116,11 +1130,13 @@ class VectorQuantize(nn.Module):
 
     def _codebook_pass(self, flatten: Tensor, valid: Optional[Tensor], transform: Optional[Callable],
                        temperature: float, fused: Optional[tuple[bool, bool]], update_codes: bool,
-                       update: dict, logit_losses: bool = False) -> tuple[Tensor, _Search]:
+                       update: dict, logit_losses: bool = False,
+                       soft_temperature: float = 0.0) -> tuple[Tensor, _Search]:
         """vector-quantize-pytorch's ``Codebook.forward``: the affine statistics, the search and
         gather, then (training) the codebook update. ``fused = (commitment, commitment grad to the
         codebook)`` runs the search, estimator and commitment loss as one fused op. With
-        ``logit_losses`` the codes searched are kept as they were for the losses on the logits."""
+        ``logit_losses`` the codes searched are kept as they were for the losses on the logits.
+        ``soft_temperature > 0``: the codes are the Gumbel straight-through ones (``_search``)."""
         codebook = self._codebook
         if codebook.affine_param:
             codebook.update_affine(flatten, codebook.embed, valid)
@@ -1130,14 +1146,20 @@ class VectorQuantize(nn.Module):
         if transform is not None:
             search = self._search_transformed(flatten, books, transform, temperature)
         else:
-            search = self._search(flatten, books, temperature, fused)
+            search = self._search(flatten, books, temperature, fused, soft_temperature)
         if update_codes:
             codebook.update_codebook(flatten, search.indices, valid, **update)
         codebook.record_usage(search.indices if valid is None else torch.where(valid, search.indices, -1))
         return books, search
 
     def _search(self, flatten: Tensor, books: Tensor, temperature: float,
-                fused: Optional[tuple[bool, bool]]) -> _Search:
+                fused: Optional[tuple[bool, bool]], soft_temperature: float = 0.0) -> _Search:
+        """The search and gather of every head. ``soft_temperature > 0`` (not with ``fused``):
+        vector-quantize-pytorch's ``gumbel_sample(straight_through=True)`` and codebook product,
+        ``(one_hot + p - sg(p)) @ sg(C)`` with ``p = softmax(logits / T)``, without the N x K
+        matrices: ``soft_quantize`` streams ``p`` over the codes (their logits, ``-cdist`` or the
+        dot product of the normalised rows and codes) and picks the hard code as their argmax,
+        after Gumbel noise when sampling."""
         metric = self._codebook.metric
         indices, codes, estimated, commitment = [], [], [], None
         for head in range(flatten.shape[0]):
@@ -1159,6 +1181,13 @@ class VectorQuantize(nn.Module):
                     commitment = loss if commitment is None else commitment + loss
                 estimated.append(quantized)
                 chosen_codes = quantized.detach()
+            elif soft_temperature > 0:
+                # A copy: the EMA step rewrites the codes in place after this pass, and the backward
+                # recomputes the probabilities from the codes it saved, which must stay these.
+                book = book.detach().clone()
+                soft, chosen, _ = soft_quantize(rows, book, metric="dot" if self._codebook.use_cosine_sim else "euclidean",
+                                                temperature=soft_temperature, gumbel=seed is not None, seed=seed)
+                chosen_codes = F.embedding(chosen, book) + (soft - soft.detach())
             else:
                 chosen, _, chosen_codes = torch.ops.fastvq.nearest_code(rows, book.detach(), metric, True,
                                                                         temperature, seed)
