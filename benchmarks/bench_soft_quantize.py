@@ -274,7 +274,7 @@ def run_ibq(grid, device: str, save: Callable[[list[dict]], object] = _ignore) -
             ok &= _measure_once(fastvq_row, fastvq_ibq_step, make_inputs, make_warmup, device)
         else:
             ok &= _measure_interleaved(point, [fastvq_ibq_step, reference_ibq_step], make_inputs, make_warmup, device,
-                                       min_repeats=2)
+                                       min_repeats=1 if num_rows * num_codes * dim >= LONG_POINT_MACS else 2)
         if fastvq_row["peak_mib"] is not None and reference_row["peak_mib"]:
             fastvq_row["vs_reference_peak"] = fastvq_row["peak_mib"] / reference_row["peak_mib"]
         save(point)
