@@ -23,7 +23,7 @@ DIM, CODES = 16, 24
 
 def _pair(seed=0, **kwargs):
     torch.manual_seed(seed)
-    kwargs = dict(dim=DIM, codebook_size=CODES, straight_through=True, rotation_trick=False, **kwargs)
+    kwargs = dict(dict(dim=DIM, codebook_size=CODES, straight_through=True, rotation_trick=False), **kwargs)
     theirs = TheirVectorQuantize(**kwargs)
     ours = VectorQuantize(**kwargs)
     ours.load_state_dict(theirs.state_dict())
@@ -143,3 +143,17 @@ def test_straight_through_argument_errors():
     with pytest.raises(ValueError, match="learnable_codebook"):
         VectorQuantize(DIM, CODES, straight_through=True, rotation_trick=False, learnable_codebook=True,
                        ema_update=False)
+
+
+def test_without_the_estimator_the_input_gets_the_soft_gradient():
+    """``route_gradients_to_input=False``: no ``x + sg(q - x)``, so an input that requires a gradient
+    gets the soft assignment's, as theirs does (without the EMA step, whose in-place update their
+    backward would see)."""
+    theirs, ours = _pair(route_gradients_to_input=False, ema_update=False, sample_codebook_temp=0.5)
+    x, upstream = torch.randn(2, 30, DIM), torch.randn(2, 30, DIM)
+    got, want = _step(ours, x, upstream), _step(theirs, x, upstream)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-4, atol=1e-6)
+    plain_theirs, _ = _pair(route_gradients_to_input=False, ema_update=False, straight_through=False)
+    assert not torch.allclose(_step(plain_theirs, x, upstream)[3], got[3])
