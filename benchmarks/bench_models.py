@@ -76,7 +76,7 @@ def _trained_prior(run: Path, prior_kind: str, threads: int, device: str):
     target = resolve_device(device, 0)
     stage1 = build_stage1(config).to(target)
     stage1.load_state_dict(stage1_state["model"])
-    prior_state = run_files.read_checkpoint(run / PRIOR_CHECKPOINT)
+    prior_state = run_files.read_checkpoint(run / PRIOR_CHECKPOINT, run_files.PRIOR_FORMAT)
     image_size = tuple(config["image_size"])
     prior = build_prior(prior_kind, prior_state["config"]["prior_args"], stage1, image_size).to(target).eval()
     prior.load_state_dict(prior_state["model"])
