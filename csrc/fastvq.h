@@ -30,6 +30,10 @@ double cpu_peak_gflops(const std::string& isa, int64_t threads, int64_t iteratio
 // The vector instruction sets this CPU runs that fastvq has kernels for, as a JSON list.
 std::string cpu_isa();
 
+// (indices int64 [N, k], distances fp32 [N, k]): each row's k nearest codes by ascending distance.
+std::tuple<at::Tensor, at::Tensor> nearest_codes_cpu(const at::Tensor& z, const at::Tensor& codebook, int64_t k,
+                                                     const std::string& metric);
+
 // (counts fp32 [K], sums fp32 [K, D]); deterministic on CPU whatever `deterministic` says.
 std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu(
     const at::Tensor& values, const at::Tensor& indices, int64_t num_codes, bool deterministic);

@@ -49,6 +49,7 @@ std::string build_info() {
 TORCH_LIBRARY(fastvq_C, m) {
   m.def("nearest_code(Tensor z, Tensor codebook, str metric, bool return_codes) -> (Tensor, Tensor, Tensor)");
   m.def("segment_reduce(Tensor values, Tensor indices, int num_codes, bool deterministic) -> (Tensor, Tensor)");
+  m.def("nearest_codes(Tensor z, Tensor codebook, int k, str metric) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &fastvq::build_info);
   m.def("cpu_search_kernels() -> str", &fastvq::cpu_search_kernels);
   m.def("cpu_peak_gflops(str isa, int threads, int iterations) -> float", &fastvq::cpu_peak_gflops);
@@ -57,6 +58,7 @@ TORCH_LIBRARY(fastvq_C, m) {
 TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
   m.impl("nearest_code", &fastvq::nearest_code_cpu);
   m.impl("segment_reduce", &fastvq::segment_reduce_cpu);
+  m.impl("nearest_codes", &fastvq::nearest_codes_cpu);
 }
 
 // An empty module: importing it runs the static registrations above.

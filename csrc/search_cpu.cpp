@@ -23,6 +23,7 @@
 #include "fastvq.h"
 #include "search_cpu_avx2.h"
 #include "search_cpu_avx512.h"
+#include "topk.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -35,6 +36,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 // The Fortran BLAS entry points of the BLAS that libtorch_cpu links (MKL on x86-64 wheels). They
@@ -457,6 +459,20 @@ float true_distance(const z_t* z_row, int64_t z_stride, const acc_t* code, int64
   return static_cast<float>(distance < 0 ? 0 : distance);
 }
 
+// Rows [row_start, row_start + rows) of z in acc_t, centred on `center` for l2, row-major into `target`.
+template <typename acc_t, typename z_t, Metric metric>
+void pack_centred_rows(const at::Tensor& z, int64_t row_start, int64_t rows, const acc_t* center, acc_t* target) {
+  const int64_t dim = z.size(1), row_stride = z.stride(0), col_stride = z.stride(1);
+  const z_t* z_data = z.data_ptr<z_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const z_t* source = z_data + (row_start + r) * row_stride;
+    for (int64_t d = 0; d < dim; ++d) {
+      const acc_t value = static_cast<acc_t>(source[d * col_stride]);
+      target[r * dim + d] = metric == Metric::L2 ? value - center[d] : value;
+    }
+  }
+}
+
 // A thread's scratch: its row tile, and its score tile (BLAS) or lane state (direct kernels).
 template <typename acc_t>
 struct Scratch {
@@ -513,14 +529,7 @@ void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedC
         return;
       }
     }
-    acc_t* target = scratch.z_tile.template data_ptr<acc_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const z_t* source = z_data + (row_start + r) * row_stride;
-      for (int64_t d = 0; d < dim; ++d) {
-        const acc_t value = static_cast<acc_t>(source[d * col_stride]);
-        target[r * dim + d] = metric == Metric::L2 ? value - center[d] : value;
-      }
-    }
+    pack_centred_rows<acc_t, z_t, metric>(z, row_start, rows, center, scratch.z_tile.template data_ptr<acc_t>());
   };
 
   // Folds codes [code_start, code_start + count) into the running (best, best_index) of the rows.
@@ -713,6 +722,162 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
   at::Tensor codes = return_codes ? codebook.to(out_dtype).index_select(0, indices)
                                   : at::empty({0, dim}, z.options().dtype(out_dtype));
   return {indices, distances, codes};
+}
+
+// --------------------------------------------------------------------------- top-k search
+//
+// The same blocks of rows, row tiles, prepared codebook and kernels, each row carrying its best k
+// (score, code) pairs (topk.h) instead of a running minimum: the direct kernels offer a panel's
+// scores only when one beats the row's k-th best, the BLAS tiles a group of 16 scores only when its
+// minimum does. Codes arrive in ascending order, so ties keep the lower index. Afterwards the k
+// codes' true distances are recomputed from z - e and the list ordered by them (ties by index).
+
+namespace {
+
+template <typename acc_t, Metric metric>
+void offer_tile(const acc_t* products, const acc_t* bias, int64_t num, int64_t code_start, int64_t k, acc_t* best,
+                int32_t* index) {
+  acc_t scores[kLanes];
+  for (int64_t j = 0; j < num; j += kLanes) {
+    const int64_t count = std::min(kLanes, num - j);
+    acc_t lowest = std::numeric_limits<acc_t>::infinity();
+    for (int64_t i = 0; i < count; ++i) {
+      scores[i] = metric == Metric::L2 ? bias[j + i] - 2 * products[j + i] : -products[j + i];
+      lowest = std::min(lowest, scores[i]);
+    }
+    if (lowest < best[k - 1]) topk_offer(best, index, k, scores, count, static_cast<int32_t>(code_start + j));
+  }
+}
+
+// Completes and orders one row's list: slots still unfilled (every other code's score was NaN or
+// +inf) take the lowest codes not listed; then ascending true distance, NaN last, ties by index.
+template <typename acc_t, typename z_t>
+void finish_topk_row(const z_t* z_row, int64_t z_stride, const acc_t* originals, int64_t dim, Metric metric,
+                     int64_t k, const int32_t* listed, int64_t* indices, float* distances) {
+  std::vector<int64_t> present;
+  for (int64_t j = 0; j < k && listed[j] >= 0; ++j) present.push_back(listed[j]);
+  std::sort(present.begin(), present.end());
+  for (int64_t code = 0, next = 0; static_cast<int64_t>(present.size()) < k; ++code) {
+    while (next < static_cast<int64_t>(present.size()) && present[next] < code) ++next;
+    if (next < static_cast<int64_t>(present.size()) && present[next] == code) continue;
+    present.insert(present.begin() + next, code);
+  }
+  struct Candidate {
+    float key, distance;
+    int64_t code;
+  };
+  std::vector<Candidate> candidates;
+  candidates.reserve(k);
+  for (const int64_t code : present) {
+    const float distance = true_distance<acc_t, z_t>(z_row, z_stride, originals + code * dim, dim, metric);
+    candidates.push_back({std::isnan(distance) ? std::numeric_limits<float>::infinity() : distance, distance, code});
+  }
+  std::stable_sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) { return a.key < b.key; });
+  for (int64_t j = 0; j < k; ++j) {
+    indices[j] = candidates[j].code;
+    distances[j] = candidates[j].distance;
+  }
+}
+
+template <typename acc_t, typename z_t, Metric metric>
+void topk_search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedCodebook<acc_t>& prepared,
+                 int64_t k, int64_t* indices, float* distances) {
+  const int64_t num_rows = z.size(0), dim = z.size(1), num_codes = codebook_acc.size(0);
+  const acc_t* originals = codebook_acc.data_ptr<acc_t>();
+  const Kernel kernel = prepared.kernel;
+  const bool direct = kernel != Kernel::Blas;
+  const DirectShape shape = direct_shape(kernel);
+  const acc_t* center = metric == Metric::L2 ? prepared.center.template data_ptr<acc_t>() : nullptr;
+  const acc_t* bias = metric == Metric::L2 && !direct ? prepared.bias.template data_ptr<acc_t>() : nullptr;
+  const TileShape tile = direct ? direct_tile_shape(num_rows, shape) : tile_shape(num_rows, num_codes, dim, sizeof(acc_t));
+  const int64_t num_blocks = (num_rows + tile.rows - 1) / tile.rows;
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(tile.rows * num_codes * dim, 1));
+  const auto options = codebook_acc.options();
+  const z_t* z_data = z.data_ptr<z_t>();
+  at::parallel_for(0, num_blocks, grain, [&](int64_t block_begin, int64_t block_end) {
+    // Zeros: a direct kernel also reads the padding rows of a short last block.
+    at::Tensor z_tile = at::zeros({tile.rows, dim}, options);
+    at::Tensor scores = direct ? at::Tensor() : at::empty({tile.rows * tile.codes}, options);
+    std::vector<acc_t> best(tile.rows * k);
+    std::vector<int32_t> listed(tile.rows * k);
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t row_start = block * tile.rows;
+      const int64_t rows = std::min(tile.rows, num_rows - row_start);
+      pack_centred_rows<acc_t, z_t, metric>(z, row_start, rows, center, z_tile.template data_ptr<acc_t>());
+      std::fill(best.begin(), best.end(), std::numeric_limits<acc_t>::infinity());
+      std::fill(listed.begin(), listed.end(), -1);
+      if (direct) {
+        if constexpr (std::is_same_v<acc_t, float>) {
+          const float scale = metric == Metric::L2 ? -2.0f : -1.0f;
+          auto run = kernel == Kernel::Avx512 ? avx512::topk_scores : avx2::topk_scores;
+          run(z_tile.template data_ptr<float>(), tile.rows, dim, prepared.codes.template data_ptr<float>(),
+              prepared.bias.template data_ptr<float>(), prepared.num_panels, scale, k, best.data(), listed.data());
+        }
+      } else {
+        const acc_t* products = scores.template data_ptr<acc_t>();
+        for (int64_t start = 0; start < num_codes; start += tile.codes) {
+          const int64_t num = std::min(tile.codes, num_codes - start);
+          tile_product<acc_t>(z_tile, prepared.codes, scores, rows, start, num, dim);
+          for (int64_t r = 0; r < rows; ++r) {
+            offer_tile<acc_t, metric>(products + r * num, bias == nullptr ? nullptr : bias + start, num, start, k,
+                                      best.data() + r * k, listed.data() + r * k);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = row_start + r;
+        finish_topk_row<acc_t, z_t>(z_data + row * z.stride(0), z.stride(1), originals, dim, metric, k,
+                                    listed.data() + r * k, indices + row * k, distances + row * k);
+      }
+    }
+  });
+}
+
+template <typename acc_t, typename z_t>
+void topk_metric(Metric metric, const at::Tensor& z, const at::Tensor& codebook_acc,
+                 const PreparedCodebook<acc_t>& prepared, int64_t k, int64_t* indices, float* distances) {
+  switch (metric) {
+    case Metric::L2:
+      return topk_search<acc_t, z_t, Metric::L2>(z, codebook_acc, prepared, k, indices, distances);
+    case Metric::Cosine:
+      return topk_search<acc_t, z_t, Metric::Cosine>(z, codebook_acc, prepared, k, indices, distances);
+    case Metric::Dot:
+      return topk_search<acc_t, z_t, Metric::Dot>(z, codebook_acc, prepared, k, indices, distances);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> nearest_codes_cpu(const at::Tensor& z, const at::Tensor& codebook, int64_t k,
+                                                     const std::string& metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2 && z.size(1) == codebook.size(1) && k >= 1 &&
+                        k <= codebook.size(0) && codebook.size(0) < std::numeric_limits<int32_t>::max(),
+                    "nearest_codes expects z [N, D], codebook [K, D] and 1 <= k <= K, got ", z.sizes(), ", ",
+                    codebook.sizes(), " and k = ", k);
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "fastvq_C::nearest_codes (CPU) got tensors on ",
+              z.device(), " and ", codebook.device());
+  const std::string requested = requested_kernel();
+  const at::ScalarType out_dtype = at::promote_types(z.scalar_type(), codebook.scalar_type());
+  const at::ScalarType acc_dtype = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t num_rows = z.size(0);
+  at::Tensor indices = at::empty({num_rows, k}, z.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({num_rows, k}, z.options().dtype(at::kFloat));
+  if (num_rows == 0) return {indices, distances};
+  const at::Tensor codebook_acc = codebook.to(acc_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fastvq_nearest_codes_cpu", [&] {
+    using z_t = scalar_t;
+    if (acc_dtype == at::kDouble) {
+      const auto prepared = prepare_codebook<double>(codebook_acc, metric, Kernel::Blas);
+      topk_metric<double, z_t>(metric, z, codebook_acc, prepared, k, indices.data_ptr<int64_t>(),
+                               distances.data_ptr<float>());
+      return;
+    }
+    const auto prepared = prepare_codebook<float>(codebook_acc, metric, fp32_kernel(requested));
+    topk_metric<float, z_t>(metric, z, codebook_acc, prepared, k, indices.data_ptr<int64_t>(),
+                            distances.data_ptr<float>());
+  });
+  return {indices, distances};
 }
 
 }  // namespace fastvq

@@ -6,12 +6,14 @@
 // independent FMAs cover two FMA pipes of 4-cycle latency). Per dimension it loads the two code
 // vectors, broadcasts each row's z value from memory and issues 12 FMAs; per panel it turns the
 // tile into scores (one FMA with the bias) and folds them into each row's 16 lanes of (best score,
-// code). Codes are walked in L2-sized blocks that every row tile goes through (for_each_block).
+// code), or for the top-k search offers them to each row's best k. Codes are walked in L2-sized
+// blocks that every row tile goes through (for_each_block).
 //
 // Compiled natively with per-function target attributes, or against SIMDe for tests (simd.h).
 #include "search_cpu_avx2.h"
 
 #include "simd.h"
+#include "topk.h"
 
 namespace fastvq {
 namespace avx2 {
@@ -22,20 +24,52 @@ namespace {
 
 // One half (8 codes) of a panel's scores folded into 8 of a row's lanes; _OQ: NaN is never less.
 FASTVQ_TARGET("avx2,fma")
-inline void fold_half(__m256 products, __m256 scale, __m256 bias, __m256i codes, float* lane_best,
-                      int32_t* lane_index) {
+inline void fold_half(__m256 score, __m256i codes, float* lane_best, int32_t* lane_index) {
   const __m256 best = _mm256_loadu_ps(lane_best);
   const __m256 index = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_index)));
-  const __m256 score = _mm256_fmadd_ps(products, scale, bias);
   const __m256 better = _mm256_cmp_ps(score, best, _CMP_LT_OQ);
   _mm256_storeu_ps(lane_best, _mm256_blendv_ps(best, score, better));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane_index),
                       _mm256_castps_si256(_mm256_blendv_ps(index, _mm256_castsi256_ps(codes), better)));
 }
 
+// What a register tile's scores go into: each row's 16 lanes of (best score, code) ...
+struct LaneFold {
+  float* lane_best;
+  int32_t* lane_index;
+
+  FASTVQ_TARGET("avx2,fma")
+  inline void operator()(int r, __m256 low, __m256 high, __m256i code_low, __m256i code_high, int32_t) const {
+    fold_half(low, code_low, lane_best + r * kLanes, lane_index + r * kLanes);
+    fold_half(high, code_high, lane_best + r * kLanes + 8, lane_index + r * kLanes + 8);
+  }
+};
+
+// ... or each row's best k (topk.h): the panel's 16 scores are stored and offered only when one of
+// them beats the row's k-th best, which after the first panels is rare.
+struct TopkFold {
+  float* best;
+  int32_t* index;
+  int64_t k;
+
+  FASTVQ_TARGET("avx2,fma")
+  inline void operator()(int r, __m256 low, __m256 high, __m256i, __m256i, int32_t code) const {
+    float* row_best = best + r * k;
+    const __m256 threshold = _mm256_set1_ps(row_best[k - 1]);
+    const int beats = _mm256_movemask_ps(_mm256_cmp_ps(low, threshold, _CMP_LT_OQ)) |
+                      _mm256_movemask_ps(_mm256_cmp_ps(high, threshold, _CMP_LT_OQ));
+    if (beats == 0) return;
+    alignas(32) float scores[kPanelCodes];
+    _mm256_store_ps(scores, low);
+    _mm256_store_ps(scores + 8, high);
+    topk_offer(row_best, index + r * k, k, scores, kPanelCodes, code);
+  }
+};
+
+template <typename Fold>
 FASTVQ_TARGET("avx2,fma")
 void fold_tile(const float* z, int64_t dim, const float* panels, const float* bias, int64_t first_panel,
-               int64_t num_panels, float scale, float* lane_best, int32_t* lane_index) {
+               int64_t num_panels, float scale, const Fold& fold) {
   const __m256 scale_v = _mm256_set1_ps(scale);
   const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t p = first_panel; p < first_panel + num_panels; ++p) {
@@ -63,8 +97,9 @@ void fold_tile(const float* z, int64_t dim, const float* panels, const float* bi
     const __m256i code_high = _mm256_add_epi32(_mm256_set1_epi32(code + 8), lane_ids);
 #pragma GCC unroll 6
     for (int r = 0; r < kTileRows; ++r) {
-      fold_half(low[r], scale_v, bias_low, code_low, lane_best + r * kLanes, lane_index + r * kLanes);
-      fold_half(high[r], scale_v, bias_high, code_high, lane_best + r * kLanes + 8, lane_index + r * kLanes + 8);
+      // bias + scale z.e rounds once, as the BLAS path's bias + (-2 z.e) does.
+      fold(r, _mm256_fmadd_ps(low[r], scale_v, bias_low), _mm256_fmadd_ps(high[r], scale_v, bias_high), code_low,
+           code_high, code);
     }
   }
 }
@@ -80,8 +115,16 @@ void fold_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float
                  int64_t num_panels, float scale, float* lane_best, int32_t* lane_index) {
   const int64_t panel_bytes = dim * kPanelCodes * static_cast<int64_t>(sizeof(float));
   for_each_block(num_panels, panel_bytes, num_rows, kTileRows, [&](int64_t first, int64_t count, int64_t row) {
-    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale, lane_best + row * kLanes,
-              lane_index + row * kLanes);
+    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale,
+              LaneFold{lane_best + row * kLanes, lane_index + row * kLanes});
+  });
+}
+
+void topk_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float* panels, const float* bias,
+                 int64_t num_panels, float scale, int64_t k, float* best, int32_t* index) {
+  const int64_t panel_bytes = dim * kPanelCodes * static_cast<int64_t>(sizeof(float));
+  for_each_block(num_panels, panel_bytes, num_rows, kTileRows, [&](int64_t first, int64_t count, int64_t row) {
+    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale, TopkFold{best + row * k, index + row * k, k});
   });
 }
 
@@ -90,6 +133,7 @@ void fold_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float
 bool available() { return false; }
 
 void fold_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, float*, int32_t*) {}
+void topk_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, int64_t, float*, int32_t*) {}
 
 #endif
 

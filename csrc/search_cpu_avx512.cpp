@@ -4,7 +4,8 @@
 // The fp32 micro-kernel holds a 14-row x 32-code tile of z.e in 28 zmm accumulators: for each of
 // the D dimensions it loads two vectors of 16 packed codes, broadcasts each row's z value and
 // issues 28 FMAs, then turns the tile into scores (one FMA with the bias) and folds them into each
-// row's 16 lanes of (best score, code) with a compare and two blends. The codebook is walked in
+// row's 16 lanes of (best score, code) with a compare and two blends; for the top-k search it
+// compares them with each row's k-th best and offers the rare panels that beat it (topk.h). The codebook is walked in
 // blocks that stay in L2 while every 14-row group of the thread's rows goes through them
 // (for_each_block), so z comes from L1 and the codes from L2. This reaches a larger share of the FMA peak than a BLAS call
 // per tile (MKL runs at about 60 % of it on AMD cores) and has no score tile to write and read back.
@@ -17,6 +18,7 @@
 #include "search_cpu_avx512.h"
 
 #include "simd.h"
+#include "topk.h"
 
 #include <cstring>
 
@@ -27,18 +29,15 @@ namespace avx512 {
 
 namespace {
 
-// Folds one row's 32 accumulated products of panel codes [code, code + 32) into its 16 lanes.
+// Folds one row's 32 scores of panel codes [code, code + 32) into its 16 lanes; _OQ: NaN is never less.
 FASTVQ_TARGET("avx512f")
-inline void fold_row(__m512 low, __m512 high, __m512 scale_low, __m512 scale_high, __m512 bias_low,
-                     __m512 bias_high, __m512i code_low, __m512i code_high, float* lane_best, int32_t* lane_index) {
+inline void fold_row(__m512 score_low, __m512 score_high, __m512i code_low, __m512i code_high, float* lane_best,
+                     int32_t* lane_index) {
   __m512 best = _mm512_loadu_ps(lane_best);
   __m512i index = _mm512_loadu_si512(lane_index);
-  // bias + scale z.e rounds once, as the BLAS path's bias + (-2 z.e) does; _OQ: NaN is never less.
-  const __m512 score_low = _mm512_fmadd_ps(low, scale_low, bias_low);
   __mmask16 better = _mm512_cmp_ps_mask(score_low, best, _CMP_LT_OQ);
   best = _mm512_mask_blend_ps(better, best, score_low);
   index = _mm512_mask_blend_epi32(better, index, code_low);
-  const __m512 score_high = _mm512_fmadd_ps(high, scale_high, bias_high);
   better = _mm512_cmp_ps_mask(score_high, best, _CMP_LT_OQ);
   best = _mm512_mask_blend_ps(better, best, score_high);
   index = _mm512_mask_blend_epi32(better, index, code_high);
@@ -52,9 +51,42 @@ inline __m512i panel_codes(int64_t panel, int64_t half) {
   return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(panel * kPanelCodes + half * 16)), lane_ids);
 }
 
+// What a register tile's scores go into: each row's 16 lanes of (best score, code) ...
+struct LaneFold {
+  float* lane_best;
+  int32_t* lane_index;
+
+  FASTVQ_TARGET("avx512f")
+  inline void operator()(int r, __m512 low, __m512 high, int64_t panel) const {
+    fold_row(low, high, panel_codes(panel, 0), panel_codes(panel, 1), lane_best + r * kLanes, lane_index + r * kLanes);
+  }
+};
+
+// ... or each row's best k (topk.h): the panel's 32 scores are stored and offered only when one of
+// them beats the row's k-th best, which after the first panels is rare.
+struct TopkFold {
+  float* best;
+  int32_t* index;
+  int64_t k;
+
+  FASTVQ_TARGET("avx512f")
+  inline void operator()(int r, __m512 low, __m512 high, int64_t panel) const {
+    float* row_best = best + r * k;
+    const __m512 threshold = _mm512_set1_ps(row_best[k - 1]);
+    const __mmask16 beats = _mm512_cmp_ps_mask(low, threshold, _CMP_LT_OQ) |
+                            _mm512_cmp_ps_mask(high, threshold, _CMP_LT_OQ);
+    if (beats == 0) return;
+    alignas(64) float scores[kPanelCodes];
+    _mm512_store_ps(scores, low);
+    _mm512_store_ps(scores + 16, high);
+    topk_offer(row_best, index + r * k, k, scores, kPanelCodes, static_cast<int32_t>(panel * kPanelCodes));
+  }
+};
+
+template <typename Fold>
 FASTVQ_TARGET("avx512f")
 void fold_tile(const float* z, int64_t dim, const float* panels, const float* bias, int64_t first_panel,
-               int64_t num_panels, float scale, float* lane_best, int32_t* lane_index) {
+               int64_t num_panels, float scale, const Fold& fold) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t p = first_panel; p < first_panel + num_panels; ++p) {
     const float* panel = panels + p * dim * kPanelCodes;
@@ -76,11 +108,10 @@ void fold_tile(const float* z, int64_t dim, const float* panels, const float* bi
     }
     const __m512 bias_low = _mm512_loadu_ps(bias + p * kPanelCodes);
     const __m512 bias_high = _mm512_loadu_ps(bias + p * kPanelCodes + 16);
-    const __m512i code_low = panel_codes(p, 0), code_high = panel_codes(p, 1);
 #pragma GCC unroll 14
     for (int r = 0; r < kTileRows; ++r) {
-      fold_row(low[r], high[r], scale_v, scale_v, bias_low, bias_high, code_low, code_high, lane_best + r * kLanes,
-               lane_index + r * kLanes);
+      // bias + scale z.e rounds once, as the BLAS path's bias + (-2 z.e) does.
+      fold(r, _mm512_fmadd_ps(low[r], scale_v, bias_low), _mm512_fmadd_ps(high[r], scale_v, bias_high), p);
     }
   }
 }
@@ -114,11 +145,10 @@ void fold_tile_bf16(const uint16_t* z, int64_t dim_pairs, const uint16_t* panels
     const __m512 scale_high = _mm512_loadu_ps(scale + p * kPanelCodes + 16);
     const __m512 bias_low = _mm512_loadu_ps(bias + p * kPanelCodes);
     const __m512 bias_high = _mm512_loadu_ps(bias + p * kPanelCodes + 16);
-    const __m512i code_low = panel_codes(p, 0), code_high = panel_codes(p, 1);
+    const LaneFold fold{lane_best, lane_index};
 #pragma GCC unroll 14
     for (int r = 0; r < kTileRows; ++r) {
-      fold_row(low[r], high[r], scale_low, scale_high, bias_low, bias_high, code_low, code_high,
-               lane_best + r * kLanes, lane_index + r * kLanes);
+      fold(r, _mm512_fmadd_ps(low[r], scale_low, bias_low), _mm512_fmadd_ps(high[r], scale_high, bias_high), p);
     }
   }
 }
@@ -139,8 +169,16 @@ void fold_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float
                  int64_t num_panels, float scale, float* lane_best, int32_t* lane_index) {
   const int64_t panel_bytes = dim * kPanelCodes * static_cast<int64_t>(sizeof(float));
   for_each_block(num_panels, panel_bytes, num_rows, kTileRows, [&](int64_t first, int64_t count, int64_t row) {
-    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale, lane_best + row * kLanes,
-              lane_index + row * kLanes);
+    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale,
+              LaneFold{lane_best + row * kLanes, lane_index + row * kLanes});
+  });
+}
+
+void topk_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float* panels, const float* bias,
+                 int64_t num_panels, float scale, int64_t k, float* best, int32_t* index) {
+  const int64_t panel_bytes = dim * kPanelCodes * static_cast<int64_t>(sizeof(float));
+  for_each_block(num_panels, panel_bytes, num_rows, kTileRows, [&](int64_t first, int64_t count, int64_t row) {
+    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale, TopkFold{best + row * k, index + row * k, k});
   });
 }
 
@@ -162,6 +200,7 @@ bool bf16_available() { return false; }
 void fold_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, float*, int32_t*) {}
 void fold_scores_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, const float*, const float*, int64_t,
                       float*, int32_t*) {}
+void topk_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, int64_t, float*, int32_t*) {}
 
 #endif
 

@@ -38,5 +38,11 @@ void fold_scores_bf16(const uint16_t* z_tile, int64_t num_rows, int64_t dim_pair
                       const float* bias, const float* scale, int64_t num_panels, float* lane_best,
                       int32_t* lane_index);
 
+// The top-k search's fp32 kernel: the same scores offered to each row's best k pairs (topk.h),
+// rows [r k, r k + k) of `best` / `index` (+inf / -1 where not filled yet); codes are numbered from
+// the first code of `panels` and offered in ascending order.
+void topk_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float* panels, const float* bias,
+                 int64_t num_panels, float scale, int64_t k, float* best, int32_t* index);
+
 }  // namespace avx512
 }  // namespace fastvq

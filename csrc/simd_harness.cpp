@@ -16,10 +16,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -176,6 +178,87 @@ void check(Which which, const Case& c, uint32_t seed) {
   }
 }
 
+// The top-k kernels (fp32): each row's list must ascend, hold codes whose exact scores are within
+// tolerance of the exact j-th best, the exact codes wherever the j-th and (j+1)-th best are clearly
+// apart, both copies of a duplicate in index order, never a NaN code; the all-NaN row stays unfilled.
+void check_topk(Which which, const Case& c, int64_t k, uint32_t seed) {
+  const int64_t width = which == Which::Avx2 ? fastvq::avx2::kPanelCodes : fastvq::avx512::kPanelCodes;
+  const int64_t tile_rows = which == Which::Avx2 ? fastvq::avx2::kTileRows : fastvq::avx512::kTileRows;
+  const int64_t rows = (c.rows + tile_rows - 1) / tile_rows * tile_rows;
+  const int64_t panels = (c.codes + width - 1) / width;
+  std::mt19937 generator(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> z(rows * c.dim), codes(c.codes * c.dim), bias(panels * width);
+  for (auto& v : z) v = normal(generator);
+  for (auto& v : codes) v = normal(generator);
+  if (c.codes > 3) std::memcpy(&codes[(c.codes - 1) * c.dim], &codes[1 * c.dim], c.dim * sizeof(float));
+  const int64_t nan_code = c.codes > 5 ? 4 : -1;
+  if (nan_code >= 0) codes[nan_code * c.dim] = std::numeric_limits<float>::quiet_NaN();
+  if (c.codes > 3 && c.rows > 2) std::memcpy(&z[0], &codes[1 * c.dim], c.dim * sizeof(float));
+  const int64_t nan_row = c.rows > 3 ? c.rows - 1 : -1;
+  if (nan_row >= 0) z[nan_row * c.dim] = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t j = 0; j < panels * width; ++j) {
+    double squares = 0;
+    for (int64_t d = 0; j < c.codes && d < c.dim; ++d) squares += double(codes[j * c.dim + d]) * codes[j * c.dim + d];
+    bias[j] = j < c.codes ? static_cast<float>(squares) : std::numeric_limits<float>::infinity();
+  }
+  std::vector<float> panel_store, z_store;
+  float* packed = aligned(panel_store, panels * c.dim * width);
+  float* z_tile = aligned(z_store, rows * c.dim);
+  std::memcpy(z_tile, z.data(), z.size() * sizeof(float));
+  for (int64_t j = 0; j < c.codes; ++j)
+    for (int64_t d = 0; d < c.dim; ++d) packed[((j / width) * c.dim + d) * width + j % width] = codes[j * c.dim + d];
+  std::vector<float> best(rows * k, std::numeric_limits<float>::infinity());
+  std::vector<int32_t> index(rows * k, -1);
+  auto topk = which == Which::Avx2 ? fastvq::avx2::topk_scores : fastvq::avx512::topk_scores;
+  topk(z_tile, rows, c.dim, packed, bias.data(), panels, -2.0f, k, best.data(), index.data());
+  for (int64_t r = 0; r < c.rows; ++r) {
+    std::vector<std::pair<double, int64_t>> exact;
+    double magnitude = 0;
+    for (int64_t j = 0; j < c.codes; ++j) {
+      double dot = 0;
+      for (int64_t d = 0; d < c.dim; ++d) dot += double(z[r * c.dim + d]) * codes[j * c.dim + d];
+      const double score = double(bias[j]) - 2 * dot;
+      if (std::isnan(score)) continue;
+      magnitude += std::fabs(score) + std::fabs(2 * dot);
+      exact.emplace_back(score, j);
+    }
+    std::stable_sort(exact.begin(), exact.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    const double tolerance = 1e-5 * (exact.empty() ? 1.0 : magnitude / exact.size()) + 1e-30;
+    std::string problem;
+    const float* row_best = best.data() + r * k;
+    const int32_t* row_index = index.data() + r * k;
+    for (int64_t j = 0; j < k && problem.empty(); ++j) {
+      if (r == nan_row) {
+        if (row_index[j] != -1) problem = "the all-NaN row took a code";
+        continue;
+      }
+      if (j >= static_cast<int64_t>(exact.size())) break;
+      if (row_index[j] < 0 || row_index[j] >= c.codes) problem = "index out of range";
+      else if (row_index[j] == nan_code) problem = "a NaN code entered";
+      else if (j > 0 && row_best[j] < row_best[j - 1]) problem = "the list does not ascend";
+      else {
+        double score = 0;
+        for (const auto& pair : exact) if (pair.second == row_index[j]) score = pair.first;
+        const bool clear = (j == 0 || exact[j].first - exact[j - 1].first > tolerance) &&
+                           (j + 1 >= static_cast<int64_t>(exact.size()) || exact[j + 1].first - exact[j].first > tolerance);
+        if (std::fabs(score - exact[j].first) > tolerance) problem = "a code is not within tolerance of the j-th best";
+        else if (clear && row_index[j] != exact[j].second) problem = "a clear j-th best was missed";
+      }
+    }
+    if (problem.empty() && r == 0 && c.codes > 3 && c.rows > 2 && k >= 2 &&
+        !(row_index[0] == 1 && row_index[1] == c.codes - 1)) {
+      problem = "a duplicate was not listed after its first copy";
+    }
+    if (!problem.empty()) {
+      ++failures;
+      std::printf("FAIL %s top-%lld rows=%lld codes=%lld dim=%lld row %lld: %s\n", name(which),
+                  static_cast<long long>(k), static_cast<long long>(c.rows), static_cast<long long>(c.codes),
+                  static_cast<long long>(c.dim), static_cast<long long>(r), problem.c_str());
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -197,6 +280,13 @@ int main() {
       run.bf16_values = run.bf16_values || which == Which::Avx512Bf16;
       check(which, run, seed++);
       ++checked;
+      if (which != Which::Avx512Bf16 && !run.bf16_values) {
+        for (const int64_t k : {int64_t{1}, int64_t{2}, int64_t{7}, int64_t{64}}) {
+          if (k > c.codes) continue;
+          check_topk(which, run, k, seed++);
+          ++checked;
+        }
+      }
     }
     std::printf("%s: checked\n", name(which));
   }

@@ -390,3 +390,12 @@ def check_kmeans_args(
         )
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(init).all()):
         raise ValueError(f"init must hold finite values, got NaN or Inf in the tensor of shape {tuple(init.shape)}")
+
+
+def check_topk_inputs(z: object, codebook: object, k: object, metric: object = "l2") -> None:
+    """Checks the top-k search's arguments: those of the search, and ``1 <= k <= K``."""
+    check_search_inputs(z, codebook, metric)
+    num_codes = codebook.shape[0]  # type: ignore[union-attr]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_codes:
+        raise ValueError(f"k must be an int in [1, K] = [1, {num_codes}] for a codebook of shape "
+                         f"{tuple(codebook.shape)}, got {k!r}")  # type: ignore[union-attr]

@@ -24,11 +24,13 @@ from ._checks import (
     check_seed,
     check_segment_inputs,
     check_soft_inputs,
+    check_topk_inputs,
 )
 from .backends.common import (
     CHUNK_BYTES,
     compute_dtype,
     find_duplicate_codes,
+    order_candidates,
     output_memory_format,
     output_size,
     promoted_dtype,
@@ -680,3 +682,46 @@ def _code_entropy_autograd(ctx, grad_sample, grad_avg):
 
 
 code_entropy.register_autograd(_code_entropy_autograd, setup_context=_code_entropy_setup_context)
+
+
+# --------------------------------------------------------------------------- nearest_codes (top-k)
+
+# The Triton kernel holds each row's candidates in registers, up to this many.
+MAX_REGISTER_TOPK = 64
+
+
+def _topk_op(k: int, sample_temperature: float) -> str:
+    name = "gumbel_topk" if sample_temperature > 0.0 else "nearest_codes"
+    return name if k <= MAX_REGISTER_TOPK else name + "_wide"
+
+
+@torch.library.custom_op("fastvq::nearest_codes", mutates_args=())
+def nearest_codes(
+    z: Tensor,
+    codebook: Tensor,
+    k: int,
+    metric: str = "l2",
+    sample_temperature: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``z [N, D]``, ``codebook [K, D]``, ``1 <= k <= K`` -> ``(indices int64 [N, k], distances fp32 [N, k])``,
+    each row's ``k`` nearest codes by ascending distance (ties to the lower index). With
+    ``sample_temperature > 0``, ``k`` codes drawn without replacement from ``softmax(-distance / T)``
+    (Gumbel-top-k, noise from the int64 ``seed`` tensor), still listed by ascending distance."""
+    check_topk_inputs(z, codebook, k, metric)
+    check_sampling(sample_temperature, seed, z)
+    backend = backends.select(_topk_op(k, sample_temperature), z, _promoted(z, codebook))
+    indices, distances = backend.nearest_codes(z, codebook, k, metric, sample_temperature, seed)
+    if sample_temperature > 0.0 or indices.numel() == 0:
+        return indices, distances
+    groups = find_duplicate_codes(codebook)
+    # Exact duplicates: a row lists the lowest members of each group, whatever the rounding chose.
+    return (indices, distances) if groups is None else order_candidates(groups.lowest_members(indices), distances)
+
+
+@nearest_codes.register_fake
+def _nearest_codes_fake(z, codebook, k, metric="l2", sample_temperature=0.0, seed=None):
+    check_topk_inputs(z, codebook, k, metric)
+    check_sampling(sample_temperature, seed, z)
+    num_rows = z.shape[0]
+    return z.new_empty((num_rows, k), dtype=torch.int64), z.new_empty((num_rows, k), dtype=torch.float32)

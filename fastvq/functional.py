@@ -30,6 +30,7 @@ from ._checks import (
     check_segment_inputs,
     check_soft_inputs,
     check_tensor,
+    check_topk_inputs,
     resolve_padding,
     unbatched_as_batch,
 )
@@ -810,3 +811,52 @@ def directional_reparam(src: Tensor, tgt: Tensor, noise_variance: float = 5e-3) 
 
 
 __all__ += ["rotate_to", "directional_reparam"]
+
+
+# --------------------------------------------------------------------------- top-k search
+
+
+def nearest_codes(
+    z: Tensor,
+    codebook: Tensor,
+    k: int,
+    *,
+    metric: str = "l2",
+    sample_temperature: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest codes of every row of ``z``, in one fused search.
+
+    Args:
+        z: ``[N, D]`` float32, float16, bfloat16 or float64, any strides; ``N`` may be 0.
+        codebook: ``[K, D]`` floating point on ``z``'s device; a different float dtype is promoted.
+        k: how many codes per row, ``1 <= k <= K`` (any size: the kernels keep up to 64 per row in
+            registers and the C++ path any number).
+        metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``) or ``"dot"`` (``-z.e``).
+        sample_temperature: when ``> 0``, ``k`` codes drawn without replacement from
+            ``softmax(-d / T)`` by Gumbel-top-k (``d`` as in :func:`nearest_code`'s sampling), the
+            noise generated inside the search. seed: int64 one-element tensor on ``z``'s device;
+            drawn from PyTorch's RNG when omitted.
+
+    Returns:
+        ``(indices int64 [N, k], distances float32 [N, k])``: each row's codes by ascending true
+        distance (recomputed from ``z - e`` as in :func:`nearest_code`), equal distances by
+        ascending index.
+
+    The search never builds an ``N x K`` matrix: each row's best ``k`` are carried across tiles of
+    codes (in registers on GPUs). Scores accumulate in fp32. Ties go to the lowest index; a NaN
+    distance never beats a finite one and a row whose distances are all NaN gets indices
+    ``0..k-1`` with NaN distances. The search is deterministic.
+
+    Raises:
+        TypeError: a non-tensor or an integer/bool tensor.
+        ValueError: ``z`` or ``codebook`` not 2-D, different ``D``, ``K == 0``, ``k`` outside
+            ``[1, K]``, different devices, or an unknown metric.
+    """
+    check_topk_inputs(z, codebook, k, metric)
+    if sample_temperature > 0 and seed is None:
+        seed = draw_seed(z.device)
+    return torch.ops.fastvq.nearest_codes(z, codebook, k, metric, float(sample_temperature), seed)
+
+
+__all__ += ["nearest_codes"]

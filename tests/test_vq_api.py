@@ -47,6 +47,8 @@ def _run(layer, x, upstream, forward_kwargs, seed):
     torch.manual_seed(seed)
     out = layer(x, **forward_kwargs)
     quantized, indices, loss = out[:3]
+    if quantized.dim() > upstream.dim():  # top-k: the candidates' axis, last but for channel-last features
+        upstream = upstream.unsqueeze(-2 if quantized.shape[-1] == upstream.shape[-1] else -1)
     total = (quantized * upstream).sum() + loss.sum()
     if total.requires_grad:
         total.backward()
@@ -262,3 +264,33 @@ def test_signature_is_vector_quantize_pytorchs():
     for method in ("update_ema_indices", "expire_codes_", "maybe_split_heads_from_input", "update_in_place_optimizer",
                    "update_indices", "get_codes_from_indices", "get_output_from_indices"):
         assert callable(getattr(VectorQuantize, method)), method
+
+
+TOPK_CASES = {
+    "sequence": (lambda: dict(), (2, 12, DIM), {}),
+    "sequence-ste-mask": (lambda: dict(rotation_trick=False, commitment_weight=0.4), (2, 12, DIM), dict(mask=True)),
+    "no-commitment": (lambda: dict(commitment_weight=0.0), (2, 12, DIM), {}),
+    "single-vectors": (lambda: dict(), (5, DIM), {}),
+    "image": (lambda: dict(accept_image_fmap=True), (2, DIM, 3, 4), {}),
+    "channels-first": (lambda: dict(channel_last=False), (2, DIM, 7), {}),
+    "projected-cosine": (lambda: dict(codebook_dim=5, use_cosine_sim=True), (2, 9, DIM), {}),
+    "learnable-orthogonal": (lambda: dict(learnable_codebook=True, ema_update=False, orthogonal_reg_weight=0.3),
+                             (2, 9, DIM), {}),
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(TOPK_CASES), ids=list(TOPK_CASES))
+def test_topk_matches_vector_quantize_pytorch(case, train):
+    """``forward(topk=k)``: the k nearest codes per position, their per-candidate losses, and no
+    codebook update; fastvq searches them with ``nearest_codes`` (no N x K matrix)."""
+    make_kwargs, shape, options = TOPK_CASES[case]
+    assert_training_matches(make_kwargs, shape=shape, train=train, steps=2,
+                            forward_kwargs=dict(topk=5, return_loss_breakdown=True), **options)
+
+
+def test_topk_is_refused_where_theirs_is():
+    with pytest.raises(ValueError, match="heads == 1"):
+        VectorQuantize(DIM, CODES, heads=2, codebook_dim=4)(torch.randn(2, 3, DIM), topk=2)
+    with pytest.raises(ValueError, match="cross_entropy"):
+        VectorQuantize(DIM, CODES, commitment_use_cross_entropy_loss=True)(torch.randn(2, 3, DIM), topk=2)

@@ -47,6 +47,7 @@ _MODULES = {
         "masked_conv": "fastvq.backends.torch.masked_conv",
         "soft_quantize": "fastvq.backends.torch.soft_quantize",
         "code_entropy": "fastvq.backends.torch.code_entropy",
+        "topk": "fastvq.backends.torch.topk",
     },
     "triton": {
         "search": "fastvq.backends.triton.search",
@@ -55,9 +56,10 @@ _MODULES = {
         "masked_conv": "fastvq.backends.triton.masked_conv",
         "soft_quantize": "fastvq.backends.triton.soft_quantize",
         "code_entropy": "fastvq.backends.triton.code_entropy",
+        "topk": "fastvq.backends.triton.topk",
     },
-    "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
-    "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp"},
+    "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp"},
+    "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp"},
 }
 
 
@@ -82,6 +84,12 @@ OPS = {
     "soft_entropy_backward": Op("soft_quantize", "soft_entropy_backward"),
     "code_entropy": Op("code_entropy", "code_entropy"),
     "code_entropy_backward": Op("code_entropy", "code_entropy_backward"),
+    "nearest_codes": Op("topk", "nearest_codes"),
+    # nearest_codes with sample_temperature > 0
+    "gumbel_topk": Op("topk", "nearest_codes"),
+    # nearest_codes with k > 64, without and with sampling
+    "nearest_codes_wide": Op("topk", "nearest_codes"),
+    "gumbel_topk_wide": Op("topk", "nearest_codes"),
 }
 
 
@@ -114,6 +122,8 @@ _NO_C_ENTROPY = (
     "fastvq._C has no code entropy: the PyTorch path is batched GEMMs and sorts of rows x 2^(d/2), "
     "which MKL and PyTorch's CPU kernels already run at speed"
 )
+_NO_CUDA_TOPK = "fastvq._C's CUDA kernels have no top-k search; the Triton kernel runs"
+_WIDE_TOPK = "the Triton top-k kernel holds at most 64 codes per row in registers"
 
 # THE table: op -> selected backend -> the backend that runs it.
 TABLE: dict[str, dict[str, Route]] = {
@@ -145,6 +155,19 @@ TABLE: dict[str, dict[str, Route]] = {
         **_self_everywhere(),
         "cpp": Route("torch", _NO_C_ENTROPY),
         "cuda": Route("triton", "fastvq._C has no CUDA code entropy; the Triton kernels run"),
+    },
+    "nearest_codes": {**_self_everywhere(), "cuda": Route("triton", _NO_CUDA_TOPK)},
+    "gumbel_topk": {**_self_everywhere(), "cpp": Route("torch", _NO_C_SAMPLING), "cuda": Route("triton", _NO_CUDA_TOPK)},
+    "nearest_codes_wide": {
+        **_self_everywhere(),
+        "triton": Route("torch", _WIDE_TOPK),
+        "cuda": Route("torch", _WIDE_TOPK),
+    },
+    "gumbel_topk_wide": {
+        **_self_everywhere(),
+        "triton": Route("torch", _WIDE_TOPK),
+        "cpp": Route("torch", _NO_C_SAMPLING),
+        "cuda": Route("torch", _WIDE_TOPK),
     },
 }
 

@@ -120,6 +120,24 @@ class DuplicateCodes:
         """Each index replaced by the lowest index of its code's duplicate group (same shape)."""
         return self.leaders[indices]
 
+    def lowest_members(self, indices: torch.Tensor) -> torch.Tensor:
+        """A top-k search's ``indices [N, k]`` with the ``m`` codes a row lists from one duplicate
+        group replaced by that group's ``m`` lowest indices, in the same slots and in index order
+        (the codes are equal, so their distances are too). ``O(N k log k + K log K)``."""
+        num_codes = self.leaders.shape[0]
+        # Every code's group members in index order, each group starting at its leader.
+        members = (self.leaders * num_codes + torch.arange(num_codes, device=self.leaders.device)).argsort()
+        first = torch.empty_like(members).scatter_(0, members, torch.arange(num_codes, device=members.device))
+        leaders = self.leaders[indices]
+        order = (leaders * num_codes + indices).argsort(dim=1)
+        sorted_leaders = leaders.gather(1, order)
+        slots = torch.arange(indices.shape[1], device=indices.device).expand_as(indices)
+        starts = torch.ones_like(sorted_leaders, dtype=torch.bool)
+        starts[:, 1:] = sorted_leaders[:, 1:] != sorted_leaders[:, :-1]
+        run_start = torch.where(starts, slots, 0).cummax(dim=1).values
+        replaced = members[first[sorted_leaders] + slots - run_start]
+        return torch.empty_like(indices).scatter_(1, order, replaced)
+
 
 # Rows of fp64 words hashed at a time: small enough to stay in the L2 cache between their
 # conversion and their product.
@@ -470,3 +488,13 @@ def code_entropy_split(num_bits: int) -> tuple[int, int]:
     """How the code entropy splits ``d`` bits: ``(h, d - h)``, the high half the larger when ``d`` is odd."""
     high = (num_bits + 1) // 2
     return high, num_bits - high
+
+
+def order_candidates(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` candidates ``[N, k]`` in the top-k search's order: ascending true distance,
+    equal distances by ascending index, a NaN distance last. O(N k log k), after a search that
+    chose the set on its (cancellation-free but rounded) scores."""
+    by_index = indices.argsort(dim=1)
+    indices, distances = indices.gather(1, by_index), distances.gather(1, by_index)
+    by_distance = distances.nan_to_num(nan=float("inf")).argsort(dim=1, stable=True)
+    return indices.gather(1, by_distance), distances.gather(1, by_distance)

@@ -106,6 +106,11 @@ def _register_fakes() -> None:
             z.new_empty((num_rows if return_codes else 0, dim), dtype=out_dtype),
         )
 
+    @torch.library.register_fake("fastvq_C::nearest_codes")
+    def _nearest_codes_fake(z, codebook, k, metric):
+        num_rows = z.shape[0]
+        return z.new_empty((num_rows, k), dtype=torch.int64), z.new_empty((num_rows, k), dtype=torch.float32)
+
     @torch.library.register_fake("fastvq_C::segment_reduce")
     def _segment_reduce_fake(values, indices, num_codes, deterministic):
         return (
@@ -138,3 +143,18 @@ def segment_reduce(
     """Counts ``[K]`` and sums ``[K, D]`` in fp32. The CPU kernel is deterministic whatever
     ``deterministic`` says; the CUDA kernel uses fp32 atomics unless it is set."""
     return torch.ops.fastvq_C.segment_reduce(values, indices, num_codes, deterministic)
+
+
+def nearest_codes(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    k: int,
+    metric: str,
+    sample_temperature: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k search (direct kernels or BLAS tiles, as the nearest-code search); sampling is
+    routed to the PyTorch path by the table, so ``sample_temperature`` never reaches here set."""
+    if sample_temperature > 0.0:
+        raise RuntimeError("fastvq._C has no Gumbel-top-k sampling; fastvq.backends routes it to the PyTorch path")
+    return torch.ops.fastvq_C.nearest_codes(z, codebook, k, metric)

@@ -991,8 +991,6 @@ class VectorQuantize(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if topk is not None:
-            raise NotImplementedError("VectorQuantize.forward(topk=...) comes with fastvq's top-k search op (issue 13)")
         freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         if mask is not None and lens is not None:
             raise ValueError("pass mask or lens, not both")
@@ -1006,6 +1004,13 @@ class VectorQuantize(nn.Module):
                 f"mask must be a bool [B, N] = [{batch}, {length}] tensor for a [B, N, dim] input, "
                 f"got {tuple(mask.shape)} {mask.dtype} for x of shape {tuple(x.shape)}"
             )
+        if topk is not None:
+            quantized, embed_ind, loss, breakdown = self._topk_sequence(
+                sequence, mask, topk, input_requires_grad=x.requires_grad, sample_codebook_temp=sample_codebook_temp,
+                freeze_codebook=freeze_codebook, codebook_transform_fn=codebook_transform_fn, active=active,
+            )
+            quantized, embed_ind, loss = _from_sequence_topk(quantized.to(x.dtype), embed_ind, loss, pattern, sizes)
+            return (quantized, embed_ind, loss, breakdown) if return_loss_breakdown else (quantized, embed_ind, loss)
         codebook = self._codebook
         input_requires_grad = x.requires_grad
         rows_pattern = self._rows_pattern()
@@ -1126,6 +1131,107 @@ class VectorQuantize(nn.Module):
         return quantized, embed_ind, loss, LossBreakdown(commit_loss, codebook_diversity_loss_value,
                                                          orthogonal_reg_loss, inplace_optimize_loss)
 
+    # ------------------------------------------------------------------ top-k
+
+    def _topk_sequence(self, sequence: Tensor, mask: Optional[Tensor], topk: int, *, input_requires_grad: bool,
+                       sample_codebook_temp: Optional[float] = None, freeze_codebook: bool = False,
+                       codebook_transform_fn: Optional[Callable] = None, active: Optional[Tensor] = None):
+        """``forward(topk=k)`` on a sequence ``[B, N, dim]``: the ``k`` nearest codes of every
+        position, as vector-quantize-pytorch returns them: ``quantized [B, N, k, dim]`` (through the
+        estimator in training), ``indices [B, N, k]`` (``-1`` where masked), and the loss: per
+        candidate ``[B, N, k]`` (the commitment mean over dimensions, weighted when the layer has a
+        commitment loss) in eval and with a commitment loss in training, else a scalar. No codebook
+        update. The search is ``nearest_codes``: no ``N x K`` matrix."""
+        if self.heads != 1:
+            raise ValueError(f"topk needs heads == 1, got heads = {self.heads}")
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        if self.training and self.commitment_use_cross_entropy_loss:
+            raise ValueError("topk is not compatible with commitment_use_cross_entropy_loss in training")
+        if self.training and self.in_place_codebook_optimizer is not None:
+            raise ValueError("topk is not compatible with in_place_codebook_optimizer in training")
+        topk = min(topk, self.codebook_size)
+        codebook = self._codebook
+        batch, length = sequence.shape[:2]
+        projected = self.project_in(sequence)
+        flatten = codebook.transform_input(projected).reshape(1, batch * length, -1).float()
+        valid = None if mask is None else mask.reshape(1, -1)
+        if active is not None:
+            active = active.reshape(())
+            valid = active.expand(flatten.shape[:2]) if valid is None else valid & active
+        temperature = codebook.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
+        temperature = temperature if self.training and codebook.stochastic_sample_codes and temperature > 0 else 0.0
+        codebook.init_embed_(flatten, valid)
+        if codebook.affine_param:
+            codebook.update_affine(flatten, codebook.embed, valid)
+        books = codebook.search_codebooks()
+        if codebook_transform_fn is not None:
+            search = self._search_transformed(flatten, books, codebook_transform_fn, temperature, topk)
+        else:
+            search = self._search_topk(flatten, books, temperature, topk)
+        codes, indices = search.codes, search.indices
+        codebook.record_usage(indices[..., 0] if valid is None else torch.where(valid, indices[..., 0], -1))
+        rows = flatten[:, :, None, :].expand_as(codes)
+        keep = None if valid is None else valid[..., None]
+        commit_grad = self.learnable_codebook and not freeze_codebook
+        zero = self.zero
+        commit_loss = codebook_diversity_loss_value = orthogonal_reg_loss = zero
+        if self.training:
+            if input_requires_grad and self.route_gradients_to_input:
+                if self.directional_reparam:
+                    quantize = directional_reparam(rows, codes, self.directional_reparam_variance)
+                elif self.rotation_trick:
+                    quantize = rotate_to(rows, codes)
+                else:
+                    quantize = rows + (codes - rows).detach()
+            else:
+                quantize = codes
+            if self.sync_update_v > 0:
+                quantize = quantize + self.sync_update_v * (quantize - quantize.detach())
+            loss = zero
+            if self.has_codebook_diversity_loss:
+                codebook_diversity_loss_value = self._diversity(flatten, books, search, length)
+                loss = loss + codebook_diversity_loss_value * self.codebook_diversity_loss_weight
+            if self.has_commitment_loss:
+                commit_q = codes if commit_grad else codes.detach()
+                commit_loss = (commit_q - rows).square().mean(dim=-1)
+                if keep is not None:
+                    commit_loss = torch.where(keep, commit_loss, 0.0)
+                loss = loss + commit_loss * self.commitment_weight
+            if self.has_codebook_orthogonal_loss:
+                orthogonal_reg_loss = self._orthogonal(indices, flatten.device)
+                loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
+            if not loss.requires_grad and torch.is_grad_enabled():
+                loss = loss.detach().requires_grad_()
+        else:
+            quantize = codes
+            commit_loss = (codes - rows).square().mean(dim=-1)
+            if keep is not None:
+                commit_loss = torch.where(keep, commit_loss, 0.0)
+            loss = commit_loss * self.commitment_weight if self.has_commitment_loss else commit_loss
+        quantized = self.project_out(quantize[0].reshape(batch, length, topk, -1).to(projected.dtype))
+        indices = indices[0].reshape(batch, length, topk)
+        if loss.dim() > 0:
+            loss = loss[0].reshape(batch, length, topk)
+        if commit_loss.dim() > 0:
+            commit_loss = commit_loss[0].reshape(batch, length, topk)
+        if valid is not None:
+            keep_positions = valid[0].reshape(batch, length)
+            fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else \
+                sequence[:, :, None, :].to(quantized.dtype).expand_as(quantized)
+            quantized = torch.where(keep_positions[..., None, None], quantized, fill)
+            indices = torch.where(keep_positions[..., None], indices, -1)
+        breakdown = LossBreakdown(commit_loss, codebook_diversity_loss_value, orthogonal_reg_loss, zero)
+        return quantized, indices, loss, breakdown
+
+    def _search_topk(self, flatten: Tensor, books: Tensor, temperature: float, topk: int) -> _Search:
+        seed = draw_seed(flatten.device) if temperature > 0 else None
+        book = books[0]
+        indices, _ = torch.ops.fastvq.nearest_codes(flatten[0], book.detach(), topk, self._codebook.metric,
+                                                    temperature, seed)
+        codes = F.embedding(indices, book) if book.requires_grad else book[indices]
+        return _Search(indices[None], codes[None], None, None, None)
+
     # ------------------------------------------------------------------ pieces of forward
 
     def _codebook_pass(self, flatten: Tensor, valid: Optional[Tensor], transform: Optional[Callable],
@@ -1200,7 +1306,7 @@ class VectorQuantize(nn.Module):
                        commitment, None)
 
     def _search_transformed(self, flatten: Tensor, books: Tensor, transform: Callable,
-                            temperature: float) -> _Search:
+                            temperature: float, topk: Optional[int] = None) -> _Search:
         """Per-row codebooks ``transform(books) [C, B, N, K, d]`` (QINCo's): they are ``N x K x d`` by
         construction, so their ``N x K`` logits are computed directly, as vector-quantize-pytorch does."""
         transformed = transform(books)
@@ -1212,8 +1318,10 @@ class VectorQuantize(nn.Module):
             logits = -F.pairwise_distance(flatten[..., None, :], transformed)
         with torch.no_grad():
             scores = logits / temperature + gumbel_noise(logits) if temperature > 0 else logits
-            indices = scores.argmax(dim=-1)
-        codes = transformed.gather(2, indices[..., None, None].expand(-1, -1, 1, transformed.shape[-1])).squeeze(2)
+            indices = scores.argmax(dim=-1, keepdim=True) if topk is None else scores.topk(topk, dim=-1).indices
+        codes = transformed.gather(2, indices[..., None].expand(*indices.shape, transformed.shape[-1]))
+        if topk is None:
+            indices, codes = indices[..., 0], codes[:, :, 0]
         return _Search(indices, codes, None, None, logits)
 
     @staticmethod
@@ -1275,6 +1383,26 @@ class VectorQuantize(nn.Module):
             if codebook.shape[-2] > limit:
                 codebook = codebook[:, torch.randperm(codebook.shape[-2], device=device)[:limit]]
         return orthogonal_loss(codebook, used)
+
+
+def _from_sequence_topk(quantized: Tensor, indices: Tensor, loss: Tensor, pattern: str,
+                        sizes: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Undoes ``VectorQuantize._to_sequence`` for top-k outputs ``[B, N, k, dim]``, ``[B, N, k]``
+    (and a per-candidate loss), the candidates' axis last but for the features."""
+    per_candidate = loss.dim() > 0
+    if pattern == "b d":
+        return quantized[:, 0], indices[:, 0], loss[:, 0] if per_candidate else loss
+    if pattern == "b n d":
+        return quantized, indices, loss
+    if pattern == "b d n":
+        return rearrange(quantized, "b n k d -> b d n k"), indices, loss
+    if pattern == "b d h w":
+        unflatten = lambda t: rearrange(t, "b (h w) ... -> b h w ...", **sizes)  # noqa: E731
+        return (rearrange(quantized, "b (h w) k d -> b d h w k", **sizes), unflatten(indices),
+                unflatten(loss) if per_candidate else loss)
+    unflatten = lambda t: rearrange(t, "b (t h w) ... -> b t h w ...", **sizes)  # noqa: E731
+    return (rearrange(quantized, "b (t h w) k d -> b d t h w k", **sizes), unflatten(indices),
+            unflatten(loss) if per_candidate else loss)
 
 
 def _from_sequence(quantized: Tensor, indices: Tensor, pattern: str, sizes: dict) -> tuple[Tensor, Tensor]:

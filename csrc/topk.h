@@ -1,0 +1,34 @@
+// A row's best k (score, code) pairs, kept sorted for the top-k search: plain C++ (no ATen), shared
+// by the direct kernels (search_cpu_avx2.cpp, search_cpu_avx512.cpp) and the BLAS tiles.
+//
+// best[0..k) ascends; a pair enters only if its score is strictly below best[k - 1], and after
+// every pair of equal score already there, so a search that feeds codes in ascending order keeps
+// the lower index first on ties. Slots not yet filled hold (+inf, -1): a NaN or +inf score never
+// enters (NaN < x is false), and the caller fills what is left after the search.
+#pragma once
+
+#include <cstdint>
+
+namespace fastvq {
+
+template <typename acc_t, typename index_t>
+inline void topk_insert(acc_t* best, index_t* index, int64_t k, acc_t score, index_t code) {
+  int64_t slot = k - 1;
+  while (slot > 0 && best[slot - 1] > score) {
+    best[slot] = best[slot - 1];
+    index[slot] = index[slot - 1];
+    --slot;
+  }
+  best[slot] = score;
+  index[slot] = code;
+}
+
+// Offers `count` scores of codes first_code, first_code + 1, ... (in that order) to a row.
+template <typename acc_t, typename index_t>
+inline void topk_offer(acc_t* best, index_t* index, int64_t k, const acc_t* scores, int64_t count, index_t first_code) {
+  for (int64_t j = 0; j < count; ++j) {
+    if (scores[j] < best[k - 1]) topk_insert(best, index, k, scores[j], static_cast<index_t>(first_code + j));
+  }
+}
+
+}  // namespace fastvq

@@ -1,0 +1,375 @@
+"""Fused top-k search: each row's ``k`` nearest codes, held in registers across tiles of codes.
+
+A program owns ``BLOCK_N`` rows. Each row keeps its best ``k`` (score, code) pairs in a register
+tile ``[BLOCK_N, TOPK_PAD]`` (unsorted) and knows its worst pair. The codebook is walked in tiles of
+``BLOCK_K`` codes scored exactly as the nearest-code kernel scores them; a tile is merged by taking
+its best remaining code per row (ties to the lower index) while that code beats the row's worst
+pair, which it then replaces. After the first tiles few codes beat the worst, so most tiles cost
+one extraction. Pairs compare by (score, index), so equal scores keep the lower index whatever the
+tiling. At the end each of the ``k`` codes' true distance is computed from ``z - e``; the launcher
+orders them. Nothing of size ``N x K`` is ever allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import SearchCodebook, order_candidates
+from .common import dot_precision, interpreting
+
+METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
+# The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
+MAX_REGISTER_TOPK = 64
+
+
+# --------------------------------------------------------------------------- the search's pieces
+#
+# Tiles scored as the nearest-code kernel (search.py) scores them; kept here rather than shared
+# through triton/common.py while that file and search.py are being reworked (issue 10). Scores
+# follow fastvq/backends/common.py (SearchCodebook): l2 is |e - c|^2 - 2 (z - c).(e - c) with c the
+# codebook mean, cosine -z.e/|e|, dot -z.e.
+
+
+@triton.jit
+def to_search_dtype(x, search_codes_ptr, DOT_IN_FP32: tl.constexpr):
+    """``x`` in the dtype ``tl.dot`` multiplies: the codes'. Triton's interpreter multiplies bf16
+    tiles as raw integers in tl.dot; there they are widened to fp32 first (bf16 products are exact
+    in fp32, so the sums agree with the GPU's)."""
+    if DOT_IN_FP32:
+        y = x.to(tl.float32)
+    else:
+        y = x.to(search_codes_ptr.dtype.element_ty)
+    return y
+
+
+@triton.jit
+def load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, search_codes_ptr,
+                METRIC: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows' whole (centred, for l2) vectors, when they fit one ``BLOCK_D`` slice."""
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    z_tile = tl.load(
+        z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col,
+        mask=row_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if METRIC == 0:
+        center = tl.load(center_ptr + dims, mask=dim_mask, other=0.0)
+        z_tile = z_tile - center[None, :]
+    return to_search_dtype(z_tile, search_codes_ptr, DOT_IN_FP32)
+
+
+@triton.jit
+def centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, METRIC: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each row's ``|z - c|^2`` (l2) or ``|z|^2`` (cosine): what Gumbel sampling adds back to the scores."""
+    dims = tl.arange(0, BLOCK_D)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for dim_start in range(0, D, BLOCK_D):
+        dim_idx = dim_start + dims
+        dim_mask = dim_idx < D
+        z_slice = tl.load(
+            z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
+            mask=row_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if METRIC == 0:
+            center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
+            z_slice = tl.where(dim_mask[None, :], z_slice - center[None, :], 0.0)
+        total += tl.sum(z_slice * z_slice, axis=1)
+    return total
+
+
+@triton.jit
+def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_centered_sq, row_seeds, rows,
+                row_mask, code_start, K, D, stride_z_row, stride_z_col, inv_temperature, METRIC: tl.constexpr,
+                SAMPLE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                SINGLE_D_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The search scores ``[BLOCK_N, BLOCK_K]`` of the rows against codes ``code_start + [0, BLOCK_K)``
+    (with Gumbel noise when ``SAMPLE``), and those codes. A NaN score and a code past ``K`` are +inf."""
+    dims = tl.arange(0, BLOCK_D)
+    codes = code_start + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    code_rows = codes.to(tl.int64) * D
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    if SINGLE_D_TILE:
+        code_tile = tl.load(
+            search_codes_ptr + code_rows[None, :] + dims[:, None],
+            mask=code_mask[None, :] & (dims < D)[:, None],
+            other=0.0,
+        )
+        acc = tl.dot(z_tile, to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc,
+                     input_precision=DOT_PRECISION)
+    else:
+        for dim_start in range(0, D, BLOCK_D):
+            dim_idx = dim_start + dims
+            dim_mask = dim_idx < D
+            z_slice = tl.load(
+                z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
+                mask=row_mask[:, None] & dim_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if METRIC == 0:
+                center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
+                z_slice = z_slice - center[None, :]
+            code_tile = tl.load(
+                search_codes_ptr + code_rows[None, :] + dim_idx[:, None],
+                mask=code_mask[None, :] & dim_mask[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(to_search_dtype(z_slice, search_codes_ptr, DOT_IN_FP32),
+                         to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc, input_precision=DOT_PRECISION)
+    if METRIC == 0:
+        bias = tl.load(code_bias_ptr + codes, mask=code_mask, other=0.0)
+        scores = bias[None, :] - 2.0 * acc
+    else:
+        scores = -acc
+    if SAMPLE:
+        # Gumbel-max: softmax(-distance / T) is sampled by the argmin of distance / T - gumbel, the
+        # noise from a counter-based generator (one Philox stream per row) instead of an N x K
+        # tensor. l2 samples on the plain (not squared) distance, as vector-quantize-pytorch's
+        # -cdist logits do, and cosine on the true cosine.
+        if METRIC == 0:
+            scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
+        elif METRIC == 1:
+            scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
+        uniform = tl.maximum(tl.rand(row_seeds[:, None], codes[None, :]), 1e-20)
+        gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
+        scores = scores * inv_temperature - gumbel
+    scores = tl.where(scores != scores, float("inf"), scores)
+    scores = tl.where(code_mask[None, :], scores, float("inf"))
+    return scores, codes
+
+
+@triton.jit
+def code_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, index, D, stride_z_row, stride_z_col,
+                  stride_cb_row, stride_cb_col, METRIC: tl.constexpr, RETURN_CODES: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each row's true distance to its code ``index [BLOCK_N]``, from ``z - e`` directly (exact, no
+    cancellation, >= 0 for l2); with ``RETURN_CODES`` the codes are stored to ``codes_out_ptr`` too."""
+    dims = tl.arange(0, BLOCK_D)
+    sq_sum = tl.zeros((BLOCK_N,), tl.float32)
+    dot_sum = tl.zeros((BLOCK_N,), tl.float32)
+    z_sq = tl.zeros((BLOCK_N,), tl.float32)
+    e_sq = tl.zeros((BLOCK_N,), tl.float32)
+    for dim_start in range(0, D, BLOCK_D):
+        dim_idx = dim_start + dims
+        mask = row_mask[:, None] & (dim_idx < D)[None, :]
+        z_vals = tl.load(z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col, mask=mask, other=0.0)
+        e_vals = tl.load(
+            codebook_ptr + index[:, None] * stride_cb_row + dim_idx[None, :] * stride_cb_col, mask=mask, other=0.0
+        )
+        if RETURN_CODES:
+            tl.store(codes_out_ptr + rows[:, None] * D + dim_idx[None, :], e_vals.to(codes_out_ptr.dtype.element_ty),
+                     mask=mask)
+        z_f = z_vals.to(tl.float32)
+        e_f = e_vals.to(tl.float32)
+        if METRIC == 0:
+            diff = z_f - e_f
+            sq_sum += tl.sum(diff * diff, axis=1)
+        else:
+            dot_sum += tl.sum(z_f * e_f, axis=1)
+            if METRIC == 1:
+                z_sq += tl.sum(z_f * z_f, axis=1)
+                e_sq += tl.sum(e_f * e_f, axis=1)
+    if METRIC == 0:
+        distance = sq_sum
+    elif METRIC == 1:
+        norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
+        distance = 1.0 - dot_sum / norms
+    else:
+        distance = -dot_sum
+    return distance
+
+
+@triton.jit
+def _worst_pair(best, best_index):
+    """Each row's worst pair: the largest score, among equal scores the largest index."""
+    worst = tl.max(best, axis=1)
+    worst_index = tl.max(tl.where(best == worst[:, None], best_index, -1), axis=1)
+    return worst, worst_index
+
+
+@triton.jit
+def _nearest_codes_fwd_kernel(
+    z_ptr,
+    codebook_ptr,
+    search_codes_ptr,
+    code_bias_ptr,
+    center_ptr,
+    indices_ptr,
+    distances_ptr,
+    seed_ptr,
+    N,
+    K,
+    D,
+    stride_z_row,
+    stride_z_col,
+    stride_cb_row,
+    stride_cb_col,
+    inv_temperature,
+    TOPK: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
+    METRIC: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    z_tile = 0.0
+    if SINGLE_D_TILE:
+        z_tile = load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, search_codes_ptr,
+                             METRIC, DOT_IN_FP32, BLOCK_D)
+    z_centered_sq = 0.0
+    row_seeds = 0
+    if SAMPLE:
+        row_seeds = tl.load(seed_ptr) + rows * 1000003
+        if METRIC != 2:
+            z_centered_sq = centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col,
+                                                  METRIC, BLOCK_N, BLOCK_D)
+
+    # Slots past TOPK are padding: score -inf, so never the worst and never replaced. The real slots
+    # start as +inf placeholders numbered past K, which any real code (even at +inf) beats.
+    slots = tl.arange(0, TOPK_PAD)
+    real_slot = slots < TOPK
+    best = tl.where(real_slot, float("inf"), float("-inf"))[None, :] + tl.zeros((BLOCK_N, TOPK_PAD), tl.float32)
+    best_index = tl.where(real_slot, K + slots, -1)[None, :] + tl.zeros((BLOCK_N, TOPK_PAD), tl.int32)
+    worst, worst_index = _worst_pair(best, best_index)
+    for code_start in range(0, K, BLOCK_K):
+        scores, codes = tile_scores(
+            z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_centered_sq, row_seeds, rows, row_mask,
+            code_start, K, D, stride_z_row, stride_z_col, inv_temperature, METRIC, SAMPLE, DOT_PRECISION,
+            DOT_IN_FP32, SINGLE_D_TILE, BLOCK_N, BLOCK_K, BLOCK_D,
+        )
+        # Codes past K are never taken; taken codes are marked by an index past every real one.
+        tile_index = tl.where(codes < K, codes, 2147483647)[None, :] + tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
+        candidate = tl.min(scores, axis=1)
+        candidate_index = tl.min(tl.where(scores == candidate[:, None], tile_index, 2147483647), axis=1)
+        takes = (candidate_index < K) & ((candidate < worst) | ((candidate == worst) & (candidate_index < worst_index)))
+        while tl.max(takes.to(tl.int32), axis=0) > 0:
+            replaced = takes[:, None] & (best_index == worst_index[:, None])
+            best = tl.where(replaced, candidate[:, None], best)
+            best_index = tl.where(replaced, candidate_index[:, None], best_index)
+            worst, worst_index = _worst_pair(best, best_index)
+            taken = takes[:, None] & (tile_index == candidate_index[:, None])
+            tile_index = tl.where(taken, 2147483647, tile_index)
+            scores = tl.where(taken, float("inf"), scores)
+            candidate = tl.min(tl.where(tile_index < K, scores, float("inf")), axis=1)
+            candidate_index = tl.min(tl.where((scores == candidate[:, None]) & (tile_index < K), tile_index,
+                                              2147483647), axis=1)
+            takes = (candidate_index < K) & (
+                (candidate < worst) | ((candidate == worst) & (candidate_index < worst_index))
+            )
+
+    for slot in range(TOPK):
+        index = tl.sum(tl.where(slots[None, :] == slot, best_index, 0), axis=1).to(tl.int64)
+        distance = code_distance(z_ptr, codebook_ptr, distances_ptr, rows, row_mask, index, D, stride_z_row,
+                                 stride_z_col, stride_cb_row, stride_cb_col, METRIC, False, BLOCK_N, BLOCK_D)
+        tl.store(indices_ptr + rows * TOPK + slot, index, mask=row_mask)
+        tl.store(distances_ptr + rows * TOPK + slot, distance, mask=row_mask)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    width = max(32, triton.next_power_of_2(named_args["D"]))
+    # Each thread holds BLOCK_N * TOPK_PAD / threads pairs besides the score tile: keep it small.
+    pairs = kwargs.get("TOPK_PAD", named_args.get("TOPK_PAD", 1))
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_N"] * pairs <= 64 * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+_TUNING_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+    for bn, bk, bd, w, s in [
+        (64, 64, 32, 4, 3),
+        (64, 64, 64, 4, 3),
+        (64, 128, 64, 8, 3),
+        (128, 64, 64, 8, 3),
+        (32, 64, 64, 4, 3),
+        (32, 128, 128, 4, 2),
+        (64, 64, 128, 4, 2),
+        (16, 64, 64, 4, 3),
+    ]
+]
+
+_single_d_tile = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
+_nearest_codes_tuned = triton.autotune(
+    configs=_TUNING_CONFIGS, key=["D", "METRIC", "TOPK_PAD"], prune_configs_by={"early_config_prune": _prune_configs}
+)(_single_d_tile(_nearest_codes_fwd_kernel))
+_nearest_codes_fixed = _single_d_tile(_nearest_codes_fwd_kernel)
+# Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
+_INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+
+
+def topk_pad(k: int) -> int:
+    return max(2, triton.next_power_of_2(k))
+
+
+def nearest_codes(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    k: int,
+    metric: str,
+    sample_temperature: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the fused top-k search (Gumbel-top-k when ``sample_temperature > 0``, noise from the
+    int64 ``seed`` tensor). Inputs are checked by the caller; fp64 is not handled here."""
+    if k > MAX_REGISTER_TOPK:
+        raise ValueError(f"the Triton top-k kernel keeps at most {MAX_REGISTER_TOPK} codes per row in registers, "
+                         f"got k = {k}")
+    num_rows, dim = z.shape
+    num_codes = codebook.shape[0]
+    out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+    device = z.device
+    indices = torch.empty((num_rows, k), dtype=torch.int64, device=device)
+    distances = torch.empty((num_rows, k), dtype=torch.float32, device=device)
+    if num_rows == 0:
+        return indices, distances
+    sampling = sample_temperature > 0.0
+    search = SearchCodebook(codebook, metric, out_dtype)
+    search_codes = search.codes.to(out_dtype).contiguous()
+    placeholder = distances  # never read: the metric's constexpr branch skips it
+    args = (
+        z,
+        codebook,
+        search_codes,
+        search.code_bias if search.code_bias is not None else placeholder,
+        search.center if search.center is not None else placeholder,
+        indices,
+        distances,
+        seed if sampling else indices,
+        num_rows,
+        num_codes,
+        dim,
+        z.stride(0),
+        z.stride(1),
+        codebook.stride(0),
+        codebook.stride(1),
+        1.0 / sample_temperature if sampling else 1.0,
+    )
+    meta = dict(
+        TOPK=k,
+        TOPK_PAD=topk_pad(k),
+        METRIC=METRIC_IDS[metric],
+        SAMPLE=sampling,
+        DOT_PRECISION=dot_precision(out_dtype),
+        DOT_IN_FP32=interpreting() and out_dtype == torch.bfloat16,
+    )
+    if interpreting():
+        grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCKS["BLOCK_N"]),)
+        _nearest_codes_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
+    else:
+        grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]),)  # noqa: E731
+        with torch.cuda.device(device) if z.is_cuda else contextlib.nullcontext():
+            _nearest_codes_tuned[grid](*args, **meta)
+    return order_candidates(indices, distances)
