@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (see unprivileged())
 
 from fastvq import cli
 from fastvq.train import checkpoint, stage1
@@ -40,7 +41,10 @@ def restore_threads():
 
 @contextlib.contextmanager
 def unprivileged():
-    """Runs the block as ``nobody`` when the tests run as root (whom permissions do not stop)."""
+    """Runs the block as ``nobody`` when the tests run as root (whom permissions do not stop).
+
+    Modules are imported as root beforehand: nobody may not read the interpreter's own standard
+    library (a pyenv Python under a 0700 /root), and torch.optim imports torch._dynamo lazily."""
     if not AS_ROOT or os.geteuid() != 0:  # not root, or already nobody (an enclosing block)
         yield
         return
