@@ -50,6 +50,7 @@ HVQ_MAP = 16
 LIBRARIES = ("fastvq", "vector-quantize-pytorch")
 RESIDUAL_DEPTH = 4
 TARGET = (65536, 16384, 256)  # the memory figure: 65 536 vectors, K = 16 384, D = 256
+SMALL = (1024, 256, 32)
 GRIDS = {
     "cuda": [(65536, size, 256) for size in (512, 2048, 8192, 16384, 65536)],
     "cpu": [(8192, size, 64) for size in (512, 2048, 8192, 65536)],
@@ -219,6 +220,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--target-only", action="store_true", help="only the N=65536, K=16384, D=256 point")
     parser.add_argument("--layers", nargs="+", choices=LAYERS + tuple(QUANTIZER_GRIDS), default=list(LAYERS),
                         help="the layers to measure (VectorQuantize and ResidualVQ by default)")
+    parser.add_argument("--small", action="store_true", help=f"only the tiny point N, K, D = {SMALL}, for rehearsals")
     parser.add_argument("--repeats", type=int, default=3, help="minimum timed repeats per point")
     parser.add_argument("--codes", type=int, nargs="+", metavar="K",
                         help="only the grid points with these codebook sizes (e.g. LFQ's 65536 262144)")
@@ -232,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     environment = _harness.environment(args.device)
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
-    points = [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
+    points = [SMALL] if args.small else [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
 
     def chosen(grid):
         return [point for point in grid if args.codes is None or point[1] in args.codes]

@@ -316,6 +316,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--conv-only", action="store_true", help="only the convolution grid")
     which.add_argument("--sampler-only", action="store_true", help="only the sampler comparison")
+    parser.add_argument("--headline-only", action="store_true",
+                        help="of the convolution grid only the 7x7 type A and B points at 128 channels, 32x32, batch 64")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
                         help="default: bf16, tf32 and fp32 on CUDA, fp32 on CPU")
@@ -334,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(", ".join(f"{name} {value}" for name, value in environment.items()))
     rows, ok = [], True
     if not args.sampler_only:
-        points = SMALL_CONV_GRID if args.small else CONV_GRIDS[args.device]
+        points = SMALL_CONV_GRID if args.small else HEADLINE if args.headline_only else CONV_GRIDS[args.device]
         conv_rows, conv_ok = run_conv_grid(points, tuple(args.dtypes or DEFAULT_DTYPES[args.device]), args.device)
         rows, ok = rows + conv_rows, ok and conv_ok
     if not args.conv_only:

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The one-command device run: on a lent GPU (an H200 with torch 2.11 + CUDA 13, Triton 3.6, pytest and
+# no network), in at most 8 minutes, in this order, each step time-boxed so that what finished still
+# comes back under $OUT:
+#
+#   1. the GPU test subset with real Triton: parity and contracts of every op in every dtype on the
+#      triton-cuda and torch-cuda backends (pytest -k cuda, over 8 pytest-xdist workers where it is
+#      installed; -v, so a step cut short keeps its lines);
+#   2. bench_search at N = 65 536, K in {1 024, 8 192, 65 536}, D in {64, 256}, fp32 then bf16 (one
+#      run each, so each writes its rows), against the bare matmul and cdist + argmin (no FAISS/cuVS:
+#      see fetch_wheels.sh);
+#   3. bench_layers at K = 16 384 (N = 65 536, D = 256) against vector-quantize-pytorch;
+#   4. bench_masked_conv, the 7 x 7 type A/B headline points, against cuDNN on the masked dense weight.
+#
+# Results go to benchmarks/results/ (named by the device) and come back as $OUT/results.tar.gz, with
+# each step's log, the machine's description (env.txt) and run.log, which says how each step ended.
+#
+# Before the call, here: bash benchmarks/gpu/fetch_wheels.sh   (vector-quantize-pytorch into .whl/)
+# On the device (carry .whl):  bash benchmarks/gpu/run.sh
+# Rehearsal on a CPU machine:  FASTVQ_GPU_REHEARSAL=1 OUT=$(mktemp -d) bash benchmarks/gpu/run.sh
+#   (every step on the CPU with tiny sizes, results under $OUT/results instead of benchmarks/results)
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:?set OUT to the folder whose files come back}"
+PY="${PYTHON:-python3}"
+REHEARSAL="${FASTVQ_GPU_REHEARSAL:-0}"
+mkdir -p "$OUT"
+STARTED=$(date +%s)
+MARK="$(mktemp)"  # results files newer than this were written by this run
+
+log() { echo "[$(( $(date +%s) - STARTED ))s] $*" | tee -a "$OUT/run.log"; }
+
+# step NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log, killed after SECONDS.
+step() {
+  local name="$1" seconds="$2"
+  shift 2
+  log "$name: start (time box ${seconds}s): $*"
+  local begun=$(date +%s)
+  PYTHONUNBUFFERED=1 timeout --kill-after=10 "$seconds" "$@" >>"$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - begun ))
+  case $rc in
+    0) log "$name: passed in ${took}s" ;;
+    124|137) log "$name: CUT at its ${seconds}s time box (what it finished is in $name.log)" ;;
+    *) log "$name: FAILED with exit status $rc after ${took}s (see $name.log)" ;;
+  esac
+}
+
+# Wheels the image lacks (vector-quantize-pytorch and its needs), into a folder of this run only.
+SITE="$(mktemp -d)"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+    >>"$OUT/run.log" 2>&1 || log "wheels: install FAILED (bench_layers will miss vector-quantize-pytorch)"
+else
+  log "wheels: none in .whl/ (run benchmarks/gpu/fetch_wheels.sh here first); bench_layers will fail"
+fi
+export PYTHONPATH="$SITE:$ROOT:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  uname -a
+  nvidia-smi 2>&1 || echo "no nvidia-smi"
+  "$PY" - <<'EOF'
+import torch, triton
+print("python torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "sm", f"{p.major}{p.minor}", "SMs", p.multi_processor_count,
+          "memory GiB", round(p.total_memory / 2**30, 1))
+import fastvq.backends as b
+print("fastvq backends:", {op: b.backend_for("cuda", torch.float32) for op in ("nearest_code",)})
+EOF
+} >"$OUT/env.txt" 2>&1
+
+if [[ "$REHEARSAL" == 1 ]]; then
+  log "REHEARSAL on the CPU: tiny sizes, Triton under its interpreter, results in $OUT/results"
+  export TRITON_INTERPRET=1
+  DEVICE=cpu
+  RESULTS=(--out "$OUT/results")
+  CONV_RESULTS=(--out "$OUT/results/masked_conv")
+  TESTS=(tests/test_nearest_code.py -k "triton-cpu-N1-K129-D70")
+  SEARCH=(--small)
+  LAYERS=(--small)
+  CONV=(--small --conv-only)
+  BOX_TESTS=300 BOX_SEARCH=300 BOX_LAYERS=300 BOX_CONV=300
+else
+  DEVICE=cuda
+  RESULTS=()
+  CONV_RESULTS=()
+  # The ops' parity and contract tests, most important first; -k cuda keeps the CUDA backends.
+  TESTS=(tests/test_precision_flags.py tests/test_nearest_code.py tests/test_vector_quantize_op.py
+         tests/test_ema_update.py tests/test_masked_conv.py tests/test_contracts.py tests/test_opcheck.py
+         tests/test_soft_quantize.py tests/test_code_entropy.py -k "cuda or precision")
+  SEARCH=()
+  LAYERS=(--target-only)
+  CONV=(--conv-only --headline-only)
+  # 8 minutes in all: 150 + 2 x 60 + 80 + 2 x 45 = 440 s of steps, the rest for start-up.
+  BOX_TESTS=150 BOX_SEARCH=60 BOX_LAYERS=80 BOX_CONV=45
+fi
+
+# Triton compiles on the host's CPU (each dtype, metric, shape bucket and config): spread the tests over
+# worker processes where pytest-xdist is there (the H200 machine has 16 cores and pytest-xdist).
+PARALLEL=()
+if [[ "$REHEARSAL" != 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then
+  PARALLEL=(-n 8)
+fi
+step tests "$BOX_TESTS" "$PY" -m pytest -v -p no:cacheprovider -rfE --durations=10 "${PARALLEL[@]}" "${TESTS[@]}"
+step search "$BOX_SEARCH" "$PY" benchmarks/bench_search.py --device "$DEVICE" --dtypes fp32 --metrics l2 "${SEARCH[@]}" "${RESULTS[@]}"
+step search "$BOX_SEARCH" "$PY" benchmarks/bench_search.py --device "$DEVICE" --dtypes bf16 --metrics l2 "${SEARCH[@]}" "${RESULTS[@]}"
+step layers "$BOX_LAYERS" "$PY" benchmarks/bench_layers.py --device "$DEVICE" "${LAYERS[@]}" "${RESULTS[@]}"
+step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes bf16 "${CONV[@]}" "${CONV_RESULTS[@]}"
+step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes tf32 fp32 "${CONV[@]}" "${CONV_RESULTS[@]}"
+
+RESULT_ROOT="benchmarks/results"
+[[ "$REHEARSAL" == 1 ]] && RESULT_ROOT="$OUT/results"
+find "$RESULT_ROOT" -type f -newer "$MARK" -print0 2>/dev/null | tar -czf "$OUT/results.tar.gz" --null -T - 2>>"$OUT/run.log"
+[[ "$REHEARSAL" == 1 ]] && rm -rf "$OUT/results"  # it came back as results.tar.gz; $OUT keeps at most 8 files
+log "done: $(tar -tzf "$OUT/results.tar.gz" | tr '\n' ' ')"
+rm -f "$MARK"
+rm -rf "$SITE"
