@@ -4,6 +4,7 @@ On a GPU the launcher always goes through ``triton.autotune`` + ``triton.heurist
 interpreter it uses one fixed configuration. This test runs the autotuned wrapper itself under the
 interpreter, restricted to one configuration (benchmarking many needs a GPU), so the wrapper's
 plumbing (grid from the chosen config, pruning by D, the SINGLE_D_TILE heuristic) is checked in CI.
+It also checks the split-codebook path (forced, with tiny shapes) and the autotuner's size buckets.
 """
 
 import pytest
@@ -25,6 +26,7 @@ def test_autotuned_wrapper_matches_reference(monkeypatch, dim):
     monkeypatch.setattr(search._nearest_code_tuned, "configs", [small])
     monkeypatch.setattr(search, "interpreting", lambda: False)
     monkeypatch.setattr(search, "dot_precision", lambda dtype: "ieee")
+    monkeypatch.setattr(search, "device_properties", lambda: {"multiprocessor_count": 1})
     generator = torch.Generator().manual_seed(dim)
     z = torch.randn(37, dim, generator=generator)
     codebook = torch.randn(45, dim, generator=generator)
@@ -35,9 +37,57 @@ def test_autotuned_wrapper_matches_reference(monkeypatch, dim):
     assert torch.equal(codes, codebook[indices])
 
 
-def test_pruning_keeps_tiles_no_wider_than_needed():
-    from fastvq.backends.triton.search import _TUNING_CONFIGS, _prune_configs
+@pytest.mark.parametrize("arch", [80, 86, 90])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pruning_keeps_the_gpus_and_dtypes_configs_no_wider_than_needed(monkeypatch, dtype, arch):
+    from fastvq.backends.triton import search
 
-    kept = _prune_configs(_TUNING_CONFIGS, {"D": 20})
-    assert kept and all(config.kwargs["BLOCK_D"] <= 32 for config in kept)
-    assert len(_prune_configs(_TUNING_CONFIGS, {"D": 256})) == len(_TUNING_CONFIGS)
+    monkeypatch.setattr(search, "device_arch", lambda: arch)
+    own = search._config_pool(dtype, arch)
+    assert own is (search._HALF_CONFIGS if dtype != torch.float32 else
+                   search._FP32_HOPPER_CONFIGS if arch == 90 else search._FP32_CONFIGS)
+    codes = torch.zeros(3, 20, dtype=dtype)
+    kept = search._prune_configs(search._TUNING_CONFIGS, {"D": 20, "search_codes_ptr": codes})
+    assert kept and all(config.kwargs["BLOCK_D"] <= 32 and any(config is c for c in own) for config in kept)
+    assert len(search._prune_configs(search._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes})) == len(own)
+
+
+def test_autotuning_is_keyed_on_size_buckets_of_n_and_k():
+    """The sampler's first tiny crop must not fix the tiles of every later, larger search."""
+    from fastvq.backends.triton.search import _nearest_code_tuned, _size_bucket
+
+    assert {"D", "n_bucket", "k_bucket", "SPLIT"} <= set(_nearest_code_tuned.keys)
+    assert [_size_bucket(n) for n in (0, 1, 2, 3, 64, 65, 1000)] == [1, 1, 2, 4, 64, 128, 1024]
+
+
+def test_split_only_when_rows_leave_sms_idle_and_the_codebook_is_large():
+    from fastvq.backends.triton.search import _SPLIT_MIN_CODES_PER_SLICE, _code_splits
+
+    big = 64 * _SPLIT_MIN_CODES_PER_SLICE
+    assert _code_splits(64 * 132, big, 132) == 1  # a block of rows per SM already
+    assert _code_splits(64, _SPLIT_MIN_CODES_PER_SLICE - 1, 132) == 1  # too few codes to split
+    assert _code_splits(64, big, 132) == 64  # one row block: one slice per SM, at least 1024 codes each
+    assert _code_splits(64 * 33, big, 132) == 4
+
+
+@pytest.mark.parametrize("metric, splits", [("l2", 2), ("l2", 7), ("cosine", 3), ("dot", 3)])
+def test_split_codebook_matches_the_unsplit_search(monkeypatch, metric, splits):
+    """Forced splits under the interpreter, with codes repeated across slice boundaries: the merge
+    keeps the lowest index on ties, and a row of NaN distances still returns index 0."""
+    from fastvq.backends.triton import search
+
+    monkeypatch.setattr(search, "_SPLIT_ALIGN", 16)
+    generator = torch.Generator().manual_seed(splits)
+    codebook = torch.randn(100, 24, generator=generator)
+    codebook[60:90] = codebook[0:30]  # every code of 60..89 ties with one of 0..29 in another slice
+    z = torch.cat([codebook[:30] + 0.01 * torch.randn(30, 24, generator=generator),
+                   torch.randn(6, 24, generator=generator)])
+    z[5] = float("nan")
+    expected = search.nearest_code(z, codebook, metric, True)
+    monkeypatch.setattr(search, "_code_splits", lambda rows, codes, sms: splits)
+    actual = search.nearest_code(z, codebook, metric, True)
+    assert torch.equal(actual[0], expected[0])
+    assert actual[0][5] == 0 and torch.isnan(actual[1][5])
+    torch.testing.assert_close(actual[1], expected[1], equal_nan=True)
+    assert torch.equal(actual[2], expected[2])
+    assert (actual[0][:30] < 60).all(), "a tie across slices went to the higher index"

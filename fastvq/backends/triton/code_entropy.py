@@ -50,7 +50,8 @@ def _half_probs(logits_ptr, row_offsets, row_mask, stride_bit, codes, code_mask,
     masked rows and codes."""
     probs = tl.where(row_mask[:, None] & code_mask[None, :], 1.0, 0.0)
     for k in tl.static_range(NUM_BITS):
-        logit = tl.load(logits_ptr + row_offsets + (BIT_START + k) * stride_bit, mask=row_mask, other=0.0).to(tl.float32)
+        bit_offset = (BIT_START + k) * tl.cast(stride_bit, tl.int64)
+        logit = tl.load(logits_ptr + (row_offsets + bit_offset), mask=row_mask, other=0.0).to(tl.float32)
         p_one, p_zero = _sigmoid_pair(logit)
         bit = (codes >> (NUM_BITS - 1 - k)) & 1
         probs = probs * tl.where(bit[None, :] == 1, p_one[:, None], p_zero[:, None])
@@ -95,8 +96,8 @@ def _code_entropy_avg_kernel(
         p_hi = _half_probs(logits_ptr, offsets, row_mask, stride_bit, hi_codes, hi_mask, 0, NUM_HI)
         p_lo = _half_probs(logits_ptr, offsets, row_mask, stride_bit, lo_codes, lo_mask, NUM_HI, NUM_LO)
         acc = tl.dot(tl.trans(p_hi), p_lo, acc, input_precision=DOT_PRECISION)
-    out = (partial_ptr + pid_split * (num_hi_codes * num_lo_codes) + hi_codes[:, None] * num_lo_codes
-           + lo_codes[None, :])
+    out = partial_ptr + (pid_split * (num_hi_codes * num_lo_codes) + hi_codes[:, None].to(tl.int64) * num_lo_codes
+                         + lo_codes[None, :])
     tl.store(out, acc, mask=hi_mask[:, None] & lo_mask[None, :])
 
 
@@ -191,8 +192,8 @@ def _code_entropy_bwd_kernel(
             p_lo = _half_probs(logits_ptr, offsets, row_mask, stride_bit, lo_codes, lo_mask, NUM_HI, NUM_LO)
             lo_ones, lo_zeros = _bit_table(lo_codes, bit_ids, NUM_HI, NUM_LO)
             mean_grad = tl.load(
-                grad_avg_ptr + group * ((1 << NUM_HI) * num_lo_codes) + hi_codes[:, None] * num_lo_codes
-                + lo_codes[None, :],
+                grad_avg_ptr + (group * ((1 << NUM_HI) * num_lo_codes) + hi_codes[:, None].to(tl.int64) * num_lo_codes
+                                + lo_codes[None, :]),
                 mask=hi_mask[:, None] & lo_mask[None, :],
                 other=0.0,
             ).to(tl.float32) * inv_rows
@@ -208,10 +209,12 @@ def _code_entropy_bwd_kernel(
             zeros += tl.sum(by_lo[:, :, None] * lo_zeros[None, :, :], axis=1)
     bit_mask = bit_ids < NUM_HI + NUM_LO
     mask = row_mask[:, None] & bit_mask[None, :]
-    logits = tl.load(logits_ptr + offsets[:, None] + bit_ids[None, :] * stride_bit, mask=mask, other=0.0).to(tl.float32)
+    bit_offsets = bit_ids[None, :].to(tl.int64) * stride_bit
+    logits = tl.load(logits_ptr + (offsets[:, None] + bit_offsets), mask=mask, other=0.0).to(tl.float32)
     p_one, p_zero = _sigmoid_pair(logits)
     grad = p_zero * ones - p_one * zeros
-    out = grad_logits_ptr + rows[:, None] * (num_groups * (NUM_HI + NUM_LO)) + group * (NUM_HI + NUM_LO) + bit_ids[None, :]
+    out = grad_logits_ptr + (rows[:, None] * (num_groups * (NUM_HI + NUM_LO)) + group * (NUM_HI + NUM_LO)
+                             + bit_ids[None, :].to(tl.int64))
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 

@@ -1,6 +1,8 @@
-"""What every Triton launcher needs: the interpreter switch and the dot precision."""
+"""What every Triton launcher needs: the interpreter switch, the dot precision and the device's limits."""
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 
@@ -53,3 +55,51 @@ def dot_precision(dtype: torch.dtype, op: str = "matmul") -> str:
         return "tf32"
     return "tf32x3"
 
+
+def device_properties() -> dict:
+    """Triton's account of the current device (``max_shared_mem``: the opt-in shared memory one
+    block may use; ``multiprocessor_count``; ...), from the driver Triton launches on."""
+    from triton.runtime import driver
+
+    active = driver.active
+    return active.utils.get_device_properties(active.get_current_device())
+
+
+def device_arch() -> int:
+    """The current device's compute capability as Triton names its target (80 for sm_80, 90 for sm_90)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_target().arch
+
+
+def _compiled(kernel) -> Any:
+    """A warm-up's result: the compiled kernel, or (in Triton's async compile mode) its future's."""
+    return kernel.result() if hasattr(kernel, "result") else kernel
+
+
+def fits_shared_memory(kernel, prune: Callable | None = None) -> Callable:
+    """An ``early_config_prune`` for ``triton.autotune`` that keeps the configs whose compiled kernel
+    fits the current device's shared memory per block (after ``prune``, a family's own pruning).
+
+    Each config is compiled for the device (``kernel.warmup``, which fills the JIT's cache, so the
+    autotuner's benchmark runs reuse it) and its shared memory read from the compiled kernel: exact
+    for every device and Triton version, where a formula would be an estimate. An A100 (sm_80) lets
+    a block use 163 KB and an H100/H200 (sm_90) 227 KB, a consumer Ampere or Ada card only 99 KB; a
+    config over the limit would fail to launch. If none fits, the smallest is kept, and its launch
+    raises Triton's OutOfResources, which names the sizes.
+    """
+
+    def early_config_prune(configs, named_args, **kwargs):
+        candidates = prune(configs, named_args, **kwargs) if prune is not None else list(configs)
+        limit = device_properties()["max_shared_mem"]
+        args = list(named_args.values())
+        # The autotuner passes its launch's grid and warm-up flag along with the constexprs.
+        meta = {name: value for name, value in kwargs.items() if name not in ("grid", "warmup")}
+        shared = {
+            config: _compiled(kernel.warmup(*args, grid=(1,), **meta, **config.all_kwargs())).metadata.shared
+            for config in candidates
+        }
+        kept = [config for config in candidates if shared[config] <= limit]
+        return kept or [min(candidates, key=shared.__getitem__)]
+
+    return early_config_prune

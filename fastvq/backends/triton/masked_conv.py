@@ -15,9 +15,9 @@ convolution does 25 taps' work, not 49. The weight is read through a packed copy
   and one split of the pixels. Splits write separate slices of an fp32 workspace that is summed
   afterwards, so the result is deterministic (no atomics). Masked taps are exact zeros.
 
-Inputs may have any strides (NCHW, channels-last, views). Accumulation is fp32; fp32 ``tl.dot``
-follows PyTorch's convolution flag as ``conv2d`` does (``torch.backends.cudnn``'s ``allow_tf32`` or
-``conv.fp32_precision``, tf32 by default), and uses ``tf32x3`` where that is off
+Inputs may have any strides (NCHW, channels-last, views); offsets are int64. Accumulation is fp32;
+fp32 ``tl.dot`` follows PyTorch's convolution flag as ``conv2d`` does (``torch.backends.cudnn``'s
+``allow_tf32`` or ``conv.fp32_precision``, tf32 by default), and uses ``tf32x3`` where that is off
 (``fastvq.backends.triton.common.dot_precision``).
 """
 
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..common import num_taps, output_memory_format, output_size, promoted_dtype
-from .common import dot_precision, interpreting
+from .common import device_properties, dot_precision, fits_shared_memory, interpreting
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _masked_conv_implicit_gemm_kernel(
     k_blocks = tl.cdiv(SRC_C, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for step in range(NUM_TAPS * k_blocks):
-        tap = step // k_blocks
+        tap = (step // k_blocks).to(tl.int64)
         tap_h = tap // KW
         tap_w = tap % KW
         if TRANSPOSED:
@@ -226,17 +226,16 @@ def _prune_weight_grad_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+# Meant to compile without register spills on sm_80 and sm_90 in any dtype with the pinned Triton
+# (picked from compiles for both targets read with cuobjdump; no CI test re-checks them yet; shared
+# memory is pruned per device at launch); the smallest serves 32 channels.
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
         (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
-        (128, 64, 64, 8, 3),
         (64, 64, 32, 4, 4),
-        (256, 64, 32, 8, 3),
-        (256, 128, 32, 8, 3),
         (64, 32, 32, 4, 4),
     ]
 ]
@@ -244,11 +243,8 @@ _WEIGHT_GRAD_CONFIGS = [
     triton.Config({"BLOCK_CI": bci, "BLOCK_CO": bco, "BLOCK_M": bm}, num_warps=w, num_stages=s)
     for bci, bco, bm, w, s in [
         (64, 64, 64, 4, 3),
-        (64, 64, 128, 4, 3),
         (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
         (128, 64, 64, 8, 3),
-        (64, 128, 64, 8, 3),
         (32, 32, 64, 4, 4),
     ]
 ]
@@ -257,12 +253,16 @@ _WEIGHT_GRAD_CONFIGS = [
 _implicit_gemm_tuned = triton.autotune(
     configs=_GEMM_CONFIGS,
     key=["SRC_C", "OUT_C", "KW", "NUM_TAPS", "TRANSPOSED"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    prune_configs_by={
+        "early_config_prune": fits_shared_memory(_masked_conv_implicit_gemm_kernel, _prune_gemm_configs)
+    },
 )(_masked_conv_implicit_gemm_kernel)
 _weight_grad_tuned = triton.autotune(
     configs=_WEIGHT_GRAD_CONFIGS,
     key=["C_IN", "C_OUT", "KW", "NUM_TAPS"],
-    prune_configs_by={"early_config_prune": _prune_weight_grad_configs},
+    prune_configs_by={
+        "early_config_prune": fits_shared_memory(_masked_conv_weight_grad_kernel, _prune_weight_grad_configs)
+    },
 )(_masked_conv_weight_grad_kernel)
 # Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
 _INTERPRETER_GEMM_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -288,16 +288,13 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-def _implicit_gemm(src, packed, bias, out, pad, kernel_width, taps, transposed) -> None:
-    num_pixels = out.shape[0] * out.shape[2] * out.shape[3]
-    if num_pixels == 0:
-        return
+def _implicit_gemm_arguments(src, packed, bias, out, pad, kernel_width, taps, transposed):
     args = (
         src,
         packed,
         bias if bias is not None else out,  # never read without HAS_BIAS
         out,
-        num_pixels,
+        out.shape[0] * out.shape[2] * out.shape[3],
         src.shape[1],
         src.shape[2],
         src.shape[3],
@@ -318,6 +315,14 @@ def _implicit_gemm(src, packed, bias, out, pad, kernel_width, taps, transposed) 
         DOT_PRECISION=dot_precision(packed.dtype, "conv"),
         DOT_IN_FP32=_dot_in_fp32(packed.dtype),
     )
+    return args, meta
+
+
+def _implicit_gemm(src, packed, bias, out, pad, kernel_width, taps, transposed) -> None:
+    num_pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    if num_pixels == 0:
+        return
+    args, meta = _implicit_gemm_arguments(src, packed, bias, out, pad, kernel_width, taps, transposed)
     if interpreting():
         blocks = _INTERPRETER_GEMM_BLOCKS
         grid = (triton.cdiv(num_pixels, blocks["BLOCK_M"]), triton.cdiv(out.shape[1], blocks["BLOCK_N"]))
@@ -348,19 +353,19 @@ def masked_conv2d(
     return out
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, taps: int, padding: list[int]) -> torch.Tensor:
-    out_channels, in_channels, kernel_height, kernel_width = weight.shape
-    grad_weight = torch.zeros((out_channels, in_channels, kernel_height * kernel_width), dtype=weight.dtype,
-                              device=weight.device)
-    num_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    if taps == 0 or num_pixels == 0:
-        return grad_weight.reshape(weight.shape)
+def _weight_grad_splits(x: torch.Tensor, in_channels: int, out_channels: int, taps: int, num_pixels: int) -> int:
     if interpreting():
-        num_splits = 1
-    else:
-        programs_per_split = taps * triton.cdiv(in_channels, 64) * triton.cdiv(out_channels, 64)
-        target = _WEIGHT_GRAD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
-        num_splits = max(1, min(triton.cdiv(target, programs_per_split), triton.cdiv(num_pixels, _MIN_PIXELS_PER_SPLIT)))
+        return 1
+    programs_per_split = taps * triton.cdiv(in_channels, 64) * triton.cdiv(out_channels, 64)
+    with _device_context(x):
+        target = _WEIGHT_GRAD_PROGRAMS_PER_SM * device_properties()["multiprocessor_count"]
+    return max(1, min(triton.cdiv(target, programs_per_split), triton.cdiv(num_pixels, _MIN_PIXELS_PER_SPLIT)))
+
+
+def _weight_grad_arguments(x, grad, weight, taps, padding, num_splits):
+    """The fp32 workspace (one slice per split of the pixels) and the kernel's arguments."""
+    out_channels, in_channels, _, kernel_width = weight.shape
+    num_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
     # A multiple of every BLOCK_M, so each split's tiles line up and the last split is the short one.
     pixels_per_split = triton.cdiv(triton.cdiv(num_pixels, num_splits), 128) * 128
     num_splits = triton.cdiv(num_pixels, pixels_per_split)
@@ -390,6 +395,19 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, taps
         DOT_PRECISION=dot_precision(grad.dtype, "conv"),
         DOT_IN_FP32=_dot_in_fp32(grad.dtype),
     )
+    return workspace, args, meta
+
+
+def _weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, taps: int, padding: list[int]) -> torch.Tensor:
+    out_channels, in_channels, kernel_height, kernel_width = weight.shape
+    grad_weight = torch.zeros((out_channels, in_channels, kernel_height * kernel_width), dtype=weight.dtype,
+                              device=weight.device)
+    num_pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
+    if taps == 0 or num_pixels == 0:
+        return grad_weight.reshape(weight.shape)
+    num_splits = _weight_grad_splits(x, in_channels, out_channels, taps, num_pixels)
+    workspace, args, meta = _weight_grad_arguments(x, grad, weight, taps, padding, num_splits)
+    num_splits = workspace.shape[0]
     if interpreting():
         blocks = _INTERPRETER_WEIGHT_GRAD_BLOCKS
         grid = (triton.cdiv(in_channels, blocks["BLOCK_CI"]), triton.cdiv(out_channels, blocks["BLOCK_CO"]),

@@ -5,6 +5,15 @@ scores the tile with ``tl.dot`` (fp32 accumulation, ``D`` walked in ``BLOCK_D`` 
 masked at the edge), folds the tile's minimum into a running (min, argmin) per row, and at the
 end gathers the winning code and computes its true distance directly from ``z - e``. Scores live
 only in registers, so nothing of size ``N x K`` is ever allocated.
+
+When the rows alone give the GPU too few programs (``N / BLOCK_N`` below the number of SMs, as in
+inference or an audio codec's small batches) and the codebook is large, the codebook is split
+across programs as well (``SPLIT``): each program searches one slice of codes and writes its rows'
+partial (min, argmin); ``_nearest_code_merge_kernel`` folds the slices in code order (strict ``<``,
+so the lowest index wins ties) and gathers the winner. The autotuner is keyed on power-of-two
+buckets of N and K besides D, so the first call's shape does not fix the tiles of every later one.
+Every offset is computed in int64: a column-major ``z`` has column stride N, and N * (D - 1)
+passes 2**31 long before memory runs out.
 """
 
 from __future__ import annotations
@@ -16,12 +25,73 @@ import triton
 import triton.language as tl
 
 from ..common import SearchCodebook
-from .common import dot_precision, interpreting
+from .common import device_arch, device_properties, dot_precision, fits_shared_memory, interpreting
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 
 
 @triton.jit
+def _gather_and_distance(
+    z_ptr,
+    codebook_ptr,
+    indices_ptr,
+    distances_ptr,
+    codes_out_ptr,
+    rows,
+    row_mask,
+    best_index,
+    D,
+    stride_z_row,
+    stride_z_col,
+    stride_cb_row,
+    stride_cb_col,
+    METRIC: tl.constexpr,
+    RETURN_CODES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Gathers each row's winner and recomputes its distance from z - e: exact, no cancellation, >= 0."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    sq_sum = tl.zeros((BLOCK_N,), tl.float32)
+    dot_sum = tl.zeros((BLOCK_N,), tl.float32)
+    z_sq = tl.zeros((BLOCK_N,), tl.float32)
+    e_sq = tl.zeros((BLOCK_N,), tl.float32)
+    for dim_start in range(0, D, BLOCK_D):
+        dim_idx = dim_start + dims
+        mask = row_mask[:, None] & (dim_idx < D)[None, :]
+        z_vals = tl.load(z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col, mask=mask, other=0.0)
+        e_vals = tl.load(
+            codebook_ptr + best_index[:, None] * stride_cb_row + dim_idx[None, :] * stride_cb_col, mask=mask, other=0.0
+        )
+        if RETURN_CODES:
+            tl.store(
+                codes_out_ptr + rows[:, None] * D + dim_idx[None, :],
+                e_vals.to(codes_out_ptr.dtype.element_ty),
+                mask=mask,
+            )
+        z_f = z_vals.to(tl.float32)
+        e_f = e_vals.to(tl.float32)
+        if METRIC == 0:
+            diff = z_f - e_f
+            sq_sum += tl.sum(diff * diff, axis=1)
+        else:
+            dot_sum += tl.sum(z_f * e_f, axis=1)
+            if METRIC == 1:
+                z_sq += tl.sum(z_f * z_f, axis=1)
+                e_sq += tl.sum(e_f * e_f, axis=1)
+    if METRIC == 0:
+        distance = sq_sum
+    elif METRIC == 1:
+        norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
+        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
+        distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        distance = -dot_sum
+    tl.store(indices_ptr + rows, best_index, mask=row_mask)
+    tl.store(distances_ptr + rows, distance, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["n_bucket", "k_bucket"])
 def _nearest_code_fwd_kernel(
     z_ptr,
     codebook_ptr,
@@ -32,17 +102,23 @@ def _nearest_code_fwd_kernel(
     distances_ptr,
     codes_out_ptr,
     seed_ptr,
+    partial_best_ptr,
+    partial_index_ptr,
     N,
     K,
     D,
+    codes_per_split,
     stride_z_row,
     stride_z_col,
     stride_cb_row,
     stride_cb_col,
     inv_temperature,
+    n_bucket,
+    k_bucket,
     METRIC: tl.constexpr,
     RETURN_CODES: tl.constexpr,
     SAMPLE: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
@@ -50,10 +126,14 @@ def _nearest_code_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # n_bucket and k_bucket are never read: they are autotuning keys (see _size_bucket).
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    code_begin = split * codes_per_split
+    code_end = tl.minimum(code_begin + codes_per_split, K)
     # Triton's interpreter multiplies bf16 tiles as raw integers in tl.dot; there the tiles are
     # widened to fp32 first (bf16 products are exact in fp32, so the sums agree with the GPU's).
     if DOT_IN_FP32:
@@ -97,15 +177,16 @@ def _nearest_code_fwd_kernel(
                 z_centered_sq += tl.sum(z_slice * z_slice, axis=1)
 
     best = tl.full((BLOCK_N,), float("inf"), tl.float32)
-    best_index = tl.zeros((BLOCK_N,), tl.int64)
-    for code_start in range(0, K, BLOCK_K):
-        codes = code_start + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        code_rows = codes.to(tl.int64) * D
+    # A row that no code beats (every score NaN) keeps its slice's first code; slice 0's is code 0.
+    best_index = tl.zeros((BLOCK_N,), tl.int64) + code_begin
+    for code_start in range(code_begin, code_end, BLOCK_K):
+        code_offsets = tl.arange(0, BLOCK_K)
+        codes = code_start + code_offsets.to(tl.int64)
+        code_mask = codes < code_end
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         if SINGLE_D_TILE:
             code_tile = tl.load(
-                search_codes_ptr + code_rows[None, :] + dims[:, None],
+                search_codes_ptr + codes[None, :] * D + dims[:, None],
                 mask=code_mask[None, :] & dim_mask[:, None],
                 other=0.0,
             )
@@ -123,7 +204,7 @@ def _nearest_code_fwd_kernel(
                     center_d = tl.load(center_ptr + dim_idx, mask=dim_mask_d, other=0.0)
                     z_slice = z_slice - center_d[None, :]
                 code_tile = tl.load(
-                    search_codes_ptr + code_rows[None, :] + dim_idx[:, None],
+                    search_codes_ptr + codes[None, :] * D + dim_idx[:, None],
                     mask=code_mask[None, :] & dim_mask_d[:, None],
                     other=0.0,
                 )
@@ -138,10 +219,12 @@ def _nearest_code_fwd_kernel(
                 scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
             elif METRIC == 1:
                 scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
-            uniform = tl.maximum(tl.rand(row_seeds[:, None], codes[None, :]), 1e-20)
+            # Philox counters are 32-bit here, as they were before the search was split: the same
+            # seed draws the same codes whether or not the codebook is split.
+            uniform = tl.maximum(tl.rand(row_seeds[:, None], (code_start.to(tl.int32) + code_offsets)[None, :]), 1e-20)
             gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
             scores = scores * inv_temperature - gumbel
-        # A NaN score never wins, and padding codes past K never win either.
+        # A NaN score never wins, and padding codes past the slice never win either.
         scores = tl.where(scores != scores, float("inf"), scores)
         scores = tl.where(code_mask[None, :], scores, float("inf"))
         tile_best, tile_index = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -150,75 +233,206 @@ def _nearest_code_fwd_kernel(
         best = tl.where(better, tile_best, best)
         best_index = tl.where(better, tile_index.to(tl.int64) + code_start, best_index)
 
-    # Gather the winner and recompute its distance from z - e: exact, no cancellation, >= 0.
-    sq_sum = tl.zeros((BLOCK_N,), tl.float32)
-    dot_sum = tl.zeros((BLOCK_N,), tl.float32)
-    z_sq = tl.zeros((BLOCK_N,), tl.float32)
-    e_sq = tl.zeros((BLOCK_N,), tl.float32)
-    for dim_start in range(0, D, BLOCK_D):
-        dim_idx = dim_start + dims
-        mask = row_mask[:, None] & (dim_idx < D)[None, :]
-        z_vals = tl.load(z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col, mask=mask, other=0.0)
-        e_vals = tl.load(
-            codebook_ptr + best_index[:, None] * stride_cb_row + dim_idx[None, :] * stride_cb_col, mask=mask, other=0.0
-        )
-        if RETURN_CODES:
-            tl.store(
-                codes_out_ptr + rows[:, None] * D + dim_idx[None, :],
-                e_vals.to(codes_out_ptr.dtype.element_ty),
-                mask=mask,
-            )
-        z_f = z_vals.to(tl.float32)
-        e_f = e_vals.to(tl.float32)
-        if METRIC == 0:
-            diff = z_f - e_f
-            sq_sum += tl.sum(diff * diff, axis=1)
-        else:
-            dot_sum += tl.sum(z_f * e_f, axis=1)
-            if METRIC == 1:
-                z_sq += tl.sum(z_f * z_f, axis=1)
-                e_sq += tl.sum(e_f * e_f, axis=1)
-    if METRIC == 0:
-        distance = sq_sum
-    elif METRIC == 1:
-        norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
-        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
-        distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if SPLIT:
+        tl.store(partial_best_ptr + split * N + rows, best, mask=row_mask)
+        tl.store(partial_index_ptr + split * N + rows, best_index, mask=row_mask)
     else:
-        distance = -dot_sum
-    tl.store(indices_ptr + rows, best_index, mask=row_mask)
-    tl.store(distances_ptr + rows, distance, mask=row_mask)
+        _gather_and_distance(
+            z_ptr, codebook_ptr, indices_ptr, distances_ptr, codes_out_ptr, rows, row_mask, best_index, D,
+            stride_z_row, stride_z_col, stride_cb_row, stride_cb_col, METRIC, RETURN_CODES, BLOCK_N, BLOCK_D,
+        )
+
+
+@triton.jit
+def _nearest_code_merge_kernel(
+    partial_best_ptr,
+    partial_index_ptr,
+    z_ptr,
+    codebook_ptr,
+    indices_ptr,
+    distances_ptr,
+    codes_out_ptr,
+    N,
+    D,
+    num_splits,
+    stride_z_row,
+    stride_z_col,
+    stride_cb_row,
+    stride_cb_col,
+    METRIC: tl.constexpr,
+    RETURN_CODES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    best = tl.load(partial_best_ptr + rows, mask=row_mask, other=float("inf"))
+    best_index = tl.load(partial_index_ptr + rows, mask=row_mask, other=0)
+    # Slices in code order with strict '<': on a tie the earlier slice, so the lower index, wins.
+    offsets = rows
+    for _ in range(1, num_splits):
+        offsets += N  # int64: rows are
+        slice_best = tl.load(partial_best_ptr + offsets, mask=row_mask, other=float("inf"))
+        slice_index = tl.load(partial_index_ptr + offsets, mask=row_mask, other=0)
+        better = slice_best < best
+        best = tl.where(better, slice_best, best)
+        best_index = tl.where(better, slice_index, best_index)
+    _gather_and_distance(
+        z_ptr, codebook_ptr, indices_ptr, distances_ptr, codes_out_ptr, rows, row_mask, best_index, D,
+        stride_z_row, stride_z_col, stride_cb_row, stride_cb_col, METRIC, RETURN_CODES, BLOCK_N, BLOCK_D,
+    )
 
 
 def _prune_configs(configs, named_args, **kwargs):
+    """The configs for this call's dtype and GPU with slices no wider than D needs."""
+    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch())
     width = max(32, triton.next_power_of_2(named_args["D"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width]
-    return kept or configs[:1]
+    own = [c for c in configs if any(c is p for p in pool)]
+    return [c for c in own if c.kwargs["BLOCK_D"] <= width] or own[:1] or configs[:1]
 
 
-_TUNING_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-    for bn, bk, bd, w, s in [
-        (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
-        (128, 128, 128, 8, 2),
-        (64, 64, 128, 4, 3),
-        (128, 64, 128, 8, 2),
-        (64, 128, 32, 4, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
+def _config_pool(dtype: torch.dtype, arch: int) -> list:
+    if dtype != torch.float32:
+        return _HALF_CONFIGS
+    return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
+
+
+def _configs(rows):
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bn, bk, bd, w, s in rows
     ]
-]
+
+
+# Meant to compile without register spills in any branch on sm_80 and sm_90 with the pinned Triton
+# (picked from compiles for both targets read with cuobjdump; no CI test re-checks them yet); shared
+# memory is pruned per device at launch.
+# fp32 runs three tf32 MMAs per tile (tf32x3) on split operands, which needs far more registers:
+# on sm_80 only 32-wide D slices stay out of local memory, while Hopper's warp-group MMAs, which
+# read their operands from shared memory, also take 128 x 128 tiles. Other GPUs get the sm_80 list.
+_FP32_CONFIGS = _configs([
+    (64, 64, 32, 8, 3),
+    (64, 32, 32, 4, 4),
+    (64, 64, 16, 4, 3),
+])
+_FP32_HOPPER_CONFIGS = _configs([
+    (64, 64, 32, 4, 3),
+    (128, 64, 32, 8, 3),
+    (128, 128, 32, 8, 3),
+])
+_HALF_CONFIGS = _configs([
+    (128, 128, 32, 8, 3),
+    (64, 128, 32, 4, 4),
+    (64, 128, 64, 4, 3),
+    (128, 64, 128, 8, 2),
+])
+_TUNING_CONFIGS = _FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS
 
 _single_d_tile = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
-_nearest_code_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS, key=["D", "METRIC"], prune_configs_by={"early_config_prune": _prune_configs}
-)(_single_d_tile(_nearest_code_fwd_kernel))
 _nearest_code_fixed = _single_d_tile(_nearest_code_fwd_kernel)
+_nearest_code_tuned = triton.autotune(
+    configs=_TUNING_CONFIGS,
+    key=["D", "n_bucket", "k_bucket", "METRIC", "SAMPLE", "SPLIT"],
+    prune_configs_by={"early_config_prune": fits_shared_memory(_nearest_code_fixed, _prune_configs)},
+)(_nearest_code_fixed)
 # Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
 _INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+# The merge pass reads a few floats per row and slice, then gathers one code per row.
+_MERGE_ROWS = 32
+_INTERPRETER_MERGE_ROWS = 16
+
+# The codebook is split only where the rows leave SMs idle and each slice still has this many codes
+# to amortise its rows' loads; slices are whole multiples of every BLOCK_K.
+_SPLIT_MIN_CODES_PER_SLICE = 1024
+_SPLIT_ALIGN = 256
+# How many rows one program of the split path is reckoned to own when counting programs.
+_SPLIT_REFERENCE_ROWS = 64
+
+
+def _size_bucket(size: int) -> int:
+    """The power of two at or above ``size``: the autotuner's key for N and K."""
+    return triton.next_power_of_2(max(size, 1))
+
+
+def _merge_config(dim: int) -> triton.Config:
+    if interpreting():
+        return triton.Config({"BLOCK_N": _INTERPRETER_MERGE_ROWS, "BLOCK_D": 16}, num_warps=1, num_stages=1)
+    return triton.Config(
+        {"BLOCK_N": _MERGE_ROWS, "BLOCK_D": min(128, max(16, triton.next_power_of_2(dim)))}, num_warps=4, num_stages=1
+    )
+
+
+def _code_splits(num_rows: int, num_codes: int, multiprocessors: int) -> int:
+    """How many slices the codebook is split into: 1 unless the rows alone would leave SMs idle.
+
+    Enough slices that the row blocks times the slices fill every SM once, none under
+    ``_SPLIT_MIN_CODES_PER_SLICE`` codes.
+    """
+    row_programs = triton.cdiv(num_rows, _SPLIT_REFERENCE_ROWS)
+    if row_programs >= multiprocessors:
+        return 1
+    return max(1, min(triton.cdiv(multiprocessors, row_programs), num_codes // _SPLIT_MIN_CODES_PER_SLICE))
+
+
+def _codes_per_split(num_codes: int, splits: int) -> int:
+    return triton.cdiv(triton.cdiv(num_codes, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+
+
+def _launch_arguments(z, codebook, metric, return_codes, sample_temperature, seed, splits):
+    """Outputs, the partial (min, argmin) buffers of a split search, and the kernel's arguments."""
+    num_rows, dim = z.shape
+    num_codes = codebook.shape[0]
+    out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+    device = z.device
+    indices = torch.empty(num_rows, dtype=torch.int64, device=device)
+    distances = torch.empty(num_rows, dtype=torch.float32, device=device)
+    codes_out = torch.empty((num_rows if return_codes else 0, dim), dtype=out_dtype, device=device)
+    sampling = sample_temperature > 0.0
+    search = SearchCodebook(codebook, metric, out_dtype)
+    search_codes = search.codes.to(out_dtype).contiguous()
+    codes_per_split = _codes_per_split(num_codes, splits) if splits > 1 else num_codes
+    splits = triton.cdiv(num_codes, codes_per_split)
+    partial_best = torch.empty((splits, num_rows) if splits > 1 else 0, dtype=torch.float32, device=device)
+    partial_index = torch.empty((splits, num_rows) if splits > 1 else 0, dtype=torch.int64, device=device)
+    placeholder = distances  # never read: the metric's constexpr branch skips it
+    args = (
+        z,
+        codebook,
+        search_codes,
+        search.code_bias if search.code_bias is not None else placeholder,
+        search.center if search.center is not None else placeholder,
+        indices,
+        distances,
+        codes_out if return_codes else placeholder,
+        seed if sampling else indices,
+        partial_best if splits > 1 else placeholder,
+        partial_index if splits > 1 else indices,
+        num_rows,
+        num_codes,
+        dim,
+        codes_per_split,
+        z.stride(0),
+        z.stride(1),
+        codebook.stride(0),
+        codebook.stride(1),
+        1.0 / sample_temperature if sampling else 1.0,
+        _size_bucket(num_rows),
+        _size_bucket(num_codes),
+    )
+    meta = dict(
+        METRIC=METRIC_IDS[metric],
+        RETURN_CODES=return_codes,
+        SAMPLE=sampling,
+        SPLIT=splits > 1,
+        DOT_PRECISION=dot_precision(out_dtype),
+        DOT_IN_FP32=interpreting() and out_dtype == torch.bfloat16,
+    )
+    merge_args = (
+        partial_best, partial_index, z, codebook, indices, distances, codes_out if return_codes else placeholder,
+        num_rows, dim, splits, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+    )
+    merge_meta = dict(METRIC=meta["METRIC"], RETURN_CODES=return_codes)
+    return (indices, distances, codes_out), splits, (args, meta), (merge_args, merge_meta)
 
 
 def nearest_code(
@@ -232,49 +446,27 @@ def nearest_code(
     """Launches the fused search (or Gumbel-max sampling when ``sample_temperature > 0``, noise
     from the int64 ``seed`` tensor). Inputs are checked by the caller; fp64 is not handled here."""
     num_rows, dim = z.shape
-    num_codes = codebook.shape[0]
-    out_dtype = torch.promote_types(z.dtype, codebook.dtype)
-    device = z.device
-    indices = torch.empty(num_rows, dtype=torch.int64, device=device)
-    distances = torch.empty(num_rows, dtype=torch.float32, device=device)
-    codes_out = torch.empty((num_rows if return_codes else 0, dim), dtype=out_dtype, device=device)
     if num_rows == 0:
-        return indices, distances, codes_out
-    sampling = sample_temperature > 0.0
-    search = SearchCodebook(codebook, metric, out_dtype)
-    search_codes = search.codes.to(out_dtype).contiguous()
-    placeholder = distances  # never read: the metric's constexpr branch skips it
-    args = (
-        z,
-        codebook,
-        search_codes,
-        search.code_bias if search.code_bias is not None else placeholder,
-        search.center if search.center is not None else placeholder,
-        indices,
-        distances,
-        codes_out if return_codes else placeholder,
-        seed if sampling else indices,
-        num_rows,
-        num_codes,
-        dim,
-        z.stride(0),
-        z.stride(1),
-        codebook.stride(0),
-        codebook.stride(1),
-        1.0 / sample_temperature if sampling else 1.0,
-    )
-    meta = dict(
-        METRIC=METRIC_IDS[metric],
-        RETURN_CODES=return_codes,
-        SAMPLE=sampling,
-        DOT_PRECISION=dot_precision(out_dtype),
-        DOT_IN_FP32=interpreting() and out_dtype == torch.bfloat16,
-    )
-    if interpreting():
-        grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCKS["BLOCK_N"]),)
-        _nearest_code_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
-    else:
-        grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]),)  # noqa: E731
-        with torch.cuda.device(device) if z.is_cuda else contextlib.nullcontext():
+        out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+        return (
+            torch.empty(0, dtype=torch.int64, device=z.device),
+            torch.empty(0, dtype=torch.float32, device=z.device),
+            torch.empty((0, dim), dtype=out_dtype, device=z.device),
+        )
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        multiprocessors = 1 if interpreting() else device_properties()["multiprocessor_count"]
+        requested = _code_splits(num_rows, codebook.shape[0], multiprocessors)
+        outputs, splits, (args, meta), (merge_args, merge_meta) = _launch_arguments(
+            z, codebook, metric, return_codes, sample_temperature, seed, requested
+        )
+        if interpreting():
+            grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCKS["BLOCK_N"]), splits)
+            _nearest_code_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
+        else:
+            grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]), splits)  # noqa: E731
             _nearest_code_tuned[grid](*args, **meta)
-    return indices, distances, codes_out
+        if splits > 1:
+            merge = _merge_config(dim)
+            merge_grid = (triton.cdiv(num_rows, merge.kwargs["BLOCK_N"]),)
+            _nearest_code_merge_kernel[merge_grid](*merge_args, **merge_meta, **merge.all_kwargs())
+    return outputs

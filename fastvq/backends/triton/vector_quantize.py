@@ -73,7 +73,7 @@ def _vector_quantize_bwd_kernel(
         gz = tl.zeros((BLOCK_N,), tl.float32)
         ge = tl.zeros((BLOCK_N,), tl.float32)
         for dim_start in range(0, D, BLOCK_D):
-            dims = dim_start + tl.arange(0, BLOCK_D)
+            dims = dim_start + tl.arange(0, BLOCK_D).to(tl.int64)
             mask = row_mask[:, None] & (dims < D)[None, :]
             z = tl.load(z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col, mask=mask, other=0.0)
             e = tl.load(
@@ -104,7 +104,7 @@ def _vector_quantize_bwd_kernel(
         g_dot_w = (g_dot_u + g_dot_q) / w_norm
 
     for dim_start in range(0, D, BLOCK_D):
-        dims = dim_start + tl.arange(0, BLOCK_D)
+        dims = dim_start + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = row_mask[:, None] & (dims < D)[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col, mask=mask, other=0.0)
         e = tl.load(quantized_ptr + rows[:, None] * stride_q_row + dims[None, :] * stride_q_col, mask=mask, other=0.0)
@@ -127,9 +127,40 @@ def _vector_quantize_bwd_kernel(
                     grad_codebook_ptr + codes[:, None] * D + dims[None, :],
                     -(grad_loss * codebook_scale) * diff,
                     mask=mask & code_ok[:, None],
+                    sem="relaxed",
                 )
             else:
                 tl.store(diff_ptr + rows[:, None] * D + dims[None, :], diff, mask=mask)
+
+
+def _config(dim: int) -> triton.Config:
+    if interpreting():
+        return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
+    return triton.Config({"BLOCK_N": 32, "BLOCK_D": min(128, max(16, triton.next_power_of_2(dim)))},
+                         num_warps=4, num_stages=3)
+
+
+def _launch_arguments(grad_quantized, grad_loss, z, quantized, indices, num_codes, commitment_scale,
+                      codebook_scale, compute_codebook_grad, rotation_trick, deterministic):
+    """The outputs, the deterministic path's ``z - e`` rows, and the kernel's arguments."""
+    num_rows, dim = z.shape
+    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    grad_codebook = torch.zeros((num_codes, dim), dtype=torch.float32, device=z.device)
+    grad_loss = grad_loss.reshape(1).to(torch.float32)
+    atomic = not deterministic
+    diff_rows = num_rows if compute_codebook_grad and not atomic else 0
+    diff = torch.empty((diff_rows, dim), dtype=torch.float32, device=z.device)
+    args = (
+        grad_quantized, grad_loss, z, quantized, indices, grad_z, grad_codebook,
+        diff if diff_rows else grad_codebook,
+        num_rows, num_codes, dim,
+        grad_quantized.stride(0), grad_quantized.stride(1),
+        z.stride(0), z.stride(1),
+        quantized.stride(0), quantized.stride(1),
+        commitment_scale, codebook_scale, ROTATION_EPS,
+    )
+    meta = dict(CODEBOOK_GRAD=compute_codebook_grad, ATOMIC=atomic, ROTATION=rotation_trick)
+    return grad_z, grad_codebook, grad_loss, diff if diff_rows else None, args, meta
 
 
 def vector_quantize_backward(
@@ -147,34 +178,20 @@ def vector_quantize_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(grad_z, grad_codebook)``: ``z``'s dtype and fp32 ``[K, D]``."""
     num_rows, dim = z.shape
-    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    grad_codebook = torch.zeros((num_codes, dim), dtype=torch.float32, device=z.device)
     if num_rows == 0:
-        return grad_z, grad_codebook
-    grad_loss = grad_loss.reshape(1).to(torch.float32)
+        return (torch.empty(z.shape, dtype=z.dtype, device=z.device),
+                torch.zeros((num_codes, dim), dtype=torch.float32, device=z.device))
     indices = indices.contiguous()  # the kernel reads indices with unit stride
-    atomic = not deterministic
-    diff_rows = num_rows if compute_codebook_grad and not atomic else 0
-    diff = torch.empty((diff_rows, dim), dtype=torch.float32, device=z.device)
-    if interpreting():
-        block_n, block_d = 16, 16
-    else:
-        block_n, block_d = 32, min(128, max(16, triton.next_power_of_2(dim)))
-    grid = (triton.cdiv(num_rows, block_n),)
+    grad_z, grad_codebook, grad_loss, diff, args, meta = _launch_arguments(
+        grad_quantized, grad_loss, z, quantized, indices, num_codes, commitment_scale, codebook_scale,
+        compute_codebook_grad, rotation_trick, deterministic,
+    )
+    config = _config(dim)
+    grid = (triton.cdiv(num_rows, config.kwargs["BLOCK_N"]),)
     context = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with context:
-        _vector_quantize_bwd_kernel[grid](
-            grad_quantized, grad_loss, z, quantized, indices, grad_z, grad_codebook,
-            diff if diff_rows else grad_codebook,
-            num_rows, num_codes, dim,
-            grad_quantized.stride(0), grad_quantized.stride(1),
-            z.stride(0), z.stride(1),
-            quantized.stride(0), quantized.stride(1),
-            commitment_scale, codebook_scale, ROTATION_EPS,
-            CODEBOOK_GRAD=compute_codebook_grad, ATOMIC=atomic, ROTATION=rotation_trick,
-            BLOCK_N=block_n, BLOCK_D=block_d,
-        )
-    if diff_rows:
+        _vector_quantize_bwd_kernel[grid](*args, **meta, **config.all_kwargs())
+    if diff is not None:
         # grad_loss stays on the device: scaling after the sum avoids a host sync.
         segment_sum_(grad_codebook, diff, indices, scale=-codebook_scale, deterministic=True)
         grad_codebook *= grad_loss
