@@ -165,7 +165,14 @@ def extension_setup() -> dict:
             # build_ext.run replaces the compiler option (a name, or None) by the compiler it made,
             # which a second run cannot take: each attempt starts from the option.
             compiler_option = self.compiler
+            # finalize_options set its own attributes (_full_name, _file_name, _needs_stub, ...) on
+            # the extension setup() was given only; a fallback of the same name takes them over.
+            finalized = self.extensions[0]
+            private = {name: value for name, value in vars(finalized).items() if name.startswith("_")}
             for extension, plan_status in plans:
+                vars(extension).update(private)
+                self.ext_map = {key: extension if value is finalized else value for key, value in self.ext_map.items()}
+                finalized = extension
                 self.extensions = [extension]
                 self.compiler = compiler_option
                 try:

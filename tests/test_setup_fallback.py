@@ -30,6 +30,9 @@ def _run_setup(tmp_path, monkeypatch, fail_on, cuda_mode="auto"):
     def fake_build(self):
         # As distutils' build_ext.run: it takes the compiler option (None here) and leaves its compiler.
         assert self.compiler is None, "a retried build must start from the compiler option, not a compiler"
+        for extension in self.extensions:  # what setuptools' build_extension reads, set by finalize_options
+            assert hasattr(extension, "_needs_stub") and hasattr(extension, "_file_name"), "extension not finalized"
+            assert self.ext_map[extension._full_name] is extension
         self.compiler = object()
         sources = [source for extension in self.extensions for source in extension.sources]
         attempts.append(any(source.endswith(".cu") for source in sources))
@@ -44,6 +47,7 @@ def _run_setup(tmp_path, monkeypatch, fail_on, cuda_mode="auto"):
     monkeypatch.setenv("FASTVQ_CPU_ARCH_FLAGS", "")
     runpy.run_path(str(tmp_path / "setup.py"), run_name="__main__")
     command = captured["cmdclass"]["build_ext"](setuptools.Distribution({"ext_modules": captured["ext_modules"]}))
+    command.ensure_finalized()
     command.run()
     return attempts, json.loads((tmp_path / "fastvq" / "_build_status.json").read_text())
 
