@@ -138,4 +138,4 @@ class RQVAE(nn.Module):
         codes = check_codes(codes, self.codebook_size, 4, type(self).__name__)
         if codes.shape[-1] != self.depth:
             raise ValueError(f"{type(self).__name__}: codes must end in depth = {self.depth}, got shape {tuple(codes.shape)}")
-        return self.decoder(self.quantizer.get_output_from_indices(codes))
+        return self.decoder(self.quantizer.get_output_from_indices(codes).movedim(-1, 1))
