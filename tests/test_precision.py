@@ -43,8 +43,11 @@ def test_cosine_distance_is_never_negative(backend, device, dtype):
     codebook = torch.randn(64, 19, generator=generator)
     scales = torch.rand(400, 1, generator=generator) * 10 + 0.1
     z = (codebook[torch.arange(400) % 64] * scales).to(device=device, dtype=dtype)
-    _, distances = fastvq.nearest_code(z, codebook.to(device=device, dtype=dtype), metric="cosine")
-    assert distances.min() >= 0, f"{int((distances < 0).sum())} negative distances, the least {float(distances.min()):.3g}"
+    codebook = codebook.to(device=device, dtype=dtype)
+    _, distances = fastvq.nearest_code(z, codebook, metric="cosine")
+    _, top_distances = fastvq.nearest_codes(z, codebook, 2, metric="cosine")
+    for name, found in (("nearest_code", distances), ("nearest_codes", top_distances[:, 0])):
+        assert found.min() >= 0, f"{name}: {int((found < 0).sum())} negative distances, the least {float(found.min()):.3g}"
 
 
 # --------------------------------------------------------------------------- the oracle's NaN and Inf

@@ -180,7 +180,8 @@ def code_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, index, D, 
         distance = sq_sum
     elif METRIC == 1:
         norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
-        distance = 1.0 - dot_sum / norms
+        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
+        distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         distance = -dot_sum
     return distance
