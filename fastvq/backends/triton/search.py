@@ -221,7 +221,7 @@ def _nearest_code_fwd_kernel(
                 scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
             # Philox counters are 32-bit here, as they were before the search was split: the same
             # seed draws the same codes whether or not the codebook is split.
-            uniform = tl.maximum(tl.rand(row_seeds[:, None], (code_start.to(tl.int32) + code_offsets)[None, :]), 1e-20)
+            uniform = tl.maximum(tl.rand(row_seeds[:, None], (code_start + code_offsets).to(tl.int32)[None, :]), 1e-20)
             gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
             scores = scores * inv_temperature - gumbel
         # A NaN score never wins, and padding codes past the slice never win either.
