@@ -77,9 +77,14 @@ check cpu
 echo "== 2. the CUDA build"
 build FASTVQ_BUILD_CUDA=1
 check cuda
-SO="$("$PY" -c 'import fastvq._C as m; print(m.__file__)')"
-# The toolkit's cuobjdump, else the one in Triton's wheel (a dependency of PyTorch's CUDA build).
-CUOBJDUMP="$(command -v cuobjdump || "$PY" -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))')"
+SO="$(cd /tmp && "$PY" -c 'import fastvq._C as m; print(m.__file__)')"  # not the checkout's fastvq
+# The toolkit's cuobjdump, else the one in a Triton wheel (this venv's, or the default python's).
+CUOBJDUMP="$(command -v cuobjdump || true)"
+for python in "$PY" python3; do
+  [[ -n "$CUOBJDUMP" ]] && break
+  CUOBJDUMP="$("$python" -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"
+done
+[[ -x "$CUOBJDUMP" ]] || { echo "no cuobjdump (CUDA toolkit or Triton wheel) to read the machine code" >&2; exit 1; }
 ARCHES="$("$CUOBJDUMP" --list-elf "$SO" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')"
 echo "machine code in $(basename "$SO"): $ARCHES"
 [[ "$ARCHES" == *sm_80* && "$ARCHES" == *sm_90* ]] || { echo "missing sm_80 or sm_90 machine code" >&2; exit 1; }
