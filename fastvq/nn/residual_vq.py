@@ -224,7 +224,10 @@ class ResidualVQ(nn.Module):
             self.mlps = (None,) * (num_quantizers - 1)
         # vector-quantize-pytorch's choice of the last kept layer for every dropout seed: looked up on
         # the device, so the draw needs no host synchronisation.
-        self.register_buffer("dropout_lookup", self._lookup_table(1) if self.quantize_dropout else torch.zeros(0),
+        # Sized for the process group the layer is built in (the seed is a sum over ranks); a
+        # compiled forward cannot rebuild it (20 000 Python draws would be traced), eager can.
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        self.register_buffer("dropout_lookup", self._lookup_table(world) if self.quantize_dropout else torch.zeros(0),
                              persistent=False)
         self.shared_codebook = shared_codebook
         if shared_codebook:
@@ -288,6 +291,11 @@ class ResidualVQ(nn.Module):
         if isinstance(seed, Tensor):
             world = torch.distributed.get_world_size() if is_distributed() else 1
             if self.dropout_lookup.shape[0] != DROPOUT_SEEDS * world:
+                if torch.compiler.is_compiling():
+                    raise RuntimeError(
+                        f"ResidualVQ was built for {self.dropout_lookup.shape[0] // DROPOUT_SEEDS} process(es) but "
+                        f"runs in a group of {world}: under torch.compile, build the layer after "
+                        "init_process_group (or run one eager forward first) so its quantize-dropout table fits")
                 self.dropout_lookup = self._lookup_table(world).to(device)
             return self.dropout_lookup.gather(0, seed.reshape(1)).reshape(())
         return dropout_index_for_seed(seed, self.quantize_dropout_cutoff_index, self.num_quantizers,
