@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import multiprocessing
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -182,21 +180,6 @@ def _measure_interleaved(rows: list[dict], fns: list[Callable], make_inputs: Cal
     return ok
 
 
-_LAST_CALL_SECONDS: list[float] = []
-
-
-def _timed_call(fn: Callable, *inputs) -> None:
-    start = time.perf_counter()
-    fn(*inputs)
-    _LAST_CALL_SECONDS.append(time.perf_counter() - start)
-
-
-def _peak_and_seconds(fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable) -> tuple[int, float]:
-    """Runs in a spawned child: the peak growth of one call and that call's duration."""
-    growth = _harness._peak_rss_growth_bytes(functools.partial(_timed_call, fn), make_inputs, make_warmup_inputs)
-    return growth, _LAST_CALL_SECONDS[-1]
-
-
 def _measure_once(row: dict, fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable, device: str) -> bool:
     """For a step that takes minutes on a CPU: one call in a fresh process gives both its time
     and its peak memory (after the harness's small warm-up), so the step runs once, not three
@@ -204,13 +187,11 @@ def _measure_once(row: dict, fn: Callable, make_inputs: Callable, make_warmup_in
     if device.startswith("cuda"):
         return _measure_interleaved([row], [fn], make_inputs, make_warmup_inputs, device, min_repeats=1)
     try:
-        with multiprocessing.get_context("spawn").Pool(processes=1) as pool:
-            growth, seconds = pool.apply(_peak_and_seconds, (fn, make_inputs, make_warmup_inputs))
+        milliseconds, peak_mib = _harness.once_with_peak_memory(fn, make_inputs, make_warmup_inputs, device)
     except Exception as error:
         _fail(row, error)
         return False
-    milliseconds = seconds * 1e3
-    row.update(median_ms=milliseconds, q20_ms=milliseconds, q80_ms=milliseconds, peak_mib=growth / _harness.MIB,
+    row.update(median_ms=milliseconds, q20_ms=milliseconds, q80_ms=milliseconds, peak_mib=peak_mib,
                note="one call, timed in its memory run")
     print(f"  {row['impl']} {row['mode']}: {milliseconds:.1f} ms (one call), peak {row['peak_mib']:.1f} MiB", flush=True)
     return True
