@@ -68,8 +68,16 @@ def select(rows: list[dict[str, str]], bench: str, where: str) -> list[dict[str,
             and all(row.get(column, "") in values.split(",") for column, values in conditions)]
 
 
+def _numeric_first(value: str) -> tuple:
+    """Sort key: numbers by value (as text, "194.4" sorts before "32.76"), other text after them."""
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
 def _span(values: list[str]) -> str:
-    present = sorted({value for value in values if value})
+    present = sorted({value for value in values if value}, key=_numeric_first)
     if not present:
         return "not recorded"
     return present[0] if len(present) == 1 else f"{present[0]} to {present[-1]}"
