@@ -52,12 +52,33 @@ def test_pruning_keeps_the_gpus_and_dtypes_configs_no_wider_than_needed(monkeypa
     assert len(search._prune_configs(search._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes})) == len(own)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_pad", [2, 64])
+def test_topk_pruning_keeps_the_gpus_and_dtypes_tiles_and_bounds_the_pairs(monkeypatch, dtype, arch, k_pad):
+    """The top-k tiles for the GPU and dtype, none holding more than _MAX_PAIRS_PER_THREAD kept pairs
+    a thread; when none qualifies the list's last (smallest) tile."""
+    from fastvq.backends.triton import topk
+
+    monkeypatch.setattr(topk, "device_arch", lambda: arch)
+    own = topk._config_pool(dtype, arch)
+    codes = torch.zeros(3, 256, dtype=dtype)
+    kept = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=k_pad)
+    assert kept and all(any(config is c for c in own) for config in kept)
+    assert all(c.kwargs["BLOCK_N"] * k_pad <= topk._MAX_PAIRS_PER_THREAD * 32 * c.num_warps for c in kept)
+    huge = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=1 << 20)
+    assert huge == own[-1:]
+
+
 def test_autotuning_is_keyed_on_size_buckets_of_n_and_k():
     """The sampler's first tiny crop must not fix the tiles of every later, larger search."""
-    from fastvq.backends.triton.search import _nearest_code_tuned, _size_bucket
+    from fastvq.backends.triton.common import size_bucket
+    from fastvq.backends.triton.search import _nearest_code_tuned
+    from fastvq.backends.triton.topk import _nearest_codes_tuned
 
     assert {"D", "n_bucket", "k_bucket", "SPLIT"} <= set(_nearest_code_tuned.keys)
-    assert [_size_bucket(n) for n in (0, 1, 2, 3, 64, 65, 1000)] == [1, 1, 2, 4, 64, 128, 1024]
+    assert {"D", "n_bucket", "TOPK_PAD", "SAMPLE"} <= set(_nearest_codes_tuned.keys)
+    assert [size_bucket(n) for n in (0, 1, 2, 3, 64, 65, 1000)] == [1, 1, 2, 4, 64, 128, 1024]
 
 
 def test_split_only_when_rows_leave_sms_idle_and_the_codebook_is_large():
@@ -91,3 +112,16 @@ def test_split_codebook_matches_the_unsplit_search(monkeypatch, metric, splits):
     torch.testing.assert_close(actual[1], expected[1], equal_nan=True)
     assert torch.equal(actual[2], expected[2])
     assert (actual[0][:30] < 60).all(), "a tie across slices went to the higher index"
+
+
+def test_soft_quantize_refuses_widths_past_its_int32_tile_offsets():
+    """soft_quantize's kernels index inside a tile in int32 (INT32_TILE_OFFSETS): a width of 2**24
+    or more is refused by name before anything is prepared (a meta tensor: no memory is touched)."""
+    from fastvq.backends.triton import soft_quantize
+
+    wide = torch.empty(2, soft_quantize.MAX_TILE_WIDTH, device="meta")
+    with pytest.raises(ValueError, match=r"z's last dimension must be below 2\*\*24, got z of shape \(2, 16777216\)"):
+        soft_quantize._Launch(wide, wide, None, "dot", 1.0)
+    narrow = torch.empty(2, 8, device="meta")
+    with pytest.raises(ValueError, match=r"values's last dimension"):
+        soft_quantize._Launch(narrow, narrow, wide, "dot", 1.0)

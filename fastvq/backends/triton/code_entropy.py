@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..common import code_entropy_split
-from .common import dot_precision, interpreting
+from .common import cases_from_launches, dot_precision, interpreting, recording_launches
 
 
 @triton.jit
@@ -219,9 +219,12 @@ def _code_entropy_bwd_kernel(
 
 
 # Tiles: the avg kernel's tl.dot needs every side >= 16; the elementwise kernels hold
-# BLOCK_N x BLOCK_H x BLOCK_L products (4 096 under the interpreter, 8 192 on a GPU).
-_AVG_BLOCKS = {"BLOCK_N": 32, "BLOCK_H": 64, "BLOCK_L": 64}
-_TILE_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 32}
+# BLOCK_N x BLOCK_H x BLOCK_L products (4 096). The mean takes 16 rows a step against 64 x 32 code
+# tiles on four warps, the others 8 rows a program on eight warps: of the tiles tried these are the
+# ones that spill no register on sm_80 or sm_90 (tests/test_aot_compile.py; 64 x 64 code tiles and
+# 32-row programs spilled a few bytes).
+_AVG_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 64, "BLOCK_L": 32, "num_warps": 4}
+_TILE_BLOCKS = {"BLOCK_N": 8, "BLOCK_H": 16, "BLOCK_L": 32, "num_warps": 8}
 _INTERPRETER_AVG_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
 _INTERPRETER_TILE_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
 # Programs the mean's grid should reach (several per SM of an A100/H100-class GPU).
@@ -292,3 +295,21 @@ def code_entropy_backward(
             D_PAD=max(2, triton.next_power_of_2(num_bits)), **blocks,
         )
     return grad
+
+
+def compile_cases() -> list:
+    """The launches of ``code_entropy`` and its backward, for ``tests/test_aot_compile.py`` (see
+    ``common.CompileCase``), recorded from the launchers themselves: fp32 logits in one group of 10
+    bits (a 1024-code LFQ), bf16 logits in two groups of 13 (halves of 7 and 6 bits), and 3 bits
+    (tiles narrower than the defaults)."""
+    import sys
+
+    cases = []
+    for dtype, short, groups, bits in ((torch.float32, "fp32", 1, 10), (torch.bfloat16, "bf16", 2, 13),
+                                       (torch.float32, "fp32", 1, 3)):
+        logits = torch.zeros(256, groups, bits, dtype=dtype)
+        with recording_launches(sys.modules[__name__]) as launches:
+            code_entropy(logits, 1e-5)
+            code_entropy_backward(torch.zeros(256, groups), torch.zeros(groups, 2**bits), logits, 1e-5)
+        cases += cases_from_launches(f"{short} {groups}x{bits} bits", launches)
+    return cases

@@ -1,7 +1,10 @@
-"""What every Triton launcher needs: the interpreter switch, the dot precision and the device's limits."""
+"""What every Triton launcher needs: the interpreter switch, the dot precision, the device's limits,
+and :class:`CompileCase`, the form in which each op family lists its launches for the AOT compile test."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -72,6 +75,14 @@ def device_arch() -> int:
     return driver.active.get_current_target().arch
 
 
+def size_bucket(size: int) -> int:
+    """The power of two at or above ``size``: an autotuner's key for N or K, so that the first
+    call's shape (a sampler's tiny crop, say) does not fix the tiles of every later, larger one."""
+    import triton
+
+    return triton.next_power_of_2(max(size, 1))
+
+
 def _compiled(kernel) -> Any:
     """A warm-up's result: the compiled kernel, or (in Triton's async compile mode) its future's."""
     return kernel.result() if hasattr(kernel, "result") else kernel
@@ -102,4 +113,81 @@ def fits_shared_memory(kernel, prune: Callable | None = None) -> Callable:
         kept = [config for config in candidates if shared[config] <= limit]
         return kept or [min(candidates, key=shared.__getitem__)]
 
+    early_config_prune.family_prune = prune  # what the AOT compile test checks the shared-memory rule after
     return early_config_prune
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One way a launcher of this package launches a Triton kernel, for ``tests/test_aot_compile.py``.
+
+    The convention: every op-family file in ``fastvq/backends/triton/`` that defines ``@triton.jit``
+    kernels has a function ``compile_cases() -> list[CompileCase]`` listing the launches real calls
+    make, and builds their arguments with the same code its launcher uses. The test compiles each
+    case for sm_80 and sm_90 on a machine without a GPU, in every config the launch can take, and
+    fails for a kernel of the package that no case launches. See ``fastvq/backends/triton/__init__.py``.
+
+    - ``name``: which branch this is, e.g. ``"l2 bf16 D=256"``: the test's messages name it.
+    - ``launcher``: what the launcher calls: a ``@triton.jit`` kernel, or the ``triton.autotune`` /
+      ``triton.heuristics`` objects around one. Through an autotuner every config its early prune
+      keeps on the target is compiled.
+    - ``args``: the positional arguments, as the launcher passes them. CPU tensors stand in for CUDA
+      ones: the JIT specialises on dtype, 16-byte alignment and sizes (1, multiples of 16), never on
+      the device.
+    - ``meta``: the keyword arguments (constexprs) the launcher passes.
+    - ``configs``: for a launcher that is not autotuned, the ``triton.Config`` (block sizes, warps,
+      stages) it launches with; empty for an autotuner, whose configs are its own.
+    """
+
+    name: str
+    launcher: Any
+    args: tuple
+    meta: dict = field(default_factory=dict)
+    configs: tuple = ()
+
+
+@contextlib.contextmanager
+def recording_launches(module):
+    """Within the block, ``module``'s kernels record each launch (launcher object, positional and
+    keyword arguments) in the yielded list instead of running, so ``compile_cases`` can call the
+    family's own launchers on small CPU inputs and list exactly the launches they make."""
+    from triton.runtime.jit import KernelInterface
+
+    records = []
+    originals = {name: value for name, value in vars(module).items() if isinstance(value, KernelInterface)}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: records.append((self.kernel, args, kwargs))
+
+    try:
+        for name, kernel in originals.items():
+            setattr(module, name, Recorder(kernel))
+        yield records
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
+
+
+def cases_from_launches(name: str, records: list) -> list[CompileCase]:
+    """``CompileCase``s of launches recorded by :func:`recording_launches`: an autotuned launch as it
+    is; a fixed one with the warps and stages it passed (Triton's defaults where it passed none)."""
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    cases = []
+    for kernel, args, kwargs in records:
+        inner = kernel
+        while not hasattr(inner, "__name__"):  # through triton.autotune / triton.heuristics
+            inner = inner.fn
+        label = f"{name}: {inner.__name__}"
+        if isinstance(kernel, Autotuner):
+            cases.append(CompileCase(label, kernel, args, dict(kwargs)))
+            continue
+        meta = dict(kwargs)
+        config = triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))
+        cases.append(CompileCase(label, kernel, args, meta, (config,)))
+    return cases

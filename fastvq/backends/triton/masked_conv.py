@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..common import num_taps, output_memory_format, output_size, promoted_dtype
-from .common import device_properties, dot_precision, fits_shared_memory, interpreting
+from .common import CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting
 
 
 @triton.jit
@@ -212,23 +212,33 @@ def _masked_conv_weight_grad_kernel(
     )
 
 
+def _for_precision(configs, heavy_configs, kwargs):
+    """``configs`` less those that spill registers in fp32 at full accuracy (``tf32x3``: three MMAs
+    on split operands) on GPUs before Hopper, whose MMAs take their operands from registers."""
+    if kwargs.get("DOT_PRECISION") == "tf32x3" and device_arch() != 90:
+        return [c for c in configs if not any(c is heavy for heavy in heavy_configs)]
+    return list(configs)
+
+
 def _prune_gemm_configs(configs, named_args, **kwargs):
     n_cap = max(32, triton.next_power_of_2(named_args["OUT_C"]))
     k_cap = max(32, triton.next_power_of_2(named_args["SRC_C"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
-    return kept or configs[:1]
+    usable = _for_precision(configs, _GEMM_TF32X3_SPILLING, kwargs)
+    kept = [c for c in usable if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return kept or usable[-1:]
 
 
 def _prune_weight_grad_configs(configs, named_args, **kwargs):
     ci_cap = max(32, triton.next_power_of_2(named_args["C_IN"]))
     co_cap = max(32, triton.next_power_of_2(named_args["C_OUT"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_CI"] <= ci_cap and c.kwargs["BLOCK_CO"] <= co_cap]
-    return kept or configs[:1]
+    usable = _for_precision(configs, _WEIGHT_GRAD_TF32X3_SPILLING, kwargs)
+    kept = [c for c in usable if c.kwargs["BLOCK_CI"] <= ci_cap and c.kwargs["BLOCK_CO"] <= co_cap]
+    return kept or usable[-1:]
 
 
-# Meant to compile without register spills on sm_80 and sm_90 in any dtype with the pinned Triton
-# (picked from compiles for both targets read with cuobjdump; no CI test re-checks them yet; shared
-# memory is pruned per device at launch); the smallest serves 32 channels.
+# Chosen so that none spills registers or overflows shared memory on sm_80 and sm_90 in any dtype
+# (fp32 under tf32x3 on sm_80 with the subsets below), checked by tests/test_aot_compile.py with the
+# pinned Triton; the smallest serves 32 channels and is what a prune that keeps nothing falls back to.
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
@@ -248,6 +258,11 @@ _WEIGHT_GRAD_CONFIGS = [
         (32, 32, 64, 4, 4),
     ]
 ]
+# On sm_80 these spill registers under tf32x3 (the default fp32 precision, tf32, does not):
+# 128 x 64 and 64 x 128 output tiles on four warps, and every weight-gradient tile but 32 x 32.
+_GEMM_TF32X3_SPILLING = [c for c in _GEMM_CONFIGS
+                         if c.num_warps == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 64]
+_WEIGHT_GRAD_TF32X3_SPILLING = [c for c in _WEIGHT_GRAD_CONFIGS if c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"] > 32 * 32]
 # Keyed on channels and taps only, not on the map size: the configuration (and so every output's
 # summation order) is the same for a whole map and for the cropped windows the fast sampler runs.
 _implicit_gemm_tuned = triton.autotune(
@@ -452,3 +467,43 @@ def masked_conv2d_backward(
     else:
         grad_weight = weight.new_empty(0)
     return grad_x, grad_weight
+
+
+def compile_cases() -> list[CompileCase]:
+    """The launches of the masked convolution, for ``tests/test_aot_compile.py`` (see ``CompileCase``).
+
+    The forward (with bias), the input gradient (``TRANSPOSED``) and the weight gradient, each in
+    fp32 with cuDNN's default tf32 and with tf32 turned off (``tf32x3``) and in bf16, on 7 x 7
+    type-B masks and 128 channels (so that every config is a candidate), NCHW; the fp16 forward;
+    channels-last; a 3 x 3 type-A mask on 32 channels; Gated PixelCNN's 1 x 3 horizontal stack.
+    """
+    cases = []
+
+    def add(name, dtype=torch.float32, channels=128, kernel=(7, 7), mask="B", channels_last=False, tf32=True,
+            kinds=("forward", "input grad", "weight grad")):
+        x = torch.zeros(2, channels, 16, 16, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.zeros(channels, channels, *kernel, dtype=dtype)
+        padding = [kernel[0] // 2, kernel[1] // 2]
+        taps = num_taps(mask, *kernel)
+        out = torch.empty_like(x)
+        precision = {"DOT_PRECISION": "tf32" if tf32 or dtype != torch.float32 else "tf32x3"}
+        for transposed, kind in ((False, "forward"), (True, "input grad")):
+            if kind in kinds:
+                packed = _packed_weight(weight, taps, transposed, dtype)
+                bias = None if transposed else torch.zeros(channels, dtype=dtype)
+                args, meta = _implicit_gemm_arguments(x, packed, bias, out, padding, kernel[1], taps, transposed)
+                cases.append(CompileCase(f"{kind} {name}", _implicit_gemm_tuned, args, {**meta, **precision}))
+        if "weight grad" in kinds:
+            _, args, meta = _weight_grad_arguments(x, out, weight, taps, padding, num_splits=2)
+            cases.append(CompileCase(f"weight grad {name}", _weight_grad_tuned, args, {**meta, **precision}))
+
+    add("fp32 tf32 7x7 B")
+    add("fp32 tf32x3 7x7 B", tf32=False)
+    add("bf16 7x7 B", torch.bfloat16)
+    add("fp16 7x7 B", torch.float16, kinds=("forward",))
+    add("bf16 7x7 B channels-last", torch.bfloat16, channels_last=True, kinds=("forward", "weight grad"))
+    add("bf16 3x3 A 32 channels", torch.bfloat16, channels=32, kernel=(3, 3), mask="A")
+    add("fp32 tf32 1x3 A horizontal", kernel=(1, 3), mask="A", kinds=("forward",))
+    return cases

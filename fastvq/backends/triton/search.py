@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ..common import SearchCodebook
-from .common import device_arch, device_properties, dot_precision, fits_shared_memory, interpreting
+from .common import (CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting,
+                     size_bucket)
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 
@@ -126,7 +127,7 @@ def _nearest_code_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # n_bucket and k_bucket are never read: they are autotuning keys (see _size_bucket).
+    # n_bucket and k_bucket are never read: they are autotuning keys (see common.size_bucket).
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -304,12 +305,15 @@ def _configs(rows):
     ]
 
 
-# Meant to compile without register spills in any branch on sm_80 and sm_90 with the pinned Triton
-# (picked from compiles for both targets read with cuobjdump; no CI test re-checks them yet); shared
-# memory is pruned per device at launch.
+# Chosen so that none spills registers in any branch, checked on sm_80 and sm_90 by
+# tests/test_aot_compile.py with the pinned Triton (picked from a sweep of a dozen tiles per dtype);
+# shared memory is pruned per device at launch.
 # fp32 runs three tf32 MMAs per tile (tf32x3) on split operands, which needs far more registers:
 # on sm_80 only 32-wide D slices stay out of local memory, while Hopper's warp-group MMAs, which
-# read their operands from shared memory, also take 128 x 128 tiles. Other GPUs get the sm_80 list.
+# read their operands from shared memory, also take 128 x 64 tiles. For the 16-bit dtypes too,
+# every tile with 64- or 128-wide D slices, and 128 x 128 and 64 x 128 tiles on four warps, spilled
+# in some branch (a D that is no multiple of 16, Gumbel sampling at D = 256). Other GPUs get the
+# sm_80 lists.
 _FP32_CONFIGS = _configs([
     (64, 64, 32, 8, 3),
     (64, 32, 32, 4, 4),
@@ -318,13 +322,11 @@ _FP32_CONFIGS = _configs([
 _FP32_HOPPER_CONFIGS = _configs([
     (64, 64, 32, 4, 3),
     (128, 64, 32, 8, 3),
-    (128, 128, 32, 8, 3),
 ])
 _HALF_CONFIGS = _configs([
-    (128, 128, 32, 8, 3),
-    (64, 128, 32, 4, 4),
-    (64, 128, 64, 4, 3),
-    (128, 64, 128, 8, 2),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 64, 32, 4, 3),
 ])
 _TUNING_CONFIGS = _FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS
 
@@ -347,11 +349,6 @@ _SPLIT_MIN_CODES_PER_SLICE = 1024
 _SPLIT_ALIGN = 256
 # How many rows one program of the split path is reckoned to own when counting programs.
 _SPLIT_REFERENCE_ROWS = 64
-
-
-def _size_bucket(size: int) -> int:
-    """The power of two at or above ``size``: the autotuner's key for N and K."""
-    return triton.next_power_of_2(max(size, 1))
 
 
 def _merge_config(dim: int) -> triton.Config:
@@ -416,8 +413,8 @@ def _launch_arguments(z, codebook, metric, return_codes, sample_temperature, see
         codebook.stride(0),
         codebook.stride(1),
         1.0 / sample_temperature if sampling else 1.0,
-        _size_bucket(num_rows),
-        _size_bucket(num_codes),
+        size_bucket(num_rows),
+        size_bucket(num_codes),
     )
     meta = dict(
         METRIC=METRIC_IDS[metric],
@@ -470,3 +467,50 @@ def nearest_code(
             merge_grid = (triton.cdiv(num_rows, merge.kwargs["BLOCK_N"]),)
             _nearest_code_merge_kernel[merge_grid](*merge_args, **merge_meta, **merge.all_kwargs())
     return outputs
+
+
+def compile_cases() -> list[CompileCase]:
+    """The launches ``nearest_code`` makes, for ``tests/test_aot_compile.py`` (see ``CompileCase``).
+
+    Each branch at least once per dtype class (fp32, whose tiles run three tf32 MMAs, and the
+    16-bit dtypes): l2 with codes returned (the training call) at a D that fits one slice and one
+    that does not; fp32 with the caller's tf32 opt-in; cosine and dot; Gumbel-max sampling; the
+    split codebook and its merge pass; a D that is no multiple of 16 (so neither are the strides);
+    a column-major ``z`` (the row stride becomes the constant 1); mixed dtypes; fp16, with no
+    codes returned. Each through the autotuner, so in every config it keeps for the target.
+    """
+    cases = []
+
+    def add(name, dtype=torch.float32, codebook_dtype=None, metric="l2", dim=64, rows=1024, codes=1024,
+            return_codes=True, sample=False, splits=1, column_major=False, tf32=False):
+        z = torch.zeros((dim, rows) if column_major else (rows, dim), dtype=dtype)
+        z = z.t() if column_major else z
+        codebook = torch.zeros(codes, dim, dtype=codebook_dtype or dtype)
+        seed = torch.zeros(1, dtype=torch.int64)
+        _, used, (args, meta), (merge_args, merge_meta) = _launch_arguments(
+            z, codebook, metric, return_codes, 0.5 if sample else 0.0, seed, splits
+        )
+        if tf32:
+            meta["DOT_PRECISION"] = "tf32"
+        cases.append(CompileCase(name, _nearest_code_tuned, args, meta))
+        if used > 1:
+            cases.append(CompileCase(f"{name}: merge", _nearest_code_merge_kernel, merge_args, merge_meta,
+                                     (_merge_config(dim),)))
+
+    bf16, fp16 = torch.bfloat16, torch.float16
+    for dim in (64, 256, 32):  # 32: fp32's single-slice branch
+        add(f"l2 fp32 D={dim}", dim=dim)
+    add("l2 fp32 tf32 D=64", tf32=True)
+    add("cosine fp32 D=64", metric="cosine")
+    add("sample l2 fp32 D=64", sample=True)
+    add("split l2 fp32 D=64", rows=64, codes=8192, splits=4)
+    add("l2 fp32 D=70 column-major z", dim=70, codes=1000, column_major=True)
+    add("l2 bf16 z fp32 codebook D=64", bf16, codebook_dtype=torch.float32)
+    for dim in (64, 256):
+        add(f"l2 bf16 D={dim}", bf16, dim=dim)
+    add("l2 fp16 D=64 no codes", fp16, return_codes=False)
+    add("dot bf16 D=256", bf16, metric="dot", dim=256)
+    add("sample cosine bf16 D=256", bf16, metric="cosine", dim=256, sample=True)
+    add("split l2 bf16 D=256", bf16, dim=256, rows=64, codes=8192, splits=4)
+    add("l2 bf16 D=70", bf16, dim=70, codes=1000)
+    return cases

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting
+from .common import CompileCase, interpreting
 
 
 @triton.jit
@@ -124,7 +124,9 @@ def _config(dim: int) -> triton.Config:
     chunks in the partials pass)."""
     if interpreting():
         return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
-    return triton.Config({"BLOCK_N": 64, "BLOCK_D": min(128, max(16, triton.next_power_of_2(dim)))},
+    # Slices of at most 64 values: with 128, the atomic kernel's 64 x 128 tile of int64 offsets spills
+    # registers on sm_90 (tests/test_aot_compile.py).
+    return triton.Config({"BLOCK_N": 64, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))},
                          num_warps=4, num_stages=3)
 
 
@@ -220,3 +222,40 @@ def segment_reduce(
     counts = torch.zeros(num_codes, dtype=torch.int64, device=values.device)
     segment_sum_(sums, values, indices, deterministic=deterministic, counts=counts)
     return counts.float(), sums
+
+
+def compile_cases() -> list[CompileCase]:
+    """The launches of ``segment_sum_``, for ``tests/test_aot_compile.py`` (see ``CompileCase``):
+    both paths for every dtype at D = 64 and for every BLOCK_D the launcher picks (16 to 128:
+    D = 1, 24, 64, 200; 24 and 200 are no multiples of 16), column-major values, and the atomic path
+    with int32 indices and without counts."""
+    cases = []
+
+    def add(name, dtype=torch.float32, dim=64, index_dtype=torch.int64, count=True, transposed=False,
+            sorted_path=True):
+        values = torch.zeros((dim, 1000) if transposed else (1000, dim), dtype=dtype)
+        values = values.t() if transposed else values
+        indices = torch.zeros(1000, dtype=index_dtype)
+        sums = torch.zeros(300, dim)
+        counts = torch.zeros(300, dtype=torch.int64) if count else None
+        config = _config(dim)
+        args, meta = _atomic_launch(sums, values, indices, 1.0, counts)
+        cases.append(CompileCase(f"atomic {name}", _segment_sum_atomic_kernel, args, meta, (config,)))
+        if not sorted_path:
+            return
+        (chunk_args, chunk_meta), partials_args, _, _, _ = _sorted_launch(sums, values, indices, 1.0)
+        cases.append(CompileCase(f"sorted {name}", _segment_sum_chunk_kernel, chunk_args, chunk_meta, (config,)))
+        if dtype == torch.float32 and not transposed:  # the partials are fp32 [chunks, D] whatever the values
+            partials = triton.Config(_partials_blocks(config), num_warps=config.num_warps,
+                                     num_stages=config.num_stages)
+            cases.append(CompileCase(f"partials {name}", _segment_sum_partials_kernel, partials_args, {},
+                                     (partials,)))
+
+    for dtype, short in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        add(f"{short} D=64", dtype)
+    for dim in (1, 24, 200):
+        add(f"fp32 D={dim}", dim=dim)
+    add("bf16 D=64 column-major", torch.bfloat16, transposed=True)
+    add("fp32 D=64 int32 indices", index_dtype=torch.int32, sorted_path=False)
+    add("fp32 D=64 no counts", count=False, sorted_path=False)
+    return cases

@@ -34,9 +34,19 @@ import triton
 import triton.language as tl
 
 from ..common import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
-from .common import dot_precision, interpreting
+from .common import cases_from_launches, dot_precision, interpreting, recording_launches
 
 METRIC_IDS = {"dot": 0, "cosine": 0, "l2": 1, "euclidean": 2}
+# For tests/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
+# kernels' int32 offsets cannot overflow.
+INT32_TILE_OFFSETS = (
+    "the kernels move 64-bit tile pointers (row_start * D, code_start * D in int64, then whole-tile steps) "
+    "and index inside a tile with int32 offsets of at most BLOCK_N or BLOCK_K rows of contiguous operands "
+    "times D or DV: below 2**31 for any D, DV < 2**24"
+)
+# The widest D or DV for which a tile's int32 offsets (BLOCK_N or BLOCK_K <= 128 rows times the width)
+# stay below 2**31.
+MAX_TILE_WIDTH = 2**24
 _EUCLIDEAN_EPS = tl.constexpr(EUCLIDEAN_EPS)
 
 
@@ -529,6 +539,11 @@ class _Launch:
 
     def __init__(self, z: torch.Tensor, codebook: torch.Tensor, values: Optional[torch.Tensor], metric: str,
                  temperature: float):
+        # INT32_TILE_OFFSETS holds only below this width; checked before any operand is prepared.
+        for name, tensor in (("z", z), ("values", values)):
+            if tensor is not None and tensor.shape[-1] >= MAX_TILE_WIDTH:
+                raise ValueError(f"the Triton soft-assignment kernels index inside a tile in int32: {name}'s last "
+                                 f"dimension must be below 2**24, got {name} of shape {tuple(tensor.shape)}")
         dtype = torch.promote_types(z.dtype, codebook.dtype)
         if values is not None:
             dtype = torch.promote_types(dtype, values.dtype)
@@ -741,3 +756,38 @@ def soft_entropy_backward(
     sums = launch.backward_sums(lse, delta, rows_grad=compute_z_grad, codes_grad=compute_codebook_grad,
                                 code_weights=code_weights, gamma=-grad_entropy)
     return launch.grads(z, codebook, sums)
+
+
+def compile_cases() -> list:
+    """The launches of the soft quantize and soft entropy ops, forward and backward, for
+    ``tests/test_aot_compile.py`` (see ``common.CompileCase``), recorded from the launchers
+    themselves: the dot (and cosine), l2 and euclidean logits in fp32 with the hard Gumbel choice,
+    euclidean in bf16, fp16 at a D past one slice, separate values, and the entropy's launches."""
+    import sys
+
+    module = sys.modules[__name__]
+    cases = []
+
+    def quantize(name, dtype, metric, dim=64, value_dim=None, kernels=None):
+        z, codebook = torch.zeros(256, dim, dtype=dtype), torch.zeros(512, dim, dtype=dtype)
+        values = torch.zeros(512, value_dim, dtype=dtype) if value_dim else None
+        seed = torch.zeros(1, dtype=torch.int64)
+        with recording_launches(module) as launches:
+            soft, _, lse = soft_quantize(z, codebook, values, metric, 0.5, seed, True)
+            soft_quantize_backward(torch.zeros_like(soft), torch.zeros_like(lse), z, codebook, values, soft, lse,
+                                   metric, 0.5, True, True, values is not None)
+        kept = [launch for launch in launches if kernels is None or launch[0] in kernels]
+        cases.extend(cases_from_launches(name, kept))
+
+    for metric in ("dot", "l2", "euclidean"):
+        quantize(f"{metric} fp32 D=64", torch.float32, metric)
+    quantize("euclidean bf16 D=64", torch.bfloat16, "euclidean")
+    quantize("dot fp16 D=256", torch.float16, "dot", dim=256, kernels=(_soft_quantize_fwd_kernel, _soft_rows_bwd_kernel))
+    quantize("dot fp32 D=64 values D=32", torch.float32, "dot", value_dim=32)
+    z, codebook = torch.zeros(256, 64, dtype=torch.bfloat16), torch.zeros(512, 64, dtype=torch.bfloat16)
+    with recording_launches(module) as launches:
+        row_entropy, mean_probs, lse = soft_entropy(z, codebook, "cosine", 0.5)
+        soft_entropy_backward(torch.zeros_like(row_entropy), torch.zeros_like(mean_probs), torch.zeros_like(lse),
+                              z, codebook, row_entropy, lse, "cosine", 0.5, True, True)
+    cases.extend(cases_from_launches("entropy cosine bf16 D=64", launches))
+    return cases

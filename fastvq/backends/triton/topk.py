@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ..common import SearchCodebook, order_candidates
-from .common import dot_precision, interpreting
+from .common import (cases_from_launches, device_arch, dot_precision, fits_shared_memory, interpreting,
+                     recording_launches, size_bucket)
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 # The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
@@ -50,7 +51,7 @@ def to_search_dtype(x, search_codes_ptr, DOT_IN_FP32: tl.constexpr):
 def load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, search_codes_ptr,
                 METRIC: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
     """The rows' whole (centred, for l2) vectors, when they fit one ``BLOCK_D`` slice."""
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
     dim_mask = dims < D
     z_tile = tl.load(
         z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col,
@@ -67,7 +68,7 @@ def load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col
 def centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, METRIC: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Each row's ``|z - c|^2`` (l2) or ``|z|^2`` (cosine): what Gumbel sampling adds back to the scores."""
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
     total = tl.zeros((BLOCK_N,), tl.float32)
     for dim_start in range(0, D, BLOCK_D):
         dim_idx = dim_start + dims
@@ -91,10 +92,10 @@ def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_ce
                 SINGLE_D_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """The search scores ``[BLOCK_N, BLOCK_K]`` of the rows against codes ``code_start + [0, BLOCK_K)``
     (with Gumbel noise when ``SAMPLE``), and those codes. A NaN score and a code past ``K`` are +inf."""
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
     codes = code_start + tl.arange(0, BLOCK_K)
     code_mask = codes < K
-    code_rows = codes.to(tl.int64) * D
+    code_rows = codes.to(tl.int64) * D  # int64: K * D may pass 2**31
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if SINGLE_D_TILE:
         code_tile = tl.load(
@@ -124,7 +125,7 @@ def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_ce
             acc = tl.dot(to_search_dtype(z_slice, search_codes_ptr, DOT_IN_FP32),
                          to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc, input_precision=DOT_PRECISION)
     if METRIC == 0:
-        bias = tl.load(code_bias_ptr + codes, mask=code_mask, other=0.0)
+        bias = tl.load(code_bias_ptr + codes.to(tl.int64), mask=code_mask, other=0.0)
         scores = bias[None, :] - 2.0 * acc
     else:
         scores = -acc
@@ -151,7 +152,7 @@ def code_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, index, D, 
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Each row's true distance to its code ``index [BLOCK_N]``, from ``z - e`` directly (exact, no
     cancellation, >= 0 for l2); with ``RETURN_CODES`` the codes are stored to ``codes_out_ptr`` too."""
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
     sq_sum = tl.zeros((BLOCK_N,), tl.float32)
     dot_sum = tl.zeros((BLOCK_N,), tl.float32)
     z_sq = tl.zeros((BLOCK_N,), tl.float32)
@@ -195,7 +196,7 @@ def _worst_pair(best, best_index):
     return worst, worst_index
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])
 def _nearest_codes_fwd_kernel(
     z_ptr,
     codebook_ptr,
@@ -213,6 +214,7 @@ def _nearest_codes_fwd_kernel(
     stride_cb_row,
     stride_cb_col,
     inv_temperature,
+    n_bucket,
     TOPK: tl.constexpr,
     TOPK_PAD: tl.constexpr,
     METRIC: tl.constexpr,
@@ -224,6 +226,7 @@ def _nearest_codes_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # n_bucket is never read: it is an autotuning key (see common.size_bucket).
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
@@ -276,37 +279,76 @@ def _nearest_codes_fwd_kernel(
         index = tl.sum(tl.where(slots[None, :] == slot, best_index, 0), axis=1).to(tl.int64)
         distance = code_distance(z_ptr, codebook_ptr, distances_ptr, rows, row_mask, index, D, stride_z_row,
                                  stride_z_col, stride_cb_row, stride_cb_col, METRIC, False, BLOCK_N, BLOCK_D)
-        tl.store(indices_ptr + rows * TOPK + slot, index, mask=row_mask)
-        tl.store(distances_ptr + rows * TOPK + slot, distance, mask=row_mask)
+        # One int64 offset (a pointer plus rows * TOPK, then plus the int32 slot, would be an int32 add).
+        slot_offsets = rows * TOPK + slot
+        tl.store(indices_ptr + slot_offsets, index, mask=row_mask)
+        tl.store(distances_ptr + slot_offsets, distance, mask=row_mask)
 
 
 def _prune_configs(configs, named_args, **kwargs):
+    """The configs for this call's dtype and GPU with slices no wider than D needs and few enough
+    kept pairs per thread (each thread holds ``BLOCK_N * TOPK_PAD / threads`` (score, code) pairs
+    besides its share of the score tile)."""
+    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch())
     width = max(32, triton.next_power_of_2(named_args["D"]))
-    # Each thread holds BLOCK_N * TOPK_PAD / threads pairs besides the score tile: keep it small.
     pairs = kwargs.get("TOPK_PAD", named_args.get("TOPK_PAD", 1))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_N"] * pairs <= 64 * 32 * c.num_warps]
-    return kept or configs[:1]
+    own = [c for c in configs if any(c is p for p in pool)]
+    kept = [c for c in own
+            if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_N"] * pairs <= _MAX_PAIRS_PER_THREAD * 32 * c.num_warps]
+    return kept or own[-1:] or configs[:1]
 
 
-_TUNING_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-    for bn, bk, bd, w, s in [
-        (64, 64, 32, 4, 3),
-        (64, 64, 64, 4, 3),
-        (64, 128, 64, 8, 3),
-        (128, 64, 64, 8, 3),
-        (32, 64, 64, 4, 3),
-        (32, 128, 128, 4, 2),
-        (64, 64, 128, 4, 2),
-        (16, 64, 64, 4, 3),
+def _config_pool(dtype: torch.dtype, arch: int) -> list:
+    if dtype != torch.float32:
+        return _HALF_HOPPER_CONFIGS if arch == 90 else _HALF_CONFIGS
+    return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
+
+
+def _configs(rows):
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bn, bk, bd, w, s in rows
     ]
-]
+
+
+# Chosen from a sweep of tiles compiled for sm_80 and sm_90 with the pinned Triton and read with
+# cuobjdump, keeping those that spill no register in any branch the compile cases list
+# (tests/test_aot_compile.py); shared memory is pruned per device at launch. Each list ends with its
+# smallest tile, the one a large k falls back to. fp32 runs tf32x3 (three MMAs on split operands),
+# which needs far more registers than the 16-bit dtypes: on sm_80 every fp32 tile tried except
+# 16 x 32 with two warps spilled a few bytes in some branch (Hopper's warp-group MMAs read their
+# operands from shared memory and leave more registers). Other GPUs get the sm_80 lists.
+_MAX_PAIRS_PER_THREAD = 16
+_FP32_CONFIGS = _configs([
+    (16, 32, 32, 2, 3),
+])
+_FP32_HOPPER_CONFIGS = _configs([
+    (64, 64, 32, 8, 3),
+    (64, 64, 32, 4, 3),
+    (32, 64, 32, 4, 3),
+    (16, 64, 32, 2, 3),
+])
+_HALF_CONFIGS = _configs([
+    (64, 128, 32, 8, 3),
+    (64, 64, 64, 4, 3),
+    (32, 128, 32, 8, 3),
+    (16, 64, 32, 2, 3),
+])
+_HALF_HOPPER_CONFIGS = _configs([
+    (64, 128, 32, 8, 3),
+    (64, 64, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+    (16, 64, 64, 4, 3),
+])
+_TUNING_CONFIGS = _FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS + _HALF_HOPPER_CONFIGS
 
 _single_d_tile = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
-_nearest_codes_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS, key=["D", "METRIC", "TOPK_PAD"], prune_configs_by={"early_config_prune": _prune_configs}
-)(_single_d_tile(_nearest_codes_fwd_kernel))
 _nearest_codes_fixed = _single_d_tile(_nearest_codes_fwd_kernel)
+_nearest_codes_tuned = triton.autotune(
+    configs=_TUNING_CONFIGS,
+    key=["D", "n_bucket", "METRIC", "SAMPLE", "TOPK_PAD"],
+    prune_configs_by={"early_config_prune": fits_shared_memory(_nearest_codes_fixed, _prune_configs)},
+)(_nearest_codes_fixed)
 # Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
 _INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
 
@@ -357,6 +399,7 @@ def nearest_codes(
         codebook.stride(0),
         codebook.stride(1),
         1.0 / sample_temperature if sampling else 1.0,
+        size_bucket(num_rows),
     )
     meta = dict(
         TOPK=k,
@@ -374,3 +417,32 @@ def nearest_codes(
         with torch.cuda.device(device) if z.is_cuda else contextlib.nullcontext():
             _nearest_codes_tuned[grid](*args, **meta)
     return order_candidates(indices, distances)
+
+
+def compile_cases() -> list:
+    """The launches of ``nearest_codes``, for ``tests/test_aot_compile.py`` (see ``common.CompileCase``),
+    recorded from the launcher itself, through the autotuner (so in every config its prune keeps):
+    the smallest and largest register-held k (2 and MAX_REGISTER_TOPK) and one between, fp32 and
+    bf16, a D in one slice and one past it, the three metrics, Gumbel-top-k sampling, and a
+    column-major ``z`` at a D that is no multiple of 16."""
+    import sys
+
+    module = sys.modules[__name__]
+    cases = []
+
+    def add(name, k, dtype=torch.float32, metric="l2", dim=64, sample=False, column_major=False):
+        z = torch.zeros((dim, 256) if column_major else (256, dim), dtype=dtype)
+        z = z.t() if column_major else z
+        codebook = torch.zeros(1024, dim, dtype=dtype)
+        with recording_launches(module) as launches:
+            nearest_codes(z, codebook, k, metric, 0.5 if sample else 0.0, torch.zeros(1, dtype=torch.int64))
+        cases.extend(cases_from_launches(name, launches))
+
+    for k in (2, 8, MAX_REGISTER_TOPK):
+        add(f"l2 fp32 D=64 k={k}", k)
+        add(f"l2 bf16 D=256 k={k}", k, torch.bfloat16, dim=256)
+    add("cosine fp32 D=256 k=8", 8, metric="cosine", dim=256)
+    add("dot bf16 D=64 k=8", 8, torch.bfloat16, metric="dot")
+    add("sample l2 bf16 D=64 k=8", 8, torch.bfloat16, sample=True)
+    add("l2 fp32 D=70 column-major z k=8", 8, dim=70, column_major=True)
+    return cases

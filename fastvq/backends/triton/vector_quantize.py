@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting
+from .common import CompileCase, interpreting
 from .segment_reduce import segment_sum_
 
 # vector-quantize-pytorch's safe_div / l2norm floor for the rotation trick's norms.
@@ -136,7 +136,9 @@ def _vector_quantize_bwd_kernel(
 def _config(dim: int) -> triton.Config:
     if interpreting():
         return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
-    return triton.Config({"BLOCK_N": 32, "BLOCK_D": min(128, max(16, triton.next_power_of_2(dim)))},
+    # Slices of at most 64 values: at 32 x 128, with every offset in int64, ptxas gives up on the
+    # registers and spills about 2 KB a thread on sm_80 and sm_90 (tests/test_aot_compile.py).
+    return triton.Config({"BLOCK_N": 32, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))},
                          num_warps=4, num_stages=3)
 
 
@@ -196,3 +198,32 @@ def vector_quantize_backward(
         segment_sum_(grad_codebook, diff, indices, scale=-codebook_scale, deterministic=True)
         grad_codebook *= grad_loss
     return grad_z, grad_codebook
+
+
+def compile_cases() -> list[CompileCase]:
+    """The launches of ``vector_quantize_backward``, for ``tests/test_aot_compile.py`` (see
+    ``CompileCase``): the atomic and the deterministic codebook gradient, none, and the rotation
+    trick, for every dtype at D = 64; every BLOCK_D the launcher picks (D = 1, 24, 200); a D that is
+    no multiple of 16; a column-major ``z``."""
+    cases = []
+
+    def add(name, dtype=torch.float32, dim=64, codebook_grad=True, rotation=False, deterministic=False,
+            transposed=False):
+        z = torch.zeros((dim, 1000) if transposed else (1000, dim), dtype=dtype)
+        z = z.t() if transposed else z
+        quantized = torch.zeros(1000, dim, dtype=dtype)
+        indices = torch.zeros(1000, dtype=torch.int64)
+        *_, args, meta = _launch_arguments(quantized, torch.ones(()), z, quantized, indices, 300, 0.25, 1.0,
+                                           codebook_grad, rotation, deterministic)
+        cases.append(CompileCase(name, _vector_quantize_bwd_kernel, args, meta, (_config(dim),)))
+
+    for dtype, short in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        add(f"atomic {short} D=64", dtype)
+        add(f"deterministic {short} D=64", dtype, deterministic=True)
+        add(f"rotation atomic {short} D=64", dtype, rotation=True)
+    add("no codebook grad fp32 D=64", codebook_grad=False)
+    add("rotation deterministic bf16 D=64", torch.bfloat16, rotation=True, deterministic=True)
+    for dim in (1, 24, 200):
+        add(f"atomic fp32 D={dim}", dim=dim)
+    add("atomic bf16 D=64 column-major z", torch.bfloat16, transposed=True)
+    return cases

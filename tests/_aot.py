@@ -1,0 +1,258 @@
+"""Compiles fastvq's Triton kernels for GPUs that are not here: the machinery of test_aot_compile.py.
+
+Runs in worker processes of their own: the test session sets ``TRITON_INTERPRET=1`` (conftest.py),
+under which ``@triton.jit`` makes interpreted functions that cannot be compiled, so a worker drops it
+before it imports Triton or fastvq. A worker launches each case the way its launcher does, through
+Triton's own JIT (``warmup``: specialisation of the arguments, then ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32), options=...)``, no launch), with Triton's driver replaced by one
+that names the target and its limits; reads the cubin with the ``cuobjdump`` that Triton's wheel
+carries, and the TTIR / TTGIR Triton wrote on the way.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import os
+import pkgutil
+import re
+import resource
+import subprocess
+import tempfile
+import textwrap
+import time
+from types import SimpleNamespace
+
+# arch, the opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) and the SM count
+# of the A100 (sm_80) and the H100 / H200 (sm_90).
+TARGETS = {
+    "sm_80": {"arch": 80, "max_shared_mem": 166912, "multiprocessor_count": 108},
+    "sm_90": {"arch": 90, "max_shared_mem": 232448, "multiprocessor_count": 132},
+}
+PACKAGE = "fastvq.backends.triton"
+_SKIP_MODULES = {"common"}
+
+
+def worker_init(cache_dir: str) -> None:
+    """Compile for real, into a cache of this run only (nothing is reused across runs)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+
+
+class _TargetDriver:
+    """Triton's driver, as far as compiling without launching reaches, for a GPU that is not here.
+
+    ``get_current_device`` answers the arch, so each target gets its own JIT cache."""
+
+    def __init__(self, target_name: str):
+        from triton.backends.compiler import GPUTarget
+
+        spec = TARGETS[target_name]
+        self.target = GPUTarget("cuda", spec["arch"], 32)
+        properties = {**spec, "max_num_regs": 65536, "warpSize": 32}
+        self.utils = SimpleNamespace(get_device_properties=lambda device: dict(properties))
+
+    def get_current_device(self):
+        return self.target.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@functools.lru_cache(maxsize=None)
+def _cases(family: str) -> list:
+    """A family's compile cases, built once per worker."""
+    return _family_modules()[family].compile_cases()
+
+
+def _family_modules():
+    package = importlib.import_module(PACKAGE)
+    names = [info.name for info in pkgutil.iter_modules(package.__path__) if info.name not in _SKIP_MODULES]
+    return {name: importlib.import_module(f"{PACKAGE}.{name}") for name in sorted(names)}
+
+
+def _unwrap(launcher):
+    """``(autotuner or None, what the autotuner calls, the JITFunction)`` of a case's launcher."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    autotuner = launcher if isinstance(launcher, Autotuner) else None
+    inner = launcher.fn if autotuner is not None else launcher
+    jit = inner
+    while isinstance(jit, Heuristics):
+        jit = jit.fn
+    return autotuner, inner, jit
+
+
+def _called_jit_functions(jit_function) -> list:
+    """The ``@triton.jit`` functions a kernel calls (its device helpers), transitively."""
+    from triton.runtime.jit import JITFunction
+
+    found, stack = [], [jit_function]
+    while stack:
+        function = stack.pop()
+        tree = ast.parse(textwrap.dedent(function.src))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                callee = function.__globals__.get(node.func.id)
+                if isinstance(callee, JITFunction) and callee not in found:
+                    found.append(callee)
+                    stack.append(callee)
+    return found
+
+
+def list_cases() -> dict:
+    """Every family's cases (names only), and what no case covers."""
+    from triton.runtime.jit import JITFunction
+
+    cases, uncovered, missing_function = [], [], []
+    for family, module in _family_modules().items():
+        kernels = [
+            value for value in vars(module).values()
+            if isinstance(value, JITFunction) and value.fn.__module__ == module.__name__
+        ]
+        if not kernels:
+            continue
+        if not callable(getattr(module, "compile_cases", None)):
+            missing_function.append(module.__name__)
+            continue
+        covered = []
+        for index, case in enumerate(_cases(family)):
+            jit = _unwrap(case.launcher)[2]
+            cases.append({"family": family, "index": index, "name": case.name, "kernel": jit.__name__})
+            covered += [jit, *_called_jit_functions(jit)]
+        uncovered += [f"{module.__name__}.{k.__name__}" for k in kernels if k not in covered]
+    return {"cases": cases, "uncovered": uncovered, "missing_compile_cases": missing_function}
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _source_lines(ir: str) -> dict:
+    """``#locN`` -> ``file:line`` from an MLIR module's location table, through names
+    (``loc("x"(#locM))``), call sites of inlined helpers (``loc(callsite(#locA at #locB))``: the
+    helper's line) and fused locations (the first)."""
+    definitions = dict(re.findall(r"^(#loc\d*) = loc\((.*)\)\s*$", ir, re.MULTILINE))
+
+    def resolve(name, depth=0):
+        body = definitions.get(name, "")
+        found = re.match(r'"([^"]+)":(\d+)', body)
+        if found:
+            return f"{os.path.basename(found.group(1))}:{found.group(2)}"
+        inner = re.search(r"#loc\d*", body)
+        return resolve(inner.group(0), depth + 1) if inner and depth < 32 else "?"
+
+    return {name: resolve(name) for name in definitions}
+
+
+def _where(line: str, table: dict) -> str:
+    match = re.search(r"loc\((#loc\d*)\)\s*$", line)
+    return table.get(match.group(1), "?") if match else "?"
+
+
+def analyse(kernel) -> dict:
+    """What the test asserts on, read from one compiled kernel."""
+    ttir, ttgir = kernel.asm["ttir"], kernel.asm["ttgir"]
+    source_dots = len(re.findall(r"= tt\.dot ", ttir))
+    # One cuobjdump run; the SASS (a third of the test's time) only where there is a tl.dot to find in it.
+    flags = ["--dump-resource-usage"] + (["--dump-sass"] if source_dots else [])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([_cuobjdump(), *flags, cubin.name], capture_output=True, text=True, check=True).stdout
+    resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", dump)
+    registers, stack, static_shared, local = (int(value) for value in resources.groups())
+    ttir_lines = _source_lines(ttir)
+    # Pointer arithmetic: the offset operand's type is the last one in `tt.addptr %p, %o : P, O`. An
+    # offset that is a compile-time constant (`p + 1`) cannot overflow, whatever its width.
+    constants = set(re.findall(r"(%[\w.#]+) = arith\.constant", ttir))
+    narrow_offsets = sorted({
+        _where(line, ttir_lines)
+        for line in ttir.splitlines()
+        if "tt.addptr" in line and re.search(r",\s*(tensor<[^>]*xi32>|i32)\s+loc", line)
+        and re.search(r"tt\.addptr\s+%[\w.#]+,\s*(%[\w.#]+)", line).group(1) not in constants
+    })
+    strong_atomics = sorted({
+        _where(line, ttir_lines) for line in ttir.splitlines() if "tt.atomic_rmw" in line and "relaxed" not in line
+    })
+    atomics = sum("tt.atomic_rmw" in line for line in ttir.splitlines())
+    # In TTGIR a dot on tensor cores is a Hopper warp-group dot or a tt.dot into an MMA layout;
+    # a tt.dot into any other layout is computed with FMAs.
+    dot_lines = [line for line in ttgir.splitlines() if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line)]
+    mma_layouts = set(re.findall(r"^(#\w+) = #ttg\.nvidia_mma", ttgir, re.MULTILINE))
+    fma_dots = [
+        line for line in dot_lines
+        if "ttng.warp_group_dot" not in line and not any(re.search(rf"{name}\b[^>]*>\s+loc", line) for name in mma_layouts)
+    ]
+    return {
+        "shared": kernel.metadata.shared + static_shared,
+        "registers": registers,
+        "stack": stack,
+        "local": local,
+        "source_dots": source_dots,
+        "dots": len(dot_lines),
+        "fma_dots": [_where(line, _source_lines(ttgir)) for line in fma_dots],
+        "hgmma": len(re.findall(r"\bHGMMA\.", dump)),
+        "hmma": len(re.findall(r"\bHMMA\.", dump)),
+        "narrow_offsets": narrow_offsets,
+        "atomics": atomics,
+        "strong_atomics": strong_atomics,
+    }
+
+
+def _config_name(config) -> str:
+    blocks = "x".join(str(value) for value in config.kwargs.values())
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+def compile_case(family: str, index: int, target_name: str) -> dict:
+    """Compiles one case for one target in every config it can launch with; one result per config."""
+    from triton.runtime import driver
+
+    driver.set_active(_TargetDriver(target_name))
+    case = _cases(family)[index]
+    autotuner, inner, jit = _unwrap(case.launcher)
+    limit = TARGETS[target_name]["max_shared_mem"]
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    result = {"family": family, "case": case.name, "kernel": jit.__name__, "target": target_name, "configs": [],
+              "error": None, "prune": None,
+              "int32_tile_offsets": getattr(_family_modules()[family], "INT32_TILE_OFFSETS", None)}
+    try:
+        if autotuner is not None:
+            configs = list(autotuner.configs)
+            named_args = dict(zip(autotuner.arg_names, case.args))
+            prune = autotuner.early_config_prune
+            family_prune = getattr(prune, "family_prune", None)
+            if prune is None or family_prune is None:
+                raise AssertionError(f"{family}: the autotuner of {jit.__name__} does not prune by shared memory "
+                                     "(early_config_prune=fits_shared_memory(...))")
+            candidates = family_prune(configs, named_args, **case.meta)
+            kept = prune(configs, named_args, **case.meta)
+            result["prune"] = {"candidates": len(candidates), "kept": [_config_name(c) for c in kept]}
+        else:
+            candidates = kept = list(case.configs)
+            if not kept:
+                raise AssertionError(f"{case.name}: a launch that is not autotuned must name its configs")
+        for config in candidates:
+            compiled = inner.warmup(*case.args, grid=(1,), **case.meta, **config.all_kwargs())
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
+            facts = analyse(compiled)
+            facts.update(config=_config_name(config), kept=config in kept, fits=facts["shared"] <= limit)
+            result["configs"].append(facts)
+    except Exception as error:  # noqa: BLE001 - reported per case by the test
+        result["error"] = f"{type(error).__name__}: {error}"
+    result["seconds"] = time.perf_counter() - started
+    result["cpu_seconds"] = _cpu_seconds() - cpu_started
+    return result
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this worker and the tools it ran (ptxas, cuobjdump): on an idle machine, the wall time."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
