@@ -92,7 +92,7 @@ else
   # The ops' parity and contract tests, most important first; -k cuda keeps the CUDA backends.
   TESTS=(tests/test_precision_flags.py tests/test_nearest_code.py tests/test_vector_quantize_op.py
          tests/test_ema_update.py tests/test_masked_conv.py tests/test_contracts.py tests/test_opcheck.py
-         tests/test_soft_quantize.py tests/test_code_entropy.py -k "cuda or precision")
+         tests/test_soft_quantize.py tests/test_code_entropy.py tests/test_topk.py -k "cuda or precision")
   SEARCH=()
   LAYERS=(--target-only)
   CONV=(--conv-only --headline-only)
