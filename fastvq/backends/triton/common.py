@@ -83,6 +83,17 @@ def size_bucket(size: int) -> int:
     return triton.next_power_of_2(max(size, 1))
 
 
+def search_tile_configs(rows) -> list:
+    """``triton.Config``s of the codebook-walking kernels (search, top-k) from rows of
+    ``(BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages)``."""
+    import triton
+
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bn, bk, bd, w, s in rows
+    ]
+
+
 def _compiled(kernel) -> Any:
     """A warm-up's result: the compiled kernel, or (in Triton's async compile mode) its future's."""
     return kernel.result() if hasattr(kernel, "result") else kernel

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..common import SearchCodebook
 from .common import (CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting,
-                     size_bucket)
+                     search_tile_configs, size_bucket)
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 
@@ -298,13 +298,6 @@ def _config_pool(dtype: torch.dtype, arch: int) -> list:
     return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
 
 
-def _configs(rows):
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bn, bk, bd, w, s in rows
-    ]
-
-
 # Chosen so that none spills registers in any branch, checked on sm_80 and sm_90 by
 # tests/test_aot_compile.py with the pinned Triton (picked from a sweep of a dozen tiles per dtype);
 # shared memory is pruned per device at launch.
@@ -314,16 +307,16 @@ def _configs(rows):
 # every tile with 64- or 128-wide D slices, and 128 x 128 and 64 x 128 tiles on four warps, spilled
 # in some branch (a D that is no multiple of 16, Gumbel sampling at D = 256). Other GPUs get the
 # sm_80 lists.
-_FP32_CONFIGS = _configs([
+_FP32_CONFIGS = search_tile_configs([
     (64, 64, 32, 8, 3),
     (64, 32, 32, 4, 4),
     (64, 64, 16, 4, 3),
 ])
-_FP32_HOPPER_CONFIGS = _configs([
+_FP32_HOPPER_CONFIGS = search_tile_configs([
     (64, 64, 32, 4, 3),
     (128, 64, 32, 8, 3),
 ])
-_HALF_CONFIGS = _configs([
+_HALF_CONFIGS = search_tile_configs([
     (128, 64, 32, 8, 3),
     (64, 128, 32, 8, 3),
     (64, 64, 32, 4, 3),

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..common import SearchCodebook, order_candidates
 from .common import (cases_from_launches, device_arch, dot_precision, fits_shared_memory, interpreting,
-                     recording_launches, size_bucket)
+                     recording_launches, search_tile_configs, size_bucket)
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 # The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
@@ -304,13 +304,6 @@ def _config_pool(dtype: torch.dtype, arch: int) -> list:
     return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
 
 
-def _configs(rows):
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bn, bk, bd, w, s in rows
-    ]
-
-
 # Chosen from a sweep of tiles compiled for sm_80 and sm_90 with the pinned Triton and read with
 # cuobjdump, keeping those that spill no register in any branch the compile cases list
 # (tests/test_aot_compile.py); shared memory is pruned per device at launch. Each list ends with its
@@ -319,22 +312,22 @@ def _configs(rows):
 # 16 x 32 with two warps spilled a few bytes in some branch (Hopper's warp-group MMAs read their
 # operands from shared memory and leave more registers). Other GPUs get the sm_80 lists.
 _MAX_PAIRS_PER_THREAD = 16
-_FP32_CONFIGS = _configs([
+_FP32_CONFIGS = search_tile_configs([
     (16, 32, 32, 2, 3),
 ])
-_FP32_HOPPER_CONFIGS = _configs([
+_FP32_HOPPER_CONFIGS = search_tile_configs([
     (64, 64, 32, 8, 3),
     (64, 64, 32, 4, 3),
     (32, 64, 32, 4, 3),
     (16, 64, 32, 2, 3),
 ])
-_HALF_CONFIGS = _configs([
+_HALF_CONFIGS = search_tile_configs([
     (64, 128, 32, 8, 3),
     (64, 64, 64, 4, 3),
     (32, 128, 32, 8, 3),
     (16, 64, 32, 2, 3),
 ])
-_HALF_HOPPER_CONFIGS = _configs([
+_HALF_HOPPER_CONFIGS = search_tile_configs([
     (64, 128, 32, 8, 3),
     (64, 64, 64, 4, 3),
     (32, 64, 64, 4, 3),
