@@ -1,5 +1,6 @@
 """What every Triton launcher needs: the interpreter switch, the dot precision, the device's limits,
-and :class:`CompileCase`, the form in which each op family lists its launches for the AOT compile test."""
+:class:`CompileCase`, the form in which each op family lists its launches for the AOT compile test,
+and the device helper the codebook-walking kernels share (:func:`true_distance`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,53 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import triton
+import triton.language as tl
 
 from ..common import triton_interpreting as interpreting
+
+
+@triton.jit
+def true_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, index, D, stride_z_row, stride_z_col,
+                  stride_cb_row, stride_cb_col, METRIC: tl.constexpr, RETURN_CODES: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each row's true distance to its code ``index [BLOCK_N]`` (int64), from ``z - e`` directly (exact,
+    no cancellation, >= 0 for l2 and cosine); with ``RETURN_CODES`` the codes are stored to the
+    contiguous ``codes_out_ptr [N, D]`` too. Shared by the nearest-code and the top-k kernels."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    sq_sum = tl.zeros((BLOCK_N,), tl.float32)
+    dot_sum = tl.zeros((BLOCK_N,), tl.float32)
+    z_sq = tl.zeros((BLOCK_N,), tl.float32)
+    e_sq = tl.zeros((BLOCK_N,), tl.float32)
+    for dim_start in range(0, D, BLOCK_D):
+        dim_idx = dim_start + dims
+        mask = row_mask[:, None] & (dim_idx < D)[None, :]
+        z_vals = tl.load(z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col, mask=mask, other=0.0)
+        e_vals = tl.load(
+            codebook_ptr + index[:, None] * stride_cb_row + dim_idx[None, :] * stride_cb_col, mask=mask, other=0.0
+        )
+        if RETURN_CODES:
+            tl.store(codes_out_ptr + rows[:, None] * D + dim_idx[None, :], e_vals.to(codes_out_ptr.dtype.element_ty),
+                     mask=mask)
+        z_f = z_vals.to(tl.float32)
+        e_f = e_vals.to(tl.float32)
+        if METRIC == 0:
+            diff = z_f - e_f
+            sq_sum += tl.sum(diff * diff, axis=1)
+        else:
+            dot_sum += tl.sum(z_f * e_f, axis=1)
+            if METRIC == 1:
+                z_sq += tl.sum(z_f * z_f, axis=1)
+                e_sq += tl.sum(e_f * e_f, axis=1)
+    if METRIC == 0:
+        distance = sq_sum
+    elif METRIC == 1:
+        norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
+        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
+        distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        distance = -dot_sum
+    return distance
 
 
 def matmul_allows_tf32() -> bool:
@@ -78,16 +124,12 @@ def device_arch() -> int:
 def size_bucket(size: int) -> int:
     """The power of two at or above ``size``: an autotuner's key for N or K, so that the first
     call's shape (a sampler's tiny crop, say) does not fix the tiles of every later, larger one."""
-    import triton
-
     return triton.next_power_of_2(max(size, 1))
 
 
 def search_tile_configs(rows) -> list:
     """``triton.Config``s of the codebook-walking kernels (search, top-k) from rows of
     ``(BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages)``."""
-    import triton
-
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
         for bn, bk, bd, w, s in rows
@@ -186,7 +228,6 @@ def recording_launches(module):
 def cases_from_launches(name: str, records: list) -> list[CompileCase]:
     """``CompileCase``s of launches recorded by :func:`recording_launches`: an autotuned launch as it
     is; a fixed one with the warps and stages it passed (Triton's defaults where it passed none)."""
-    import triton
     from triton.runtime.autotuner import Autotuner
 
     cases = []

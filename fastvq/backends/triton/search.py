@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..common import SearchCodebook
 from .common import (CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting,
-                     search_tile_configs, size_bucket)
+                     search_tile_configs, size_bucket, true_distance)
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 
@@ -52,42 +52,8 @@ def _gather_and_distance(
     BLOCK_D: tl.constexpr,
 ):
     """Gathers each row's winner and recomputes its distance from z - e: exact, no cancellation, >= 0."""
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    sq_sum = tl.zeros((BLOCK_N,), tl.float32)
-    dot_sum = tl.zeros((BLOCK_N,), tl.float32)
-    z_sq = tl.zeros((BLOCK_N,), tl.float32)
-    e_sq = tl.zeros((BLOCK_N,), tl.float32)
-    for dim_start in range(0, D, BLOCK_D):
-        dim_idx = dim_start + dims
-        mask = row_mask[:, None] & (dim_idx < D)[None, :]
-        z_vals = tl.load(z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col, mask=mask, other=0.0)
-        e_vals = tl.load(
-            codebook_ptr + best_index[:, None] * stride_cb_row + dim_idx[None, :] * stride_cb_col, mask=mask, other=0.0
-        )
-        if RETURN_CODES:
-            tl.store(
-                codes_out_ptr + rows[:, None] * D + dim_idx[None, :],
-                e_vals.to(codes_out_ptr.dtype.element_ty),
-                mask=mask,
-            )
-        z_f = z_vals.to(tl.float32)
-        e_f = e_vals.to(tl.float32)
-        if METRIC == 0:
-            diff = z_f - e_f
-            sq_sum += tl.sum(diff * diff, axis=1)
-        else:
-            dot_sum += tl.sum(z_f * e_f, axis=1)
-            if METRIC == 1:
-                z_sq += tl.sum(z_f * z_f, axis=1)
-                e_sq += tl.sum(e_f * e_f, axis=1)
-    if METRIC == 0:
-        distance = sq_sum
-    elif METRIC == 1:
-        norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
-        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
-        distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    else:
-        distance = -dot_sum
+    distance = true_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, best_index, D, stride_z_row,
+                             stride_z_col, stride_cb_row, stride_cb_col, METRIC, RETURN_CODES, BLOCK_N, BLOCK_D)
     tl.store(indices_ptr + rows, best_index, mask=row_mask)
     tl.store(distances_ptr + rows, distance, mask=row_mask)
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..common import SearchCodebook, order_candidates
 from .common import (cases_from_launches, device_arch, dot_precision, fits_shared_memory, interpreting,
-                     recording_launches, search_tile_configs, size_bucket)
+                     recording_launches, search_tile_configs, size_bucket, true_distance)
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 # The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
@@ -147,48 +147,6 @@ def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_ce
 
 
 @triton.jit
-def code_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, index, D, stride_z_row, stride_z_col,
-                  stride_cb_row, stride_cb_col, METRIC: tl.constexpr, RETURN_CODES: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Each row's true distance to its code ``index [BLOCK_N]``, from ``z - e`` directly (exact, no
-    cancellation, >= 0 for l2); with ``RETURN_CODES`` the codes are stored to ``codes_out_ptr`` too."""
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    sq_sum = tl.zeros((BLOCK_N,), tl.float32)
-    dot_sum = tl.zeros((BLOCK_N,), tl.float32)
-    z_sq = tl.zeros((BLOCK_N,), tl.float32)
-    e_sq = tl.zeros((BLOCK_N,), tl.float32)
-    for dim_start in range(0, D, BLOCK_D):
-        dim_idx = dim_start + dims
-        mask = row_mask[:, None] & (dim_idx < D)[None, :]
-        z_vals = tl.load(z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col, mask=mask, other=0.0)
-        e_vals = tl.load(
-            codebook_ptr + index[:, None] * stride_cb_row + dim_idx[None, :] * stride_cb_col, mask=mask, other=0.0
-        )
-        if RETURN_CODES:
-            tl.store(codes_out_ptr + rows[:, None] * D + dim_idx[None, :], e_vals.to(codes_out_ptr.dtype.element_ty),
-                     mask=mask)
-        z_f = z_vals.to(tl.float32)
-        e_f = e_vals.to(tl.float32)
-        if METRIC == 0:
-            diff = z_f - e_f
-            sq_sum += tl.sum(diff * diff, axis=1)
-        else:
-            dot_sum += tl.sum(z_f * e_f, axis=1)
-            if METRIC == 1:
-                z_sq += tl.sum(z_f * z_f, axis=1)
-                e_sq += tl.sum(e_f * e_f, axis=1)
-    if METRIC == 0:
-        distance = sq_sum
-    elif METRIC == 1:
-        norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
-        # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
-        distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    else:
-        distance = -dot_sum
-    return distance
-
-
-@triton.jit
 def _worst_pair(best, best_index):
     """Each row's worst pair: the largest score, among equal scores the largest index."""
     worst = tl.max(best, axis=1)
@@ -277,7 +235,7 @@ def _nearest_codes_fwd_kernel(
 
     for slot in range(TOPK):
         index = tl.sum(tl.where(slots[None, :] == slot, best_index, 0), axis=1).to(tl.int64)
-        distance = code_distance(z_ptr, codebook_ptr, distances_ptr, rows, row_mask, index, D, stride_z_row,
+        distance = true_distance(z_ptr, codebook_ptr, distances_ptr, rows, row_mask, index, D, stride_z_row,
                                  stride_z_col, stride_cb_row, stride_cb_col, METRIC, False, BLOCK_N, BLOCK_D)
         # One int64 offset (a pointer plus rows * TOPK, then plus the int32 slot, would be an int32 add).
         slot_offsets = rows * TOPK + slot
