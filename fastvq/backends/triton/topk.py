@@ -29,9 +29,10 @@ MAX_REGISTER_TOPK = 64
 
 # --------------------------------------------------------------------------- the search's pieces
 #
-# Tiles scored as the nearest-code kernel (search.py) scores them; kept here rather than shared
-# through triton/common.py while that file and search.py are being reworked (issue 10). Scores
-# follow fastvq/backends/common.py (SearchCodebook): l2 is |e - c|^2 - 2 (z - c).(e - c) with c the
+# Tiles scored as the nearest-code kernel (search.py) scores them. search.py writes the same scoring
+# inline in its kernel, whose tiles were chosen for the registers that code takes (tests/
+# test_aot_compile.py), so this copy stays until the two are merged and their tiles re-checked; the
+# true distance is already shared (common.true_distance). Scores follow fastvq/backends/common.py (SearchCodebook): l2 is |e - c|^2 - 2 (z - c).(e - c) with c the
 # codebook mean, cosine -z.e/|e|, dot -z.e.
 
 
