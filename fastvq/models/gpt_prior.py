@@ -21,6 +21,31 @@ from ._common import check_float, check_positive_int
 __all__ = ["GPTPrior", "filter_logits"]
 
 
+def check_prior_arguments(*, dim: int, heads: int, dropout: float, num_classes: Optional[int],
+                          cond_num_codes: Optional[int], cond_len: Optional[int], **sizes: int) -> None:
+    """The constructor checks the code priors (GPT, MaskGIT) share: every size in ``sizes`` (and
+    ``dim``, ``heads``) a positive int, ``dim`` a multiple of ``heads``, ``dropout`` in ``[0, 1)``,
+    one kind of conditioning at most, ``cond_num_codes`` and ``cond_len`` together.
+
+    Raises:
+        ValueError / TypeError: naming the argument, as ``check_positive_int`` and ``check_float`` do.
+    """
+    for name, value in (*sizes.items(), ("dim", dim), ("heads", heads)):
+        check_positive_int(name, value)
+    if dim % heads:
+        raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+    check_float("dropout", dropout, minimum=0.0, below=1.0)
+    if num_classes is not None and cond_num_codes is not None:
+        raise ValueError("condition on a class (num_classes) or on codes (cond_num_codes), not both")
+    if num_classes is not None:
+        check_positive_int("num_classes", num_classes)
+    if (cond_num_codes is None) != (cond_len is None):
+        raise ValueError("cond_num_codes and cond_len go together")
+    if cond_num_codes is not None:
+        check_positive_int("cond_num_codes", cond_num_codes)
+        check_positive_int("cond_len", cond_len)
+
+
 def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
     """``logits [..., K]`` with everything outside the ``top_k`` largest and outside the smallest
     set whose probability reaches ``top_p`` (nucleus) set to ``-inf``; the most likely code always
@@ -142,21 +167,9 @@ class GPTPrior(nn.Module):
         cond_len: Optional[int] = None,
     ):
         super().__init__()
-        for name, value in (("num_codes", num_codes), ("seq_len", seq_len), ("depth", depth), ("dim", dim),
-                            ("num_layers", num_layers), ("heads", heads), ("depth_layers", depth_layers)):
-            check_positive_int(name, value)
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
-        check_float("dropout", dropout, minimum=0.0, below=1.0)
-        if num_classes is not None and cond_num_codes is not None:
-            raise ValueError("condition on a class (num_classes) or on codes (cond_num_codes), not both")
-        if num_classes is not None:
-            check_positive_int("num_classes", num_classes)
-        if (cond_num_codes is None) != (cond_len is None):
-            raise ValueError("cond_num_codes and cond_len go together")
-        if cond_num_codes is not None:
-            check_positive_int("cond_num_codes", cond_num_codes)
-            check_positive_int("cond_len", cond_len)
+        check_prior_arguments(num_codes=num_codes, seq_len=seq_len, depth=depth, dim=dim, num_layers=num_layers,
+                              heads=heads, dropout=dropout, num_classes=num_classes, cond_num_codes=cond_num_codes,
+                              cond_len=cond_len, depth_layers=depth_layers)
         self.num_codes = num_codes
         self.seq_len = seq_len
         self.depth = depth

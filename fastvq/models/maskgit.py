@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import check_float, check_positive_int
-from .gpt_prior import GPTPrior, _Transformer, filter_logits
+from .gpt_prior import GPTPrior, _Transformer, check_prior_arguments, filter_logits
 
 __all__ = ["MaskGITPrior", "cosine_mask_schedule"]
 
@@ -75,21 +75,9 @@ class MaskGITPrior(nn.Module):
         cond_len: Optional[int] = None,
     ):
         super().__init__()
-        for name, value in (("num_codes", num_codes), ("seq_len", seq_len), ("depth", depth), ("dim", dim),
-                            ("num_layers", num_layers), ("heads", heads)):
-            check_positive_int(name, value)
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
-        check_float("dropout", dropout, minimum=0.0, below=1.0)
-        if num_classes is not None and cond_num_codes is not None:
-            raise ValueError("condition on a class (num_classes) or on codes (cond_num_codes), not both")
-        if num_classes is not None:
-            check_positive_int("num_classes", num_classes)
-        if (cond_num_codes is None) != (cond_len is None):
-            raise ValueError("cond_num_codes and cond_len go together")
-        if cond_num_codes is not None:
-            check_positive_int("cond_num_codes", cond_num_codes)
-            check_positive_int("cond_len", cond_len)
+        check_prior_arguments(num_codes=num_codes, seq_len=seq_len, depth=depth, dim=dim, num_layers=num_layers,
+                              heads=heads, dropout=dropout, num_classes=num_classes, cond_num_codes=cond_num_codes,
+                              cond_len=cond_len)
         self.num_codes = num_codes
         self.seq_len = seq_len
         self.depth = depth
