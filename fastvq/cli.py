@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--adversarial-start", type=int, default=None,
                              help="vit-vqgan: step at which the discriminator joins (half the steps)")
     model_group.add_argument("--perceptual-net", default=None, metavar="MODULE:CALLABLE",
-                             help="vit-vqgan: a callable returning the feature network of the perceptual loss")
+                             help="vit-vqgan: a callable returning the feature network of the perceptual loss "
+                                  "(with --resume: the run's own, which fastvq imports only when named here)")
     model_group.add_argument("--perceptual-weight", type=float, default=None, help="vit-vqgan: perceptual loss weight (0.1)")
     data_group = train.add_argument_group("data")
     data_group.add_argument("--val-fraction", type=float, default=None,
@@ -250,14 +251,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import train as training
 
     if args.resume:
+        # --perceptual-net may be repeated: a run's own MODULE:CALLABLE is imported only when named here.
         given = [flag for flag in ("model", "data", *MODEL_FLAGS, *DATA_FLAGS, *TRAIN_FLAGS)
-                 if getattr(args, flag) is not None]
+                 if flag != "perceptual_net" and getattr(args, flag) is not None]
         if given:
             names = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
             raise training.RunError(f"--resume continues {args.out} with its own configuration; drop {names} "
-                                    "(only --epochs, --device, --threads, --dist-timeout and --no-progress may change)")
+                                    "(only --epochs, --device, --threads, --dist-timeout and --no-progress may change; "
+                                    "--perceptual-net repeats the run's own)")
         metrics = training.train(args.out, None, resume=True, device=args.device, threads=args.threads,
-                                 progress=not args.no_progress, epochs=args.epochs, log=_log, **_dist_timeout(args))
+                                 progress=not args.no_progress, epochs=args.epochs, log=_log,
+                                 perceptual_net=args.perceptual_net, **_dist_timeout(args))
     else:
         if args.model is None:
             raise training.RunError("--model is required for a new run (vqvae, vqvae2, vit-vqgan or rqvae)")
@@ -416,8 +420,16 @@ def _load_matrix(path: Path, key: Optional[str]):
         raise
     except Exception as error:  # noqa: BLE001 - any failure to read is the user's file, reported as such
         raise RunError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+    if isinstance(array, torch.Tensor) and array.layout != torch.strided:
+        raise RunError(f"{path} holds a {array.layout} tensor; k-means reads dense rows: save tensor.to_dense()")
     if array.ndim < 2:
         raise RunError(f"{path} holds an array of shape {tuple(array.shape)}; k-means needs rows: [N, D] or [..., D]")
+    if array.shape[-1] == 0:
+        raise RunError(f"{path} holds an array of shape {tuple(array.shape)}: its rows have no values (D = 0)")
+    if isinstance(array, np.ndarray) and not array.dtype.isnative:
+        # A big-endian file (written on another machine, or with dtype ">f4"): the same numbers in
+        # this machine's byte order. This reads the array into memory instead of mapping it.
+        array = array.astype(array.dtype.newbyteorder("="))
     return array.reshape(-1, array.shape[-1])
 
 
@@ -454,10 +466,11 @@ def cmd_kmeans(args: argparse.Namespace) -> int:
 
     from .clustering import kmeans
     from .train import RunError
+    from .train.distributed import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device, 0)
     data = _load_matrix(args.data, args.key)
     started = time.perf_counter()
     try:

@@ -9,8 +9,9 @@ data the user already has:
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``) in ``DIR``, in
   ``DIR/raw`` or in ``DIR/MNIST/raw`` (torchvision's layout);
 - ``cifar10:DIR``: the CIFAR-10 python pickles (``data_batch_1`` .. ``data_batch_5``,
-  ``test_batch``) in ``DIR`` or ``DIR/cifar-10-batches-py``. They are pickles: load only files you
-  trust, as with any pickle;
+  ``test_batch``) in ``DIR`` or ``DIR/cifar-10-batches-py``. They are pickles, read by an
+  unpickler that admits only what those files hold (builtin containers, bytes, numbers and numpy
+  arrays): a pickle that names any other class or function is refused before anything runs;
 - ``images:DIR``: every ``.png``/``.jpg``/``.jpeg``/``.bmp``/``.gif``/``.webp``/``.tif``/``.tiff``
   under ``DIR`` (recursively), centre-cropped to a square and resized to ``image_size`` (default:
   the smallest side among the images, at most 64; a warning names an image much smaller than the
@@ -67,6 +68,19 @@ MNIST_FILES = {
 MNIST_IMAGE_MAGIC, MNIST_LABEL_MAGIC = 2051, 2049
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 CIFAR_ROW = 3 * 32 * 32
+# Everything a CIFAR-10 batch's pickle may name beyond its builtin dicts, lists, bytes and ints:
+# numpy's array reconstruction (protocols 0-4, and 5's buffer form), under the numpy 1 and numpy 2
+# module names, and what a Python 3 pickle of protocol 0-2 writes bytes with (a codec, or bytes()
+# for empty ones; "__builtin__" is Python 2's name for builtins).
+CIFAR_PICKLE_GLOBALS = frozenset({
+    ("_codecs", "encode"),
+    ("builtins", "bytes"),
+    ("__builtin__", "bytes"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+})
 
 
 class DatasetError(ValueError):
@@ -300,11 +314,21 @@ def _cifar_dir(root: Path, required: bool = True) -> Optional[Path]:
     return None
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else: any global outside ``CIFAR_PICKLE_GLOBALS`` (the
+    way a pickle calls code) is an ``UnpicklingError``, raised before the global is even imported."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"the pickle names {module}.{name}, which no CIFAR-10 batch holds: refused")
+        return super().find_class(module, name)
+
+
 def _load_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     expected = "a CIFAR-10 python pickle: a dict with b'data' (uint8 [N, 3072]) and b'labels' (N ints)"
     try:
         with path.open("rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: expected {expected}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,

@@ -166,6 +166,35 @@ def test_cifar10_truncated_pickle_names_path(tmp_path):
         load_cifar10(tmp_path)
 
 
+class _WritesTheMarker:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar10_pickles_of_every_protocol_load(tmp_path, protocol):
+    """The restricted unpickler admits everything a CIFAR-10 batch holds, however it was pickled."""
+    _cifar_dir(tmp_path)
+    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1], b"filenames": [b"a.png", b""],
+             b"data": np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=protocol))
+    images, labels = load_cifar10(tmp_path)
+    assert np.array_equal(images[:2].reshape(2, -1).numpy(), batch[b"data"]) and labels[:2].tolist() == [3, 1]
+
+
+def test_cifar10_pickle_payload_is_refused_before_it_runs(tmp_path):
+    """A "batch" whose pickle calls a function: refused by name, and the function never runs."""
+    _cifar_dir(tmp_path)
+    marker = tmp_path / "marker"
+    (tmp_path / "data_batch_4").write_bytes(pickle.dumps({b"data": _WritesTheMarker(marker), b"labels": [0]}))
+    with pytest.raises(DatasetError, match="data_batch_4.*names io.open, which no CIFAR-10 batch holds: refused"):
+        load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
 def test_cifar10_missing_batch_names_path(tmp_path):
     _cifar_dir(tmp_path)
     (tmp_path / "data_batch_4").unlink()

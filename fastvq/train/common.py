@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,13 +32,14 @@ class RunError(Exception):
     """A problem with the user's run (missing files, conflicting options): printed, not traced."""
 
 
-def load_data(config: dict) -> ImageData:
+def load_data(config: dict, source: Optional[Path] = None) -> ImageData:
+    """The dataset ``config["data"]`` names; a ``RunError`` saying why not. ``source`` is the
+    checkpoint the config was read from, if any: the error then names that file and its field."""
     try:
         return load_dataset(config["data"], **config.get("data_args", {}))
-    except ValueError as error:
-        raise RunError(str(error)) from None
-    except FileNotFoundError as error:
-        raise RunError(str(error)) from None
+    except (ValueError, FileNotFoundError) as error:
+        where = f"{source}: its config field 'data' ({config['data']!r}): " if source is not None else ""
+        raise RunError(where + str(error)) from None
 
 
 def progress(total: int, initial: int, description: str, enabled: bool):

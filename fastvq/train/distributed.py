@@ -57,15 +57,22 @@ class DistContext:
 
 
 def resolve_device(device: str, local_rank: int) -> torch.device:
+    """The device ``--device`` names (``auto``, ``cpu``, ``cuda`` meaning ``cuda:local_rank``, or
+    ``cuda:N``); a ``RunError`` for any other name, or for CUDA where PyTorch sees no such device."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RunError(f"--device {device} was asked for, but PyTorch sees no CUDA device (use --device cpu)")
-        return torch.device(device if ":" in device else f"cuda:{local_rank}")
-    if device != "cpu":
+    if device == "cpu":
+        return torch.device("cpu")
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
         raise RunError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RunError(f"--device {device} was asked for, but PyTorch sees no CUDA device (use --device cpu)")
+    number = int(index) if colon else local_rank
+    if number >= torch.cuda.device_count():
+        raise RunError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                       f"cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", number)
 
 
 def check_dist_timeout(timeout: float) -> float:

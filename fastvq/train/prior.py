@@ -17,6 +17,7 @@ from ..models import RQVAE, VQVAE2, GatedPixelCNN, GPTPrior, HierarchicalPrior, 
 from ..models.priors import prior_loss
 from . import checkpoint
 from .common import (
+    CHECKPOINT,
     DEFAULT_PRIOR_EPOCHS,
     EVAL_BATCH,
     PRIOR_CHECKPOINT,
@@ -32,7 +33,7 @@ from .common import (
     progress as progress_bar,
 )
 from .distributed import DEFAULT_DIST_TIMEOUT_S, collective_timeout, default_threads, epoch_shard, setup_distributed
-from .stage1 import build_stage1
+from .stage1 import trained_stage1
 
 
 def _code_maps(model: nn.Module, images: Tensor, data: ImageData, device: torch.device):
@@ -158,10 +159,8 @@ def train_prior(
         kind = kind or "gpt"
         if kind not in PRIOR_MODELS:
             raise RunError(f"unknown prior {kind!r}: use one of {', '.join(PRIOR_MODELS)}")
-        data = load_data(config)
-        model = build_stage1(config).to(ctx.device)
-        model.load_state_dict(stage1_state["model"])
-        model.eval()
+        data = load_data(config, run / CHECKPOINT)
+        model = trained_stage1(config, stage1_state, ctx.device)
         train_codes = _code_maps(model, data.train, data, ctx.device)
         val_codes = _code_maps(model, data.val, data, ctx.device)
         small = min(data.image_size) < SMALL_IMAGE

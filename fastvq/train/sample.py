@@ -12,10 +12,10 @@ from .._pictures import save_image_grid
 from ..models import HierarchicalPrior
 from ..models.priors import prior_sample
 from . import checkpoint
-from .common import PRIOR_CHECKPOINT, SAMPLES, RunError
+from .common import PRIOR_CHECKPOINT, PRIOR_MODELS, SAMPLES, RunError
 from .distributed import default_threads, resolve_device
 from .prior import build_prior, check_prior_fits
-from .stage1 import build_stage1
+from .stage1 import trained_stage1
 
 
 def sample(
@@ -47,12 +47,14 @@ def sample(
     check_prior_fits(prior_state, config, prior_path)
     path = Path(out) if out is not None else run / SAMPLES
     checkpoint.require_writable(path.parent, f"fastvq sample writes {path.name} there (--out chooses another path)")
-    model = build_stage1(config).to(target)
-    model.load_state_dict(stage1_state["model"])
-    model.eval()
+    model = trained_stage1(config, stage1_state, target)
     image_size = tuple(config["image_size"])
+    prior_config = prior_state.get("config")
+    if not isinstance(prior_config, dict) or prior_config.get("prior") not in PRIOR_MODELS \
+            or not isinstance(prior_config.get("prior_args"), dict):
+        raise RunError(f"{prior_path}: its config does not name one of fastvq's priors ({', '.join(PRIOR_MODELS)}) "
+                       "with a dict of arguments (fields 'prior', 'prior_args'): refused")
     try:
-        prior_config = prior_state["config"]
         prior = build_prior(prior_config["prior"], prior_config["prior_args"], model, image_size).to(target)
         prior.load_state_dict(prior_state["model"])
     except (KeyError, TypeError, RuntimeError) as error:

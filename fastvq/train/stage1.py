@@ -158,6 +158,14 @@ def stage1_config(
     }
 
 
+# Feature networks for the perceptual loss that fastvq itself provides, by name: the only names a
+# run directory's config may resolve. A user's own MODULE:CALLABLE is imported only when given on the
+# command line (fastvq train --perceptual-net), never because a checkpoint names it. None ships yet.
+SHIPPED_PERCEPTUAL_NETS: dict[str, Callable[[], nn.Module]] = {}
+# Where the ViT-VQGAN's state dict keeps the (frozen) perceptual-loss network's weights.
+PERCEPTUAL_PREFIX = "perceptual_network."
+
+
 def _load_callable(spec: str) -> Callable[[], nn.Module]:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
@@ -169,8 +177,33 @@ def _load_callable(spec: str) -> Callable[[], nn.Module]:
     return target
 
 
-def build_stage1(config: dict) -> nn.Module:
-    """The stage-1 model a config describes (randomly initialised)."""
+def perceptual_network(config: dict, trusted: Optional[str]) -> Optional[nn.Module]:
+    """The feature network of the perceptual loss that ``config["perceptual_net"]`` names, or None.
+
+    ``trusted`` is the ``MODULE:CALLABLE`` the user gave on this command line (or None): only it, or a
+    name of ``SHIPPED_PERCEPTUAL_NETS``, is resolved, so a run directory cannot make fastvq import
+    and call code of its choosing. Raises ``RunError`` for any other name, naming the field."""
+    spec = config.get("perceptual_net")
+    if not spec:
+        return None
+    if spec in SHIPPED_PERCEPTUAL_NETS:
+        factory = SHIPPED_PERCEPTUAL_NETS[spec]
+    elif spec == trusted:
+        factory = _load_callable(spec)
+    else:
+        raise RunError(f"the run's config field 'perceptual_net' names {spec!r}, which is not a feature network "
+                       "fastvq provides: fastvq does not import code that a run directory names. If you trust it, "
+                       f"pass --perceptual-net {spec} on the command line")
+    network = factory()
+    if not isinstance(network, nn.Module):
+        raise RunError(f"--perceptual-net {spec} returned a {type(network).__name__}, not an nn.Module")
+    return network
+
+
+def build_stage1(config: dict, perceptual: Optional[nn.Module] = None) -> nn.Module:
+    """The stage-1 model a config describes (randomly initialised). ``perceptual`` is the ViT-VQGAN's
+    perceptual-loss network (see ``perceptual_network``); without it the model is built without
+    one, which changes only its training loss."""
     name, args = config["model"], dict(config["model_args"])
     if name == "vqvae":
         return VQVAE(**args)
@@ -180,13 +213,17 @@ def build_stage1(config: dict) -> nn.Module:
         return RQVAE(**args)
     if name == "vit-vqgan":
         args["image_size"] = tuple(args["image_size"])
-        network = None
-        if config.get("perceptual_net"):
-            network = _load_callable(config["perceptual_net"])()
-            if not isinstance(network, nn.Module):
-                raise RunError(f"--perceptual-net {config['perceptual_net']} returned a {type(network).__name__}, not an nn.Module")
-        return ViTVQGAN(**args, perceptual_network=network)
+        return ViTVQGAN(**args, perceptual_network=perceptual)
     raise RunError(f"unknown model {name!r}: use one of {', '.join(STAGE1_MODELS)}")
+
+
+def trained_stage1(config: dict, state: dict, device: torch.device) -> nn.Module:
+    """The run's trained stage-1 model in eval mode on ``device``, for encoding and decoding: built
+    without a perceptual-loss network (only training uses it), whose frozen weights are skipped."""
+    model = build_stage1(config).to(device)
+    weights = {name: value for name, value in state["model"].items() if not name.startswith(PERCEPTUAL_PREFIX)}
+    model.load_state_dict(weights)
+    return model.eval()
 
 
 def _discriminator_layers(size: tuple[int, int]) -> int:
@@ -200,11 +237,12 @@ class Stage1Trainer:
     ``[0, 1]``); ``evaluate(data)`` measures the held-out split on this rank alone.
     """
 
-    def __init__(self, config: dict, ctx: DistContext, total_steps: int, state: Optional[dict] = None):
+    def __init__(self, config: dict, ctx: DistContext, total_steps: int, state: Optional[dict] = None,
+                 trusted_perceptual_net: Optional[str] = None):
         self.config = config
         self.ctx = ctx
         train_args = config["train"]
-        self.model = build_stage1(config).to(ctx.device)
+        self.model = build_stage1(config, perceptual_network(config, trusted_perceptual_net)).to(ctx.device)
         if state is not None:
             self.model.load_state_dict(state["model"])
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -364,19 +402,28 @@ def train(
     epochs: Optional[int] = None,
     log: Callable[[str], None] = print,
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
+    perceptual_net: Optional[str] = None,
 ) -> dict:
     """Trains (or, with ``resume``, continues) the stage-1 run in ``run``; returns the last metrics.
 
     ``config`` comes from ``stage1_config`` for a new run and is ignored when resuming (the run's
-    own config is used; ``epochs`` may extend it).
+    own config is used; ``epochs`` may extend it). A resumed run whose config names a perceptual
+    network of the user's own (``MODULE:CALLABLE``) needs the same name as ``perceptual_net`` (the
+    command line's ``--perceptual-net``): nothing a run directory names is imported otherwise.
     """
     run = Path(run)
     ctx = setup_distributed(device, dist_timeout)
     try:
         torch.set_num_threads(threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))))
         state = None
+        data_source = None
         if resume:
             config, state = checkpoint.load_run(run)
+            data_source = run / CHECKPOINT
+            recorded = config.get("perceptual_net")
+            if perceptual_net is not None and perceptual_net != recorded:
+                raise RunError(f"--perceptual-net {perceptual_net} is not the network {run} was trained with "
+                               f"({recorded or 'none'}): a resumed run keeps its own")
             if epochs is not None:
                 config["train"]["epochs"] = epochs
             if ctx.is_main:
@@ -389,14 +436,15 @@ def train(
                 checkpoint.require_writable(run, "the run directory holds the run's checkpoint, metrics and pictures")
                 for name in (METRICS, CURVES, PRIOR_CHECKPOINT, PRIOR_METRICS, PRIOR_CURVES, SAMPLES):
                     (run / name).unlink(missing_ok=True)
+            perceptual_net = config.get("perceptual_net")  # the caller's own config
         train_args = config["train"]
-        data = load_data(config)
+        data = load_data(config, data_source)
         seed = train_args["seed"]
         shard = epoch_shard(data.train.shape[0], 0, seed, ctx)
         steps_per_epoch = math.ceil(shard.shape[0] / train_args["batch_size"])
         total_steps = steps_per_epoch * train_args["epochs"]
         torch.manual_seed(seed)
-        trainer = Stage1Trainer(config, ctx, total_steps, state)
+        trainer = Stage1Trainer(config, ctx, total_steps, state, trusted_perceptual_net=perceptual_net)
         start_epoch = 0
         if state is not None:
             start_epoch = state["epoch"]
