@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
+from .models.registry import MODEL_FLAGS, STAGE1
 
 BENCH_SCRIPT_PREFIX = "bench_"
 
@@ -59,42 +60,23 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                              "up with an error (600)")
 
 
-# Flags of `fastvq train` that describe the model, with the model argument each one sets
-# (per model where the names differ).
-MODEL_FLAGS = {
-    "codebook_size": {"*": "codebook_size"},
-    "embedding_dim": {"vit-vqgan": "codebook_dim", "*": "embedding_dim"},
-    "channels": {"vit-vqgan": "dim", "*": "channels"},
-    "codebook": {"*": "codebook"},
-    "beta": {"*": "beta"},
-    "decay": {"*": "decay"},
-    "depth": {"rqvae": "depth"},
-    "downsamples": {"vqvae2": "bottom_downsamples", "vit-vqgan": None, "*": "downsamples"},
-    "patch_size": {"vit-vqgan": "patch_size"},
-    "layers": {"vit-vqgan": "depth"},
-    "res_blocks": {"vit-vqgan": None, "*": "num_res_blocks"},
-    "dead_code_threshold": {"*": "dead_code_threshold"},
-    "kmeans_init": {"*": "kmeans_init"},
-    "logit_laplace_weight": {"vit-vqgan": "logit_laplace_weight"},
-    "adversarial_weight": {"vit-vqgan": "adversarial_weight"},
-    "perceptual_weight": {"vit-vqgan": "perceptual_weight"},
-}
 DATA_FLAGS = ("val_fraction", "image_size", "image_channels")
 TRAIN_FLAGS = ("batch_size", "lr", "seed", "eval_every", "adversarial_start", "perceptual_net")
 
 
 def _model_overrides(args: argparse.Namespace) -> dict:
+    """The model arguments the model flags given set, by the model table's names."""
     from .train import RunError
 
+    targets = STAGE1[args.model].flags
     overrides = {}
-    for flag, targets in MODEL_FLAGS.items():
+    for flag in MODEL_FLAGS:
         value = getattr(args, flag)
         if value is None:
             continue
-        target = targets[args.model] if args.model in targets else targets.get("*")
-        if target is None:
+        if flag not in targets:
             raise RunError(f"--{flag.replace('_', '-')} does not apply to --model {args.model}")
-        overrides[target] = value
+        overrides[targets[flag]] = value
     return overrides
 
 
@@ -108,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a VQ model (stage 1) on a dataset",
                                 description="Train a VQ model; writes checkpoints, metrics.jsonl and pictures to --out.")
-    train.add_argument("--model", choices=("vqvae", "vqvae2", "vit-vqgan", "rqvae"), default=None,
+    train.add_argument("--model", choices=tuple(STAGE1), default=None,
                        help="the model (required for a new run)")
     train.add_argument("--data", default=None,
                        help="digits (embedded, the default), mnist:DIR, cifar10:DIR or images:DIR")
@@ -193,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(the embedded digits unless --data says otherwise), then a summary.")
     demo.add_argument("--out", type=Path, default=Path("runs/digits"), help="the run directory (runs/digits); "
                       "a run already there is replaced")
-    demo.add_argument("--model", choices=("vqvae", "vqvae2", "vit-vqgan", "rqvae"), default="vqvae", help="vqvae")
+    demo.add_argument("--model", choices=tuple(STAGE1), default="vqvae", help="vqvae")
     demo.add_argument("--data", default="digits", help="digits")
     demo.add_argument("--prior", choices=("pixelcnn", "gated-pixelcnn", "gpt", "maskgit"), default=None,
                       help="as fastvq prior")
@@ -264,7 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  perceptual_net=args.perceptual_net, **_dist_timeout(args))
     else:
         if args.model is None:
-            raise training.RunError("--model is required for a new run (vqvae, vqvae2, vit-vqgan or rqvae)")
+            raise training.RunError(f"--model is required for a new run ({', '.join(STAGE1)})")
         spec = args.data or "digits"
         data_args = {"val_fraction": args.val_fraction, "image_size": args.image_size, "channels": args.image_channels}
         data_args = {name: value for name, value in data_args.items() if value is not None}

@@ -1,17 +1,42 @@
-"""Full models built on ``fastvq.nn``: the PixelCNN priors over VQ code maps."""
+"""Full models built on ``fastvq.nn``: the stage-1 VQ models (VQ-VAE, VQ-VAE-2, RQ-VAE, ViT-VQGAN),
+the priors over their code maps (PixelCNN, Gated PixelCNN, GPT, MaskGIT) and ``registry``, the table
+``fastvq train`` reads.
 
-from .pixelcnn import GatedPixelCNN, PixelCNN
+The classes are imported on first use (``fastvq.models.VQVAE``, ``from fastvq.models import VQVAE``),
+so that the registry can be read without importing torch.
+"""
 
-__all__ = ["PixelCNN", "GatedPixelCNN"]
+from __future__ import annotations
 
-from .gpt_prior import GPTPrior  # noqa: E402
-from .maskgit import MaskGITPrior, cosine_mask_schedule  # noqa: E402
-from .priors import HierarchicalPrior, prior_loss, prior_sample  # noqa: E402
-from .rqvae import RQVAE  # noqa: E402
-from .vit_vqgan import PatchDiscriminator, ViTVQGAN  # noqa: E402
-from .vqvae import VQVAE  # noqa: E402
-from .vqvae2 import VQVAE2  # noqa: E402
+import importlib
 
-__all__ += ["VQVAE", "VQVAE2", "RQVAE", "ViTVQGAN", "PatchDiscriminator", "GPTPrior", "MaskGITPrior", "cosine_mask_schedule",
-            "HierarchicalPrior",
-            "prior_loss", "prior_sample"]
+# Each public name, and the submodule that defines it.
+_HOMES = {
+    "PixelCNN": "pixelcnn",
+    "GatedPixelCNN": "pixelcnn",
+    "VQVAE": "vqvae",
+    "VQVAE2": "vqvae2",
+    "RQVAE": "rqvae",
+    "ViTVQGAN": "vit_vqgan",
+    "PatchDiscriminator": "vit_vqgan",
+    "GPTPrior": "gpt_prior",
+    "MaskGITPrior": "maskgit",
+    "cosine_mask_schedule": "maskgit",
+    "HierarchicalPrior": "priors",
+    "prior_loss": "priors",
+    "prior_sample": "priors",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

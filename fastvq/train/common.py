@@ -11,17 +11,15 @@ from typing import Optional
 import torch
 
 from ..data import ImageData, load_dataset
+from ..models.registry import STAGE1
 
-STAGE1_MODELS = ("vqvae", "vqvae2", "vit-vqgan", "rqvae")
+STAGE1_MODELS = tuple(STAGE1)
 PRIOR_MODELS = ("pixelcnn", "gated-pixelcnn", "gpt", "maskgit")
 CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "config.json", "metrics.jsonl"
 PRIOR_CHECKPOINT, PRIOR_METRICS = "prior.pt", "prior_metrics.jsonl"
 RECONSTRUCTIONS, USAGE, SAMPLES = "reconstructions.png", "codebook_usage.png", "samples.png"
 CURVES, PRIOR_CURVES = "training_curves.png", "prior_curves.png"
 EVAL_BATCH = 256
-# Images with a side below this count as small (the 8 x 8 digits): narrower models, one
-# downsampling stage.
-SMALL_IMAGE = 16
 # Default epochs per dataset: enough for the digits to reach val_nmse <= 0.05 with the default
 # VQ-VAE; the others are starting points.
 DEFAULT_EPOCHS = {"digits": 60, "mnist": 10, "cifar10": 30, "images": 50}

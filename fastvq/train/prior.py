@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..data import ImageData
 from ..models import RQVAE, VQVAE2, GatedPixelCNN, GPTPrior, HierarchicalPrior, MaskGITPrior, PixelCNN
 from ..models.priors import prior_loss
+from ..models.registry import SMALL_IMAGE
 from . import checkpoint
 from .common import (
     CHECKPOINT,
@@ -24,7 +25,6 @@ from .common import (
     PRIOR_CURVES,
     PRIOR_METRICS,
     PRIOR_MODELS,
-    SMALL_IMAGE,
     RunError,
     append_jsonl,
     cosine_schedule,

@@ -19,9 +19,8 @@ from torch import Tensor, nn
 from .. import __version__
 from .._pictures import save_reconstructions, save_usage_chart
 from ..data import ImageData
-from ..models import RQVAE, VQVAE, VQVAE2, ViTVQGAN
 from ..models._common import code_usage
-from ..models.vit_vqgan import PatchDiscriminator, discriminator_loss
+from ..models.registry import STAGE1, stage1_model
 from . import checkpoint
 from .common import (
     CHECKPOINT,
@@ -35,8 +34,6 @@ from .common import (
     PRIOR_METRICS,
     RECONSTRUCTIONS,
     SAMPLES,
-    SMALL_IMAGE,
-    STAGE1_MODELS,
     USAGE,
     RunError,
     append_jsonl,
@@ -55,53 +52,13 @@ from .distributed import (
 )
 
 
-def _fit_downsamples(size: tuple[int, int], wanted: int, extra: int = 0) -> int:
-    """The largest ``d <= wanted`` for which both sides divide by ``2**(d + extra)``."""
-    for down in range(wanted, -1, -1):
-        if all(side % 2 ** (down + extra) == 0 for side in size):
-            return down
-    raise RunError(f"images of size {size} cannot be downsampled {extra} time(s) by 2: resize them (--image-size)")
-
-
 def default_model_args(model: str, data: ImageData) -> dict:
-    """The architecture ``fastvq train`` uses when no flag overrides it, by image size.
-
-    Small images (the digits) get a faster EMA (decay 0.9 instead of the paper's 0.99): with 25
-    steps per epoch, the codes otherwise lag the encoder for many epochs (val_nmse 0.028 instead
-    of 0.023 after the default 60 epochs, measured).
-    """
-    size = data.image_size
-    small = min(size) < SMALL_IMAGE
-    variance = data.variance()
-    if model == "vit-vqgan":
-        patch = next((p for p in ((2,) if small else (4, 2, 1)) if size[0] % p == 0 and size[1] % p == 0), None)
-        if patch is None:
-            raise RunError(f"images of size {size} need a patch size dividing both sides: resize them (--image-size)")
-        dim = 64 if small else 256
-        # Dead-code replacement is what keeps the codebook in use: at initialisation every token
-        # projects to nearly the same direction and chooses the same code, and a code no token
-        # chooses gets no update (29 of 128 codes used on the digits without it, 128 with it). On
-        # the digits the logit-Laplace and adversarial terms cost held-out MSE, and the faster
-        # use averages (decay 0.9) and learning rate (1e-3, in stage1_config) suit their 1 500
-        # steps (README, "ViT-VQGAN on the digits").
-        return dict(image_size=list(size), patch_size=patch, in_channels=data.channels, dim=dim,
-                    depth=2 if small else 4, heads=4, mlp_dim=4 * dim, codebook_size=128 if small else 512,
-                    codebook_dim=16 if small else 32, beta=0.25, codebook="gradient",
-                    decay=0.9 if small else 0.99, dead_code_threshold=1.0, kmeans_init=False, l2_weight=1.0,
-                    logit_laplace_weight=0.0 if small else 0.1, perceptual_weight=0.0,
-                    adversarial_weight=0.0 if small else 0.1, adversarial_loss="hinge")
-    common = dict(in_channels=data.channels, channels=64 if small else 128, res_channels=32 if small else 64,
-                  num_res_blocks=2, codebook_size=128 if small else 512, embedding_dim=16 if small else 64,
-                  codebook="ema", beta=0.25, decay=0.9 if small else 0.99, kmeans_init=True, dead_code_threshold=1.0,
-                  data_variance=variance)
-    wanted = 1 if small else 2
-    if model == "vqvae":
-        return dict(common, downsamples=_fit_downsamples(size, wanted))
-    if model == "vqvae2":
-        return dict(common, bottom_downsamples=_fit_downsamples(size, wanted, 1), top_downsamples=1)
-    if model == "rqvae":
-        return dict(common, downsamples=_fit_downsamples(size, wanted), depth=4, shared_codebook=True)
-    raise RunError(f"unknown model {model!r}: use one of {', '.join(STAGE1_MODELS)}")
+    """The architecture ``fastvq train`` uses for ``model`` when no flag overrides it (the model
+    table's defaults for the data's image size and channels)."""
+    try:
+        return stage1_model(model).defaults(data.image_size, data.channels, data.variance())
+    except ValueError as error:
+        raise RunError(str(error)) from None
 
 
 def stage1_config(
@@ -120,24 +77,25 @@ def stage1_config(
     perceptual_net: Optional[str] = None,
 ) -> dict:
     """A complete, JSON-serialisable description of a stage-1 run."""
-    model_args = default_model_args(model, data)
+    model_args = default_model_args(model, data)  # refuses an unknown model
     for name, value in (model_overrides or {}).items():
         if value is None:
             continue
         if name not in model_args:
             raise RunError(f"--{name.replace('_', '-')} does not apply to --model {model}")
         model_args[name] = value
+    entry = stage1_model(model)
     if perceptual_net is not None:
-        if model != "vit-vqgan":
-            raise RunError("--perceptual-net applies to --model vit-vqgan only")
+        if not entry.perceptual:
+            takers = " or ".join(name for name, other in STAGE1.items() if other.perceptual)
+            raise RunError(f"--perceptual-net applies to --model {takers} only")
         if not model_args["perceptual_weight"]:
             model_args["perceptual_weight"] = 0.1
-    elif model == "vit-vqgan" and model_args["perceptual_weight"]:
+    elif entry.perceptual and model_args["perceptual_weight"]:
         raise RunError("--perceptual-weight needs --perceptual-net MODULE:CALLABLE (a feature network; nothing is downloaded)")
     epochs = DEFAULT_EPOCHS.get(data.name, 20) if epochs is None else epochs
     if lr is None:
-        small_vit = model == "vit-vqgan" and min(data.image_size) < SMALL_IMAGE
-        lr = (1e-3 if small_vit else 3e-4) if model == "vit-vqgan" else 2e-3
+        lr = entry.learning_rate(data.image_size)
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every)):
         if not isinstance(value, int) or value < 1:
             raise RunError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -204,17 +162,11 @@ def build_stage1(config: dict, perceptual: Optional[nn.Module] = None) -> nn.Mod
     """The stage-1 model a config describes (randomly initialised). ``perceptual`` is the ViT-VQGAN's
     perceptual-loss network (see ``perceptual_network``); without it the model is built without
     one, which changes only its training loss."""
-    name, args = config["model"], dict(config["model_args"])
-    if name == "vqvae":
-        return VQVAE(**args)
-    if name == "vqvae2":
-        return VQVAE2(**args)
-    if name == "rqvae":
-        return RQVAE(**args)
-    if name == "vit-vqgan":
-        args["image_size"] = tuple(args["image_size"])
-        return ViTVQGAN(**args, perceptual_network=perceptual)
-    raise RunError(f"unknown model {name!r}: use one of {', '.join(STAGE1_MODELS)}")
+    try:
+        entry = stage1_model(config["model"])
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    return entry.build(config["model_args"], perceptual)
 
 
 def trained_stage1(config: dict, state: dict, device: torch.device) -> nn.Module:
@@ -224,10 +176,6 @@ def trained_stage1(config: dict, state: dict, device: torch.device) -> nn.Module
     weights = {name: value for name, value in state["model"].items() if not name.startswith(PERCEPTUAL_PREFIX)}
     model.load_state_dict(weights)
     return model.eval()
-
-
-def _discriminator_layers(size: tuple[int, int]) -> int:
-    return max(1, min(3, int(math.log2(min(size))) - 1))
 
 
 class Stage1Trainer:
@@ -249,10 +197,10 @@ class Stage1Trainer:
         self.optimizer = torch.optim.Adam(parameters, lr=train_args["lr"])
         self.scheduler = cosine_schedule(self.optimizer, total_steps)
         self.discriminator = self.disc_optimizer = None
-        if config["model"] == "vit-vqgan" and config["model_args"]["adversarial_weight"] > 0:
-            size = tuple(config["model_args"]["image_size"])
-            self.discriminator = PatchDiscriminator(config["model_args"]["in_channels"], 64,
-                                                    _discriminator_layers(size)).to(ctx.device)
+        # The model's own trainer extra: a GAN discriminator trained next to it (the ViT-VQGAN's).
+        self.adversary = stage1_model(config["model"]).adversary(config["model_args"])
+        if self.adversary is not None:
+            self.discriminator = self.adversary.network.to(ctx.device)
             self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=train_args["lr"], betas=(0.5, 0.9))
             start = train_args.get("adversarial_start")
             self.adversarial_start = total_steps // 2 if start is None else start
@@ -300,7 +248,7 @@ class Stage1Trainer:
         if adversarial:
             logits = self.disc_runner(torch.cat([x, out["reconstruction"].detach()]))
             real, fake = logits.split([x.shape[0], x.shape[0]])
-            disc_loss = discriminator_loss(real, fake, self.config["model_args"]["adversarial_loss"])
+            disc_loss = self.adversary.loss(real, fake)
             self.disc_optimizer.zero_grad(set_to_none=True)
             disc_loss.backward()
             self.disc_optimizer.step()
@@ -372,18 +320,10 @@ def _mean(values: list) -> float | int:
     return int(mean) if float(mean).is_integer() else mean
 
 
-def codebook_names(model_name: str, count: int) -> list[str]:
-    if model_name == "vqvae2":
-        return ["top codebook", "bottom codebook"]
-    if count == 1:
-        return ["codebook"]
-    return [f"depth {index} codebook" for index in range(count)]
-
-
 def write_stage1_pictures(run: Path, config: dict, data: ImageData, counts: list[Tensor], reconstructions: Tensor) -> None:
     count = min(16, data.val.shape[0])
     save_reconstructions(data.batch(data.val[:count]), reconstructions[:count], run / RECONSTRUCTIONS, columns=count)
-    save_usage_chart(counts, codebook_names(config["model"], len(counts)), run / USAGE)
+    save_usage_chart(counts, stage1_model(config["model"]).codebook_names(len(counts)), run / USAGE)
 
 
 
