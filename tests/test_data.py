@@ -1,4 +1,4 @@
-"""fastvq.data: the embedded digits, the on-disk loaders on small files written here, and their errors."""
+"""fastvq.train.data: the embedded digits, the on-disk loaders on small files written here, and their errors."""
 
 import gzip
 import pickle
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastvq.data import (
+from fastvq.train.data import (
     DatasetError,
     load_cifar10,
     load_dataset,
@@ -18,7 +18,7 @@ from fastvq.data import (
     load_mnist,
     parse_dataset_spec,
 )
-from fastvq.data import _split
+from fastvq.train.data import _split
 
 
 def test_digits_are_the_1797_real_images():

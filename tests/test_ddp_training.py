@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastvq import train as training
-from fastvq.data import load_dataset
+from fastvq.train.data import load_dataset
 
 CONFIGS = {
     "vqvae-ema": ("vqvae", dict(channels=16, res_channels=8, embedding_dim=8, codebook_size=16,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastvq.data import load_dataset
+from fastvq.train.data import load_dataset
 from fastvq.models import (
     RQVAE,
     VQVAE,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..data import parse_dataset_spec
+from .data import parse_dataset_spec
 from .common import CHECKPOINT, STAGE1_MODELS, RunError
 
 RUN_FORMAT, PRIOR_FORMAT = "fastvq-run", "fastvq-prior"

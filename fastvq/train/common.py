@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..data import ImageData, load_dataset
+from .data import ImageData, load_dataset
 from ..models.registry import STAGE1
 
 STAGE1_MODELS = tuple(STAGE1)
@@ -55,7 +55,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 def draw_curves(metrics: Path, picture: Path, title: str, log=print) -> None:
     """``metrics`` (a JSON-lines file of rows with an ``epoch``) drawn at ``picture``; one line of
     notice instead where matplotlib, an optional dependency, is missing."""
-    from .._pictures import save_training_curves
+    from .pictures import save_training_curves
 
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     if rows and save_training_curves(rows, picture, title) is None:

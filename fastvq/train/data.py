@@ -53,7 +53,7 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 DATASET_KINDS = ("digits", "mnist", "cifar10", "images")
-DIGITS_FILE = Path(__file__).parent / "_datafiles" / "digits.csv.gz"
+DIGITS_FILE = Path(__file__).parent.parent / "_datafiles" / "digits.csv.gz"
 DIGITS_COUNT, DIGITS_SIDE, DIGITS_MAX = 1797, 8, 16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The held-out split is drawn with its own seed, so runs with different --seed values are

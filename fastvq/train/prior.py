@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..data import ImageData
+from .data import ImageData
 from ..models import RQVAE, VQVAE2, GatedPixelCNN, GPTPrior, HierarchicalPrior, MaskGITPrior, PixelCNN
 from ..models.priors import prior_loss
 from ..models.registry import SMALL_IMAGE

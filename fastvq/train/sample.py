@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .._pictures import save_image_grid
+from .pictures import save_image_grid
 from ..models import HierarchicalPrior
 from ..models.priors import prior_sample
 from . import checkpoint

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from .._pictures import save_reconstructions, save_usage_chart
-from ..data import ImageData
+from .pictures import save_reconstructions, save_usage_chart
+from .data import ImageData
 from ..models._common import code_usage
 from ..models.registry import STAGE1, stage1_model
 from . import checkpoint
