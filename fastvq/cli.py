@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
-from .models.registry import MODEL_FLAGS, STAGE1
+from .models.registry import MODEL_FLAGS, PRIORS, STAGE1
 
 BENCH_SCRIPT_PREFIX = "bench_"
 
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     prior = commands.add_parser("prior", help="train a prior over a run's codes",
                                 description="Train a PixelCNN, Gated PixelCNN or GPT prior on the codes of a trained run.")
     prior.add_argument("--run", required=True, type=Path, help="the run directory of `fastvq train`")
-    prior.add_argument("--model", choices=("pixelcnn", "gated-pixelcnn", "gpt", "maskgit"), default=None,
+    prior.add_argument("--model", choices=tuple(PRIORS), default=None,
                        help="the prior (gpt; rqvae runs need gpt or maskgit)")
     prior.add_argument("--epochs", type=_positive_int, default=None, help="epochs (digits 15, mnist 10, cifar10 20, images 50)")
     prior.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process (64)")
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "a run already there is replaced")
     demo.add_argument("--model", choices=tuple(STAGE1), default="vqvae", help="vqvae")
     demo.add_argument("--data", default="digits", help="digits")
-    demo.add_argument("--prior", choices=("pixelcnn", "gated-pixelcnn", "gpt", "maskgit"), default=None,
+    demo.add_argument("--prior", choices=tuple(PRIORS), default=None,
                       help="as fastvq prior")
     demo.add_argument("-n", type=_positive_int, default=64, help="samples to draw (64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")

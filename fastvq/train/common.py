@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 
 from .data import ImageData, load_dataset
-from ..models.registry import STAGE1
+from ..models.registry import PRIORS, STAGE1
 
 STAGE1_MODELS = tuple(STAGE1)
-PRIOR_MODELS = ("pixelcnn", "gated-pixelcnn", "gpt", "maskgit")
+PRIOR_MODELS = tuple(PRIORS)
 CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "config.json", "metrics.jsonl"
 PRIOR_CHECKPOINT, PRIOR_METRICS = "prior.pt", "prior_metrics.jsonl"
 RECONSTRUCTIONS, USAGE, SAMPLES = "reconstructions.png", "codebook_usage.png", "samples.png"

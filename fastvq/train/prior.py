@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .data import ImageData
-from ..models import RQVAE, VQVAE2, GatedPixelCNN, GPTPrior, HierarchicalPrior, MaskGITPrior, PixelCNN
+from ..models import RQVAE, VQVAE2, HierarchicalPrior
 from ..models.priors import prior_loss
-from ..models.registry import SMALL_IMAGE
+from ..models.registry import DEFAULT_PRIOR, SMALL_IMAGE, prior_model
 from . import checkpoint
 from .common import (
     CHECKPOINT,
@@ -48,34 +48,24 @@ def _code_maps(model: nn.Module, images: Tensor, data: ImageData, device: torch.
 
 
 def default_prior_args(kind: str, small: bool) -> dict:
-    if kind in ("gpt", "maskgit"):
-        return dict(dim=128 if small else 256, num_layers=4 if small else 6, heads=4, dropout=0.1)
-    return dict(channels=64 if small else 128, num_layers=6 if small else 12, kernel_size=3, first_kernel_size=5 if small else 7)
-
-
-def _flat_prior(kind: str, args: dict, num_codes: int, shape: tuple[int, int], depth: int = 1,
-                cond_codes: Optional[int] = None, cond_len: Optional[int] = None) -> nn.Module:
-    if kind in ("gpt", "maskgit"):
-        extra = dict(cond_num_codes=cond_codes, cond_len=cond_len) if cond_codes else {}
-        model_class = GPTPrior if kind == "gpt" else MaskGITPrior
-        return model_class(num_codes, shape[0] * shape[1], depth=depth, **args, **extra)
-    if depth > 1:
-        raise RunError("the RQ-VAE's codes have a depth axis: train its prior with --model gpt or --model maskgit")
-    model_class = PixelCNN if kind == "pixelcnn" else GatedPixelCNN
-    return model_class(num_codes, **args, cond_num_codes=cond_codes)
+    return prior_model(kind).defaults(small)
 
 
 def build_prior(kind: str, args: dict, model: nn.Module, image_size: tuple[int, int]) -> nn.Module:
     """The prior for the codes of stage-1 ``model`` on ``image_size`` images: flat, hierarchical
     (VQ-VAE-2: the bottom prior conditioned on the top codes) or with a depth axis (RQ-VAE)."""
+    entry = prior_model(kind)
     if isinstance(model, VQVAE2):
         top_shape, bottom_shape = model.code_shape(*image_size)
-        top = _flat_prior(kind, args, model.top_codebook_size, top_shape)
-        bottom = _flat_prior(kind, args, model.codebook_size, bottom_shape, cond_codes=model.top_codebook_size,
+        top = entry.build(args, model.top_codebook_size, top_shape)
+        bottom = entry.build(args, model.codebook_size, bottom_shape, cond_codes=model.top_codebook_size,
                              cond_len=top_shape[0] * top_shape[1])
         return HierarchicalPrior(top, bottom)
     depth = model.depth if isinstance(model, RQVAE) else 1
-    return _flat_prior(kind, args, model.codebook_size, model.code_shape(*image_size), depth=depth)
+    try:
+        return entry.build(args, model.codebook_size, model.code_shape(*image_size), depth=depth)
+    except ValueError as error:
+        raise RunError(str(error)) from None
 
 
 def stage1_identity(config: dict) -> dict:
@@ -156,7 +146,7 @@ def train_prior(
         config, stage1_state = checkpoint.load_run(run)
         if ctx.is_main:
             checkpoint.require_writable(run, "fastvq prior writes prior.pt and prior_metrics.jsonl there")
-        kind = kind or "gpt"
+        kind = kind or DEFAULT_PRIOR
         if kind not in PRIOR_MODELS:
             raise RunError(f"unknown prior {kind!r}: use one of {', '.join(PRIOR_MODELS)}")
         data = load_data(config, run / CHECKPOINT)
@@ -169,7 +159,7 @@ def train_prior(
             if value is None:
                 continue
             if name == "width":
-                name = "dim" if kind in ("gpt", "maskgit") else "channels"
+                name = prior_model(kind).width
             if name not in args:
                 raise RunError(f"--{name.replace('_', '-')} does not apply to the {kind} prior")
             args[name] = value
@@ -220,7 +210,8 @@ def train_prior(
                         val_total += float(loss_of(val_batch, masks)) * batch_rows.numel()
                         val_rows += batch_rows.numel()
                 val_loss = val_total / max(1, val_rows)
-                bits_key = "val_masked_bits_per_code" if kind == "maskgit" else "val_bits_per_code"
+                masked = prior_model(kind).masked_objective
+                bits_key = "val_masked_bits_per_code" if masked else "val_bits_per_code"
                 metrics = {"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), "val_loss": val_loss,
                            bits_key: val_loss / math.log(2), "time_s": round(time.perf_counter() - started, 3)}
                 append_jsonl(run / PRIOR_METRICS, metrics)
