@@ -26,6 +26,7 @@ import torch
 import torch._dynamo  # noqa: F401  (see unprivileged())
 
 from fastvq import cli
+from fastvq.models import registry
 from fastvq.train import checkpoint, stage1
 
 RUNTIME = ["--no-progress", "--threads", "1", "--device", "cpu"]
@@ -457,6 +458,6 @@ def test_a_perceptual_net_named_on_the_command_line_or_shipped_resolves_on_resum
     trusted = ["--perceptual-net", "fastvq_r2_features:make"]
     assert run("train", "--out", out, "--epochs", 1, *vit, *trusted, *RUNTIME) == 0
     assert run("train", "--out", out, "--resume", "--epochs", 2, *trusted, *RUNTIME) == 0
-    monkeypatch.setitem(stage1.SHIPPED_PERCEPTUAL_NETS, "tiny-features", lambda: torch.nn.Conv2d(1, 4, 3))
+    monkeypatch.setitem(registry.PERCEPTUAL_NETWORKS, "tiny-features", lambda: torch.nn.Conv2d(1, 4, 3))
     _rewrite_config(out / "checkpoint.pt", perceptual_net="tiny-features")
     assert run("train", "--out", out, "--resume", "--epochs", 3, *RUNTIME) == 0

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-__all__ = ["SMALL_IMAGE", "Adversary", "StageOneModel", "STAGE1", "MODEL_FLAGS", "stage1_model", "PriorModel",
-           "PRIORS", "DEFAULT_PRIOR", "prior_model"]
+__all__ = ["SMALL_IMAGE", "Adversary", "StageOneModel", "STAGE1", "MODEL_FLAGS", "PERCEPTUAL_NETWORKS",
+           "stage1_model", "PriorModel", "PRIORS", "DEFAULT_PRIOR", "prior_model"]
 
 # Images with a side below this count as small (the 8 x 8 digits): narrower models, one
 # downsampling stage, faster EMA and learning rate.
@@ -166,6 +166,11 @@ STAGE1: dict[str, StageOneModel] = {entry.name: entry for entry in (
                   adversary=_vit_vqgan_adversary, perceptual=True),
     StageOneModel("rqvae", "rqvae:RQVAE", _rqvae_defaults, dict(_CONV_FLAGS, depth="depth")),
 )}
+
+# Feature networks for the perceptual loss that fastvq itself provides, by name: the only names a
+# run directory's config may resolve. A user's own MODULE:CALLABLE is imported only when given on the
+# command line (fastvq train --perceptual-net), never because a checkpoint names it. None ships yet.
+PERCEPTUAL_NETWORKS: dict[str, Callable[[], nn.Module]] = {}
 
 # Every model flag of ``fastvq train``, whichever models it applies to.
 MODEL_FLAGS = tuple(dict.fromkeys(flag for entry in STAGE1.values() for flag in entry.flags))

@@ -16,7 +16,8 @@ gradients are averaged by DDP, and the EMA codebooks are kept identical by the l
 (their statistics are all-reduced), so DDP's buffer broadcast is switched off. Only rank 0 writes.
 
 The modules, lowest first: ``data`` (the image datasets), ``pictures`` (the run's PNGs),
-``common`` (the run's names, ``RunError``, data loading, progress bars, the schedule), ``distributed`` (processes and devices), ``checkpoint`` (saving and reading
+``common`` (the run's names, ``RunError``, data loading, progress bars, the schedule),
+``distributed`` (processes and devices), ``checkpoint`` (saving and reading
 run files), ``stage1`` (the VQ model), ``prior`` and ``sample``.
 """
 

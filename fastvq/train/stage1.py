@@ -20,7 +20,7 @@ from .. import __version__
 from .pictures import save_reconstructions, save_usage_chart
 from .data import ImageData
 from ..models._common import code_usage
-from ..models.registry import STAGE1, stage1_model
+from ..models.registry import PERCEPTUAL_NETWORKS, STAGE1, stage1_model
 from . import checkpoint
 from .common import (
     CHECKPOINT,
@@ -116,10 +116,6 @@ def stage1_config(
     }
 
 
-# Feature networks for the perceptual loss that fastvq itself provides, by name: the only names a
-# run directory's config may resolve. A user's own MODULE:CALLABLE is imported only when given on the
-# command line (fastvq train --perceptual-net), never because a checkpoint names it. None ships yet.
-SHIPPED_PERCEPTUAL_NETS: dict[str, Callable[[], nn.Module]] = {}
 # Where the ViT-VQGAN's state dict keeps the (frozen) perceptual-loss network's weights.
 PERCEPTUAL_PREFIX = "perceptual_network."
 
@@ -139,13 +135,13 @@ def perceptual_network(config: dict, trusted: Optional[str]) -> Optional[nn.Modu
     """The feature network of the perceptual loss that ``config["perceptual_net"]`` names, or None.
 
     ``trusted`` is the ``MODULE:CALLABLE`` the user gave on this command line (or None): only it, or a
-    name of ``SHIPPED_PERCEPTUAL_NETS``, is resolved, so a run directory cannot make fastvq import
+    name of the model table's ``PERCEPTUAL_NETWORKS``, is resolved, so a run directory cannot make fastvq import
     and call code of its choosing. Raises ``RunError`` for any other name, naming the field."""
     spec = config.get("perceptual_net")
     if not spec:
         return None
-    if spec in SHIPPED_PERCEPTUAL_NETS:
-        factory = SHIPPED_PERCEPTUAL_NETS[spec]
+    if spec in PERCEPTUAL_NETWORKS:
+        factory = PERCEPTUAL_NETWORKS[spec]
     elif spec == trusted:
         factory = _load_callable(spec)
     else:
