@@ -6,6 +6,10 @@
     fastvq demo --out runs/digits          # the three above with their defaults, then a summary
 
 ``python -m fastvq ...`` is the same command. The README documents every flag.
+
+Parsing the command line imports nothing beyond the standard library and the model table, so
+``fastvq --help`` and ``fastvq --version`` answer without loading torch; each command imports what
+it needs when it runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
 from .models.registry import MODEL_FLAGS, PRIORS, STAGE1
 
 BENCH_SCRIPT_PREFIX = "bench_"
@@ -41,6 +44,19 @@ def _positive_seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return value
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: prints ``fastvq X.Y.Z`` from ``fastvq._version`` (which imports nothing) and exits."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ._version import __version__
+
+        print(f"fastvq {__version__}")
+        parser.exit()
 
 
 def _dist_timeout(args: argparse.Namespace) -> dict:
@@ -85,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastvq",
         description="Train VQ models, their priors, and sample from them; benchmark fastvq's ops; show the set-up.",
     )
-    parser.add_argument("--version", action="version", version=f"fastvq {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="show fastvq's version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = commands.add_parser("train", help="train a VQ model (stage 1) on a dataset",
@@ -474,7 +490,7 @@ def cmd_kmeans(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import backends
+    from . import __version__, backends
 
     lines = [f"fastvq {__version__} ({Path(__file__).resolve().parent})",
              f"python {platform.python_version()} on {platform.platform()}",
