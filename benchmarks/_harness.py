@@ -17,10 +17,19 @@ knows better, e.g. the search's bf16 kernel or FAISS, sets it itself), and, for 
 ``tflops`` figure, ``peak_gflops`` (the measured peak it is held against: the fp32 FMA peak of the
 threads used, the vdpbf16ps peak for rows on AVX512-BF16, the GPU matmul peak of the row's dtype)
 and ``fraction_of_peak``.
+
+``main`` is every bench script's command line: a script ``bench_<family>.py`` hands it its points
+(a function of the parsed arguments: the full or the ``--small`` grid) and a measure function (one
+point at one thread count, returning rows), and ``main`` owns the rest: the options every bench
+takes (``--device``, ``--out``, ``--small``, ``--threads``), the environment header, the contention
+warning, the loop over points and thread counts, saving after every point (an interrupted run keeps
+what it measured) into ``<out>/<family>/<machine>.csv`` and ``.md`` (``results_dir``,
+``device_slug``), the final table and the exit status.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime
@@ -272,8 +281,10 @@ def _cpu_family_model() -> str:
 
 
 def device_slug(device: str) -> str:
-    """The result files' name: the device description in lower case, e.g.
-    ``amd-epyc-family-25-model-1-2-cores``."""
+    """The result files' name, one per machine: the GPU's name on CUDA; on CPU the CPU's model name,
+    its family and model numbers and the cores this process may use, in lower case, e.g.
+    ``amd-epyc-family-25-model-1-2-cores`` (a Zen 3) and ``amd-epyc-family-25-model-17-2-cores``
+    (a Zen 4), which /proc/cpuinfo both call "AMD EPYC"."""
     return re.sub(r"[^a-z0-9]+", "-", describe_device(device).lower()).strip("-")
 
 
@@ -347,7 +358,7 @@ def _gpu_matmul_peaks(device: str) -> dict[str, float]:
             torch.backends.cuda.matmul.allow_tf32 = allow_tf32
             a = torch.randn(size, size, device=device, dtype=dtype)
             b = torch.randn(size, size, device=device, dtype=dtype)
-            milliseconds = triton.testing.do_bench(lambda: a @ b, quantiles=[0.5])[0]
+            milliseconds = triton.testing.do_bench(functools.partial(torch.matmul, a, b), quantiles=[0.5])[0]
             peaks[f"gpu_peak_{name}_tflops"] = tflops(2 * size**3, milliseconds)
             del a, b
     finally:
@@ -520,3 +531,111 @@ def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value)
+
+
+def results_dir(family: str, out: Path = RESULTS_DIR) -> Path:
+    """Where a bench family's result files go: ``<out>/<family>/``, one ``<machine>.csv`` and ``.md``
+    per machine (``device_slug``)."""
+    return out / family
+
+
+@dataclass(frozen=True)
+class Run:
+    """What ``main`` tells a bench's measure function besides the point."""
+
+    args: argparse.Namespace  # the parsed command line, the bench's own options included
+    device: str  # "cpu" or "cuda"
+    threads: Optional[int]  # the intra-op thread count set for this call; None on CUDA
+    thread_counts: tuple[Optional[int], ...]  # every count the run measures each point at, in order
+
+    @property
+    def first_threads(self) -> bool:
+        """Whether this is the point's first thread count: where once-per-point work (peak memory) goes."""
+        return self.threads == self.thread_counts[0]
+
+    @property
+    def last_threads(self) -> bool:
+        return self.threads == self.thread_counts[-1]
+
+
+def main(
+    family: str,
+    points: Callable[[argparse.Namespace], Sequence[Any]],
+    measure: Callable[[Any, Run], list[dict[str, Any]]],
+    key_columns: Sequence[str],
+    table_columns: Sequence[str],
+    *,
+    description: str,
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+    default_threads: Optional[Callable[[argparse.Namespace], Sequence[int]]] = None,
+    check_arguments: Optional[Callable[[argparse.ArgumentParser, argparse.Namespace], None]] = None,
+    argv: Optional[Sequence[str]] = None,
+) -> int:
+    """The command line of ``benchmarks/bench_<family>.py``; returns its exit status.
+
+    Options every bench takes: ``--device cpu|cuda`` (default: CUDA when available), ``--out DIR``
+    (the results root, default ``benchmarks/results``; the files are ``DIR/<family>/<machine>.csv``
+    and ``.md``), ``--small`` (the bench's tiny grid, for rehearsals and tests) and ``--threads N
+    [N ...]`` (CPU intra-op thread counts, each point measured at each; default
+    ``default_threads(args)`` or PyTorch's current count). ``add_arguments`` adds the bench's own
+    options, ``check_arguments`` may reject a combination (``parser.error``).
+
+    ``points(args)`` lists the points; ``measure(point, run)`` measures one point at one thread
+    count (already set with ``torch.set_num_threads``) and returns its rows, each with ``bench`` and
+    ``impl``; a row that could not be measured carries a ``note``, ``"failed: ..."`` when it failed,
+    which makes the exit status 1. Rows get the environment columns (``environment``) and, on CPU,
+    the thread count, and are merged into the results files after every point (``write_results``,
+    keyed by ``key_columns`` and ``threads``). The environment is printed first, the table of ``table_columns`` at
+    the end, and the contention warning at both ends.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help=f"results root; files go to OUT/{family}/<machine>.csv and .md (default: %(default)s)")
+    parser.add_argument("--small", action="store_true", help="the bench's tiny grid, for rehearsals and tests")
+    parser.add_argument("--threads", type=int, nargs="+", metavar="N",
+                        help="CPU intra-op thread counts; every point is measured at each")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU and a CUDA build of torch; torch.cuda.is_available() is False")
+    if args.threads is not None and min(args.threads) < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    if check_arguments is not None:
+        check_arguments(parser, args)
+    if args.device == "cuda":
+        thread_counts: tuple[Optional[int], ...] = (None,)
+    else:
+        thread_counts = tuple(args.threads or (default_threads(args) if default_threads else [torch.get_num_threads()]))
+    out_dir = results_dir(family, args.out)
+    # The thread count is a key of every row: the same point at another count is another row.
+    keys = tuple(dict.fromkeys((*key_columns, "threads")))
+    header = environment(args.device)
+    print(", ".join(f"{name} {value}" for name, value in header.items()), flush=True)
+    if warning := cpu_contention_warning():
+        print(warning, flush=True)
+    written: list[dict[str, Any]] = []
+    csv_path = md_path = None
+    for point in points(args):
+        for threads in thread_counts:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            print(f"{family}: {point}" + (f", {threads} threads" if threads is not None else ""), flush=True)
+            rows = measure(point, Run(args, args.device, threads, thread_counts))
+            for row in rows:
+                if threads is not None:
+                    row.setdefault("threads", threads)
+                for name, value in header.items():
+                    row[name] = value
+            written += rows
+            if rows:
+                csv_path, md_path = write_results(written, args.device, keys, out_dir)
+    print()
+    print(format_table(written, table_columns))
+    if csv_path is not None:
+        print(f"\nwrote {csv_path} and {md_path}")
+    if warning := cpu_contention_warning():
+        print(warning)
+    failed = [row for row in written if str(row.get("note", "")).lower().startswith("failed")]
+    return 1 if failed else 0

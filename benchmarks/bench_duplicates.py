@@ -1,6 +1,6 @@
 """What the op layer's exact-duplicate remap costs the nearest-code search.
 
-    python benchmarks/bench_duplicates.py [--small] [--device cpu|cuda] [--threads N] [--out DIR]
+    python benchmarks/bench_duplicates.py [--small] [--device cpu|cuda] [--threads N ...] [--out DIR]
 
 Every argmin search (``nearest_code``, ``vector_quantize``) maps each chosen index to the lowest
 index of its code's exact-duplicate group (``fastvq.backends.common.find_duplicate_codes``: an
@@ -16,7 +16,7 @@ Each twice: ``codebook=distinct`` (random codes: on CPU the remap is skipped onc
 no two equal codes) and ``codebook=duplicates`` (every tenth code a copy of another, so the groups
 are built and the indices gathered). ``overhead`` is ``search`` over ``search-no-remap`` minus 1.
 ``load1`` is the host's one-minute load average when the point started. Results are merged into
-``<out>/<device-slug>.csv`` and ``.md`` (default ``benchmarks/results/duplicates/``).
+``<out>/duplicates/<machine>.csv`` and ``.md`` (``_harness.main``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -49,8 +48,8 @@ def inputs(num_rows: int, num_codes: int, dim: int, duplicates: bool, device: st
     return z.to(device), codebook.to(device)
 
 
-def measure(point, duplicates: bool, device: str, threads: Optional[int]) -> list[dict]:
-    num_rows, num_codes, dim = point
+def time_remap(shape: tuple[int, int, int], duplicates: bool, device: str, threads: Optional[int]) -> list[dict]:
+    num_rows, num_codes, dim = shape
     z, codebook = inputs(num_rows, num_codes, dim, duplicates, device)
     load1 = os.getloadavg()[0]
     original = _ops._lowest_duplicate
@@ -83,32 +82,20 @@ def measure(point, duplicates: bool, device: str, threads: Optional[int]) -> lis
     ]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="a tiny grid that finishes in seconds")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (PyTorch's default)")
-    parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR / "duplicates", help="directory of the result files")
-    return parser.parse_args(argv)
+def points(args: argparse.Namespace) -> list[tuple[tuple[int, int, int], bool]]:
+    """Each ``((N, K, D), duplicates)`` of the grid (``--small``: the tiny one), distinct codes first."""
+    return [(shape, duplicates) for shape in (SMALL_GRID if args.small else GRID) for duplicates in (False, True)]
+
+
+def measure(point: tuple[tuple[int, int, int], bool], run: _harness.Run) -> list[dict]:
+    shape, duplicates = point
+    return time_remap(shape, duplicates, run.device, run.threads)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    environment = _harness.environment(args.device)
-    warning = _harness.cpu_contention_warning() if args.device == "cpu" else ""
-    if warning:
-        print(warning, file=sys.stderr)
-    rows = []
-    for point in SMALL_GRID if args.small else GRID:
-        for duplicates in (False, True):
-            rows += measure(point, duplicates, args.device, threads)
-            print(_harness.format_table(rows[-3:], ("impl", *KEY_COLUMNS, "median_ms", "overhead", "load1")), flush=True)
-    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, KEY_COLUMNS, args.out)
-    print(f"wrote {csv_path} and {md_path}")
-    return 0
+    return _harness.main("duplicates", points, measure, KEY_COLUMNS,
+                         ("impl", *KEY_COLUMNS, "median_ms", "overhead", "load1"),
+                         description=__doc__.split("\n\n")[0], argv=argv)
 
 
 if __name__ == "__main__":

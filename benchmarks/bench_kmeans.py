@@ -26,8 +26,8 @@ Rows (``bench = kmeans``), one per implementation and thread count:
 
 On CUDA only fastvq runs (the FAISS wheel here is CPU-only), in ``--dtype`` (bf16 searches
 against bf16 centroids, accumulating in fp32), with CUDA-event timing of the whole run.
-``--small`` is a grid that takes seconds. Results are merged into ``<out>/<device-slug>.csv`` and
-``.md`` (default ``benchmarks/results/kmeans/``).
+``--small`` is a grid that takes seconds. Results are merged into ``<out>/kmeans/<machine>.csv`` and
+``.md`` (``_harness.main``; default ``benchmarks/results/kmeans/``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import functools
 import os
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -50,7 +50,6 @@ BENCH = "kmeans"
 KEY_COLUMNS = ("N", "D", "K", "iters", "dtype", "threads")
 TABLE_COLUMNS = ("impl", "N", "D", "K", "iters", "dtype", "threads", "s_per_iter", "speedup_vs_faiss", "search_s",
                  "update_s", "last_inertia", "final_inertia", "vs_faiss", "peak_mib", "load1", "note")
-RESULTS_DIR = _harness.RESULTS_DIR / "kmeans"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The issue's CPU point; --small's.
 FULL = dict(rows=1_000_000, dim=64, clusters=1024, iters=10)
@@ -156,47 +155,63 @@ def _missing(module: str) -> Optional[str]:
     return None
 
 
-def measure(rows: int, dim: int, clusters: int, iters: int, threads_list: list[int], device: str, dtype_name: str,
-            memory: bool) -> list[dict]:
-    x, init = make_data(rows, dim, clusters, device, DTYPES[dtype_name])
-    init = init.to(device)
-    warm_x, warm_init = make_data(256, dim, 8, device, DTYPES[dtype_name])
+@dataclass(frozen=True)
+class Point:
+    """``N`` rows of dimension ``D`` in ``dtype``, clustered into ``K`` for ``iters`` Lloyd iterations."""
+
+    N: int
+    D: int
+    K: int
+    iters: int
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"N={self.N} D={self.D} K={self.K} iters={self.iters} {self.dtype}"
+
+
+@functools.lru_cache(maxsize=1)
+def _point_data(point: Point, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point's data and initial centroids, made once for all its thread counts, and a warm-up run."""
+    x, init = make_data(point.N, point.D, point.K, device, DTYPES[point.dtype])
+    warm_x, warm_init = make_data(256, point.D, 8, device, DTYPES[point.dtype])
     fastvq_run(warm_x, warm_init.to(device), 1)
+    return x, init.to(device)
+
+
+def measure(point: Point, run: _harness.Run) -> list[dict]:
+    """Every implementation at one thread count; fastvq's peak memory at the first one."""
+    device = run.device
+    x, init = _point_data(point, device)
     impls = [("fastvq", fastvq_run, None)]
-    if device == "cpu" and dtype_name == "fp32":
+    if device == "cpu" and point.dtype == "fp32":
         impls += [("faiss", faiss_run, _missing("faiss")), ("sklearn-lloyd", sklearn_run, _missing("sklearn"))]
-    out = []
-    for threads in threads_list if device == "cpu" else [torch.get_num_threads()]:
-        limits = _thread_limits(threads)
-        point = []
-        for name, run, missing in impls:
-            row = {"bench": BENCH, "impl": name, "N": rows, "D": dim, "K": clusters, "iters": iters,
-                   "dtype": dtype_name, "threads": threads, "load1": os.getloadavg()[0], "note": missing or ""}
-            print(f"N={rows} D={dim} K={clusters} iters={iters} {dtype_name} threads={threads}: {name}", flush=True)
-            if missing is None:
-                (centroids, last), seconds = _timed(functools.partial(run, x, init, iters), device)
-                row.update(s_per_iter=seconds / iters, last_inertia=last, final_inertia=final_inertia(x, centroids))
-                if name == "fastvq":
-                    row["search_s"], row["update_s"] = _step_times(x, init, device)
-            point.append(row)
-        if limits is not None:
-            limits.unregister()
-        faiss_row = next((row for row in point if row["impl"] == "faiss" and "s_per_iter" in row), None)
-        for row in point:
-            if faiss_row is not None and "s_per_iter" in row:
-                row["speedup_vs_faiss"] = faiss_row["s_per_iter"] / row["s_per_iter"]
-                row["vs_faiss"] = row["final_inertia"] / faiss_row["final_inertia"]
-        out += point
-    if memory:
-        fastvq_rows = [row for row in out if row["impl"] == "fastvq"]
-        make_inputs = functools.partial(_memory_inputs, rows, dim, clusters, device, dtype_name)
-        make_warmup = functools.partial(_memory_inputs, 256, dim, 8, device, dtype_name)
-        del x
+    limits = _thread_limits(run.threads) if run.threads is not None else None
+    rows = []
+    for name, implementation, missing in impls:
+        row = {"bench": BENCH, "impl": name, "N": point.N, "D": point.D, "K": point.K, "iters": point.iters,
+               "dtype": point.dtype, "threads": run.threads if run.threads is not None else torch.get_num_threads(),
+               "load1": os.getloadavg()[0], "note": missing or ""}
+        print(f"  {name}", flush=True)
+        if missing is None:
+            (centroids, last), seconds = _timed(functools.partial(implementation, x, init, point.iters), device)
+            row.update(s_per_iter=seconds / point.iters, last_inertia=last, final_inertia=final_inertia(x, centroids))
+            if name == "fastvq":
+                row["search_s"], row["update_s"] = _step_times(x, init, device)
+        rows.append(row)
+    if limits is not None:
+        limits.unregister()
+    faiss_row = next((row for row in rows if row["impl"] == "faiss" and "s_per_iter" in row), None)
+    for row in rows:
+        if faiss_row is not None and "s_per_iter" in row:
+            row["speedup_vs_faiss"] = faiss_row["s_per_iter"] / row["s_per_iter"]
+            row["vs_faiss"] = row["final_inertia"] / faiss_row["final_inertia"]
+    if run.first_threads and not run.args.no_memory:
+        make_inputs = functools.partial(_memory_inputs, point.N, point.D, point.K, device, point.dtype)
+        make_warmup = functools.partial(_memory_inputs, 256, point.D, 8, device, point.dtype)
         peak = _harness.peak_memory_growth_mib(fastvq_two_iterations, make_inputs, make_warmup, device)
-        for row in fastvq_rows:
-            row["peak_mib"] = peak
+        rows[0]["peak_mib"] = peak
         print(f"fastvq.kmeans peak memory growth over the data: {peak:.1f} MiB", flush=True)
-    return out
+    return rows
 
 
 def _memory_inputs(rows: int, dim: int, clusters: int, device: str, dtype_name: str) -> tuple[torch.Tensor, ...]:
@@ -204,45 +219,27 @@ def _memory_inputs(rows: int, dim: int, clusters: int, device: str, dtype_name: 
     return x, init.to(device)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help=f"N={SMALL['rows']}, D={SMALL['dim']}, "
-                        f"K={SMALL['clusters']}, {SMALL['iters']} iterations, unless given")
-    parser.add_argument("-n", "--rows", type=int, default=None, help=f"rows N ({FULL['rows']})")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--rows", type=int, default=None,
+                        help=f"rows N ({FULL['rows']}; --small {SMALL['rows']})")
     parser.add_argument("-d", "--dim", type=int, default=None, help=f"dimension D ({FULL['dim']})")
     parser.add_argument("-k", "--clusters", type=int, default=None, help=f"clusters K ({FULL['clusters']})")
     parser.add_argument("--iters", type=int, default=None, help=f"Lloyd iterations ({FULL['iters']})")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts (1 2)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the result files")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a GPU and a CUDA build of torch")
+
+
+def points(args: argparse.Namespace) -> list[Point]:
+    """The one point: the issue's size, or ``--small``'s, each size overridable by its option."""
     defaults = SMALL if args.small else FULL
-    for name in ("rows", "dim", "clusters", "iters"):
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[name])
-    return args
+    size = {name: defaults[name] if getattr(args, name) is None else getattr(args, name)
+            for name in ("rows", "dim", "clusters", "iters")}
+    return [Point(size["rows"], size["dim"], size["clusters"], size["iters"], args.dtype)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    environment = _harness.environment(args.device)
-    print(", ".join(f"{name} {value}" for name, value in environment.items()))
-    if warning := _harness.cpu_contention_warning():
-        print(warning)
-    rows = measure(args.rows, args.dim, args.clusters, args.iters, args.threads, args.device, args.dtype,
-                   not args.no_memory)
-    csv_path, md_path = _harness.write_results([{**row, **environment} for row in rows], args.device, KEY_COLUMNS,
-                                               args.out)
-    print()
-    print(_harness.format_table(rows, TABLE_COLUMNS))
-    print(f"\nwrote {csv_path} and {md_path}")
-    if warning := _harness.cpu_contention_warning():
-        print(warning)
-    return 0
+    return _harness.main("kmeans", points, measure, KEY_COLUMNS, TABLE_COLUMNS, description=__doc__.split("\n\n")[0],
+                         add_arguments=add_arguments, default_threads=lambda args: [1, 2], argv=argv)
 
 
 if __name__ == "__main__":

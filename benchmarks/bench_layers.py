@@ -123,7 +123,8 @@ def their_matrix_bytes(layer: str, num_rows: int, num_codes: int) -> int:
     """What vector-quantize-pytorch's step holds at once, at least. VectorQuantize and ResidualVQ:
     the N x K distances (fp32), the one-hot codes as int64 and again as fp32
     (F.one_hot(...).type(dtype)). LFQ: the N x K distances, logits, softmax, clamped and logged
-    probabilities and their product kept for the backward (seven fp32 copies measured at 2^12 codes). FSQ: nothing of N x K."""
+    probabilities and their product kept for the backward (seven fp32 copies measured at 2^12 codes).
+    FSQ: nothing of N x K."""
     if layer == "FSQ":
         return 0
     if layer == "LFQ":
@@ -140,8 +141,8 @@ def available_bytes(device: str) -> int:
     return int(match.group(1)) * 1024 if match else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *, repeats: int,
-            once: bool = False) -> list[dict]:
+def measure_layer(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *, repeats: int,
+                  once: bool = False) -> list[dict]:
     """Both libraries' rows for one layer at one size: time (interleaved), peak memory, ratios.
     ``once``: each library's step is called once, its time and peak memory taken from that call
     (``_harness.once_with_peak_memory``), for sizes where one of their steps takes minutes."""
@@ -199,60 +200,36 @@ def measure(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *,
     return [ours, theirs] if theirs is not None else [ours, *done]
 
 
-def run(points: list[tuple[int, int, int]], device: str, repeats: int, save=None, layers=LAYERS,
-        once: bool = False) -> list[dict]:
-    """Measures every point of every layer; ``save(rows)`` is called after each, so a killed run
-    keeps its rows. ``once``: see ``measure``."""
-    rows = []
-    for num_rows, num_codes, dim in points:
-        for layer in layers:
-            print(f"{layer} N={num_rows} K={num_codes} D={dim}", flush=True)
-            pair = measure(layer, num_rows, num_codes, dim, device, repeats=repeats, once=once)
-            rows += pair
-            if save is not None:
-                save(pair)
-    return rows
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-only", action="store_true", help="only the N=65536, K=16384, D=256 point")
     parser.add_argument("--layers", nargs="+", choices=LAYERS + tuple(QUANTIZER_GRIDS), default=list(LAYERS),
                         help="the layers to measure (VectorQuantize and ResidualVQ by default)")
-    parser.add_argument("--small", action="store_true", help=f"only the tiny point N, K, D = {SMALL}, for rehearsals")
     parser.add_argument("--repeats", type=int, default=3, help="minimum timed repeats per point")
     parser.add_argument("--codes", type=int, nargs="+", metavar="K",
                         help="only the grid points with these codebook sizes (e.g. LFQ's 65536 262144)")
     parser.add_argument("--once", action="store_true",
                         help="one call per library and point, time and memory from it (steps of minutes)")
-    parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
-    return parser.parse_args(argv)
+
+
+def points(args: argparse.Namespace) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(layer, (N, K, D))``: VectorQuantize and ResidualVQ on the device's grid and the target point
+    (``--small``: the tiny point ``SMALL``; ``--target-only``: the target), then each other layer's grid;
+    ``--codes`` keeps the points of those codebook sizes."""
+    vq_points = [SMALL] if args.small else [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
+    chosen = [(layer, point) for point in vq_points for layer in args.layers if layer in LAYERS]
+    chosen += [(layer, point) for layer in args.layers if layer in QUANTIZER_GRIDS
+               for point in QUANTIZER_GRIDS[layer][args.device]]
+    return [(layer, point) for layer, point in chosen if args.codes is None or point[1] in args.codes]
+
+
+def measure(point: tuple[str, tuple[int, int, int]], run: _harness.Run) -> list[dict]:
+    layer, (num_rows, num_codes, dim) = point
+    return measure_layer(layer, num_rows, num_codes, dim, run.device, repeats=run.args.repeats, once=run.args.once)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    environment = _harness.environment(args.device)
-    print(", ".join(f"{name} {value}" for name, value in environment.items()))
-    points = [SMALL] if args.small else [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
-
-    def chosen(grid):
-        return [point for point in grid if args.codes is None or point[1] in args.codes]
-
-    def save(new_rows):
-        return _harness.write_results([{**row, **environment} for row in new_rows], args.device, KEY_COLUMNS, args.out)
-
-    vq_layers = [layer for layer in args.layers if layer in LAYERS]
-    rows = run(chosen(points), args.device, args.repeats, save, vq_layers, args.once) if vq_layers else []
-    for layer in args.layers:
-        if layer in QUANTIZER_GRIDS:
-            rows += run(chosen(QUANTIZER_GRIDS[layer][args.device]), args.device, args.repeats, save, (layer,),
-                        args.once)
-    csv_path, md_path = save(rows)
-    print()
-    print(_harness.format_table(rows, TABLE_COLUMNS + ("memory_vs_theirs",)))
-    print(f"\nwrote {csv_path} and {md_path}")
-    return 1 if any(row["note"].startswith("failed") for row in rows) else 0
+    return _harness.main("layers", points, measure, KEY_COLUMNS, TABLE_COLUMNS + ("memory_vs_theirs",),
+                         description=__doc__.split("\n\n")[0], add_arguments=add_arguments, argv=argv)
 
 
 if __name__ == "__main__":

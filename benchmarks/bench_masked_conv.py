@@ -1,7 +1,8 @@
 """Masked convolution and PixelCNN sampling: fastvq against what PixelCNN code bases run today.
 
-    python benchmarks/bench_masked_conv.py [--small] [--conv-only | --sampler-only]
-                                           [--device cpu|cuda] [--dtypes fp32 bf16 ...] [--out DIR]
+    python benchmarks/bench_masked_conv.py [--small] [--conv-only | --sampler-only] [--headline-only]
+                                           [--device cpu|cuda] [--dtypes fp32 bf16 ...] [--threads N ...]
+                                           [--out DIR]
 
 Convolutions (PixelCNN-sized layers: channels 64-256, 32 x 32 and 64 x 64 maps, kernels 3-7,
 ``C_in = C_out``, stride 1, "same" padding, with bias), each timed forward (``fwd``), backward
@@ -15,10 +16,10 @@ both (``fwd+bwd``):
 
 On CUDA each point runs in bf16, in ``tf32`` (fp32 tensors, both sides allowed plain TF32 tensor
 cores: PyTorch's default for cuDNN convolutions) and in ``fp32`` (fp32 accuracy on both sides:
-fastvq's ``tf32x3`` against cuDNN without TF32). TFLOP/s count the kept taps only (``2 B H W C_in C_out taps`` forward, twice that backward), so
-both implementations are credited with the same useful work. ``vs_dense`` is the dense-weight
-baseline's median time over this row's (``> 1``: fastvq is faster). ``peak_mib`` is the peak
-memory growth of one forward + backward.
+fastvq's ``tf32x3`` against cuDNN without TF32). TFLOP/s count the kept taps only (``2 B H W C_in C_out
+taps`` forward, twice that backward), so both implementations are credited with the same useful
+work. ``vs_dense`` is the dense-weight baseline's median time over this row's (``> 1``: fastvq is
+faster). ``peak_mib`` is the peak memory growth of one forward + backward.
 
 Sampling: ``GatedPixelCNN`` and ``PixelCNN`` with 12 layers (kernel 3, first kernel 7, 64
 channels, 512 codes) drawing ``n`` maps of 32 x 32, ``method="naive"`` (the whole network per
@@ -34,8 +35,8 @@ fork/join waits for descheduled threads and a two-thread run can be many times s
 one-thread one; ``--threads`` sets it) and empty on CUDA. ``load1`` is the host's 1-minute load
 average when the row's measurement started: timings taken while other processes shared the CPU
 are not clean.
-Results are merged into ``<out>/<device-slug>.csv`` and ``.md`` (default
-``benchmarks/results/masked_conv/``). The exit status is non-zero if anything failed.
+Results are merged into ``<out>/masked_conv/<machine>.csv`` and ``.md`` (``_harness.main``). The
+exit status is non-zero if anything failed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -64,11 +64,10 @@ from fastvq.reference import pixelcnn_mask_ref
 # fastvq's opt-in ``torch.backends.cuda.matmul.allow_tf32``). On CPU the two are the same.
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "bwd", "fwd+bwd")
-DEFAULT_OUT = _harness.RESULTS_DIR / "masked_conv"
 CONV_KEYS = ("batch", "channels", "size", "kernel", "mask", "dtype", "threads")
 SAMPLER_KEYS = ("model", "layers", "size", "n", "channels", "codes", "threads")
-TABLE_COLUMNS = ("bench", "impl", *CONV_KEYS, "median_ms", "q20_ms", "q80_ms", "tflops", "vs_dense", "peak_mib", "load1",
-                 "note")
+TABLE_COLUMNS = ("bench", "impl", *CONV_KEYS, "median_ms", "q20_ms", "q80_ms", "tflops", "vs_dense", "peak_mib",
+                 "load1", "note")
 SAMPLER_COLUMNS = ("impl", *SAMPLER_KEYS, "median_ms", "repeats", "speedup", "rechecks", "load1", "note")
 
 
@@ -102,7 +101,8 @@ HEADLINE = [ConvPoint(64, 128, 32, 7, "A"), ConvPoint(64, 128, 32, 7, "B")]
 CONV_GRIDS = {
     "cuda": HEADLINE + [p for p in _grid(64, (64, 128, 256), (32, 64), (3, 5, 7)) if p not in HEADLINE],
     # Sized for a 2-core machine to finish in minutes.
-    "cpu": [ConvPoint(8, 128, 32, 7, "A")] + _grid(8, (64, 128, 256), (32,), (3, 5, 7)) + _grid(8, (64,), (64,), (3, 7)),
+    "cpu": [ConvPoint(8, 128, 32, 7, "A")] + _grid(8, (64, 128, 256), (32,), (3, 5, 7))
+    + _grid(8, (64,), (64,), (3, 7)),
 }
 SMALL_CONV_GRID = [ConvPoint(2, 32, 16, 3), ConvPoint(2, 32, 16, 7)]
 DEFAULT_DTYPES = {"cuda": ("bf16", "tf32", "fp32"), "cpu": ("fp32",)}
@@ -233,21 +233,6 @@ def _measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple
     return rows, all_ran
 
 
-def run_conv_grid(points: list[ConvPoint], dtype_names, device: str) -> tuple[list[dict], bool]:
-    rows, all_ran = [], True
-    for dtype_name in dtype_names:
-        for point in points:
-            print(f"B={point.batch} C={point.channels} {point.label} {dtype_name}", flush=True)
-            point_rows, point_ran = measure_conv_point(point, dtype_name, device)
-            for row in point_rows:
-                if row["bench"].endswith("fwd+bwd"):
-                    print(f"  {row['impl']:>15} fwd+bwd {row['median_ms'] or float('nan'):9.3f} ms"
-                          f"  vs_dense {row.get('vs_dense') or float('nan'):.2f}", flush=True)
-            rows += point_rows
-            all_ran &= point_ran
-    return rows, all_ran
-
-
 # --------------------------------------------------------------------------- sampling
 
 
@@ -269,7 +254,8 @@ def _timed_sample(model, point: SamplerPoint, method: str, device: str) -> tuple
     return (time.perf_counter() - start) * 1e3, codes
 
 
-def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int, naive_repeats: int) -> tuple[list[dict], bool]:
+def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int,
+                          naive_repeats: int) -> tuple[list[dict], bool]:
     """Times both samplers with the same seed (host clock around the whole, synchronised, loop) and
     checks that they drew the same maps."""
     model = build_prior(point, device)
@@ -297,65 +283,52 @@ def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int, n
     return list(rows.values()), same
 
 
-def run_sampler_grid(points: list[SamplerPoint], device: str, fast_repeats: int, naive_repeats: int):
-    rows, all_ran = [], True
-    for point in points:
-        print(f"sample n={point.n} {point.label}", flush=True)
-        point_rows, ok = measure_sampler_point(point, device, fast_repeats, naive_repeats)
-        rows += point_rows
-        all_ran &= ok
-    return rows, all_ran
-
-
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="tiny grids that finish in about a minute")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--conv-only", action="store_true", help="only the convolution grid")
     which.add_argument("--sampler-only", action="store_true", help="only the sampler comparison")
     parser.add_argument("--headline-only", action="store_true",
-                        help="of the convolution grid only the 7x7 type A and B points at 128 channels, 32x32, batch 64")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="of the convolution grid only the 7x7 type A and B points at 128 channels, 32x32, "
+                             "batch 64")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
                         help="default: bf16, tf32 and fp32 on CUDA, fp32 on CPU")
     parser.add_argument("--naive-repeats", type=int, default=1, help="timed naive samples per point (default 1)")
     parser.add_argument("--fast-repeats", type=int, default=3, help="timed fast samples per point (default 3)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: PyTorch's)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")
-    return parser.parse_args(argv)
+
+
+def points(args: argparse.Namespace) -> list:
+    """``(dtype, ConvPoint)`` of the convolution grid in each dtype, then the ``SamplerPoint``s
+    (``--small``: the tiny grids; ``--headline-only``: the 7 x 7 headline convolutions)."""
+    chosen: list = []
+    if not args.sampler_only:
+        grid = SMALL_CONV_GRID if args.small else HEADLINE if args.headline_only else CONV_GRIDS[args.device]
+        chosen += [(dtype_name, point) for dtype_name in args.dtypes or DEFAULT_DTYPES[args.device] for point in grid]
+    if not args.conv_only:
+        chosen += SMALL_SAMPLER_GRID if args.small else SAMPLER_GRIDS[args.device]
+    return chosen
+
+
+def measure(point, run: _harness.Run) -> list[dict]:
+    if isinstance(point, SamplerPoint):
+        return measure_sampler_point(point, run.device, run.args.fast_repeats, run.args.naive_repeats)[0]
+    dtype_name, conv_point = point
+    rows, _ = measure_conv_point(conv_point, dtype_name, run.device)
+    for row in rows:
+        if row["bench"].endswith("fwd+bwd"):
+            print(f"  {row['impl']:>15} fwd+bwd {row['median_ms'] or float('nan'):9.3f} ms"
+                  f"  vs_dense {row.get('vs_dense') or float('nan'):.2f}", flush=True)
+    return rows
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    environment = _harness.environment(args.device)
-    print(", ".join(f"{name} {value}" for name, value in environment.items()))
-    rows, ok = [], True
-    if not args.sampler_only:
-        points = SMALL_CONV_GRID if args.small else HEADLINE if args.headline_only else CONV_GRIDS[args.device]
-        conv_rows, conv_ok = run_conv_grid(points, tuple(args.dtypes or DEFAULT_DTYPES[args.device]), args.device)
-        rows, ok = rows + conv_rows, ok and conv_ok
-    if not args.conv_only:
-        points = SMALL_SAMPLER_GRID if args.small else SAMPLER_GRIDS[args.device]
-        sampler_rows, sampler_ok = run_sampler_grid(points, args.device, args.fast_repeats, args.naive_repeats)
-        rows, ok = rows + sampler_rows, ok and sampler_ok
-    conv_rows = [row for row in rows if row["bench"] != "pixelcnn_sample"]
-    sampler_rows = [row for row in rows if row["bench"] == "pixelcnn_sample"]
-    csv_path = md_path = None
-    for group, keys in ((conv_rows, CONV_KEYS), (sampler_rows, SAMPLER_KEYS)):
-        if group:
-            csv_path, md_path = _harness.write_results([{**row, **environment} for row in group], args.device, keys,
-                                                       args.out)
-    if conv_rows:
-        print("\n" + _harness.format_table(conv_rows, TABLE_COLUMNS))
-    if sampler_rows:
-        print("\n" + _harness.format_table(sampler_rows, SAMPLER_COLUMNS))
-    print(f"\nwrote {csv_path} and {md_path}")
-    return 0 if ok else 1
+    # Convolution and sampler rows are keyed by their own columns; the other's are empty in each.
+    keys = tuple(dict.fromkeys(CONV_KEYS + SAMPLER_KEYS))
+    columns = tuple(dict.fromkeys(TABLE_COLUMNS + SAMPLER_COLUMNS))
+    return _harness.main("masked_conv", points, measure, keys, columns,
+                         description=__doc__.split("\n\n")[0], add_arguments=add_arguments, argv=argv)
 
 
 if __name__ == "__main__":

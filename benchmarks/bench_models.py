@@ -13,17 +13,19 @@ in which the samplers of one model take turns, and ``vs_gpt``, the GPT's time ov
 
 A run directory under ``--runs`` whose configuration equals the one the defaults give now, and
 that trained all its epochs, is reused instead of trained again (its recorded time is reported),
-so a table can be completed piece by piece. Writes ``benchmarks/results/models/<device>.csv`` and ``.md``.
+so a table can be completed piece by piece. Writes ``<out>/models/<machine>.csv`` and ``.md`` (``_harness.main``;
+``--small``: the VQ-VAE and its GPT prior only).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -40,7 +42,8 @@ BENCH = "models"
 MODELS = ("vqvae", "vqvae2", "rqvae", "vit-vqgan")
 PRIORS = ("gpt", "maskgit")
 KEY_COLUMNS = ("model", "prior", "steps", "threads")
-OUT_DIR = _harness.RESULTS_DIR / "models"
+TABLE_COLUMNS = ("model", "prior", "steps", "val_nmse", "codes_used", "perplexity", "val_bits_per_code",
+                 "val_masked_bits_per_code", "train_s", "sample_64_ms", "vs_gpt")
 
 
 def _finished_run(run: Path, config: dict) -> dict | None:
@@ -131,37 +134,44 @@ def prior_device(prior: torch.nn.Module) -> torch.device:
     return next(prior.parameters()).device
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--priors", nargs="*", choices=PRIORS, default=list(PRIORS))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="default: all (--small: vqvae)")
+    parser.add_argument("--priors", nargs="*", choices=PRIORS, help="default: all (--small: gpt)")
     parser.add_argument("--steps", nargs="+", type=int, default=[4, 8], help="maskgit decoding steps to time (4 8)")
     parser.add_argument("--repeats", type=int, default=7, help="timed draws of 64 maps per sampler, taking turns (7)")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads (1, the CLI's default on 2 cores)")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", type=Path, default=None, help="where the run directories go (a temporary folder)")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
-    args = parser.parse_args(argv)
-    warning = _harness.cpu_contention_warning() if args.device == "cpu" else ""
-    if warning:
-        print(warning, file=sys.stderr)
-    data = load_data({"data": "digits", "data_args": {}})
-    environment = _harness.environment(args.device)
-    with tempfile.TemporaryDirectory() as scratch:
-        root = args.runs or Path(scratch)
-        for model in args.models:
-            run = root / model
-            started = time.perf_counter()
-            rows = [_stage1_row(model, run, data, args.threads, args.device)]
-            if args.priors:
-                rows += _prior_rows(model, run, args.priors, args.steps, args.repeats, args.threads, args.device)
-            rows = [{"bench": BENCH, "impl": row["prior"] or row["model"], **row, **environment} for row in rows]
-            csv_path, md_path = _harness.write_results(rows, args.device, KEY_COLUMNS, args.out_dir)
-            print(f"{model}: {time.perf_counter() - started:.0f} s -> {md_path}", flush=True)
-            print(_harness.format_table(rows, ["model", "prior", "steps", "val_nmse", "codes_used", "perplexity",
-                                               "val_bits_per_code", "val_masked_bits_per_code", "train_s",
-                                               "sample_64_ms", "vs_gpt"]), flush=True)
-    return 0
+
+
+def points(args: argparse.Namespace) -> list[str]:
+    return args.models or (["vqvae"] if args.small else list(MODELS))
+
+
+# The run directories when --runs is not given; removed at exit.
+_SCRATCH = tempfile.TemporaryDirectory()
+
+
+def measure(model: str, run: _harness.Run) -> list[dict]:
+    """The model's row and one per prior (and MaskGIT step count) over its codes, at one thread count."""
+    args = run.args
+    priors = args.priors if args.priors is not None else (["gpt"] if args.small else list(PRIORS))
+    directory = (args.runs or Path(_SCRATCH.name)) / model
+    started = time.perf_counter()
+    rows = [_stage1_row(model, directory, _digits(), run.threads or 1, run.device)]
+    if priors:
+        rows += _prior_rows(model, directory, priors, args.steps, args.repeats, run.threads or 1, run.device)
+    print(f"{model}: {time.perf_counter() - started:.0f} s", flush=True)
+    return [{"bench": BENCH, "impl": row["prior"] or row["model"], **row} for row in rows]
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    return load_data({"data": "digits", "data_args": {}})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    # One thread by default: the CLI's default on 2 cores.
+    return _harness.main("models", points, measure, KEY_COLUMNS, TABLE_COLUMNS, description=__doc__.split("\n\n")[0],
+                         add_arguments=add_arguments, default_threads=lambda args: [1], argv=argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_search.py [--small] [--memory-check] [--device cpu|cuda]
                                       [--dtypes fp32 bf16 ...] [--metrics l2 dot] [--threads 1 2]
-                                      [--out DIR]
+                                      [--out DIR]     (the options are _harness.main's and its own)
 
 Implementations compared at every grid point (random normal data; fp32 unless said):
 
@@ -37,7 +37,7 @@ Modes: the default grid for the device (on CPU followed by the memory check); ``
 tiny grid that finishes in well under a minute; ``--memory-check``, which measures
 ``nearest_code`` at N = K = 65 536, D = 32, where the fp32 distance matrix would take 16 GiB, and
 exits non-zero if it needs 256 MiB or more. Results are merged into
-``<out>/<device-slug>.csv`` and ``.md``. The exit status is non-zero if any implementation failed.
+``<out>/search/<machine>.csv`` and ``.md``. The exit status is non-zero if any implementation failed.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -168,7 +167,8 @@ def implementations(device: str) -> list[Implementation]:
                                            all_dtypes=on_cuda))
     if on_cuda or compiled_backend.available():
         fastvq_impls.append(Implementation("fastvq-torch", fastvq_search, "torch", builds_matrix=False))
-    peers = [Implementation("faiss", faiss_search, None, builds_matrix=False)] if not on_cuda and faiss_available() else []
+    with_faiss = not on_cuda and faiss_available()
+    peers = [Implementation("faiss", faiss_search, None, builds_matrix=False)] if with_faiss else []
     return fastvq_impls + peers + [
         Implementation("cdist", cdist_argmin, None, builds_matrix=True, metrics=("l2",)),
         Implementation("z2+e2-2ze", expanded_l2_argmin, None, builds_matrix=True, metrics=("l2",)),
@@ -207,8 +207,8 @@ def matrix_limit_bytes(device: str) -> int:
 
 
 def measure_point(num_rows: int, num_codes: int, dim: int, dtype_name: str, metric: str, device: str,
-                  threads: Optional[int] = None, with_memory: bool = True) -> tuple[list[dict], bool]:
-    """One row per implementation at one grid point, and whether every implementation ran."""
+                  threads: Optional[int] = None, with_memory: bool = True) -> list[dict]:
+    """One row per implementation at one grid point; one that failed says so in its note."""
     dtype = DTYPES[dtype_name]
     flop_count = 2 * num_rows * num_codes * dim
     matrix_bytes = num_rows * num_codes * dtype.itemsize
@@ -218,7 +218,7 @@ def measure_point(num_rows: int, num_codes: int, dim: int, dtype_name: str, metr
     z, codebook = make_inputs()
     impls = [impl for impl in implementations(device)
              if metric in impl.metrics and (dtype_name == "fp32" or impl.all_dtypes)]
-    rows, all_ran, calls = [], True, {}
+    rows, calls = [], {}
     for impl in impls:
         kernel, vector_isa = isa_of(impl.name, dtype_name, device)
         row = {"bench": BENCH, "impl": impl.name, "N": num_rows, "K": num_codes, "D": dim, "dtype": dtype_name,
@@ -247,7 +247,6 @@ def measure_point(num_rows: int, num_codes: int, dim: int, dtype_name: str, metr
         try:
             timings.update(_harness.time_interleaved({name: functools.partial(run, name) for name in group}, device))
         except Exception as error:  # keep measuring the rest of the grid, and say what failed
-            all_ran = False
             first_line = str(error).splitlines()[0] if str(error) else ""
             for row in rows:
                 if row["impl"] in group:
@@ -276,35 +275,64 @@ def measure_point(num_rows: int, num_codes: int, dim: int, dtype_name: str, metr
                 by_impl[name]["vs_faiss"] = by_impl["faiss"]["median_ms"] / by_impl[name]["median_ms"]
                 agreement = (outputs[name][0] == faiss_labels).double().mean().item()
                 by_impl[name]["agreement"] = by_impl["faiss"]["agreement"] = agreement
-    return rows, all_ran
+    return rows
 
 
-def run_grid(grid: Grid, dtype_names: tuple[str, ...], metrics: tuple[str, ...], device: str,
-             thread_counts: tuple[Optional[int], ...], extra_points: tuple = (),
-             save: Callable[[list[dict]], object] = lambda rows: None) -> tuple[list[dict], bool]:
-    """Every point at every thread count; ``save`` gets each point's rows as soon as they are measured."""
-    rows, all_ran = [], True
-    points = grid.points() + list(extra_points)
-    for metric in metrics:
-        for num_rows, num_codes, dim in points:
-            fp32_ms = {}
-            for dtype_name in sorted(dtype_names, key=lambda name: name != "fp32"):
-                for position, threads in enumerate(thread_counts):
-                    if threads is not None:
-                        torch.set_num_threads(threads)
-                        _faiss_threads(threads)
-                    print(f"N={num_rows} K={num_codes} D={dim} {dtype_name} {metric} threads={threads}", flush=True)
-                    point_rows, point_ran = measure_point(num_rows, num_codes, dim, dtype_name, metric, device,
-                                                          threads, with_memory=position == 0)
-                    for row in point_rows:
-                        if dtype_name == "fp32" and row["median_ms"] is not None:
-                            fp32_ms[row["impl"], threads] = row["median_ms"]
-                        elif (reference_ms := fp32_ms.get((row["impl"], threads))) and row["median_ms"]:
-                            row["vs_fp32"] = reference_ms / row["median_ms"]
-                    rows += point_rows
-                    all_ran &= point_ran
-                    save(point_rows)
-    return rows, all_ran
+@dataclass(frozen=True)
+class Point:
+    """One search: ``N`` rows of dimension ``D`` among ``K`` codes; ``memory_check`` marks the
+    N = K = 65 536 measurement, which runs once, at the run's last (largest) thread count."""
+
+    N: int
+    K: int
+    D: int
+    dtype: str
+    metric: str
+    memory_check: bool = False
+
+    def __str__(self) -> str:
+        kind = "memory check: " if self.memory_check else ""
+        return f"{kind}N={self.N} K={self.K} D={self.D} {self.dtype} {self.metric}"
+
+
+MEMORY_CHECK_POINT = Point(MEMORY_CHECK_SIZE, MEMORY_CHECK_SIZE, MEMORY_CHECK_DIM, "fp32", "l2", memory_check=True)
+
+
+def points(args: argparse.Namespace) -> list[Point]:
+    """The grid for the device (on CPU with the few-rows point and the memory check), ``--small``'s
+    tiny grid, or the memory check alone; fp32 first at each shape, so that ``vs_fp32`` has its
+    reference."""
+    if args.memory_check:
+        return [MEMORY_CHECK_POINT]
+    on_cpu = args.device == "cpu"
+    if args.small:
+        shapes, dtypes, metrics = SMALL_GRID.points(), args.dtypes or SMALL_DTYPES, args.metrics or ("l2",)
+    else:
+        shapes = FULL_GRIDS[args.device].points() + list(EXTRA_CPU_POINTS if on_cpu else ())
+        dtypes, metrics = args.dtypes or DEFAULT_DTYPES[args.device], args.metrics or METRICS
+    grid = [Point(n, k, d, dtype, metric) for metric in metrics for n, k, d in shapes
+            for dtype in sorted(dtypes, key=lambda name: name != "fp32")]
+    return grid + ([MEMORY_CHECK_POINT] if on_cpu and not args.small else [])
+
+
+# fastvq's fp32 time per (shape, metric, impl, threads), for the other dtypes' vs_fp32.
+_FP32_MS: dict[tuple, float] = {}
+
+
+def measure(point: Point, run: _harness.Run) -> list[dict]:
+    if point.memory_check:
+        return measure_memory_check(run) if run.last_threads else []
+    if run.threads is not None:
+        _faiss_threads(run.threads)
+    rows = measure_point(point.N, point.K, point.D, point.dtype, point.metric, run.device, run.threads,
+                            with_memory=run.first_threads)
+    for row in rows:
+        key = (point.N, point.K, point.D, point.metric, row["impl"], run.threads)
+        if point.dtype == "fp32" and row["median_ms"] is not None:
+            _FP32_MS[key] = row["median_ms"]
+        elif (reference_ms := _FP32_MS.get(key)) and row["median_ms"]:
+            row["vs_fp32"] = reference_ms / row["median_ms"]
+    return rows
 
 
 def _faiss_threads(threads: int) -> None:
@@ -314,84 +342,49 @@ def _faiss_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def run_memory_check(device: str) -> tuple[list[dict], bool]:
-    """Measures N = K = 65 536, D = 32 in fp32; passes if ``fastvq`` grows memory by < 256 MiB."""
+def measure_memory_check(run: _harness.Run) -> list[dict]:
+    """N = K = 65 536, D = 32 in fp32; fastvq's row says "failed" if it grows memory by 256 MiB or more."""
     size, dim = MEMORY_CHECK_SIZE, MEMORY_CHECK_DIM
-    print(f"memory check: N={size} K={size} D={dim} fp32", flush=True)
-    rows, all_ran = measure_point(size, size, dim, "fp32", "l2", device,
-                                  None if device.startswith("cuda") else torch.get_num_threads())
+    rows = measure_point(size, size, dim, "fp32", "l2", run.device, run.threads)
     fastvq_row = next(row for row in rows if row["impl"] == "fastvq")
     if fastvq_row["peak_mib"] is None:
         print(f"memory check FAILED: fastvq did not run ({fastvq_row['note']})")
-        return rows, False
+        return rows
     passed = fastvq_row["peak_mib"] < MEMORY_CHECK_LIMIT_MIB
     full_matrix_gib = size * size * 4 / _harness.GIB
-    print(f"memory check {'passed' if passed else 'FAILED'}: nearest_code at N=K={size}, D={dim} grew peak "
-          f"memory by {fastvq_row['peak_mib']:.1f} MiB (limit {MEMORY_CHECK_LIMIT_MIB} MiB; the full fp32 "
-          f"distance matrix would take {full_matrix_gib:.0f} GiB)")
-    return rows, passed and all_ran
+    verdict = (f"nearest_code at N=K={size}, D={dim} grew peak memory by {fastvq_row['peak_mib']:.1f} MiB (limit "
+               f"{MEMORY_CHECK_LIMIT_MIB} MiB; the full fp32 distance matrix would take {full_matrix_gib:.0f} GiB)")
+    print(f"memory check {'passed' if passed else 'FAILED'}: {verdict}")
+    if not passed:
+        fastvq_row["note"] = f"failed: memory check: {verdict}"
+    return rows
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="a tiny grid that finishes in well under a minute")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-check", action="store_true",
                         help=f"only the N=K={MEMORY_CHECK_SIZE}, D={MEMORY_CHECK_DIM} memory measurement")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
-                        help="default: fp32 and bf16 on CUDA, fp32 on CPU (the memory check is always fp32)")
+                        help="default: fp32 and bf16 (--small: fp32; the memory check is always fp32)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, help="default: l2 and dot (--small: l2)")
-    parser.add_argument("--threads", nargs="+", type=int,
-                        help="CPU thread counts to run every point at (default: 1 and all cores; --small: PyTorch's)")
-    parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.small and args.memory_check:
         parser.error("--small and --memory-check are separate modes; pass one")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a GPU and a CUDA build of torch; torch.cuda.is_available() is False")
-    return args
+
+
+def default_threads(args: argparse.Namespace) -> list[int]:
+    """1 and all cores for the grids; PyTorch's count for --small; all cores for the memory check."""
+    cores = len(os.sched_getaffinity(0))
+    if args.memory_check:
+        return [cores]
+    return [torch.get_num_threads()] if args.small else list(dict.fromkeys((1, cores)))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    environment = _harness.environment(args.device)
-    print(", ".join(f"{name} {value}" for name, value in environment.items()))
-    if warning := _harness.cpu_contention_warning():
-        print(warning)
-    on_cpu = args.device == "cpu"
-    cores = len(os.sched_getaffinity(0))
-    written: list[dict] = []
-
-    def save(point_rows: list[dict]) -> tuple[Path, Path]:
-        """Merges rows into the results files at once, so that an interrupted run keeps what it measured."""
-        written.extend(_harness.with_machine_columns({**row, **environment}, args.device) for row in point_rows)
-        return _harness.write_results(written, args.device, KEY_COLUMNS, args.out)
-
-    if args.memory_check:
-        check_rows, ok = run_memory_check(args.device)
-        save(check_rows)
-    elif args.small:
-        threads = tuple(args.threads or ((torch.get_num_threads(),) if on_cpu else (None,)))
-        rows, ok = run_grid(SMALL_GRID, tuple(args.dtypes or SMALL_DTYPES), tuple(args.metrics or ("l2",)),
-                            args.device, threads, save=save)
-    else:
-        threads = tuple(args.threads or (tuple(dict.fromkeys((1, cores))) if on_cpu else (None,)))
-        rows, ok = run_grid(FULL_GRIDS[args.device], tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
-                            tuple(args.metrics or METRICS), args.device, threads,
-                            EXTRA_CPU_POINTS if on_cpu else (), save=save)
-        if on_cpu:
-            torch.set_num_threads(cores)
-            check_rows, check_ok = run_memory_check(args.device)
-            save(check_rows)
-            ok = ok and check_ok
-    csv_path, md_path = _harness.write_results(written, args.device, KEY_COLUMNS, args.out)
-    rows = written
-    print()
-    print(_harness.format_table(rows, TABLE_COLUMNS))
-    print(f"\nwrote {csv_path} and {md_path}")
-    if warning := _harness.cpu_contention_warning():
-        print(warning)
-    return 0 if ok else 1
+    return _harness.main("search", points, measure, KEY_COLUMNS, TABLE_COLUMNS, description=__doc__.split("\n\n")[0],
+                         add_arguments=add_arguments, check_arguments=check_arguments,
+                         default_threads=default_threads, argv=argv)
 
 
 if __name__ == "__main__":

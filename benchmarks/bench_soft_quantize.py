@@ -2,7 +2,7 @@
 today, which build the ``N x K`` logits, soft and hard one-hot matrices.
 
     python benchmarks/bench_soft_quantize.py [--small] [--only soft_quantize|ibq_step|ibq_parity]
-                                             [--device cpu|cuda] [--out DIR]
+                                             [--points N,K,D ...] [--device cpu|cuda] [--out DIR]
 
 Benches (``dot`` logits, IBQ's, standard-normal data scaled by 0.1; fp32):
 
@@ -28,7 +28,8 @@ same inputs, call for call (``time_interleaved``; median and 20/80 % quantiles; 
 GPU), so their ratios hold on a shared machine whose load changes. An IBQ step where the reference
 cannot run takes minutes on a CPU: it is run once, in a fresh process, which gives both its time
 and its peak memory (note "one call"). Peak memory is the growth of a fresh process's resident set
-(CPU) or of the CUDA caching allocator over the inputs. Results are merged into ``<out>/<device-slug>.csv`` and ``.md``.
+(CPU) or of the CUDA caching allocator over the inputs. Results are merged into
+``<out>/soft_quantize/<machine>.csv`` and ``.md`` (``_harness.main``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import argparse
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -153,11 +153,10 @@ def _fail(row: dict, error: Exception) -> None:
 
 
 def _measure_interleaved(rows: list[dict], fns: list[Callable], make_inputs: Callable, make_warmup_inputs: Callable,
-                         device: str, min_repeats: int) -> bool:
+                         device: str, min_repeats: int) -> None:
     """Times the rows' calls against each other on the same inputs (``time_interleaved``: a change
     of the shared machine's load falls on all of them alike), then each one's peak memory in a
-    fresh process; fills the rows (or their notes when they fail). True when all ran."""
-    ok = True
+    fresh process; fills the rows (or their notes when they fail)."""
     try:
         inputs = make_inputs()
         timings = _harness.time_interleaved({row["impl"]: functools.partial(fn, *inputs) for row, fn in zip(rows, fns)},
@@ -166,7 +165,7 @@ def _measure_interleaved(rows: list[dict], fns: list[Callable], make_inputs: Cal
     except Exception as error:  # keep measuring the rest, and say what failed
         for row in rows:
             _fail(row, error)
-        return False
+        return
     for row, fn in zip(rows, fns):
         timing = timings[row["impl"]]
         row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms)
@@ -174,27 +173,26 @@ def _measure_interleaved(rows: list[dict], fns: list[Callable], make_inputs: Cal
             row["peak_mib"] = _harness.peak_memory_growth_mib(fn, make_inputs, make_warmup_inputs, device)
         except Exception as error:
             _fail(row, error)
-            ok = False
             continue
         print(f"  {row['impl']} {row['mode']}: {timing.median_ms:.1f} ms, peak {row['peak_mib']:.1f} MiB", flush=True)
-    return ok
 
 
-def _measure_once(row: dict, fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable, device: str) -> bool:
+def _measure_once(row: dict, fn: Callable, make_inputs: Callable, make_warmup_inputs: Callable, device: str) -> None:
     """For a step that takes minutes on a CPU: one call in a fresh process gives both its time
     and its peak memory (after the harness's small warm-up), so the step runs once, not three
     times. On CUDA the harness's timing and allocator counters as usual."""
     if device.startswith("cuda"):
-        return _measure_interleaved([row], [fn], make_inputs, make_warmup_inputs, device, min_repeats=1)
+        _measure_interleaved([row], [fn], make_inputs, make_warmup_inputs, device, min_repeats=1)
+        return
     try:
         milliseconds, peak_mib = _harness.once_with_peak_memory(fn, make_inputs, make_warmup_inputs, device)
     except Exception as error:
         _fail(row, error)
-        return False
+        return
     row.update(median_ms=milliseconds, q20_ms=milliseconds, q80_ms=milliseconds, peak_mib=peak_mib,
                note="one call, timed in its memory run")
-    print(f"  {row['impl']} {row['mode']}: {milliseconds:.1f} ms (one call), peak {row['peak_mib']:.1f} MiB", flush=True)
-    return True
+    print(f"  {row['impl']} {row['mode']}: {milliseconds:.1f} ms (one call), peak {row['peak_mib']:.1f} MiB",
+          flush=True)
 
 
 def _too_big(row: dict, num_rows: int, num_codes: int, device: str) -> bool:
@@ -204,7 +202,8 @@ def _too_big(row: dict, num_rows: int, num_codes: int, device: str) -> bool:
         limit = torch.cuda.mem_get_info(torch.device(device))[0] // 2
     if needed <= limit:
         return False
-    row["note"] = f"skipped: its N x K matrices need about {needed / _harness.GIB:.1f} GiB, limit {limit / _harness.GIB:.1f} GiB"
+    row["note"] = (f"skipped: its N x K matrices need about {needed / _harness.GIB:.1f} GiB, "
+                   f"limit {limit / _harness.GIB:.1f} GiB")
     print(f"  {row['impl']}: {row['note']}", flush=True)
     return True
 
@@ -218,49 +217,35 @@ SOFT_IMPLEMENTATIONS = [
 ]
 
 
-def _ignore(rows: list[dict]) -> None:
-    pass
+def measure_soft(num_rows: int, num_codes: int, dim: int, device: str) -> list[dict]:
+    make_inputs = functools.partial(soft_inputs, num_rows, num_codes, dim, device)
+    make_warmup = functools.partial(soft_inputs, WARMUP_ROWS, WARMUP_CODES, dim, device)
+    point = [_row("soft_quantize", impl, mode, num_rows, num_codes, dim) for impl, mode, _, _ in SOFT_IMPLEMENTATIONS]
+    runs = [(row, fn) for row, (_, _, fn, builds_matrices) in zip(point, SOFT_IMPLEMENTATIONS)
+            if not (builds_matrices and _too_big(row, num_rows, num_codes, device))]
+    _measure_interleaved([row for row, _ in runs], [fn for _, fn in runs], make_inputs, make_warmup, device,
+                         min_repeats=1 if num_rows * num_codes * dim >= LONG_POINT_MACS else 2)
+    search_ms = next(row["median_ms"] for row in point if row["impl"] == "nearest_code")
+    for row in point:
+        if row["median_ms"] is not None and search_ms:
+            row["vs_search"] = row["median_ms"] / search_ms
+    return point
 
 
-def run_soft(grid, device: str, save: Callable[[list[dict]], object] = _ignore) -> tuple[list[dict], bool]:
-    rows, ok = [], True
-    for num_rows, num_codes, dim in grid:
-        print(f"soft_quantize N={num_rows} K={num_codes} D={dim}", flush=True)
-        make_inputs = functools.partial(soft_inputs, num_rows, num_codes, dim, device)
-        make_warmup = functools.partial(soft_inputs, WARMUP_ROWS, WARMUP_CODES, dim, device)
-        point = [_row("soft_quantize", impl, mode, num_rows, num_codes, dim) for impl, mode, _, _ in SOFT_IMPLEMENTATIONS]
-        runs = [(row, fn) for row, (_, _, fn, builds_matrices) in zip(point, SOFT_IMPLEMENTATIONS)
-                if not (builds_matrices and _too_big(row, num_rows, num_codes, device))]
-        ok &= _measure_interleaved([row for row, _ in runs], [fn for _, fn in runs], make_inputs, make_warmup, device,
-                                   min_repeats=1 if num_rows * num_codes * dim >= LONG_POINT_MACS else 2)
-        search_ms = next(row["median_ms"] for row in point if row["impl"] == "nearest_code")
-        for row in point:
-            if row["median_ms"] is not None and search_ms:
-                row["vs_search"] = row["median_ms"] / search_ms
-        save(point)
-        rows += point
-    return rows, ok
-
-
-def run_ibq(grid, device: str, save: Callable[[list[dict]], object] = _ignore) -> tuple[list[dict], bool]:
-    rows, ok = [], True
-    for num_rows, num_codes, dim in grid:
-        print(f"ibq_step N={num_rows} K={num_codes} D={dim}", flush=True)
-        make_inputs = functools.partial(ibq_inputs, num_rows, num_codes, dim, device)
-        make_warmup = functools.partial(ibq_inputs, 64, WARMUP_CODES, dim, device)
-        point = [_row("ibq_step", impl, "fwd+bwd", num_rows, num_codes, dim) for impl in ("fastvq", "reference")]
-        fastvq_row, reference_row = point
-        if _too_big(reference_row, num_rows, num_codes, device):
-            # Only fastvq runs here, a step of minutes on a CPU: timed once, in its memory run.
-            ok &= _measure_once(fastvq_row, fastvq_ibq_step, make_inputs, make_warmup, device)
-        else:
-            ok &= _measure_interleaved(point, [fastvq_ibq_step, reference_ibq_step], make_inputs, make_warmup, device,
-                                       min_repeats=1 if num_rows * num_codes * dim >= LONG_POINT_MACS else 2)
-        if fastvq_row["peak_mib"] is not None and reference_row["peak_mib"]:
-            fastvq_row["vs_reference_peak"] = fastvq_row["peak_mib"] / reference_row["peak_mib"]
-        save(point)
-        rows += point
-    return rows, ok
+def measure_ibq(num_rows: int, num_codes: int, dim: int, device: str) -> list[dict]:
+    make_inputs = functools.partial(ibq_inputs, num_rows, num_codes, dim, device)
+    make_warmup = functools.partial(ibq_inputs, 64, WARMUP_CODES, dim, device)
+    point = [_row("ibq_step", impl, "fwd+bwd", num_rows, num_codes, dim) for impl in ("fastvq", "reference")]
+    fastvq_row, reference_row = point
+    if _too_big(reference_row, num_rows, num_codes, device):
+        # Only fastvq runs here, a step of minutes on a CPU: timed once, in its memory run.
+        _measure_once(fastvq_row, fastvq_ibq_step, make_inputs, make_warmup, device)
+    else:
+        _measure_interleaved(point, [fastvq_ibq_step, reference_ibq_step], make_inputs, make_warmup, device,
+                             min_repeats=1 if num_rows * num_codes * dim >= LONG_POINT_MACS else 2)
+    if fastvq_row["peak_mib"] is not None and reference_row["peak_mib"]:
+        fastvq_row["vs_reference_peak"] = fastvq_row["peak_mib"] / reference_row["peak_mib"]
+    return point
 
 
 def _max_relative_error(actual, expected) -> float:
@@ -268,9 +253,7 @@ def _max_relative_error(actual, expected) -> float:
     return max(float((a.double() - e).abs().max()) / max(float(e.abs().max()), 1e-300) for a, e in pairs)
 
 
-def run_parity(point, device: str) -> tuple[list[dict], bool]:
-    num_rows, num_codes, dim = point
-    print(f"ibq_parity N={num_rows} K={num_codes} D={dim}", flush=True)
+def measure_parity(num_rows: int, num_codes: int, dim: int, device: str) -> list[dict]:
     truth = reference_ibq_step(*ibq_inputs(num_rows, num_codes, dim, device, torch.float64))
     truth = (truth[0].detach(), [loss.detach() for loss in truth[1]], truth[2], truth[3])
     rows = []
@@ -279,11 +262,11 @@ def run_parity(point, device: str) -> tuple[list[dict], bool]:
         if dtype == torch.float64 and device.startswith("cuda"):
             row["note"] = "float64 runs the PyTorch path on CUDA"
         got = fastvq_ibq_step(*ibq_inputs(num_rows, num_codes, dim, device, dtype))
-        row["max_rel_error"] = _max_relative_error((got[0].detach(), [loss.detach() for loss in got[1]], got[2], got[3]),
-                                                   truth)
+        detached = (got[0].detach(), [loss.detach() for loss in got[1]], got[2], got[3])
+        row["max_rel_error"] = _max_relative_error(detached, truth)
         print(f"  {dtype_name}: max relative error {row['max_rel_error']:.3g}", flush=True)
         rows.append(row)
-    return rows, True
+    return rows
 
 
 def _point(text: str) -> tuple[int, int, int]:
@@ -294,51 +277,34 @@ def _point(text: str) -> tuple[int, int, int]:
     return num_rows, num_codes, dim
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="tiny sizes that finish in about a minute")
-    parser.add_argument("--only", choices=("soft_quantize", "ibq_step", "ibq_parity"), help="run one bench")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", choices=BENCHES, help="run one bench")
     parser.add_argument("--points", type=_point, nargs="+", metavar="N,K,D",
                         help="the (N, K, D) points of the soft_quantize and ibq_step benches instead of their grids")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR, help="directory of the result files")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a GPU and a CUDA build of torch; torch.cuda.is_available() is False")
-    return args
+
+
+BENCHES = ("soft_quantize", "ibq_step", "ibq_parity")
+MEASURES = {"soft_quantize": measure_soft, "ibq_step": measure_ibq, "ibq_parity": measure_parity}
+
+
+def points(args: argparse.Namespace) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(bench, (N, K, D))`` of each bench (``--only``: one of them), in ``BENCHES``' order."""
+    grids = {
+        "soft_quantize": args.points or (SMALL_SOFT_GRID if args.small else SOFT_GRIDS[args.device]),
+        "ibq_step": args.points or (SMALL_IBQ_GRID if args.small else IBQ_GRIDS[args.device]),
+        "ibq_parity": [SMALL_PARITY_POINT if args.small else PARITY_POINT],
+    }
+    return [(bench, point) for bench in BENCHES if args.only in (None, bench) for point in grids[bench]]
+
+
+def measure(point: tuple[str, tuple[int, int, int]], run: _harness.Run) -> list[dict]:
+    bench, (num_rows, num_codes, dim) = point
+    return MEASURES[bench](num_rows, num_codes, dim, run.device)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    environment = _harness.environment(args.device)
-    print(", ".join(f"{name} {value}" for name, value in environment.items()))
-    if warning := _harness.cpu_contention_warning():
-        print(warning)
-    def save(point_rows: list[dict]) -> tuple[Path, Path]:
-        # Each point is written as soon as it is measured: a long run cut short keeps what it did.
-        return _harness.write_results([{**row, **environment} for row in point_rows], args.device, KEY_COLUMNS,
-                                      args.out)
-
-    soft_grid = args.points or (SMALL_SOFT_GRID if args.small else SOFT_GRIDS[args.device])
-    ibq_grid = args.points or (SMALL_IBQ_GRID if args.small else IBQ_GRIDS[args.device])
-    benches = {
-        "soft_quantize": lambda: run_soft(soft_grid, args.device, save),
-        "ibq_step": lambda: run_ibq(ibq_grid, args.device, save),
-        "ibq_parity": lambda: run_parity(SMALL_PARITY_POINT if args.small else PARITY_POINT, args.device),
-    }
-    rows, ok = [], True
-    for name, run in benches.items():
-        if args.only in (None, name):
-            bench_rows, bench_ok = run()
-            rows, ok = rows + bench_rows, ok and bench_ok
-            if name == "ibq_parity":
-                save(bench_rows)
-    print()
-    print(_harness.format_table(rows, TABLE_COLUMNS))
-    print(f"\nmerged into {args.out / _harness.device_slug(args.device)}.csv and .md")
-    if warning := _harness.cpu_contention_warning():
-        print(warning)
-    return 0 if ok else 1
+    return _harness.main("soft_quantize", points, measure, KEY_COLUMNS, TABLE_COLUMNS,
+                         description=__doc__.split("\n\n")[0], add_arguments=add_arguments, argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Top-k search and beam-search residual VQ: ``fastvq.nearest_codes`` against the ways users get the
 ``k`` nearest codes today, and ``ResidualVQ(beam_size=...)`` against vector-quantize-pytorch's.
 
-    python benchmarks/bench_topk.py [--ks 1 8 32] [--threads 1 2] [--beam] [--no-topk] [--out DIR]
+    python benchmarks/bench_topk.py [--small] [--ks 1 8 32] [--threads 1 2] [--beam] [--no-topk] [--out DIR]
 
 ``topk`` rows (CPU, fp32, l2, random normal data, N = 16 384 rows, K = 4 096 codes, D = 64):
 
@@ -19,7 +19,7 @@ of a shared machine falls on all of them alike; ``vs_faiss`` is FAISS's median o
 beam_size=4)`` on ``[1, 1024, 64]`` inputs, fastvq against vector-quantize-pytorch 1.32 with the same
 state_dict: peak memory growth (``_harness.peak_memory_growth_mib``, a fresh process each), the time
 (interleaved), and ``agreement``, the share of positions whose 8 indices are the same. Results are
-merged into ``<out>/<device-slug>.csv`` and ``.md``.
+merged into ``<out>/topk/<machine>.csv`` and ``.md`` (``_harness.main``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -38,6 +37,7 @@ import fastvq
 from fastvq.reference import distance_matrix_ref
 
 TOPK_POINT = (16_384, 4_096, 64)
+SMALL_TOPK_POINT = (2_048, 512, 32)
 BEAM_POINT = dict(rows=1_024, dim=64, codebook_size=4_096, num_quantizers=8, beam_size=4)
 KEY_COLUMNS = ("N", "K", "D", "k", "threads", "levels", "beam")
 TABLE_COLUMNS = ("bench", "impl", "N", "K", "D", "k", "levels", "beam", "threads", "median_ms", "peak_mib",
@@ -61,20 +61,22 @@ def faiss_topk(z: torch.Tensor, codebook: torch.Tensor, k: int, index) -> torch.
     return torch.from_numpy(index.search(z.numpy(), k)[1])
 
 
-def measure_topk(k: int, threads: int) -> list[dict]:
-    import faiss
-
-    num_rows, num_codes, dim = TOPK_POINT
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+def measure_topk(shape: tuple[int, int, int], k: int, threads: int) -> list[dict]:
+    """fastvq, FAISS and torch.topk at one point, interleaved; without faiss-cpu the FAISS columns stay empty."""
+    num_rows, num_codes, dim = shape
     z, codebook = topk_inputs(num_rows, num_codes, dim)
-    index = faiss.IndexFlatL2(dim)
-    index.add(codebook.numpy())
-    calls = {
-        "fastvq": functools.partial(fastvq_topk, z, codebook, k),
-        "faiss": functools.partial(faiss_topk, z, codebook, k, index),
-        "torch.topk": functools.partial(full_matrix_topk, z, codebook, k),
-    }
+    calls = {"fastvq": functools.partial(fastvq_topk, z, codebook, k)}
+    try:
+        import faiss
+    except ImportError:
+        missing_faiss = "faiss not installed (pip install -e '.[bench]'): no FAISS row"
+    else:
+        missing_faiss = ""
+        faiss.omp_set_num_threads(threads)
+        index = faiss.IndexFlatL2(dim)
+        index.add(codebook.numpy())
+        calls["faiss"] = functools.partial(faiss_topk, z, codebook, k, index)
+    calls["torch.topk"] = functools.partial(full_matrix_topk, z, codebook, k)
     load1 = os.getloadavg()[0]
     timings = _harness.time_interleaved(calls, "cpu")
     outputs = {name: call() for name, call in calls.items()}
@@ -85,9 +87,10 @@ def measure_topk(k: int, threads: int) -> list[dict]:
             "threads": threads, "dtype": "fp32", "metric": "l2", "median_ms": timing.median_ms,
             "q20_ms": timing.q20_ms, "q80_ms": timing.q80_ms,
             "tflops": _harness.tflops(2 * num_rows * num_codes * dim, timing.median_ms),
-            "vs_faiss": timings["faiss"].median_ms / timing.median_ms,
-            "agreement": (outputs[name] == outputs["faiss"]).all(dim=1).double().mean().item(),
-            "load1": load1, "note": "",
+            "vs_faiss": timings["faiss"].median_ms / timing.median_ms if "faiss" in timings else None,
+            "agreement": (outputs[name] == outputs["faiss"]).all(dim=1).double().mean().item()
+            if "faiss" in outputs else None,
+            "load1": load1, "note": missing_faiss,
         })
     return rows
 
@@ -129,7 +132,6 @@ def _cached_layer(library: str):
 
 
 def measure_beam(threads: int) -> list[dict]:
-    torch.set_num_threads(threads)
     (x,) = beam_inputs()
     libraries = ("fastvq", "vector-quantize-pytorch")
     load1 = os.getloadavg()[0]
@@ -152,32 +154,36 @@ def measure_beam(threads: int) -> list[dict]:
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ks", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--threads", nargs="+", type=int, default=[len(os.sched_getaffinity(0))])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ks", nargs="+", type=int, help="k values of the top-k rows (1 8 32; --small: 1 8)")
     parser.add_argument("--beam", action="store_true", help="also the beam-search ResidualVQ rows")
     parser.add_argument("--no-topk", action="store_true", help="skip the top-k rows")
-    parser.add_argument("--out", type=Path, default=_harness.RESULTS_DIR)
-    args = parser.parse_args(argv)
-    environment = _harness.environment("cpu")
-    print(", ".join(f"{name} {value}" for name, value in environment.items()))
-    if warning := _harness.cpu_contention_warning():
-        print(warning)
-    written: list[dict] = []
 
-    def save(rows: list[dict]) -> None:
-        written.extend({**row, **environment} for row in rows)
-        _harness.write_results(written, "cpu", KEY_COLUMNS, args.out)
-        print(_harness.format_table(rows, TABLE_COLUMNS), flush=True)
 
-    for threads in args.threads:
-        if not args.no_topk:
-            for k in args.ks:
-                save(measure_topk(k, threads))
-        if args.beam:
-            save(measure_beam(threads))
-    return 0
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.device != "cpu":
+        parser.error("bench_topk runs on the CPU only (FAISS's CPU index is its yardstick): pass --device cpu")
+
+
+def points(args: argparse.Namespace) -> list[tuple]:
+    """``("topk", (N, K, D), k)`` for each k (``--small``: a smaller shape), then ``("beam",)``."""
+    shape = SMALL_TOPK_POINT if args.small else TOPK_POINT
+    ks = args.ks or ([1, 8] if args.small else [1, 8, 32])
+    chosen: list[tuple] = [] if args.no_topk else [("topk", shape, k) for k in ks]
+    return chosen + ([("beam",)] if args.beam else [])
+
+
+def measure(point: tuple, run: _harness.Run) -> list[dict]:
+    if point[0] == "beam":
+        return measure_beam(run.threads)
+    _, shape, k = point
+    return measure_topk(shape, k, run.threads)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return _harness.main("topk", points, measure, KEY_COLUMNS, TABLE_COLUMNS, description=__doc__.split("\n\n")[0],
+                         add_arguments=add_arguments, check_arguments=check_arguments,
+                         default_threads=lambda args: [len(os.sched_getaffinity(0))], argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,23 @@
-"""Rewrites the README's benchmark figures from the results files, so that every figure there is a
-row of ``benchmarks/results/`` and says which machine it came from.
+"""Rewrites the documentation's benchmark figures from the results files, so that every figure there is
+a row of ``benchmarks/results/`` and says which machine it came from.
 
-    python benchmarks/render.py [--check] [--readme README.md]
+    python benchmarks/render.py [--check] [FILE.md ...]
 
-A figure is a block of the README between two markers::
+The files are README.md and every ``docs/*.md`` unless named (the figures live in
+``docs/benchmarks.md``, the headline ones in README.md). A figure is a block between two markers::
 
     <!-- results source=FILE bench=NAME where="COLUMN=V1,V2 ..." columns="COLUMN,COLUMN:LABEL,..." -->
     ...rewritten...
     <!-- /results -->
 
-``source`` is a CSV under ``benchmarks/results/`` (written by ``_harness.write_results``);
+``source`` is a CSV under ``benchmarks/results/``, ``<family>/<machine>.csv`` (written by ``_harness.main``);
 ``bench`` picks its rows of one bench; ``where`` keeps the rows whose columns take one of the
 listed values; ``columns`` are the table's columns in order, each optionally relabelled. The
 block becomes a markdown table of the matching rows, in file order, followed by a line naming the
 machine (device, CPU family/model, vector instruction sets, the measured FMA peak) and the dates,
 versions and load averages of those rows. A figure whose filter matches no row is emptied: no
-number stays in the README without a results row behind it. ``--check`` changes nothing and exits
-with status 1 if the README differs from what the results give (tests/test_render.py runs it).
+number stays in the documentation without a results row behind it. ``--check`` changes nothing and
+exits with status 1 if a file differs from what the results give (``tests/test_bench_harness.py`` runs it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ from pathlib import Path
 from typing import Optional
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def documents() -> list[Path]:
+    """The files whose figures are rendered by default: README.md and every docs/*.md."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 BLOCK = re.compile(r"(<!-- results (?P<spec>.*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
 
 
@@ -99,7 +107,8 @@ def machine_line(rows: list[dict[str, str]]) -> str:
     load = [float(row["load1"]) for row in rows if row.get("load1")]
     load_text = f"1-minute load {min(load):.1f} to {max(load):.1f}" if load else "load not recorded"
     return (f"Measured on {', '.join(parts)}; {_span([row.get('date', '') for row in rows])}; {load_text}; "
-            f"torch {_span([row.get('torch', '') for row in rows])}, fastvq {_span([row.get('fastvq', '') for row in rows])}.")
+            f"torch {_span([row.get('torch', '') for row in rows])}, "
+            f"fastvq {_span([row.get('fastvq', '') for row in rows])}.")
 
 
 def render_table(rows: list[dict[str, str]], columns: str) -> str:
@@ -131,22 +140,26 @@ def render(text: str, results_dir: Path = RESULTS_DIR) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README is not what the results give")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is not what the results give")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md and docs/*.md)")
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
-    rendered = render(text, args.results)
-    if args.check:
-        if rendered != text:
-            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True),
-                                                       str(args.readme), "rendered"))
-            print(f"\n{args.readme} is out of date with {args.results}: run python benchmarks/render.py")
-            return 1
-        return 0
-    if rendered != text:
-        args.readme.write_text(rendered)
-    print(f"rendered {len(BLOCK.findall(text))} figures in {args.readme}")
+    stale = []
+    for path in args.files or documents():
+        text = path.read_text()
+        rendered = render(text, args.results)
+        if rendered == text:
+            continue
+        if args.check:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True), str(path),
+                                                       "rendered"))
+            stale.append(path)
+        else:
+            path.write_text(rendered)
+            print(f"rendered {len(BLOCK.findall(text))} figures in {path}")
+    if stale:
+        print(f"\n{', '.join(map(str, stale))} out of date with {args.results}: run python benchmarks/render.py")
+        return 1
     return 0
 
 

@@ -15,7 +15,8 @@ pytest.importorskip("pytest_benchmark")
 
 from bench_kmeans import SMALL, faiss_run, fastvq_run, make_data, sklearn_run  # noqa: E402
 
-IMPLEMENTATIONS = {"fastvq": (fastvq_run, None), "faiss": (faiss_run, "faiss"), "sklearn-lloyd": (sklearn_run, "sklearn")}
+IMPLEMENTATIONS = {"fastvq": (fastvq_run, None), "faiss": (faiss_run, "faiss"),
+                   "sklearn-lloyd": (sklearn_run, "sklearn")}
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))

@@ -1,8 +1,10 @@
-"""The benchmark harness's machine columns and the README's rendered figures.
+"""The benchmark harness's command line, machine columns and results layout, and the rendered figures.
 
-``benchmarks/_harness.py`` gives every results row the machine it ran on and how close it came to
-that machine's measured peak; ``benchmarks/render.py`` rewrites the README's tables from the
-results files. These tests check both, and that the README is what the results give.
+``benchmarks/_harness.py`` runs every bench script (``main``: the common options, the loop over
+points and thread counts, ``results/<family>/<machine>.csv``) and gives every results row the
+machine it ran on and how close it came to that machine's measured peak; ``benchmarks/render.py``
+rewrites the documentation's tables from the results files. These tests check both, and that
+README.md and docs/ are what the results give.
 """
 
 from __future__ import annotations
@@ -59,6 +61,60 @@ def test_results_files_carry_the_machine_columns(test_machine, tmp_path):
     assert "cpu_family_model: 25/17" in md_path.read_text()
 
 
+@pytest.mark.parametrize("family_model, slug", [("1", "amd-epyc-family-25-model-1-2-cores"),
+                                                 ("17", "amd-epyc-family-25-model-17-2-cores")])
+def test_one_slug_per_machine_tells_zen_3_from_zen_4(monkeypatch, family_model, slug):
+    fields = {"model name": "AMD EPYC", "cpu family": "25", "model": family_model}
+    monkeypatch.setattr(_harness, "_cpuinfo_field", fields.__getitem__)
+    monkeypatch.setattr(_harness.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert _harness.device_slug("cpu") == slug
+
+
+def _toy_bench(tmp_path, argv, notes=("", "")):
+    """Runs ``_harness.main`` on a bench of two points whose rows record the thread count they saw."""
+    seen = []
+
+    def points(args):
+        return [(4, "small" if args.small else "full", args.scale), (8, "small" if args.small else "full", args.scale)]
+
+    def measure(point, run):
+        seen.append((point, run.threads, torch.get_num_threads(), run.first_threads))
+        size, grid, _ = point
+        return [{"bench": "toy", "impl": "fastvq", "N": size, "grid": grid, "median_ms": 1.0,
+                 "note": notes[size == 8]}]
+
+    status = _harness.main("toy", points, measure, ("N", "grid"), ("impl", "N", "threads", "median_ms"),
+                           description="toy", argv=["--out", str(tmp_path), *argv],
+                           add_arguments=lambda parser: parser.add_argument("--scale", type=int, default=1))
+    return status, seen
+
+
+def test_main_owns_the_command_line_and_the_results_layout(test_machine, tmp_path, monkeypatch):
+    monkeypatch.setattr(_harness, "device_slug", lambda device: "test-machine")
+    previous_threads = torch.get_num_threads()
+    try:
+        status, seen = _toy_bench(tmp_path, ["--device", "cpu", "--small", "--threads", "1", "2", "--scale", "3"])
+    finally:
+        torch.set_num_threads(previous_threads)
+    assert status == 0
+    # every point at every thread count, the count set before the call; the bench's own option parsed
+    assert [(point, threads, set_threads) for point, threads, set_threads, _ in seen] == [
+        ((4, "small", 3), 1, 1), ((4, "small", 3), 2, 2), ((8, "small", 3), 1, 1), ((8, "small", 3), 2, 2)]
+    assert [first for *_, first in seen] == [True, False, True, False]
+    rows = list(csv.DictReader((tmp_path / "toy" / "test-machine.csv").open()))
+    assert [(row["N"], row["threads"]) for row in rows] == [("4", "1"), ("4", "2"), ("8", "1"), ("8", "2")]
+    assert rows[0]["cpu_family_model"] == "25/17" and rows[0]["torch"] == torch.__version__
+    assert (tmp_path / "toy" / "test-machine.md").is_file()
+
+
+def test_main_exits_1_when_a_row_failed(test_machine, tmp_path, monkeypatch):
+    monkeypatch.setattr(_harness, "device_slug", lambda device: "test-machine")
+    status, _ = _toy_bench(tmp_path, ["--device", "cpu", "--threads", "1"], notes=("", "failed: RuntimeError: x"))
+    assert status == 1
+    with pytest.raises(SystemExit):
+        _toy_bench(tmp_path, ["--device", "cpu", "--threads", "0"])
+
+
 @pytest.mark.skipif(not HAS_CPP, reason=f"fastvq._C is not available: {CPP_MISSING_REASON}")
 def test_the_fma_probe_measures_what_the_cpu_runs():
     isas = _harness.cpu_isas()
@@ -105,5 +161,5 @@ def test_render_rejects_a_figure_it_cannot_draw(tmp_path):
         render.render('<!-- results source=none.csv bench=s columns="N" -->\n<!-- /results -->', tmp_path)
 
 
-def test_the_readme_figures_are_what_the_results_files_give():
-    assert render.main(["--check"]) == 0, "README.md is out of date: run python benchmarks/render.py"
+def test_the_documented_figures_are_what_the_results_files_give():
+    assert render.main(["--check"]) == 0, "README.md or docs/ is out of date: run python benchmarks/render.py"

@@ -12,8 +12,9 @@
 #   3. bench_layers at K = 16 384 (N = 65 536, D = 256) against vector-quantize-pytorch;
 #   4. bench_masked_conv, the 7 x 7 type A/B headline points, against cuDNN on the masked dense weight.
 #
-# Results go to benchmarks/results/ (named by the device) and come back as $OUT/results.tar.gz, with
-# each step's log, the machine's description (env.txt) and run.log, which says how each step ended.
+# Results go to benchmarks/results/<family>/<device>.csv and .md (the harness's layout) and come
+# back as $OUT/results.tar.gz, with each step's log, the machine's description (env.txt) and
+# run.log, which says how each step ended.
 #
 # Before the call, here: bash benchmarks/gpu/fetch_wheels.sh   (vector-quantize-pytorch into .whl/)
 # On the device (carry .whl):  bash benchmarks/gpu/run.sh
@@ -79,7 +80,6 @@ if [[ "$REHEARSAL" == 1 ]]; then
   export TRITON_INTERPRET=1
   DEVICE=cpu
   RESULTS=(--out "$OUT/results")
-  CONV_RESULTS=(--out "$OUT/results/masked_conv")
   TESTS=(tests/test_nearest_code.py -k "triton-cpu-N1-K129-D70")
   SEARCH=(--small)
   LAYERS=(--small)
@@ -88,7 +88,6 @@ if [[ "$REHEARSAL" == 1 ]]; then
 else
   DEVICE=cuda
   RESULTS=()
-  CONV_RESULTS=()
   # The ops' parity and contract tests, most important first; -k cuda keeps the CUDA backends.
   TESTS=(tests/test_precision_flags.py tests/test_nearest_code.py tests/test_vector_quantize_op.py
          tests/test_ema_update.py tests/test_masked_conv.py tests/test_contracts.py tests/test_opcheck.py
@@ -110,8 +109,8 @@ step tests "$BOX_TESTS" "$PY" -m pytest -v -p no:cacheprovider -rfE --durations=
 step search "$BOX_SEARCH" "$PY" benchmarks/bench_search.py --device "$DEVICE" --dtypes fp32 --metrics l2 "${SEARCH[@]}" "${RESULTS[@]}"
 step search "$BOX_SEARCH" "$PY" benchmarks/bench_search.py --device "$DEVICE" --dtypes bf16 --metrics l2 "${SEARCH[@]}" "${RESULTS[@]}"
 step layers "$BOX_LAYERS" "$PY" benchmarks/bench_layers.py --device "$DEVICE" "${LAYERS[@]}" "${RESULTS[@]}"
-step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes bf16 "${CONV[@]}" "${CONV_RESULTS[@]}"
-step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes tf32 fp32 "${CONV[@]}" "${CONV_RESULTS[@]}"
+step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes bf16 "${CONV[@]}" "${RESULTS[@]}"
+step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes tf32 fp32 "${CONV[@]}" "${RESULTS[@]}"
 
 RESULT_ROOT="benchmarks/results"
 [[ "$REHEARSAL" == 1 ]] && RESULT_ROOT="$OUT/results"
