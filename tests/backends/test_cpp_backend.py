@@ -1,6 +1,6 @@
 """The compiled CPU backend, ``fastvq._C``: what the shared parity suite does not already cover.
 
-Every contract and parity test runs on ``cpp`` through the ``backend`` fixture (tests/conftest.py
+Every contract and parity test runs on ``cpp`` through the ``backend`` fixture (tests/_backends.py
 adds it wherever fastvq._C loads), including ``opcheck`` of the public operators. This file adds
 the extension's own concerns: that it was built (CI sets ``FASTVQ_REQUIRE_C=1`` so a failed build
 fails the run instead of quietly testing less), ``backend_info`` and the fallback when it is
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from _parity import METRICS, assert_search_parity
-from conftest import CPP_MISSING_REASON, HAS_CPP
+from _backends import CPP_MISSING_REASON, HAS_CPP
 
 import fastvq
 from fastvq import backends, reference

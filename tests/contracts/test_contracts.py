@@ -20,7 +20,7 @@ from _parity import (
     deterministic_algorithms,
     row_scale,
 )
-from conftest import HAS_TRITON
+from _backends import HAS_TRITON
 
 import fastvq
 from fastvq import backends, reference

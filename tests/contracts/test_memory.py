@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPP_MISSING_REASON, HAS_CPP
+from _backends import CPP_MISSING_REASON, HAS_CPP
 
 import fastvq
 from fastvq import reference

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fastvq
-from conftest import BACKENDS, HAS_TRITON, TRITON_DEVICE
+from _backends import BACKENDS, HAS_TRITON, TRITON_DEVICE
 from fastvq import reference
 from fastvq.nn import GatedMaskedConv2d, MaskedConv2d
 

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 from _parity import DTYPE_IDS, DTYPES, METRICS, assert_search_parity
-from conftest import BACKEND_IDS, BACKENDS
+from _backends import BACKEND_IDS, BACKENDS
 
 import fastvq
 

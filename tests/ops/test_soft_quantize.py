@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _parity import DTYPE_IDS, DTYPES, assert_close_flash_rule
-from conftest import BACKEND_IDS, BACKENDS, HAS_TRITON
+from _backends import BACKEND_IDS, BACKENDS, HAS_TRITON
 
 import fastvq
 from fastvq import backends, reference

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _parity import DTYPE_IDS, DTYPES, METRICS, assert_rows, row_scale, search_tolerance
-from conftest import HAS_CPP
+from _backends import HAS_CPP
 from test_contracts import CODEBOOK_LAYOUTS, DUPLICATE_GROUPS, Z_LAYOUTS, layout_inputs
 
 import fastvq
