@@ -18,7 +18,6 @@ if _INDUCTOR_CACHE:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from _backends import BACKEND_IDS, BACKENDS, HAS_TRITON  # noqa: E402  (sets TRITON_INTERPRET, imports fastvq)
 
 

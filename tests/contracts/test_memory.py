@@ -23,7 +23,7 @@ from _backends import CPP_MISSING_REASON, HAS_CPP
 import fastvq
 from fastvq import reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import _harness  # noqa: E402
 from bench_search import search_inputs  # noqa: E402
 

@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 import torch
-from _parity import DTYPE_IDS, DTYPES, METRICS, assert_search_parity
 from _backends import BACKEND_IDS, BACKENDS
+from _parity import DTYPE_IDS, DTYPES, METRICS, assert_search_parity
 
 import fastvq
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _parity import DTYPE_IDS, DTYPES
 from _backends import HAS_TRITON, TRITON_DEVICE
+from _parity import DTYPE_IDS, DTYPES
 
 import fastvq
 from fastvq import reference

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _parity import DTYPE_IDS, DTYPES, assert_close_flash_rule
 from _backends import BACKEND_IDS, BACKENDS, HAS_TRITON
+from _parity import DTYPE_IDS, DTYPES, assert_close_flash_rule
 
 import fastvq
 from fastvq import backends, reference

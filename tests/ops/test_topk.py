@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _parity import DTYPE_IDS, DTYPES, METRICS, assert_rows, row_scale, search_tolerance
 from _backends import HAS_CPP
-from test_contracts import CODEBOOK_LAYOUTS, DUPLICATE_GROUPS, Z_LAYOUTS, layout_inputs
+from _parity import (
+    CODEBOOK_LAYOUTS,
+    DTYPE_IDS,
+    DTYPES,
+    DUPLICATE_GROUPS,
+    METRICS,
+    Z_LAYOUTS,
+    assert_rows,
+    layout_inputs,
+    row_scale,
+    search_tolerance,
+)
 
 import fastvq
 from fastvq import reference

@@ -2,7 +2,7 @@
 
 The data is clustered around the codes (as a VQ layer sees it after a few steps), so every row
 has a clear nearest code in every dtype and the indices, and with them the gradients, must agree
-with the reference exactly; search parity on ambiguous rows is ``test_nearest_code``'s job.
+with the reference exactly; search parity on ambiguous rows is tests/ops/test_search.py's job.
 """
 
 from __future__ import annotations
