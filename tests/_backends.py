@@ -5,8 +5,12 @@ be set before Triton compiles anything, so it is set here, before this module im
 conftest.py imports this module before any test module is collected.
 """
 
-import os
+from __future__ import annotations
 
+import os
+import platform
+
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -22,7 +26,8 @@ except ImportError:  # pragma: no cover - Triton is a test requirement on Linux
 
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-from fastvq.backends import cpp as compiled_backend  # noqa: E402  (after TRITON_INTERPRET is set)
+from fastvq import backends  # noqa: E402  (after TRITON_INTERPRET is set)
+from fastvq.backends import cpp as compiled_backend  # noqa: E402
 
 # The compiled backend joins the parametrisation wherever fastvq._C was built and loads;
 # tests/backends/test_cpp_backend.py says why it is missing where it is not.
@@ -36,3 +41,27 @@ BACKENDS = (
     + ([("cuda", "cuda")] if HAS_CUDA_KERNELS else [])
 )
 BACKEND_IDS = [f"{name}-{device}" for name, device in BACKENDS]
+
+
+def backends_for(op: str | None = None):
+    """A ``backend`` fixture over the backends here that run ``op`` themselves, read from ``backends.TABLE``.
+
+    A backend whose table row routes ``op`` to another one (``cpp`` runs ``masked_conv2d`` on the
+    PyTorch path) would only repeat that one's cases, so it is left out; ``op=None`` keeps every
+    backend (conftest.py's ``backend``). A test module narrows its backends with
+    ``backend = backends_for("masked_conv2d")``; the fixture selects each through FASTVQ_BACKEND and
+    returns ``(name, device)``. ``op`` must be a key of ``backends.TABLE`` (KeyError otherwise).
+    """
+    chosen = [(name, device) for name, device in BACKENDS if op is None or backends.TABLE[op][name].runs == name]
+
+    @pytest.fixture(params=chosen, ids=[f"{name}-{device}" for name, device in chosen])
+    def backend(request, monkeypatch):
+        name, device = request.param
+        if name == "triton" and not HAS_TRITON:
+            if platform.system() == "Linux":
+                pytest.fail("Triton is not installed: pip install -e '.[test]' installs it on Linux")
+            pytest.skip("Triton is not available on this platform")
+        monkeypatch.setenv("FASTVQ_BACKEND", name)
+        return name, device
+
+    return backend

@@ -6,7 +6,6 @@ Triton compiles anything.
 """
 
 import os
-import platform
 import shutil
 import tempfile
 
@@ -18,7 +17,7 @@ if _INDUCTOR_CACHE:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from _backends import BACKEND_IDS, BACKENDS, HAS_TRITON  # noqa: E402  (sets TRITON_INTERPRET, imports fastvq)
+from _backends import backends_for  # noqa: E402  (sets TRITON_INTERPRET, imports fastvq)
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +29,8 @@ def fresh_dynamo():
     yield
 
 
-@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
-def backend(request, monkeypatch):
-    """Selects a backend for the test through FASTVQ_BACKEND and returns ``(name, device)``."""
-    name, device = request.param
-    if name == "triton" and not HAS_TRITON:
-        if platform.system() == "Linux":
-            pytest.fail("Triton is not installed: pip install -e '.[test]' installs it on Linux")
-        pytest.skip("Triton is not available on this platform")
-    monkeypatch.setenv("FASTVQ_BACKEND", name)
-    return name, device
+# Every backend here, selected through FASTVQ_BACKEND; returns ``(name, device)``.
+backend = backends_for()
 
 
 @pytest.fixture
