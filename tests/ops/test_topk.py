@@ -274,7 +274,7 @@ def test_gumbel_top_k_samples_without_replacement(backend, device):
     codebook = torch.randn(12, 5, generator=generator) * 0.5
     row = torch.randn(1, 5, generator=generator)
     if interpreted(backend):
-        # The noise is the search kernel's (tile_scores), whose distribution test_vq_options.py
+        # The noise is the search kernel's (tile_scores), whose distribution tests/ops/test_search.py
         # checks under the interpreter; here the top-k kernel's use of it, on a few rows.
         z = row.repeat(32, 1)
         seed = torch.tensor(11)
