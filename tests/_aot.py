@@ -1,6 +1,6 @@
 """Compiles fastvq's Triton kernels for GPUs that are not here: the machinery of test_aot_compile.py.
 
-Runs in worker processes of their own: the test session sets ``TRITON_INTERPRET=1`` (conftest.py),
+Runs in worker processes of their own: the test session sets ``TRITON_INTERPRET=1`` (_backends.py),
 under which ``@triton.jit`` makes interpreted functions that cannot be compiled, so a worker drops it
 before it imports Triton or fastvq. A worker launches each case the way its launcher does, through
 Triton's own JIT (``warmup``: specialisation of the arguments, then ``triton.compile(ASTSource(...),

@@ -178,3 +178,54 @@ def deterministic_algorithms(enabled: bool = True):
         torch.use_deterministic_algorithms(previous, warn_only=warn_only)
         if workspace_config is None:
             del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+
+
+# --------------------------------------------------------------------------- inputs shared by the search tests
+
+# One code repeated in different tiles of every tiling the kernels use (16 under the interpreter,
+# 32 to 256 on GPUs), and a second one repeated inside a tile and across the end of one.
+DUPLICATE_GROUPS = [(3, 3 + 16, 3 + 64, 3 + 128, 3 + 256), (40, 41, 63, 64, 299)]
+
+
+# Inputs in every memory layout the ops accept without a copy: transposed, strided and image views.
+IMAGE_BATCH, IMAGE_HEIGHT, IMAGE_WIDTH = 2, 3, 8
+LAYOUT_ROWS = IMAGE_BATCH * IMAGE_HEIGHT * IMAGE_WIDTH
+
+
+def transposed(x):
+    return x.T.contiguous().T
+
+
+def strided(x):
+    """Every other row and every third column of a larger buffer, at a non-zero offset."""
+    buffer = torch.full((2 * x.shape[0] + 1, 3 * x.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
+    view = buffer[1::2, 2::3]
+    view.copy_(x)
+    return view
+
+
+def from_nchw_image(x):
+    """A contiguous NCHW image of batch 1 read as ``[H*W, C]`` rows: a view with column stride H*W."""
+    image = x.T.contiguous().reshape(1, x.shape[1], IMAGE_HEIGHT * IMAGE_BATCH, IMAGE_WIDTH)
+    rows = image.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    assert rows.data_ptr() == image.data_ptr() and not rows.is_contiguous()
+    return rows
+
+
+def from_channels_last_image(x):
+    """A channels-last ``(B, C, H, W)`` image flattened to rows the way the layers do it."""
+    image = x.reshape(IMAGE_BATCH, IMAGE_HEIGHT, IMAGE_WIDTH, x.shape[1]).permute(0, 3, 1, 2)
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    return image.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+Z_LAYOUTS = {"contiguous": lambda x: x, "transposed": transposed, "strided": strided, "nchw-image": from_nchw_image,
+             "channels-last-image": from_channels_last_image}
+CODEBOOK_LAYOUTS = {"contiguous": lambda x: x, "transposed": transposed, "strided": strided}
+
+
+def layout_inputs(device, seed=10):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(LAYOUT_ROWS, 17, generator=generator).to(device)
+    codebook = torch.randn(40, 17, generator=generator).to(device)
+    return z, codebook

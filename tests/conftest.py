@@ -1,11 +1,11 @@
-"""Shared test set-up: which backends run here, on which device.
+"""Shared test set-up: a fresh inductor cache, a fresh dynamo per test, and the ``backend`` fixture.
 
-Without a GPU, Triton's kernels run on CPU tensors through its interpreter. TRITON_INTERPRET must
-be set before Triton compiles anything, so it is set here, before any test module imports fastvq.
+The constants (which backends run here, on which device) live in _backends.py, which test modules
+import; importing it here, before any test module is collected, sets TRITON_INTERPRET before
+Triton compiles anything.
 """
 
 import os
-import platform
 import shutil
 import tempfile
 
@@ -17,34 +17,7 @@ if _INDUCTOR_CACHE:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - Triton is a test requirement on Linux
-    HAS_TRITON = False
-
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-from fastvq.backends import cpp as compiled_backend  # noqa: E402  (after TRITON_INTERPRET is set)
-
-# The compiled backend joins the parametrisation wherever fastvq._C was built and loads;
-# tests/test_cpp_backend.py says why it is missing where it is not.
-HAS_CPP, CPP_MISSING_REASON = compiled_backend.load()
-HAS_CUDA_KERNELS = HAS_CUDA and compiled_backend.cuda_available()
-
-BACKENDS = (
-    [("torch", "cpu"), ("triton", TRITON_DEVICE)]
-    + ([("cpp", "cpu")] if HAS_CPP else [])
-    + ([("torch", "cuda")] if HAS_CUDA else [])
-    + ([("cuda", "cuda")] if HAS_CUDA_KERNELS else [])
-)
-BACKEND_IDS = [f"{name}-{device}" for name, device in BACKENDS]
+from _backends import backends_for  # noqa: E402  (sets TRITON_INTERPRET, imports fastvq)
 
 
 @pytest.fixture(autouse=True)
@@ -56,16 +29,8 @@ def fresh_dynamo():
     yield
 
 
-@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
-def backend(request, monkeypatch):
-    """Selects a backend for the test through FASTVQ_BACKEND and returns ``(name, device)``."""
-    name, device = request.param
-    if name == "triton" and not HAS_TRITON:
-        if platform.system() == "Linux":
-            pytest.fail("Triton is not installed: pip install -e '.[test]' installs it on Linux")
-        pytest.skip("Triton is not available on this platform")
-    monkeypatch.setenv("FASTVQ_BACKEND", name)
-    return name, device
+# Every backend here, selected through FASTVQ_BACKEND; returns ``(name, device)``.
+backend = backends_for()
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ if [[ "$REHEARSAL" == 1 ]]; then
   export TRITON_INTERPRET=1
   DEVICE=cpu
   RESULTS=(--out "$OUT/results")
-  TESTS=(tests/test_nearest_code.py -k "triton-cpu-N1-K129-D70")
+  TESTS=(tests/ops/test_search.py -k "triton-cpu-N1-K129-D70")
   SEARCH=(--small)
   LAYERS=(--small)
   CONV=(--small --conv-only)
@@ -89,9 +89,10 @@ else
   DEVICE=cuda
   RESULTS=()
   # The ops' parity and contract tests, most important first; -k cuda keeps the CUDA backends.
-  TESTS=(tests/test_precision_flags.py tests/test_nearest_code.py tests/test_vector_quantize_op.py
-         tests/test_ema_update.py tests/test_masked_conv.py tests/test_contracts.py tests/test_opcheck.py
-         tests/test_soft_quantize.py tests/test_code_entropy.py tests/test_topk.py -k "cuda or precision")
+  TESTS=(tests/backends/test_precision_flags.py tests/ops/test_search.py tests/ops/test_vector_quantize.py
+         tests/ops/test_segment_reduce.py tests/ops/test_masked_conv.py tests/contracts/test_contracts.py
+         tests/contracts/test_opcheck.py tests/ops/test_soft_quantize.py tests/ops/test_code_entropy.py
+         tests/ops/test_topk.py -k "cuda or precision")
   SEARCH=()
   LAYERS=(--target-only)
   CONV=(--conv-only --headline-only)

@@ -236,7 +236,7 @@ def _shard_worker(rank, world, store, out_dir):
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: gloo ranks of torch 2.13 can abort in teardown
+    os._exit(0)  # see tests/app/test_distributed.py: gloo ranks of torch 2.13 can abort in teardown
 
 
 def test_two_ranks_give_the_one_process_result(tmp_path):

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _compile import assert_compiled_training_matches_eager
 
 from fastvq import reference
 from fastvq.nn import FactorizedL2Quantizer
@@ -148,18 +149,7 @@ def test_trains_under_compile_fullgraph(ema_update, replacement):
         # A threshold no code falls below in 3 steps: the replacement is traced into the graph (no
         # break, no host sync) but replaces nothing, since compiled and eager random draws differ.
         model[1] = FactorizedL2Quantizer(DIM, CODES, CODE_DIM, ema_update=ema_update, decay=0.5, dead_code_threshold=1e-3)
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True)
-    optims = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (eager, model)]
-    for _ in range(3):
-        x = torch.randn(3, 7, 8)
-        for net, optim in zip((eager, compiled), optims):
-            out, loss, _ = net(x)
-            (out.square().mean() + loss).backward()
-            optim.step()
-            optim.zero_grad()
-    for (key, ours), theirs in zip(model.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=key)
+    assert_compiled_training_matches_eager(model, (3, 7, 8), lambda out: out[0].square().mean() + out[1])
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import setuptools
 import torch
 import torch.utils.cpp_extension as cpp_extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_setup(tmp_path, monkeypatch, fail_on, cuda_mode="auto"):

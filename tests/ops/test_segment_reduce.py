@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _backends import HAS_TRITON, TRITON_DEVICE
 from _parity import DTYPE_IDS, DTYPES
-from conftest import HAS_TRITON, TRITON_DEVICE
 
 import fastvq
 from fastvq import reference

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ["simd_harness.cpp", "search_cpu_avx2.cpp", "search_cpu_avx512.cpp"]
 COMPILER = shutil.which("g++")
 SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")

@@ -1,10 +1,9 @@
 """fastvq.nn.VectorQuantizerEMA against Sonnet's formulas (one-hot EMA with zero-debiasing)."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _compile import assert_compiled_training_matches_eager
 
 from fastvq import reference
 from fastvq.nn import VectorQuantizerEMA
@@ -165,18 +164,7 @@ def test_trains_under_autocast_without_nan(dtype):
 def test_trains_under_compile_fullgraph():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, DIM), VectorQuantizerEMA(DIM, CODES, 0.25, 0.9))
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True)
-    optims = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (eager, model)]
-    for _ in range(3):
-        x = torch.randn(3, 7, 4)
-        for net, optim in zip((eager, compiled), optims):
-            out = net(x)
-            (out["quantize"].square().mean() + out["loss"]).backward()
-            optim.step()
-            optim.zero_grad()
-    for (key, ours), theirs in zip(model.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=key)
+    assert_compiled_training_matches_eager(model, (3, 7, 4), lambda out: out["quantize"].square().mean() + out["loss"])
     assert model[1].counter.item() == 3
 
 

@@ -71,7 +71,7 @@ def test_duplicate_codes_resolve_to_the_lowest_index(backend, device, dtype, met
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_duplicate_codes_on_each_cpu_kernel(monkeypatch, search, dtype):
     """The C++ backend's BLAS tiles and its default kernel (the AVX-512 one where the CPU has it)."""
-    from conftest import HAS_CPP
+    from _backends import HAS_CPP
 
     if not HAS_CPP:
         pytest.skip("fastvq._C is not built")

@@ -1,6 +1,6 @@
 """The compiled CPU backend, ``fastvq._C``: what the shared parity suite does not already cover.
 
-Every contract and parity test runs on ``cpp`` through the ``backend`` fixture (tests/conftest.py
+Every contract and parity test runs on ``cpp`` through the ``backend`` fixture (tests/_backends.py
 adds it wherever fastvq._C loads), including ``opcheck`` of the public operators. This file adds
 the extension's own concerns: that it was built (CI sets ``FASTVQ_REQUIRE_C=1`` so a failed build
 fails the run instead of quietly testing less), ``backend_info`` and the fallback when it is
@@ -23,15 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from _backends import CPP_MISSING_REASON, HAS_CPP
 from _parity import METRICS, assert_search_parity
-from conftest import CPP_MISSING_REASON, HAS_CPP
 
 import fastvq
 from fastvq import backends, reference
 from fastvq.backends import cpp
 from fastvq.backends.torch import segment_reduce as torch_segment_reduce
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"fastvq._C is not available: {CPP_MISSING_REASON}")
 
 
@@ -250,7 +250,7 @@ BF16_KERNEL = HAS_CPP and _kernels_taken("auto").get("bf16") == "avx512bf16-dire
 
 
 @pytest.mark.skipif(not BF16_KERNEL, reason="this CPU has no AVX512-BF16, so the bf16 search kernel does not run "
-                    "here (tests/test_simd_kernels.py checks it under SIMDe emulation)")
+                    "here (tests/backends/test_simd_kernels.py checks it under SIMDe emulation)")
 @pytest.mark.parametrize("metric, shift", [*((metric, 0.0) for metric in METRICS), ("l2", 300.0)],
                          ids=[*METRICS, "l2-far"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (13, 31, 5), (300, 129, 70), (1000, 2100, 33)],

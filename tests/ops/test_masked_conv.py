@@ -8,33 +8,19 @@ the Triton kernels (through Triton's interpreter when there is no GPU).
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 from torch import nn
 
 import fastvq
-from conftest import BACKENDS, HAS_TRITON, TRITON_DEVICE
+from _backends import HAS_TRITON, TRITON_DEVICE, backends_for
 from fastvq import reference
 from fastvq.nn import GatedMaskedConv2d, MaskedConv2d
 
 KERNEL_SIZES = [1, 3, 5, 7]
-# fastvq._C has no masked convolution: FASTVQ_BACKEND=cpp runs the PyTorch path and =cuda the
-# Triton kernels, so only the torch and triton backends are parametrised here.
-CONV_BACKENDS = [(name, device) for name, device in BACKENDS if name in ("torch", "triton")]
-
-
-@pytest.fixture(params=CONV_BACKENDS, ids=[f"{name}-{device}" for name, device in CONV_BACKENDS])
-def backend(request, monkeypatch):
-    """conftest's ``backend``, restricted to the backends that have a masked convolution."""
-    name, device = request.param
-    if name == "triton" and not HAS_TRITON:
-        if platform.system() == "Linux":
-            pytest.fail("Triton is not installed: pip install -e '.[test]' installs it on Linux")
-        pytest.skip("Triton is not available on this platform")
-    monkeypatch.setenv("FASTVQ_BACKEND", name)
-    return name, device
+# conftest's ``backend``, restricted to the backends with a masked convolution of their own: fastvq._C
+# has none, so FASTVQ_BACKEND=cpp runs the PyTorch path and =cuda the Triton kernels.
+backend = backends_for("masked_conv2d")
 
 
 def _inputs(device, batch=2, in_channels=3, out_channels=5, height=5, width=7, kernel=(3, 3), dtype=torch.float32,

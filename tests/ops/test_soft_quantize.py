@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _backends import HAS_TRITON, backends_for
 from _parity import DTYPE_IDS, DTYPES, assert_close_flash_rule
-from conftest import BACKEND_IDS, BACKENDS, HAS_TRITON
 
 import fastvq
 from fastvq import backends, reference
@@ -20,8 +20,8 @@ from fastvq.backends import common
 from fastvq.backends.torch import soft_quantize as torch_soft
 
 SOFT_METRICS = common.SOFT_METRICS
-# The parity cases run on the implementations (cpp routes these ops to the PyTorch path).
-IMPLEMENTED = [pytest.param(b, id=i) for b, i in zip(BACKENDS, BACKEND_IDS) if b[0] in ("torch", "triton")]
+# The parity cases run on the implementations (cpp routes these ops to the PyTorch path, cuda to Triton).
+impl = backends_for("soft_quantize")
 # fp32 results against the float64 truth, relative to the largest entry of the true tensor.
 FP32_RTOL = 2e-5
 
@@ -38,15 +38,6 @@ def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, name: str,
         f"{name}: max error {float(error.max()):.3g} at flat index {worst} (got {actual.flatten()[worst].item():.6g}, "
         f"true {expected.flatten()[worst].item():.6g}) exceeds {allowed:.3g}"
     )
-
-
-@pytest.fixture(params=IMPLEMENTED)
-def impl(request, monkeypatch):
-    name, device = request.param
-    if name == "triton" and not HAS_TRITON:
-        pytest.skip("Triton is not installed")
-    monkeypatch.setenv("FASTVQ_BACKEND", name)
-    return name, device
 
 
 @pytest.fixture(params=["default-chunks", "small-chunks"])

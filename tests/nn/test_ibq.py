@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_TRITON
+from _backends import HAS_TRITON
 
 import fastvq
 from fastvq import reference

@@ -196,7 +196,7 @@ def test_trains_under_autocast_without_nan(dtype):
 
 
 def test_runs_on_the_triton_kernels(monkeypatch):
-    from conftest import TRITON_DEVICE
+    from _backends import TRITON_DEVICE
 
     monkeypatch.setenv("FASTVQ_BACKEND", "triton")
     theirs, ours = _pair()

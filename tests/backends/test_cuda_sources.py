@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 KERNEL_SOURCES = sorted(CUDA_DIR.glob("*_kernels.cu"))
 ARCHITECTURES = {"sm_90": ["-arch=sm_90"], "nvcc-default": []}
 

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _parity import DTYPE_IDS, DTYPES, METRICS, assert_rows, row_scale, search_tolerance
-from conftest import HAS_CPP
-from test_contracts import CODEBOOK_LAYOUTS, DUPLICATE_GROUPS, Z_LAYOUTS, layout_inputs
+from _backends import HAS_CPP
+from _parity import (
+    CODEBOOK_LAYOUTS,
+    DTYPE_IDS,
+    DTYPES,
+    DUPLICATE_GROUPS,
+    METRICS,
+    Z_LAYOUTS,
+    assert_rows,
+    layout_inputs,
+    row_scale,
+    search_tolerance,
+)
 
 import fastvq
 from fastvq import reference
@@ -264,7 +274,7 @@ def test_gumbel_top_k_samples_without_replacement(backend, device):
     codebook = torch.randn(12, 5, generator=generator) * 0.5
     row = torch.randn(1, 5, generator=generator)
     if interpreted(backend):
-        # The noise is the search kernel's (tile_scores), whose distribution test_vq_options.py
+        # The noise is the search kernel's (tile_scores), whose distribution tests/ops/test_search.py
         # checks under the interpreter; here the top-k kernel's use of it, on a few rows.
         z = row.repeat(32, 1)
         seed = torch.tensor(11)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _compile import assert_compiled_training_matches_eager
 from einops import rearrange
 
 from fastvq import reference
@@ -279,20 +280,9 @@ def test_trains_under_autocast_without_nan(dtype, name):
 def test_trains_under_compile_fullgraph(name):
     torch.manual_seed(0)
     model = _models()[name]
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True)
-    optims = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (eager, model)]
-    for step in range(3):
-        x = torch.randn(2, 3, 4, 4)
-        for net, optim in zip((eager, compiled), optims):
-            z_q, loss, _ = net(x)
-            (z_q.square().mean() + loss).backward()
-            optim.step()
-            optim.zero_grad()
-    for (key, ours), theirs in zip(model.state_dict().items(), eager.state_dict().values()):
-        assert torch.isfinite(ours).all(), key
-        if name == "vq2":  # Gumbel noise differs between eager and compiled RNG streams
-            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=key)
+    # Gumbel noise differs between eager and compiled RNG streams: the Gumbel layer is only kept finite.
+    assert_compiled_training_matches_eager(model, (2, 3, 4, 4), lambda out: out[0].square().mean() + out[1],
+                                           compare=name == "vq2")
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,9 @@
 """fastvq.nn.SimVQ against vector-quantize-pytorch's SimVQ and fastvq.reference."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _compile import assert_compiled_training_matches_eager
 from vector_quantize_pytorch import SimVQ as TheirSimVQ
 
 from fastvq import reference
@@ -151,18 +150,7 @@ def test_trains_under_autocast_without_nan(dtype):
 def test_trains_under_compile_fullgraph():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, DIM), SimVQ(DIM, CODES))
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True)
-    optims = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (eager, model)]
-    for _ in range(3):
-        x = torch.randn(3, 7, 8)
-        for net, optim in zip((eager, compiled), optims):
-            q, _, loss = net(x)
-            (q.square().mean() + loss).backward()
-            optim.step()
-            optim.zero_grad()
-    for (key, ours), theirs in zip(model.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=key)
+    assert_compiled_training_matches_eager(model, (3, 7, 8), lambda out: out[0].square().mean() + out[2])
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
-"""``vector_quantize`` against ``reference.vector_quantize_ref``: outputs and every gradient.
+"""``vector_quantize`` against ``reference.vector_quantize_ref``: outputs and every gradient, also with
+the rotation-trick backward.
 
 The data is clustered around the codes (as a VQ layer sees it after a few steps), so every row
 has a clear nearest code in every dtype and the indices, and with them the gradients, must agree
-with the reference exactly; search parity on ambiguous rows is ``test_nearest_code``'s job.
+with the reference exactly; search parity on ambiguous rows is tests/ops/test_search.py's job.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from _parity import DTYPE_IDS, DTYPES, METRICS, assert_close_flash_rule, determi
 
 import fastvq
 from fastvq import reference
+from fastvq.reference import rotate_to_ref, vector_quantize_ref
 
 NUM_ROWS, NUM_CODES, DIM = 75, 37, 19
 LOSS_WEIGHT = 1.7  # the upstream gradient of the loss, so that grad_loss != 1 is exercised
@@ -204,3 +206,38 @@ def test_deterministic_mode_gives_bitwise_identical_codebook_grads(backend, devi
     assert torch.equal(first.grad_codebook, second.grad_codebook)
     assert torch.equal(first.grad_z, second.grad_z)
     assert_gradients_match(first, z, codebook, upstream, dtype)
+
+
+# --------------------------------------------------------------------------- the rotation trick
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_trick_matches_reference(backend, dtype):
+    _, device = backend
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(37, 45, generator=generator).to(device=device, dtype=dtype)
+    codebook = torch.randn(50, 45, generator=generator).to(device=device, dtype=dtype)
+    upstream = torch.randn(37, 45, generator=generator).to(device=device, dtype=dtype)
+    ours_z, ours_cb = z.clone().requires_grad_(), codebook.clone().requires_grad_()
+    quantized, indices, loss = fastvq.vector_quantize(ours_z, ours_cb, beta=0.3, rotation_trick=True)
+    ((quantized * upstream).sum() + loss).backward()
+    ref_z, ref_cb = z.double().requires_grad_(), codebook.double().requires_grad_()
+    ref_q, ref_indices, ref_loss = vector_quantize_ref(ref_z, ref_cb, beta=0.3, rotation_trick=True)
+    ((ref_q * upstream.double()).sum() + ref_loss).backward()
+    assert torch.equal(indices, ref_indices)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(quantized.double(), ref_q.detach(), **tolerance)
+    torch.testing.assert_close(ours_z.grad.double(), ref_z.grad, **tolerance)
+    torch.testing.assert_close(ours_cb.grad.double(), ref_cb.grad, **tolerance)
+
+
+def test_rotation_trick_reference_rotates_onto_the_code():
+    z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    codes = torch.randn(8, 5, dtype=torch.float64)
+    rotated = rotate_to_ref(z, codes)
+    torch.testing.assert_close(rotated.detach(), codes)
+    # The gradient is a rotation scaled by |e|/|z|: it keeps the upstream gradient's norm ratio.
+    upstream = torch.randn(8, 5, dtype=torch.float64)
+    (rotated * upstream).sum().backward()
+    ratio = z.grad.norm(dim=1) / upstream.norm(dim=1)
+    torch.testing.assert_close(ratio, codes.norm(dim=1) / z.detach().norm(dim=1))

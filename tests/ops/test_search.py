@@ -1,4 +1,5 @@
-"""``nearest_code`` against ``fastvq.reference`` on every backend: odd shapes, dtypes, metrics.
+"""``nearest_code`` against ``fastvq.reference`` on every backend: odd shapes, dtypes, metrics, and
+its Gumbel-max sampled codes (``sample_temperature``, ``seed``).
 
 Under Triton's interpreter (CPU, no GPU) every tile is a numpy array, so the interpreted backend
 runs a covering sample of the shapes (every N, K and D value at least once, the largest ones
@@ -11,8 +12,9 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
+from _backends import BACKEND_IDS, BACKENDS
 from _parity import DTYPE_IDS, DTYPES, METRICS, assert_search_parity
-from conftest import BACKEND_IDS, BACKENDS
 
 import fastvq
 
@@ -113,3 +115,50 @@ def test_l2_distance_is_exact(backend, device, dtype):
     indices, distances = fastvq.nearest_code(z.to(device), codebook.to(device))
     assert indices.tolist() == [4, 11, 19]
     assert distances.cpu().tolist() == [0.0, step * step, 0.0]
+
+
+# --------------------------------------------------------------------------- Gumbel-max sampling
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_gumbel_sampling_follows_the_softmax(backend, metric):
+    _, device = backend
+    generator = torch.Generator().manual_seed(3)
+    codebook = torch.randn(12, 5, generator=generator) * 0.5
+    row = torch.randn(1, 5, generator=generator)
+    draws = 3000 if backend[0] == "triton" else 20000
+    temperature = 0.7
+    indices, _ = fastvq.nearest_code(
+        row.repeat(draws, 1).to(device), codebook.to(device), metric=metric, sample_temperature=temperature,
+        seed=torch.tensor(11, device=device),
+    )
+    frequencies = torch.bincount(indices.cpu(), minlength=12).double() / draws
+    if metric == "l2":
+        logits = -torch.cdist(row.double(), codebook.double())[0]
+    elif metric == "cosine":
+        logits = (F.normalize(row.double(), dim=1) @ F.normalize(codebook.double(), dim=1).T)[0]
+    else:
+        logits = (row.double() @ codebook.double().T)[0]
+    probabilities = (logits / temperature).softmax(0)
+    standard_error = (probabilities * (1 - probabilities) / draws).sqrt()
+    assert ((frequencies - probabilities).abs() <= 5 * standard_error + 1e-3).all(), (frequencies, probabilities)
+
+
+def test_sampling_is_reproducible_for_a_seed_and_varies_across_seeds(backend):
+    _, device = backend
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(64, 6, generator=generator).to(device)
+    codebook = torch.randn(20, 6, generator=generator).to(device)
+    draw = lambda seed: fastvq.nearest_code(z, codebook, sample_temperature=5.0, seed=torch.tensor(seed, device=device))[0]  # noqa: E731
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def test_sampling_arguments_are_checked():
+    z, codebook = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="sample_temperature"):
+        fastvq.nearest_code(z, codebook, sample_temperature=-1.0)
+    with pytest.raises(TypeError, match="seed"):
+        torch.ops.fastvq.nearest_code(z, codebook, "l2", False, 1.0, None)
+    with pytest.raises(ValueError, match="seed"):
+        fastvq.nearest_code(z, codebook, sample_temperature=1.0, seed=torch.tensor(1.5))

@@ -210,7 +210,7 @@ def _distributed_lfq_worker(rank, world, store, out_dir):
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # see tests/test_distributed.py: gloo ranks can abort in interpreter teardown
+    os._exit(0)  # see tests/app/test_distributed.py: gloo ranks can abort in interpreter teardown
 
 
 def test_lfq_batch_entropy_is_averaged_over_ranks(tmp_path):

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPP_MISSING_REASON, HAS_CPP
+from _backends import CPP_MISSING_REASON, HAS_CPP
 
 import fastvq
 from fastvq import reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import _harness  # noqa: E402
 from bench_search import search_inputs  # noqa: E402
 

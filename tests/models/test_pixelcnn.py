@@ -101,7 +101,7 @@ def test_gated_pixelcnn_sees_the_blind_spot_of_pixelcnn():
 
 
 def test_triton_backend_gives_the_same_logits_and_stays_causal(monkeypatch):
-    from conftest import HAS_TRITON, TRITON_DEVICE
+    from _backends import HAS_TRITON, TRITON_DEVICE
 
     if not HAS_TRITON:
         pytest.skip("Triton is not installed")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPP_MISSING_REASON, HAS_CPP
+from _backends import CPP_MISSING_REASON, HAS_CPP
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _harness  # noqa: E402
 import render  # noqa: E402
