@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .backends.common import SOFT_METRICS, check_kernel_size, check_mask_type, output_size
+from .backends.common import check_kernel_size, check_mask_type, output_size
 
 METRICS = ("l2", "cosine", "dot")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -93,29 +93,6 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listed}")
-
-
-def check_search_inputs(z: object, codebook: object, metric: object = "l2") -> None:
-    """Checks ``z [N, D]`` and ``codebook [K, D]`` for the search and quantize ops."""
-    z = check_tensor("z", z)
-    codebook = check_tensor("codebook", codebook)
-    check_metric(metric)
-    if z.dim() != 2:
-        raise ValueError(f"z must be 2-D [N, D], got shape {tuple(z.shape)}")
-    if codebook.dim() != 2:
-        raise ValueError(f"codebook must be 2-D [K, D], got shape {tuple(codebook.shape)}")
-    check_float("z", z)
-    check_float("codebook", codebook)
-    if codebook.shape[0] < 1:
-        raise ValueError(f"codebook must hold at least one code (K >= 1), got shape {tuple(codebook.shape)}")
-    if codebook.shape[1] < 1:
-        raise ValueError(f"codebook must have D >= 1, got shape {tuple(codebook.shape)}")
-    if z.shape[1] != codebook.shape[1]:
-        raise ValueError(
-            f"z and codebook must have the same last dimension D, got z of shape {tuple(z.shape)} "
-            f"and codebook of shape {tuple(codebook.shape)}"
-        )
-    check_same_device(z=z, codebook=codebook)
 
 
 def check_sampling(sample_temperature: object, seed: object, z: torch.Tensor) -> None:
@@ -262,28 +239,6 @@ def check_masked_conv_inputs(
 # --------------------------------------------------------------------------- soft assignments
 
 
-def check_soft_inputs(
-    z: object, codebook: object, values: object = None, metric: object = "l2", temperature: object = 1.0
-) -> None:
-    """Checks ``z [N, D]``, ``codebook [K, D]``, ``values [K, Dv]`` (optional), the metric and the
-    temperature of the soft-assignment ops."""
-    if metric not in SOFT_METRICS:
-        raise ValueError(f"metric must be one of {SOFT_METRICS}, got {metric!r}")
-    check_search_inputs(z, codebook, "l2")
-    if values is not None:
-        values = check_tensor("values", values)
-        if values.dim() != 2:
-            raise ValueError(f"values must be 2-D [K, Dv], got shape {tuple(values.shape)}")
-        check_float("values", values)
-        if values.shape[0] != codebook.shape[0] or values.shape[1] < 1:
-            raise ValueError(
-                f"values must have one row per code and Dv >= 1: codebook of shape {tuple(codebook.shape)}, "
-                f"values of shape {tuple(values.shape)}"
-            )
-        check_same_device(z=z, values=values)
-    check_temperature("temperature", temperature)
-
-
 def check_temperature(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < float("inf"):
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
@@ -390,12 +345,3 @@ def check_kmeans_args(
         )
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(init).all()):
         raise ValueError(f"init must hold finite values, got NaN or Inf in the tensor of shape {tuple(init.shape)}")
-
-
-def check_topk_inputs(z: object, codebook: object, k: object, metric: object = "l2") -> None:
-    """Checks the top-k search's arguments: those of the search, and ``1 <= k <= K``."""
-    check_search_inputs(z, codebook, metric)
-    num_codes = codebook.shape[0]  # type: ignore[union-attr]
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_codes:
-        raise ValueError(f"k must be an int in [1, K] = [1, {num_codes}] for a codebook of shape "
-                         f"{tuple(codebook.shape)}, got {k!r}")  # type: ignore[union-attr]

@@ -20,76 +20,15 @@ from ._checks import (
     check_ema_inputs,
     check_masked_conv_inputs,
     check_sampling,
-    check_search_inputs,
     check_seed,
     check_segment_inputs,
-    check_soft_inputs,
-    check_topk_inputs,
+    check_temperature,
+    check_tensor,
+    check_float,
+    check_same_device,
 )
-from .backends.common import (
-    CHUNK_BYTES,
-    compute_dtype,
-    find_duplicate_codes,
-    order_candidates,
-    output_memory_format,
-    output_size,
-    promoted_dtype,
-)
-
-
-def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
-    return torch.promote_types(a.dtype, b.dtype)
-
-
-def _search_op(sample_temperature: float) -> str:
-    return "gumbel_sample" if sample_temperature > 0.0 else "nearest_code"
-
-
-def _lowest_duplicate(indices: Tensor, codebook: Tensor, sampled: bool) -> Tensor:
-    """An argmin's indices with every exact duplicate code replaced by the lowest index of its
-    group, so "ties go to the lowest index" holds whatever a backend's rounding chose (see
-    ``backends.common.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
-    if sampled or indices.numel() == 0:
-        return indices
-    groups = find_duplicate_codes(codebook)
-    return indices if groups is None else groups.lowest(indices)
-
-
-# --------------------------------------------------------------------------- nearest_code
-
-
-@torch.library.custom_op("fastvq::nearest_code", mutates_args=())
-def nearest_code(
-    z: Tensor,
-    codebook: Tensor,
-    metric: str = "l2",
-    return_codes: bool = False,
-    sample_temperature: float = 0.0,
-    seed: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``z [N, D]``, ``codebook [K, D]`` -> ``(indices int64 [N], distances fp32 [N], codes)``.
-
-    ``codes`` is ``[N, D]`` in the promoted dtype when ``return_codes`` else ``[0, D]``. With
-    ``sample_temperature > 0`` the index is sampled from ``softmax(-distance / T)`` by Gumbel-max
-    with noise drawn from the int64 ``seed`` tensor, instead of the argmin.
-    """
-    check_search_inputs(z, codebook, metric)
-    check_sampling(sample_temperature, seed, z)
-    backend = backends.select(_search_op(sample_temperature), z, _promoted(z, codebook))
-    indices, distances, codes = backend.nearest_code(z, codebook, metric, return_codes, sample_temperature, seed)
-    return _lowest_duplicate(indices, codebook, sample_temperature > 0.0), distances, codes
-
-
-@nearest_code.register_fake
-def _nearest_code_fake(z, codebook, metric="l2", return_codes=False, sample_temperature=0.0, seed=None):
-    check_search_inputs(z, codebook, metric)
-    check_sampling(sample_temperature, seed, z)
-    num_rows, dim = z.shape
-    return (
-        z.new_empty(num_rows, dtype=torch.int64),
-        z.new_empty(num_rows, dtype=torch.float32),
-        z.new_empty((num_rows if return_codes else 0, dim), dtype=_promoted(z, codebook)),
-    )
+from .backends.common import SOFT_METRICS, CHUNK_BYTES, compute_dtype, output_memory_format, output_size, promoted_dtype
+from .ops.search import check_search_inputs, lowest_duplicate, search_dtype, search_op
 
 
 # --------------------------------------------------------------------------- segment_reduce
@@ -143,10 +82,10 @@ def vector_quantize(
     """
     check_search_inputs(z, codebook, metric)
     check_sampling(sample_temperature, seed, z)
-    dtype = _promoted(z, codebook)
-    backend = backends.select(_search_op(sample_temperature), z, dtype)
+    dtype = search_dtype(z, codebook)
+    backend = backends.select(search_op(sample_temperature), z, dtype)
     indices, distances, quantized = backend.nearest_code(z, codebook, metric, True, sample_temperature, seed)
-    indices = _lowest_duplicate(indices, codebook, sample_temperature > 0.0)
+    indices = lowest_duplicate(indices, codebook, sample_temperature > 0.0)
     num_rows, dim = z.shape
     if num_rows == 0:
         return quantized, indices, torch.zeros((), dtype=torch.float32, device=z.device)
@@ -177,7 +116,7 @@ def _vector_quantize_fake(z, codebook, metric, commitment_weight, codebook_weigh
     check_sampling(sample_temperature, seed, z)
     num_rows = z.shape[0]
     return (
-        z.new_empty(z.shape, dtype=_promoted(z, codebook)),
+        z.new_empty(z.shape, dtype=search_dtype(z, codebook)),
         z.new_empty(num_rows, dtype=torch.int64),
         z.new_empty((), dtype=torch.float32),
     )
@@ -418,8 +357,31 @@ masked_conv2d.register_autograd(_masked_conv2d_autograd, setup_context=_masked_c
 # --------------------------------------------------------------------------- soft_quantize
 
 
+def check_soft_inputs(
+    z: object, codebook: object, values: object = None, metric: object = "l2", temperature: object = 1.0
+) -> None:
+    """Checks ``z [N, D]``, ``codebook [K, D]``, ``values [K, Dv]`` (optional), the metric and the
+    temperature of the soft-assignment ops."""
+    if metric not in SOFT_METRICS:
+        raise ValueError(f"metric must be one of {SOFT_METRICS}, got {metric!r}")
+    check_search_inputs(z, codebook, "l2")
+    if values is not None:
+        values = check_tensor("values", values)
+        if values.dim() != 2:
+            raise ValueError(f"values must be 2-D [K, Dv], got shape {tuple(values.shape)}")
+        check_float("values", values)
+        if values.shape[0] != codebook.shape[0] or values.shape[1] < 1:
+            raise ValueError(
+                f"values must have one row per code and Dv >= 1: codebook of shape {tuple(codebook.shape)}, "
+                f"values of shape {tuple(values.shape)}"
+            )
+        check_same_device(z=z, values=values)
+    check_temperature("temperature", temperature)
+
+
+
 def _soft_dtype(z: Tensor, codebook: Tensor, values: Optional[Tensor]) -> torch.dtype:
-    dtype = _promoted(z, codebook)
+    dtype = search_dtype(z, codebook)
     return dtype if values is None else torch.promote_types(dtype, values.dtype)
 
 
@@ -447,7 +409,7 @@ def soft_quantize(
     _check_soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
     backend = backends.select("soft_quantize", z, _soft_dtype(z, codebook, values))
     soft, indices, lse = backend.soft_quantize(z, codebook, values, metric, temperature, seed, return_hard)
-    return soft, _lowest_duplicate(indices, codebook, seed is not None), lse
+    return soft, lowest_duplicate(indices, codebook, seed is not None), lse
 
 
 @soft_quantize.register_fake
@@ -548,14 +510,14 @@ def soft_entropy(z: Tensor, codebook: Tensor, metric: str, temperature: float) -
     """``(row_entropy [N], mean_probs [K], lse [N])`` of ``p = softmax(logits)``: each row's entropy,
     the batch mean of ``p`` per code and the row log-sum-exp, in fp32 (fp64 for fp64 inputs)."""
     _check_soft_entropy(z, codebook, metric, temperature)
-    backend = backends.select("soft_entropy", z, _promoted(z, codebook))
+    backend = backends.select("soft_entropy", z, search_dtype(z, codebook))
     return backend.soft_entropy(z, codebook, metric, temperature)
 
 
 @soft_entropy.register_fake
 def _soft_entropy_fake(z, codebook, metric, temperature):
     _check_soft_entropy(z, codebook, metric, temperature)
-    work = compute_dtype(_promoted(z, codebook))
+    work = compute_dtype(search_dtype(z, codebook))
     return (
         z.new_empty(z.shape[0], dtype=work),
         z.new_empty(codebook.shape[0], dtype=work),
@@ -579,7 +541,7 @@ def soft_entropy_backward(
 ) -> tuple[Tensor, Tensor]:
     """``(grad_z [N, D], grad_codebook [K, D])`` of ``soft_entropy``, in fp32 (fp64 for fp64 inputs);
     a gradient not asked for is empty (``[0, D]``)."""
-    backend = backends.select("soft_entropy_backward", z, _promoted(z, codebook))
+    backend = backends.select("soft_entropy_backward", z, search_dtype(z, codebook))
     return backend.soft_entropy_backward(
         grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, metric, temperature,
         compute_z_grad, compute_codebook_grad,
@@ -589,7 +551,7 @@ def soft_entropy_backward(
 @soft_entropy_backward.register_fake
 def _soft_entropy_backward_fake(grad_row_entropy, grad_mean_probs, grad_lse, z, codebook, row_entropy, lse, metric,
                                 temperature, compute_z_grad, compute_codebook_grad):
-    work = compute_dtype(_promoted(z, codebook))
+    work = compute_dtype(search_dtype(z, codebook))
     return (
         z.new_empty((z.shape[0] if compute_z_grad else 0, z.shape[1]), dtype=work),
         z.new_empty((codebook.shape[0] if compute_codebook_grad else 0, codebook.shape[1]), dtype=work),
@@ -682,46 +644,3 @@ def _code_entropy_autograd(ctx, grad_sample, grad_avg):
 
 
 code_entropy.register_autograd(_code_entropy_autograd, setup_context=_code_entropy_setup_context)
-
-
-# --------------------------------------------------------------------------- nearest_codes (top-k)
-
-# The Triton kernel holds each row's candidates in registers, up to this many.
-MAX_REGISTER_TOPK = 64
-
-
-def _topk_op(k: int, sample_temperature: float) -> str:
-    name = "gumbel_topk" if sample_temperature > 0.0 else "nearest_codes"
-    return name if k <= MAX_REGISTER_TOPK else name + "_wide"
-
-
-@torch.library.custom_op("fastvq::nearest_codes", mutates_args=())
-def nearest_codes(
-    z: Tensor,
-    codebook: Tensor,
-    k: int,
-    metric: str = "l2",
-    sample_temperature: float = 0.0,
-    seed: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """``z [N, D]``, ``codebook [K, D]``, ``1 <= k <= K`` -> ``(indices int64 [N, k], distances fp32 [N, k])``,
-    each row's ``k`` nearest codes by ascending distance (ties to the lower index). With
-    ``sample_temperature > 0``, ``k`` codes drawn without replacement from ``softmax(-distance / T)``
-    (Gumbel-top-k, noise from the int64 ``seed`` tensor), still listed by ascending distance."""
-    check_topk_inputs(z, codebook, k, metric)
-    check_sampling(sample_temperature, seed, z)
-    backend = backends.select(_topk_op(k, sample_temperature), z, _promoted(z, codebook))
-    indices, distances = backend.nearest_codes(z, codebook, k, metric, sample_temperature, seed)
-    if sample_temperature > 0.0 or indices.numel() == 0:
-        return indices, distances
-    groups = find_duplicate_codes(codebook)
-    # Exact duplicates: a row lists the lowest members of each group, whatever the rounding chose.
-    return (indices, distances) if groups is None else order_candidates(groups.lowest_members(indices), distances)
-
-
-@nearest_codes.register_fake
-def _nearest_codes_fake(z, codebook, k, metric="l2", sample_temperature=0.0, seed=None):
-    check_topk_inputs(z, codebook, k, metric)
-    check_sampling(sample_temperature, seed, z)
-    num_rows = z.shape[0]
-    return z.new_empty((num_rows, k), dtype=torch.int64), z.new_empty((num_rows, k), dtype=torch.float32)

@@ -26,83 +26,16 @@ from ._checks import (
     check_ema_inputs,
     check_masked_conv_inputs,
     check_real,
-    check_search_inputs,
     check_segment_inputs,
-    check_soft_inputs,
     check_tensor,
-    check_topk_inputs,
     resolve_padding,
     unbatched_as_batch,
 )
+from ._ops import check_soft_inputs
+from .ops.search import check_search_inputs, draw_seed, nearest_code
+from .ops.topk import nearest_codes
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
-
-
-def draw_seed(device: torch.device) -> Tensor:
-    """A fresh int64 seed tensor from PyTorch's RNG, made on ``device`` with no host sync."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
-
-
-def nearest_code(
-    z: Tensor,
-    codebook: Tensor,
-    *,
-    metric: str = "l2",
-    return_codes: bool = False,
-    sample_temperature: float = 0.0,
-    seed: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
-    """Finds the nearest code of every row of ``z``.
-
-    Args:
-        z: ``[N, D]`` float32, float16, bfloat16 or float64, any strides. ``N`` may be 0.
-        codebook: ``[K, D]`` floating point, ``K >= 1``, on ``z``'s device. A dtype different
-            from ``z``'s is promoted (``torch.promote_types``), not rejected.
-        metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``) or ``"dot"`` (``-z.e``).
-        return_codes: also return the chosen codes, gathered in the same kernel.
-        sample_temperature: when ``> 0``, sample each row's code from ``softmax(-d_k / T)``
-            (Gumbel-max, the noise generated inside the search, never as an ``N x K`` tensor)
-            instead of taking the argmin. ``d`` is the plain (not squared) distance for ``l2``
-            and ``-cos`` for ``cosine``, as vector-quantize-pytorch's stochastic codes use.
-        seed: int64 one-element tensor on ``z``'s device seeding the noise; drawn from PyTorch's
-            RNG when omitted (so ``torch.manual_seed`` makes sampling reproducible).
-
-    Returns:
-        ``(indices, distances)`` or ``(indices, distances, codes)``: ``indices`` int64 ``[N]``;
-        ``distances`` float32 ``[N]``, each row's true distance to its code (for ``l2`` computed
-        as ``sum((z - e)^2)``, so it is exact and never negative; ``1 - cos`` is clamped at 0 too);
-        ``codes`` ``[N, D]`` in the promoted dtype.
-
-    Scores accumulate in fp32 for every input dtype. Ties go to the lowest index. A NaN distance
-    never wins; a row whose distances are all NaN gets index 0 and a NaN distance. The search is
-    deterministic.
-
-    Accuracy (fp32): the chosen code's true (float64) distance is within 1e-5 of the best,
-    relative to the row's distances, for ``l2`` and ``dot`` at any offset from the origin. For
-    ``cosine`` it is within that or ``sqrt(D) * 2**-23`` absolute, whichever is larger: cosines
-    are compared in fp32, whose resolution near 1 is absolute, so for data far from the origin
-    (all ``1 - cos`` tiny) the rule relative to the row's distances does not hold.
-
-    Range (fp32 and bf16 inputs, whose squares are formed in fp32): the contract holds while
-    squared norms and squared distances are normal fp32 numbers, about 1.2e-38 to 3.4e38
-    (vector norms below about 1.8e19, differences that matter above about 1e-19); cosine treats
-    a vector of norm below 1e-12 as zero (``F.normalize``'s eps). Outside it nothing crashes and
-    every index is a valid one, but overflowing distances come back Inf (or NaN) with any index,
-    and underflowing ones 0, ties, lowest index first. Inputs are not rescaled. fp16 inputs
-    cannot leave the range; fp64 is computed in fp64.
-
-    Raises:
-        TypeError: a non-tensor or an integer/bool tensor.
-        ValueError: ``z`` or ``codebook`` not 2-D, different ``D``, ``K == 0``, different
-            devices, or an unknown metric.
-    """
-    check_search_inputs(z, codebook, metric)
-    if sample_temperature > 0 and seed is None:
-        seed = draw_seed(z.device)
-    indices, distances, codes = torch.ops.fastvq.nearest_code(
-        z, codebook, metric, return_codes, float(sample_temperature), seed
-    )
-    return (indices, distances, codes) if return_codes else (indices, distances)
 
 
 def vector_quantize(
@@ -811,52 +744,6 @@ def directional_reparam(src: Tensor, tgt: Tensor, noise_variance: float = 5e-3) 
 
 
 __all__ += ["rotate_to", "directional_reparam"]
-
-
-# --------------------------------------------------------------------------- top-k search
-
-
-def nearest_codes(
-    z: Tensor,
-    codebook: Tensor,
-    k: int,
-    *,
-    metric: str = "l2",
-    sample_temperature: float = 0.0,
-    seed: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """The ``k`` nearest codes of every row of ``z``, in one fused search.
-
-    Args:
-        z: ``[N, D]`` float32, float16, bfloat16 or float64, any strides; ``N`` may be 0.
-        codebook: ``[K, D]`` floating point on ``z``'s device; a different float dtype is promoted.
-        k: how many codes per row, ``1 <= k <= K`` (any size: the kernels keep up to 64 per row in
-            registers and the C++ path any number).
-        metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``) or ``"dot"`` (``-z.e``).
-        sample_temperature: when ``> 0``, ``k`` codes drawn without replacement from
-            ``softmax(-d / T)`` by Gumbel-top-k (``d`` as in :func:`nearest_code`'s sampling), the
-            noise generated inside the search. seed: int64 one-element tensor on ``z``'s device;
-            drawn from PyTorch's RNG when omitted.
-
-    Returns:
-        ``(indices int64 [N, k], distances float32 [N, k])``: each row's codes by ascending true
-        distance (recomputed from ``z - e`` as in :func:`nearest_code`), equal distances by
-        ascending index.
-
-    The search never builds an ``N x K`` matrix: each row's best ``k`` are carried across tiles of
-    codes (in registers on GPUs). Scores accumulate in fp32. Ties go to the lowest index; a NaN
-    distance never beats a finite one and a row whose distances are all NaN gets indices
-    ``0..k-1`` with NaN distances. The search is deterministic.
-
-    Raises:
-        TypeError: a non-tensor or an integer/bool tensor.
-        ValueError: ``z`` or ``codebook`` not 2-D, different ``D``, ``K == 0``, ``k`` outside
-            ``[1, K]``, different devices, or an unknown metric.
-    """
-    check_topk_inputs(z, codebook, k, metric)
-    if sample_temperature > 0 and seed is None:
-        seed = draw_seed(z.device)
-    return torch.ops.fastvq.nearest_codes(z, codebook, k, metric, float(sample_temperature), seed)
 
 
 __all__ += ["nearest_codes"]
