@@ -19,7 +19,6 @@ from ._checks import (
     check_code_entropy_inputs,
     check_ema_inputs,
     check_masked_conv_inputs,
-    check_sampling,
     check_seed,
     check_segment_inputs,
     check_temperature,
@@ -27,8 +26,8 @@ from ._checks import (
     check_float,
     check_same_device,
 )
-from .backends.common import SOFT_METRICS, CHUNK_BYTES, compute_dtype, output_memory_format, output_size, promoted_dtype
-from .ops.search import check_search_inputs, lowest_duplicate, search_dtype, search_op
+from .backends.common import SOFT_METRICS, compute_dtype, output_memory_format, output_size, promoted_dtype
+from .ops.search import check_search_inputs, lowest_duplicate, search_dtype
 
 
 # --------------------------------------------------------------------------- segment_reduce
@@ -49,168 +48,6 @@ def _segment_reduce_fake(values, indices, num_codes, deterministic=False):
         values.new_empty(num_codes, dtype=torch.float32),
         values.new_empty((num_codes, values.shape[1]), dtype=torch.float32),
     )
-
-
-# --------------------------------------------------------------------------- vector_quantize
-
-
-def _loss_scales(num_rows: int, dim: int, commitment_weight: float, codebook_weight: float) -> tuple[float, float]:
-    """d mean((z - e)^2) / dz = 2 (z - e) / (N D); an empty batch has zero loss and gradient."""
-    if num_rows == 0:
-        return 0.0, 0.0
-    unit = 2.0 / (num_rows * dim)
-    return commitment_weight * unit, codebook_weight * unit
-
-
-@torch.library.custom_op("fastvq::vector_quantize", mutates_args=())
-def vector_quantize(
-    z: Tensor,
-    codebook: Tensor,
-    metric: str,
-    commitment_weight: float,
-    codebook_weight: float,
-    rotation_trick: bool = False,
-    sample_temperature: float = 0.0,
-    seed: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Search, gather and the two VQ losses: ``(quantized [N, D], indices int64 [N], loss fp32 [])``
-    (fp64 inputs: the loss summed in fp64, rounded to fp32 once).
-
-    ``loss = codebook_weight * mean((sg[z] - e)^2) + commitment_weight * mean((z - sg[e])^2)``.
-    ``quantized``'s gradient reaches ``z`` straight through, or rotated by the rotation trick.
-    ``sample_temperature``/``seed`` sample the codes as in ``nearest_code``.
-    """
-    check_search_inputs(z, codebook, metric)
-    check_sampling(sample_temperature, seed, z)
-    dtype = search_dtype(z, codebook)
-    backend = backends.select(search_op(sample_temperature), z, dtype)
-    indices, distances, quantized = backend.nearest_code(z, codebook, metric, True, sample_temperature, seed)
-    indices = lowest_duplicate(indices, codebook, sample_temperature > 0.0)
-    num_rows, dim = z.shape
-    if num_rows == 0:
-        return quantized, indices, torch.zeros((), dtype=torch.float32, device=z.device)
-    if metric == "l2" and dtype != torch.float64:
-        squared_error = distances.sum(dtype=torch.float32)
-    else:
-        squared_error = _sum_squared_difference(z, quantized)
-    loss = squared_error * ((commitment_weight + codebook_weight) / (num_rows * dim))
-    return quantized, indices, loss
-
-
-def _sum_squared_difference(z: Tensor, codes: Tensor) -> Tensor:
-    # fp64 inputs are subtracted and summed in fp64 (rounding them to fp32 first loses the
-    # difference of nearby z and e); the fp32 loss is rounded once, at the end.
-    dtype = torch.float64 if codes.dtype == torch.float64 else torch.float32
-    total = torch.zeros((), dtype=dtype, device=z.device)
-    rows_per_chunk = max(1, CHUNK_BYTES // max(1, 8 * z.shape[1]))
-    for start in range(0, z.shape[0], rows_per_chunk):
-        diff = z[start : start + rows_per_chunk].to(dtype) - codes[start : start + rows_per_chunk].to(dtype)
-        total += (diff * diff).sum()
-    return total.float()
-
-
-@vector_quantize.register_fake
-def _vector_quantize_fake(z, codebook, metric, commitment_weight, codebook_weight, rotation_trick=False,
-                          sample_temperature=0.0, seed=None):
-    check_search_inputs(z, codebook, metric)
-    check_sampling(sample_temperature, seed, z)
-    num_rows = z.shape[0]
-    return (
-        z.new_empty(z.shape, dtype=search_dtype(z, codebook)),
-        z.new_empty(num_rows, dtype=torch.int64),
-        z.new_empty((), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("fastvq::vector_quantize_backward", mutates_args=())
-def vector_quantize_backward(
-    grad_quantized: Tensor,
-    grad_loss: Tensor,
-    z: Tensor,
-    quantized: Tensor,
-    indices: Tensor,
-    num_codes: int,
-    commitment_weight: float,
-    codebook_weight: float,
-    compute_codebook_grad: bool,
-    rotation_trick: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``(grad_z [N, D] z's dtype, grad_codebook fp32 [K, D])`` of ``vector_quantize``.
-
-    It reads the codes the forward chose (``quantized``), not the codebook, so a codebook that an
-    EMA step rewrote in place after the forward cannot leak into the gradient. The codebook
-    gradient is summed with float atomics unless PyTorch's deterministic mode is on.
-    """
-    num_rows, dim = z.shape
-    commitment_scale, codebook_scale = _loss_scales(num_rows, dim, commitment_weight, codebook_weight)
-    backend = backends.select("vector_quantize_backward", z, quantized.dtype)
-    return backend.vector_quantize_backward(
-        grad_quantized,
-        grad_loss,
-        z,
-        quantized,
-        indices,
-        num_codes,
-        commitment_scale,
-        codebook_scale,
-        compute_codebook_grad,
-        rotation_trick,
-        torch.are_deterministic_algorithms_enabled(),
-    )
-
-
-@vector_quantize_backward.register_fake
-def _vector_quantize_backward_fake(grad_quantized, grad_loss, z, quantized, indices, num_codes, commitment_weight,
-                                   codebook_weight, compute_codebook_grad, rotation_trick=False):
-    return (
-        torch.empty_like(z, memory_format=torch.contiguous_format),
-        z.new_empty((num_codes, z.shape[1]), dtype=torch.float32),
-    )
-
-
-def _vector_quantize_setup_context(ctx, inputs, output):
-    z, codebook, metric, commitment_weight, codebook_weight, rotation_trick, _, _ = inputs
-    quantized, indices, _ = output
-    ctx.save_for_backward(z, quantized, indices)
-    ctx.num_codes = codebook.shape[0]
-    ctx.codebook_dtype = codebook.dtype
-    ctx.weights = (commitment_weight, codebook_weight)
-    ctx.rotation_trick = rotation_trick
-    ctx.mark_non_differentiable(indices)
-
-
-def _vector_quantize_autograd(ctx, grad_quantized, grad_indices, grad_loss):
-    z, quantized, indices = ctx.saved_tensors
-    commitment_weight, codebook_weight = ctx.weights
-    if grad_quantized is None:
-        grad_quantized = torch.zeros_like(quantized)
-    if grad_loss is None:
-        grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
-    grad_z, grad_codebook = torch.ops.fastvq.vector_quantize_backward(
-        grad_quantized,
-        grad_loss,
-        z,
-        quantized,
-        indices,
-        ctx.num_codes,
-        commitment_weight,
-        codebook_weight,
-        ctx.needs_input_grad[1],
-        ctx.rotation_trick,
-    )
-    return (
-        grad_z if ctx.needs_input_grad[0] else None,
-        grad_codebook.to(ctx.codebook_dtype) if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-vector_quantize.register_autograd(_vector_quantize_autograd, setup_context=_vector_quantize_setup_context)
 
 
 # --------------------------------------------------------------------------- ema_update_

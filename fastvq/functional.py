@@ -34,57 +34,9 @@ from ._checks import (
 from ._ops import check_soft_inputs
 from .ops.search import check_search_inputs, draw_seed, nearest_code
 from .ops.topk import nearest_codes
+from .ops.vector_quantize import vector_quantize
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
-
-
-def vector_quantize(
-    z: Tensor,
-    codebook: Tensor,
-    *,
-    beta: float = 0.25,
-    metric: str = "l2",
-    codebook_weight: float = 1.0,
-    rotation_trick: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantizes ``z`` to its nearest codes with the straight-through estimator and VQ-VAE's losses.
-
-    The forward value of ``quantized`` is the chosen code; its gradient goes to ``z`` unchanged
-    (``z + (e - z).detach()``), or, with ``rotation_trick``, rotated and rescaled the way the
-    rotation trick (Fifty et al. 2024) maps ``z`` onto its code. ``loss = codebook_weight * mean((sg[z] - e)^2) +
-    beta * mean((z - sg[e])^2)`` (van den Oord et al. 2017): the first term trains the chosen
-    codes only (a scatter-add, no one-hot matrix), the second commits ``z`` to its code.
-    An empty batch (``N == 0``) has loss 0.
-
-    Args:
-        z: ``[N, D]`` float32, float16, bfloat16 or float64.
-        codebook: ``[K, D]``, on ``z``'s device; a ``Parameter`` to train it by gradient, or a
-            tensor without grad (EMA training) to get only the commitment gradient.
-        beta: commitment weight (0.25 in the paper).
-        metric: the search metric, ``"l2"``, ``"cosine"`` or ``"dot"``. The losses are always
-            squared errors between ``z`` and the chosen code; normalise both first for cosine codes.
-        codebook_weight: weight of the codebook term (taming-transformers' ``legacy`` form puts
-            ``beta`` here and 1 on the commitment term).
-        rotation_trick: pass the output gradient to ``z`` through the rotation trick instead of
-            straight through (the forward value is the same).
-
-    Returns:
-        ``(quantized [N, D] promoted dtype, indices int64 [N], loss float32 scalar)``. The loss
-        is summed in fp32, or for float64 inputs in float64 and rounded to fp32 once.
-
-    The codebook gradient is summed with float atomics on GPU, so its last bits can vary between
-    runs; ``torch.use_deterministic_algorithms(True)`` selects a sorted, deterministic reduction.
-
-    Raises:
-        TypeError, ValueError: as ``nearest_code``; ``ValueError`` for a non-finite weight.
-    """
-    check_search_inputs(z, codebook, metric)
-    for name, value in (("beta", beta), ("codebook_weight", codebook_weight)):
-        if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be a finite float, got {value!r}")
-    return torch.ops.fastvq.vector_quantize(
-        z, codebook, metric, float(beta), float(codebook_weight), bool(rotation_trick)
-    )
 
 
 def segment_reduce(
