@@ -82,6 +82,11 @@ def check_real(
     return float(value)
 
 
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a Python int or float (not a bool): what a ``float`` argument of an operator takes."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_metric(metric: object) -> str:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -103,69 +108,6 @@ def check_sampling(sample_temperature: object, seed: object, z: torch.Tensor) ->
         raise ValueError("sample_temperature must be finite")
     if sample_temperature > 0:
         check_seed(seed, z)
-
-
-def check_indices(indices: object, num_rows: int, name: str = "indices") -> torch.Tensor:
-    indices = check_tensor(name, indices)
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an int64 or int32 tensor, got dtype {indices.dtype}")
-    if indices.dim() != 1 or indices.shape[0] != num_rows:
-        raise ValueError(f"{name} must be 1-D with {num_rows} entries, got shape {tuple(indices.shape)}")
-    return indices
-
-
-def check_segment_inputs(values: object, indices: object, num_codes: object) -> None:
-    """Checks ``values [N, D]``, ``indices [N]`` and ``num_codes`` for the segment reduce."""
-    values = check_tensor("values", values)
-    if values.dim() != 2:
-        raise ValueError(f"values must be 2-D [N, D], got shape {tuple(values.shape)}")
-    check_float("values", values)
-    indices = check_indices(indices, values.shape[0])
-    if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
-        raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
-    check_same_device(values=values, indices=indices)
-
-
-def check_ema_inputs(
-    codebook: object,
-    cluster_size: object,
-    embed_avg: object,
-    z: object,
-    indices: object,
-    decay: object,
-    eps: object,
-    step: object,
-) -> None:
-    """Checks the state and batch of the in-place EMA update."""
-    codebook = check_tensor("codebook", codebook)
-    cluster_size = check_tensor("cluster_size", cluster_size)
-    embed_avg = check_tensor("embed_avg", embed_avg)
-    z = check_tensor("z", z)
-    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
-        raise ValueError(f"codebook must be 2-D [K, D] with K, D >= 1, got shape {tuple(codebook.shape)}")
-    num_codes, dim = codebook.shape
-    if tuple(cluster_size.shape) != (num_codes,):
-        raise ValueError(f"cluster_size must have shape ({num_codes},) to match codebook, got {tuple(cluster_size.shape)}")
-    if tuple(embed_avg.shape) != (num_codes, dim):
-        raise ValueError(f"embed_avg must have shape ({num_codes}, {dim}) to match codebook, got {tuple(embed_avg.shape)}")
-    if z.dim() != 2 or z.shape[1] != dim:
-        raise ValueError(f"z must be 2-D [N, {dim}] to match codebook, got shape {tuple(z.shape)}")
-    for name, tensor in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg), ("z", z)):
-        check_float(name, tensor)
-    indices = check_indices(indices, z.shape[0])
-    tensors = dict(codebook=codebook, cluster_size=cluster_size, embed_avg=embed_avg, z=z, indices=indices)
-    if step is not None:
-        step = check_tensor("step", step)
-        if step.numel() != 1:
-            raise ValueError(f"step must be a one-element counter tensor, got shape {tuple(step.shape)}")
-        tensors["step"] = step
-    check_same_device(**tensors)
-    for name in ("codebook", "cluster_size", "embed_avg", "step"):
-        if name in tensors:
-            check_own_memory(name, tensors[name])
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= float(decay) < 1.0:
-        raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
-    check_real("eps", eps, minimum=0.0)
 
 
 # --------------------------------------------------------------------------- masked convolution

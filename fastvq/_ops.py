@@ -17,10 +17,8 @@ from . import backends
 from ._checks import (
     check_code_entropy_grads,
     check_code_entropy_inputs,
-    check_ema_inputs,
     check_masked_conv_inputs,
     check_seed,
-    check_segment_inputs,
     check_temperature,
     check_tensor,
     check_float,
@@ -28,87 +26,6 @@ from ._checks import (
 )
 from .backends.common import SOFT_METRICS, compute_dtype, output_memory_format, output_size, promoted_dtype
 from .ops.search import check_search_inputs, lowest_duplicate, search_dtype
-
-
-# --------------------------------------------------------------------------- segment_reduce
-
-
-@torch.library.custom_op("fastvq::segment_reduce", mutates_args=())
-def segment_reduce(values: Tensor, indices: Tensor, num_codes: int, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    """``values [N, D]``, ``indices [N]`` -> ``(counts fp32 [K], sums fp32 [K, D])``."""
-    check_segment_inputs(values, indices, num_codes)
-    backend = backends.select("segment_reduce", values, values.dtype)
-    return backend.segment_reduce(values, indices, num_codes, deterministic)
-
-
-@segment_reduce.register_fake
-def _segment_reduce_fake(values, indices, num_codes, deterministic=False):
-    check_segment_inputs(values, indices, num_codes)
-    return (
-        values.new_empty(num_codes, dtype=torch.float32),
-        values.new_empty((num_codes, values.shape[1]), dtype=torch.float32),
-    )
-
-
-# --------------------------------------------------------------------------- ema_update_
-
-
-@torch.library.custom_op(
-    "fastvq::ema_update_", mutates_args=("codebook", "cluster_size", "embed_avg", "step")
-)
-def ema_update_(
-    codebook: Tensor,
-    cluster_size: Tensor,
-    embed_avg: Tensor,
-    z: Tensor,
-    indices: Tensor,
-    decay: float,
-    eps: float,
-    step: Optional[Tensor] = None,
-    deterministic: bool = False,
-) -> None:
-    """EMA codebook update in place (see ``fastvq.ema_update_`` for the formulas)."""
-    check_ema_inputs(codebook, cluster_size, embed_avg, z, indices, decay, eps, step)
-    num_codes = codebook.shape[0]
-    backend = backends.select("segment_reduce", z, z.dtype)
-    counts, sums = backend.segment_reduce(z, indices, num_codes, deterministic)
-    apply_ema_(codebook, cluster_size, embed_avg, counts, sums, decay, eps, step)
-
-
-@ema_update_.register_fake
-def _ema_update_fake(codebook, cluster_size, embed_avg, z, indices, decay, eps, step=None, deterministic=False):
-    check_ema_inputs(codebook, cluster_size, embed_avg, z, indices, decay, eps, step)
-
-
-def apply_ema_(
-    codebook: Tensor,
-    cluster_size: Tensor,
-    embed_avg: Tensor,
-    counts: Tensor,
-    sums: Tensor,
-    decay: float,
-    eps: float,
-    step: Optional[Tensor],
-) -> None:
-    """Folds one batch's counts ``[K]`` and sums ``[K, D]`` into the moving averages, then
-    renormalises the codebook. All of it is O(K D) elementwise work on the device, with no host
-    synchronisation (the debiasing power ``decay^step`` is taken on the device too)."""
-    cluster_size.lerp_(counts.to(cluster_size.dtype), 1.0 - decay)
-    embed_avg.lerp_(sums.to(embed_avg.dtype), 1.0 - decay)
-    sizes = cluster_size.float()
-    averages = embed_avg.float()
-    if step is not None:
-        step.add_(1)
-        correction = 1.0 - torch.pow(torch.tensor(decay, dtype=torch.float64, device=step.device), step.double())
-        correction = correction.float().reshape(())
-        sizes = sizes / correction
-        averages = averages / correction
-    num_codes = sizes.shape[0]
-    total = sizes.sum()
-    smoothed = (sizes + eps) / (total + num_codes * eps) * total
-    # With no mass at all yet (a zero-started debiased average and an empty first batch) the
-    # codes would be 0/0: they stay as they are instead.
-    codebook.copy_(torch.where(total > 0, averages / smoothed[:, None], codebook))
 
 
 # --------------------------------------------------------------------------- masked_conv2d

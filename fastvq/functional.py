@@ -18,15 +18,12 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from . import _ops
-from ._distributed import all_reduce_sum_, is_distributed
 from .backends import common as backend_common
 from ._checks import (
     PaddingArg,
     check_code_entropy_inputs,
-    check_ema_inputs,
     check_masked_conv_inputs,
     check_real,
-    check_segment_inputs,
     check_tensor,
     resolve_padding,
     unbatched_as_batch,
@@ -34,99 +31,10 @@ from ._checks import (
 from ._ops import check_soft_inputs
 from .ops.search import check_search_inputs, draw_seed, nearest_code
 from .ops.topk import nearest_codes
+from .ops.segment_reduce import ema_update_, segment_reduce
 from .ops.vector_quantize import vector_quantize
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
-
-
-def segment_reduce(
-    values: Tensor, indices: Tensor, num_codes: int, *, deterministic: Optional[bool] = None
-) -> tuple[Tensor, Tensor]:
-    """Per-code counts and sums of rows, without a one-hot matrix.
-
-    Args:
-        values: ``[N, D]`` floating point.
-        indices: int64 or int32 ``[N]``; entries outside ``[0, num_codes)`` are ignored.
-        num_codes: ``K >= 1``.
-        deterministic: sum in a fixed order (sorted by code) instead of with float atomics;
-            ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.
-
-    Returns:
-        ``(counts float32 [K], sums float32 [K, D])``.
-    """
-    check_segment_inputs(values, indices, num_codes)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    return torch.ops.fastvq.segment_reduce(values, indices, num_codes, bool(deterministic))
-
-
-def ema_update_(
-    codebook: Tensor,
-    cluster_size: Tensor,
-    embed_avg: Tensor,
-    z: Tensor,
-    indices: Tensor,
-    *,
-    decay: float = 0.99,
-    eps: float = 1e-5,
-    step: Optional[Tensor] = None,
-    deterministic: Optional[bool] = None,
-    check_indices_range: bool = True,
-    sync: Optional[bool] = None,
-) -> None:
-    """Trains the codebook by exponential moving averages of its clusters, in place.
-
-    With ``n_k`` the number of rows of ``z`` assigned to code ``k`` and ``s_k`` their sum::
-
-        cluster_size <- decay * cluster_size + (1 - decay) * n
-        embed_avg    <- decay * embed_avg    + (1 - decay) * s
-        smoothed_k    = (cluster_size_k + eps) / (sum(cluster_size) + K eps) * sum(cluster_size)
-        codebook_k    = embed_avg_k / smoothed_k
-
-    (VQ-VAE's appendix with Laplace smoothing, as vector-quantize-pytorch computes it.) With
-    ``step``, the zero-debiased variant: ``step`` is incremented and the averages are divided by
-    ``1 - decay^step`` before smoothing; start ``cluster_size`` and ``embed_avg`` at zero for it.
-
-    Args:
-        codebook: ``[K, D]`` floating point, overwritten.
-        cluster_size: ``[K]`` floating point (float32 recommended), updated.
-        embed_avg: ``[K, D]`` floating point (float32 recommended), updated.
-        z: ``[N, D]`` the batch, any float dtype; ``N`` may be 0 (the averages still decay).
-        indices: int64/int32 ``[N]`` codes chosen for ``z``, in ``[0, K)``.
-        decay: in ``[0, 1)``. eps: Laplace smoothing, ``>= 0``.
-        step: optional one-element counter tensor for zero-debiasing, incremented in place.
-        deterministic: as in ``segment_reduce``.
-        check_indices_range: verify ``0 <= indices < K`` first (one host synchronisation; skipped
-            under ``torch.compile``). The kernels never write out of bounds either way: an
-            out-of-range index is ignored.
-        sync: sum the batch's counts and sums over all ranks before the update, so every replica
-            keeps the same codebook; ``None`` syncs when a process group of several ranks is
-            initialised. (Functional collectives: ``torch.compile`` keeps them in its graph.)
-
-    Raises:
-        TypeError: a non-tensor or a non-float state or batch, non-integer indices.
-        ValueError: shapes that do not match the codebook, ``decay`` outside ``[0, 1)``,
-            ``eps < 0``, different devices, or indices out of range.
-    """
-    check_ema_inputs(codebook, cluster_size, embed_avg, z, indices, decay, eps, step)
-    if check_indices_range and indices.numel() and not torch.compiler.is_compiling():
-        low, high = int(indices.min()), int(indices.max())
-        if low < 0 or high >= codebook.shape[0]:
-            raise ValueError(
-                f"indices must lie in [0, {codebook.shape[0]}) for a codebook of shape {tuple(codebook.shape)}, "
-                f"got values in [{low}, {high}]"
-            )
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    if (is_distributed() if sync is None else sync) and is_distributed():
-        counts, sums = torch.ops.fastvq.segment_reduce(z, indices, codebook.shape[0], bool(deterministic))
-        all_reduce_sum_(counts)
-        all_reduce_sum_(sums)
-        _ops.apply_ema_(codebook, cluster_size, embed_avg, counts, sums, float(decay), float(eps), step)
-        return
-    torch.ops.fastvq.ema_update_(
-        codebook, cluster_size, embed_avg, z, indices, float(decay), float(eps), step, bool(deterministic)
-    )
 
 
 # --------------------------------------------------------------------------- masked convolution
