@@ -8,15 +8,13 @@ values, so that nothing a user passes reaches a kernel that could read out of bo
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
-from .backends.common import check_kernel_size, check_mask_type, output_size
 
 METRICS = ("l2", "cosine", "dot")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-PaddingArg = Union[None, int, str, Sequence[int]]
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -39,17 +37,6 @@ def check_own_memory(name: str, tensor: torch.Tensor) -> None:
             f"strides {tuple(tensor.stride())}, as made by expand()): pass a tensor with its own memory, e.g. "
             f"{name}.clone()"
         )
-
-
-def unbatched_as_batch(x: object) -> tuple[torch.Tensor, bool]:
-    """``x [C_in, H, W]`` (unbatched, as ``nn.Conv2d`` takes it) as a batch of one, or ``x [B, C_in, H, W]``
-    as it is; and whether it was unbatched (so the output loses its batch dimension again)."""
-    x = check_tensor("x", x)
-    if x.dim() == 3:
-        return x.unsqueeze(0), True
-    if x.dim() != 4:
-        raise ValueError(f"x must be 3-D [C_in, H, W] (unbatched) or 4-D [B, C_in, H, W], got shape {tuple(x.shape)}")
-    return x, False
 
 
 def check_float(name: str, tensor: torch.Tensor) -> None:
@@ -108,77 +95,6 @@ def check_sampling(sample_temperature: object, seed: object, z: torch.Tensor) ->
         raise ValueError("sample_temperature must be finite")
     if sample_temperature > 0:
         check_seed(seed, z)
-
-
-# --------------------------------------------------------------------------- masked convolution
-
-
-def resolve_padding(padding: PaddingArg, kernel_height: int, kernel_width: int) -> tuple[int, int]:
-    """``None`` or ``"same"`` -> ``(kh // 2, kw // 2)``; an int or a pair of ints ``>= 0`` as given."""
-    if padding is None or padding == "same":
-        return kernel_height // 2, kernel_width // 2
-    if isinstance(padding, bool):
-        raise TypeError(f"padding must be None, 'same', an int or a pair of ints, got {padding!r}")
-    if isinstance(padding, int):
-        pair = (padding, padding)
-    elif isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
-        isinstance(p, int) and not isinstance(p, bool) for p in padding
-    ):
-        pair = (int(padding[0]), int(padding[1]))
-    else:
-        raise TypeError(f"padding must be None, 'same', an int or a pair of ints, got {padding!r}")
-    if pair[0] < 0 or pair[1] < 0:
-        raise ValueError(f"padding must be >= 0, got {padding!r}")
-    return pair
-
-
-def check_masked_conv_inputs(
-    x: object, weight: object, bias: object, mask_type: object, padding: object
-) -> tuple[int, int]:
-    """Checks the masked convolution's arguments and returns its ``(pad_h, pad_w)``.
-
-    ``padding`` here is what the operator receives: a list of two ints ``>= 0``.
-    """
-    x = check_tensor("x", x)
-    weight = check_tensor("weight", weight)
-    check_mask_type(mask_type)
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [B, C_in, H, W], got shape {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D [C_out, C_in, kH, kW], got shape {tuple(weight.shape)}")
-    check_float("x", x)
-    check_float("weight", weight)
-    out_channels, in_channels, kernel_height, kernel_width = weight.shape
-    if out_channels < 1 or in_channels < 1:
-        raise ValueError(f"weight must have C_out >= 1 and C_in >= 1, got shape {tuple(weight.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"x has {x.shape[1]} channels but weight expects C_in = {in_channels}: x of shape "
-            f"{tuple(x.shape)}, weight of shape {tuple(weight.shape)}"
-        )
-    check_kernel_size(kernel_height, kernel_width)
-    if bias is not None:
-        bias = check_tensor("bias", bias)
-        check_float("bias", bias)
-        if tuple(bias.shape) != (out_channels,):
-            raise ValueError(
-                f"bias must have shape ({out_channels},) to match weight of shape {tuple(weight.shape)}, "
-                f"got {tuple(bias.shape)}"
-            )
-        check_same_device(x=x, weight=weight, bias=bias)
-    else:
-        check_same_device(x=x, weight=weight)
-    pads = resolve_padding(tuple(padding) if isinstance(padding, list) else padding, kernel_height, kernel_width)
-    out_height, out_width = output_size(x.shape[2], x.shape[3], kernel_height, kernel_width, pads)
-    if out_height < 1 or out_width < 1:
-        raise ValueError(
-            f"the output would be empty: x of shape {tuple(x.shape)} with kernel size "
-            f"({kernel_height}, {kernel_width}) and padding {pads} gives {out_height} x {out_width}"
-        )
-    return pads
-
-
-# --------------------------------------------------------------------------- soft assignments
 
 
 def check_temperature(name: str, value: object) -> None:

@@ -17,95 +17,14 @@ from . import backends
 from ._checks import (
     check_code_entropy_grads,
     check_code_entropy_inputs,
-    check_masked_conv_inputs,
     check_seed,
     check_temperature,
     check_tensor,
     check_float,
     check_same_device,
 )
-from .backends.common import SOFT_METRICS, compute_dtype, output_memory_format, output_size, promoted_dtype
+from .backends.common import SOFT_METRICS, compute_dtype
 from .ops.search import check_search_inputs, lowest_duplicate, search_dtype
-
-
-# --------------------------------------------------------------------------- masked_conv2d
-
-@torch.library.custom_op("fastvq::masked_conv2d", mutates_args=())
-def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: str, padding: list[int]) -> Tensor:
-    """``x [B, C_in, H, W]``, ``weight [C_out, C_in, kH, kW]`` -> ``[B, C_out, H_out, W_out]``, stride 1.
-
-    Only the taps ``mask_type`` keeps are computed; ``padding`` is ``[pad_h, pad_w]``. The output
-    has the promoted dtype and follows a channels-last ``x``.
-    """
-    check_masked_conv_inputs(x, weight, bias, mask_type, padding)
-    backend = backends.select("masked_conv2d", x, promoted_dtype(x, weight, bias))
-    return backend.masked_conv2d(x, weight, bias, mask_type, list(padding))
-
-
-@masked_conv2d.register_fake
-def _masked_conv2d_fake(x, weight, bias, mask_type, padding):
-    pads = check_masked_conv_inputs(x, weight, bias, mask_type, padding)
-    out_height, out_width = output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], pads)
-    return torch.empty(
-        (x.shape[0], weight.shape[0], out_height, out_width),
-        dtype=promoted_dtype(x, weight, bias),
-        device=x.device,
-        memory_format=output_memory_format(x),
-    )
-
-
-@torch.library.custom_op("fastvq::masked_conv2d_backward", mutates_args=())
-def masked_conv2d_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    mask_type: str,
-    padding: list[int],
-    compute_input_grad: bool,
-    compute_weight_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """``(grad_x, grad_weight)`` of ``masked_conv2d`` in ``x``'s and ``weight``'s dtypes; one not
-    asked for is an empty tensor. The masked taps of ``grad_weight`` are exactly zero."""
-    backend = backends.select("masked_conv2d_backward", x, promoted_dtype(x, weight, None))
-    return backend.masked_conv2d_backward(
-        grad_out, x, weight, mask_type, list(padding), compute_input_grad, compute_weight_grad
-    )
-
-
-@masked_conv2d_backward.register_fake
-def _masked_conv2d_backward_fake(grad_out, x, weight, mask_type, padding, compute_input_grad, compute_weight_grad):
-    grad_x = (
-        torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-        if compute_input_grad
-        else x.new_empty(0)
-    )
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if compute_weight_grad else weight.new_empty(0)
-    return grad_x, grad_weight
-
-
-def _masked_conv2d_setup_context(ctx, inputs, output):
-    x, weight, bias, mask_type, padding = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.mask_type = mask_type
-    ctx.padding = list(padding)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _masked_conv2d_autograd(ctx, grad):
-    x, weight = ctx.saved_tensors
-    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-    grad_x = grad_weight = grad_bias = None
-    if needs_x or needs_weight:
-        grad_x, grad_weight = torch.ops.fastvq.masked_conv2d_backward(
-            grad, x, weight, ctx.mask_type, ctx.padding, needs_x, needs_weight
-        )
-    if needs_bias:
-        sum_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        grad_bias = grad.sum(dim=(0, 2, 3), dtype=sum_dtype).to(ctx.bias_dtype)
-    return (grad_x if needs_x else None), (grad_weight if needs_weight else None), grad_bias, None, None
-
-
-masked_conv2d.register_autograd(_masked_conv2d_autograd, setup_context=_masked_conv2d_setup_context)
 
 
 # --------------------------------------------------------------------------- soft_quantize

@@ -20,84 +20,18 @@ from torch import Tensor
 from . import _ops
 from .backends import common as backend_common
 from ._checks import (
-    PaddingArg,
     check_code_entropy_inputs,
-    check_masked_conv_inputs,
     check_real,
     check_tensor,
-    resolve_padding,
-    unbatched_as_batch,
 )
 from ._ops import check_soft_inputs
 from .ops.search import check_search_inputs, draw_seed, nearest_code
 from .ops.topk import nearest_codes
+from .ops.masked_conv import PaddingArg, check_masked_conv_inputs, masked_conv2d, resolve_padding, unbatched_as_batch
 from .ops.segment_reduce import ema_update_, segment_reduce
 from .ops.vector_quantize import vector_quantize
 
 __all__ = ["nearest_code", "vector_quantize", "ema_update_", "segment_reduce"]
-
-
-# --------------------------------------------------------------------------- masked convolution
-
-def masked_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    *,
-    mask_type: str = "B",
-    padding: PaddingArg = None,
-) -> Tensor:
-    """PixelCNN's masked convolution, computing only the taps the mask keeps.
-
-    Equal to ``conv2d(x, weight * mask, bias, padding=padding)`` with stride 1 (the reference is
-    ``fastvq.reference.masked_conv2d_ref``), but the masked taps are skipped rather than multiplied
-    by zero: a 7 x 7 type-B layer does 25 taps' work instead of 49, and a NaN or Inf stored in a
-    masked tap of ``weight`` has no effect. ``weight`` is never modified; its masked taps get an
-    exactly zero gradient.
-
-    Masks (``mask[i, j]`` over a ``kH x kW`` kernel with centre ``(kH // 2, kW // 2)``):
-
-    - ``"A"``: the rows above the centre and the taps left of it, centre excluded. An output
-      position depends only on input positions strictly before it in raster order (the first
-      layer of a PixelCNN, which must not see the value it predicts).
-    - ``"B"``: ``"A"`` plus the centre tap: positions at or before it (every later layer).
-    - ``"V"``: every row up to and including the centre row: Gated PixelCNN's vertical stack
-      (van den Oord et al. 2016). Its output at row ``i`` depends on input rows ``<= i``; shift it
-      down one row before it feeds a horizontal stack. The horizontal stack is ``"A"``/``"B"`` on
-      a ``1 x k`` kernel.
-
-    Args:
-        x: ``[B, C_in, H, W]`` float32, float16, bfloat16 or float64, any strides; ``B`` may be 0. An
-            unbatched ``[C_in, H, W]`` gives an unbatched output, as with ``conv2d``.
-        weight: ``[C_out, C_in, kH, kW]`` floating point with odd ``kH`` and ``kW``, on ``x``'s device.
-        bias: optional ``[C_out]`` floating point.
-        mask_type: ``"A"``, ``"B"`` or ``"V"``.
-        padding: zero padding ``(pad_h, pad_w)``, an int for both, or ``None``/``"same"`` for
-            ``(kH // 2, kW // 2)``, which keeps ``H x W``.
-
-    Returns:
-        ``[B, C_out, H + 2 pad_h - kH + 1, W + 2 pad_w - kW + 1]`` in the promoted dtype of ``x``,
-        ``weight`` and ``bias``; channels-last when ``x`` is. Accumulation is fp32 for every input
-        dtype (fp64 for fp64). CUDA tensors run fastvq's Triton kernels (forward, input gradient and
-        weight gradient, all deterministic); CPU tensors and fp64 run two plain convolutions over the
-        mask's row groups (``FASTVQ_BACKEND`` overrides, see ``fastvq.backends``).
-
-    Raises:
-        TypeError: a non-tensor, an integer or bool tensor, or a ``padding`` that is not ``None``,
-            ``"same"``, an int or a pair of ints.
-        ValueError: ``x`` or ``weight`` not 4-D, ``C_in`` mismatch, an even kernel size, a bias
-            that is not ``[C_out]``, an unknown ``mask_type``, negative padding, an empty output,
-            or tensors on different devices.
-    """
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D [C_out, C_in, kH, kW], got shape {tuple(weight.shape)}")
-    pads = resolve_padding(padding, weight.shape[2], weight.shape[3])
-    x, unbatched = unbatched_as_batch(x)
-    check_masked_conv_inputs(x, weight, bias, mask_type, pads)
-    out = torch.ops.fastvq.masked_conv2d(x, weight, bias, mask_type, list(pads))
-    return out.squeeze(0) if unbatched else out
 
 
 __all__ += ["masked_conv2d"]
