@@ -24,10 +24,10 @@ from ._checks import (
     check_real,
     check_tensor,
 )
-from ._ops import check_soft_inputs
 from .ops.search import check_search_inputs, draw_seed, nearest_code
 from .ops.topk import nearest_codes
 from .ops.masked_conv import PaddingArg, check_masked_conv_inputs, masked_conv2d, resolve_padding, unbatched_as_batch
+from .ops.soft_quantize import check_soft_inputs, soft_entropy, soft_quantize
 from .ops.segment_reduce import ema_update_, segment_reduce
 from .ops.vector_quantize import vector_quantize
 
@@ -149,120 +149,6 @@ def fsq_bound(z: Tensor, levels: Tensor, *, preserve_symmetry: bool, hard_clamp:
 
 
 __all__ += ["finite_scalar_quantize"]
-
-
-# --------------------------------------------------------------------------- soft assignments
-
-
-def soft_quantize(
-    z: Tensor,
-    codebook: Tensor,
-    *,
-    metric: str = "l2",
-    temperature: float = 1.0,
-    gumbel: bool = False,
-    seed: Optional[Tensor] = None,
-    return_hard: bool = True,
-    values: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor]:
-    """Soft codes ``softmax(logits) @ codebook`` and the hard choice, without the ``N x K`` matrix.
-
-    The logits are ``s(z, e_k) / temperature`` with the similarity ``s``:
-
-    - ``"l2"``: ``-|z - e|^2`` (the negative squared distance);
-    - ``"euclidean"``: ``-|z - e|``, the plain distance (``-cdist``, as vector-quantize-pytorch's
-      logits), its square floored at ``1e-8`` as theirs is;
-    - ``"cosine"``: ``z.e / (|z| |e|)`` (norms floored at ``1e-12``, as ``F.normalize``);
-    - ``"dot"``: ``z.e`` (IBQ's logits).
-
-    Computed the way flash attention computes attention, with ``z`` as queries and the codebook as
-    keys and values: code tiles are streamed, each row keeps a running maximum, a running sum of
-    ``exp(logit - max)`` and a running weighted sum of codes. The backward recomputes the
-    probabilities tile by tile from the saved log-sum-exp; memory stays ``O((N + K) D)``.
-
-    Args:
-        z: ``[N, D]`` float32, float16, bfloat16 or float64, any strides; ``N`` may be 0.
-        codebook: ``[K, D]`` floating point, ``K >= 1``, on ``z``'s device; dtypes are promoted.
-        metric: ``"l2"``, ``"euclidean"``, ``"cosine"`` or ``"dot"``.
-        temperature: ``T > 0``, finite.
-        gumbel: add standard Gumbel noise to the logits before the hard argmax, so that the hard
-            index is a sample from ``softmax(logits)`` (Gumbel-max). The noise enters the hard
-            choice only: the soft assignment stays ``softmax(logits)``, as in vector-quantize-pytorch's
-            Gumbel straight-through, so the backward needs no noise. Needs ``return_hard``.
-        seed: int64 one-element tensor on ``z``'s device keying the noise; drawn from PyTorch's RNG
-            when omitted (``torch.manual_seed`` makes it reproducible). The noise of (row ``n``,
-            code ``k``) is a function of ``(seed, n, k)`` only (Philox-4x32-10 at a counter made of
-            ``n`` and ``k``), so every backend, chunking and tiling draws exactly the same noise.
-        return_hard: also return the hard indices.
-        values: optional ``[K, Dv]`` vectors averaged by the probabilities instead of the codes
-            (``values=codebook.detach()`` gives IBQ's gradient, which reaches the codebook only
-            through the logits).
-
-    Returns:
-        ``(soft, indices, lse)`` or, without ``return_hard``, ``(soft, lse)``: ``soft`` ``[N, Dv]``
-        in the promoted dtype; ``indices`` int64 ``[N]``, the argmax of the logits (plus noise),
-        ties to the lowest index; ``lse`` ``[N]`` the row's ``logsumexp(logits)`` (noise-free), float32
-        (float64 for float64 inputs). ``soft`` and ``lse`` are differentiable with respect to ``z``,
-        ``codebook`` and ``values``.
-
-    A code with a NaN or infinite entry is excluded: probability 0, never chosen, no contribution
-    and zero gradient. A row of ``z`` with a NaN gets index 0 and NaN ``soft`` and ``lse``, so the
-    loss turns NaN visibly. Accumulation is fp32 for every dtype (fp64 for fp64); the forward and
-    backward are deterministic.
-
-    Raises:
-        TypeError: a non-tensor or an integer/bool tensor.
-        ValueError: ``z``, ``codebook`` or ``values`` not 2-D, mismatched ``D`` or ``K``, ``K == 0``,
-            different devices, an unknown metric, a temperature that is not a finite float > 0, a
-            seed without ``gumbel``, or ``gumbel`` without ``return_hard``.
-    """
-    check_soft_inputs(z, codebook, values, metric, temperature)
-    if gumbel and not return_hard:
-        raise ValueError("gumbel=True needs return_hard=True: the noise only enters the hard choice")
-    if seed is not None and not gumbel:
-        raise ValueError("seed keys the Gumbel noise: pass gumbel=True with it")
-    if gumbel and seed is None:
-        seed = draw_seed(z.device)
-    soft, indices, lse = torch.ops.fastvq.soft_quantize(
-        z, codebook, values, metric, float(temperature), seed if gumbel else None, bool(return_hard)
-    )
-    return (soft, indices, lse) if return_hard else (soft, lse)
-
-
-def soft_entropy(
-    z: Tensor, codebook: Tensor, *, metric: str = "dot", temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """The entropies of the soft assignment ``p = softmax(logits)`` over explicit codes, streamed.
-
-    The logits are those of :func:`soft_quantize`. Returns ``(row_entropy [N], mean_probs [K])``:
-    ``row_entropy[n] = -sum_k p[n, k] log p[n, k]`` and ``mean_probs[k] = mean_n p[n, k]``, from which
-    the usual entropy losses follow in ``O(N + K)``: the per-sample entropy ``row_entropy.mean()``
-    and the batch (codebook-usage) entropy ``-(mean_probs * log(mean_probs + eps)).sum()`` (IBQ's
-    and MAGVIT's ``compute_entropy_loss``). Both are differentiable with respect to ``z`` and
-    ``codebook``.
-
-    Two passes over the codebook per row tile: the first carries the online softmax and the
-    running ``sum p * logit`` (``H = lse - <p, logits>``); the second adds the probabilities of the
-    tile's rows to the per-code sums, which needs each row's final log-sum-exp. The backward takes
-    two more: ``<p_n, dL/dmean_probs>`` per row, then the gradient. Nothing of size ``N x K`` exists.
-
-    Args:
-        z: ``[N, D]`` floating point; ``N`` may be 0 (then ``mean_probs`` is all zeros).
-        codebook: ``[K, D]`` floating point on ``z``'s device.
-        metric: as in :func:`soft_quantize` (default ``"dot"``, IBQ's logits).
-        temperature: ``T > 0`` (IBQ's entropy temperature is 0.01).
-
-    Returns:
-        ``(row_entropy, mean_probs)`` in float32 (float64 for float64 inputs). Excluded codes (NaN
-        or infinite entries) have probability 0; a NaN row of ``z`` makes its entropy and every
-        ``mean_probs`` entry NaN.
-
-    Raises:
-        TypeError, ValueError: as :func:`soft_quantize`.
-    """
-    check_soft_inputs(z, codebook, None, metric, temperature)
-    row_entropy, mean_probs, _ = torch.ops.fastvq.soft_entropy(z, codebook, metric, float(temperature))
-    return row_entropy, mean_probs
 
 
 __all__ += ["soft_quantize", "soft_entropy"]
