@@ -108,41 +108,6 @@ def check_seed(seed: object, z: torch.Tensor) -> None:
     if seed.numel() != 1 or seed.dtype != torch.int64:
         raise ValueError(f"seed must be a one-element int64 tensor, got dtype {seed.dtype} and shape {tuple(seed.shape)}")
     check_same_device(z=z, seed=seed)
-# --------------------------------------------------------------------------- code entropy (LFQ)
-
-# 2^30 codes: the batch-mean distribution alone is then 4 GiB per group.
-MAX_CODE_BITS = 30
-
-
-def check_code_entropy_inputs(bit_logits: object, eps: object) -> None:
-    """Checks ``bit_logits [N, G, d]`` (float, ``1 <= d <= 30``) and the clamp ``eps > 0``."""
-    bit_logits = check_tensor("bit_logits", bit_logits)
-    if bit_logits.dim() != 3:
-        raise ValueError(f"bit_logits must be 3-D [N, G, d], got shape {tuple(bit_logits.shape)}")
-    check_float("bit_logits", bit_logits)
-    groups, num_bits = bit_logits.shape[1:]
-    if groups < 1 or not 1 <= num_bits <= MAX_CODE_BITS:
-        raise ValueError(
-            f"bit_logits must have G >= 1 groups of 1 <= d <= {MAX_CODE_BITS} bits, got shape {tuple(bit_logits.shape)}"
-        )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < float("inf"):
-        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
-
-
-def check_code_entropy_grads(grad_sample: object, grad_avg: object, bit_logits: torch.Tensor) -> None:
-    num_rows, groups, num_bits = bit_logits.shape
-    for name, value, shape in (("grad_sample", grad_sample, (num_rows, groups)),
-                               ("grad_avg", grad_avg, (groups, 2**num_bits))):
-        value = check_tensor(name, value)
-        check_float(name, value)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} for bit_logits of shape {tuple(bit_logits.shape)}, "
-                             f"got {tuple(value.shape)}")
-        check_same_device(bit_logits=bit_logits, **{name: value})
-
-
-
-
 # --------------------------------------------------------------------------- k-means
 
 KMEANS_METRICS = ("l2", "cosine")

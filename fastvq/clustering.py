@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from . import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from ._checks import check_kmeans_args
 from ._distributed import all_gather_rows, all_reduce_sum_, broadcast_from_first, is_distributed
 

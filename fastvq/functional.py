@@ -17,16 +17,15 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from . import _ops
 from .backends import common as backend_common
 from ._checks import (
-    check_code_entropy_inputs,
     check_real,
     check_tensor,
 )
 from .ops.search import check_search_inputs, draw_seed, nearest_code
 from .ops.topk import nearest_codes
 from .ops.masked_conv import PaddingArg, check_masked_conv_inputs, masked_conv2d, resolve_padding, unbatched_as_batch
+from .ops.code_entropy import ENTROPY_EPS, code_entropy
 from .ops.soft_quantize import check_soft_inputs, soft_entropy, soft_quantize
 from .ops.segment_reduce import ema_update_, segment_reduce
 from .ops.vector_quantize import vector_quantize
@@ -154,8 +153,6 @@ __all__ += ["finite_scalar_quantize"]
 __all__ += ["soft_quantize", "soft_entropy"]
 # --------------------------------------------------------------------------- code entropy (LFQ)
 
-# vector-quantize-pytorch's floor inside the entropy's log.
-ENTROPY_EPS = 1e-5
 
 
 def clamped_entropy(probs: Tensor, eps: float = ENTROPY_EPS, dim: int = -1) -> Tensor:
@@ -165,47 +162,6 @@ def clamped_entropy(probs: Tensor, eps: float = ENTROPY_EPS, dim: int = -1) -> T
     must be a finite float > 0 (``ValueError`` otherwise)."""
     check_real("eps", eps, above=0.0)
     return -(probs * probs.clamp_min(eps).log()).sum(dim=dim)
-
-
-def code_entropy(bit_logits: Tensor, *, eps: float = ENTROPY_EPS) -> tuple[Tensor, Tensor]:
-    """The two entropy terms of lookup-free quantization over ``2^d`` implicit codes, never ``N x 2^d``.
-
-    Row ``n`` of group ``g`` puts probability ``p(n, c) = prod_b sigmoid((2 c_b - 1) l_b)`` on code
-    ``c`` (bits ``c_b``, the first the most significant), which is the softmax over codes of the
-    logit ``sum_b c_b l_b``: LFQ's ``softmax(-distance * inv_temperature)`` with ``l_b = 4 *
-    inv_temperature * a * x_b`` for codes ``+-a``. Returns
-
-    - ``sample_entropy [N, G]``: ``-sum_c p log max(p, eps)``, each row's clamped entropy (what
-      vector-quantize-pytorch's ``per_sample_entropy`` averages), and
-    - ``avg_probs [G, 2^d]``: ``mean_n p(n, c)``, the batch-mean distribution (``NaN`` for ``N = 0``,
-      as a mean over nothing); its :func:`clamped_entropy` is LFQ's codebook entropy.
-
-    Both come from the per-row products over the high and the low half of the bits,
-    ``[N, 2^(d/2)]`` each: the mean is their GEMM, the clamped entropy is exact from sorted prefix
-    sums, and the backward (autograd, to ``bit_logits``) reuses both (see
-    ``fastvq/backends/torch/code_entropy.py``). Memory is ``O(rows x 2^(d/2))`` per chunk plus the
-    ``G x 2^d`` output; vector-quantize-pytorch's LFQ builds ``N x 2^d`` several times over.
-
-    Reuse: another quantizer whose assignments are not a product over bits (IBQ's softmax over an
-    explicit codebook, say) streams its own ``sample_entropy [N]`` and ``avg_probs [K]`` and combines
-    them the way LFQ does: ``loss = sample_entropy.mean() - diversity_gamma * clamped_entropy(avg_probs)``.
-
-    Args:
-        bit_logits: ``[N, G, d]`` float32, float16, bfloat16 or float64; ``N >= 0``, ``G >= 1``
-            groups (LFQ's codebooks), ``1 <= d <= 30`` bits.
-        eps: the clamp inside the log, ``> 0`` (vector-quantize-pytorch's ``1e-5``).
-
-    Returns:
-        ``(sample_entropy, avg_probs)``, float32 (float64 for float64 input). CPU tensors run the
-        PyTorch path (batched GEMMs and sorts); CUDA tensors run fastvq's Triton kernels, which
-        compute the per-row entropy and the backward directly over code tiles.
-
-    Raises:
-        TypeError: a non-tensor or a non-float tensor.
-        ValueError: not 3-D, ``d`` outside ``[1, 30]``, or ``eps <= 0``.
-    """
-    check_code_entropy_inputs(bit_logits, eps)
-    return torch.ops.fastvq.code_entropy(bit_logits, float(eps))
 
 
 __all__ += ["clamped_entropy", "code_entropy"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .. import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from ..ops.masked_conv import resolve_padding, unbatched_as_batch
 from ..backends.common import check_kernel_size, check_mask_type, conv_mask
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .. import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from ..functional import ema_update_
 
 __all__ = ["VectorQuantizerEMA"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .. import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 
 __all__ = ["VectorQuantizer2", "GumbelQuantize"]
 

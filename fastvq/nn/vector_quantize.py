@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .. import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .._checks import check_real
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 from ..clustering import kmeans

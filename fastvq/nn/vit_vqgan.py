@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .. import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 from ..functional import ema_update_
 

@@ -19,4 +19,4 @@ The submodules are not re-exported as functions here, because four families shar
 their function; ``fastvq.functional`` re-exports every public function.
 """
 
-from . import masked_conv, search, segment_reduce, soft_quantize, topk, vector_quantize  # noqa: F401  (importing a family registers its torch.ops.fastvq.* operators)
+from . import code_entropy, masked_conv, search, segment_reduce, soft_quantize, topk, vector_quantize  # noqa: F401  (importing a family registers its torch.ops.fastvq.* operators)
