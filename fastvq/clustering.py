@@ -1,7 +1,7 @@
 """k-means on fastvq's fused ops: each Lloyd iteration is one nearest-code search and one segment sum.
 
-The assignment step is ``torch.ops.fastvq.nearest_code`` (never an ``N x K`` matrix), the update
-step is ``torch.ops.fastvq.segment_reduce`` on the same rows (per-cluster counts and sums in one
+The assignment step is ``fastvq.functional.nearest_code`` (never an ``N x K`` matrix), the update
+step is ``fastvq.functional.segment_reduce`` on the same rows (per-cluster counts and sums in one
 pass, no copy of ``x``), and k-means++ draws its seeds from the search's distances. Whatever
 backend ``FASTVQ_BACKEND`` selects runs those ops, so this module has no kernels of its own.
 
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from .ops.search import nearest_code
+from .ops.segment_reduce import segment_reduce
 from ._checks import check_kmeans_args
 from ._distributed import all_gather_rows, all_reduce_sum_, broadcast_from_first, is_distributed
 
@@ -267,8 +268,7 @@ def _search_codebook(centroids: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _search(rows: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    indices, distances, _ = torch.ops.fastvq.nearest_code(rows, codebook, metric, False, 0.0, None)
-    return indices, distances
+    return nearest_code(rows, codebook, metric=metric)
 
 
 def _normalized(rows: Tensor) -> Tensor:
@@ -453,7 +453,7 @@ def _assign_and_sum(
     for _, block in shards.blocks():
         indices, distances = _search(block, codebook, metric)
         if reduce:
-            block_counts, block_sums = torch.ops.fastvq.segment_reduce(block, indices, num_clusters, True)
+            block_counts, block_sums = segment_reduce(block, indices, num_clusters, deterministic=True)
             counts = block_counts if counts is None else counts.add_(block_counts)
             sums = block_sums if sums is None else sums.add_(block_sums)
         inertia += distances.sum(dtype=torch.float64)
@@ -503,7 +503,7 @@ def _reseed_empty(shards: _Shards, counts: Tensor, sums: Tensor, assignments: Te
     movable = movable[:wanted]
     targets = empty[: movable.shape[0]]
     rows = shards.global_rows(row_numbers[movable].cpu())
-    out_counts, out_sums = torch.ops.fastvq.segment_reduce(rows, old_clusters[movable], counts.shape[0], True)
+    out_counts, out_sums = segment_reduce(rows, old_clusters[movable], counts.shape[0], deterministic=True)
     counts.sub_(out_counts)
     sums.sub_(out_sums)
     counts[targets] = 1.0
@@ -561,7 +561,7 @@ def _mini_batch(
             local = torch.randint(shards.total, (batch_size,), generator=generator) - shards.offset
             rows = shards.rows(local[(local >= 0) & (local < shards.num_rows)])
             indices, distances = _search(rows, _search_codebook(centroids, rows.dtype), metric)
-            counts, sums = torch.ops.fastvq.segment_reduce(rows, indices, num_clusters, True)
+            counts, sums = segment_reduce(rows, indices, num_clusters, deterministic=True)
             total += shards.sum_(distances.sum(dtype=torch.float64))
             shards.sum_(counts)
             shards.sum_(sums)

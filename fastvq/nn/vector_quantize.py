@@ -5,7 +5,7 @@ vector-quantize-pytorch 1.32's ``VectorQuantize`` (``_codebook.embed [C, K, D]``
 ``_codebook.embed_avg``, ``_codebook.cluster_size [C, K]``, ``_codebook.initted``, the affine
 statistics, ``project_in``/``project_out``), so its state_dicts load here and give the same
 outputs. The layer holds state and reshapes; the search, gather, gradient estimator, commitment
-loss and EMA statistics run in ``torch.ops.fastvq.*``, and no ``N x K`` matrix is built except
+loss and EMA statistics run in ``fastvq.ops``, and no ``N x K`` matrix is built except
 where the math is a softmax over every code (see :class:`VectorQuantize`).
 """
 
@@ -19,20 +19,22 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from .. import ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .._checks import check_real
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 from ..clustering import kmeans
-from ..functional import (
+from ..losses import (
     code_cross_entropy,
     codebook_diversity_loss,
     directional_reparam,
     diversity_of_probabilities,
-    draw_seed,
     orthogonal_loss,
     rotate_to,
-    soft_quantize,
 )
+from ..ops.search import draw_seed, nearest_code
+from ..ops.segment_reduce import segment_reduce
+from ..ops.soft_quantize import soft_quantize
+from ..ops.topk import nearest_codes
+from ..ops.vector_quantize import vector_quantize
 
 # vector-quantize-pytorch's l2norm floor.
 L2NORM_EPS = 1e-6
@@ -279,8 +281,8 @@ class Codebook(nn.Module):
         deterministic = torch.are_deterministic_algorithms_enabled()
         counts, sums = [], []
         for head in range(flatten.shape[0]):
-            head_counts, head_sums = torch.ops.fastvq.segment_reduce(
-                flatten[head], indices[head], self.codebook_size, deterministic
+            head_counts, head_sums = segment_reduce(
+                flatten[head], indices[head], self.codebook_size, deterministic=deterministic
             )
             counts.append(head_counts)
             sums.append(head_sums)
@@ -1227,8 +1229,8 @@ class VectorQuantize(nn.Module):
     def _search_topk(self, flatten: Tensor, books: Tensor, temperature: float, topk: int) -> _Search:
         seed = draw_seed(flatten.device) if temperature > 0 else None
         book = books[0]
-        indices, _ = torch.ops.fastvq.nearest_codes(flatten[0], book.detach(), topk, self._codebook.metric,
-                                                    temperature, seed)
+        indices, _ = nearest_codes(flatten[0], book.detach(), topk, metric=self._codebook.metric,
+                                   sample_temperature=temperature, seed=seed)
         codes = F.embedding(indices, book) if book.requires_grad else book[indices]
         return _Search(indices[None], codes[None], None, None, None)
 
@@ -1274,9 +1276,10 @@ class VectorQuantize(nn.Module):
             seed = draw_seed(rows.device) if temperature > 0 else None
             if fused is not None:
                 commit, commit_grad = fused
-                quantized, chosen, loss = torch.ops.fastvq.vector_quantize(
-                    rows, book if commit_grad else book.detach(), metric, 1.0 if commit else 0.0,
-                    1.0 if commit_grad else 0.0, self.rotation_trick, temperature, seed,
+                quantized, chosen, loss = vector_quantize(
+                    rows, book if commit_grad else book.detach(), metric=metric, beta=1.0 if commit else 0.0,
+                    codebook_weight=1.0 if commit_grad else 0.0, rotation_trick=self.rotation_trick,
+                    sample_temperature=temperature, seed=seed,
                 )
                 if commit_grad:
                     # vector-quantize-pytorch's learnable-codebook loss is ONE term, mse(q, x), whose
@@ -1295,8 +1298,8 @@ class VectorQuantize(nn.Module):
                                                 temperature=soft_temperature, gumbel=seed is not None, seed=seed)
                 chosen_codes = F.embedding(chosen, book) + (soft - soft.detach())
             else:
-                chosen, _, chosen_codes = torch.ops.fastvq.nearest_code(rows, book.detach(), metric, True,
-                                                                        temperature, seed)
+                chosen, _, chosen_codes = nearest_code(rows, book.detach(), metric=metric, return_codes=True,
+                                                       sample_temperature=temperature, seed=seed)
             indices.append(chosen)
             codes.append(F.embedding(chosen, book) if book.requires_grad else chosen_codes)
         if commitment is not None:
