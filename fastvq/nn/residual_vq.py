@@ -380,7 +380,7 @@ class ResidualVQ(nn.Module):
                 continue
             active = depth <= dropout_index if isinstance(dropout_index, Tensor) else None
             layer_inputs.append((residual, active))
-            quantized, layer_indices, loss = layer._forward(
+            quantized, layer_indices, loss = layer(
                 residual, mask=mask, sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
                 codebook_transform_fn=self._qinco(depth, quantized_out), active=active,
             )
@@ -405,10 +405,9 @@ class ResidualVQ(nn.Module):
         projected = self.project_in(x)
         residual, quantized_out, losses = projected, torch.zeros_like(projected), []
         for depth, layer in enumerate(self.layers):
-            quantized, loss = layer._forward(residual, mask=mask, indices=indices[..., depth],
-                                             sample_codebook_temp=sample_codebook_temp,
-                                             freeze_codebook=freeze_codebook,
-                                             codebook_transform_fn=self._qinco(depth, quantized_out))
+            quantized, loss = layer(residual, mask=mask, indices=indices[..., depth],
+                                    sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
+                                    codebook_transform_fn=self._qinco(depth, quantized_out))
             quantized = quantized.reshape(residual.shape)
             residual = residual - frac_gradient(quantized, self.quant_grad_frac)
             quantized_out = quantized_out + quantized
