@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .ops.search import nearest_code
 from .ops.segment_reduce import segment_reduce
-from ._checks import check_kmeans_args
+from ._checks import check_float
 from ._distributed import all_gather_rows, all_reduce_sum_, broadcast_from_first, is_distributed
 
 __all__ = ["kmeans", "KMeansResult"]
@@ -176,6 +176,68 @@ def kmeans(
     finally:
         if bar is not None:
             bar.close()
+
+
+# --------------------------------------------------------------------------- k-means
+
+KMEANS_METRICS = ("l2", "cosine")
+KMEANS_INITS = ("k-means++", "random")
+KMEANS_EMPTY_CLUSTERS = ("farthest", "keep")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_kmeans_args(
+    x: torch.Tensor,
+    num_clusters: object,
+    iters: object,
+    init: object,
+    metric: object,
+    tol: object,
+    batch_size: object,
+    seed: object,
+    empty_clusters: object,
+) -> None:
+    """Checks the arguments of ``fastvq.kmeans`` (``x`` already a tensor view of the data). The
+    finiteness of ``init`` (a host synchronisation) is not checked under ``torch.compile``."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
+    check_float("x", x)
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have D >= 1, got shape {tuple(x.shape)}")
+    _check_int("num_clusters", num_clusters, 1)
+    _check_int("iters", iters, 1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if metric not in KMEANS_METRICS:
+        raise ValueError(f"metric must be one of {KMEANS_METRICS}, got {metric!r}")
+    if empty_clusters not in KMEANS_EMPTY_CLUSTERS:
+        raise ValueError(f"empty_clusters must be one of {KMEANS_EMPTY_CLUSTERS}, got {empty_clusters!r}")
+    if tol is not None and (
+        not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0.0 <= float(tol) < float("inf")
+    ):
+        raise ValueError(f"tol must be a finite float >= 0 or None, got {tol!r}")
+    if isinstance(init, str):
+        if init not in KMEANS_INITS:
+            raise ValueError(f"init must be one of {KMEANS_INITS} or a [K, D] tensor, got {init!r}")
+        return
+    if not isinstance(init, torch.Tensor):
+        raise TypeError(f"init must be one of {KMEANS_INITS} or a [K, D] tensor, got {type(init).__name__}")
+    check_float("init", init)
+    if tuple(init.shape) != (num_clusters, x.shape[1]):
+        raise ValueError(
+            f"init must have shape ({num_clusters}, {x.shape[1]}) for num_clusters={num_clusters} and x of shape "
+            f"{tuple(x.shape)}, got {tuple(init.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(init).all()):
+        raise ValueError(f"init must hold finite values, got NaN or Inf in the tensor of shape {tuple(init.shape)}")
 
 
 # --------------------------------------------------------------------------- the data
