@@ -88,12 +88,24 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
 
+# The kernels divide by a temperature in float32: below the smallest normal float32 its inverse is infinite
+# (or the temperature itself rounds to 0), and every logit turns NaN.
+SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def _check_not_below_float32(name: str, value: object) -> None:
+    if 0.0 < float(value) < SMALLEST_TEMPERATURE:
+        raise ValueError(f"{name} must be 0 or at least {SMALLEST_TEMPERATURE:g} (the smallest normal float32: the "
+                         f"kernels divide by it in float32), got {value!r}")
+
+
 def check_sampling(sample_temperature: object, seed: object, z: torch.Tensor) -> None:
     """Checks the Gumbel-max sampling arguments: a temperature >= 0 and, when sampling, a seed."""
     if not isinstance(sample_temperature, (int, float)) or not float(sample_temperature) >= 0.0:
         raise ValueError(f"sample_temperature must be a float >= 0, got {sample_temperature!r}")
     if float(sample_temperature) == float("inf"):
         raise ValueError("sample_temperature must be finite")
+    _check_not_below_float32("sample_temperature", sample_temperature)
     if sample_temperature > 0:
         check_seed(seed, z)
 
@@ -101,6 +113,15 @@ def check_sampling(sample_temperature: object, seed: object, z: torch.Tensor) ->
 def check_temperature(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < float("inf"):
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    _check_not_below_float32(name, value)
+
+
+def seed_tensor(seed: object, device: torch.device) -> object:
+    """A Python int seed as the one-element int64 tensor the operators take (on ``device``); anything else as
+    it is, for the operator's check to name."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return torch.tensor(seed, dtype=torch.int64, device=device)
+    return seed
 
 
 def check_seed(seed: object, z: torch.Tensor) -> None:

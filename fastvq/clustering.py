@@ -254,7 +254,11 @@ def _as_tensor(x: object, device: Union[str, torch.device, None]) -> tuple[Tenso
             x = torch.from_numpy(x)
     elif not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor or a numpy array, got {type(x).__name__}")
-    return x, torch.device(device) if device is not None else x.device
+    device = torch.device(device) if device is not None else x.device
+    if x.is_meta or device.type == "meta":
+        raise ValueError(f"x must hold data on a real device, got a tensor of shape {tuple(x.shape)} on {x.device}"
+                         f"{'' if device == x.device else f' for device {device}'} (meta tensors have no values)")
+    return x, device
 
 
 class _Shards:

@@ -326,6 +326,8 @@ class ResidualVQ(nn.Module):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         beam_size = (self.beam_size if self.training else self.eval_beam_size) if beam_size is None else beam_size
+        if beam_size is not None and (isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1):
+            raise ValueError(f"beam_size must be a positive int or None, got {beam_size!r}")
         if isinstance(indices, (list, tuple)):
             indices = torch.stack(list(indices), dim=-1)
         if indices is not None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_float, check_metric, check_same_device, check_sampling, check_tensor
+from .._checks import check_float, check_metric, check_same_device, check_sampling, check_tensor, seed_tensor
 from ..backends.common import find_duplicate_codes
 
 
@@ -38,8 +38,8 @@ def nearest_code(
             (Gumbel-max, the noise generated inside the search, never as an ``N x K`` tensor)
             instead of taking the argmin. ``d`` is the plain (not squared) distance for ``l2``
             and ``-cos`` for ``cosine``, as vector-quantize-pytorch's stochastic codes use.
-        seed: int64 one-element tensor on ``z``'s device seeding the noise; drawn from PyTorch's
-            RNG when omitted (so ``torch.manual_seed`` makes sampling reproducible).
+        seed: int64 one-element tensor on ``z``'s device (or a Python int) seeding the noise; drawn
+            from PyTorch's RNG when omitted (so ``torch.manual_seed`` makes sampling reproducible).
 
     Returns:
         ``(indices, distances)`` or ``(indices, distances, codes)``: ``indices`` int64 ``[N]``;
@@ -74,6 +74,7 @@ def nearest_code(
         check_search_inputs(z, codebook, metric)  # the dispatcher would reject these types with its own message
     if sample_temperature > 0 and seed is None:
         seed = draw_seed(z.device)
+    seed = seed_tensor(seed, z.device)
     indices, distances, codes = _nearest_code_op(z, codebook, metric, return_codes, float(sample_temperature), seed)
     return (indices, distances, codes) if return_codes else (indices, distances)
 

@@ -183,6 +183,9 @@ def check_ema_inputs(
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= float(decay) < 1.0:
         raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
     check_real("eps", eps, minimum=0.0)
+    if float(eps) * num_codes > torch.finfo(torch.float32).max:
+        # The smoothing divides by sum(cluster_size) + K eps in float32: an infinite one turns the codebook NaN.
+        raise ValueError(f"eps must keep K * eps finite in float32 (K = {num_codes}), got {eps!r}")
 
 
 @torch.library.custom_op("fastvq::segment_reduce", mutates_args=())

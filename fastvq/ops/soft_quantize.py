@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_float, check_same_device, check_seed, check_temperature, check_tensor, is_real
+from .._checks import check_float, check_same_device, check_seed, check_temperature, check_tensor, is_real, seed_tensor
 from ..backends.common import SOFT_METRICS, compute_dtype
 from .search import check_search_inputs, draw_seed, lowest_duplicate, search_dtype
 
@@ -55,7 +55,7 @@ def soft_quantize(
             index is a sample from ``softmax(logits)`` (Gumbel-max). The noise enters the hard
             choice only: the soft assignment stays ``softmax(logits)``, as in vector-quantize-pytorch's
             Gumbel straight-through, so the backward needs no noise. Needs ``return_hard``.
-        seed: int64 one-element tensor on ``z``'s device keying the noise; drawn from PyTorch's RNG
+        seed: int64 one-element tensor on ``z``'s device (or a Python int) keying the noise; drawn from PyTorch's RNG
             when omitted (``torch.manual_seed`` makes it reproducible). The noise of (row ``n``,
             code ``k``) is a function of ``(seed, n, k)`` only (Philox-4x32-10 at a counter made of
             ``n`` and ``k``), so every backend, chunking and tiling draws exactly the same noise.
@@ -91,6 +91,7 @@ def soft_quantize(
         raise ValueError("seed keys the Gumbel noise: pass gumbel=True with it")
     if gumbel and seed is None:
         seed = draw_seed(z.device)
+    seed = seed_tensor(seed, z.device)
     soft, indices, lse = _soft_quantize_op(
         z, codebook, values, metric, float(temperature), seed if gumbel else None, bool(return_hard)
     )

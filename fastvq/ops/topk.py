@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_sampling
+from .._checks import check_sampling, seed_tensor
 from ..backends.common import find_duplicate_codes, order_candidates
 from .search import check_search_inputs, draw_seed, search_dtype
 
@@ -37,7 +37,7 @@ def nearest_codes(
         metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``) or ``"dot"`` (``-z.e``).
         sample_temperature: when ``> 0``, ``k`` codes drawn without replacement from
             ``softmax(-d / T)`` by Gumbel-top-k (``d`` as in :func:`nearest_code`'s sampling), the
-            noise generated inside the search. seed: int64 one-element tensor on ``z``'s device;
+            noise generated inside the search. seed: int64 one-element tensor on ``z``'s device (or a Python int);
             drawn from PyTorch's RNG when omitted.
 
     Returns:
@@ -60,6 +60,7 @@ def nearest_codes(
         check_topk_inputs(z, codebook, k, metric)  # the dispatcher would reject these types with its own message
     if sample_temperature > 0 and seed is None:
         seed = draw_seed(z.device)
+    seed = seed_tensor(seed, z.device)
     return _nearest_codes_op(z, codebook, k, metric, float(sample_temperature), seed)
 
 

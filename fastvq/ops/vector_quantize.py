@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_sampling
+from .._checks import check_sampling, seed_tensor
 from ..backends.common import CHUNK_BYTES
 from .search import check_search_inputs, draw_seed, lowest_duplicate, search_dtype, search_op
 
@@ -69,6 +69,7 @@ def vector_quantize(
             raise ValueError(f"{name} must be a finite float, got {value!r}")
     if sample_temperature > 0 and seed is None:
         seed = draw_seed(z.device)
+    seed = seed_tensor(seed, z.device)
     return _vector_quantize_op(z, codebook, metric, float(beta), float(codebook_weight), bool(rotation_trick),
                                float(sample_temperature), seed)
 
