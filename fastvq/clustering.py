@@ -258,7 +258,8 @@ def _as_tensor(x: object, device: Union[str, torch.device, None]) -> tuple[Tenso
     if x.is_meta or device.type == "meta":
         raise ValueError(f"x must hold data on a real device, got a tensor of shape {tuple(x.shape)} on {x.device}"
                          f"{'' if device == x.device else f' for device {device}'} (meta tensors have no values)")
-    return x, device
+    # k-means is not differentiable: data that requires grad (a Parameter, encoder features) is read as values.
+    return x.detach(), device
 
 
 class _Shards:

@@ -63,3 +63,12 @@ def test_kmeans_refuses_meta_tensors():
         fastvq.kmeans(torch.empty(10, 3, device="meta"), 2)
     with pytest.raises(ValueError, match="^x must hold data"):
         fastvq.kmeans(torch.randn(10, 3), 2, device="meta")
+
+
+@pytest.mark.parametrize("options", [{}, {"batch_size": 8}, {"init": "random"}])
+def test_kmeans_takes_data_that_requires_grad(options):
+    x = torch.nn.Parameter(torch.randn(40, 3))
+    result = fastvq.kmeans(x, 3, iters=3, seed=0, **options)
+    expected = fastvq.kmeans(x.detach(), 3, iters=3, seed=0, **options)
+    assert not result.centroids.requires_grad
+    torch.testing.assert_close(result.centroids, expected.centroids)
