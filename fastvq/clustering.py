@@ -342,12 +342,20 @@ def _normalized(rows: Tensor) -> Tensor:
     return F.normalize(rows, dim=1, eps=CENTROID_NORM_EPS)
 
 
-def _check_finite(inertia: float) -> None:
-    if not math.isfinite(inertia):
+def _check_finite(inertia: float, x: Tensor) -> None:
+    """Raises when the inertia is not finite, blaming NaN or infinite values only where ``x`` holds some (read
+    on this error path only)."""
+    if math.isfinite(inertia):
+        return
+    if bool(torch.isfinite(x).all()):
         raise ValueError(
-            f"the k-means inertia is {inertia}: x holds NaN or infinite values (the search gives such rows a "
-            "distance that is not finite)"
+            f"the k-means inertia is {inertia} although x is finite: its squared distances overflow float32 "
+            f"(largest |x| = {float(x.abs().max()):g}; the search needs norms below about 1.8e19): rescale x"
         )
+    raise ValueError(
+        f"the k-means inertia is {inertia}: x holds NaN or infinite values (the search gives such rows a "
+        "distance that is not finite)"
+    )
 
 
 # --------------------------------------------------------------------------- seeding
@@ -490,7 +498,7 @@ def _lloyd(
         inertia.append(total)
         if watch:
             values.append(float(total))
-            _check_finite(values[-1])
+            _check_finite(values[-1], shards.x)
         if empty_clusters == "farthest" and bool((counts == 0).any()):
             _reseed_empty(shards, counts, sums, assignments, distances)
         new_centroids = sums / counts.clamp_min(1.0)[:, None]
@@ -503,7 +511,7 @@ def _lloyd(
                 break
     history = torch.stack(inertia).cpu()
     if not watch and not torch.compiler.is_compiling():
-        _check_finite(float(history.sum()))
+        _check_finite(float(history.sum()), shards.x)
     return KMeansResult(centroids, assignments, history)
 
 
@@ -638,7 +646,7 @@ def _mini_batch(
             centroids = torch.where((counts > 0)[:, None], moved, centroids)
             weights = new_weights
         inertia.append(float(total) * shards.total / (steps * batch_size))
-        _check_finite(inertia[-1])
+        _check_finite(inertia[-1], shards.x)
         _report(bar, inertia[-1])
         if _converged(inertia, tol):
             break

@@ -3,6 +3,7 @@ each now gets a clear error naming the argument before any kernel runs, or works
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,12 @@ def test_kmeans_takes_data_that_requires_grad(options):
     expected = fastvq.kmeans(x.detach(), 3, iters=3, seed=0, **options)
     assert not result.centroids.requires_grad
     torch.testing.assert_close(result.centroids, expected.centroids)
+
+
+def test_kmeans_blames_overflow_not_nan_for_finite_data_that_is_too_large():
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)) * 1e30
+    with pytest.raises(ValueError, match="x is finite") as error:
+        fastvq.kmeans(x, 3, iters=2, seed=0)
+    assert "NaN" not in str(error.value)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fastvq.kmeans(torch.tensor([[float("nan"), 0.0]] * 4 + [[1.0, 2.0]] * 4), 2, iters=2, seed=0)
