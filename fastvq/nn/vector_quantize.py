@@ -621,9 +621,11 @@ class VectorQuantize(nn.Module):
                 # vector-quantize-pytorch's training loss always requires grad (so backward() works).
                 loss = loss.detach().requires_grad_()
 
-        quantized = rearrange(quantize, f"{rows_pattern} d -> b n (h d)", b=batch, h=heads).to(projected.dtype)
+        # n as well as b: with an empty batch einops cannot infer n from b
+        quantized = rearrange(quantize, f"{rows_pattern} d -> b n (h d)", b=batch, n=length, h=heads)
+        quantized = quantized.to(projected.dtype)
         quantized = self.project_out(quantized).to(x.dtype)
-        embed_ind = rearrange(embed_ind, f"{rows_pattern} -> b n h", b=batch, h=heads)
+        embed_ind = rearrange(embed_ind, f"{rows_pattern} -> b n h", b=batch, n=length, h=heads)
         if heads == 1:
             embed_ind = embed_ind[..., 0]
         if valid is not None:
@@ -851,7 +853,7 @@ class VectorQuantize(nn.Module):
         if self.heads == 1:
             return quantize.reshape(batch, length, -1)
         pattern = "h b n d" if self.separate_codebook_per_head else "1 (b h) n d"
-        return rearrange(quantize, f"{self._rows_pattern()} d -> {pattern}", b=batch, h=self.heads)
+        return rearrange(quantize, f"{self._rows_pattern()} d -> {pattern}", b=batch, n=length, h=self.heads)
 
     def _cross_entropy(self, flatten: Tensor, books: Tensor, search: _Search, targets: Tensor) -> Tensor:
         if search.logits is not None:
