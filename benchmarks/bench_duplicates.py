@@ -30,7 +30,7 @@ import torch
 
 import _harness
 import fastvq
-from fastvq import _ops
+from fastvq.ops import search as search_ops
 from fastvq.backends.common import find_duplicate_codes
 
 GRID = [(256, 16384, 256), (1024, 16384, 256), (4096, 4096, 256), (4096, 1024, 64), (65536, 512, 64)]
@@ -52,17 +52,17 @@ def time_remap(shape: tuple[int, int, int], duplicates: bool, device: str, threa
     num_rows, num_codes, dim = shape
     z, codebook = inputs(num_rows, num_codes, dim, duplicates, device)
     load1 = os.getloadavg()[0]
-    original = _ops._lowest_duplicate
+    original = search_ops.lowest_duplicate
 
     def without_remap(indices, codebook, sampled):
         return indices
 
     def search_without_remap():
-        _ops._lowest_duplicate = without_remap
+        search_ops.lowest_duplicate = without_remap
         try:
             return fastvq.nearest_code(z, codebook)
         finally:
-            _ops._lowest_duplicate = original
+            search_ops.lowest_duplicate = original
 
     timings = {"find": _harness.time_call(lambda: find_duplicate_codes(codebook), device)}
     # Interleaved, three rounds each, so a change in the machine's load shows in both.

@@ -1,7 +1,7 @@
 """k-means on fastvq's fused ops: each Lloyd iteration is one nearest-code search and one segment sum.
 
-The assignment step is ``torch.ops.fastvq.nearest_code`` (never an ``N x K`` matrix), the update
-step is ``torch.ops.fastvq.segment_reduce`` on the same rows (per-cluster counts and sums in one
+The assignment step is ``fastvq.functional.nearest_code`` (never an ``N x K`` matrix), the update
+step is ``fastvq.functional.segment_reduce`` on the same rows (per-cluster counts and sums in one
 pass, no copy of ``x``), and k-means++ draws its seeds from the search's distances. Whatever
 backend ``FASTVQ_BACKEND`` selects runs those ops, so this module has no kernels of its own.
 
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
-from ._checks import check_kmeans_args
+from .ops.search import nearest_code
+from .ops.segment_reduce import segment_reduce
+from ._checks import check_float
 from ._distributed import all_gather_rows, all_reduce_sum_, broadcast_from_first, is_distributed
 
 __all__ = ["kmeans", "KMeansResult"]
@@ -177,6 +178,68 @@ def kmeans(
             bar.close()
 
 
+# --------------------------------------------------------------------------- k-means
+
+KMEANS_METRICS = ("l2", "cosine")
+KMEANS_INITS = ("k-means++", "random")
+KMEANS_EMPTY_CLUSTERS = ("farthest", "keep")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_kmeans_args(
+    x: torch.Tensor,
+    num_clusters: object,
+    iters: object,
+    init: object,
+    metric: object,
+    tol: object,
+    batch_size: object,
+    seed: object,
+    empty_clusters: object,
+) -> None:
+    """Checks the arguments of ``fastvq.kmeans`` (``x`` already a tensor view of the data). The
+    finiteness of ``init`` (a host synchronisation) is not checked under ``torch.compile``."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
+    check_float("x", x)
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have D >= 1, got shape {tuple(x.shape)}")
+    _check_int("num_clusters", num_clusters, 1)
+    _check_int("iters", iters, 1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if metric not in KMEANS_METRICS:
+        raise ValueError(f"metric must be one of {KMEANS_METRICS}, got {metric!r}")
+    if empty_clusters not in KMEANS_EMPTY_CLUSTERS:
+        raise ValueError(f"empty_clusters must be one of {KMEANS_EMPTY_CLUSTERS}, got {empty_clusters!r}")
+    if tol is not None and (
+        not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0.0 <= float(tol) < float("inf")
+    ):
+        raise ValueError(f"tol must be a finite float >= 0 or None, got {tol!r}")
+    if isinstance(init, str):
+        if init not in KMEANS_INITS:
+            raise ValueError(f"init must be one of {KMEANS_INITS} or a [K, D] tensor, got {init!r}")
+        return
+    if not isinstance(init, torch.Tensor):
+        raise TypeError(f"init must be one of {KMEANS_INITS} or a [K, D] tensor, got {type(init).__name__}")
+    check_float("init", init)
+    if tuple(init.shape) != (num_clusters, x.shape[1]):
+        raise ValueError(
+            f"init must have shape ({num_clusters}, {x.shape[1]}) for num_clusters={num_clusters} and x of shape "
+            f"{tuple(x.shape)}, got {tuple(init.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(init).all()):
+        raise ValueError(f"init must hold finite values, got NaN or Inf in the tensor of shape {tuple(init.shape)}")
+
+
 # --------------------------------------------------------------------------- the data
 
 
@@ -191,7 +254,12 @@ def _as_tensor(x: object, device: Union[str, torch.device, None]) -> tuple[Tenso
             x = torch.from_numpy(x)
     elif not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor or a numpy array, got {type(x).__name__}")
-    return x, torch.device(device) if device is not None else x.device
+    device = torch.device(device) if device is not None else x.device
+    if x.is_meta or device.type == "meta":
+        raise ValueError(f"x must hold data on a real device, got a tensor of shape {tuple(x.shape)} on {x.device}"
+                         f"{'' if device == x.device else f' for device {device}'} (meta tensors have no values)")
+    # k-means is not differentiable: data that requires grad (a Parameter, encoder features) is read as values.
+    return x.detach(), device
 
 
 class _Shards:
@@ -267,20 +335,27 @@ def _search_codebook(centroids: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _search(rows: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    indices, distances, _ = torch.ops.fastvq.nearest_code(rows, codebook, metric, False, 0.0, None)
-    return indices, distances
+    return nearest_code(rows, codebook, metric=metric)
 
 
 def _normalized(rows: Tensor) -> Tensor:
     return F.normalize(rows, dim=1, eps=CENTROID_NORM_EPS)
 
 
-def _check_finite(inertia: float) -> None:
-    if not math.isfinite(inertia):
+def _check_finite(inertia: float, x: Tensor) -> None:
+    """Raises when the inertia is not finite, blaming NaN or infinite values only where ``x`` holds some (read
+    on this error path only)."""
+    if math.isfinite(inertia):
+        return
+    if bool(torch.isfinite(x).all()):
         raise ValueError(
-            f"the k-means inertia is {inertia}: x holds NaN or infinite values (the search gives such rows a "
-            "distance that is not finite)"
+            f"the k-means inertia is {inertia} although x is finite: its squared distances overflow float32 "
+            f"(largest |x| = {float(x.abs().max()):g}; the search needs norms below about 1.8e19): rescale x"
         )
+    raise ValueError(
+        f"the k-means inertia is {inertia}: x holds NaN or infinite values (the search gives such rows a "
+        "distance that is not finite)"
+    )
 
 
 # --------------------------------------------------------------------------- seeding
@@ -423,7 +498,7 @@ def _lloyd(
         inertia.append(total)
         if watch:
             values.append(float(total))
-            _check_finite(values[-1])
+            _check_finite(values[-1], shards.x)
         if empty_clusters == "farthest" and bool((counts == 0).any()):
             _reseed_empty(shards, counts, sums, assignments, distances)
         new_centroids = sums / counts.clamp_min(1.0)[:, None]
@@ -436,7 +511,7 @@ def _lloyd(
                 break
     history = torch.stack(inertia).cpu()
     if not watch and not torch.compiler.is_compiling():
-        _check_finite(float(history.sum()))
+        _check_finite(float(history.sum()), shards.x)
     return KMeansResult(centroids, assignments, history)
 
 
@@ -453,7 +528,7 @@ def _assign_and_sum(
     for _, block in shards.blocks():
         indices, distances = _search(block, codebook, metric)
         if reduce:
-            block_counts, block_sums = torch.ops.fastvq.segment_reduce(block, indices, num_clusters, True)
+            block_counts, block_sums = segment_reduce(block, indices, num_clusters, deterministic=True)
             counts = block_counts if counts is None else counts.add_(block_counts)
             sums = block_sums if sums is None else sums.add_(block_sums)
         inertia += distances.sum(dtype=torch.float64)
@@ -503,7 +578,7 @@ def _reseed_empty(shards: _Shards, counts: Tensor, sums: Tensor, assignments: Te
     movable = movable[:wanted]
     targets = empty[: movable.shape[0]]
     rows = shards.global_rows(row_numbers[movable].cpu())
-    out_counts, out_sums = torch.ops.fastvq.segment_reduce(rows, old_clusters[movable], counts.shape[0], True)
+    out_counts, out_sums = segment_reduce(rows, old_clusters[movable], counts.shape[0], deterministic=True)
     counts.sub_(out_counts)
     sums.sub_(out_sums)
     counts[targets] = 1.0
@@ -561,7 +636,7 @@ def _mini_batch(
             local = torch.randint(shards.total, (batch_size,), generator=generator) - shards.offset
             rows = shards.rows(local[(local >= 0) & (local < shards.num_rows)])
             indices, distances = _search(rows, _search_codebook(centroids, rows.dtype), metric)
-            counts, sums = torch.ops.fastvq.segment_reduce(rows, indices, num_clusters, True)
+            counts, sums = segment_reduce(rows, indices, num_clusters, deterministic=True)
             total += shards.sum_(distances.sum(dtype=torch.float64))
             shards.sum_(counts)
             shards.sum_(sums)
@@ -571,7 +646,7 @@ def _mini_batch(
             centroids = torch.where((counts > 0)[:, None], moved, centroids)
             weights = new_weights
         inertia.append(float(total) * shards.total / (steps * batch_size))
-        _check_finite(inertia[-1])
+        _check_finite(inertia[-1], shards.x)
         _report(bar, inertia[-1])
         if _converged(inertia, tol):
             break

@@ -87,7 +87,7 @@ OPS = {
     "nearest_codes": Op("topk", "nearest_codes"),
     # nearest_codes with sample_temperature > 0
     "gumbel_topk": Op("topk", "nearest_codes"),
-    # nearest_codes with k > 64, without and with sampling
+    # nearest_codes with more candidates per row than the Triton kernel holds, without and with sampling
     "nearest_codes_wide": Op("topk", "nearest_codes"),
     "gumbel_topk_wide": Op("topk", "nearest_codes"),
 }
@@ -245,12 +245,24 @@ def route(op: str, backend: str) -> str:
     return TABLE[op][backend].runs
 
 
-def select(op: str, tensor: _torch.Tensor, dtype: _torch.dtype) -> ModuleType:
-    """The module whose ``OPS[op].function`` runs ``op`` on ``tensor``'s device in compute dtype ``dtype``."""
-    runs = route(op, select_backend(tensor, dtype))
+# The top-k ops whose Triton kernel holds each row's k candidates in registers, and the table row a
+# larger k takes instead (the Triton module's MAX_REGISTER_TOPK says how many fit).
+_WIDE_TOPK_OPS = {"nearest_codes": "nearest_codes_wide", "gumbel_topk": "gumbel_topk_wide"}
+
+
+def select(op: str, tensor: _torch.Tensor, dtype: _torch.dtype, *, k: Optional[int] = None) -> ModuleType:
+    """The module whose ``OPS[op].function`` runs ``op`` on ``tensor``'s device in compute dtype ``dtype``.
+
+    ``k`` is the top-k ops' candidates per row: a ``k`` larger than the Triton kernel holds in
+    registers takes the op's ``*_wide`` row of the table wherever Triton would run it."""
+    backend = select_backend(tensor, dtype)
+    runs = route(op, backend)
     if runs == "triton" and not triton_available():
         raise RuntimeError(f"{op} runs on Triton for {tensor.device.type} tensors here: pip install triton")
-    return importlib.import_module(_MODULES[runs][OPS[op].family])
+    module = importlib.import_module(_MODULES[runs][OPS[op].family])
+    if runs == "triton" and op in _WIDE_TOPK_OPS and k is not None and k > module.MAX_REGISTER_TOPK:
+        return select(_WIDE_TOPK_OPS[op], tensor, dtype)
+    return module
 
 
 def table_rows() -> list[dict]:

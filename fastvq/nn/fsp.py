@@ -209,5 +209,5 @@ class FSP(nn.Module):
         q_z = self.project_out(q_z).reshape(z_shape)
         if self.channel_first:
             q_z = q_z.movedim(-1, 1)
-        info = {"level_indices": level_indices.reshape(z_shape[:-1] + (-1,)), "norm_info": norm_info, **other_info}
+        info = {"level_indices": level_indices.reshape(z_shape[:-1] + level_indices.shape[-1:]), "norm_info": norm_info, **other_info}
         return q_z, indices.reshape(z_shape[:-1]), norm_loss, info

@@ -44,7 +44,8 @@ def check_float_input(x: object, name: str = "x") -> Tensor:
 def channels_to_sequence(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``[B, D, ...]`` -> ``([B, prod(...), D], spatial shape)``."""
     moved = x.movedim(1, -1)
-    return moved.reshape(moved.shape[0], -1, moved.shape[-1]), tuple(moved.shape[1:-1])
+    # The positions counted, not inferred (-1): an empty batch has no size to infer them from.
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:-1]), moved.shape[-1]), tuple(moved.shape[1:-1])
 
 
 def sequence_to_channels(x: Tensor, spatial: tuple[int, ...]) -> Tensor:

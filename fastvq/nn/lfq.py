@@ -291,6 +291,7 @@ class LFQ(nn.Module):
         mask: Optional[Tensor] = None,
     ):
         x = check_float_input(x)
+        inv_temperature = check_real("inv_temperature", inv_temperature, above=0.0)
         should_transpose = x.dim() >= 4 if self.channel_first is None else self.channel_first
         spatial = None
         if should_transpose:

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
-from .._checks import resolve_padding, unbatched_as_batch
+from ..ops.masked_conv import masked_conv2d
 from ..backends.common import check_kernel_size, check_mask_type, conv_mask
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
@@ -88,11 +87,9 @@ class MaskedConv2d(nn.Conv2d):
         """``padding`` overrides the layer's own for this call (the fast samplers use ``0`` on crops)."""
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        pads = resolve_padding(self.padding if padding is None else padding, *self.kernel_size)
-        batch, unbatched = unbatched_as_batch(input)  # [C_in, H, W] works as in nn.Conv2d
-        # The operator checks its inputs itself; going through fastvq.masked_conv2d would check twice.
-        out = torch.ops.fastvq.masked_conv2d(batch, self.weight, self.bias, self.mask_type, list(pads))
-        return out.squeeze(0) if unbatched else out
+        # [C_in, H, W] works as in nn.Conv2d.
+        return masked_conv2d(input, self.weight, self.bias, mask_type=self.mask_type,
+                             padding=self.padding if padding is None else padding)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

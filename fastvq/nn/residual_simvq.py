@@ -1,5 +1,5 @@
 """``ResidualSimVQ``: vector-quantize-pytorch's residual quantizer on :class:`~fastvq.nn.SimVQ`
-layers (each layer's search and losses are one fused ``torch.ops.fastvq.vector_quantize`` call,
+layers (each layer's search and losses are one fused ``fastvq.functional.vector_quantize`` call,
 so no layer builds an ``N x K`` matrix). Names, arguments, defaults, return structure and
 state_dict keys are vector-quantize-pytorch 1.32's.
 """

@@ -326,6 +326,8 @@ class ResidualVQ(nn.Module):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         beam_size = (self.beam_size if self.training else self.eval_beam_size) if beam_size is None else beam_size
+        if beam_size is not None and (isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1):
+            raise ValueError(f"beam_size must be a positive int or None, got {beam_size!r}")
         if isinstance(indices, (list, tuple)):
             indices = torch.stack(list(indices), dim=-1)
         if indices is not None:
@@ -380,7 +382,7 @@ class ResidualVQ(nn.Module):
                 continue
             active = depth <= dropout_index if isinstance(dropout_index, Tensor) else None
             layer_inputs.append((residual, active))
-            quantized, layer_indices, loss = layer._forward(
+            quantized, layer_indices, loss = layer(
                 residual, mask=mask, sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
                 codebook_transform_fn=self._qinco(depth, quantized_out), active=active,
             )
@@ -405,10 +407,9 @@ class ResidualVQ(nn.Module):
         projected = self.project_in(x)
         residual, quantized_out, losses = projected, torch.zeros_like(projected), []
         for depth, layer in enumerate(self.layers):
-            quantized, loss = layer._forward(residual, mask=mask, indices=indices[..., depth],
-                                             sample_codebook_temp=sample_codebook_temp,
-                                             freeze_codebook=freeze_codebook,
-                                             codebook_transform_fn=self._qinco(depth, quantized_out))
+            quantized, loss = layer(residual, mask=mask, indices=indices[..., depth],
+                                    sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
+                                    codebook_transform_fn=self._qinco(depth, quantized_out))
             quantized = quantized.reshape(residual.shape)
             residual = residual - frac_gradient(quantized, self.quant_grad_frac)
             quantized_out = quantized_out + quantized

@@ -5,7 +5,7 @@ The codes are a frozen random codebook ``C [K, F]`` passed through a learned map
 (``nn.Linear(F, D, bias=False)`` by default): ``codebook = W(C)``, ``[K, D]``. Training ``W``
 moves every code at once, which keeps the whole codebook in use. The layer builds that
 ``[K, D]`` codebook each call (``K x F x D`` work, no ``N x K`` matrix) and hands it to
-``torch.ops.fastvq.vector_quantize``, whose codebook gradient flows back into ``W``.
+``fastvq.functional.vector_quantize``, whose codebook gradient flows back into ``W``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from ..ops.vector_quantize import vector_quantize
 
 __all__ = ["SimVQ"]
 
@@ -157,8 +157,9 @@ class SimVQ(nn.Module):
         channels_last = x.movedim(1, -1) if self.channel_first else x
         flat = channels_last.reshape(-1, self.dim)
         weight = self.commitment_weight
-        quantized, indices, loss = torch.ops.fastvq.vector_quantize(
-            flat, self.codebook, "l2", weight * self.input_to_quantize_commit_loss_weight, weight, self.rotation_trick
+        quantized, indices, loss = vector_quantize(
+            flat, self.codebook, metric="l2", beta=weight * self.input_to_quantize_commit_loss_weight,
+            codebook_weight=weight, rotation_trick=self.rotation_trick,
         )
         quantized = quantized.to(x.dtype).reshape(channels_last.shape)
         if self.channel_first:

@@ -1,8 +1,8 @@
 """DeepMind Sonnet's ``VectorQuantizerEMA`` (VQ-VAE, van den Oord et al. 2017) on fastvq's ops.
 
 The search, gather, straight-through estimator and commitment loss run in
-``torch.ops.fastvq.vector_quantize``; the zero-debiased moving averages of the cluster sizes
-and sums run in ``torch.ops.fastvq.ema_update_``. Neither builds the ``N x K`` distance or
+``fastvq.functional.vector_quantize``; the zero-debiased moving averages of the cluster sizes
+and sums run in ``fastvq.functional.ema_update_``. Neither builds the ``N x K`` distance or
 one-hot matrices that Sonnet builds; those two are returned only when asked for.
 """
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
-from ..functional import ema_update_
+from ..ops.segment_reduce import ema_update_, segment_reduce
+from ..ops.vector_quantize import vector_quantize
 
 __all__ = ["VectorQuantizerEMA"]
 
@@ -119,13 +119,13 @@ class VectorQuantizerEMA(nn.Module):
                 f"got shape {tuple(inputs.shape)}"
             )
         flat = inputs.reshape(-1, self.embedding_dim)
-        quantized, indices, loss = torch.ops.fastvq.vector_quantize(
-            flat, self.embeddings, "l2", self.commitment_cost, 0.0
+        quantized, indices, loss = vector_quantize(
+            flat, self.embeddings, metric="l2", beta=self.commitment_cost, codebook_weight=0.0
         )
         deterministic = torch.are_deterministic_algorithms_enabled()
         # Counting reduces a column of ones: O(N) work, no one-hot matrix.
         ones = flat.new_ones(flat.shape[0], 1)
-        counts, _ = torch.ops.fastvq.segment_reduce(ones, indices, self.num_embeddings, deterministic)
+        counts, _ = segment_reduce(ones, indices, self.num_embeddings, deterministic=deterministic)
         probs = counts / max(flat.shape[0], 1)
         perplexity = torch.exp(-torch.sum(probs * torch.log(probs + 1e-10)))
         distances = None

@@ -4,7 +4,7 @@
 state_dict keys (``embedding.weight``; ``proj.weight``, ``proj.bias``, ``embed.weight``; ``used``
 when remapping) and return structures of ``taming.modules.vqvae.quantize``, so a VQGAN checkpoint
 loads and a VQGAN training loop runs unchanged. The nearest-code search, gather, straight-through
-estimator and both VQ losses of ``VectorQuantizer2`` run in ``torch.ops.fastvq.vector_quantize``,
+estimator and both VQ losses of ``VectorQuantizer2`` run in ``fastvq.functional.vector_quantize``,
 which never builds the ``N x K`` distance matrix that taming's version builds.
 
 Differences from taming-transformers, stated rather than hidden:
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
+from ..ops.vector_quantize import vector_quantize
 
 __all__ = ["VectorQuantizer2", "GumbelQuantize"]
 
@@ -253,8 +253,8 @@ class VectorQuantizer2(_IndexRemap):
         batch, _, height, width = z.shape
         flat = rearrange(z, "b c h w -> (b h w) c")
         commitment_weight, codebook_weight = self._loss_weights()
-        quantized, indices, loss = torch.ops.fastvq.vector_quantize(
-            flat, self.embedding.weight, "l2", commitment_weight, codebook_weight
+        quantized, indices, loss = vector_quantize(
+            flat, self.embedding.weight, metric="l2", beta=commitment_weight, codebook_weight=codebook_weight
         )
         z_q = rearrange(quantized, "(b h w) c -> b c h w", b=batch, h=height, w=width).contiguous()
         if self.remap is not None:

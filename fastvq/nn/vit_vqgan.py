@@ -3,7 +3,7 @@
 ViT-VQGAN looks codes up in a low-dimensional space (``codebook_dim``, 32 in the paper) and
 l2-normalises both the projected encoder output and the codes, so the search is by cosine
 similarity and every code lies on the unit sphere; both changes raise codebook usage. The
-search, gather and both VQ losses run in ``torch.ops.fastvq.vector_quantize``.
+search, gather and both VQ losses run in ``fastvq.functional.vector_quantize``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
-from ..functional import ema_update_
+from ..ops.search import nearest_code
+from ..ops.segment_reduce import ema_update_, segment_reduce
+from ..ops.vector_quantize import vector_quantize
 
 __all__ = ["FactorizedL2Quantizer"]
 
@@ -156,8 +157,9 @@ class FactorizedL2Quantizer(nn.Module):
         if self.training and self.dead_code_threshold > 0:
             # Before the search: the codebook is not yet saved for the backward.
             self._replace_dead_codes_(z.detach())
-        quantized, indices, loss = torch.ops.fastvq.vector_quantize(
-            z, self.normalized_codebook(), "cosine", self.beta, 0.0 if self.ema_update else 1.0
+        quantized, indices, loss = vector_quantize(
+            z, self.normalized_codebook(), metric="cosine", beta=self.beta,
+            codebook_weight=0.0 if self.ema_update else 1.0,
         )
         if self.training and self.ema_update:
             # Under torch.distributed the statistics are summed over ranks first (see ema_update_).
@@ -202,10 +204,8 @@ class FactorizedL2Quantizer(nn.Module):
         means, _ = sample_rows(z.float(), self.codebook_size, synced=is_distributed())
         counts = torch.zeros(self.codebook_size, device=z.device)
         for _ in range(self.kmeans_iters):
-            assignment, _, _ = torch.ops.fastvq.nearest_code(z, means, "cosine", False)
-            counts, sums = torch.ops.fastvq.segment_reduce(
-                z, assignment, self.codebook_size, torch.are_deterministic_algorithms_enabled()
-            )
+            assignment, _ = nearest_code(z, means, metric="cosine")
+            counts, sums = segment_reduce(z, assignment, self.codebook_size)
             all_reduce_sum_(counts)
             all_reduce_sum_(sums)
             # An empty cluster keeps its seed.

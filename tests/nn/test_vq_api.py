@@ -259,8 +259,14 @@ def test_signature_is_vector_quantize_pytorchs():
     assert list(ours) == list(theirs)
     for name, parameter in theirs.items():
         assert ours[name].default == parameter.default or name in ("self",), name
-    assert list(inspect.signature(VectorQuantize.forward).parameters) == list(
-        inspect.signature(TheirVectorQuantize.forward).parameters)
+    # Every call theirs accepts works here: their parameters in their order, then only keyword-only extras with
+    # defaults (``active``, ResidualVQ's on-device layer switch).
+    their_forward = list(inspect.signature(TheirVectorQuantize.forward).parameters)
+    our_forward = inspect.signature(VectorQuantize.forward).parameters
+    assert list(our_forward)[: len(their_forward)] == their_forward
+    for name in list(our_forward)[len(their_forward):]:
+        assert our_forward[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert our_forward[name].default is not inspect.Parameter.empty, name
     for method in ("update_ema_indices", "expire_codes_", "maybe_split_heads_from_input", "update_in_place_optimizer",
                    "update_indices", "get_codes_from_indices", "get_output_from_indices"):
         assert callable(getattr(VectorQuantize, method)), method
