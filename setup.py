@@ -40,8 +40,8 @@ from setuptools.command.build_ext import build_ext
 here = Path(__file__).parent
 PACKAGE_DIR = here / "fastvq"
 STATUS_FILE = PACKAGE_DIR / "_build_status.json"
-CPU_SOURCES = ["csrc/module.cpp", "csrc/search_cpu.cpp", "csrc/search_cpu_avx2.cpp", "csrc/search_cpu_avx512.cpp",
-               "csrc/segment_reduce_cpu.cpp", "csrc/cpu_peak.cpp"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/cpu/search.cpp", "csrc/cpu/search_avx2.cpp", "csrc/cpu/search_avx512.cpp",
+               "csrc/cpu/segment_reduce.cpp", "csrc/cpu/cpu_peak.cpp"]
 CUDA_SOURCES = ["csrc/cuda/search_kernels.cu", "csrc/cuda/segment_reduce_kernels.cu", "csrc/cuda/binding.cpp"]
 DEFAULT_CPU_ARCH_FLAGS = "-march=native"
 
@@ -92,8 +92,8 @@ def cpu_flags() -> tuple[list[str], list[str], dict]:
 
 def cpu_sources() -> list[str]:
     if os.environ.get("FASTVQ_SIMDE", "0").strip() == "1":
-        emulated = "csrc/emulated/search_cpu_avx512_simde.cpp"
-        return [emulated if source == "csrc/search_cpu_avx512.cpp" else source for source in CPU_SOURCES]
+        emulated = "csrc/cpu/search_avx512_simde.cpp"
+        return [emulated if source == "csrc/cpu/search_avx512.cpp" else source for source in CPU_SOURCES]
     return CPU_SOURCES
 
 
