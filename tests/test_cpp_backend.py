@@ -374,6 +374,7 @@ def _copy_for_build(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "fastvq", tree / "fastvq",
                     ignore=shutil.ignore_patterns("_C.*", "_build_status.json", "__pycache__"))
     shutil.copy(ROOT / "setup.py", tree / "setup.py")
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
     return tree
 
 
