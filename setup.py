@@ -34,14 +34,13 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from setuptools import find_packages, setup
-from setuptools.command.build_ext import build_ext
+from setuptools import setup
 
 here = Path(__file__).parent
 PACKAGE_DIR = here / "fastvq"
 STATUS_FILE = PACKAGE_DIR / "_build_status.json"
-CPU_SOURCES = ["csrc/module.cpp", "csrc/search_cpu.cpp", "csrc/search_cpu_avx2.cpp", "csrc/search_cpu_avx512.cpp",
-               "csrc/segment_reduce_cpu.cpp", "csrc/cpu_peak.cpp"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/cpu/search.cpp", "csrc/cpu/search_avx2.cpp", "csrc/cpu/search_avx512.cpp",
+               "csrc/cpu/segment_reduce.cpp", "csrc/cpu/cpu_peak.cpp"]
 CUDA_SOURCES = ["csrc/cuda/search_kernels.cu", "csrc/cuda/segment_reduce_kernels.cu", "csrc/cuda/binding.cpp"]
 DEFAULT_CPU_ARCH_FLAGS = "-march=native"
 
@@ -92,8 +91,8 @@ def cpu_flags() -> tuple[list[str], list[str], dict]:
 
 def cpu_sources() -> list[str]:
     if os.environ.get("FASTVQ_SIMDE", "0").strip() == "1":
-        emulated = "csrc/emulated/search_cpu_avx512_simde.cpp"
-        return [emulated if source == "csrc/search_cpu_avx512.cpp" else source for source in CPU_SOURCES]
+        emulated = "csrc/cpu/search_avx512_simde.cpp"
+        return [emulated if source == "csrc/cpu/search_avx512.cpp" else source for source in CPU_SOURCES]
     return CPU_SOURCES
 
 
@@ -195,40 +194,5 @@ def extension_setup() -> dict:
     return {"ext_modules": [plans[0][0]], "cmdclass": {"build_ext": BuildOrFallBack}}
 
 
-setup(
-    name="fastvq",
-    version="0.1.0",
-    description="Fused vector quantization for PyTorch: nearest-code search, STE and EMA without an N x K matrix",
-    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.10",
-    packages=find_packages(include=["fastvq", "fastvq.*"]),
-    package_data={"fastvq": ["_build_status.json", "_datafiles/*"]},
-    # torch is left unpinned on purpose: install the build you want first (the README installs the
-    # CPU build on CPU machines); a satisfied requirement pulls nothing more.
-    # numpy reads CIFAR-10's pickles, Pillow writes the pictures and reads image folders, tqdm draws
-    # the progress bars of the `fastvq` command.
-    install_requires=["torch>=2.4", "einops>=0.7", "numpy>=1.22", "pillow>=9.1", "tqdm>=4.60"],
-    extras_require={
-        "triton": ["triton>=3.2; platform_system == 'Linux'"],
-        "test": [
-            "pytest>=8",
-            "numpy",
-            "triton>=3.2; platform_system == 'Linux'",
-            # the layer tests compare against the original library directly
-            "vector-quantize-pytorch==1.32.0",
-            # `fastvq kmeans --data FILE.safetensors` is tested
-            "safetensors>=0.4",
-        ],
-        # `fastvq kmeans --data FILE.safetensors`
-        "safetensors": ["safetensors>=0.4"],
-        # bench_kmeans.py compares against FAISS's and scikit-learn's k-means, bench_search against FAISS's
-        # exact IndexFlatL2 / IndexFlatIP search
-        "bench": ["pytest-benchmark>=4", "numpy", "faiss-cpu>=1.7", "scikit-learn>=1.2"],
-        # training curves (RUN/training_curves.png, prior_curves.png); without it they are skipped
-        "plot": ["matplotlib>=3.5"],
-    },
-    entry_points={"console_scripts": ["fastvq = fastvq.cli:main"]},
-    **extension_setup(),
-)
+# The package's metadata is in pyproject.toml; setup.py adds only the extension build.
+setup(**extension_setup())

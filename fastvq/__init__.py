@@ -7,11 +7,10 @@ touches CUDA or imports Triton.
 """
 
 from . import nn
+from ._version import __version__
 from .clustering import KMeansResult, kmeans
 from .functional import ema_update_, nearest_code, nearest_codes, segment_reduce, vector_quantize
 from .nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
-
-__version__ = "0.1.0"
 
 __all__ = [
     "nearest_code",

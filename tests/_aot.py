@@ -32,6 +32,45 @@ TARGETS = {
 }
 PACKAGE = "fastvq.backends.triton"
 _SKIP_MODULES = {"common"}
+# At most this many configs compiled per case and target (0 or unset: all). CI sets it for its second Triton
+# (.ci/run), where compiling every config of every case twice would not fit its time; every case still
+# compiles, with at least one config it launches.
+CONFIGS_PER_CASE_VARIABLE = "FASTVQ_AOT_CONFIGS_PER_CASE"
+# The tile lists are chosen with the Triton the project pins (.ci/run), where no launchable config may spill.
+# Another Triton's code generation spills a few bytes in some of them: Triton 3.9 (ptxas 12.9) spills 4 to 16
+# bytes in 13 of the 406 launchable configs, one at 56 of its 255 registers, so not register pressure that a
+# smaller tile would relieve. There a spill up to SPILL_BYTES_ALLOWED_ELSEWHERE of stack (and no local memory)
+# is reported, not failed; a larger one fails on every Triton.
+TILES_CHOSEN_WITH_TRITON = (3, 6)
+SPILL_BYTES_ALLOWED_ELSEWHERE = 16
+
+
+def spill_bytes_allowed(triton_version: str) -> int:
+    """The stack a launchable config may use with this Triton (``"3.9.0"``): 0 with the one the tiles are
+    chosen with."""
+    major_minor = tuple(int(part) for part in triton_version.split(".")[:2])
+    return 0 if major_minor == TILES_CHOSEN_WITH_TRITON else SPILL_BYTES_ALLOWED_ELSEWHERE
+
+
+def configs_per_case() -> int:
+    value = os.environ.get(CONFIGS_PER_CASE_VARIABLE, "").strip() or "0"
+    if not value.isdigit():
+        raise ValueError(f"{CONFIGS_PER_CASE_VARIABLE} must be a count of configs (0: all), got {value!r}")
+    return int(value)
+
+
+def sample_configs(candidates: list, kept: list, limit: int, case_index: int) -> list:
+    """``limit`` of a case's candidate configs, spread over the list from an offset that moves with the case
+    (so that the cases of a kernel cover different tiles between them), with at least one that the launch
+    keeps; all of them when ``limit`` is 0 or covers them."""
+    if not limit or len(candidates) <= limit:
+        return list(candidates)
+    stride = len(candidates) / limit
+    offset = case_index % max(1, int(stride))
+    sample = [candidates[offset + int(i * stride)] for i in range(limit)]
+    if kept and not any(config in kept for config in sample):
+        sample[-1] = kept[case_index % len(kept)]
+    return sample
 
 
 def worker_init(cache_dir: str) -> None:
@@ -188,7 +227,8 @@ def analyse(kernel) -> dict:
     mma_layouts = set(re.findall(r"^(#\w+) = #ttg\.nvidia_mma", ttgir, re.MULTILINE))
     fma_dots = [
         line for line in dot_lines
-        if "ttng.warp_group_dot" not in line and not any(re.search(rf"{name}\b[^>]*>\s+loc", line) for name in mma_layouts)
+        if "ttng.warp_group_dot" not in line
+        and not any(re.search(rf"{name}\b[^>]*>\s+loc", line) for name in mma_layouts)
     ]
     return {
         "shared": kernel.metadata.shared + static_shared,
@@ -239,7 +279,7 @@ def compile_case(family: str, index: int, target_name: str) -> dict:
             candidates = kept = list(case.configs)
             if not kept:
                 raise AssertionError(f"{case.name}: a launch that is not autotuned must name its configs")
-        for config in candidates:
+        for config in sample_configs(candidates, kept, configs_per_case(), index):
             compiled = inner.warmup(*case.args, grid=(1,), **case.meta, **config.all_kwargs())
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
             facts = analyse(compiled)

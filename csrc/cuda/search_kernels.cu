@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "common.cuh"
 #include "kernels.h"
 
 namespace fastvq {
@@ -29,21 +30,6 @@ constexpr int kThreads = kThreadsAlongCodes * kThreadsAlongRows;
 constexpr int kRowsPerThread = kBlockRows / kThreadsAlongRows;
 constexpr int kCodesPerThread = kBlockCodes / kThreadsAlongCodes;
 constexpr float kNormEps = 1e-12f;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value);
-template <>
-__device__ __forceinline__ float to_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half value) {
-  return __half2float(value);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
-}
 
 template <typename T, Metric metric>
 __global__ void __launch_bounds__(kThreads) nearest_code_fwd_kernel(SearchArgs args) {

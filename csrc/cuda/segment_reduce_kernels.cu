@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "common.cuh"
 #include "kernels.h"
 
 namespace fastvq {
@@ -17,21 +18,6 @@ namespace {
 constexpr int kColumnsPerBlock = 32;
 constexpr int kRowsPerBlock = 8;
 constexpr int kSortedThreads = 128;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value);
-template <>
-__device__ __forceinline__ float to_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half value) {
-  return __half2float(value);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
-}
 
 template <typename I>
 __device__ __forceinline__ int64_t code_of(const SegmentArgs& args, int64_t row) {

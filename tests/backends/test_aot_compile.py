@@ -15,7 +15,9 @@ that target, and asserts on the cubin (read with the ``cuobjdump`` in Triton's w
 - and every ``@triton.jit`` kernel of the package is launched by some case.
 
 The compiles run in a pool of worker processes (one per core, at most 8) with a fresh Triton cache,
-so nothing carries over from an earlier run. The per-target counts are printed.
+so nothing carries over from an earlier run. The per-target counts are printed. With
+``FASTVQ_AOT_CONFIGS_PER_CASE=N`` each case compiles at most N of its configs, one that it launches among
+them (CI's run with the newest Triton, ``.ci/run``): every family and case still compiles.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import _aot
 import pytest
 
-import _aot
-
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 
 def _workers() -> int:
@@ -79,9 +80,12 @@ def test_every_case_compiles_for_sm80_and_sm90(aot, capsys):
     counts = collections.Counter(result["target"] for result, _ in _launchable(aot))
     cases = collections.Counter(result["target"] for result in aot["results"])
     compiled = collections.Counter(result["target"] for result in aot["results"] for _ in result["configs"])
+    limit = _aot.configs_per_case()
     with capsys.disabled():
         cpu = sum(result["cpu_seconds"] for result in aot["results"])
-        print(f"\nAOT compile: {len(aot['listing']['cases'])} cases, {aot['seconds']:.0f} s on {_workers()} workers "
+        print(f"\nAOT compile with Triton {triton.__version__}"
+              + (f" (at most {limit} configs per case, {_aot.CONFIGS_PER_CASE_VARIABLE})" if limit else "")
+              + f": {len(aot['listing']['cases'])} cases, {aot['seconds']:.0f} s on {_workers()} workers "
               f"({cpu:.0f} s of CPU compiling); "
               + "; ".join(f"{target}: {counts[target]} launchable configs ({compiled[target]} compiled) over "
                           f"{cases[target]} cases"
@@ -104,10 +108,24 @@ def test_shared_memory_fits_and_the_prune_keeps_what_fits(aot):
     assert not problems, "\n".join(problems)
 
 
-def test_no_config_spills_registers(aot):
-    spills = [f"{_label(r, f)}: {f['registers']} registers, stack {f['stack']} B, local {f['local']} B"
-              for r, f in _launchable(aot) if f["stack"] or f["local"]]
-    assert not spills, f"{len(spills)} configs spill:\n" + "\n".join(spills)
+def test_no_config_spills_registers(aot, capsys):
+    """None with the Triton the tiles are chosen with; a few bytes are reported, not failed, with another
+    (``_aot.TILES_CHOSEN_WITH_TRITON``)."""
+    allowed = _aot.spill_bytes_allowed(triton.__version__)
+    spills = [(f"{_label(r, f)}: {f['registers']} registers, stack {f['stack']} B, local {f['local']} B",
+               f["stack"] > allowed or f["local"]) for r, f in _launchable(aot) if f["stack"] or f["local"]]
+    if spills:
+        with capsys.disabled():
+            print(f"\nTriton {triton.__version__}: {len(spills)} configs spill (up to {allowed} B of stack allowed):\n"
+                  + "\n".join(label for label, _ in spills))
+    failing = [label for label, too_much in spills if too_much]
+    assert not failing, f"{len(failing)} configs spill:\n" + "\n".join(failing)
+
+
+def test_spills_are_allowed_only_away_from_the_triton_the_tiles_are_chosen_with():
+    chosen = ".".join(map(str, _aot.TILES_CHOSEN_WITH_TRITON))
+    assert _aot.spill_bytes_allowed(f"{chosen}.0") == 0 and _aot.spill_bytes_allowed(f"{chosen}.1") == 0
+    assert 0 < _aot.spill_bytes_allowed("3.9.0") <= 16
 
 
 def test_every_dot_runs_on_tensor_cores(aot):
@@ -137,3 +155,14 @@ def test_atomic_adds_are_relaxed(aot):
     assert any(f["atomics"] for _, f in _launchable(aot)), "no case compiles an atomic add"
     strong = sorted({f"{r['kernel']} at {where}" for r, f in _launchable(aot) for where in f["strong_atomics"]})
     assert not strong, "atomics with an ordering a sum does not need:\n" + "\n".join(strong)
+
+
+def test_a_sample_of_configs_is_spread_and_keeps_a_launchable_one():
+    configs = list(range(10))
+    assert _aot.sample_configs(configs, configs, 0, 3) == configs  # 0: every config
+    assert _aot.sample_configs(configs, configs, 12, 3) == configs
+    for index in range(6):
+        sample = _aot.sample_configs(configs, [9], 3, index)
+        assert len(set(sample)) == 3 and 9 in sample
+    # Cases of one kernel cover different configs between them.
+    assert len({config for index in range(4) for config in _aot.sample_configs(configs, configs, 3, index)}) > 3

@@ -341,7 +341,7 @@ _MEMORY_PROBE = textwrap.dedent(
     """
 )
 
-# One row tile plus one score tile per thread (csrc/search_cpu.cpp keeps them near 1 MiB), with
+# One row tile plus one score tile per thread (csrc/cpu/search.cpp keeps them near 1 MiB), with
 # room for the BLAS's packing buffers and page granularity.
 PER_THREAD_ALLOWANCE = 4 * 1024**2
 SLACK = 8 * 1024**2
@@ -374,6 +374,7 @@ def _copy_for_build(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "fastvq", tree / "fastvq",
                     ignore=shutil.ignore_patterns("_C.*", "_build_status.json", "__pycache__"))
     shutil.copy(ROOT / "setup.py", tree / "setup.py")
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
     return tree
 
 
@@ -400,7 +401,7 @@ def _backend_info_of(tree: Path) -> dict:
 
 def test_failed_build_installs_without_the_extension_and_says_why(tmp_path):
     tree = _copy_for_build(tmp_path)
-    for source in (tree / "csrc").glob("*.cpp"):  # a missing header stops each compile at once
+    for source in (tree / "csrc").rglob("*.cpp"):  # a missing header stops each compile at once
         source.write_text('#include "missing_on_purpose.h"\n' + source.read_text())
     result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, capture_output=True,
                             text=True, timeout=600)

@@ -2,8 +2,8 @@
 
 The kernel files include no PyTorch header, so they compile on CI machines that have the CUDA
 toolkit but neither a GPU nor a CUDA build of PyTorch: here for Hopper (sm_90) and for nvcc's
-default architecture, with warnings as errors. The stand-alone harness (harness.cu, a float64
-brute-force check of the search and both segment reductions) is built too, and run where a GPU
+default architecture, with warnings as errors. The stand-alone harness (tests/csrc/cuda_harness.cu, a
+float64 brute-force check of the search and both segment reductions) is built too, and run where a GPU
 is present. Skipped only where nvcc is not installed. binding.cpp, which includes PyTorch's CUDA
 headers, compiles only where a CUDA build of PyTorch is installed (setup.py, FASTVQ_BUILD_CUDA).
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+HARNESS = Path(__file__).resolve().parents[1] / "csrc" / "cuda_harness.cu"
 KERNEL_SOURCES = sorted(CUDA_DIR.glob("*_kernels.cu"))
 ARCHITECTURES = {"sm_90": ["-arch=sm_90"], "nvcc-default": []}
 
@@ -45,7 +46,7 @@ def test_there_are_kernel_sources():
     assert {path.name for path in KERNEL_SOURCES} >= {"search_kernels.cu", "segment_reduce_kernels.cu"}
 
 
-@pytest.mark.parametrize("source", [*KERNEL_SOURCES, CUDA_DIR / "kernels.h", CUDA_DIR / "harness.cu"],
+@pytest.mark.parametrize("source", [*KERNEL_SOURCES, CUDA_DIR / "kernels.h", CUDA_DIR / "common.cuh", HARNESS],
                          ids=lambda path: path.name)
 def test_kernel_sources_include_no_pytorch_header(source):
     includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', source.read_text(), re.MULTILINE)
@@ -63,8 +64,8 @@ def test_kernel_source_compiles(source, architecture, tmp_path):
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     executable = tmp_path_factory.mktemp("cuda-harness") / "harness"
-    sources = ["harness.cu", *(path.name for path in KERNEL_SOURCES)]
-    result = _nvcc(*sources, "-o", str(executable))
+    sources = [str(HARNESS), *(path.name for path in KERNEL_SOURCES)]
+    result = _nvcc(f"-I{CUDA_DIR}", *sources, "-o", str(executable))
     assert result.returncode == 0, f"nvcc failed to build the harness:\n{result.stderr}"
     return executable
 

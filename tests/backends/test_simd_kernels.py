@@ -1,13 +1,13 @@
 """The direct CPU search kernels, checked by a stand-alone harness, natively and under SIMDe.
 
-``csrc/simd_harness.cpp`` (no PyTorch) runs each direct kernel (AVX2, AVX-512 fp32, AVX512-BF16)
+``tests/csrc/simd_harness.cpp`` (no PyTorch) runs each direct kernel (AVX2, AVX-512 fp32, AVX512-BF16)
 against a float64 brute force: odd dimensions, one and several panels, padded codes, duplicates
 that must resolve to their first copy, NaN codes that must never win and an all-NaN row.
 
 - natively (the kernels' own target attributes, the harness checking those the CPU runs);
-- against SIMDe (``-DFASTVQ_SIMDE``, csrc/simd.h): the AVX-512 and AVX512-BF16 kernels as portable
+- against SIMDe (``-DFASTVQ_SIMDE``, csrc/cpu/simd.h): the AVX-512 and AVX512-BF16 kernels as portable
   C++, so their layout, indexing and folding are checked on CPUs without those instruction sets
-  too. SIMDe's ``vdpbf16ps`` rounds slightly differently from the hardware (see csrc/simd.h), so the
+  too. SIMDe's ``vdpbf16ps`` rounds slightly differently from the hardware (see csrc/cpu/simd.h), so the
   emulation cannot prove the hardware's last bits; the search tests in test_cpp_backend.py run the
   real instructions where the CPU has them. Skipped (with the reason) where g++ or SIMDe's headers
   (Debian: ``apt-get install libsimde-dev``) are missing: then nothing here is proven.
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ["simd_harness.cpp", "search_cpu_avx2.cpp", "search_cpu_avx512.cpp"]
+ROOT = Path(__file__).resolve().parents[2]
+CPU_SOURCES = ROOT / "csrc" / "cpu"
+SOURCES = [ROOT / "tests" / "csrc" / "simd_harness.cpp", CPU_SOURCES / "search_avx2.cpp",
+           CPU_SOURCES / "search_avx512.cpp"]
 COMPILER = shutil.which("g++")
 SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
 BUILDS = {
@@ -42,8 +44,8 @@ def test_direct_kernels_match_a_float64_brute_force(build, tmp_path):
                     "on this CPU unless it runs them natively")
     executable = tmp_path / f"harness-{build}"
     result = subprocess.run([COMPILER, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", *BUILDS[build],
-                             f"-I{CSRC}", *SOURCES, "-o", str(executable)],
-                            capture_output=True, text=True, timeout=600, cwd=CSRC)
+                             f"-I{CPU_SOURCES}", *map(str, SOURCES), "-o", str(executable)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"g++ failed to build the {build} harness:\n{result.stderr}"
     run = subprocess.run([str(executable)], capture_output=True, text=True, timeout=300)
     print(run.stdout)

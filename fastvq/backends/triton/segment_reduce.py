@@ -88,7 +88,10 @@ def _segment_sum_chunk_kernel(
         mask = pos_mask[:, None] & dim_mask[None, :]
         vals = tl.load(values_ptr + rows[:, None] * stride_row + dims[None, :] * stride_col, mask=mask, other=0.0)
         acc += tl.sum(vals.to(tl.float32), axis=0)
-    tl.store(partial_ptr + chunk * D + dims, acc, mask=dim_mask & used)
+    # A branch, not the mask `dim_mask & used`: Triton 3.9's interpreter broadcasts the scalar `used` with
+    # integer data, which a store refuses as a mask ("mask has unsupported dtype").
+    if used:
+        tl.store(partial_ptr + chunk * D + dims, acc, mask=dim_mask)
 
 
 @triton.jit

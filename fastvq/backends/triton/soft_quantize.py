@@ -241,14 +241,17 @@ def _soft_quantize_fwd_kernel(
             (acc / total[:, None]).to(soft_ptr.dtype.element_ty),
             mask=row_mask[:, None] & value_mask[None, :],
         )
-    first = row_mask & (tl.program_id(1) == 0)
-    shift = tl.where(maximum == float("-inf"), 0.0, maximum)
-    lse = tl.where(total > 0, shift + tl.log(total), float("nan"))
-    tl.store(lse_ptr + row_start + local_rows, lse, mask=first)
-    if MEAN_LOGIT:
-        tl.store(mean_logit_ptr + row_start + local_rows, weighted_logits / total, mask=first)
-    if HARD:
-        tl.store(indices_ptr + row_start + local_rows, best_index.to(tl.int64), mask=first)
+    # The per-row results are written by the first program along the value axis only. A branch, not a
+    # mask `row_mask & (tl.program_id(1) == 0)`: Triton 3.9's interpreter broadcasts a scalar comparison
+    # with integer data, which a store then refuses as a mask ("mask has unsupported dtype").
+    if tl.program_id(1) == 0:
+        shift = tl.where(maximum == float("-inf"), 0.0, maximum)
+        lse = tl.where(total > 0, shift + tl.log(total), float("nan"))
+        tl.store(lse_ptr + row_start + local_rows, lse, mask=row_mask)
+        if MEAN_LOGIT:
+            tl.store(mean_logit_ptr + row_start + local_rows, weighted_logits / total, mask=row_mask)
+        if HARD:
+            tl.store(indices_ptr + row_start + local_rows, best_index.to(tl.int64), mask=row_mask)
 
 
 @triton.jit
@@ -386,7 +389,8 @@ def _soft_rows_bwd_kernel(
 
     tl.store(weighted_keys_ptr + row_start * D + local_rows[:, None] * D + out_dims[None, :], weighted_keys,
              mask=row_mask[:, None] & out_mask[None, :])
-    tl.store(row_sums_ptr + row_start + local_rows, row_sums, mask=row_mask & (tl.program_id(1) == 0))
+    if tl.program_id(1) == 0:  # a branch, not a mask: see _soft_quantize_fwd_kernel
+        tl.store(row_sums_ptr + row_start + local_rows, row_sums, mask=row_mask)
 
 
 @triton.jit
@@ -481,12 +485,12 @@ def _soft_codes_bwd_kernel(
         tile_zq_ptr += BLOCK_N * D
         tile_grad_ptr += BLOCK_N * DV
 
-    first = code_mask & (tl.program_id(1) == 0)
     if WEIGHTS:
         tl.store(weighted_rows_ptr + code_start * D + local_codes[:, None] * D + out_dims[None, :], weighted_rows,
                  mask=code_mask[:, None] & out_mask[None, :])
     if WEIGHTS or PROB_SUMS:
-        tl.store(code_sums_ptr + code_start + local_codes, code_sums, mask=first)
+        if tl.program_id(1) == 0:  # a branch, not a mask: see _soft_quantize_fwd_kernel
+            tl.store(code_sums_ptr + code_start + local_codes, code_sums, mask=code_mask)
     if VALUE_GRAD:
         tl.store(grad_values_ptr + code_start * DV + local_codes[:, None] * DV + value_out_dims[None, :], grad_values,
                  mask=code_mask[:, None] & value_out_mask[None, :])

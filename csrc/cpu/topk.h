@@ -1,5 +1,5 @@
 // A row's best k (score, code) pairs, kept sorted for the top-k search: plain C++ (no ATen), shared
-// by the direct kernels (search_cpu_avx2.cpp, search_cpu_avx512.cpp) and the BLAS tiles.
+// by the direct kernels (search_avx2.cpp, search_avx512.cpp) and the BLAS tiles.
 //
 // best[0..k) ascends; a pair enters only if its score is strictly below best[k - 1], and after
 // every pair of equal score already there, so a search that feeds codes in ascending order keeps

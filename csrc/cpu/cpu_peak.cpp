@@ -7,7 +7,7 @@
 // FMA pipes (4 cycles x 2 pipes on current x86 cores), on register operands only, so nothing but
 // the FMA units limits it. The threads start together and the figure is the total flop count over
 // the wall time of the slowest.
-#include "fastvq.h"
+#include "../fastvq.h"
 
 #include "simd.h"
 

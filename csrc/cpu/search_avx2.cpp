@@ -1,5 +1,5 @@
 // The direct search kernel for AVX2 + FMA CPUs without AVX-512 (AMD Zen 1-3, Intel Haswell to
-// Alder Lake): the AVX-512 kernel's design (search_cpu_avx512.cpp) in 16 ymm registers.
+// Alder Lake): the AVX-512 kernel's design (search_avx512.cpp) in 16 ymm registers.
 //
 // The micro-kernel holds a 6-row x 16-code tile of z.e in 12 ymm accumulators (the classic AVX2
 // GEMM tile: 12 accumulators, 2 code vectors and 1 broadcast fill the 16 registers, and 12
@@ -10,7 +10,7 @@
 // blocks that every row tile goes through (for_each_block).
 //
 // Compiled natively with per-function target attributes, or against SIMDe for tests (simd.h).
-#include "search_cpu_avx2.h"
+#include "search_isa.h"
 
 #include "simd.h"
 #include "topk.h"

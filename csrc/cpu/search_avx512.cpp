@@ -15,7 +15,7 @@
 // accumulator, so it does the work of two FMAs and the D loop runs over D / 2 pairs.
 //
 // Compiled natively with per-function target attributes, or against SIMDe for tests (simd.h).
-#include "search_cpu_avx512.h"
+#include "search_isa.h"
 
 #include "simd.h"
 #include "topk.h"

@@ -9,8 +9,7 @@
 // second best by more than that, duplicates must resolve to the first copy, and a NaN code must
 // never win. Exit status 0: every case passed; 1: a mismatch (printed); 77: no kernel to check on
 // this CPU (a native build on a CPU without AVX2).
-#include "search_cpu_avx2.h"
-#include "search_cpu_avx512.h"
+#include "search_isa.h"
 
 #include <cmath>
 #include <cstdint>

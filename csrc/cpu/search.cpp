@@ -4,11 +4,11 @@
 // Each work item converts (and, for l2, centres) a block of rows into an fp32 tile (fp64 for fp64
 // inputs) and walks its codes with it, keeping a running (min, argmin) per row:
 //
-// - the direct kernels, fp32 (search_cpu_avx512.cpp on CPUs with AVX-512F, search_cpu_avx2.cpp on
+// - the direct kernels, fp32 (search_avx512.cpp on CPUs with AVX-512F, search_avx2.cpp on
 //   CPUs with AVX2 and FMA but not AVX-512F): scores are computed in registers, a register tile of
 //   rows x codes at a time, and folded at once; the codebook is packed in panels for them. The
 //   AVX-512 kernel measured 2.5x faster than MKL's sgemm on this project's Zen 4 CI machine.
-// - the bf16 direct kernel (search_cpu_avx512.cpp, AVX512-BF16; bf16 z and codebook): the same on
+// - the bf16 direct kernel (search_avx512.cpp, AVX512-BF16; bf16 z and codebook): the same on
 //   the exact bf16 values with vdpbf16ps, never widened; it scores uncentred codes, so l2 takes it
 //   only for codebooks near the origin (bf16_codebook_near_origin).
 // - the BLAS tiles (fp64, CPUs without AVX2, or FASTVQ_CPU_SEARCH=blas): one single-threaded GEMM
@@ -20,9 +20,8 @@
 // The scores follow fastvq/backends/common.py (SearchCodebook) exactly: l2 uses |e - c|^2 - 2 (z - c).(e - c) with c the
 // mean of the finite codes, cosine -z.e/|e|, dot -z.e; a NaN score never wins, and ties keep the
 // lowest index, whatever the tiling and the split.
-#include "fastvq.h"
-#include "search_cpu_avx2.h"
-#include "search_cpu_avx512.h"
+#include "../fastvq.h"
+#include "search_isa.h"
 #include "topk.h"
 
 #include <ATen/ATen.h>
@@ -156,7 +155,7 @@ Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes) 
 
 // The codebook as the search scores it, built once per call: O(K D), never O(N K). Row-major for
 // the BLAS tiles; for a direct kernel packed in panels of its panel width, [panels, D, width]
-// (bf16: [panels, D / 2, 32, 2], see search_cpu_avx512.h), the last panel padded with zero codes
+// (bf16: [panels, D / 2, 32, 2], see search_isa.h), the last panel padded with zero codes
 // whose bias is +inf so that they never win.
 template <typename acc_t>
 struct PreparedCodebook {

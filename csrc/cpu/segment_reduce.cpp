@@ -4,7 +4,7 @@
 // only the rows of its own codes, in row order. No two threads write the same sum, nothing is
 // atomic, and every sum is added in the same order as a serial loop (and as index_add_ on CPU),
 // so the result is deterministic and does not depend on the number of threads.
-#include "fastvq.h"
+#include "../fastvq.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
