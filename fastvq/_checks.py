@@ -12,7 +12,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .backends.common import SOFT_METRICS, check_kernel_size, check_mask_type, output_size
+from ._masks import check_kernel_size, check_mask_type
+from .backends.common import output_size
+from .backends.soft_codebook import SOFT_METRICS
 
 METRICS = ("l2", "cosine", "dot")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -26,15 +26,9 @@ from ._checks import (
     check_soft_inputs,
     check_topk_inputs,
 )
-from .backends.common import (
-    CHUNK_BYTES,
-    compute_dtype,
-    find_duplicate_codes,
-    order_candidates,
-    output_memory_format,
-    output_size,
-    promoted_dtype,
-)
+from .backends.common import CHUNK_BYTES, compute_dtype, output_memory_format, output_size, promoted_dtype
+from .backends.duplicate_codes import find_duplicate_codes
+from .backends.search_codebook import order_candidates
 
 
 def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
@@ -48,7 +42,7 @@ def _search_op(sample_temperature: float) -> str:
 def _lowest_duplicate(indices: Tensor, codebook: Tensor, sampled: bool) -> Tensor:
     """An argmin's indices with every exact duplicate code replaced by the lowest index of its
     group, so "ties go to the lowest index" holds whatever a backend's rounding chose (see
-    ``backends.common.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
+    ``backends.duplicate_codes.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
     if sampled or indices.numel() == 0:
         return indices
     groups = find_duplicate_codes(codebook)

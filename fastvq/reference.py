@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backends.common import gumbel_noise
+from ._philox import gumbel_noise
 
 METRICS = ("l2", "cosine", "dot")
 
@@ -333,7 +333,7 @@ def soft_quantize_ref(
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(softmax(logits) @ values, argmax(logits + gumbel), logsumexp(logits))`` over the full matrix,
-    with autograd. ``seed`` draws the ops' Gumbel noise (``fastvq.backends.common.gumbel_noise``) for
+    with autograd. ``seed`` draws the ops' Gumbel noise (``fastvq._philox.gumbel_noise``) for
     the whole ``N x K`` matrix at once; values default to the codebook, and an excluded code's value
     row is zeroed as the ops zero it. A NaN logit never wins the argmax (an all-NaN row gets 0)."""
     logits = soft_logits_ref(z, codebook, metric, temperature, upcast=upcast)

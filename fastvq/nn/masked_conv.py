@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import _ops  # noqa: F401  (registers torch.ops.fastvq.*)
 from .._checks import resolve_padding, unbatched_as_batch
-from ..backends.common import check_kernel_size, check_mask_type, conv_mask
+from .._masks import check_kernel_size, check_mask_type, conv_mask
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
 

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from .. import common
-from ..common import NORM_EPS, SearchCodebook, compute_dtype
+from ..common import NORM_EPS, compute_dtype
+from ..search_codebook import SearchCodebook
 
 # Bytes one slab entry costs: the score itself plus the argmin/compare temporaries of its row.
 _SLAB_BYTES_PER_SCORE = 8

@@ -6,7 +6,7 @@ codebook in code chunks, each slab of logits (temporaries included) under ``CHUN
 carries per row a running maximum, a running sum of ``exp(logit - max)`` and a running weighted
 sum of values, rescaling them when the maximum grows; nothing of size ``N x K`` is ever held. The
 backward recomputes the probabilities chunk by chunk from the saved log-sum-exp. The logits and
-their exclusion rules are :class:`~fastvq.backends.common.SoftCodebook`'s.
+their exclusion rules are :class:`~fastvq.backends.soft_codebook.SoftCodebook`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Iterator, Optional
 import torch
 
 from .. import common
-from ..common import EUCLIDEAN_EPS, SoftCodebook, gumbel_noise, split_value_grad
+from ..._philox import gumbel_noise
+from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
 
 # Bytes one slab entry costs: the logit and the few same-sized temporaries alive with it (the
 # backward's probability and weight). The Gumbel noise adds Philox's int64 counters and products.

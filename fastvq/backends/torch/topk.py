@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from .. import common
-from ..common import SearchCodebook, compute_dtype, order_candidates
+from ..common import compute_dtype
+from ..search_codebook import SearchCodebook, order_candidates
 from .search import gumbel_scores, true_distance
 
 # The slab of one chunk: its scores, the sort's copies of them and their indices.

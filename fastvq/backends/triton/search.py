@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import SearchCodebook
+from ..search_codebook import SearchCodebook
 from .common import (CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting,
                      search_tile_configs, size_bucket, true_distance)
 

@@ -20,7 +20,7 @@ slices, fp32 accumulation, then the metric's transform of ``SoftCodebook``):
 ``SoftCodebook.prepared_grads`` turns the sums into gradients. Each output element is written by
 exactly one program, so nothing uses atomics and every result is deterministic. Nothing of size
 ``N x K`` is ever allocated. Gumbel noise comes from Philox-4x32-10 at counter
-``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4`` (``fastvq.backends.common.gumbel_noise``
+``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4`` (``fastvq._philox.gumbel_noise``
 draws the same bits on the PyTorch path).
 """
 
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
+from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
 from .common import cases_from_launches, dot_precision, interpreting, recording_launches
 
 METRIC_IDS = {"dot": 0, "cosine": 0, "l2": 1, "euclidean": 2}

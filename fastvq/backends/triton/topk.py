@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import SearchCodebook, order_candidates
+from ..search_codebook import SearchCodebook, order_candidates
 from .common import (cases_from_launches, device_arch, dot_precision, fits_shared_memory, interpreting,
                      recording_launches, search_tile_configs, size_bucket, true_distance)
 
@@ -32,7 +32,7 @@ MAX_REGISTER_TOPK = 64
 # Tiles scored as the nearest-code kernel (search.py) scores them. search.py writes the same scoring
 # inline in its kernel, whose tiles were chosen for the registers that code takes (tests/
 # test_aot_compile.py), so this copy stays until the two are merged and their tiles re-checked; the
-# true distance is already shared (common.true_distance). Scores follow fastvq/backends/common.py (SearchCodebook): l2 is |e - c|^2 - 2 (z - c).(e - c) with c the
+# true distance is already shared (common.true_distance). Scores follow fastvq/backends/search_codebook.py (SearchCodebook): l2 is |e - c|^2 - 2 (z - c).(e - c) with c the
 # codebook mean, cosine -z.e/|e|, dot -z.e.
 
 
