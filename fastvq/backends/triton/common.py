@@ -1,6 +1,6 @@
-"""What every Triton launcher needs: the interpreter switch, the dot precision, the device's limits,
-:class:`CompileCase`, the form in which each op family lists its launches for the AOT compile test,
-and the device helper the codebook-walking kernels share (:func:`true_distance`)."""
+"""What every Triton launcher needs: the metric codes, the interpreter switch, the dot precision, the
+device's limits, :class:`CompileCase`, the form in which each op family lists its launches for the AOT
+compile test, and the device helper the codebook-walking kernels share (:func:`true_distance`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ import triton
 import triton.language as tl
 
 from ..common import triton_interpreting as interpreting
+
+# The metric as every kernel's ``METRIC`` constexpr names it: one code per metric in every Triton file.
+METRIC_L2 = tl.constexpr(0)
+METRIC_COSINE = tl.constexpr(1)
+METRIC_DOT = tl.constexpr(2)
+METRIC_EUCLIDEAN = tl.constexpr(3)
+METRIC_IDS = {"l2": METRIC_L2, "cosine": METRIC_COSINE, "dot": METRIC_DOT, "euclidean": METRIC_EUCLIDEAN}
 
 
 @triton.jit
@@ -39,17 +46,17 @@ def true_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, index, D, 
                      mask=mask)
         z_f = z_vals.to(tl.float32)
         e_f = e_vals.to(tl.float32)
-        if METRIC == 0:
+        if METRIC == METRIC_L2:
             diff = z_f - e_f
             sq_sum += tl.sum(diff * diff, axis=1)
         else:
             dot_sum += tl.sum(z_f * e_f, axis=1)
-            if METRIC == 1:
+            if METRIC == METRIC_COSINE:
                 z_sq += tl.sum(z_f * z_f, axis=1)
                 e_sq += tl.sum(e_f * e_f, axis=1)
-    if METRIC == 0:
+    if METRIC == METRIC_L2:
         distance = sq_sum
-    elif METRIC == 1:
+    elif METRIC == METRIC_COSINE:
         norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
         # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
         distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)

@@ -25,10 +25,8 @@ import triton
 import triton.language as tl
 
 from ..search_codebook import SearchCodebook
-from .common import (CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting,
-                     search_tile_configs, size_bucket, true_distance)
-
-METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
+from .common import (METRIC_COSINE, METRIC_DOT, METRIC_IDS, METRIC_L2, CompileCase, device_arch, device_properties,
+                     dot_precision, fits_shared_memory, interpreting, search_tile_configs, size_bucket, true_distance)
 
 
 @triton.jit
@@ -116,7 +114,7 @@ def _nearest_code_fwd_kernel(
             mask=row_mask[:, None] & dim_mask[None, :],
             other=0.0,
         ).to(tl.float32)
-        if METRIC == 0:
+        if METRIC == METRIC_L2:
             center = tl.load(center_ptr + dims, mask=dim_mask, other=0.0)
             z_tile = z_tile - center[None, :]
         z_tile = z_tile.to(search_dtype)
@@ -129,7 +127,7 @@ def _nearest_code_fwd_kernel(
         # cosine on the true cosine, so the row's |z - c|^2 or |z| that the argmin drops is needed.
         row_seeds = tl.load(seed_ptr) + rows * 1000003
         z_centered_sq = tl.zeros((BLOCK_N,), tl.float32)
-        if METRIC != 2:
+        if METRIC != METRIC_DOT:
             for dim_start in range(0, D, BLOCK_D):
                 dim_idx = dim_start + dims
                 dim_mask_s = dim_idx < D
@@ -138,7 +136,7 @@ def _nearest_code_fwd_kernel(
                     mask=row_mask[:, None] & dim_mask_s[None, :],
                     other=0.0,
                 ).to(tl.float32)
-                if METRIC == 0:
+                if METRIC == METRIC_L2:
                     center_s = tl.load(center_ptr + dim_idx, mask=dim_mask_s, other=0.0)
                     z_slice = tl.where(dim_mask_s[None, :], z_slice - center_s[None, :], 0.0)
                 z_centered_sq += tl.sum(z_slice * z_slice, axis=1)
@@ -167,7 +165,7 @@ def _nearest_code_fwd_kernel(
                     mask=row_mask[:, None] & dim_mask_d[None, :],
                     other=0.0,
                 ).to(tl.float32)
-                if METRIC == 0:
+                if METRIC == METRIC_L2:
                     center_d = tl.load(center_ptr + dim_idx, mask=dim_mask_d, other=0.0)
                     z_slice = z_slice - center_d[None, :]
                 code_tile = tl.load(
@@ -176,15 +174,15 @@ def _nearest_code_fwd_kernel(
                     other=0.0,
                 )
                 acc = tl.dot(z_slice.to(search_dtype), code_tile.to(search_dtype), acc, input_precision=DOT_PRECISION)
-        if METRIC == 0:
+        if METRIC == METRIC_L2:
             bias = tl.load(code_bias_ptr + codes, mask=code_mask, other=0.0)
             scores = bias[None, :] - 2.0 * acc
         else:
             scores = -acc
         if SAMPLE:
-            if METRIC == 0:
+            if METRIC == METRIC_L2:
                 scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
-            elif METRIC == 1:
+            elif METRIC == METRIC_COSINE:
                 scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
             # Philox counters are 32-bit here, as they were before the search was split: the same
             # seed draws the same codes whether or not the codebook is split.

@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
-from .common import cases_from_launches, dot_precision, interpreting, recording_launches
+from .common import (METRIC_DOT, METRIC_EUCLIDEAN, METRIC_IDS, METRIC_L2, cases_from_launches, dot_precision,
+                     interpreting, recording_launches)
 
-METRIC_IDS = {"dot": 0, "cosine": 0, "l2": 1, "euclidean": 2}
 # For tests/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
 # kernels' int32 offsets cannot overflow.
 INT32_TILE_OFFSETS = (
@@ -101,11 +101,12 @@ def _logit_tile(
                 key_tile = key_tile.to(tl.float32)
             acc = tl.dot(z_slice, key_tile, acc, input_precision=DOT_PRECISION)
     scale = tl.full((BLOCK_N, BLOCK_K), 1.0, tl.float32)
-    if METRIC == 0:
+    if METRIC == METRIC_DOT:
         logits = (acc - code_term[None, :]) * inv_temperature
-    elif METRIC == 1:
+    elif METRIC == METRIC_L2:
         logits = (2.0 * acc - row_term[:, None] - code_term[None, :]) * inv_temperature
     else:
+        tl.static_assert(METRIC == METRIC_EUCLIDEAN)
         squared = row_term[:, None] + code_term[None, :] - 2.0 * acc
         distance = tl.sqrt(tl.maximum(squared, _EUCLIDEAN_EPS))
         scale = tl.where(squared <= _EUCLIDEAN_EPS, 0.0, 0.5 / distance)
@@ -562,7 +563,8 @@ class _Launch:
         self.inv_temperature = 1.0 / temperature
         self.configs = {kernel: kernel_config(kernel, dtype) for kernel in ("fwd", "rows", "codes")}
         self.meta = dict(
-            METRIC=METRIC_IDS[metric],
+            # Cosine rows and keys arrive normalised, so their logits are the dot metric's: one compiled kernel.
+            METRIC=METRIC_DOT if metric == "cosine" else METRIC_IDS[metric],
             DOT_PRECISION=dot_precision(dtype),
             DOT_IN_FP32=interpreting() and dtype == torch.bfloat16,
         )

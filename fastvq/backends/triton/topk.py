@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from ..search_codebook import SearchCodebook, order_candidates
-from .common import (cases_from_launches, device_arch, dot_precision, fits_shared_memory, interpreting,
-                     recording_launches, search_tile_configs, size_bucket, true_distance)
+from .common import (METRIC_COSINE, METRIC_DOT, METRIC_IDS, METRIC_L2, cases_from_launches, device_arch,
+                     dot_precision, fits_shared_memory, interpreting, recording_launches, search_tile_configs,
+                     size_bucket, true_distance)
 
-METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 # The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
 MAX_REGISTER_TOPK = 64
 
@@ -59,7 +59,7 @@ def load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col
         mask=row_mask[:, None] & dim_mask[None, :],
         other=0.0,
     ).to(tl.float32)
-    if METRIC == 0:
+    if METRIC == METRIC_L2:
         center = tl.load(center_ptr + dims, mask=dim_mask, other=0.0)
         z_tile = z_tile - center[None, :]
     return to_search_dtype(z_tile, search_codes_ptr, DOT_IN_FP32)
@@ -79,7 +79,7 @@ def centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, st
             mask=row_mask[:, None] & dim_mask[None, :],
             other=0.0,
         ).to(tl.float32)
-        if METRIC == 0:
+        if METRIC == METRIC_L2:
             center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
             z_slice = tl.where(dim_mask[None, :], z_slice - center[None, :], 0.0)
         total += tl.sum(z_slice * z_slice, axis=1)
@@ -115,7 +115,7 @@ def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_ce
                 mask=row_mask[:, None] & dim_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            if METRIC == 0:
+            if METRIC == METRIC_L2:
                 center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
                 z_slice = z_slice - center[None, :]
             code_tile = tl.load(
@@ -125,7 +125,7 @@ def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_ce
             )
             acc = tl.dot(to_search_dtype(z_slice, search_codes_ptr, DOT_IN_FP32),
                          to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc, input_precision=DOT_PRECISION)
-    if METRIC == 0:
+    if METRIC == METRIC_L2:
         bias = tl.load(code_bias_ptr + codes.to(tl.int64), mask=code_mask, other=0.0)
         scores = bias[None, :] - 2.0 * acc
     else:
@@ -135,9 +135,9 @@ def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_ce
         # noise from a counter-based generator (one Philox stream per row) instead of an N x K
         # tensor. l2 samples on the plain (not squared) distance, as vector-quantize-pytorch's
         # -cdist logits do, and cosine on the true cosine.
-        if METRIC == 0:
+        if METRIC == METRIC_L2:
             scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
-        elif METRIC == 1:
+        elif METRIC == METRIC_COSINE:
             scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
         uniform = tl.maximum(tl.rand(row_seeds[:, None], codes[None, :]), 1e-20)
         gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
@@ -197,7 +197,7 @@ def _nearest_codes_fwd_kernel(
     row_seeds = 0
     if SAMPLE:
         row_seeds = tl.load(seed_ptr) + rows * 1000003
-        if METRIC != 2:
+        if METRIC != METRIC_DOT:
             z_centered_sq = centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col,
                                                   METRIC, BLOCK_N, BLOCK_D)
 
