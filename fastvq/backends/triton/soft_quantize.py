@@ -8,7 +8,7 @@ slices, fp32 accumulation, then the metric's transform of ``SoftCodebook``):
 - ``_soft_quantize_fwd_kernel``: a program owns ``BLOCK_N`` rows (and one ``BLOCK_DV`` slice of
   the values) and walks the codes, carrying a running maximum, the running sum of
   ``exp(logit - max)``, the running ``p @ values`` (all rescaled when the maximum grows), the
-  running ``sum p * logit`` for the entropy and the running argmax of ``logit + gumbel``.
+  running ``sum p * (logit - max)`` for the entropy and the running argmax of ``logit + gumbel``.
 - ``_soft_rows_bwd_kernel``: per row tile, over the codes, recomputes ``p = exp(logit - lse)``
   from the saved log-sum-exp and forms the weight ``w = dL/dlogit / T`` (euclidean: also over
   ``2 |z - e|``) with ``dL/dlogit = p (dp + gamma * logit - delta)``; ``dp`` is ``g @ values^T``
@@ -27,6 +27,7 @@ draws the same bits on the PyTorch path).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -155,7 +156,7 @@ def _soft_quantize_fwd_kernel(
     soft_ptr,
     indices_ptr,
     lse_ptr,
-    mean_logit_ptr,
+    entropy_ptr,
     seed_ptr,
     N,
     K,
@@ -166,7 +167,7 @@ def _soft_quantize_fwd_kernel(
     VALUES: tl.constexpr,
     HARD: tl.constexpr,
     NOISE: tl.constexpr,
-    MEAN_LOGIT: tl.constexpr,
+    ENTROPY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
@@ -219,9 +220,14 @@ def _soft_quantize_fwd_kernel(
         shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
         rescale = tl.exp(maximum - shift)
         probs = tl.exp(logits - shift[:, None])
+        if ENTROPY:
+            # sum p (logit - shift), carried in the current shift (moving it from s0 to s1 adds
+            # (s0 - s1) * total before the rescale): H = log(total) - that / total then subtracts no
+            # two large numbers, so it stays in [0, log K] at any temperature.
+            old_shift = tl.where(maximum == float("-inf"), 0.0, maximum)
+            centred = tl.where(probs > 0, probs * (logits - shift[:, None]), 0.0)
+            weighted_logits = (weighted_logits + (old_shift - shift) * total) * rescale + tl.sum(centred, axis=1)
         total = total * rescale + tl.sum(probs, axis=1)
-        if MEAN_LOGIT:
-            weighted_logits = weighted_logits * rescale + tl.sum(tl.where(probs > 0, probs * logits, 0.0), axis=1)
         if VALUES:
             value_tile = tl.load(
                 tile_values_ptr + local_codes[:, None] * DV + value_dims[None, :],
@@ -246,8 +252,13 @@ def _soft_quantize_fwd_kernel(
     shift = tl.where(maximum == float("-inf"), 0.0, maximum)
     lse = tl.where(total > 0, shift + tl.log(total), float("nan"))
     tl.store(lse_ptr + row_start + local_rows, lse, mask=first)
-    if MEAN_LOGIT:
-        tl.store(mean_logit_ptr + row_start + local_rows, weighted_logits / total, mask=first)
+    if ENTROPY:
+        # [3, N]: the entropy, the largest logit and log(total), whose sum lse rounds: the code
+        # kernel's probabilities exp(logit - max - log(total)) then sum to 1 however large the logits.
+        log_total = tl.log(total)
+        tl.store(entropy_ptr + row_start + local_rows, log_total - weighted_logits / total, mask=first)
+        tl.store(entropy_ptr + N + row_start + local_rows, shift, mask=first)
+        tl.store(entropy_ptr + 2 * N + row_start + local_rows, log_total, mask=first)
     if HARD:
         tl.store(indices_ptr + row_start + local_rows, best_index.to(tl.int64), mask=first)
 
@@ -454,7 +465,9 @@ def _soft_codes_bwd_kernel(
         # Padding rows have lse = +inf, hence probability 0: they add nothing to any sum.
         probs = tl.exp(logits - lse[:, None])
         if PROB_SUMS:
-            code_sums += tl.sum(probs, axis=0)
+            # Here lse holds each row's largest logit and delta its log(total) (see ENTROPY above).
+            log_total = tl.load(delta_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+            code_sums += tl.sum(tl.exp(logits - lse[:, None] - log_total[:, None]), axis=0)
         if VALUE_GRAD:
             grad_tile = tl.load(
                 tile_grad_ptr + local_rows[:, None] * DV + value_out_dims[None, :],
@@ -579,14 +592,16 @@ class _Launch:
     def context(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def forward(self, values: torch.Tensor, *, hard: bool, seed: Optional[torch.Tensor], mean_logit: bool,
+    def forward(self, values: torch.Tensor, *, hard: bool, seed: Optional[torch.Tensor], entropy: bool,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(soft [N, Dv], indices, lse, mean_logit)`` of ``softmax(logits) @ values``."""
+        """``(soft [N, Dv], indices, lse, entropy_stats)`` of ``softmax(logits) @ values``; with
+        ``entropy``, ``entropy_stats [3, N]`` holds each row's entropy, largest logit and
+        ``log(sum exp(logit - largest))``, else it is empty."""
         value_dim = values.shape[1]
         soft = torch.empty((self.num_rows, value_dim), dtype=out_dtype, device=self.device)
         indices = torch.empty(self.num_rows if hard else 0, dtype=torch.int64, device=self.device)
         lse = torch.empty(self.num_rows, dtype=torch.float32, device=self.device)
-        weighted = torch.empty(self.num_rows if mean_logit else 0, dtype=torch.float32, device=self.device)
+        weighted = torch.empty((3, self.num_rows if entropy else 0), dtype=torch.float32, device=self.device)
         if self.num_rows == 0:
             return soft, indices, lse, weighted
         config = self.configs["fwd"]
@@ -597,7 +612,7 @@ class _Launch:
                 self.zq, self.row_term, self.keys, self.code_term, values,
                 soft, indices, lse, weighted, seed if seed is not None else lse,
                 self.num_rows, self.num_codes, self.dim, value_dim, self.inv_temperature,
-                VALUES=value_dim > 0, HARD=hard, NOISE=seed is not None, MEAN_LOGIT=mean_logit,
+                VALUES=value_dim > 0, HARD=hard, NOISE=seed is not None, ENTROPY=entropy,
                 SINGLE_D_TILE=self.dim <= config.block_d, BLOCK_DV=block_dv,
                 **self.meta, **config.blocks(), num_warps=config.num_warps,
             )
@@ -650,17 +665,17 @@ class _Launch:
                 )
         return weighted_keys, row_sums, weighted_rows, code_sums, grad_values
 
-    def prob_sums(self, lse: torch.Tensor) -> torch.Tensor:
-        """``sum_n p[n, k]`` per code."""
+    def prob_sums(self, max_logit: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
+        """``sum_n p[n, k]`` per code, ``p = exp(logit - max_logit - log_total)`` (``forward``'s entropy stats)."""
         sums = torch.zeros(self.num_codes, dtype=torch.float32, device=self.device)
         if self.num_rows == 0:
             return sums
-        lse = lse.float().contiguous()
+        lse, log_total = max_logit.float().contiguous(), log_total.float().contiguous()
         config = self.configs["codes"]
         grid = (triton.cdiv(self.num_codes, config.block_k), 1)
         with self.context():
             _soft_codes_bwd_kernel[grid](
-                *self.operands(), lse, lse, lse, lse, lse, sums, sums, sums, *self.sizes(),
+                *self.operands(), lse, lse, lse, lse, log_total, sums, sums, sums, *self.sizes(),
                 WEIGHTS=False, VALUE_GRAD=False, PROB_SUMS=True, CODE_WEIGHTS=False, GAMMA=False,
                 BLOCK_DV=16, BLOCK_DO=16, BLOCK_DVO=16, **self.meta, **config.blocks(), num_warps=config.num_warps,
             )
@@ -690,7 +705,7 @@ def soft_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the forward; inputs are checked by the caller; fp64 is not handled here."""
     launch = _Launch(z, codebook, values, metric, temperature)
-    soft, indices, lse, _ = launch.forward(launch.values, hard=return_hard, seed=seed, mean_logit=False,
+    soft, indices, lse, _ = launch.forward(launch.values, hard=return_hard, seed=seed, entropy=False,
                                            out_dtype=launch.dtype)
     return soft, indices, lse
 
@@ -722,15 +737,17 @@ def soft_quantize_backward(
 def soft_entropy(
     z: torch.Tensor, codebook: torch.Tensor, metric: str, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(row_entropy, mean_probs, lse)`` in fp32: the forward kernel's running ``sum p * logit``,
+    """``(row_entropy, mean_probs, lse)`` in fp32: the forward kernel's running ``sum p * (logit - max)``,
     then the code kernel's per-code probability sums."""
     launch = _Launch(z, codebook, None, metric, temperature)
     no_values = launch.values[:, :0]
-    _, _, lse, mean_logit = launch.forward(no_values, hard=False, seed=None, mean_logit=True, out_dtype=launch.dtype)
-    mean_probs = launch.prob_sums(lse)
+    _, _, lse, (row_entropy, max_logit, log_total) = launch.forward(no_values, hard=False, seed=None, entropy=True,
+                                                                    out_dtype=launch.dtype)
+    mean_probs = launch.prob_sums(max_logit, log_total)
     if launch.num_rows:
         mean_probs /= launch.num_rows
-    return lse - mean_logit, mean_probs, lse
+    # Rounding may still put a uniform row's entropy an ulp past log K, or a one-hot row's below 0.
+    return row_entropy.clamp(0.0, math.log(launch.num_codes)), mean_probs, lse
 
 
 def soft_entropy_backward(
@@ -750,7 +767,7 @@ def soft_entropy_backward(
     ``soft_entropy_backward``: ``<p_n, c>`` is the forward kernel with the values ``c [K, 1]``."""
     launch = _Launch(z, codebook, None, metric, temperature)
     code_weights = grad_mean_probs.float() / max(launch.num_rows, 1)
-    expected, _, _, _ = launch.forward(code_weights[:, None].contiguous(), hard=False, seed=None, mean_logit=False,
+    expected, _, _, _ = launch.forward(code_weights[:, None].contiguous(), hard=False, seed=None, entropy=False,
                                        out_dtype=torch.float32)
     grad_entropy = grad_row_entropy.float()
     mean_logit = lse.float() - row_entropy.float()
