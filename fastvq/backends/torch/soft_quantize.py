@@ -16,8 +16,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .. import common
 from ..._philox import gumbel_noise
+from .. import common
 from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
 
 # Bytes one slab entry costs: the logit and the few same-sized temporaries alive with it (the
