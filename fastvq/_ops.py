@@ -28,7 +28,6 @@ from ._checks import (
 )
 from .backends.common import CHUNK_BYTES, compute_dtype, output_memory_format, output_size, promoted_dtype
 from .backends.duplicate_codes import find_duplicate_codes
-from .backends.search_codebook import order_candidates
 
 
 def _promoted(a: Tensor, b: Tensor) -> torch.dtype:
@@ -710,7 +709,7 @@ def nearest_codes(
         return indices, distances
     groups = find_duplicate_codes(codebook)
     # Exact duplicates: a row lists the lowest members of each group, whatever the rounding chose.
-    return (indices, distances) if groups is None else order_candidates(groups.lowest_members(indices), distances)
+    return (indices, distances) if groups is None else (groups.lowest_members(indices), distances)
 
 
 @nearest_codes.register_fake

@@ -13,10 +13,14 @@ from .common import NORM_EPS, compute_dtype
 class SearchCodebook:
     """The codebook prepared once per call for scoring (the PyTorch path and the Triton launcher).
 
-    ``l2`` scores are ``|e - c|^2 - 2 (z - c).(e - c)`` with ``c`` the codebook mean: the shift
-    leaves every distance unchanged but removes the cancellation that ``z^2 + e^2 - 2 z.e``
-    suffers for data far from the origin. ``cosine`` scores are ``-z.e/|e|`` (the positive
-    ``1/|z|`` does not change a row's argmin); ``dot`` scores are ``-z.e``.
+    ``l2`` scores are ``|e - c|^2 - 2 (z - c).(e - c)`` with ``c`` the codebook mean rounded to a
+    coarse power of two (:func:`search_center`): the shift leaves every distance unchanged but
+    removes the cancellation that ``z^2 + e^2 - 2 z.e`` suffers for data far from the origin.
+    ``cosine`` scores are ``-z.e/|e|`` (the positive ``1/|z|`` does not change a row's argmin);
+    ``dot`` scores are ``-z.e``.
+
+    The scores are the keys the search ranks codes by: equal keys go to the lowest index, and the
+    top-k search lists its codes in the same key order, so its first column is the search's answer.
     """
 
     def __init__(self, codebook: torch.Tensor, metric: str, dtype: torch.dtype):
@@ -27,8 +31,7 @@ class SearchCodebook:
         if metric == "l2":
             # The centre is the mean of the finite codes only: a single NaN or Inf code must not
             # poison the shift of every other code, which would turn every score into NaN.
-            finite = work.isfinite().all(dim=1, keepdim=True)
-            self.center = torch.where(finite, work, 0).sum(dim=0) / finite.sum().clamp_min(1)
+            self.center = search_center(work)
             work = work - self.center
             self.code_bias = (work * work).sum(dim=1)
         elif metric == "cosine":
@@ -46,11 +49,41 @@ class SearchCodebook:
         return scores.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
-def order_candidates(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's ``k`` candidates ``[N, k]`` in the top-k search's order: ascending true distance,
-    equal distances by ascending index, a NaN distance last. O(N k log k), after a search that
-    chose the set on its (cancellation-free but rounded) scores."""
-    by_index = indices.argsort(dim=1)
-    indices, distances = indices.gather(1, by_index), distances.gather(1, by_index)
-    by_distance = distances.nan_to_num(nan=float("inf")).argsort(dim=1, stable=True)
-    return indices.gather(1, by_distance), distances.gather(1, by_distance)
+def search_center(codes: torch.Tensor) -> torch.Tensor:
+    """The l2 search's centre ``c [D]`` of ``codes [K, D]`` (float32 or float64): per dimension, the
+    mean of the finite codes only (a single NaN or Inf code must not poison the shift of every other
+    code, which would turn every score into NaN), rounded to a multiple of the largest power of two
+    at or below the codes' mean absolute deviation there (kept as is where that is 0).
+
+    The rounding moves ``c`` by at most half the codes' spread, which keeps the cancellation away,
+    and makes ``e - c`` and ``z - c`` exact for data on a grid (integers, say): equally distant codes
+    then get exactly equal scores, so the tie goes to the lowest index as it should. The C++ search
+    (``csrc/search_cpu.cpp``, ``search_center``) computes the same centre."""
+    finite = codes.isfinite().all(dim=1, keepdim=True)
+    count = finite.sum().clamp_min(1)
+    mean = torch.where(finite, codes, 0).sum(dim=0) / count
+    deviation = torch.where(finite, (codes - mean).abs(), 0).sum(dim=0) / count
+    step = torch.exp2(torch.floor(torch.log2(deviation)))
+    return torch.where(deviation > 0, torch.round(mean / step) * step, mean)
+
+
+def order_candidates(
+    indices: torch.Tensor, keys: torch.Tensor, distances: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` candidates ``[N, k]`` in the top-k search's order: ascending ``keys`` (the
+    scores the search ranked them by, NaN as +inf), among equal keys a NaN true distance last, then
+    ascending index. With the search's scores as keys the first column is the search's answer;
+    Gumbel sampling passes the true distances as keys. O(N k log k)."""
+    order = indices.argsort(dim=1)
+    for key in (distances.isnan().to(torch.uint8), keys.nan_to_num(nan=float("inf"))):  # stable: last key first
+        order = order.gather(1, key.gather(1, order).argsort(dim=1, stable=True))
+    return indices.gather(1, order), distances.gather(1, order)
+
+
+def nonfinite_cosine_rows(z: torch.Tensor, metric: str) -> Optional[torch.Tensor]:
+    """``bool [N]``: the rows of ``z`` with a NaN or Inf entry when ``metric`` is cosine (else None).
+
+    Such a row's ``1 - cos`` is NaN to every code (``Inf / Inf``), but its scores ``-z.e / |e|`` are
+    +-Inf and would pick an arbitrary code: the contract gives a row whose every distance is NaN
+    index 0 (top-k: ``0..k-1``), as it does a NaN row."""
+    return ~z.isfinite().all(dim=1) if metric == "cosine" else None

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..search_codebook import SearchCodebook
+from ..search_codebook import SearchCodebook, nonfinite_cosine_rows
 from .common import (METRIC_DOT, METRIC_IDS, CompileCase, centered_square_norms, device_arch, device_properties,
                      dot_precision, fits_shared_memory, interpreting, load_z_tile, search_tile_configs, size_bucket,
                      tile_scores, true_distance)
@@ -357,6 +357,12 @@ def nearest_code(
             merge = _merge_config(dim)
             merge_grid = (triton.cdiv(num_rows, merge.kwargs["BLOCK_N"]),)
             _nearest_code_merge_kernel[merge_grid](*merge_args, **merge_meta, **merge.all_kwargs())
+    nonfinite = nonfinite_cosine_rows(z, metric)
+    if nonfinite is not None:
+        indices, distances, codes_out = outputs
+        indices.masked_fill_(nonfinite, 0)
+        if return_codes:  # the distance stays: it is NaN to every code
+            codes_out.copy_(torch.where(nonfinite[:, None], codebook[0].to(codes_out.dtype), codes_out))
     return outputs
 
 

@@ -6,8 +6,9 @@ tile ``[BLOCK_N, TOPK_PAD]`` (unsorted) and knows its worst pair. The codebook i
 tile is merged by taking its best remaining code per row (ties to the lower index) while that code
 beats the row's worst pair, which it then replaces. After the first tiles few codes beat the worst,
 so most tiles cost one extraction. Pairs compare by (score, index), so equal scores keep the lower index whatever the
-tiling. At the end each of the ``k`` codes' true distance is computed from ``z - e``; the launcher
-orders them. Nothing of size ``N x K`` is ever allocated.
+tiling. At the end each of the ``k`` codes' true distance is computed from ``z - e`` and stored with
+its score; the launcher orders the list by score (ties by index), the order in which the search
+chooses, so the first column is the search's answer. Nothing of size ``N x K`` is ever allocated.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..search_codebook import SearchCodebook, order_candidates
+from ..search_codebook import SearchCodebook, nonfinite_cosine_rows, order_candidates
 from .common import (METRIC_DOT, METRIC_IDS, cases_from_launches, centered_square_norms, device_arch, dot_precision,
                      fits_shared_memory, interpreting, load_z_tile, recording_launches, search_tile_configs,
                      size_bucket, tile_scores, true_distance)
@@ -44,6 +45,7 @@ def _nearest_codes_fwd_kernel(
     center_ptr,
     indices_ptr,
     distances_ptr,
+    keys_ptr,
     seed_ptr,
     N,
     K,
@@ -115,13 +117,16 @@ def _nearest_codes_fwd_kernel(
             )
 
     for slot in range(TOPK):
-        index = tl.sum(tl.where(slots[None, :] == slot, best_index, 0), axis=1).to(tl.int64)
+        in_slot = slots[None, :] == slot
+        index = tl.sum(tl.where(in_slot, best_index, 0), axis=1).to(tl.int64)
+        key = tl.sum(tl.where(in_slot, best, 0.0), axis=1)
         distance = true_distance(z_ptr, codebook_ptr, distances_ptr, rows, row_mask, index, D, stride_z_row,
                                  stride_z_col, stride_cb_row, stride_cb_col, METRIC, False, BLOCK_N, BLOCK_D)
         # One int64 offset (a pointer plus rows * TOPK, then plus the int32 slot, would be an int32 add).
         slot_offsets = rows * TOPK + slot
         tl.store(indices_ptr + slot_offsets, index, mask=row_mask)
         tl.store(distances_ptr + slot_offsets, distance, mask=row_mask)
+        tl.store(keys_ptr + slot_offsets, key, mask=row_mask)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -210,6 +215,8 @@ def nearest_codes(
     distances = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     if num_rows == 0:
         return indices, distances
+    # The scores the kernel ranked the codes by: the list is ordered by them, as the search chooses.
+    keys = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     sampling = sample_temperature > 0.0
     search = SearchCodebook(codebook, metric, out_dtype)
     search_codes = search.codes.to(out_dtype).contiguous()
@@ -222,6 +229,7 @@ def nearest_codes(
         search.center if search.center is not None else placeholder,
         indices,
         distances,
+        keys,
         seed if sampling else indices,
         num_rows,
         num_codes,
@@ -248,7 +256,11 @@ def nearest_codes(
         grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]),)  # noqa: E731
         with torch.cuda.device(device) if z.is_cuda else contextlib.nullcontext():
             _nearest_codes_tuned[grid](*args, **meta)
-    return order_candidates(indices, distances)
+    nonfinite = nonfinite_cosine_rows(z, metric)
+    if nonfinite is not None:
+        indices = torch.where(nonfinite[:, None], torch.arange(k, device=device), indices)
+        keys = torch.where(nonfinite[:, None], float("inf"), keys)
+    return order_candidates(indices, distances if sampling else keys, distances)
 
 
 def compile_cases() -> list:
