@@ -124,3 +124,10 @@ def test_backend_info_lists_the_table_and_what_runs_now():
     assert {row["op"] for row in info["table"]} == set(backends.OPS)
     assert set(info["ops"]) == set(backends.OPS)
     assert info["ops"]["vector_quantize_backward"]["cpu"] in ("torch", "triton")
+
+
+def test_the_reference_imports_nothing_from_the_backends():
+    """The oracle shares no code with what it judges: the noise and masks it needs live in
+    ``fastvq._philox`` and ``fastvq._masks``, above the backends."""
+    imported = _imported_modules(PACKAGE / "reference.py")
+    assert not [name for name in imported if name.startswith("fastvq.backends")], sorted(imported)
