@@ -194,7 +194,7 @@ at::Tensor finite_mean(const at::Tensor& codebook_acc) {
 }
 
 // The l2 search's centre: per dimension the finite codes' mean, rounded to a multiple of the largest
-// power of two at or below their mean absolute deviation there (kept where that is 0), as
+// power of two at or below their mean absolute deviation there (kept where that is 0 or infinite), as
 // fastvq.backends.search_codebook.search_center computes it. The rounding moves the centre by at
 // most half the spread, and makes e - c and z - c exact for data on a grid, so that equally distant
 // codes get exactly equal scores and the tie goes to the lowest index.
@@ -216,7 +216,7 @@ at::Tensor search_center(const at::Tensor& codebook_acc) {
   }
   for (int64_t d = 0; d < dim; ++d) {
     const double spread = deviation[d] / std::max<int64_t>(finite_codes, 1);
-    if (!(spread > 0)) continue;
+    if (!(spread > 0) || !std::isfinite(spread)) continue;
     const double step = std::exp2(std::floor(std::log2(spread)));
     values[d] = static_cast<acc_t>(std::nearbyint(static_cast<double>(values[d]) / step) * step);
   }

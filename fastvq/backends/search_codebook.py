@@ -53,7 +53,7 @@ def search_center(codes: torch.Tensor) -> torch.Tensor:
     """The l2 search's centre ``c [D]`` of ``codes [K, D]`` (float32 or float64): per dimension, the
     mean of the finite codes only (a single NaN or Inf code must not poison the shift of every other
     code, which would turn every score into NaN), rounded to a multiple of the largest power of two
-    at or below the codes' mean absolute deviation there (kept as is where that is 0).
+    at or below the codes' mean absolute deviation there (kept as is where that is 0 or infinite).
 
     The rounding moves ``c`` by at most half the codes' spread, which keeps the cancellation away,
     and makes ``e - c`` and ``z - c`` exact for data on a grid (integers, say): equally distant codes
@@ -64,7 +64,8 @@ def search_center(codes: torch.Tensor) -> torch.Tensor:
     mean = torch.where(finite, codes, 0).sum(dim=0) / count
     deviation = torch.where(finite, (codes - mean).abs(), 0).sum(dim=0) / count
     step = torch.exp2(torch.floor(torch.log2(deviation)))
-    return torch.where(deviation > 0, torch.round(mean / step) * step, mean)
+    # A deviation of 0 leaves nothing to round to; one that overflowed (codes near the float maximum) too.
+    return torch.where((deviation > 0) & deviation.isfinite(), torch.round(mean / step) * step, mean)
 
 
 def order_candidates(
