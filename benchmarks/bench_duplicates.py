@@ -3,7 +3,7 @@
     python benchmarks/bench_duplicates.py [--small] [--device cpu|cuda] [--threads N ...] [--out DIR]
 
 Every argmin search (``nearest_code``, ``vector_quantize``) maps each chosen index to the lowest
-index of its code's exact-duplicate group (``fastvq.backends.common.find_duplicate_codes``: an
+index of its code's exact-duplicate group (``fastvq.backends.duplicate_codes.find_duplicate_codes``: an
 exact integer hash of every code, a sort of the hashes, a comparison of neighbours), so that ties
 go to the lowest index on every backend. Per point ``(N, K, D)`` in fp32 this times:
 
@@ -31,7 +31,7 @@ import torch
 import _harness
 import fastvq
 from fastvq.ops import search as search_ops
-from fastvq.backends.common import find_duplicate_codes
+from fastvq.backends.duplicate_codes import find_duplicate_codes
 
 GRID = [(256, 16384, 256), (1024, 16384, 256), (4096, 4096, 256), (4096, 1024, 64), (65536, 512, 64)]
 SMALL_GRID = [(256, 1024, 64), (2048, 512, 32)]

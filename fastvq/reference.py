@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backends.common import gumbel_noise
+from ._philox import gumbel_noise
 
 METRICS = ("l2", "cosine", "dot")
 
@@ -100,20 +100,23 @@ def vector_quantize_ref(
     ``quantized = z + (e - z).detach()`` (straight-through estimator), or ``rotate_to_ref(z, e)``
     with ``rotation_trick``, and
     ``loss = codebook_weight * mean((sg[z] - e)^2) + beta * mean((z - sg[e])^2)``.
-    Returns ``(quantized, indices, loss)``; ``loss`` is float32.
+    Returns ``(quantized, indices, loss)``; ``loss`` is float32 (the op's dtype), computed in the
+    promoted dtype widened to at least float32, so fp64 inputs get a float64 oracle (and float64
+    gradients) rounded once at the end.
     """
     with torch.no_grad():
         indices, _, _ = nearest_code_ref(z, codebook, metric)
     dtype = torch.promote_types(z.dtype, codebook.dtype)
+    loss_dtype = torch.promote_types(dtype, torch.float32)
     z = z.to(dtype)
     codes = codebook.to(dtype)[indices]
-    codebook_loss = F.mse_loss(codes.float(), z.detach().float())
-    commitment_loss = F.mse_loss(z.float(), codes.detach().float())
+    codebook_loss = F.mse_loss(codes.to(loss_dtype), z.detach().to(loss_dtype))
+    commitment_loss = F.mse_loss(z.to(loss_dtype), codes.detach().to(loss_dtype))
     if rotation_trick:
         quantized = rotate_to_ref(z, codes.detach())
     else:
         quantized = z + (codes - z).detach()
-    return quantized, indices, codebook_weight * codebook_loss + beta * commitment_loss
+    return quantized, indices, (codebook_weight * codebook_loss + beta * commitment_loss).float()
 
 
 def segment_reduce_ref(
@@ -333,7 +336,7 @@ def soft_quantize_ref(
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(softmax(logits) @ values, argmax(logits + gumbel), logsumexp(logits))`` over the full matrix,
-    with autograd. ``seed`` draws the ops' Gumbel noise (``fastvq.backends.common.gumbel_noise``) for
+    with autograd. ``seed`` draws the ops' Gumbel noise (``fastvq._philox.gumbel_noise``) for
     the whole ``N x K`` matrix at once; values default to the codebook, and an excluded code's value
     row is zeroed as the ops zero it. A NaN logit never wins the argmax (an all-NaN row gets 0)."""
     logits = soft_logits_ref(z, codebook, metric, temperature, upcast=upcast)

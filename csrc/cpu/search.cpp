@@ -17,9 +17,10 @@
 //
 // None ever holds more than one tile per thread, where the bare z @ codebook^T streams its whole
 // N x K result through memory. The chosen code's distance is then recomputed from z - e.
-// The scores follow fastvq/backends/common.py (SearchCodebook) exactly: l2 uses |e - c|^2 - 2 (z - c).(e - c) with c the
-// mean of the finite codes, cosine -z.e/|e|, dot -z.e; a NaN score never wins, and ties keep the
-// lowest index, whatever the tiling and the split.
+// The scores follow fastvq/backends/search_codebook.py (SearchCodebook) exactly: l2 uses
+// |e - c|^2 - 2 (z - c).(e - c) with c the coarsely rounded mean of the finite codes (search_center),
+// cosine -z.e/|e|, dot -z.e; a NaN score never wins, and ties keep the lowest index, whatever the
+// tiling and the split.
 #include "../fastvq.h"
 #include "search_isa.h"
 #include "topk.h"
@@ -191,6 +192,36 @@ at::Tensor finite_mean(const at::Tensor& codebook_acc) {
   return center;
 }
 
+// The l2 search's centre: per dimension the finite codes' mean, rounded to a multiple of the largest
+// power of two at or below their mean absolute deviation there (kept where that is 0 or infinite), as
+// fastvq.backends.search_codebook.search_center computes it. The rounding moves the centre by at
+// most half the spread, and makes e - c and z - c exact for data on a grid, so that equally distant
+// codes get exactly equal scores and the tie goes to the lowest index.
+template <typename acc_t>
+at::Tensor search_center(const at::Tensor& codebook_acc) {
+  at::Tensor center = finite_mean<acc_t>(codebook_acc);
+  const int64_t num_codes = codebook_acc.size(0), dim = codebook_acc.size(1);
+  const acc_t* source = codebook_acc.data_ptr<acc_t>();
+  acc_t* values = center.data_ptr<acc_t>();
+  std::vector<double> deviation(dim, 0.0);
+  int64_t finite_codes = 0;
+  for (int64_t k = 0; k < num_codes; ++k) {
+    const acc_t* row = source + k * dim;
+    bool finite = true;
+    for (int64_t d = 0; d < dim; ++d) finite = finite && std::isfinite(static_cast<double>(row[d]));
+    if (!finite) continue;
+    ++finite_codes;
+    for (int64_t d = 0; d < dim; ++d) deviation[d] += std::abs(static_cast<double>(row[d]) - values[d]);
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    const double spread = deviation[d] / std::max<int64_t>(finite_codes, 1);
+    if (!(spread > 0) || !std::isfinite(spread)) continue;
+    const double step = std::exp2(std::floor(std::log2(spread)));
+    values[d] = static_cast<acc_t>(std::nearbyint(static_cast<double>(values[d]) / step) * step);
+  }
+  return center;
+}
+
 // Writes one code's search form to target[d * stride] and returns its bias (|e - c|^2 for l2).
 template <typename acc_t>
 acc_t write_search_form(const acc_t* code, const acc_t* center, int64_t dim, Metric metric, acc_t* target,
@@ -223,7 +254,7 @@ PreparedCodebook<acc_t> prepare_codebook(const at::Tensor& codebook_acc, Metric 
   const int64_t width = packed ? direct_shape(kernel).panel_codes : 1;
   PreparedCodebook<acc_t> prepared;
   prepared.kernel = kernel;
-  if (metric == Metric::L2) prepared.center = finite_mean<acc_t>(codebook_acc);
+  if (metric == Metric::L2) prepared.center = search_center<acc_t>(codebook_acc);
   if (packed) {
     prepared.num_panels = (num_codes + width - 1) / width;
     prepared.codes = at::zeros({prepared.num_panels, dim, width}, options);
@@ -458,6 +489,17 @@ float true_distance(const z_t* z_row, int64_t z_stride, const acc_t* code, int64
   return static_cast<float>(distance < 0 ? 0 : distance);
 }
 
+// Whether every entry of a row is finite. Under cosine a row with an Inf has a NaN distance to every
+// code (Inf / Inf), though its scores -z.e / |e| are +-Inf and would pick an arbitrary code: the
+// contract gives a row whose every distance is NaN index 0 (top-k: 0..k-1), as for a NaN row.
+template <typename z_t>
+bool row_is_finite(const z_t* z_row, int64_t z_stride, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    if (!std::isfinite(static_cast<double>(z_row[d * z_stride]))) return false;
+  }
+  return true;
+}
+
 // Rows [row_start, row_start + rows) of z in acc_t, centred on `center` for l2, row-major into `target`.
 template <typename acc_t, typename z_t, Metric metric>
 void pack_centred_rows(const at::Tensor& z, int64_t row_start, int64_t rows, const acc_t* center, acc_t* target) {
@@ -512,6 +554,7 @@ void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedC
   const int64_t tile_width = bf16 ? 2 * prepared.dim_pairs : dim;
 
   auto finish_row = [&](int64_t row, int64_t best_index) {
+    if (metric == Metric::Cosine && !row_is_finite(z_data + row * row_stride, col_stride, dim)) best_index = 0;
     indices[row] = best_index;
     distances[row] = true_distance<acc_t, z_t>(z_data + row * row_stride, col_stride, originals + best_index * dim,
                                                dim, metric);
@@ -729,7 +772,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
 // (score, code) pairs (topk.h) instead of a running minimum: the direct kernels offer a panel's
 // scores only when one beats the row's k-th best, the BLAS tiles a group of 16 scores only when its
 // minimum does. Codes arrive in ascending order, so ties keep the lower index. Afterwards the k
-// codes' true distances are recomputed from z - e and the list ordered by them (ties by index).
+// codes' true distances are recomputed from z - e; the list stays in the order of the scores (the
+// search's keys), so that its first column is the search's answer.
 
 namespace {
 
@@ -748,30 +792,42 @@ void offer_tile(const acc_t* products, const acc_t* bias, int64_t num, int64_t c
   }
 }
 
-// Completes and orders one row's list: slots still unfilled (every other code's score was NaN or
-// +inf) take the lowest codes not listed; then ascending true distance, NaN last, ties by index.
+// Completes and orders one row's list of (key, code) pairs, key the score the search ranks by: slots
+// still unfilled (every other code's score was NaN or +inf) take the lowest codes not listed, with
+// key +inf; then ascending key, among equal keys a NaN true distance last, then ascending index. The
+// search (nearest_code) picks the lowest index among its lowest keys, so the first column is its
+// answer. A cosine row with an Inf lists 0..k-1 (see row_is_finite).
 template <typename acc_t, typename z_t>
 void finish_topk_row(const z_t* z_row, int64_t z_stride, const acc_t* originals, int64_t dim, Metric metric,
-                     int64_t k, const int32_t* listed, int64_t* indices, float* distances) {
-  std::vector<int64_t> present;
-  for (int64_t j = 0; j < k && listed[j] >= 0; ++j) present.push_back(listed[j]);
-  std::sort(present.begin(), present.end());
-  for (int64_t code = 0, next = 0; static_cast<int64_t>(present.size()) < k; ++code) {
-    while (next < static_cast<int64_t>(present.size()) && present[next] < code) ++next;
-    if (next < static_cast<int64_t>(present.size()) && present[next] == code) continue;
-    present.insert(present.begin() + next, code);
-  }
+                     int64_t k, const acc_t* keys, const int32_t* listed, int64_t* indices, float* distances) {
   struct Candidate {
-    float key, distance;
+    acc_t key;
+    bool is_nan;
+    float distance;
     int64_t code;
   };
   std::vector<Candidate> candidates;
   candidates.reserve(k);
-  for (const int64_t code : present) {
-    const float distance = true_distance<acc_t, z_t>(z_row, z_stride, originals + code * dim, dim, metric);
-    candidates.push_back({std::isnan(distance) ? std::numeric_limits<float>::infinity() : distance, distance, code});
+  if (metric != Metric::Cosine || row_is_finite(z_row, z_stride, dim)) {
+    for (int64_t j = 0; j < k && listed[j] >= 0; ++j) candidates.push_back({keys[j], false, 0.0f, listed[j]});
   }
-  std::stable_sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) { return a.key < b.key; });
+  std::sort(candidates.begin(), candidates.end(),
+            [](const Candidate& a, const Candidate& b) { return a.code < b.code; });
+  const int64_t num_listed = static_cast<int64_t>(candidates.size());
+  for (int64_t code = 0, next = 0; static_cast<int64_t>(candidates.size()) < k; ++code) {
+    while (next < num_listed && candidates[next].code < code) ++next;
+    if (next < num_listed && candidates[next].code == code) continue;
+    candidates.push_back({std::numeric_limits<acc_t>::infinity(), false, 0.0f, code});
+  }
+  for (Candidate& candidate : candidates) {
+    candidate.distance = true_distance<acc_t, z_t>(z_row, z_stride, originals + candidate.code * dim, dim, metric);
+    candidate.is_nan = std::isnan(candidate.distance);
+  }
+  std::sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
+    if (a.key != b.key) return a.key < b.key;
+    if (a.is_nan != b.is_nan) return b.is_nan;
+    return a.code < b.code;
+  });
   for (int64_t j = 0; j < k; ++j) {
     indices[j] = candidates[j].code;
     distances[j] = candidates[j].distance;
@@ -826,7 +882,8 @@ void topk_search(const at::Tensor& z, const at::Tensor& codebook_acc, const Prep
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = row_start + r;
         finish_topk_row<acc_t, z_t>(z_data + row * z.stride(0), z.stride(1), originals, dim, metric, k,
-                                    listed.data() + r * k, indices + row * k, distances + row * k);
+                                    best.data() + r * k, listed.data() + r * k, indices + row * k,
+                                    distances + row * k);
       }
     }
   });

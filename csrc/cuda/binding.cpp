@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cuda(
   at::Tensor distances = at::empty({num_rows}, z.options().dtype(at::kFloat));
   if (num_rows == 0) return {indices, distances, at::empty({0, dim}, z.options().dtype(out_dtype))};
 
-  // The codebook as fastvq.backends.common.SearchCodebook prepares it: O(K D) device work, once per call.
+  // The codebook as fastvq.backends.search_codebook.SearchCodebook prepares it: O(K D) device work, once per call.
   const at::Tensor originals = codebook.to(at::kFloat).contiguous();
   at::Tensor codes = originals, bias, center;
   if (metric == Metric::L2) {

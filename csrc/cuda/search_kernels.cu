@@ -6,7 +6,7 @@
 // into a running (min, argmin) for its 4 rows over its own codes, which it sees in increasing
 // index order; at the end the 16 threads that share a row merge their minima, ties to the lower
 // index. Strict < everywhere: the lowest index wins ties whatever the tiling, and a NaN score
-// never wins. Scores are those of fastvq/backends/common.py (SearchCodebook), on the codebook it prepares. The winner's
+// never wins. Scores are those of fastvq/backends/search_codebook.py (SearchCodebook), on the codebook it prepares. The winner's
 // distance is then recomputed from z - e.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.masked_conv import masked_conv2d
-from ..backends.common import check_kernel_size, check_mask_type, conv_mask
+from .._masks import check_kernel_size, check_mask_type, conv_mask
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
 

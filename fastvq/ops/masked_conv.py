@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .. import backends
 from .._checks import check_float, check_same_device, check_tensor
-from ..backends.common import check_kernel_size, check_mask_type, output_memory_format, output_size, promoted_dtype
+from .._masks import check_kernel_size, check_mask_type
+from ..backends.common import output_memory_format, output_size, promoted_dtype
 
 PaddingArg = Union[None, int, str, Sequence[int]]
 

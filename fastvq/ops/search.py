@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import backends
 from .._checks import check_float, check_metric, check_same_device, check_sampling, check_tensor, seed_tensor
-from ..backends.common import find_duplicate_codes
+from ..backends.duplicate_codes import find_duplicate_codes
 
 
 def nearest_code(
@@ -123,7 +123,7 @@ def search_op(sample_temperature: float) -> str:
 def lowest_duplicate(indices: Tensor, codebook: Tensor, sampled: bool) -> Tensor:
     """An argmin's indices with every exact duplicate code replaced by the lowest index of its
     group, so "ties go to the lowest index" holds whatever a backend's rounding chose (see
-    ``backends.common.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
+    ``backends.duplicate_codes.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
     if sampled or indices.numel() == 0:
         return indices
     groups = find_duplicate_codes(codebook)

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .. import backends
 from .._checks import check_float, check_same_device, check_seed, check_temperature, check_tensor, is_real, seed_tensor
-from ..backends.common import SOFT_METRICS, compute_dtype
+from ..backends.common import compute_dtype
+from ..backends.soft_codebook import SOFT_METRICS
 from .search import check_search_inputs, draw_seed, lowest_duplicate, search_dtype
 
 

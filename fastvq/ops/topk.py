@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import backends
 from .._checks import check_sampling, seed_tensor
-from ..backends.common import find_duplicate_codes, order_candidates
+from ..backends.duplicate_codes import find_duplicate_codes
 from .search import check_search_inputs, draw_seed, search_dtype
 
 
@@ -102,7 +102,7 @@ def _nearest_codes_op(
         return indices, distances
     groups = find_duplicate_codes(codebook)
     # Exact duplicates: a row lists the lowest members of each group, whatever the rounding chose.
-    return (indices, distances) if groups is None else order_candidates(groups.lowest_members(indices), distances)
+    return (indices, distances) if groups is None else (groups.lowest_members(indices), distances)
 
 
 @_nearest_codes_op.register_fake

@@ -158,8 +158,6 @@ def test_nothing_above_the_ops_layer_calls_the_operators_directly():
         )
 
 
-@pytest.mark.xfail(strict=True, reason="reference.py imports gumbel_noise from backends/common.py until the split of "
-                   "backends/common.py (another branch of issue 22) lifts the noise out; then drop this marker")
 def test_the_reference_shares_no_code_with_the_backends_it_judges():
     path = PACKAGE / "reference.py"
     imported = sorted(target for target in _imported_modules(path) if target.startswith("fastvq.backends"))

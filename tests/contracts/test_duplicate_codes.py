@@ -1,7 +1,7 @@
 """Exact duplicate codes resolve to the lowest index on every backend, dtype and metric.
 
 A matrix-multiply kernel rounds two identical codebook columns differently depending on where they
-fall in its tiles, so before the op layer's remap (``backends.common.find_duplicate_codes``) the
+fall in its tiles, so before the op layer's remap (``backends.duplicate_codes.find_duplicate_codes``) the
 argmin landed on a later copy in about 1 % of fp32 and 12-17 % of fp64 trials. The fuzz below is
 seeded and small; each trial repeats a few codes at random positions and puts rows near them.
 """
@@ -13,8 +13,8 @@ import torch
 from _parity import DTYPE_IDS, DTYPES, METRICS
 
 import fastvq
-from fastvq.backends import common
-from fastvq.backends.common import find_duplicate_codes
+from fastvq.backends import duplicate_codes
+from fastvq.backends.duplicate_codes import find_duplicate_codes
 
 
 def earlier_equal_code(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_duplicate_groups_match_a_brute_force_comparison(dtype):
             codebook[0] = 0.0
         expected = brute_force_leaders(codebook)
         # The full pass alone, as it runs on GPUs (on CPU only for the pre-filter's candidates).
-        assert torch.equal(common._group_leaders(codebook), expected), trial
+        assert torch.equal(duplicate_codes._group_leaders(codebook), expected), trial
         groups = find_duplicate_codes(codebook)
         leaders = torch.arange(num_codes) if groups is None else groups.leaders
         assert torch.equal(leaders, expected), (trial, leaders.tolist(), expected.tolist())

@@ -60,7 +60,7 @@ def _check_against_reference(x, weight, bias, mask_type, padding=None, rtol=1e-5
 @pytest.mark.parametrize("mask_type", ["A", "B", "V"])
 @pytest.mark.parametrize("kernel", [(1, 1), (1, 3), (3, 1), (3, 3), (3, 5), (5, 5), (7, 7)])
 def test_tap_prefix_masks_equal_the_literature_masks(mask_type, kernel):
-    from fastvq.backends.common import conv_mask
+    from fastvq._masks import conv_mask
 
     assert torch.equal(conv_mask(mask_type, *kernel), reference.pixelcnn_mask_ref(mask_type, kernel).bool())
 

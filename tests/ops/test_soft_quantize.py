@@ -15,11 +15,10 @@ from _backends import HAS_TRITON, backends_for
 from _parity import DTYPE_IDS, DTYPES, assert_close_flash_rule
 
 import fastvq
-from fastvq import backends, reference
-from fastvq.backends import common
+from fastvq import _philox, backends, reference
+from fastvq.backends.soft_codebook import SOFT_METRICS
 from fastvq.backends.torch import soft_quantize as torch_soft
 
-SOFT_METRICS = common.SOFT_METRICS
 # The parity cases run on the implementations (cpp routes these ops to the PyTorch path, cuda to Triton).
 impl = backends_for("soft_quantize")
 # fp32 results against the float64 truth, relative to the largest entry of the true tensor.
@@ -87,7 +86,7 @@ def assert_hard_parity(z, codebook, metric, temperature, seed, indices):
     logits = reference.soft_logits_ref(z.cpu(), codebook.cpu(), metric, temperature)
     if seed is not None:
         rows = torch.arange(z.shape[0], dtype=torch.int64)
-        logits = logits + common.gumbel_noise(seed, rows, 0, codebook.shape[0]).double()
+        logits = logits + _philox.gumbel_noise(seed, rows, 0, codebook.shape[0]).double()
     logits = logits.nan_to_num(nan=float("-inf"))
     top = logits.topk(min(2, logits.shape[1]), dim=1).values
     chosen = logits.gather(1, indices.cpu()[:, None]).squeeze(1)
@@ -179,10 +178,10 @@ def test_low_precision_error_is_at_most_twice_pytorchs(impl, dtype):
 def test_noise_is_the_same_on_every_backend_and_tiling(impl, monkeypatch):
     device = impl[1]
     """With zero logits the hard index is the argmax of the noise alone: every backend must pick the
-    argmax of ``common.gumbel_noise`` for every row, across 4-code Philox groups and code tiles."""
+    argmax of ``_philox.gumbel_noise`` for every row, across 4-code Philox groups and code tiles."""
     z = torch.zeros(40, 3, device=device)
     codebook = torch.randn(45, 3, device=device)
-    expected = common.gumbel_noise(987654321, torch.arange(40), 0, 45).argmax(dim=1)
+    expected = _philox.gumbel_noise(987654321, torch.arange(40), 0, 45).argmax(dim=1)
     _, indices, _ = fastvq.soft_quantize(z, codebook, metric="dot", gumbel=True, seed=torch.tensor(987654321, device=device))
     assert torch.equal(indices.cpu(), expected)
     if impl[0] != "triton":
@@ -195,17 +194,17 @@ def test_noise_is_the_same_on_every_backend_and_tiling(impl, monkeypatch):
 
 def test_noise_chunks_agree_with_the_whole_matrix():
     rows = torch.tensor([0, 5, 2**32 + 3, 2**40])
-    whole = common.gumbel_noise(7, rows, 0, 37)
+    whole = _philox.gumbel_noise(7, rows, 0, 37)
     for start, stop in [(0, 1), (3, 11), (16, 37), (36, 37)]:
-        assert torch.equal(common.gumbel_noise(7, rows, start, stop), whole[:, start:stop])
-    assert not torch.equal(common.gumbel_noise(8, rows, 0, 37), whole)
+        assert torch.equal(_philox.gumbel_noise(7, rows, start, stop), whole[:, start:stop])
+    assert not torch.equal(_philox.gumbel_noise(8, rows, 0, 37), whole)
     assert whole.isfinite().all()
 
 
 def test_philox_matches_the_random123_known_answer():
     """Random123's known-answer vector for Philox-4x32-10 (counter and key all ones)."""
     ones = torch.full((1,), 0xFFFFFFFF, dtype=torch.int64)
-    out = common.philox_uint32x4(0xFFFFFFFFFFFFFFFF, ones, ones, ones, ones)
+    out = _philox.philox_uint32x4(0xFFFFFFFFFFFFFFFF, ones, ones, ones, ones)
     assert [int(word) for word in out] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
 
 

@@ -1,6 +1,6 @@
 """The PyTorch path's masked convolution (``FASTVQ_BACKEND=torch``, and the fallback of ``cpp``).
 
-A mask keeps a raster-order prefix of the kernel's taps (see ``fastvq.backends.common``): some full
+A mask keeps a raster-order prefix of the kernel's taps (see ``fastvq._masks``): some full
 rows, then the first few taps of the next row. So the masked convolution is the sum of two plain
 convolutions over those two row groups, each on the slice of the zero-padded input it reads:
 
@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..common import compute_dtype, num_taps, output_memory_format, output_size, promoted_dtype
+from ..._masks import num_taps
+from ..common import compute_dtype, output_memory_format, output_size, promoted_dtype
 
 
 def _row_groups(mask_type: str, weight_shape, out_height: int, out_width: int):

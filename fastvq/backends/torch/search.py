@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from .. import common
-from ..common import NORM_EPS, SearchCodebook, compute_dtype
+from ..common import NORM_EPS, compute_dtype
+from ..search_codebook import SearchCodebook, nonfinite_cosine_rows
 
 # Bytes one slab entry costs: the score itself plus the argmin/compare temporaries of its row.
 _SLAB_BYTES_PER_SCORE = 8
@@ -107,6 +108,9 @@ def nearest_code(
             best = torch.where(better, chunk_best, best)
             best_index = torch.where(better, chunk_index + code_start, best_index)
             del scores, chunk_best, chunk_index, better
+        nonfinite = nonfinite_cosine_rows(z_rows, metric)
+        if nonfinite is not None:
+            best_index.masked_fill_(nonfinite, 0)
         chosen = codebook[best_index]
         indices[rows] = best_index
         distances[rows] = true_distance(z_rows, chosen.to(work_dtype), metric).float()

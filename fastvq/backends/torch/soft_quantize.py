@@ -6,17 +6,19 @@ codebook in code chunks, each slab of logits (temporaries included) under ``CHUN
 carries per row a running maximum, a running sum of ``exp(logit - max)`` and a running weighted
 sum of values, rescaling them when the maximum grows; nothing of size ``N x K`` is ever held. The
 backward recomputes the probabilities chunk by chunk from the saved log-sum-exp. The logits and
-their exclusion rules are :class:`~fastvq.backends.common.SoftCodebook`'s.
+their exclusion rules are :class:`~fastvq.backends.soft_codebook.SoftCodebook`'s.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 import torch
 
+from ..._philox import gumbel_noise
 from .. import common
-from ..common import EUCLIDEAN_EPS, SoftCodebook, gumbel_noise, split_value_grad
+from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
 
 # Bytes one slab entry costs: the logit and the few same-sized temporaries alive with it (the
 # backward's probability and weight). The Gumbel noise adds Philox's int64 counters and products.
@@ -309,8 +311,10 @@ def soft_entropy(
     """``(row_entropy [N], mean_probs [K], lse [N])`` of ``p = softmax(logits)``, in the work dtype.
 
     Per row chunk, a first pass over the codes carries the online softmax and the running
-    ``sum exp(logit - max) * logit``, which give ``lse`` and ``H = lse - <p, logits>``; a second pass
-    adds the chunk's probabilities to the per-code sums.
+    ``A = sum exp(logit - max) * (logit - max)``, which give ``lse`` and ``H = log(total) - A / total``
+    (no difference of two large numbers, so ``0 <= H <= log K`` at any temperature); a second pass
+    adds the chunk's probabilities ``exp(logit - max - log(total))`` to the per-code sums (not
+    ``exp(logit - lse)``: ``lse`` rounds at the logits' magnitude, and the rows would not sum to 1).
     """
     num_rows = z.shape[0]
     prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
@@ -318,25 +322,32 @@ def soft_entropy(
     row_entropy = torch.empty(num_rows, dtype=work, device=z.device)
     lse = torch.empty(num_rows, dtype=work, device=z.device)
     mean_probs = torch.zeros(codebook.shape[0], dtype=work, device=z.device)
+    # An excluded code has weight 0 and logit -inf: floored, its term is 0, not nan.
+    floor = torch.finfo(work).min
     for rows, chunk in _row_chunks(prep, z, temperature):
         count = rows.stop - rows.start
         softmax = _OnlineSoftmax(count, work, z.device)
         total = torch.zeros(count, dtype=work, device=z.device)
-        weighted_logits = torch.zeros(count, dtype=work, device=z.device)
+        centred_sum = torch.zeros(count, dtype=work, device=z.device)
+        shift = torch.zeros(count, dtype=work, device=z.device)
         for _, _, logits, _ in chunk.chunks():
+            old_shift = shift
             shift, rescale = softmax.shift(logits.max(dim=1).values)
-            weights = (logits - shift[:, None]).exp_()
+            centred = logits.sub_(shift[:, None]).clamp_(min=floor)
+            weights = centred.exp()
+            # Moving the shift from s0 to s1 adds (s0 - s1) * total to the carried sum before the rescale.
+            centred_sum.add_((old_shift - shift) * total).mul_(rescale)
+            centred_sum.add_(torch.linalg.vecdot(weights, centred, dim=1))
             total.mul_(rescale).add_(weights.sum(dim=1))
-            # An excluded code has weight 0 and logit -inf: floored, its term is 0, not nan.
-            floor = torch.finfo(work).min
-            weighted_logits.mul_(rescale).add_(torch.linalg.vecdot(weights, logits.clamp_(min=floor), dim=1))
         lse[rows] = softmax.log_sum_exp(total)
-        row_entropy[rows] = lse[rows] - weighted_logits / total
+        log_total = total.log()
+        row_entropy[rows] = log_total - centred_sum / total
         for start, stop, logits, _ in chunk.chunks():
-            mean_probs[start:stop] += logits.sub_(lse[rows, None]).exp_().sum(dim=0)
+            mean_probs[start:stop] += logits.sub_(shift[:, None]).sub_(log_total[:, None]).exp_().sum(dim=0)
     if num_rows:
         mean_probs /= num_rows
-    return row_entropy, mean_probs, lse
+    # Rounding may still put a uniform row's entropy an ulp past log K, or a one-hot row's below 0.
+    return row_entropy.clamp_(0.0, math.log(codebook.shape[0])), mean_probs, lse
 
 
 def soft_entropy_backward(

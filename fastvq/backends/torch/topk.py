@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from .. import common
-from ..common import SearchCodebook, compute_dtype, order_candidates
+from ..common import compute_dtype
+from ..search_codebook import SearchCodebook, nonfinite_cosine_rows, order_candidates
 from .search import gumbel_scores, true_distance
 
 # The slab of one chunk: its scores, the sort's copies of them and their indices.
@@ -75,8 +76,14 @@ def nearest_codes(
             order = scores.argsort(dim=1, stable=True)[:, :k]
             best, best_index = scores.gather(1, order), chunk_index.gather(1, order)
             del scores, chunk_index, order
+        nonfinite = nonfinite_cosine_rows(z_rows, metric)
+        if nonfinite is not None:
+            first_codes = torch.arange(k, device=z.device).expand_as(best_index)
+            best_index = torch.where(nonfinite[:, None], first_codes, best_index)
+            best = torch.where(nonfinite[:, None], float("inf"), best)
         chosen = codebook_work[best_index]
         row_distances = true_distance(z_rows[:, None, :].expand_as(chosen).reshape(-1, dim),
                                       chosen.reshape(-1, dim), metric).reshape(-1, k).float()
-        indices[rows], distances[rows] = order_candidates(best_index, row_distances)
+        indices[rows], distances[rows] = order_candidates(best_index, row_distances if sampling else best,
+                                                          row_distances)
     return indices, distances

@@ -1,6 +1,6 @@
-"""What every Triton launcher needs: the interpreter switch, the dot precision, the device's limits,
-:class:`CompileCase`, the form in which each op family lists its launches for the AOT compile test,
-and the device helper the codebook-walking kernels share (:func:`true_distance`)."""
+"""What every Triton launcher needs: the metric codes, the interpreter switch, the dot precision, the
+device's limits, :class:`CompileCase`, the form in which each op family lists its launches for the AOT
+compile test, and the device helper the codebook-walking kernels share (:func:`true_distance`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ import triton
 import triton.language as tl
 
 from ..common import triton_interpreting as interpreting
+
+# The metric as every kernel's ``METRIC`` constexpr names it: one code per metric in every Triton file.
+METRIC_L2 = tl.constexpr(0)
+METRIC_COSINE = tl.constexpr(1)
+METRIC_DOT = tl.constexpr(2)
+METRIC_EUCLIDEAN = tl.constexpr(3)
+METRIC_IDS = {"l2": METRIC_L2, "cosine": METRIC_COSINE, "dot": METRIC_DOT, "euclidean": METRIC_EUCLIDEAN}
 
 
 @triton.jit
@@ -39,23 +46,145 @@ def true_distance(z_ptr, codebook_ptr, codes_out_ptr, rows, row_mask, index, D, 
                      mask=mask)
         z_f = z_vals.to(tl.float32)
         e_f = e_vals.to(tl.float32)
-        if METRIC == 0:
+        if METRIC == METRIC_L2:
             diff = z_f - e_f
             sq_sum += tl.sum(diff * diff, axis=1)
         else:
             dot_sum += tl.sum(z_f * e_f, axis=1)
-            if METRIC == 1:
+            if METRIC == METRIC_COSINE:
                 z_sq += tl.sum(z_f * z_f, axis=1)
                 e_sq += tl.sum(e_f * e_f, axis=1)
-    if METRIC == 0:
+    if METRIC == METRIC_L2:
         distance = sq_sum
-    elif METRIC == 1:
+    elif METRIC == METRIC_COSINE:
         norms = tl.maximum(tl.sqrt(z_sq), 1e-12) * tl.maximum(tl.sqrt(e_sq), 1e-12)
         # Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN row stays NaN.
         distance = tl.maximum(1.0 - dot_sum / norms, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         distance = -dot_sum
     return distance
+
+
+# --------------------------------------------------------------------------- the searches' tile scoring
+#
+# Shared by the nearest-code (search.py) and the top-k (topk.py) kernels, so that both rank codes on
+# the same computed score and the top-k's first column is the search's answer. Scores follow
+# fastvq/backends/search_codebook.py (SearchCodebook): l2 is |e - c|^2 - 2 (z - c).(e - c) with c the
+# codebook mean, cosine -z.e/|e|, dot -z.e.
+
+
+@triton.jit
+def to_search_dtype(x, search_codes_ptr, DOT_IN_FP32: tl.constexpr):
+    """``x`` in the dtype ``tl.dot`` multiplies: the codes'. Triton's interpreter multiplies bf16
+    tiles as raw integers in tl.dot; there they are widened to fp32 first (bf16 products are exact
+    in fp32, so the sums agree with the GPU's)."""
+    if DOT_IN_FP32:
+        y = x.to(tl.float32)
+    else:
+        y = x.to(search_codes_ptr.dtype.element_ty)
+    return y
+
+
+@triton.jit
+def load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, search_codes_ptr,
+                METRIC: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows' whole (centred, for l2) vectors, when they fit one ``BLOCK_D`` slice."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    dim_mask = dims < D
+    z_tile = tl.load(
+        z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col,
+        mask=row_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if METRIC == METRIC_L2:
+        center = tl.load(center_ptr + dims, mask=dim_mask, other=0.0)
+        z_tile = z_tile - center[None, :]
+    return to_search_dtype(z_tile, search_codes_ptr, DOT_IN_FP32)
+
+
+@triton.jit
+def centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, METRIC: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each row's ``|z - c|^2`` (l2) or ``|z|^2`` (cosine): what Gumbel sampling adds back to the scores."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for dim_start in range(0, D, BLOCK_D):
+        dim_idx = dim_start + dims
+        dim_mask = dim_idx < D
+        z_slice = tl.load(
+            z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
+            mask=row_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if METRIC == METRIC_L2:
+            center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
+            z_slice = tl.where(dim_mask[None, :], z_slice - center[None, :], 0.0)
+        total += tl.sum(z_slice * z_slice, axis=1)
+    return total
+
+
+@triton.jit
+def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_centered_sq, row_seeds, rows,
+                row_mask, code_start, code_end, D, stride_z_row, stride_z_col, inv_temperature, METRIC: tl.constexpr,
+                SAMPLE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                SINGLE_D_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The search scores ``[BLOCK_N, BLOCK_K]`` of the rows against codes ``code_start + [0, BLOCK_K)``
+    (with Gumbel noise when ``SAMPLE``), and those codes. A NaN score and a code at or past ``code_end``
+    are +inf. ``z_tile`` is :func:`load_z_tile`'s when ``SINGLE_D_TILE``; ``z_centered_sq`` is
+    :func:`centered_square_norms`' and ``row_seeds`` the rows' Philox seeds when ``SAMPLE``."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    codes = code_start + tl.arange(0, BLOCK_K)
+    code_mask = codes < code_end
+    code_rows = codes.to(tl.int64) * D  # int64: K * D may pass 2**31
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    if SINGLE_D_TILE:
+        code_tile = tl.load(
+            search_codes_ptr + code_rows[None, :] + dims[:, None],
+            mask=code_mask[None, :] & (dims < D)[:, None],
+            other=0.0,
+        )
+        acc = tl.dot(z_tile, to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc,
+                     input_precision=DOT_PRECISION)
+    else:
+        for dim_start in range(0, D, BLOCK_D):
+            dim_idx = dim_start + dims
+            dim_mask = dim_idx < D
+            z_slice = tl.load(
+                z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
+                mask=row_mask[:, None] & dim_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if METRIC == METRIC_L2:
+                center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
+                z_slice = z_slice - center[None, :]
+            code_tile = tl.load(
+                search_codes_ptr + code_rows[None, :] + dim_idx[:, None],
+                mask=code_mask[None, :] & dim_mask[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(to_search_dtype(z_slice, search_codes_ptr, DOT_IN_FP32),
+                         to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc, input_precision=DOT_PRECISION)
+    if METRIC == METRIC_L2:
+        bias = tl.load(code_bias_ptr + codes.to(tl.int64), mask=code_mask, other=0.0)
+        scores = bias[None, :] - 2.0 * acc
+    else:
+        scores = -acc
+    if SAMPLE:
+        # Gumbel-max: softmax(-distance / T) is sampled by the argmin of distance / T - gumbel, the
+        # noise from a counter-based generator (one Philox stream per row) instead of an N x K
+        # tensor. l2 samples on the plain (not squared) distance, as vector-quantize-pytorch's
+        # -cdist logits do, and cosine on the true cosine.
+        if METRIC == METRIC_L2:
+            scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
+        elif METRIC == METRIC_COSINE:
+            scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
+        # 32-bit Philox counters whatever the width of ``codes``: a split search draws the same noise.
+        uniform = tl.maximum(tl.rand(row_seeds[:, None], codes.to(tl.int32)[None, :]), 1e-20)
+        gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
+        scores = scores * inv_temperature - gumbel
+    scores = tl.where(scores != scores, float("inf"), scores)
+    scores = tl.where(code_mask[None, :], scores, float("inf"))
+    return scores, codes
 
 
 def matmul_allows_tf32() -> bool:

@@ -1,6 +1,6 @@
 """PixelCNN masked convolution as an implicit GEMM over the unmasked taps only.
 
-A mask keeps a raster-order prefix of ``NUM_TAPS`` taps (``fastvq.backends.common``), so the kernels
+A mask keeps a raster-order prefix of ``NUM_TAPS`` taps (``fastvq._masks``), so the kernels
 loop ``for tap in range(NUM_TAPS)`` and never load, multiply or store a masked tap: a 7 x 7 type-B
 convolution does 25 taps' work, not 49. The weight is read through a packed copy of its kept taps
 (``[NUM_TAPS, K, N]``, a few MB at most) and is never modified.
@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import num_taps, output_memory_format, output_size, promoted_dtype
+from ..._masks import num_taps
+from ..common import output_memory_format, output_size, promoted_dtype
 from .common import CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting
 
 

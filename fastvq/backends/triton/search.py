@@ -24,11 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import SearchCodebook
-from .common import (CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting,
-                     search_tile_configs, size_bucket, true_distance)
-
-METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
+from ..search_codebook import SearchCodebook, nonfinite_cosine_rows
+from .common import (METRIC_DOT, METRIC_IDS, CompileCase, centered_square_norms, device_arch, device_properties,
+                     dot_precision, fits_shared_memory, interpreting, load_z_tile, search_tile_configs, size_bucket,
+                     tile_scores, true_distance)
 
 
 @triton.jit
@@ -98,29 +97,15 @@ def _nearest_code_fwd_kernel(
     split = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
     code_begin = split * codes_per_split
     code_end = tl.minimum(code_begin + codes_per_split, K)
-    # Triton's interpreter multiplies bf16 tiles as raw integers in tl.dot; there the tiles are
-    # widened to fp32 first (bf16 products are exact in fp32, so the sums agree with the GPU's).
-    if DOT_IN_FP32:
-        search_dtype = tl.float32
-    else:
-        search_dtype = search_codes_ptr.dtype.element_ty
-
+    z_tile = 0.0
     if SINGLE_D_TILE:
         # The whole row fits one slice: load (and centre) it once, keep it in registers.
-        dim_mask = dims < D
-        z_tile = tl.load(
-            z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col,
-            mask=row_mask[:, None] & dim_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if METRIC == 0:
-            center = tl.load(center_ptr + dims, mask=dim_mask, other=0.0)
-            z_tile = z_tile - center[None, :]
-        z_tile = z_tile.to(search_dtype)
-
+        z_tile = load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, search_codes_ptr,
+                             METRIC, DOT_IN_FP32, BLOCK_D)
+    z_centered_sq = 0.0
+    row_seeds = 0
     if SAMPLE:
         # Gumbel-max sampling draws code k with probability softmax(-distance_k / T): the same
         # noise-plus-argmax as vector-quantize-pytorch's stochastic codes, with the noise drawn
@@ -128,72 +113,19 @@ def _nearest_code_fwd_kernel(
         # tensor. l2 samples on the plain (not squared) distance, as their -cdist logits do, and
         # cosine on the true cosine, so the row's |z - c|^2 or |z| that the argmin drops is needed.
         row_seeds = tl.load(seed_ptr) + rows * 1000003
-        z_centered_sq = tl.zeros((BLOCK_N,), tl.float32)
-        if METRIC != 2:
-            for dim_start in range(0, D, BLOCK_D):
-                dim_idx = dim_start + dims
-                dim_mask_s = dim_idx < D
-                z_slice = tl.load(
-                    z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
-                    mask=row_mask[:, None] & dim_mask_s[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                if METRIC == 0:
-                    center_s = tl.load(center_ptr + dim_idx, mask=dim_mask_s, other=0.0)
-                    z_slice = tl.where(dim_mask_s[None, :], z_slice - center_s[None, :], 0.0)
-                z_centered_sq += tl.sum(z_slice * z_slice, axis=1)
+        if METRIC != METRIC_DOT:
+            z_centered_sq = centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col,
+                                                  METRIC, BLOCK_N, BLOCK_D)
 
     best = tl.full((BLOCK_N,), float("inf"), tl.float32)
     # A row that no code beats (every score NaN) keeps its slice's first code; slice 0's is code 0.
     best_index = tl.zeros((BLOCK_N,), tl.int64) + code_begin
     for code_start in range(code_begin, code_end, BLOCK_K):
-        code_offsets = tl.arange(0, BLOCK_K)
-        codes = code_start + code_offsets.to(tl.int64)
-        code_mask = codes < code_end
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        if SINGLE_D_TILE:
-            code_tile = tl.load(
-                search_codes_ptr + codes[None, :] * D + dims[:, None],
-                mask=code_mask[None, :] & dim_mask[:, None],
-                other=0.0,
-            )
-            acc = tl.dot(z_tile, code_tile.to(search_dtype), acc, input_precision=DOT_PRECISION)
-        else:
-            for dim_start in range(0, D, BLOCK_D):
-                dim_idx = dim_start + dims
-                dim_mask_d = dim_idx < D
-                z_slice = tl.load(
-                    z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
-                    mask=row_mask[:, None] & dim_mask_d[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                if METRIC == 0:
-                    center_d = tl.load(center_ptr + dim_idx, mask=dim_mask_d, other=0.0)
-                    z_slice = z_slice - center_d[None, :]
-                code_tile = tl.load(
-                    search_codes_ptr + codes[None, :] * D + dim_idx[:, None],
-                    mask=code_mask[None, :] & dim_mask_d[:, None],
-                    other=0.0,
-                )
-                acc = tl.dot(z_slice.to(search_dtype), code_tile.to(search_dtype), acc, input_precision=DOT_PRECISION)
-        if METRIC == 0:
-            bias = tl.load(code_bias_ptr + codes, mask=code_mask, other=0.0)
-            scores = bias[None, :] - 2.0 * acc
-        else:
-            scores = -acc
-        if SAMPLE:
-            if METRIC == 0:
-                scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
-            elif METRIC == 1:
-                scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
-            # Philox counters are 32-bit here, as they were before the search was split: the same
-            # seed draws the same codes whether or not the codebook is split.
-            uniform = tl.maximum(tl.rand(row_seeds[:, None], (code_start + code_offsets).to(tl.int32)[None, :]), 1e-20)
-            gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
-            scores = scores * inv_temperature - gumbel
-        # A NaN score never wins, and padding codes past the slice never win either.
-        scores = tl.where(scores != scores, float("inf"), scores)
-        scores = tl.where(code_mask[None, :], scores, float("inf"))
+        scores, _ = tile_scores(
+            z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_centered_sq, row_seeds, rows, row_mask,
+            code_start, code_end, D, stride_z_row, stride_z_col, inv_temperature, METRIC, SAMPLE, DOT_PRECISION,
+            DOT_IN_FP32, SINGLE_D_TILE, BLOCK_N, BLOCK_K, BLOCK_D,
+        )
         tile_best, tile_index = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
         # Strict '<' keeps the earlier tile on ties, so the lowest index wins whatever the tiling.
         better = tile_best < best
@@ -425,6 +357,12 @@ def nearest_code(
             merge = _merge_config(dim)
             merge_grid = (triton.cdiv(num_rows, merge.kwargs["BLOCK_N"]),)
             _nearest_code_merge_kernel[merge_grid](*merge_args, **merge_meta, **merge.all_kwargs())
+    nonfinite = nonfinite_cosine_rows(z, metric)
+    if nonfinite is not None:
+        indices, distances, codes_out = outputs
+        indices.masked_fill_(nonfinite, 0)
+        if return_codes:  # the distance stays: it is NaN to every code
+            codes_out.copy_(torch.where(nonfinite[:, None], codebook[0].to(codes_out.dtype), codes_out))
     return outputs
 
 

@@ -8,7 +8,7 @@ slices, fp32 accumulation, then the metric's transform of ``SoftCodebook``):
 - ``_soft_quantize_fwd_kernel``: a program owns ``BLOCK_N`` rows (and one ``BLOCK_DV`` slice of
   the values) and walks the codes, carrying a running maximum, the running sum of
   ``exp(logit - max)``, the running ``p @ values`` (all rescaled when the maximum grows), the
-  running ``sum p * logit`` for the entropy and the running argmax of ``logit + gumbel``.
+  running ``sum p * (logit - max)`` for the entropy and the running argmax of ``logit + gumbel``.
 - ``_soft_rows_bwd_kernel``: per row tile, over the codes, recomputes ``p = exp(logit - lse)``
   from the saved log-sum-exp and forms the weight ``w = dL/dlogit / T`` (euclidean: also over
   ``2 |z - e|``) with ``dL/dlogit = p (dp + gamma * logit - delta)``; ``dp`` is ``g @ values^T``
@@ -20,23 +20,24 @@ slices, fp32 accumulation, then the metric's transform of ``SoftCodebook``):
 ``SoftCodebook.prepared_grads`` turns the sums into gradients. Each output element is written by
 exactly one program, so nothing uses atomics and every result is deterministic. Nothing of size
 ``N x K`` is ever allocated. Gumbel noise comes from Philox-4x32-10 at counter
-``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4`` (``fastvq.backends.common.gumbel_noise``
+``(k >> 2, n mod 2^32, n >> 32, 0)``, output ``k mod 4`` (``fastvq._philox.gumbel_noise``
 draws the same bits on the PyTorch path).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..common import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
-from .common import cases_from_launches, dot_precision, interpreting, recording_launches
+from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
+from .common import (METRIC_DOT, METRIC_EUCLIDEAN, METRIC_IDS, METRIC_L2, cases_from_launches, dot_precision,
+                     interpreting, recording_launches)
 
-METRIC_IDS = {"dot": 0, "cosine": 0, "l2": 1, "euclidean": 2}
 # For tests/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
 # kernels' int32 offsets cannot overflow.
 INT32_TILE_OFFSETS = (
@@ -101,11 +102,12 @@ def _logit_tile(
                 key_tile = key_tile.to(tl.float32)
             acc = tl.dot(z_slice, key_tile, acc, input_precision=DOT_PRECISION)
     scale = tl.full((BLOCK_N, BLOCK_K), 1.0, tl.float32)
-    if METRIC == 0:
+    if METRIC == METRIC_DOT:
         logits = (acc - code_term[None, :]) * inv_temperature
-    elif METRIC == 1:
+    elif METRIC == METRIC_L2:
         logits = (2.0 * acc - row_term[:, None] - code_term[None, :]) * inv_temperature
     else:
+        tl.static_assert(METRIC == METRIC_EUCLIDEAN)
         squared = row_term[:, None] + code_term[None, :] - 2.0 * acc
         distance = tl.sqrt(tl.maximum(squared, _EUCLIDEAN_EPS))
         scale = tl.where(squared <= _EUCLIDEAN_EPS, 0.0, 0.5 / distance)
@@ -154,7 +156,7 @@ def _soft_quantize_fwd_kernel(
     soft_ptr,
     indices_ptr,
     lse_ptr,
-    mean_logit_ptr,
+    entropy_ptr,
     seed_ptr,
     N,
     K,
@@ -165,7 +167,7 @@ def _soft_quantize_fwd_kernel(
     VALUES: tl.constexpr,
     HARD: tl.constexpr,
     NOISE: tl.constexpr,
-    MEAN_LOGIT: tl.constexpr,
+    ENTROPY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr,
@@ -218,9 +220,14 @@ def _soft_quantize_fwd_kernel(
         shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
         rescale = tl.exp(maximum - shift)
         probs = tl.exp(logits - shift[:, None])
+        if ENTROPY:
+            # sum p (logit - shift), carried in the current shift (moving it from s0 to s1 adds
+            # (s0 - s1) * total before the rescale): H = log(total) - that / total then subtracts no
+            # two large numbers, so it stays in [0, log K] at any temperature.
+            old_shift = tl.where(maximum == float("-inf"), 0.0, maximum)
+            centred = tl.where(probs > 0, probs * (logits - shift[:, None]), 0.0)
+            weighted_logits = (weighted_logits + (old_shift - shift) * total) * rescale + tl.sum(centred, axis=1)
         total = total * rescale + tl.sum(probs, axis=1)
-        if MEAN_LOGIT:
-            weighted_logits = weighted_logits * rescale + tl.sum(tl.where(probs > 0, probs * logits, 0.0), axis=1)
         if VALUES:
             value_tile = tl.load(
                 tile_values_ptr + local_codes[:, None] * DV + value_dims[None, :],
@@ -248,8 +255,13 @@ def _soft_quantize_fwd_kernel(
         shift = tl.where(maximum == float("-inf"), 0.0, maximum)
         lse = tl.where(total > 0, shift + tl.log(total), float("nan"))
         tl.store(lse_ptr + row_start + local_rows, lse, mask=row_mask)
-        if MEAN_LOGIT:
-            tl.store(mean_logit_ptr + row_start + local_rows, weighted_logits / total, mask=row_mask)
+        if ENTROPY:
+            # [3, N]: the entropy, the largest logit and log(total), whose sum lse rounds: the code
+            # kernel's probabilities exp(logit - max - log(total)) then sum to 1 however large the logits.
+            log_total = tl.log(total)
+            tl.store(entropy_ptr + row_start + local_rows, log_total - weighted_logits / total, mask=row_mask)
+            tl.store(entropy_ptr + N + row_start + local_rows, shift, mask=row_mask)
+            tl.store(entropy_ptr + 2 * N + row_start + local_rows, log_total, mask=row_mask)
         if HARD:
             tl.store(indices_ptr + row_start + local_rows, best_index.to(tl.int64), mask=row_mask)
 
@@ -457,7 +469,9 @@ def _soft_codes_bwd_kernel(
         # Padding rows have lse = +inf, hence probability 0: they add nothing to any sum.
         probs = tl.exp(logits - lse[:, None])
         if PROB_SUMS:
-            code_sums += tl.sum(probs, axis=0)
+            # Here lse holds each row's largest logit and delta its log(total) (see ENTROPY above).
+            log_total = tl.load(delta_ptr + row_start + local_rows, mask=row_mask, other=0.0)
+            code_sums += tl.sum(tl.exp(logits - lse[:, None] - log_total[:, None]), axis=0)
         if VALUE_GRAD:
             grad_tile = tl.load(
                 tile_grad_ptr + local_rows[:, None] * DV + value_out_dims[None, :],
@@ -566,7 +580,8 @@ class _Launch:
         self.inv_temperature = 1.0 / temperature
         self.configs = {kernel: kernel_config(kernel, dtype) for kernel in ("fwd", "rows", "codes")}
         self.meta = dict(
-            METRIC=METRIC_IDS[metric],
+            # Cosine rows and keys arrive normalised, so their logits are the dot metric's: one compiled kernel.
+            METRIC=METRIC_DOT if metric == "cosine" else METRIC_IDS[metric],
             DOT_PRECISION=dot_precision(dtype),
             DOT_IN_FP32=interpreting() and dtype == torch.bfloat16,
         )
@@ -581,14 +596,16 @@ class _Launch:
     def context(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def forward(self, values: torch.Tensor, *, hard: bool, seed: Optional[torch.Tensor], mean_logit: bool,
+    def forward(self, values: torch.Tensor, *, hard: bool, seed: Optional[torch.Tensor], entropy: bool,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(soft [N, Dv], indices, lse, mean_logit)`` of ``softmax(logits) @ values``."""
+        """``(soft [N, Dv], indices, lse, entropy_stats)`` of ``softmax(logits) @ values``; with
+        ``entropy``, ``entropy_stats [3, N]`` holds each row's entropy, largest logit and
+        ``log(sum exp(logit - largest))``, else it is empty."""
         value_dim = values.shape[1]
         soft = torch.empty((self.num_rows, value_dim), dtype=out_dtype, device=self.device)
         indices = torch.empty(self.num_rows if hard else 0, dtype=torch.int64, device=self.device)
         lse = torch.empty(self.num_rows, dtype=torch.float32, device=self.device)
-        weighted = torch.empty(self.num_rows if mean_logit else 0, dtype=torch.float32, device=self.device)
+        weighted = torch.empty((3, self.num_rows if entropy else 0), dtype=torch.float32, device=self.device)
         if self.num_rows == 0:
             return soft, indices, lse, weighted
         config = self.configs["fwd"]
@@ -599,7 +616,7 @@ class _Launch:
                 self.zq, self.row_term, self.keys, self.code_term, values,
                 soft, indices, lse, weighted, seed if seed is not None else lse,
                 self.num_rows, self.num_codes, self.dim, value_dim, self.inv_temperature,
-                VALUES=value_dim > 0, HARD=hard, NOISE=seed is not None, MEAN_LOGIT=mean_logit,
+                VALUES=value_dim > 0, HARD=hard, NOISE=seed is not None, ENTROPY=entropy,
                 SINGLE_D_TILE=self.dim <= config.block_d, BLOCK_DV=block_dv,
                 **self.meta, **config.blocks(), num_warps=config.num_warps,
             )
@@ -652,17 +669,17 @@ class _Launch:
                 )
         return weighted_keys, row_sums, weighted_rows, code_sums, grad_values
 
-    def prob_sums(self, lse: torch.Tensor) -> torch.Tensor:
-        """``sum_n p[n, k]`` per code."""
+    def prob_sums(self, max_logit: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
+        """``sum_n p[n, k]`` per code, ``p = exp(logit - max_logit - log_total)`` (``forward``'s entropy stats)."""
         sums = torch.zeros(self.num_codes, dtype=torch.float32, device=self.device)
         if self.num_rows == 0:
             return sums
-        lse = lse.float().contiguous()
+        lse, log_total = max_logit.float().contiguous(), log_total.float().contiguous()
         config = self.configs["codes"]
         grid = (triton.cdiv(self.num_codes, config.block_k), 1)
         with self.context():
             _soft_codes_bwd_kernel[grid](
-                *self.operands(), lse, lse, lse, lse, lse, sums, sums, sums, *self.sizes(),
+                *self.operands(), lse, lse, lse, lse, log_total, sums, sums, sums, *self.sizes(),
                 WEIGHTS=False, VALUE_GRAD=False, PROB_SUMS=True, CODE_WEIGHTS=False, GAMMA=False,
                 BLOCK_DV=16, BLOCK_DO=16, BLOCK_DVO=16, **self.meta, **config.blocks(), num_warps=config.num_warps,
             )
@@ -692,7 +709,7 @@ def soft_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the forward; inputs are checked by the caller; fp64 is not handled here."""
     launch = _Launch(z, codebook, values, metric, temperature)
-    soft, indices, lse, _ = launch.forward(launch.values, hard=return_hard, seed=seed, mean_logit=False,
+    soft, indices, lse, _ = launch.forward(launch.values, hard=return_hard, seed=seed, entropy=False,
                                            out_dtype=launch.dtype)
     return soft, indices, lse
 
@@ -724,15 +741,17 @@ def soft_quantize_backward(
 def soft_entropy(
     z: torch.Tensor, codebook: torch.Tensor, metric: str, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(row_entropy, mean_probs, lse)`` in fp32: the forward kernel's running ``sum p * logit``,
+    """``(row_entropy, mean_probs, lse)`` in fp32: the forward kernel's running ``sum p * (logit - max)``,
     then the code kernel's per-code probability sums."""
     launch = _Launch(z, codebook, None, metric, temperature)
     no_values = launch.values[:, :0]
-    _, _, lse, mean_logit = launch.forward(no_values, hard=False, seed=None, mean_logit=True, out_dtype=launch.dtype)
-    mean_probs = launch.prob_sums(lse)
+    _, _, lse, (row_entropy, max_logit, log_total) = launch.forward(no_values, hard=False, seed=None, entropy=True,
+                                                                    out_dtype=launch.dtype)
+    mean_probs = launch.prob_sums(max_logit, log_total)
     if launch.num_rows:
         mean_probs /= launch.num_rows
-    return lse - mean_logit, mean_probs, lse
+    # Rounding may still put a uniform row's entropy an ulp past log K, or a one-hot row's below 0.
+    return row_entropy.clamp(0.0, math.log(launch.num_codes)), mean_probs, lse
 
 
 def soft_entropy_backward(
@@ -752,7 +771,7 @@ def soft_entropy_backward(
     ``soft_entropy_backward``: ``<p_n, c>`` is the forward kernel with the values ``c [K, 1]``."""
     launch = _Launch(z, codebook, None, metric, temperature)
     code_weights = grad_mean_probs.float() / max(launch.num_rows, 1)
-    expected, _, _, _ = launch.forward(code_weights[:, None].contiguous(), hard=False, seed=None, mean_logit=False,
+    expected, _, _, _ = launch.forward(code_weights[:, None].contiguous(), hard=False, seed=None, entropy=False,
                                        out_dtype=torch.float32)
     grad_entropy = grad_row_entropy.float()
     mean_logit = lse.float() - row_entropy.float()

@@ -2,12 +2,13 @@
 
 A program owns ``BLOCK_N`` rows. Each row keeps its best ``k`` (score, code) pairs in a register
 tile ``[BLOCK_N, TOPK_PAD]`` (unsorted) and knows its worst pair. The codebook is walked in tiles of
-``BLOCK_K`` codes scored exactly as the nearest-code kernel scores them; a tile is merged by taking
-its best remaining code per row (ties to the lower index) while that code beats the row's worst
-pair, which it then replaces. After the first tiles few codes beat the worst, so most tiles cost
-one extraction. Pairs compare by (score, index), so equal scores keep the lower index whatever the
-tiling. At the end each of the ``k`` codes' true distance is computed from ``z - e``; the launcher
-orders them. Nothing of size ``N x K`` is ever allocated.
+``BLOCK_K`` codes scored by the nearest-code kernel's own tile scoring (``common.tile_scores``); a
+tile is merged by taking its best remaining code per row (ties to the lower index) while that code
+beats the row's worst pair, which it then replaces. After the first tiles few codes beat the worst,
+so most tiles cost one extraction. Pairs compare by (score, index), so equal scores keep the lower index whatever the
+tiling. At the end each of the ``k`` codes' true distance is computed from ``z - e`` and stored with
+its score; the launcher orders the list by score (ties by index), the order in which the search
+chooses, so the first column is the search's answer. Nothing of size ``N x K`` is ever allocated.
 """
 
 from __future__ import annotations
@@ -18,133 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import SearchCodebook, order_candidates
-from .common import (cases_from_launches, device_arch, dot_precision, fits_shared_memory, interpreting,
-                     recording_launches, search_tile_configs, size_bucket, true_distance)
+from ..search_codebook import SearchCodebook, nonfinite_cosine_rows, order_candidates
+from .common import (METRIC_DOT, METRIC_IDS, cases_from_launches, centered_square_norms, device_arch, dot_precision,
+                     fits_shared_memory, interpreting, load_z_tile, recording_launches, search_tile_configs,
+                     size_bucket, tile_scores, true_distance)
 
-METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 # The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
 MAX_REGISTER_TOPK = 64
-
-
-# --------------------------------------------------------------------------- the search's pieces
-#
-# Tiles scored as the nearest-code kernel (search.py) scores them. search.py writes the same scoring
-# inline in its kernel, whose tiles were chosen for the registers that code takes (tests/
-# test_aot_compile.py), so this copy stays until the two are merged and their tiles re-checked; the
-# true distance is already shared (common.true_distance). Scores follow fastvq/backends/common.py (SearchCodebook): l2 is |e - c|^2 - 2 (z - c).(e - c) with c the
-# codebook mean, cosine -z.e/|e|, dot -z.e.
-
-
-@triton.jit
-def to_search_dtype(x, search_codes_ptr, DOT_IN_FP32: tl.constexpr):
-    """``x`` in the dtype ``tl.dot`` multiplies: the codes'. Triton's interpreter multiplies bf16
-    tiles as raw integers in tl.dot; there they are widened to fp32 first (bf16 products are exact
-    in fp32, so the sums agree with the GPU's)."""
-    if DOT_IN_FP32:
-        y = x.to(tl.float32)
-    else:
-        y = x.to(search_codes_ptr.dtype.element_ty)
-    return y
-
-
-@triton.jit
-def load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, search_codes_ptr,
-                METRIC: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The rows' whole (centred, for l2) vectors, when they fit one ``BLOCK_D`` slice."""
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    dim_mask = dims < D
-    z_tile = tl.load(
-        z_ptr + rows[:, None] * stride_z_row + dims[None, :] * stride_z_col,
-        mask=row_mask[:, None] & dim_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    if METRIC == 0:
-        center = tl.load(center_ptr + dims, mask=dim_mask, other=0.0)
-        z_tile = z_tile - center[None, :]
-    return to_search_dtype(z_tile, search_codes_ptr, DOT_IN_FP32)
-
-
-@triton.jit
-def centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, METRIC: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Each row's ``|z - c|^2`` (l2) or ``|z|^2`` (cosine): what Gumbel sampling adds back to the scores."""
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    total = tl.zeros((BLOCK_N,), tl.float32)
-    for dim_start in range(0, D, BLOCK_D):
-        dim_idx = dim_start + dims
-        dim_mask = dim_idx < D
-        z_slice = tl.load(
-            z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
-            mask=row_mask[:, None] & dim_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if METRIC == 0:
-            center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
-            z_slice = tl.where(dim_mask[None, :], z_slice - center[None, :], 0.0)
-        total += tl.sum(z_slice * z_slice, axis=1)
-    return total
-
-
-@triton.jit
-def tile_scores(z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, z_centered_sq, row_seeds, rows,
-                row_mask, code_start, K, D, stride_z_row, stride_z_col, inv_temperature, METRIC: tl.constexpr,
-                SAMPLE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                SINGLE_D_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The search scores ``[BLOCK_N, BLOCK_K]`` of the rows against codes ``code_start + [0, BLOCK_K)``
-    (with Gumbel noise when ``SAMPLE``), and those codes. A NaN score and a code past ``K`` are +inf."""
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    codes = code_start + tl.arange(0, BLOCK_K)
-    code_mask = codes < K
-    code_rows = codes.to(tl.int64) * D  # int64: K * D may pass 2**31
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    if SINGLE_D_TILE:
-        code_tile = tl.load(
-            search_codes_ptr + code_rows[None, :] + dims[:, None],
-            mask=code_mask[None, :] & (dims < D)[:, None],
-            other=0.0,
-        )
-        acc = tl.dot(z_tile, to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc,
-                     input_precision=DOT_PRECISION)
-    else:
-        for dim_start in range(0, D, BLOCK_D):
-            dim_idx = dim_start + dims
-            dim_mask = dim_idx < D
-            z_slice = tl.load(
-                z_ptr + rows[:, None] * stride_z_row + dim_idx[None, :] * stride_z_col,
-                mask=row_mask[:, None] & dim_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            if METRIC == 0:
-                center = tl.load(center_ptr + dim_idx, mask=dim_mask, other=0.0)
-                z_slice = z_slice - center[None, :]
-            code_tile = tl.load(
-                search_codes_ptr + code_rows[None, :] + dim_idx[:, None],
-                mask=code_mask[None, :] & dim_mask[:, None],
-                other=0.0,
-            )
-            acc = tl.dot(to_search_dtype(z_slice, search_codes_ptr, DOT_IN_FP32),
-                         to_search_dtype(code_tile, search_codes_ptr, DOT_IN_FP32), acc, input_precision=DOT_PRECISION)
-    if METRIC == 0:
-        bias = tl.load(code_bias_ptr + codes.to(tl.int64), mask=code_mask, other=0.0)
-        scores = bias[None, :] - 2.0 * acc
-    else:
-        scores = -acc
-    if SAMPLE:
-        # Gumbel-max: softmax(-distance / T) is sampled by the argmin of distance / T - gumbel, the
-        # noise from a counter-based generator (one Philox stream per row) instead of an N x K
-        # tensor. l2 samples on the plain (not squared) distance, as vector-quantize-pytorch's
-        # -cdist logits do, and cosine on the true cosine.
-        if METRIC == 0:
-            scores = tl.sqrt(tl.maximum(scores + z_centered_sq[:, None], 0.0))
-        elif METRIC == 1:
-            scores = scores / tl.maximum(tl.sqrt(z_centered_sq), 1e-12)[:, None]
-        uniform = tl.maximum(tl.rand(row_seeds[:, None], codes[None, :]), 1e-20)
-        gumbel = -tl.log(tl.maximum(-tl.log(uniform), 1e-20))
-        scores = scores * inv_temperature - gumbel
-    scores = tl.where(scores != scores, float("inf"), scores)
-    scores = tl.where(code_mask[None, :], scores, float("inf"))
-    return scores, codes
 
 
 @triton.jit
@@ -164,6 +45,7 @@ def _nearest_codes_fwd_kernel(
     center_ptr,
     indices_ptr,
     distances_ptr,
+    keys_ptr,
     seed_ptr,
     N,
     K,
@@ -197,7 +79,7 @@ def _nearest_codes_fwd_kernel(
     row_seeds = 0
     if SAMPLE:
         row_seeds = tl.load(seed_ptr) + rows * 1000003
-        if METRIC != 2:
+        if METRIC != METRIC_DOT:
             z_centered_sq = centered_square_norms(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col,
                                                   METRIC, BLOCK_N, BLOCK_D)
 
@@ -235,13 +117,16 @@ def _nearest_codes_fwd_kernel(
             )
 
     for slot in range(TOPK):
-        index = tl.sum(tl.where(slots[None, :] == slot, best_index, 0), axis=1).to(tl.int64)
+        in_slot = slots[None, :] == slot
+        index = tl.sum(tl.where(in_slot, best_index, 0), axis=1).to(tl.int64)
+        key = tl.sum(tl.where(in_slot, best, 0.0), axis=1)
         distance = true_distance(z_ptr, codebook_ptr, distances_ptr, rows, row_mask, index, D, stride_z_row,
                                  stride_z_col, stride_cb_row, stride_cb_col, METRIC, False, BLOCK_N, BLOCK_D)
         # One int64 offset (a pointer plus rows * TOPK, then plus the int32 slot, would be an int32 add).
         slot_offsets = rows * TOPK + slot
         tl.store(indices_ptr + slot_offsets, index, mask=row_mask)
         tl.store(distances_ptr + slot_offsets, distance, mask=row_mask)
+        tl.store(keys_ptr + slot_offsets, key, mask=row_mask)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -330,6 +215,8 @@ def nearest_codes(
     distances = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     if num_rows == 0:
         return indices, distances
+    # The scores the kernel ranked the codes by: the list is ordered by them, as the search chooses.
+    keys = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     sampling = sample_temperature > 0.0
     search = SearchCodebook(codebook, metric, out_dtype)
     search_codes = search.codes.to(out_dtype).contiguous()
@@ -342,6 +229,7 @@ def nearest_codes(
         search.center if search.center is not None else placeholder,
         indices,
         distances,
+        keys,
         seed if sampling else indices,
         num_rows,
         num_codes,
@@ -368,7 +256,11 @@ def nearest_codes(
         grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]),)  # noqa: E731
         with torch.cuda.device(device) if z.is_cuda else contextlib.nullcontext():
             _nearest_codes_tuned[grid](*args, **meta)
-    return order_candidates(indices, distances)
+    nonfinite = nonfinite_cosine_rows(z, metric)
+    if nonfinite is not None:
+        indices = torch.where(nonfinite[:, None], torch.arange(k, device=device), indices)
+        keys = torch.where(nonfinite[:, None], float("inf"), keys)
+    return order_candidates(indices, distances if sampling else keys, distances)
 
 
 def compile_cases() -> list:

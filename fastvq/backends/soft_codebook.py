@@ -1,0 +1,125 @@
+"""The soft-assignment ops' prepared codebook (keys, values, per-code terms) and the chain rule from the
+prepared tensors back to the caller's, shared by the PyTorch path and the Triton launcher."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import NORM_EPS, compute_dtype
+
+SOFT_METRICS = ("l2", "cosine", "dot", "euclidean")
+# vector-quantize-pytorch's cdist clamps the squared distance here before its square root; the
+# "euclidean" logits do the same, so a row sitting on a code has a finite gradient (zero).
+EUCLIDEAN_EPS = 1e-8
+
+
+class SoftCodebook:
+    """Keys, values and per-code terms prepared once per call for the soft-assignment ops, and the
+    chain rule from the prepared tensors back to the caller's (PyTorch path and Triton launcher).
+
+    Every metric's logit is a function of the dot product ``a = zq . kq`` of a prepared row and a
+    prepared key, a per-code term ``c`` and a per-row term ``r``, divided by the temperature:
+
+    - ``dot``: ``(a - c) / T`` with the keys as given;
+    - ``cosine``: ``(a - c) / T`` with rows and keys divided by their norms (floored at ``NORM_EPS``);
+    - ``l2``: ``-(r + c - 2 a) / T = -|z - e|^2 / T`` with rows and keys centred on the mean of the
+      finite codes (which leaves every distance unchanged and removes the cancellation far from
+      the origin), ``r = |zq|^2``, ``c = |kq|^2``;
+    - ``euclidean``: ``-sqrt(max(r + c - 2 a, EUCLIDEAN_EPS)) / T = -|z - e| / T``, the plain
+      distance vector-quantize-pytorch's ``-cdist`` logits use.
+
+    A code whose key has a NaN or infinite entry is excluded: its key is zeroed and ``c = +inf``, so
+    its logit is ``-inf`` (probability 0, never the hard choice), and its value row is zeroed so it
+    adds nothing to the soft codes. ``c`` is 0 for every other dot/cosine code.
+    """
+
+    def __init__(self, codebook: torch.Tensor, values: Optional[torch.Tensor], metric: str, dtype: torch.dtype):
+        self.metric = metric
+        self.work_dtype = compute_dtype(dtype)
+        keys = codebook.to(self.work_dtype)
+        finite = keys.isfinite().all(dim=1)
+        self.key_norms: Optional[torch.Tensor] = None
+        self.center: Optional[torch.Tensor] = None
+        if metric in ("l2", "euclidean"):
+            self.center = torch.where(finite[:, None], keys, 0).sum(dim=0) / finite.sum().clamp_min(1)
+            keys = keys - self.center
+        elif metric == "cosine":
+            self.key_norms = keys.norm(dim=1, keepdim=True)
+            keys = keys / self.key_norms.clamp_min(NORM_EPS)
+        keys = torch.where(finite[:, None], keys, 0)
+        if metric in ("l2", "euclidean"):
+            code_term = (keys * keys).sum(dim=1)
+        else:
+            code_term = torch.zeros(keys.shape[0], dtype=self.work_dtype, device=keys.device)
+        self.keys = keys
+        self.code_term = torch.where(finite, code_term, float("inf"))
+        source = codebook if values is None else values
+        self.values = torch.where(finite[:, None], source.to(self.work_dtype), 0)
+
+    def rows(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(zq, r)``: the prepared rows in the work dtype and their per-row term (``|zq|^2`` for
+        l2 and euclidean, zeros otherwise)."""
+        zq = z.to(self.work_dtype)
+        if self.center is not None:
+            zq = zq - self.center
+            return zq, (zq * zq).sum(dim=1)
+        if self.metric == "cosine":
+            zq = zq / zq.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        return zq, torch.zeros(zq.shape[0], dtype=self.work_dtype, device=zq.device)
+
+    def prepared_row_grad(
+        self, zq: torch.Tensor, weighted_keys: torch.Tensor, row_sums: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """The gradient to the prepared rows ``zq`` from the backward's row sums.
+
+        With ``w[n, k]`` the backward's per-logit weight (``dL/dlogit / T`` for dot, cosine and l2;
+        ``dL/dlogit / (2 T |z - e|)`` for euclidean, 0 where the distance was clamped), the row pass
+        returns ``weighted_keys = w @ kq`` and ``row_sums = w.sum(1)``. For dot and cosine the
+        gradient is ``w @ kq``; for l2 and euclidean, whose logits depend on ``|zq - kq|^2``, it is
+        ``2 (w @ kq - zq * rowsum)`` (``row_sums`` is ``None`` for dot and cosine, which need none).
+        """
+        if row_sums is None:
+            return weighted_keys
+        return 2.0 * (weighted_keys - zq * row_sums[:, None])
+
+    def prepared_key_grad(self, weighted_rows: torch.Tensor, code_sums: Optional[torch.Tensor]) -> torch.Tensor:
+        """The gradient to the prepared keys from the code pass's ``weighted_rows = w^T @ zq`` and
+        ``code_sums = w.sum(0)``: ``w^T @ zq``, or ``2 (w^T @ zq - kq * colsum)`` for l2 and euclidean."""
+        if code_sums is None:
+            return weighted_rows
+        return 2.0 * (weighted_rows - self.keys * code_sums[:, None])
+
+    def row_grad(self, z: torch.Tensor, grad_zq: torch.Tensor) -> torch.Tensor:
+        """Chains the gradient of the prepared rows back to ``z`` (the centre is held constant:
+        the logits do not depend on it)."""
+        if self.metric != "cosine":
+            return grad_zq
+        return _normalize_backward(z.to(self.work_dtype), grad_zq)
+
+    def key_grad(self, codebook: torch.Tensor, grad_keys: torch.Tensor) -> torch.Tensor:
+        """Chains the gradient of the prepared keys back to the codebook."""
+        if self.metric != "cosine":
+            return grad_keys
+        return _normalize_backward(codebook.to(self.work_dtype), grad_keys)
+
+
+def split_value_grad(
+    values: Optional[torch.Tensor], grad_codebook: torch.Tensor, grad_values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_codebook, grad_values)`` as the soft-quantize backward returns them: without separate
+    ``values`` the codebook is also the values, so it takes their gradient and ``grad_values`` is empty."""
+    if values is None:
+        return grad_codebook + grad_values, grad_values[:0]
+    return grad_codebook, grad_values
+
+
+def _normalize_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``x / max(|x|, NORM_EPS)`` row-wise: ``(g - u (u . g)) / |x|`` with ``u`` the
+    normalised row, and ``g / NORM_EPS`` for a row shorter than the floor."""
+    norms = x.norm(dim=1, keepdim=True)
+    floored = norms.clamp_min(NORM_EPS)
+    unit = x / floored
+    projected = grad - unit * (unit * grad).sum(dim=1, keepdim=True)
+    return torch.where(norms > NORM_EPS, projected, grad) / floored
