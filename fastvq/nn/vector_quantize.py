@@ -20,7 +20,6 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from .._checks import check_real
-from .codebook import L2NORM_EPS, Codebook, l2norm, perplexity_of  # noqa: F401  (importable from here as before)
 from .._distributed import all_reduce_sum_, is_distributed
 from ..losses import (
     code_cross_entropy,
@@ -34,6 +33,7 @@ from ..ops.search import draw_seed, nearest_code
 from ..ops.soft_quantize import soft_quantize
 from ..ops.topk import nearest_codes
 from ..ops.vector_quantize import vector_quantize
+from .codebook import L2NORM_EPS, Codebook, l2norm, perplexity_of  # noqa: F401  (importable from here as before)
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 

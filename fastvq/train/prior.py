@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .data import ImageData
 from ..models import RQVAE, VQVAE2, HierarchicalPrior
 from ..models.priors import prior_loss
 from ..models.registry import DEFAULT_PRIOR, SMALL_IMAGE, prior_model
@@ -30,8 +29,9 @@ from .common import (
     cosine_schedule,
     draw_curves,
     load_data,
-    progress as progress_bar,
 )
+from .common import progress as progress_bar
+from .data import ImageData
 from .distributed import DEFAULT_DIST_TIMEOUT_S, collective_timeout, default_threads, epoch_shard, setup_distributed
 from .stage1 import trained_stage1
 

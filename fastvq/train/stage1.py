@@ -17,8 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from .pictures import save_reconstructions, save_usage_chart
-from .data import ImageData
 from ..models._common import code_usage
 from ..models.registry import PERCEPTUAL_NETWORKS, STAGE1, stage1_model
 from . import checkpoint
@@ -40,8 +38,9 @@ from .common import (
     cosine_schedule,
     draw_curves,
     load_data,
-    progress as progress_bar,
 )
+from .common import progress as progress_bar
+from .data import ImageData
 from .distributed import (
     DEFAULT_DIST_TIMEOUT_S,
     DistContext,
@@ -50,6 +49,7 @@ from .distributed import (
     epoch_shard,
     setup_distributed,
 )
+from .pictures import save_reconstructions, save_usage_chart
 
 
 def default_model_args(model: str, data: ImageData) -> dict:

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastvq.train.data import load_dataset
 from fastvq.models import (
     RQVAE,
     VQVAE,
@@ -22,6 +21,8 @@ from fastvq.models import (
 )
 from fastvq.models.gpt_prior import filter_logits
 from fastvq.models.vit_vqgan import discriminator_loss, logit_laplace_nll, sincos_position_embedding_2d
+from fastvq.train.data import load_dataset
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
