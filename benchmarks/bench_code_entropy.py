@@ -30,9 +30,9 @@ import os
 import sys
 from typing import Callable, Optional
 
+import _harness
 import torch
 
-import _harness
 import fastvq.functional as vqf
 from fastvq.reference import clamped_entropy_ref, code_entropy_ref
 

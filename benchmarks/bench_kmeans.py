@@ -40,10 +40,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import _harness
 import numpy as np
 import torch
 
-import _harness
 import fastvq
 
 BENCH = "kmeans"

@@ -51,10 +51,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+import _harness
 import torch
 import torch.nn.functional as F
 
-import _harness
 import fastvq
 from fastvq.models import GatedPixelCNN, PixelCNN
 from fastvq.reference import pixelcnn_mask_ref

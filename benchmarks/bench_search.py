@@ -50,9 +50,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import _harness
 import torch
 
-import _harness
 import fastvq
 from fastvq.backends import cpp as compiled_backend
 from fastvq.reference import distance_matrix_ref

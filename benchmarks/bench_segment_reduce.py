@@ -33,10 +33,10 @@ import os
 import sys
 from typing import Callable, Optional
 
+import _harness
 import torch
 import torch.nn.functional as F
 
-import _harness
 import fastvq
 from fastvq.backends import cpp as compiled_backend
 from fastvq.reference import ema_update_ref_

@@ -40,10 +40,10 @@ import os
 import sys
 from typing import Callable, Optional
 
+import _harness
 import torch
 import torch.nn.functional as F
 
-import _harness
 import fastvq
 from fastvq import reference
 

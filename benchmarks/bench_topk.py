@@ -30,9 +30,9 @@ import os
 import sys
 from typing import Optional
 
+import _harness
 import torch
 
-import _harness
 import fastvq
 from fastvq.reference import distance_matrix_ref
 

@@ -104,19 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction, help="show fastvq's version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = commands.add_parser("train", help="train a VQ model (stage 1) on a dataset",
-                                description="Train a VQ model; writes checkpoints, metrics.jsonl and pictures to --out.")
+    train = commands.add_parser(
+        "train", help="train a VQ model (stage 1) on a dataset",
+        description="Train a VQ model; writes checkpoints, metrics.jsonl and pictures to --out.")
     train.add_argument("--model", choices=tuple(STAGE1), default=None,
                        help="the model (required for a new run)")
     train.add_argument("--data", default=None,
                        help="digits (embedded, the default), mnist:DIR, cifar10:DIR or images:DIR")
     train.add_argument("--out", required=True, type=Path, help="the run directory")
     train.add_argument("--epochs", type=_positive_int, default=None,
-                       help="epochs (default: digits 60, mnist 10, cifar10 30, images 50); with --resume, the new total")
+                       help="epochs (default: digits 60, mnist 10, cifar10 30, images 50); "
+                            "with --resume, the new total")
     train.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per process (64)")
-    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (2e-3; vit-vqgan 1e-3 under 16 px, else 3e-4), cosine-decayed")
+    train.add_argument("--lr", type=float, default=None,
+                       help="Adam learning rate (2e-3; vit-vqgan 1e-3 under 16 px, else 3e-4), cosine-decayed")
     train.add_argument("--seed", type=int, default=None, help="random seed (0)")
-    train.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate and checkpoint every N epochs (1)")
+    train.add_argument("--eval-every", type=_positive_int, default=None,
+                       help="evaluate and checkpoint every N epochs (1)")
     model_group = train.add_argument_group("model", "defaults depend on the image size: see the README")
     model_group.add_argument("--codebook-size", type=_positive_int, default=None, help="codes K per codebook")
     model_group.add_argument("--embedding-dim", type=_positive_int, default=None,
@@ -126,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--codebook", choices=("ema", "gradient"), default=None,
                              help="codebook training: EMA (conv models' default) or the codebook loss (vit-vqgan's)")
     model_group.add_argument("--beta", type=float, default=None, help="commitment weight (0.25)")
-    model_group.add_argument("--decay", type=float, default=None, help="EMA decay (0.9 for images under 16 px, else 0.99)")
+    model_group.add_argument("--decay", type=float, default=None,
+                             help="EMA decay (0.9 for images under 16 px, else 0.99)")
     model_group.add_argument("--dead-code-threshold", type=float, default=None,
                              help="replace codes whose moving-average use per batch falls below this (1.0; 0 = never)")
     model_group.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=None,
@@ -136,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--res-blocks", type=int, default=None, help="residual blocks per encoder/decoder (2)")
     model_group.add_argument("--depth", type=_positive_int, default=None, help="rqvae: codes per position (4)")
     model_group.add_argument("--patch-size", type=_positive_int, default=None, help="vit-vqgan: patch side (2 or 4)")
-    model_group.add_argument("--layers", type=_positive_int, default=None, help="vit-vqgan: transformer blocks (2 or 4)")
-    model_group.add_argument("--logit-laplace-weight", type=float, default=None, help="vit-vqgan: logit-Laplace loss weight (0.1)")
+    model_group.add_argument("--layers", type=_positive_int, default=None,
+                             help="vit-vqgan: transformer blocks (2 or 4)")
+    model_group.add_argument("--logit-laplace-weight", type=float, default=None,
+                             help="vit-vqgan: logit-Laplace loss weight (0.1)")
     model_group.add_argument("--adversarial-weight", type=float, default=None,
                              help="vit-vqgan: adversarial loss weight (0.1; 0 = no discriminator)")
     model_group.add_argument("--adversarial-start", type=int, default=None,
@@ -145,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--perceptual-net", default=None, metavar="MODULE:CALLABLE",
                              help="vit-vqgan: a callable returning the feature network of the perceptual loss "
                                   "(with --resume: the run's own, which fastvq imports only when named here)")
-    model_group.add_argument("--perceptual-weight", type=float, default=None, help="vit-vqgan: perceptual loss weight (0.1)")
+    model_group.add_argument("--perceptual-weight", type=float, default=None,
+                             help="vit-vqgan: perceptual loss weight (0.1)")
     data_group = train.add_argument_group("data")
     data_group.add_argument("--val-fraction", type=float, default=None,
                             help="share held out when the data has no test split (0.1)")
@@ -157,16 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--force", action="store_true", help="start over even if --out holds a run")
     _add_runtime_flags(run_group)
 
-    prior = commands.add_parser("prior", help="train a prior over a run's codes",
-                                description="Train a PixelCNN, Gated PixelCNN or GPT prior on the codes of a trained run.")
+    prior = commands.add_parser(
+        "prior", help="train a prior over a run's codes",
+        description="Train a PixelCNN, Gated PixelCNN or GPT prior on the codes of a trained run.")
     prior.add_argument("--run", required=True, type=Path, help="the run directory of `fastvq train`")
     prior.add_argument("--model", choices=tuple(PRIORS), default=None,
                        help="the prior (gpt; rqvae runs need gpt or maskgit)")
-    prior.add_argument("--epochs", type=_positive_int, default=None, help="epochs (digits 15, mnist 10, cifar10 20, images 50)")
+    prior.add_argument("--epochs", type=_positive_int, default=None,
+                       help="epochs (digits 15, mnist 10, cifar10 20, images 50)")
     prior.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process (64)")
     prior.add_argument("--lr", type=float, default=None, help="Adam learning rate (1e-3), cosine-decayed")
     prior.add_argument("--channels", type=_positive_int, default=None, help="PixelCNN width / GPT width")
-    prior.add_argument("--layers", type=_positive_int, default=None, help="masked-convolution layers / transformer blocks")
+    prior.add_argument("--layers", type=_positive_int, default=None,
+                       help="masked-convolution layers / transformer blocks")
     prior.add_argument("--dropout", type=float, default=None, help="gpt, maskgit: dropout (0.1)")
     prior.add_argument("--seed", type=int, default=0, help="random seed (0)")
     _add_runtime_flags(prior)
@@ -307,7 +318,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from . import train as training
 
     path = training.sample(args.run, args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           steps=args.steps, seed=args.seed, device=args.device, threads=args.threads, out=args.out, columns=args.columns)
+                           steps=args.steps, seed=args.seed, device=args.device, threads=args.threads, out=args.out,
+                           columns=args.columns)
     _log(f"{args.n} samples -> {path}")
     return 0
 
@@ -371,7 +383,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     unknown = [name for name in args.names if name not in scripts]
     if unknown:
-        print(f"fastvq bench: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(scripts)}", file=sys.stderr)
+        print(f"fastvq bench: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(scripts)}",
+              file=sys.stderr)
         return 2
     chosen = args.names or list(scripts)
     extra = shlex.split(args.args)
@@ -506,7 +519,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         for index in range(torch.cuda.device_count()):
             lines.append(f"cuda:{index}: {torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})")
     else:
-        lines.append("cuda: not available" + (f" (torch built with CUDA {torch.version.cuda})" if torch.version.cuda else ""))
+        built_with = f" (torch built with CUDA {torch.version.cuda})" if torch.version.cuda else ""
+        lines.append("cuda: not available" + built_with)
     lines.append(f"FASTVQ_BACKEND={os.environ.get('FASTVQ_BACKEND', 'auto')}  "
                  f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     _log("\n".join(lines))

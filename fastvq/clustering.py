@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.search import nearest_code
-from .ops.segment_reduce import segment_reduce
 from ._checks import check_float
 from ._distributed import all_gather_rows, all_reduce_sum_, broadcast_from_first, is_distributed
+from .ops.search import nearest_code
+from .ops.segment_reduce import segment_reduce
 
 __all__ = ["kmeans", "KMeansResult"]
 

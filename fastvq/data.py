@@ -4,6 +4,7 @@ from .train.data import (  # noqa: F401
     DATASET_KINDS,
     DatasetError,
     ImageData,
+    __all__,  # noqa: F401
     load_cifar10,
     load_dataset,
     load_digits,
@@ -11,4 +12,3 @@ from .train.data import (  # noqa: F401
     load_mnist,
     parse_dataset_spec,
 )
-from .train.data import __all__  # noqa: F401

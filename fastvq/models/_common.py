@@ -84,7 +84,8 @@ def check_images(x: object, channels: int, multiple: int, owner: str) -> Tensor:
 
 def check_codes(codes: object, num_codes: int, dims: int, owner: str, name: str = "codes") -> Tensor:
     if not isinstance(codes, Tensor) or codes.dtype not in (torch.int64, torch.int32) or codes.dim() != dims:
-        found = f"{codes.dtype} tensor of shape {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__
+        found = (f"{codes.dtype} tensor of shape {tuple(codes.shape)}" if isinstance(codes, Tensor)
+                 else type(codes).__name__)
         raise ValueError(f"{owner}: {name} must be an int64 tensor with {dims} dimensions, got {found}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
         raise ValueError(f"{owner}: {name} must lie in [0, {num_codes}), got values in "

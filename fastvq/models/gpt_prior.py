@@ -210,7 +210,8 @@ class GPTPrior(nn.Module):
         if self.depth == 1:
             flat = codes.reshape(codes.shape[0], -1, 1) if codes.dim() in (2, 3) else None
         else:
-            flat = codes.reshape(codes.shape[0], -1, self.depth) if codes.dim() in (3, 4) and codes.shape[-1] == self.depth else None
+            ends_in_depth = codes.dim() in (3, 4) and codes.shape[-1] == self.depth
+            flat = codes.reshape(codes.shape[0], -1, self.depth) if ends_in_depth else None
         if flat is None or flat.shape[1] != self.seq_len:
             raise ValueError(f"codes must be {layout} with {self.seq_len} positions, got shape {tuple(codes.shape)}")
         return flat.long()
@@ -224,7 +225,8 @@ class GPTPrior(nn.Module):
             return start
         if not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32) or cond.shape[0] != batch:
             shape = tuple(cond.shape) if isinstance(cond, Tensor) else cond
-            what = f"class labels [{batch}]" if self.num_classes else f"[{batch}, ...] codes with {self.cond_len} per row"
+            what = (f"class labels [{batch}]" if self.num_classes
+                    else f"[{batch}, ...] codes with {self.cond_len} per row")
             raise ValueError(f"cond must be int64 {what}, got {shape}")
         if self.num_classes is not None:
             if cond.dim() != 1:
@@ -308,7 +310,9 @@ class GPTPrior(nn.Module):
             if len(shape) != 2 or math.prod(shape) != self.seq_len:
                 raise ValueError(f"shape must be (H, W) with H * W = {self.seq_len}, got {shape!r}")
         check_float("temperature", temperature, minimum=0.0)
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.num_codes):
+        if top_k is not None and (
+            not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.num_codes
+        ):
             raise ValueError(f"top_k must be None or an int in [1, {self.num_codes}], got {top_k!r}")
         if top_p is not None and (check_float("top_p", top_p) <= 0 or top_p > 1):
             raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
@@ -325,7 +329,8 @@ class GPTPrior(nn.Module):
                     self._sample_depth(hidden, codes[:, position], temperature, top_k, top_p, generator)
                 if position + 1 < self.seq_len:
                     index = self.prefix_len + position
-                    tokens = self._embed_positions(codes[:, position : position + 1]) + self.position[:, index : index + 1]
+                    tokens = (self._embed_positions(codes[:, position : position + 1])
+                              + self.position[:, index : index + 1])
         if self.depth == 1:
             codes = codes[..., 0]
         if shape is not None:

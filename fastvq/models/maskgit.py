@@ -123,7 +123,8 @@ class MaskGITPrior(nn.Module):
             return None
         if not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32) or cond.shape[0] != batch:
             shape = tuple(cond.shape) if isinstance(cond, Tensor) else cond
-            what = f"class labels [{batch}]" if self.num_classes else f"[{batch}, ...] codes with {self.cond_len} per row"
+            what = (f"class labels [{batch}]" if self.num_classes
+                    else f"[{batch}, ...] codes with {self.cond_len} per row")
             raise ValueError(f"cond must be int64 {what}, got {shape}")
         if self.num_classes is not None:
             if cond.dim() != 1:
@@ -168,7 +169,9 @@ class MaskGITPrior(nn.Module):
         ranks = scores.argsort(dim=1).argsort(dim=1)
         return ranks < count
 
-    def loss(self, codes: Tensor, cond: Optional[Tensor] = None, *, generator: Optional[torch.Generator] = None) -> Tensor:
+    def loss(
+        self, codes: Tensor, cond: Optional[Tensor] = None, *, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
         """Mean cross-entropy (nats) of the masked codes under a fresh ``random_mask``, float32.
 
         The masks come from ``generator`` (the global generator when None): pass a freshly seeded
@@ -229,7 +232,9 @@ class MaskGITPrior(nn.Module):
                 raise ValueError(f"shape must be (H, W) with H * W = {self.seq_len}, got {shape!r}")
         check_float("temperature", temperature, minimum=0.0)
         check_float("choice_temperature", choice_temperature, minimum=0.0)
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.num_codes):
+        if top_k is not None and (
+            not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.num_codes
+        ):
             raise ValueError(f"top_k must be None or an int in [1, {self.num_codes}], got {top_k!r}")
         if top_p is not None and (check_float("top_p", top_p) <= 0 or top_p > 1):
             raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
@@ -243,9 +248,11 @@ class MaskGITPrior(nn.Module):
             flat = self._flatten_codes(codes).to(device)
             unknown = ~self._flatten_codes(known, "mask").to(device)
             if flat.shape[0] != n or unknown.shape[0] != n:
-                raise ValueError(f"codes and known must hold n = {n} maps, got {tuple(codes.shape)} and {tuple(known.shape)}")
+                raise ValueError(f"codes and known must hold n = {n} maps, "
+                                 f"got {tuple(codes.shape)} and {tuple(known.shape)}")
             if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_codes):
-                raise ValueError(f"codes must lie in [0, {self.num_codes}), got values in [{int(flat.min())}, {int(flat.max())}]")
+                raise ValueError(f"codes must lie in [0, {self.num_codes}), "
+                                 f"got values in [{int(flat.min())}, {int(flat.max())}]")
             flat = torch.where(unknown, 0, flat)
         if n > 0:
             initially_unknown = unknown.sum(dim=1, keepdim=True)

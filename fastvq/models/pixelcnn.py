@@ -114,22 +114,27 @@ class _CodePrior(nn.Module):
 
     def _check_codes(self, codes: object) -> Tensor:
         if not isinstance(codes, Tensor) or codes.dtype not in (torch.int64, torch.int32) or codes.dim() != 3:
-            shape = f"{codes.dtype} tensor of shape {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__
+            shape = (f"{codes.dtype} tensor of shape {tuple(codes.shape)}" if isinstance(codes, Tensor)
+                     else type(codes).__name__)
             raise ValueError(f"codes must be an int64 [B, H, W] code map, got {shape}")
         return codes
 
-    def _condition(self, cond: object, batch: int, height: int, width: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def _condition(
+        self, cond: object, batch: int, height: int, width: int
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """``(labels [B] or None, cond_map [B, cond_channels, H, W] or None)`` from ``cond``."""
         if self.num_classes is None and self.cond_num_codes is None:
             if cond is not None:
                 raise ValueError(f"{type(self).__name__} was built without conditioning, but cond was given")
             return None, None
         if self.num_classes is not None:
-            if not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32) or tuple(cond.shape) != (batch,):
+            if (not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32)
+                    or tuple(cond.shape) != (batch,)):
                 shape = tuple(cond.shape) if isinstance(cond, Tensor) else cond
                 raise ValueError(f"cond must be int64 class labels of shape ({batch},), got {shape}")
             return cond, None
-        if not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 3 or cond.shape[0] != batch:
+        if (not isinstance(cond, Tensor) or cond.dtype not in (torch.int64, torch.int32)
+                or cond.dim() != 3 or cond.shape[0] != batch):
             shape = tuple(cond.shape) if isinstance(cond, Tensor) else cond
             raise ValueError(f"cond must be an int64 code map [{batch}, H_cond, W_cond], got {shape}")
         cond_map = self.cond_embedding(cond).permute(0, 3, 1, 2)
@@ -210,7 +215,9 @@ class _CodePrior(nn.Module):
         height, width = shape
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.num_codes):
+        if top_k is not None and (
+            not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.num_codes
+        ):
             raise ValueError(f"top_k must be None or an int in [1, {self.num_codes}], got {top_k!r}")
         if method not in SAMPLE_METHODS:
             raise ValueError(f"method must be one of {SAMPLE_METHODS}, got {method!r}")

@@ -54,7 +54,8 @@ def prior_sample(
     if isinstance(prior, GPTPrior):
         return prior.sample(n, shape, cond, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     if top_p is not None:
-        raise ValueError(f"top_p (nucleus sampling) needs the gpt prior; {type(prior).__name__} takes temperature and top_k")
+        raise ValueError(f"top_p (nucleus sampling) needs the gpt prior; "
+                         f"{type(prior).__name__} takes temperature and top_k")
     return prior.sample(n, tuple(shape), cond, temperature=temperature, top_k=top_k, generator=generator)
 
 
@@ -75,7 +76,9 @@ class HierarchicalPrior(nn.Module):
         self.top = top
         self.bottom = bottom
 
-    def loss(self, codes: tuple[Tensor, Tensor], *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    def loss(
+        self, codes: tuple[Tensor, Tensor], *, generator: Optional[torch.Generator] = None
+    ) -> tuple[Tensor, Tensor]:
         top, bottom = codes
         return (prior_loss(self.top, top, generator=generator),
                 prior_loss(self.bottom, bottom, top, generator=generator))

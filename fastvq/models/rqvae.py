@@ -137,5 +137,6 @@ class RQVAE(nn.Module):
         """int64 codes ``[B, H', W', Q]`` -> images ``[B, C, H, W]``."""
         codes = check_codes(codes, self.codebook_size, 4, type(self).__name__)
         if codes.shape[-1] != self.depth:
-            raise ValueError(f"{type(self).__name__}: codes must end in depth = {self.depth}, got shape {tuple(codes.shape)}")
+            raise ValueError(f"{type(self).__name__}: codes must end in depth = {self.depth}, "
+                             f"got shape {tuple(codes.shape)}")
         return self.decoder(self.quantizer.get_output_from_indices(codes).movedim(-1, 1))

@@ -307,7 +307,8 @@ class ViTVQGAN(nn.Module):
             real, fake = (real,), (fake,)
         total = x.new_zeros((), dtype=torch.float32)
         for a, b in zip(real, fake):
-            total = total + (F.normalize(a.float(), dim=1, eps=1e-10) - F.normalize(b.float(), dim=1, eps=1e-10)).square().sum(1).mean()
+            difference = F.normalize(a.float(), dim=1, eps=1e-10) - F.normalize(b.float(), dim=1, eps=1e-10)
+            total = total + difference.square().sum(1).mean()
         return total
 
     def forward(self, x: Tensor, discriminator: Optional[nn.Module] = None) -> dict:

@@ -84,7 +84,8 @@ class VQVAE2(nn.Module):
         self.encoder_top = Encoder(channels, channels, res_channels, num_res_blocks, top_downsamples)
         self.pre_quantize_top = nn.Conv2d(channels, embedding_dim, 1)
         self.quantizer_top = ImageQuantizer(embedding_dim, top_codebook_size, **quantizer_args)
-        self.decoder_top = Decoder(embedding_dim, channels, res_channels, num_res_blocks, top_downsamples, embedding_dim)
+        self.decoder_top = Decoder(embedding_dim, channels, res_channels, num_res_blocks, top_downsamples,
+                                   embedding_dim)
         self.pre_quantize_bottom = nn.Conv2d(channels + embedding_dim, embedding_dim, 1)
         self.quantizer_bottom = ImageQuantizer(embedding_dim, codebook_size, **quantizer_args)
         upsample: list[nn.Module] = []
@@ -93,7 +94,8 @@ class VQVAE2(nn.Module):
             if step < top_downsamples - 1:
                 upsample.append(nn.ReLU())
         self.upsample_top = nn.Sequential(*upsample)
-        self.decoder = Decoder(2 * embedding_dim, channels, res_channels, num_res_blocks, bottom_downsamples, in_channels)
+        self.decoder = Decoder(2 * embedding_dim, channels, res_channels, num_res_blocks, bottom_downsamples,
+                               in_channels)
         self.register_buffer("data_variance", torch.tensor(float(data_variance)))
 
     @property
@@ -120,7 +122,8 @@ class VQVAE2(nn.Module):
         h_bottom = self.encoder_bottom(x)
         h_top = self.encoder_top(h_bottom)
         quantized_top, indices_top, loss_top = self.quantizer_top(self.pre_quantize_top(h_top))
-        quantized_bottom, indices_bottom, loss_bottom = self.quantizer_bottom(self._bottom_input(h_bottom, quantized_top))
+        bottom_input = self._bottom_input(h_bottom, quantized_top)
+        quantized_bottom, indices_bottom, loss_bottom = self.quantizer_bottom(bottom_input)
         reconstruction = self._decode(quantized_top, quantized_bottom)
         recon_loss = F.mse_loss(reconstruction.float(), x.float()) / self.data_variance
         vq_loss = loss_top + loss_bottom

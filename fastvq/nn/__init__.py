@@ -1,9 +1,9 @@
 """fastvq's layers. Modules hold parameters, buffers and configuration; the math is in the ops."""
 
+from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .simvq import SimVQ
 from .sonnet import VectorQuantizerEMA
 from .taming import GumbelQuantize, VectorQuantizer2
-from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .vector_quantize import Codebook, VectorQuantize
 from .vit_vqgan import FactorizedL2Quantizer
 

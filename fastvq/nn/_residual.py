@@ -75,7 +75,8 @@ def check_dropout_arguments(owner: str, num_quantizers: int, cutoff_index: int, 
     if not isinstance(num_quantizers, int) or isinstance(num_quantizers, bool) or num_quantizers < 1:
         raise ValueError(f"{owner}: num_quantizers must be a positive int, got {num_quantizers!r}")
     if not isinstance(cutoff_index, int) or not 0 <= cutoff_index < num_quantizers:
-        raise ValueError(f"{owner}: quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {cutoff_index!r}")
+        raise ValueError(f"{owner}: quantize_dropout_cutoff_index must be in [0, {num_quantizers}), "
+                         f"got {cutoff_index!r}")
     if not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"{owner}: quantize_dropout_multiple_of must be an int >= 1, got {multiple_of!r}")
 
@@ -101,7 +102,8 @@ def codes_from_indices(
     if depth < num_quantizers:
         if not quantize_dropout:
             raise ValueError(
-                f"indices for {depth} of {num_quantizers} layers need quantize_dropout=True, as in vector-quantize-pytorch"
+                f"indices for {depth} of {num_quantizers} layers need quantize_dropout=True, "
+                "as in vector-quantize-pytorch"
             )
         pad = indices.new_full((*indices.shape[:-1], num_quantizers - depth), -1)
         indices = torch.cat((indices, pad), dim=-1)

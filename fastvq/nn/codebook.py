@@ -16,7 +16,6 @@ from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 from ..clustering import kmeans
 from ..ops.segment_reduce import segment_reduce
 
-
 # vector-quantize-pytorch's l2norm floor.
 L2NORM_EPS = 1e-6
 

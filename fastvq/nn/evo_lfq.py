@@ -163,7 +163,9 @@ class EvoLFQ(nn.Module):
         flip = torch.rand_like(population.float()) < mutation_rate
         return torch.where(flip, -population if is_sign else 1.0 - population, population)
 
-    def tournament_selection(self, population: Tensor, fitnesses: Tensor, tournament_size: Optional[int] = None) -> Tensor:
+    def tournament_selection(
+        self, population: Tensor, fitnesses: Tensor, tournament_size: Optional[int] = None
+    ) -> Tensor:
         tournament_size = self.tournament_size if tournament_size is None else tournament_size
         pop_size = population.shape[0]
         contenders = torch.randint(0, pop_size, (pop_size, tournament_size), device=self.device)

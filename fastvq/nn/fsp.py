@@ -77,7 +77,8 @@ class VectorNorm(nn.Module):
         moments = batch_stats(z, self.eps)
         targets = (self.l1_target, self.l2_target, self.l3_target, self.l4_target)
         weights = (self.l1_weight, self.l2_weight, self.l3_weight, self.l4_weight)
-        loss = sum(((moment - target) ** 2).mean() * weight for moment, target, weight in zip(moments, targets, weights))
+        loss = sum(((moment - target) ** 2).mean() * weight
+                   for moment, target, weight in zip(moments, targets, weights))
         return loss, dict(zip(("mean", "variance", "skewness", "kurtosis"), moments))
 
     @classmethod
@@ -209,5 +210,6 @@ class FSP(nn.Module):
         q_z = self.project_out(q_z).reshape(z_shape)
         if self.channel_first:
             q_z = q_z.movedim(-1, 1)
-        info = {"level_indices": level_indices.reshape(z_shape[:-1] + level_indices.shape[-1:]), "norm_info": norm_info, **other_info}
+        info = {"level_indices": level_indices.reshape(z_shape[:-1] + level_indices.shape[-1:]),
+                "norm_info": norm_info, **other_info}
         return q_z, indices.reshape(z_shape[:-1]), norm_loss, info

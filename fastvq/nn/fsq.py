@@ -308,7 +308,8 @@ class ResidualFSQ(QuantizeDropout, nn.Module):
     ``[B, n, dim]`` (``[B, dim, ...]`` when channel first) and returns ``(quantized,
     all_indices [B, n, Q])`` (``[B, Q, ...]`` when channel first), plus ``all_codes [Q, B, n, d]``
     (``[Q, B, ..., d]``) with ``return_all_codes``; vector-quantize-pytorch looks channel-first
-    indices up as if they were channel last there, fastvq returns each position's codes. Buffers ``scales`` and ``soft_clamp_input_value`` are not persistent.
+    indices up as if they were channel last there, fastvq returns each position's codes. Buffers
+    ``scales`` and ``soft_clamp_input_value`` are not persistent.
     """
 
     def __init__(
@@ -326,7 +327,8 @@ class ResidualFSQ(QuantizeDropout, nn.Module):
         **kwargs,
     ):
         super().__init__()
-        check_dropout_arguments("ResidualFSQ", num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        check_dropout_arguments("ResidualFSQ", num_quantizers, quantize_dropout_cutoff_index,
+                                quantize_dropout_multiple_of)
         levels = list(levels) if isinstance(levels, (list, tuple)) else levels
         if not isinstance(levels, list):
             raise ValueError(f"levels must be a list or tuple of ints, got {levels!r}")
@@ -374,7 +376,9 @@ class ResidualFSQ(QuantizeDropout, nn.Module):
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
 
-    def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: Optional[int] = None):
+    def forward(
+        self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: Optional[int] = None
+    ):
         return self.quantize(x, return_all_codes, self.dropout_index(x, rand_quantize_dropout_fixed_seed))
 
     def quantize(self, x: Tensor, return_all_codes: bool, dropout_index: Optional[Tensor]):

@@ -145,10 +145,12 @@ class HierarchicalVQ(nn.Module):
             sync_codebook=sync_codebook, channel_last=True,
         )
         if orthogonal_reg_weight:
-            vq_kwargs.update(orthogonal_reg_weight=orthogonal_reg_weight, orthogonal_reg_max_codes=orthogonal_reg_max_codes,
+            vq_kwargs.update(orthogonal_reg_weight=orthogonal_reg_weight,
+                             orthogonal_reg_max_codes=orthogonal_reg_max_codes,
                              orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only)
         self.vq = VectorQuantize(codebook_size=sizes[0], **vq_kwargs) if shared_codebook else None
-        self.vqs = None if shared_codebook else nn.ModuleList(VectorQuantize(codebook_size=s, **vq_kwargs) for s in sizes)
+        self.vqs = (None if shared_codebook
+                    else nn.ModuleList(VectorQuantize(codebook_size=s, **vq_kwargs) for s in sizes))
         self.phi_shared = None
         self.phi_levels = None
         if share_quant_resi == 1:
@@ -172,7 +174,8 @@ class HierarchicalVQ(nn.Module):
         pooled_mask = self._pool(weights, level_shape)
         if all(size == 1 for size in level_shape):
             spatial = tuple(range(2, t.dim()))
-            pooled = (t * weights).sum(dim=spatial, keepdim=True) / weights.sum(dim=spatial, keepdim=True).clamp(min=1e-5)
+            pooled = ((t * weights).sum(dim=spatial, keepdim=True)
+                      / weights.sum(dim=spatial, keepdim=True).clamp(min=1e-5))
         else:
             pooled = self._pool(t * weights, level_shape) / pooled_mask.clamp(min=1e-6)
         return pooled, pooled_mask[:, 0] > 0

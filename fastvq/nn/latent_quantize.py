@@ -186,6 +186,7 @@ class LatentQuantize(nn.Module):
         zero = out.new_zeros((), dtype=torch.float32)
         commitment_weight, quantization_weight = self._weights
         commitment = self.commitment_loss(original_input, out) if self.training and commitment_weight != 0 else zero
-        quantization = self.quantization_loss(original_input, out) if self.training and quantization_weight != 0 else zero
+        quantization = (self.quantization_loss(original_input, out) if self.training and quantization_weight != 0
+                        else zero)
         loss = self.commitment_loss_weight * commitment + self.quantization_loss_weight * quantization
         return out, indices, loss

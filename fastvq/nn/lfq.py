@@ -156,7 +156,8 @@ class LFQ(nn.Module):
             raise ValueError(f"codebook_size must be at least 2, got {codebook_size}")
         codebook_dims = codebook_dim * num_codebooks
         dim = codebook_dims if dim is None else check_positive_int("dim", dim)
-        for name, value in (("entropy_loss_weight", entropy_loss_weight), ("commitment_loss_weight", commitment_loss_weight),
+        for name, value in (("entropy_loss_weight", entropy_loss_weight),
+                            ("commitment_loss_weight", commitment_loss_weight),
                             ("diversity_gamma", diversity_gamma), ("entropy_loss_offset", entropy_loss_offset)):
             check_real(name, value)
         check_real("codebook_scale", codebook_scale, above=0.0)
@@ -166,7 +167,8 @@ class LFQ(nn.Module):
             if value is not None:
                 check_real(name, value, above=0.0)
         if soft_clamp_input_value is not None and soft_clamp_input_value < codebook_scale:
-            raise ValueError(f"soft_clamp_input_value must be >= codebook_scale = {codebook_scale}, got {soft_clamp_input_value}")
+            raise ValueError(f"soft_clamp_input_value must be >= codebook_scale = {codebook_scale}, "
+                             f"got {soft_clamp_input_value}")
         keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
         if num_codebooks > 1 and not keep_num_codebooks_dim:
             raise ValueError("num_codebooks > 1 needs keep_num_codebooks_dim=True")
@@ -297,9 +299,11 @@ class LFQ(nn.Module):
         if should_transpose:
             x, spatial = channels_to_sequence(x)
         if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B, n, {self.dim}] ([B, {self.dim}, ...] channel first), got shape {tuple(x.shape)}")
+            raise ValueError(f"x must be [B, n, {self.dim}] ([B, {self.dim}, ...] channel first), "
+                             f"got shape {tuple(x.shape)}")
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
-            raise ValueError(f"mask must be a bool [B, n] = {tuple(x.shape[:2])} tensor, got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(f"mask must be a bool [B, n] = {tuple(x.shape[:2])} tensor, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
         x = self.project_in(x)
         if self.soft_clamp_input_value is not None:
             clamp_value = self.soft_clamp_input_value
@@ -381,7 +385,8 @@ class ResidualLFQ(QuantizeDropout, nn.Module):
         **kwargs,
     ):
         super().__init__()
-        check_dropout_arguments("ResidualLFQ", num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        check_dropout_arguments("ResidualLFQ", num_quantizers, quantize_dropout_cutoff_index,
+                                quantize_dropout_multiple_of)
         check_positive_int("dim", dim)
         check_positive_int("codebook_size", codebook_size)
         if soft_clamp_input_value is not None:

@@ -53,7 +53,8 @@ class ResidualSimVQ(QuantizeDropout, nn.Module):
         super().__init__()
         if heads != 1:
             raise ValueError(f"ResidualSimVQ is not compatible with multi-headed codes (heads must be 1), got {heads}")
-        check_dropout_arguments("ResidualSimVQ", num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        check_dropout_arguments("ResidualSimVQ", num_quantizers, quantize_dropout_cutoff_index,
+                                quantize_dropout_multiple_of)
         self.channel_first = channel_first
         self.num_quantizers = num_quantizers
         self.layers = nn.ModuleList(
@@ -86,7 +87,9 @@ class ResidualSimVQ(QuantizeDropout, nn.Module):
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         return self.get_codes_from_indices(indices).sum(dim=0)
 
-    def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: Optional[int] = None):
+    def forward(
+        self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: Optional[int] = None
+    ):
         x = check_float_input(x)
         dropout_index = self.dropout_index(x, rand_quantize_dropout_fixed_seed)
         quantized_out = torch.zeros_like(x)

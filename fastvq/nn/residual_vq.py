@@ -471,7 +471,8 @@ class ResidualVQ(nn.Module):
         quantized_out, path_indices, path_losses = quantized_out[:, 0], path_indices[:, 0], path_losses[:, 0]
         path_inputs = path_inputs[:, 0]
         if position_mask is not None:
-            losses = torch.where(position_mask[:, None], path_losses, 0.0).sum(dim=0) / position_mask.sum().clamp_min(1e-4)
+            losses = (torch.where(position_mask[:, None], path_losses, 0.0).sum(dim=0)
+                      / position_mask.sum().clamp_min(1e-4))
         else:
             losses = path_losses.mean(dim=0)
         if self.training:

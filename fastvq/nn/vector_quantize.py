@@ -20,7 +20,6 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from .._checks import check_real
-from .codebook import L2NORM_EPS, Codebook, l2norm, perplexity_of  # noqa: F401  (importable from here as before)
 from .._distributed import all_reduce_sum_, is_distributed
 from ..losses import (
     code_cross_entropy,
@@ -34,6 +33,7 @@ from ..ops.search import draw_seed, nearest_code
 from ..ops.soft_quantize import soft_quantize
 from ..ops.topk import nearest_codes
 from ..ops.vector_quantize import vector_quantize
+from .codebook import L2NORM_EPS, Codebook, l2norm, perplexity_of  # noqa: F401  (importable from here as before)
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -453,11 +453,13 @@ class VectorQuantize(nn.Module):
         dim = self.dim
         if self.accept_image_fmap:
             if x.dim() != 4 or x.shape[1] != dim:
-                raise ValueError(f"x must be an image feature map [B, {dim}, H, W] (accept_image_fmap=True), got shape {tuple(x.shape)}")
+                raise ValueError(f"x must be an image feature map [B, {dim}, H, W] (accept_image_fmap=True), "
+                                 f"got shape {tuple(x.shape)}")
             return rearrange(x, "b d h w -> b (h w) d"), "b d h w", dict(h=x.shape[2], w=x.shape[3])
         if self.accept_3d_fmap:
             if x.dim() != 5 or x.shape[1] != dim:
-                raise ValueError(f"x must be a 3-D feature map [B, {dim}, T, H, W] (accept_3d_fmap=True), got shape {tuple(x.shape)}")
+                raise ValueError(f"x must be a 3-D feature map [B, {dim}, T, H, W] (accept_3d_fmap=True), "
+                                 f"got shape {tuple(x.shape)}")
             return rearrange(x, "b d t h w -> b (t h w) d"), "b d t h w", dict(t=x.shape[2], h=x.shape[3], w=x.shape[4])
         if x.dim() == 2 and x.shape[1] == dim:
             return x[:, None], "b d", {}
@@ -548,7 +550,8 @@ class VectorQuantize(nn.Module):
         fuse = (
             estimator and not self.directional_reparam and codebook_transform_fn is None
         )
-        fused_commit = fuse and self.has_commitment_loss and not self.commitment_use_cross_entropy_loss and valid is None
+        fused_commit = (fuse and self.has_commitment_loss and not self.commitment_use_cross_entropy_loss
+                        and valid is None)
         update = dict(ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update,
                       ema_update=ema_update, active=active)
 
@@ -800,8 +803,9 @@ class VectorQuantize(nn.Module):
                 # A copy: the EMA step rewrites the codes in place after this pass, and the backward
                 # recomputes the probabilities from the codes it saved, which must stay these.
                 book = book.detach().clone()
-                soft, chosen, _ = soft_quantize(rows, book, metric="dot" if self._codebook.use_cosine_sim else "euclidean",
-                                                temperature=soft_temperature, gumbel=seed is not None, seed=seed)
+                soft_metric = "dot" if self._codebook.use_cosine_sim else "euclidean"
+                soft, chosen, _ = soft_quantize(rows, book, metric=soft_metric, temperature=soft_temperature,
+                                                gumbel=seed is not None, seed=seed)
                 chosen_codes = F.embedding(chosen, book) + (soft - soft.detach())
             else:
                 chosen, _, chosen_codes = nearest_code(rows, book.detach(), metric=metric, return_codes=True,

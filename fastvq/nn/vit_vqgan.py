@@ -96,7 +96,8 @@ class FactorizedL2Quantizer(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(kmeans_iters, int) or isinstance(kmeans_iters, bool) or kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be a positive int, got {kmeans_iters!r}")
-        for name, value in (("beta", beta), ("decay", decay), ("eps", eps), ("dead_code_threshold", dead_code_threshold)):
+        for name, value in (("beta", beta), ("decay", decay), ("eps", eps),
+                            ("dead_code_threshold", dead_code_threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite float, got {value!r}")
         if beta < 0:

@@ -21,12 +21,12 @@ The modules, lowest first: ``data`` (the image datasets), ``pictures`` (the run'
 run files), ``stage1`` (the VQ model), ``prior`` and ``sample``.
 """
 
+from .checkpoint import load_run
 from .common import PRIOR_MODELS, STAGE1_MODELS, RunError, load_data
 from .distributed import DistContext, default_threads, setup_distributed
-from .checkpoint import load_run
-from .stage1 import Stage1Trainer, build_stage1, stage1_config, train
 from .prior import build_prior, train_prior
 from .sample import sample
+from .stage1 import Stage1Trainer, build_stage1, stage1_config, train
 
 __all__ = [
     "RunError",

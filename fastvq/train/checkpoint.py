@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .data import parse_dataset_spec
 from .common import CHECKPOINT, STAGE1_MODELS, RunError
+from .data import parse_dataset_spec
 
 RUN_FORMAT, PRIOR_FORMAT = "fastvq-run", "fastvq-prior"
 CHECKSUM_KEY = "sha256"

@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from .data import ImageData, load_dataset
 from ..models.registry import PRIORS, STAGE1
+from .data import ImageData, load_dataset
 
 STAGE1_MODELS = tuple(STAGE1)
 PRIOR_MODELS = tuple(PRIORS)

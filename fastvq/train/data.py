@@ -333,7 +333,9 @@ def _load_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
         raise FileNotFoundError(f"{path} not found: expected {expected}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path} could not be unpickled ({type(error).__name__}: {error}): expected {expected}") from None
+        raise DatasetError(
+            f"{path} could not be unpickled ({type(error).__name__}: {error}): expected {expected}"
+        ) from None
     if not isinstance(batch, dict):
         raise DatasetError(f"{path} holds a {type(batch).__name__}, expected {expected}")
     data = batch.get(b"data", batch.get("data"))
@@ -434,7 +436,9 @@ def load_image_folder(root: PathLike, *, image_size: Optional[int] = None, chann
                 image.load()
                 opened.append(image.copy())
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise DatasetError(f"{path} is not a readable image ({error}); expected a {'/'.join(IMAGE_SUFFIXES)} file") from None
+            raise DatasetError(
+                f"{path} is not a readable image ({error}); expected a {'/'.join(IMAGE_SUFFIXES)} file"
+            ) from None
     if channels is None:
         channels = 1 if all(image.mode in ("1", "L", "LA", "La", "F") or image.mode.startswith("I")
                             for image in opened) else 3

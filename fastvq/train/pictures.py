@@ -71,7 +71,9 @@ def save_reconstructions(originals: Tensor, reconstructions: Tensor, path: Path,
     return save_image_grid(torch.cat([top, bottom]), path, columns, title="originals (top) / reconstructions (bottom)")
 
 
-def save_usage_chart(counts: Sequence[Tensor], names: Sequence[str], path: Path, width: int = 640, height: int = 140) -> Path:
+def save_usage_chart(
+    counts: Sequence[Tensor], names: Sequence[str], path: Path, width: int = 640, height: int = 140
+) -> Path:
     """One bar chart per codebook of how often each code was used (codes sorted by use; unused
     codes marked red along the axis), with codes used and perplexity in the panel's title."""
     Image, ImageDraw, ImageFont = _pil()
@@ -144,7 +146,8 @@ def save_training_curves(rows: Sequence[dict], path: Path, title: str) -> Option
     for axis, (name, keys) in zip(axes[0], panels):
         for key in keys:
             points = [(epoch, row[key]) for epoch, row in zip(epochs, rows) if isinstance(row.get(key), (int, float))]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None, label=key)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None,
+                      label=key)
         size = rows[-1].get("codebook_size")
         if name == "codes used" and isinstance(size, int):
             axis.axhline(size, linestyle="--", color="grey", linewidth=1, label=f"codebook size {size}")

@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .data import ImageData
 from ..models import RQVAE, VQVAE2, HierarchicalPrior
 from ..models.priors import prior_loss
 from ..models.registry import DEFAULT_PRIOR, SMALL_IMAGE, prior_model
@@ -30,8 +29,9 @@ from .common import (
     cosine_schedule,
     draw_curves,
     load_data,
-    progress as progress_bar,
 )
+from .common import progress as progress_bar
+from .data import ImageData
 from .distributed import DEFAULT_DIST_TIMEOUT_S, collective_timeout, default_threads, epoch_shard, setup_distributed
 from .stage1 import trained_stage1
 
@@ -174,12 +174,15 @@ def train_prior(
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            runner = DistributedDataParallel(loss_of, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            runner = DistributedDataParallel(
+                loss_of, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
         optimizer = torch.optim.Adam(prior.parameters(), lr=lr)
         count = _count(train_codes)
         steps_per_epoch = math.ceil(epoch_shard(count, 0, seed, ctx).shape[0] / batch_size)
         scheduler = cosine_schedule(optimizer, steps_per_epoch * epochs)
-        prior_config = {"prior": kind, "prior_args": args, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+        prior_config = {"prior": kind, "prior_args": args, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                        "seed": seed}
         if ctx.is_main:
             (run / PRIOR_METRICS).unlink(missing_ok=True)
         bar = progress_bar(steps_per_epoch * epochs, 0, f"prior {kind}", progress and ctx.is_main)
@@ -219,8 +222,9 @@ def train_prior(
             ctx.barrier()
         bar.close()
         if ctx.is_main:
-            checkpoint.atomic_save({"format": checkpoint.PRIOR_FORMAT, "config": prior_config, "model": prior.state_dict(),
-                                    "metrics": metrics, "stage1": stage1_identity(config)}, run / PRIOR_CHECKPOINT)
+            checkpoint.atomic_save({"format": checkpoint.PRIOR_FORMAT, "config": prior_config,
+                                    "model": prior.state_dict(), "metrics": metrics,
+                                    "stage1": stage1_identity(config)}, run / PRIOR_CHECKPOINT)
             draw_curves(run / PRIOR_METRICS, run / PRIOR_CURVES, f"fastvq prior: {kind} on the codes of {run.name}")
         return metrics
     except RuntimeError as error:

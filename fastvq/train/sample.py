@@ -8,12 +8,12 @@ from typing import Optional
 
 import torch
 
-from .pictures import save_image_grid
 from ..models import HierarchicalPrior
 from ..models.priors import prior_sample
 from . import checkpoint
 from .common import PRIOR_CHECKPOINT, PRIOR_MODELS, SAMPLES, RunError
 from .distributed import default_threads, resolve_device
+from .pictures import save_image_grid
 from .prior import build_prior, check_prior_fits
 from .stage1 import trained_stage1
 

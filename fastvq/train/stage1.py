@@ -17,8 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from .pictures import save_reconstructions, save_usage_chart
-from .data import ImageData
 from ..models._common import code_usage
 from ..models.registry import PERCEPTUAL_NETWORKS, STAGE1, stage1_model
 from . import checkpoint
@@ -40,8 +38,9 @@ from .common import (
     cosine_schedule,
     draw_curves,
     load_data,
-    progress as progress_bar,
 )
+from .common import progress as progress_bar
+from .data import ImageData
 from .distributed import (
     DEFAULT_DIST_TIMEOUT_S,
     DistContext,
@@ -50,6 +49,7 @@ from .distributed import (
     epoch_shard,
     setup_distributed,
 )
+from .pictures import save_reconstructions, save_usage_chart
 
 
 def default_model_args(model: str, data: ImageData) -> dict:
@@ -92,7 +92,8 @@ def stage1_config(
         if not model_args["perceptual_weight"]:
             model_args["perceptual_weight"] = 0.1
     elif entry.perceptual and model_args["perceptual_weight"]:
-        raise RunError("--perceptual-weight needs --perceptual-net MODULE:CALLABLE (a feature network; nothing is downloaded)")
+        raise RunError("--perceptual-weight needs --perceptual-net MODULE:CALLABLE "
+                       "(a feature network; nothing is downloaded)")
     epochs = DEFAULT_EPOCHS.get(data.name, 20) if epochs is None else epochs
     if lr is None:
         lr = entry.learning_rate(data.image_size)
@@ -197,7 +198,8 @@ class Stage1Trainer:
         self.adversary = stage1_model(config["model"]).adversary(config["model_args"])
         if self.adversary is not None:
             self.discriminator = self.adversary.network.to(ctx.device)
-            self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=train_args["lr"], betas=(0.5, 0.9))
+            self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=train_args["lr"],
+                                                   betas=(0.5, 0.9))
             start = train_args.get("adversarial_start")
             self.adversarial_start = total_steps // 2 if start is None else start
         self.step_count = 0
@@ -316,7 +318,9 @@ def _mean(values: list) -> float | int:
     return int(mean) if float(mean).is_integer() else mean
 
 
-def write_stage1_pictures(run: Path, config: dict, data: ImageData, counts: list[Tensor], reconstructions: Tensor) -> None:
+def write_stage1_pictures(
+    run: Path, config: dict, data: ImageData, counts: list[Tensor], reconstructions: Tensor
+) -> None:
     count = min(16, data.val.shape[0])
     save_reconstructions(data.batch(data.val[:count]), reconstructions[:count], run / RECONSTRUCTIONS, columns=count)
     save_usage_chart(counts, stage1_model(config["model"]).codebook_names(len(counts)), run / USAGE)
@@ -390,7 +394,8 @@ def train(
         if ctx.is_main:
             (run / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if start_epoch >= train_args["epochs"]:
-            log(f"{run} has already trained {start_epoch} of {train_args['epochs']} epochs (pass --epochs N to train longer)")
+            log(f"{run} has already trained {start_epoch} of {train_args['epochs']} epochs "
+                "(pass --epochs N to train longer)")
             return state.get("metrics", {})
         bar = progress_bar(total_steps, trainer.step_count, f"train {config['model']}", progress and ctx.is_main)
         metrics: dict = state.get("metrics", {}) if state else {}
@@ -414,8 +419,9 @@ def train(
                                "train_loss": sum(losses) / max(1, len(losses)),
                                "lr": trainer.scheduler.get_last_lr()[0],
                                "time_s": round(time.perf_counter() - started, 3)}
-                    checkpoint.atomic_save({"format": checkpoint.RUN_FORMAT, "config": config, "epoch": epoch + 1, "rng": checkpoint.rng_state(),
-                                  "metrics": metrics, **trainer.state_dict()}, run / CHECKPOINT)
+                    checkpoint.atomic_save({"format": checkpoint.RUN_FORMAT, "config": config, "epoch": epoch + 1,
+                                            "rng": checkpoint.rng_state(), "metrics": metrics,
+                                            **trainer.state_dict()}, run / CHECKPOINT)
                     append_jsonl(run / METRICS, metrics)
                     write_stage1_pictures(run, config, data, counts, reconstructions)
                     bar.set_postfix(epoch=epoch + 1, val_nmse=f"{metrics['val_nmse']:.4f}",

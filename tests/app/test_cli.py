@@ -202,4 +202,5 @@ def test_training_curves_without_matplotlib_are_one_line_of_notice(tmp_path, cap
     assert run("train", "--model", "vqvae", "--out", out, "--epochs", 1, *TINY_VQVAE, *RUNTIME) == 0
     assert not (out / "training_curves.png").exists()
     notice = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
-    assert notice == ["training curves not drawn (training_curves.png): matplotlib is not installed (pip install matplotlib)"]
+    assert notice == ["training curves not drawn (training_curves.png): "
+                      "matplotlib is not installed (pip install matplotlib)"]

@@ -11,6 +11,7 @@ import torch
 
 from fastvq.train.data import (
     DatasetError,
+    _split,
     load_cifar10,
     load_dataset,
     load_digits,
@@ -18,7 +19,6 @@ from fastvq.train.data import (
     load_mnist,
     parse_dataset_spec,
 )
-from fastvq.train.data import _split
 
 
 def test_digits_are_the_1797_real_images():

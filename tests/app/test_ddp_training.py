@@ -47,7 +47,8 @@ def _worker(rank, world, store, out_dir):
                 trainer.step(shard)
             state = {f"model.{key}": value for key, value in trainer.model.state_dict().items()}
             if trainer.discriminator is not None:
-                state.update({f"discriminator.{key}": value for key, value in trainer.discriminator.state_dict().items()})
+                state.update({f"discriminator.{key}": value
+                              for key, value in trainer.discriminator.state_dict().items()})
             torch.save(state, os.path.join(out_dir, f"{name}-rank{rank}.pt"))
         config = _config("vqvae-ema", data)
         training.train(os.path.join(out_dir, "run"), config, force=True, device="cpu", threads=1, progress=False)

@@ -119,5 +119,6 @@ def test_functional_ema_update_syncs_sonnet_layer(tmp_path):
     for name, tensor in ranks[0].items():
         assert torch.equal(tensor, ranks[1][name]), f"{name} differs between replicas"
     assert torch.equal(ranks[0]["layer.counter"], whole["layer.counter"])
-    torch.testing.assert_close(ranks[0]["layer.ema_cluster_size"], whole["layer.ema_cluster_size"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["layer.ema_cluster_size"], whole["layer.ema_cluster_size"],
+                               rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ranks[0]["layer.embeddings"], whole["layer.embeddings"], rtol=1e-5, atol=1e-6)

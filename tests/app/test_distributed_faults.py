@@ -56,7 +56,8 @@ FROZEN_RANK = textwrap.dedent("""
     try:
         ctx.barrier()
     except RuntimeError as error:
-        print(f"after {time.monotonic() - started:.1f} s: {collective_timeout(error, ctx, float(sys.argv[1]))}", flush=True)
+        elapsed = time.monotonic() - started
+        print(f"after {elapsed:.1f} s: {collective_timeout(error, ctx, float(sys.argv[1]))}", flush=True)
         os._exit(7)
     os._exit(0)
 """)

@@ -412,7 +412,9 @@ def test_failed_build_installs_without_the_extension_and_says_why(tmp_path):
     assert not list((tree / "fastvq").glob("_C.*"))
     info = _backend_info_of(tree)
     assert info["selected"]["cpu"] == "torch"
-    assert info["compiled"]["reason"].startswith("setup.py did not build fastvq._C: building fastvq._C with its C++ CPU kernels failed")
+    assert info["compiled"]["reason"].startswith(
+        "setup.py did not build fastvq._C: building fastvq._C with its C++ CPU kernels failed"
+    )
 
 
 def test_build_without_torch_installs_without_the_extension_and_says_why(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _backends import HAS_TRITON, TRITON_DEVICE
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")

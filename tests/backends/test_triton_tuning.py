@@ -9,7 +9,6 @@ It also checks the split-codebook path (forced, with tiny shapes) and the autotu
 
 import pytest
 import torch
-
 from _backends import HAS_CUDA
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU every search test already runs the autotuned path")

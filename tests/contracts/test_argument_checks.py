@@ -100,7 +100,8 @@ REQUIRED = {
     "LFQ": dict(dim=4, codebook_size=16), "LatentQuantize": dict(levels=[3, 3], dim=4),
     "MaskedConv2d": dict(mask_type="B", in_channels=2, out_channels=2, kernel_size=3),
     "RandomProjectionQuantizer": dict(dim=4, codebook_size=8, codebook_dim=4),
-    "ResidualFSQ": dict(levels=[3, 3], num_quantizers=2, dim=4), "ResidualLFQ": dict(dim=4, num_quantizers=2, codebook_size=16),
+    "ResidualFSQ": dict(levels=[3, 3], num_quantizers=2, dim=4),
+    "ResidualLFQ": dict(dim=4, num_quantizers=2, codebook_size=16),
     "ResidualSimVQ": dict(dim=4, num_quantizers=2, codebook_size=8),
     "ResidualVQ": dict(dim=4, codebook_size=8, num_quantizers=2), "SimVQ": dict(dim=4, codebook_size=8),
     "Sequential": {},  # no float arguments: its modules are checked on their own

@@ -37,9 +37,11 @@ from fastvq.backends.torch import search as torch_search
 
 # Each backend's modules; the op layer looks the function up on the module at every call.
 ENTRY_POINTS = {
-    "torch": [("fastvq.backends.torch.search", "nearest_code"), ("fastvq.backends.torch.segment_reduce", "segment_reduce"),
+    "torch": [("fastvq.backends.torch.search", "nearest_code"),
+              ("fastvq.backends.torch.segment_reduce", "segment_reduce"),
               ("fastvq.backends.torch.vector_quantize", "vector_quantize_backward")],
-    "triton": [("fastvq.backends.triton.search", "nearest_code"), ("fastvq.backends.triton.segment_reduce", "segment_reduce"),
+    "triton": [("fastvq.backends.triton.search", "nearest_code"),
+               ("fastvq.backends.triton.segment_reduce", "segment_reduce"),
                ("fastvq.backends.triton.vector_quantize", "vector_quantize_backward")],
     "cpp": [("fastvq.backends.cpp", "nearest_code"), ("fastvq.backends.cpp", "segment_reduce")],
 }

@@ -59,7 +59,8 @@ def test_search_memory_stays_bounded(backend, monkeypatch):
 def test_the_check_fails_for_a_search_that_builds_the_matrix():
     """The reference search builds the 8 192 x 16 384 fp32 distance matrix (512 MiB): the same
     measurement must see it and the same check must reject it."""
-    growth = peak_growth_mib(functools.partial(reference.nearest_code_ref, metric="l2", upcast=False), 8_192, 16_384, 32)
+    growth = peak_growth_mib(functools.partial(reference.nearest_code_ref, metric="l2", upcast=False),
+                             8_192, 16_384, 32)
     print(f"reference (N x K matrix): grew peak memory by {growth:.1f} MiB")
     assert growth >= 512
     with pytest.raises(AssertionError, match="grew peak memory"):

@@ -47,7 +47,8 @@ def test_cosine_distance_is_never_negative(backend, device, dtype):
     _, distances = fastvq.nearest_code(z, codebook, metric="cosine")
     _, top_distances = fastvq.nearest_codes(z, codebook, 2, metric="cosine")
     for name, found in (("nearest_code", distances), ("nearest_codes", top_distances[:, 0])):
-        assert found.min() >= 0, f"{name}: {int((found < 0).sum())} negative distances, the least {float(found.min()):.3g}"
+        assert found.min() >= 0, (f"{name}: {int((found < 0).sum())} negative distances, "
+                                  f"the least {float(found.min()):.3g}")
 
 
 # --------------------------------------------------------------------------- the oracle's NaN and Inf

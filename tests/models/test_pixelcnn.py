@@ -19,7 +19,8 @@ MODELS = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
 
 def _model(kind, cond=None, num_layers=3, channels=8, seed=0):
     torch.manual_seed(seed)
-    kwargs = {"num_classes": 3} if cond == "class" else {"cond_num_codes": 5, "cond_channels": 4} if cond == "map" else {}
+    kwargs = ({"num_classes": 3} if cond == "class"
+              else {"cond_num_codes": 5, "cond_channels": 4} if cond == "map" else {})
     return MODELS[kind](NUM_CODES, channels=channels, num_layers=num_layers, kernel_size=3, first_kernel_size=5,
                         **kwargs).eval()
 
@@ -96,7 +97,8 @@ def test_gated_pixelcnn_sees_the_blind_spot_of_pixelcnn():
         torch.manual_seed(0)
         model = MODELS[kind](NUM_CODES, channels=8, num_layers=3, kernel_size=3, first_kernel_size=3)
         with torch.no_grad():
-            seen[kind] = not torch.equal(model(codes)[0, :, target[0], target[1]], model(nudged)[0, :, target[0], target[1]])
+            seen[kind] = not torch.equal(model(codes)[0, :, target[0], target[1]],
+                                         model(nudged)[0, :, target[0], target[1]])
     assert seen == {"pixelcnn": False, "gated": True}
 
 
@@ -252,4 +254,5 @@ def test_trains_under_compile_fullgraph_like_eager(kind, cond):
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-5)
     assert losses["compiled"][-1] < losses["compiled"][0]
     for (name, trained), reference_param in zip(model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(trained, reference_param, rtol=1e-4, atol=1e-5, msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(trained, reference_param, rtol=1e-4, atol=1e-5,
+                                   msg=lambda message, name=name: f"{name}: {message}")

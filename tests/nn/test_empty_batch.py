@@ -39,8 +39,9 @@ LAYERS = {
     "ResidualVQ": (lambda: fnn.ResidualVQ(dim=D, num_quantizers=2, codebook_size=8), (0, 5, D)),
     "SimVQ": (lambda: fnn.SimVQ(dim=D, codebook_size=8), (0, 5, D)),
     "VectorQuantize": (lambda: fnn.VectorQuantize(dim=D, codebook_size=8), (0, 5, D)),
-    "VectorQuantize-heads": (lambda: fnn.VectorQuantize(dim=D, codebook_size=8, heads=2, separate_codebook_per_head=True),
-                             (0, 5, D)),
+    "VectorQuantize-heads": (
+        lambda: fnn.VectorQuantize(dim=D, codebook_size=8, heads=2, separate_codebook_per_head=True), (0, 5, D)
+    ),
     "VectorQuantizer2": (lambda: fnn.VectorQuantizer2(8, D, beta=0.25), (0, D, 3, 3)),
     "VectorQuantizerEMA": (lambda: fnn.VectorQuantizerEMA(embedding_dim=D, num_embeddings=8, commitment_cost=0.25,
                                                           decay=0.99), (0, 3, 3, D)),

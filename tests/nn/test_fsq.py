@@ -75,7 +75,8 @@ def test_fsq_matches_vector_quantize_pytorch(name, dtype):
     codes = mine.project_in(x) if not mine.has_projections else None
     if codes is not None and mine.num_codebooks == 1 and not mine.orthogonal_rotation:
         quantized = mine.quantize(codes)
-        assert torch.equal(mine.codes_to_indices(quantized), theirs.codes_to_indices(quantized).long().to(indices.dtype))
+        assert torch.equal(mine.codes_to_indices(quantized),
+                           theirs.codes_to_indices(quantized).long().to(indices.dtype))
 
 
 def test_fsq_image_input_and_bf16():
@@ -133,7 +134,8 @@ def test_residual_fsq_quantize_dropout_fixed_seed_and_channel_first():
 
 
 def test_residual_fsq_quantize_dropout_drawn_on_device():
-    mine = ours.ResidualFSQ(levels=[5, 5], num_quantizers=5, quantize_dropout=True, quantize_dropout_cutoff_index=1).train()
+    mine = ours.ResidualFSQ(levels=[5, 5], num_quantizers=5, quantize_dropout=True,
+                            quantize_dropout_cutoff_index=1).train()
     torch.manual_seed(0)
     kept = set()
     for _ in range(30):

@@ -17,10 +17,12 @@ LFQ_CONFIGS = {
     "default": dict(dim=8, codebook_size=256),
     "projection-codebooks-commitment": dict(dim=10, codebook_size=32, num_codebooks=2, commitment_loss_weight=0.3),
     "spherical": dict(codebook_size=128, spherical=True, codebook_scale=0.7),
-    "fraction-softplus": dict(dim=5, codebook_size=16, frac_per_sample_entropy=0.5, experimental_softplus_entropy_loss=True),
+    "fraction-softplus": dict(dim=5, codebook_size=16, frac_per_sample_entropy=0.5,
+                              experimental_softplus_entropy_loss=True),
     "cosine-rotation-clamp": dict(dim=5, codebook_size=16, cosine_sim_project_in=True, orthogonal_rotation=True,
                                   soft_clamp_input_value=1.5, diversity_gamma=0.7),
-    "odd-bits-activation": dict(codebook_size=2**9, straight_through_activation=torch.nn.Tanh(), entropy_loss_weight=1.0),
+    "odd-bits-activation": dict(codebook_size=2**9, straight_through_activation=torch.nn.Tanh(),
+                                entropy_loss_weight=1.0),
 }
 
 
@@ -80,7 +82,8 @@ def test_lfq_matches_vector_quantize_pytorch_float64(name, masked):
     theirs, mine = _pair("LFQ", **LFQ_CONFIGS[name], force_quantization_f32=False)
     generator = torch.Generator().manual_seed(3)
     # Unit-scale inputs with inv_temperature = 100 put most codes under the 1e-5 clamp; 0.01 does not.
-    x = torch.randn(3, 19, theirs.dim, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 0.01, 0.1])[:, None, None].double()
+    row_scales = torch.tensor([1.0, 0.01, 0.1])[:, None, None].double()
+    x = torch.randn(3, 19, theirs.dim, generator=generator, dtype=torch.float64) * row_scales
     mask = (torch.rand(3, 19, generator=generator) > 0.3) if masked else None
     _assert_parity(theirs, mine, x, atol=1e-10, mask=mask, return_loss_breakdown=True)
     _assert_parity(theirs, mine, x, atol=1e-10, mask=mask, inv_temperature=7.0)

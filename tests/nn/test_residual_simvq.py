@@ -40,7 +40,8 @@ def test_residual_simvq_matches_vector_quantize_pytorch(config):
         results = []
         for module, optimizer in zip((theirs, mine), optimizers):
             leaf = x.clone().requires_grad_()
-            quantized, indices, losses, codes = module(leaf, return_all_codes=True, rand_quantize_dropout_fixed_seed=step)
+            quantized, indices, losses, codes = module(leaf, return_all_codes=True,
+                                                       rand_quantize_dropout_fixed_seed=step)
             optimizer.zero_grad()
             ((quantized * torch.linspace(-1, 1, quantized.numel(), dtype=torch.float64).reshape(quantized.shape)).sum()
              + losses.sum()).backward()

@@ -18,7 +18,10 @@ def _chain(library, quantizer):
 
 @pytest.mark.parametrize(
     "klass, kwargs, call_kwargs",
-    [("FSQ", dict(levels=[5, 5, 4, 3]), {}), ("LFQ", dict(dim=4, codebook_size=16, force_quantization_f32=False), dict(inv_temperature=7.0))],
+    [
+        ("FSQ", dict(levels=[5, 5, 4, 3]), {}),
+        ("LFQ", dict(dim=4, codebook_size=16, force_quantization_f32=False), dict(inv_temperature=7.0)),
+    ],
 )
 def test_sequential_matches_vector_quantize_pytorch(klass, kwargs, call_kwargs):
     torch.manual_seed(0)

@@ -148,7 +148,8 @@ def test_trains_under_compile_fullgraph(ema_update, replacement):
     if replacement:
         # A threshold no code falls below in 3 steps: the replacement is traced into the graph (no
         # break, no host sync) but replaces nothing, since compiled and eager random draws differ.
-        model[1] = FactorizedL2Quantizer(DIM, CODES, CODE_DIM, ema_update=ema_update, decay=0.5, dead_code_threshold=1e-3)
+        model[1] = FactorizedL2Quantizer(DIM, CODES, CODE_DIM, ema_update=ema_update, decay=0.5,
+                                         dead_code_threshold=1e-3)
     assert_compiled_training_matches_eager(model, (3, 7, 8), lambda out: out[0].square().mean() + out[1])
 
 

@@ -149,7 +149,8 @@ def test_sampling_is_reproducible_for_a_seed_and_varies_across_seeds(backend):
     generator = torch.Generator().manual_seed(5)
     z = torch.randn(64, 6, generator=generator).to(device)
     codebook = torch.randn(20, 6, generator=generator).to(device)
-    draw = lambda seed: fastvq.nearest_code(z, codebook, sample_temperature=5.0, seed=torch.tensor(seed, device=device))[0]  # noqa: E731
+    def draw(seed):
+        return fastvq.nearest_code(z, codebook, sample_temperature=5.0, seed=torch.tensor(seed, device=device))[0]
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
 
