@@ -5,7 +5,7 @@ Importing this package imports Triton; fastvq only does so when a Triton backend
 Compile cases: the convention every family file follows
 -------------------------------------------------------
 CI has no GPU, and Triton's interpreter, which checks the kernels' arithmetic there, sees no shared
-memory, registers, tensor cores, atomic orderings or int32 overflow. ``tests/test_aot_compile.py``
+memory, registers, tensor cores, atomic orderings or int32 overflow. ``tests/backends/test_aot_compile.py``
 therefore compiles every kernel for sm_80 and sm_90 and reads the cubin. For that, a family file
 that defines ``@triton.jit`` kernels provides::
 

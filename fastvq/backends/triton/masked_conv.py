@@ -238,7 +238,7 @@ def _prune_weight_grad_configs(configs, named_args, **kwargs):
 
 
 # Chosen so that none spills registers or overflows shared memory on sm_80 and sm_90 in any dtype
-# (fp32 under tf32x3 on sm_80 with the subsets below), checked by tests/test_aot_compile.py with the
+# (fp32 under tf32x3 on sm_80 with the subsets below), checked by tests/backends/test_aot_compile.py with the
 # pinned Triton; the smallest serves 32 channels and is what a prune that keeps nothing falls back to.
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -471,7 +471,7 @@ def masked_conv2d_backward(
 
 
 def compile_cases() -> list[CompileCase]:
-    """The launches of the masked convolution, for ``tests/test_aot_compile.py`` (see ``CompileCase``).
+    """The launches of the masked convolution, for ``tests/backends/test_aot_compile.py`` (see ``CompileCase``).
 
     The forward (with bias), the input gradient (``TRANSPOSED``) and the weight gradient, each in
     fp32 with cuDNN's default tf32 and with tf32 turned off (``tf32x3``) and in bf16, on 7 x 7

@@ -38,7 +38,7 @@ from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
 from .common import (METRIC_DOT, METRIC_EUCLIDEAN, METRIC_IDS, METRIC_L2, cases_from_launches, dot_precision,
                      interpreting, recording_launches)
 
-# For tests/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
+# For tests/backends/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
 # kernels' int32 offsets cannot overflow.
 INT32_TILE_OFFSETS = (
     "the kernels move 64-bit tile pointers (row_start * D, code_start * D in int64, then whole-tile steps) "
@@ -783,7 +783,7 @@ def soft_entropy_backward(
 
 def compile_cases() -> list:
     """The launches of the soft quantize and soft entropy ops, forward and backward, for
-    ``tests/test_aot_compile.py`` (see ``common.CompileCase``), recorded from the launchers
+    ``tests/backends/test_aot_compile.py`` (see ``common.CompileCase``), recorded from the launchers
     themselves: the dot (and cosine), l2 and euclidean logits in fp32 with the hard Gumbel choice,
     euclidean in bf16, fp16 at a D past one slice, separate values, and the entropy's launches."""
     import sys
