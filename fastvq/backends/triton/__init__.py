@@ -21,7 +21,8 @@ are covered through it), for a compile error, a config that overflows the target
 or that the prune keeps although it does not fit, a register spill (any stack frame or local
 memory), a ``tl.dot`` not on tensor cores, an int32 pointer offset (unless the family declares
 ``INT32_TILE_OFFSETS``, a string saying why its int32 offsets cannot overflow, as soft_quantize.py
-does), and an atomic that is not ``sem="relaxed"``. Autotuners prune with ``common.fits_shared_memory(kernel, own_prune)``, which
-compiles each config for the device and drops those over its shared memory per block. Keep the cases
-few: each costs a compile per config and target, and the whole test has a few minutes of CI.
+does), and an atomic that is not ``sem="relaxed"``. Autotuners prune with
+``common.fits_shared_memory(kernel, own_prune)``, which compiles each config for the device and drops
+those over its shared memory per block. Keep the cases few: each costs a compile per config and
+target, and the whole test has a few minutes of CI.
 """

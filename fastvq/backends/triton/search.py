@@ -25,9 +25,22 @@ import triton
 import triton.language as tl
 
 from ..search_codebook import SearchCodebook, nonfinite_cosine_rows
-from .common import (METRIC_DOT, METRIC_IDS, CompileCase, centered_square_norms, device_arch, device_properties,
-                     dot_precision, fits_shared_memory, interpreting, load_z_tile, search_tile_configs, size_bucket,
-                     tile_scores, true_distance)
+from .common import (
+    METRIC_DOT,
+    METRIC_IDS,
+    CompileCase,
+    centered_square_norms,
+    device_arch,
+    device_properties,
+    dot_precision,
+    fits_shared_memory,
+    interpreting,
+    load_z_tile,
+    search_tile_configs,
+    size_bucket,
+    tile_scores,
+    true_distance,
+)
 
 
 @triton.jit

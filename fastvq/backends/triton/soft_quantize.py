@@ -35,8 +35,16 @@ import triton
 import triton.language as tl
 
 from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
-from .common import (METRIC_DOT, METRIC_EUCLIDEAN, METRIC_IDS, METRIC_L2, cases_from_launches, dot_precision,
-                     interpreting, recording_launches)
+from .common import (
+    METRIC_DOT,
+    METRIC_EUCLIDEAN,
+    METRIC_IDS,
+    METRIC_L2,
+    cases_from_launches,
+    dot_precision,
+    interpreting,
+    recording_launches,
+)
 
 # For tests/backends/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
 # kernels' int32 offsets cannot overflow.
@@ -80,7 +88,9 @@ def _logit_tile(
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if SINGLE_D_TILE:
         key_tile = tl.load(
-            keys_ptr + local_codes[None, :] * D + dims[:, None], mask=code_mask[None, :] & (dims < D)[:, None], other=0.0
+            keys_ptr + local_codes[None, :] * D + dims[:, None],
+            mask=code_mask[None, :] & (dims < D)[:, None],
+            other=0.0,
         )
         if DOT_IN_FP32:
             key_tile = key_tile.to(tl.float32)
@@ -805,7 +815,8 @@ def compile_cases() -> list:
     for metric in ("dot", "l2", "euclidean"):
         quantize(f"{metric} fp32 D=64", torch.float32, metric)
     quantize("euclidean bf16 D=64", torch.bfloat16, "euclidean")
-    quantize("dot fp16 D=256", torch.float16, "dot", dim=256, kernels=(_soft_quantize_fwd_kernel, _soft_rows_bwd_kernel))
+    quantize("dot fp16 D=256", torch.float16, "dot", dim=256,
+             kernels=(_soft_quantize_fwd_kernel, _soft_rows_bwd_kernel))
     quantize("dot fp32 D=64 values D=32", torch.float32, "dot", value_dim=32)
     z, codebook = torch.zeros(256, 64, dtype=torch.bfloat16), torch.zeros(512, 64, dtype=torch.bfloat16)
     with recording_launches(module) as launches:

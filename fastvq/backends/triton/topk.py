@@ -20,9 +20,22 @@ import triton
 import triton.language as tl
 
 from ..search_codebook import SearchCodebook, nonfinite_cosine_rows, order_candidates
-from .common import (METRIC_DOT, METRIC_IDS, cases_from_launches, centered_square_norms, device_arch, dot_precision,
-                     fits_shared_memory, interpreting, load_z_tile, recording_launches, search_tile_configs,
-                     size_bucket, tile_scores, true_distance)
+from .common import (
+    METRIC_DOT,
+    METRIC_IDS,
+    cases_from_launches,
+    centered_square_norms,
+    device_arch,
+    dot_precision,
+    fits_shared_memory,
+    interpreting,
+    load_z_tile,
+    recording_launches,
+    search_tile_configs,
+    size_bucket,
+    tile_scores,
+    true_distance,
+)
 
 # The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
 MAX_REGISTER_TOPK = 64
