@@ -26,12 +26,12 @@ import os
 import sys
 from typing import Optional
 
+import _harness
 import torch
 
-import _harness
 import fastvq
-from fastvq.ops import search as search_ops
 from fastvq.backends.duplicate_codes import find_duplicate_codes
+from fastvq.ops import search as search_ops
 
 GRID = [(256, 16384, 256), (1024, 16384, 256), (4096, 4096, 256), (4096, 1024, 64), (65536, 512, 64)]
 SMALL_GRID = [(256, 1024, 64), (2048, 512, 32)]

@@ -17,7 +17,7 @@ block becomes a markdown table of the matching rows, in file order, followed by 
 machine (device, CPU family/model, vector instruction sets, the measured FMA peak) and the dates,
 versions and load averages of those rows. A figure whose filter matches no row is emptied: no
 number stays in the documentation without a results row behind it. ``--check`` changes nothing and
-exits with status 1 if a file differs from what the results give (``tests/test_bench_harness.py`` runs it).
+exits with status 1 if a file differs from what the results give (``tests/app/test_bench_harness.py`` runs it).
 """
 
 from __future__ import annotations

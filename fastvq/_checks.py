@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-
 METRICS = ("l2", "cosine", "dot")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -128,5 +127,7 @@ def check_seed(seed: object, z: torch.Tensor) -> None:
     """A Gumbel-noise seed: a one-element int64 tensor on ``z``'s device."""
     seed = check_tensor("seed", seed)
     if seed.numel() != 1 or seed.dtype != torch.int64:
-        raise ValueError(f"seed must be a one-element int64 tensor, got dtype {seed.dtype} and shape {tuple(seed.shape)}")
+        raise ValueError(
+            f"seed must be a one-element int64 tensor, got dtype {seed.dtype} and shape {tuple(seed.shape)}"
+        )
     check_same_device(z=z, seed=seed)

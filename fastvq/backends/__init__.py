@@ -128,7 +128,11 @@ _WIDE_TOPK = "the Triton top-k kernel holds at most 64 codes per row in register
 # THE table: op -> selected backend -> the backend that runs it.
 TABLE: dict[str, dict[str, Route]] = {
     "nearest_code": _self_everywhere(),
-    "gumbel_sample": {**_self_everywhere(), "cpp": Route("torch", _NO_C_SAMPLING), "cuda": Route("torch", _NO_C_SAMPLING)},
+    "gumbel_sample": {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_SAMPLING),
+        "cuda": Route("torch", _NO_C_SAMPLING),
+    },
     "segment_reduce": _self_everywhere(),
     "vector_quantize_backward": {
         **_self_everywhere(),
@@ -145,7 +149,10 @@ TABLE: dict[str, dict[str, Route]] = {
         "cpp": Route("torch", _NO_C_CONV + "; oneDNN's convolution runs on the mask's row groups"),
         "cuda": Route("triton", _NO_C_CONV + "; the Triton kernel runs"),
     },
-    **{op: _soft_routes() for op in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward")},
+    **{
+        op: _soft_routes()
+        for op in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward")
+    },
     "code_entropy": {
         **_self_everywhere(),
         "cpp": Route("torch", _NO_C_ENTROPY),
@@ -157,7 +164,11 @@ TABLE: dict[str, dict[str, Route]] = {
         "cuda": Route("triton", "fastvq._C has no CUDA code entropy; the Triton kernels run"),
     },
     "nearest_codes": {**_self_everywhere(), "cuda": Route("triton", _NO_CUDA_TOPK)},
-    "gumbel_topk": {**_self_everywhere(), "cpp": Route("torch", _NO_C_SAMPLING), "cuda": Route("triton", _NO_CUDA_TOPK)},
+    "gumbel_topk": {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_SAMPLING),
+        "cuda": Route("triton", _NO_CUDA_TOPK),
+    },
     "nearest_codes_wide": {
         **_self_everywhere(),
         "triton": Route("torch", _WIDE_TOPK),

@@ -6,7 +6,7 @@ levels, and the implicit codebook is the grid of ``prod(L_i)`` points. It is ele
 ``N x d`` values, which PyTorch's own kernels already do at memory speed, so these layers are plain
 PyTorch around :func:`fastvq.functional.finite_scalar_quantize` (no fused kernel: there is no
 ``N x K`` matrix to avoid). Names, arguments, defaults, return structures and state_dict keys are
-vector-quantize-pytorch 1.32's; ``tests/test_fsq.py`` compares outputs, indices and gradients with it.
+vector-quantize-pytorch 1.32's; ``tests/nn/test_fsq.py`` compares outputs, indices and gradients with it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each code dimension ``i`` has its own small set of ``L_i`` values (``values_per_
 parameters); a value is quantized to the nearest of its dimension's values. That is a search over
 ``L_i`` scalars per dimension, ``N x sum(L_i)`` work done as ``d`` small argmins (no ``N x K`` over
 the ``prod(L_i)`` implicit codes). Names, arguments, defaults, return structure and state_dict keys
-are vector-quantize-pytorch 1.32's; ``tests/test_scalar_quantizers.py`` compares with it.
+are vector-quantize-pytorch 1.32's; ``tests/nn/test_scalar_quantizers.py`` compares with it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ entropy over all ``2^d`` codes, ``N x 2^d`` several times over (2 GiB per copy a
 8 192 rows; MAGVIT-v2 uses 2^18). fastvq computes the same two terms from the per-row products
 over each half of the bits, ``N x 2^(d/2)``, exactly (the ``1e-5`` clamp inside their log
 included). Names, arguments, defaults, return structures and state_dict keys are
-vector-quantize-pytorch 1.32's; ``tests/test_lfq.py`` compares with it.
+vector-quantize-pytorch 1.32's; ``tests/nn/test_lfq.py`` compares with it.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.masked_conv import masked_conv2d
 from .._masks import check_kernel_size, check_mask_type, conv_mask
+from ..ops.masked_conv import masked_conv2d
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
 
@@ -245,9 +245,16 @@ class GatedMaskedConv2d(nn.Module):
             raise ValueError(f"v and h must have the same shape, got {tuple(v.shape)} and {tuple(h.shape)}")
         batch, _, height, width = v.shape
         if self.class_embedding is not None:
-            if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32) or tuple(labels.shape) != (batch,):
+            if (
+                not isinstance(labels, Tensor)
+                or labels.dtype not in (torch.int64, torch.int32)
+                or tuple(labels.shape) != (batch,)
+            ):
                 shape = tuple(labels.shape) if isinstance(labels, Tensor) else labels
-                raise ValueError(f"labels must be an int64 tensor of shape ({batch},) for num_classes={self.num_classes}, got {shape}")
+                raise ValueError(
+                    f"labels must be an int64 tensor of shape ({batch},) for num_classes={self.num_classes}, "
+                    f"got {shape}"
+                )
         elif labels is not None:
             raise ValueError("labels given to a GatedMaskedConv2d built without num_classes")
         if self.cond is not None:

@@ -110,7 +110,10 @@ def _code_entropy_fake(bit_logits, eps):
     check_code_entropy_inputs(bit_logits, eps)
     num_rows, groups, num_bits = bit_logits.shape
     dtype = _code_entropy_dtype(bit_logits)
-    return bit_logits.new_empty((num_rows, groups), dtype=dtype), bit_logits.new_empty((groups, 2**num_bits), dtype=dtype)
+    return (
+        bit_logits.new_empty((num_rows, groups), dtype=dtype),
+        bit_logits.new_empty((groups, 2**num_bits), dtype=dtype),
+    )
 
 
 @torch.library.custom_op("fastvq::code_entropy_backward", mutates_args=())

@@ -215,7 +215,11 @@ def _masked_conv2d_backward_fake(grad_out, x, weight, mask_type, padding, comput
         if compute_input_grad
         else x.new_empty(0)
     )
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if compute_weight_grad else weight.new_empty(0)
+    grad_weight = (
+        torch.empty_like(weight, memory_format=torch.contiguous_format)
+        if compute_weight_grad
+        else weight.new_empty(0)
+    )
     return grad_x, grad_weight
 
 

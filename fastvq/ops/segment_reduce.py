@@ -162,9 +162,13 @@ def check_ema_inputs(
         raise ValueError(f"codebook must be 2-D [K, D] with K, D >= 1, got shape {tuple(codebook.shape)}")
     num_codes, dim = codebook.shape
     if tuple(cluster_size.shape) != (num_codes,):
-        raise ValueError(f"cluster_size must have shape ({num_codes},) to match codebook, got {tuple(cluster_size.shape)}")
+        raise ValueError(
+            f"cluster_size must have shape ({num_codes},) to match codebook, got {tuple(cluster_size.shape)}"
+        )
     if tuple(embed_avg.shape) != (num_codes, dim):
-        raise ValueError(f"embed_avg must have shape ({num_codes}, {dim}) to match codebook, got {tuple(embed_avg.shape)}")
+        raise ValueError(
+            f"embed_avg must have shape ({num_codes}, {dim}) to match codebook, got {tuple(embed_avg.shape)}"
+        )
     if z.dim() != 2 or z.shape[1] != dim:
         raise ValueError(f"z must be 2-D [N, {dim}] to match codebook, got shape {tuple(z.shape)}")
     for name, tensor in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_avg", embed_avg), ("z", z)):

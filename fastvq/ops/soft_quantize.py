@@ -125,7 +125,8 @@ def soft_entropy(
     Returns:
         ``(row_entropy, mean_probs)`` in float32 (float64 for float64 inputs). Excluded codes (NaN
         or infinite entries) have probability 0; a NaN row of ``z`` makes its entropy and every
-        ``mean_probs`` entry NaN.
+        ``mean_probs`` entry NaN. At any temperature, however sharp, each row entropy lies in
+        ``[0, log K]`` and each row's probabilities sum to 1 (so does ``mean_probs``).
 
     Raises:
         TypeError, ValueError: as :func:`soft_quantize`.

@@ -41,14 +41,18 @@ def nearest_codes(
             drawn from PyTorch's RNG when omitted.
 
     Returns:
-        ``(indices int64 [N, k], distances float32 [N, k])``: each row's codes by ascending true
-        distance (recomputed from ``z - e`` as in :func:`nearest_code`), equal distances by
-        ascending index.
+        ``(indices int64 [N, k], distances float32 [N, k])``: each row's codes by ascending search
+        key (the score :func:`nearest_code` ranks by), equal keys by ascending index with a NaN
+        true distance last; the distances are the true ones recomputed from ``z - e``, so they
+        ascend except between codes whose order the key's rounding decided. The first column is
+        always :func:`nearest_code`'s answer (except on the C++ bf16 kernel, which scores in bf16
+        where top-k widens to fp32). With sampling, the drawn codes are listed by true distance.
 
     The search never builds an ``N x K`` matrix: each row's best ``k`` are carried across tiles of
-    codes (in registers on GPUs). Scores accumulate in fp32. Ties go to the lowest index; a NaN
-    distance never beats a finite one and a row whose distances are all NaN gets indices
-    ``0..k-1`` with NaN distances. The search is deterministic.
+    codes (in registers on GPUs). Scores accumulate in fp32. Ties (equal keys) go to the lowest
+    index; a NaN distance never beats a finite one and a row whose distances are all NaN (under
+    cosine, also a row holding an Inf) gets indices ``0..k-1`` with NaN distances. The search is
+    deterministic. docs/ops-and-contracts.md states the tie contract in full.
 
     Raises:
         TypeError: a non-tensor or an integer/bool tensor.

@@ -95,7 +95,8 @@ def brute_force_leaders(codebook: torch.Tensor) -> torch.Tensor:
 def test_duplicate_groups_match_a_brute_force_comparison(dtype):
     generator = torch.Generator().manual_seed(11)
     for trial in range(20):
-        num_codes, dim = int(torch.randint(2, 60, (), generator=generator)), int(torch.randint(1, 40, (), generator=generator))
+        num_codes = int(torch.randint(2, 60, (), generator=generator))
+        dim = int(torch.randint(1, 40, (), generator=generator))
         # Few distinct values, so many codes collide, some only in part of their entries.
         codebook = torch.randint(-1, 2, (num_codes, dim), generator=generator).to(dtype)
         if trial % 3 == 0:

@@ -119,10 +119,14 @@ def test_image_feature_maps():
     torch.testing.assert_close(rvq.get_output_from_indices(indices).movedim(-1, 1), quantized, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(quantize_dropout=True, shared_codebook=True, threshold_ema_dead_code=1)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(quantize_dropout=True, shared_codebook=True, threshold_ema_dead_code=1)]
+)
 def test_trains_under_compile_fullgraph(kwargs):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), ResidualVQ(dim=16, num_quantizers=3, codebook_size=12, **kwargs))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), ResidualVQ(dim=16, num_quantizers=3, codebook_size=12, **kwargs)
+    )
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
     for net in (eager, compiled):
@@ -267,7 +271,9 @@ def test_beam_search_trains_every_layer_on_the_chosen_path(config):
     arguments = _arguments(**BEAM_TRAINING[config])
     theirs, ours = _residual_pair(TheirResidualVQ, ResidualVQ, **arguments)
     reference = copy.deepcopy(ours)
-    x, (_, path, _) = _train_like_theirs(theirs, ours, steps=1, compared_state=lambda name: name.startswith("layers.0."))
+    x, (_, path, _) = _train_like_theirs(
+        theirs, ours, steps=1, compared_state=lambda name: name.startswith("layers.0.")
+    )
     residual = x
     for depth, layer in enumerate(reference.layers):
         chosen = path[..., depth]

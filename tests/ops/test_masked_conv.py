@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _backends import HAS_TRITON, TRITON_DEVICE, backends_for
 from torch import nn
 
 import fastvq
-from _backends import HAS_TRITON, TRITON_DEVICE, backends_for
 from fastvq import reference
 from fastvq.nn import GatedMaskedConv2d, MaskedConv2d
 
@@ -83,7 +83,9 @@ def test_forward_and_gradients_match_reference(backend, mask_type, kernel_size):
     assert torch.equal(grad_weight[:, :, ~mask], torch.zeros_like(grad_weight[:, :, ~mask])), "masked taps got gradient"
 
 
-@pytest.mark.parametrize("mask_type, kernel", [("V", (3, 3)), ("V", (7, 7)), ("A", (1, 5)), ("B", (1, 7)), ("B", (5, 3))])
+@pytest.mark.parametrize(
+    "mask_type, kernel", [("V", (3, 3)), ("V", (7, 7)), ("A", (1, 5)), ("B", (1, 7)), ("B", (5, 3))]
+)
 def test_stack_masks_and_rectangular_kernels_match_reference(backend, mask_type, kernel):
     x, weight, bias = _inputs(backend[1], kernel=kernel)
     _check_against_reference(x, weight, bias, mask_type)
@@ -103,7 +105,9 @@ def test_explicit_padding(backend, padding, kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_error_at_most_twice_pytorchs(backend, dtype):
-    x, weight, bias = _inputs(backend[1], in_channels=16, out_channels=16, height=6, width=6, kernel=(5, 5), dtype=dtype)
+    x, weight, bias = _inputs(
+        backend[1], in_channels=16, out_channels=16, height=6, width=6, kernel=(5, 5), dtype=dtype
+    )
     grad = torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(2)).to(x)
 
     def run(fn, upcast):
@@ -176,7 +180,9 @@ def test_channels_last_and_strided_inputs_give_the_same_answer(backend):
     assert not strided.is_contiguous()
     _assert_close(fastvq.masked_conv2d(strided, weight, bias, mask_type="B"), expected, "strided output", rtol=1e-6)
     transposed_weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
-    _assert_close(fastvq.masked_conv2d(x, transposed_weight, bias, mask_type="B"), expected, "strided weight", rtol=1e-6)
+    _assert_close(
+        fastvq.masked_conv2d(x, transposed_weight, bias, mask_type="B"), expected, "strided weight", rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
@@ -259,7 +265,9 @@ def _forbidden_map(mask_type, height, width):
     return forbidden
 
 
-@pytest.mark.parametrize("mask_type, kernel", [("A", (5, 5)), ("B", (3, 3)), ("V", (3, 3)), ("A", (1, 5)), ("B", (1, 3))])
+@pytest.mark.parametrize(
+    "mask_type, kernel", [("A", (5, 5)), ("B", (3, 3)), ("V", (3, 3)), ("A", (1, 5)), ("B", (1, 3))]
+)
 def test_single_layer_causality_by_perturbation(backend, mask_type, kernel):
     height, width = 4, 5
     x, weight, bias = _inputs(backend[1], batch=1, height=height, width=width, kernel=kernel)
@@ -332,7 +340,9 @@ def test_bad_input_raises_before_any_kernel(backend, monkeypatch, case):
 @pytest.mark.parametrize("mask_type, with_bias", [("A", True), ("B", False), ("V", True)])
 def test_masked_conv2d_opcheck(backend, mask_type, with_bias):
     x, weight, bias = _inputs(backend[1], kernel=(3, 3))
-    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_() if with_bias else None, mask_type, [1, 1])
+    args = (
+        x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_() if with_bias else None, mask_type, [1, 1]
+    )
     torch.library.opcheck(torch.ops.fastvq.masked_conv2d.default, args)
 
 
@@ -433,7 +443,9 @@ def test_gated_stack_causality_by_perturbation(num_layers):
         h, skip = _run_stack(stack, perturbed)
     for index, (i, j) in enumerate(_raster_positions(height, width)):
         assert torch.equal(h[index, :, i, j], base_h[index, :, i, j]), f"h_out at {(i, j)} saw its own or a later input"
-        assert torch.equal(skip[index, :, i, j], base_skip[index, :, i, j]), f"skip at {(i, j)} saw its own or a later input"
+        assert torch.equal(skip[index, :, i, j], base_skip[index, :, i, j]), (
+            f"skip at {(i, j)} saw its own or a later input"
+        )
 
 
 def _sees(run, x, target, source):
@@ -448,7 +460,10 @@ def test_gated_stack_has_no_blind_spot_where_pixelcnn_has_one():
     x = torch.randn(1, channels, 6, 7)
     gated = _gated_stack(channels, 2)
     torch.manual_seed(0)
-    pixelcnn = [MaskedConv2d("A", channels, channels, 3, padding=1), MaskedConv2d("B", channels, channels, 3, padding=1)]
+    pixelcnn = [
+        MaskedConv2d("A", channels, channels, 3, padding=1),
+        MaskedConv2d("B", channels, channels, 3, padding=1),
+    ]
 
     def run_pixelcnn(inputs):
         return pixelcnn[1](torch.tanh(pixelcnn[0](inputs)))

@@ -144,7 +144,10 @@ def test_soft_entropy_matches_the_reference(impl, metric):
         else:
             row_entropy, mean_probs = fastvq.soft_entropy(*leaves, metric=metric, temperature=temperature)
         generator = torch.Generator().manual_seed(2)
-        weights = (torch.randn(row_entropy.shape, generator=generator), torch.randn(mean_probs.shape, generator=generator))
+        weights = (
+            torch.randn(row_entropy.shape, generator=generator),
+            torch.randn(mean_probs.shape, generator=generator),
+        )
         objective = sum((out * w.to(out)).sum() for out, w in zip((row_entropy, mean_probs), weights))
         return (row_entropy.detach(), mean_probs.detach(), *torch.autograd.grad(objective, leaves))
 
@@ -182,7 +185,9 @@ def test_noise_is_the_same_on_every_backend_and_tiling(impl, monkeypatch):
     z = torch.zeros(40, 3, device=device)
     codebook = torch.randn(45, 3, device=device)
     expected = _philox.gumbel_noise(987654321, torch.arange(40), 0, 45).argmax(dim=1)
-    _, indices, _ = fastvq.soft_quantize(z, codebook, metric="dot", gumbel=True, seed=torch.tensor(987654321, device=device))
+    _, indices, _ = fastvq.soft_quantize(
+        z, codebook, metric="dot", gumbel=True, seed=torch.tensor(987654321, device=device)
+    )
     assert torch.equal(indices.cpu(), expected)
     if impl[0] != "triton":
         per_logit = torch_soft._SLAB_BYTES_PER_LOGIT + torch_soft._NOISE_BYTES_PER_LOGIT

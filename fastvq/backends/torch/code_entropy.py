@@ -44,7 +44,9 @@ def half_probs(logits: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-def _suffix_sums(probs: torch.Tensor, other: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _suffix_sums(
+    probs: torch.Tensor, other: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every entry ``p`` of ``probs [G, n, A]`` and its row of ``other [G, n, B]``: the sums of
     ``q`` and of ``q log q`` over the ``q`` of ``other`` with ``p q >= eps``, and of ``q`` over the rest."""
     ordered = other.sort(dim=-1).values

@@ -114,7 +114,9 @@ class _Rows:
             yield start, stop, logits, scale
 
 
-def _row_chunks(prep: SoftCodebook, z: torch.Tensor, temperature: float, noisy: bool = False) -> Iterator[tuple[slice, _Rows]]:
+def _row_chunks(
+    prep: SoftCodebook, z: torch.Tensor, temperature: float, noisy: bool = False
+) -> Iterator[tuple[slice, _Rows]]:
     num_rows, num_codes = z.shape[0], prep.keys.shape[0]
     rows_per_chunk, codes_per_chunk = _chunk_sizes(num_rows, num_codes, noisy)
     operands = _Operands(prep, temperature)

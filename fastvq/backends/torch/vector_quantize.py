@@ -24,7 +24,9 @@ def rotation_trick_grad(grad: torch.Tensor, z: torch.Tensor, codes: torch.Tensor
     w = u + q
     w = w / w.norm(dim=1, keepdim=True).clamp_min(eps)
     scale = e_norm / z_norm.clamp_min(eps)
-    return scale * (grad - 2.0 * w * (grad * w).sum(dim=1, keepdim=True) + 2.0 * u * (grad * q).sum(dim=1, keepdim=True))
+    return scale * (
+        grad - 2.0 * w * (grad * w).sum(dim=1, keepdim=True) + 2.0 * u * (grad * q).sum(dim=1, keepdim=True)
+    )
 
 
 def vector_quantize_backward(

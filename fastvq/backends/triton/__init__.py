@@ -5,7 +5,7 @@ Importing this package imports Triton; fastvq only does so when a Triton backend
 Compile cases: the convention every family file follows
 -------------------------------------------------------
 CI has no GPU, and Triton's interpreter, which checks the kernels' arithmetic there, sees no shared
-memory, registers, tensor cores, atomic orderings or int32 overflow. ``tests/test_aot_compile.py``
+memory, registers, tensor cores, atomic orderings or int32 overflow. ``tests/backends/test_aot_compile.py``
 therefore compiles every kernel for sm_80 and sm_90 and reads the cubin. For that, a family file
 that defines ``@triton.jit`` kernels provides::
 
@@ -21,7 +21,8 @@ are covered through it), for a compile error, a config that overflows the target
 or that the prune keeps although it does not fit, a register spill (any stack frame or local
 memory), a ``tl.dot`` not on tensor cores, an int32 pointer offset (unless the family declares
 ``INT32_TILE_OFFSETS``, a string saying why its int32 offsets cannot overflow, as soft_quantize.py
-does), and an atomic that is not ``sem="relaxed"``. Autotuners prune with ``common.fits_shared_memory(kernel, own_prune)``, which
-compiles each config for the device and drops those over its shared memory per block. Keep the cases
-few: each costs a compile per config and target, and the whole test has a few minutes of CI.
+does), and an atomic that is not ``sem="relaxed"``. Autotuners prune with
+``common.fits_shared_memory(kernel, own_prune)``, which compiles each config for the device and drops
+those over its shared memory per block. Keep the cases few: each costs a compile per config and
+target, and the whole test has a few minutes of CI.
 """

@@ -221,7 +221,7 @@ def _code_entropy_bwd_kernel(
 # Tiles: the avg kernel's tl.dot needs every side >= 16; the elementwise kernels hold
 # BLOCK_N x BLOCK_H x BLOCK_L products (4 096). The mean takes 16 rows a step against 64 x 32 code
 # tiles on four warps, the others 8 rows a program on eight warps: of the tiles tried these are the
-# ones that spill no register on sm_80 or sm_90 (tests/test_aot_compile.py; 64 x 64 code tiles and
+# ones that spill no register on sm_80 or sm_90 (tests/backends/test_aot_compile.py; 64 x 64 code tiles and
 # 32-row programs spilled a few bytes).
 _AVG_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 64, "BLOCK_L": 32, "num_warps": 4}
 _TILE_BLOCKS = {"BLOCK_N": 8, "BLOCK_H": 16, "BLOCK_L": 32, "num_warps": 8}
@@ -298,7 +298,7 @@ def code_entropy_backward(
 
 
 def compile_cases() -> list:
-    """The launches of ``code_entropy`` and its backward, for ``tests/test_aot_compile.py`` (see
+    """The launches of ``code_entropy`` and its backward, for ``tests/backends/test_aot_compile.py`` (see
     ``common.CompileCase``), recorded from the launchers themselves: fp32 logits in one group of 10
     bits (a 1024-code LFQ), bf16 logits in two groups of 13 (halves of 7 and 6 bits), and 3 bits
     (tiles narrower than the defaults)."""

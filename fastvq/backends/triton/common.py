@@ -301,7 +301,7 @@ def fits_shared_memory(kernel, prune: Callable | None = None) -> Callable:
 
 @dataclass(frozen=True)
 class CompileCase:
-    """One way a launcher of this package launches a Triton kernel, for ``tests/test_aot_compile.py``.
+    """One way a launcher of this package launches a Triton kernel, for ``tests/backends/test_aot_compile.py``.
 
     The convention: every op-family file in ``fastvq/backends/triton/`` that defines ``@triton.jit``
     kernels has a function ``compile_cases() -> list[CompileCase]`` listing the launches real calls

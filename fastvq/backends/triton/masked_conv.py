@@ -7,9 +7,10 @@ convolution does 25 taps' work, not 49. The weight is read through a packed copy
 
 - ``_masked_conv_implicit_gemm_kernel``: ``out[pixel, n] = sum_tap sum_k src[pixel + offset(tap), k]
   * w[tap, k, n]``. A program owns ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels and
-  accumulates ``tl.dot`` tiles in fp32 over the kept taps x ``BLOCK_K``-channel blocks. The forward reads ``x`` at ``+(tap - pad)``; the input
-  gradient (``TRANSPOSED``) is the same loop reading the output gradient at ``-(tap - pad)`` with
-  the weight's channel axes swapped. Padding is a load mask, never a padded copy.
+  accumulates ``tl.dot`` tiles in fp32 over the kept taps x ``BLOCK_K``-channel blocks. The forward
+  reads ``x`` at ``+(tap - pad)``; the input gradient (``TRANSPOSED``) is the same loop reading the
+  output gradient at ``-(tap - pad)`` with the weight's channel axes swapped. Padding is a load
+  mask, never a padded copy.
 - ``_masked_conv_weight_grad_kernel``: ``grad_w[tap, ci, co] = sum_pixels x[pixel + offset(tap), ci]
   * grad_out[pixel, co]`` for the kept taps; a program owns one tap, a ``BLOCK_CI x BLOCK_CO`` tile
   and one split of the pixels. Splits write separate slices of an fp32 workspace that is summed
@@ -238,7 +239,7 @@ def _prune_weight_grad_configs(configs, named_args, **kwargs):
 
 
 # Chosen so that none spills registers or overflows shared memory on sm_80 and sm_90 in any dtype
-# (fp32 under tf32x3 on sm_80 with the subsets below), checked by tests/test_aot_compile.py with the
+# (fp32 under tf32x3 on sm_80 with the subsets below), checked by tests/backends/test_aot_compile.py with the
 # pinned Triton; the smallest serves 32 channels and is what a prune that keeps nothing falls back to.
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -263,7 +264,8 @@ _WEIGHT_GRAD_CONFIGS = [
 # 128 x 64 and 64 x 128 output tiles on four warps, and every weight-gradient tile but 32 x 32.
 _GEMM_TF32X3_SPILLING = [c for c in _GEMM_CONFIGS
                          if c.num_warps == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 64]
-_WEIGHT_GRAD_TF32X3_SPILLING = [c for c in _WEIGHT_GRAD_CONFIGS if c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"] > 32 * 32]
+_WEIGHT_GRAD_TF32X3_SPILLING = [c for c in _WEIGHT_GRAD_CONFIGS
+                                if c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"] > 32 * 32]
 # Keyed on channels and taps only, not on the map size: the configuration (and so every output's
 # summation order) is the same for a whole map and for the cropped windows the fast sampler runs.
 _implicit_gemm_tuned = triton.autotune(
@@ -414,7 +416,9 @@ def _weight_grad_arguments(x, grad, weight, taps, padding, num_splits):
     return workspace, args, meta
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, taps: int, padding: list[int]) -> torch.Tensor:
+def _weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, taps: int, padding: list[int]
+) -> torch.Tensor:
     out_channels, in_channels, kernel_height, kernel_width = weight.shape
     grad_weight = torch.zeros((out_channels, in_channels, kernel_height * kernel_width), dtype=weight.dtype,
                               device=weight.device)
@@ -471,7 +475,7 @@ def masked_conv2d_backward(
 
 
 def compile_cases() -> list[CompileCase]:
-    """The launches of the masked convolution, for ``tests/test_aot_compile.py`` (see ``CompileCase``).
+    """The launches of the masked convolution, for ``tests/backends/test_aot_compile.py`` (see ``CompileCase``).
 
     The forward (with bias), the input gradient (``TRANSPOSED``) and the weight gradient, each in
     fp32 with cuDNN's default tf32 and with tf32 turned off (``tf32x3``) and in bf16, on 7 x 7

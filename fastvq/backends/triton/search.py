@@ -25,9 +25,22 @@ import triton
 import triton.language as tl
 
 from ..search_codebook import SearchCodebook, nonfinite_cosine_rows
-from .common import (METRIC_DOT, METRIC_IDS, CompileCase, centered_square_norms, device_arch, device_properties,
-                     dot_precision, fits_shared_memory, interpreting, load_z_tile, search_tile_configs, size_bucket,
-                     tile_scores, true_distance)
+from .common import (
+    METRIC_DOT,
+    METRIC_IDS,
+    CompileCase,
+    centered_square_norms,
+    device_arch,
+    device_properties,
+    dot_precision,
+    fits_shared_memory,
+    interpreting,
+    load_z_tile,
+    search_tile_configs,
+    size_bucket,
+    tile_scores,
+    true_distance,
+)
 
 
 @triton.jit
@@ -197,7 +210,7 @@ def _config_pool(dtype: torch.dtype, arch: int) -> list:
 
 
 # Chosen so that none spills registers in any branch, checked on sm_80 and sm_90 by
-# tests/test_aot_compile.py with the pinned Triton (picked from a sweep of a dozen tiles per dtype);
+# tests/backends/test_aot_compile.py with the pinned Triton (picked from a sweep of a dozen tiles per dtype);
 # shared memory is pruned per device at launch.
 # fp32 runs three tf32 MMAs per tile (tf32x3) on split operands, which needs far more registers:
 # on sm_80 only 32-wide D slices stay out of local memory, while Hopper's warp-group MMAs, which
@@ -367,7 +380,7 @@ def nearest_code(
 
 
 def compile_cases() -> list[CompileCase]:
-    """The launches ``nearest_code`` makes, for ``tests/test_aot_compile.py`` (see ``CompileCase``).
+    """The launches ``nearest_code`` makes, for ``tests/backends/test_aot_compile.py`` (see ``CompileCase``).
 
     Each branch at least once per dtype class (fp32, whose tiles run three tf32 MMAs, and the
     16-bit dtypes): l2 with codes returned (the training call) at a D that fits one slice and one

@@ -128,7 +128,7 @@ def _config(dim: int) -> triton.Config:
     if interpreting():
         return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
     # Slices of at most 64 values: with 128, the atomic kernel's 64 x 128 tile of int64 offsets spills
-    # registers on sm_90 (tests/test_aot_compile.py).
+    # registers on sm_90 (tests/backends/test_aot_compile.py).
     return triton.Config({"BLOCK_N": 64, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))},
                          num_warps=4, num_stages=3)
 
@@ -228,7 +228,7 @@ def segment_reduce(
 
 
 def compile_cases() -> list[CompileCase]:
-    """The launches of ``segment_sum_``, for ``tests/test_aot_compile.py`` (see ``CompileCase``):
+    """The launches of ``segment_sum_``, for ``tests/backends/test_aot_compile.py`` (see ``CompileCase``):
     both paths for every dtype at D = 64 and for every BLOCK_D the launcher picks (16 to 128:
     D = 1, 24, 64, 200; 24 and 200 are no multiples of 16), column-major values, and the atomic path
     with int32 indices and without counts."""

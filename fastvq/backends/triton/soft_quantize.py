@@ -35,10 +35,18 @@ import triton
 import triton.language as tl
 
 from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
-from .common import (METRIC_DOT, METRIC_EUCLIDEAN, METRIC_IDS, METRIC_L2, cases_from_launches, dot_precision,
-                     interpreting, recording_launches)
+from .common import (
+    METRIC_DOT,
+    METRIC_EUCLIDEAN,
+    METRIC_IDS,
+    METRIC_L2,
+    cases_from_launches,
+    dot_precision,
+    interpreting,
+    recording_launches,
+)
 
-# For tests/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
+# For tests/backends/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
 # kernels' int32 offsets cannot overflow.
 INT32_TILE_OFFSETS = (
     "the kernels move 64-bit tile pointers (row_start * D, code_start * D in int64, then whole-tile steps) "
@@ -80,7 +88,9 @@ def _logit_tile(
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if SINGLE_D_TILE:
         key_tile = tl.load(
-            keys_ptr + local_codes[None, :] * D + dims[:, None], mask=code_mask[None, :] & (dims < D)[:, None], other=0.0
+            keys_ptr + local_codes[None, :] * D + dims[:, None],
+            mask=code_mask[None, :] & (dims < D)[:, None],
+            other=0.0,
         )
         if DOT_IN_FP32:
             key_tile = key_tile.to(tl.float32)
@@ -783,7 +793,7 @@ def soft_entropy_backward(
 
 def compile_cases() -> list:
     """The launches of the soft quantize and soft entropy ops, forward and backward, for
-    ``tests/test_aot_compile.py`` (see ``common.CompileCase``), recorded from the launchers
+    ``tests/backends/test_aot_compile.py`` (see ``common.CompileCase``), recorded from the launchers
     themselves: the dot (and cosine), l2 and euclidean logits in fp32 with the hard Gumbel choice,
     euclidean in bf16, fp16 at a D past one slice, separate values, and the entropy's launches."""
     import sys
@@ -805,7 +815,8 @@ def compile_cases() -> list:
     for metric in ("dot", "l2", "euclidean"):
         quantize(f"{metric} fp32 D=64", torch.float32, metric)
     quantize("euclidean bf16 D=64", torch.bfloat16, "euclidean")
-    quantize("dot fp16 D=256", torch.float16, "dot", dim=256, kernels=(_soft_quantize_fwd_kernel, _soft_rows_bwd_kernel))
+    quantize("dot fp16 D=256", torch.float16, "dot", dim=256,
+             kernels=(_soft_quantize_fwd_kernel, _soft_rows_bwd_kernel))
     quantize("dot fp32 D=64 values D=32", torch.float32, "dot", value_dim=32)
     z, codebook = torch.zeros(256, 64, dtype=torch.bfloat16), torch.zeros(512, 64, dtype=torch.bfloat16)
     with recording_launches(module) as launches:

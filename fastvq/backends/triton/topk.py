@@ -20,9 +20,22 @@ import triton
 import triton.language as tl
 
 from ..search_codebook import SearchCodebook, nonfinite_cosine_rows, order_candidates
-from .common import (METRIC_DOT, METRIC_IDS, cases_from_launches, centered_square_norms, device_arch, dot_precision,
-                     fits_shared_memory, interpreting, load_z_tile, recording_launches, search_tile_configs,
-                     size_bucket, tile_scores, true_distance)
+from .common import (
+    METRIC_DOT,
+    METRIC_IDS,
+    cases_from_launches,
+    centered_square_norms,
+    device_arch,
+    dot_precision,
+    fits_shared_memory,
+    interpreting,
+    load_z_tile,
+    recording_launches,
+    search_tile_configs,
+    size_bucket,
+    tile_scores,
+    true_distance,
+)
 
 # The largest k held in registers (fastvq.backends routes larger k, sampling aside, to the PyTorch path).
 MAX_REGISTER_TOPK = 64
@@ -150,7 +163,7 @@ def _config_pool(dtype: torch.dtype, arch: int) -> list:
 
 # Chosen from a sweep of tiles compiled for sm_80 and sm_90 with the pinned Triton and read with
 # cuobjdump, keeping those that spill no register in any branch the compile cases list
-# (tests/test_aot_compile.py); shared memory is pruned per device at launch. Each list ends with its
+# (tests/backends/test_aot_compile.py); shared memory is pruned per device at launch. Each list ends with its
 # smallest tile, the one a large k falls back to. fp32 runs tf32x3 (three MMAs on split operands),
 # which needs far more registers than the 16-bit dtypes: on sm_80 every fp32 tile tried except
 # 16 x 32 with two warps spilled a few bytes in some branch (Hopper's warp-group MMAs read their
@@ -264,7 +277,7 @@ def nearest_codes(
 
 
 def compile_cases() -> list:
-    """The launches of ``nearest_codes``, for ``tests/test_aot_compile.py`` (see ``common.CompileCase``),
+    """The launches of ``nearest_codes``, for ``tests/backends/test_aot_compile.py`` (see ``common.CompileCase``),
     recorded from the launcher itself, through the autotuner (so in every config its prune keeps):
     the smallest and largest register-held k (2 and MAX_REGISTER_TOPK) and one between, fp32 and
     bf16, a D in one slice and one past it, the three metrics, Gumbel-top-k sampling, and a

@@ -137,7 +137,7 @@ def _config(dim: int) -> triton.Config:
     if interpreting():
         return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
     # Slices of at most 64 values: at 32 x 128, with every offset in int64, ptxas gives up on the
-    # registers and spills about 2 KB a thread on sm_80 and sm_90 (tests/test_aot_compile.py).
+    # registers and spills about 2 KB a thread on sm_80 and sm_90 (tests/backends/test_aot_compile.py).
     return triton.Config({"BLOCK_N": 32, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))},
                          num_warps=4, num_stages=3)
 
@@ -201,7 +201,7 @@ def vector_quantize_backward(
 
 
 def compile_cases() -> list[CompileCase]:
-    """The launches of ``vector_quantize_backward``, for ``tests/test_aot_compile.py`` (see
+    """The launches of ``vector_quantize_backward``, for ``tests/backends/test_aot_compile.py`` (see
     ``CompileCase``): the atomic and the deterministic codebook gradient, none, and the rotation
     trick, for every dtype at D = 64; every BLOCK_D the launcher picks (D = 1, 24, 200); a D that is
     no multiple of 16; a column-major ``z``."""
