@@ -35,6 +35,23 @@ void check_launch(cudaError_t status, const char* kernel) {
   TORCH_CHECK(status == cudaSuccess, "fastvq CUDA kernel ", kernel, " failed to launch: ", cudaGetErrorString(status));
 }
 
+// The l2 search's centre, fp32 [D], of the fp32 codebook [K, D]: per dimension the finite codes' mean,
+// rounded to a multiple of the largest power of two at or below their mean absolute deviation there (kept
+// where that is 0 or infinite), computed as csrc/cpu/search.cpp's search_center computes it (in double,
+// around the fp32 mean) but on the device, so that the search never waits for the host. The rounding
+// makes e - c and z - c exact for data on a grid, so equally distant codes get exactly equal scores and
+// the tie goes to the lowest index.
+at::Tensor search_center(const at::Tensor& originals) {
+  const at::Tensor codes = originals.to(at::kDouble);
+  const at::Tensor finite = codes.isfinite().all(1, /*keepdim=*/true);
+  const at::Tensor finite_codes = finite.sum().clamp_min(1);
+  const at::Tensor mean = (at::where(finite, codes, 0.0).sum(0) / finite_codes).to(at::kFloat).to(at::kDouble);
+  const at::Tensor deviation = at::where(finite, (codes - mean).abs(), 0.0).sum(0) / finite_codes;
+  const at::Tensor step = at::exp2(at::floor(at::log2(deviation)));
+  const at::Tensor roundable = (deviation > 0) & deviation.isfinite();
+  return at::where(roundable, at::round(mean / step) * step, mean).to(at::kFloat);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cuda(
     const at::Tensor& z, const at::Tensor& codebook, const std::string& metric_name, bool return_codes) {
   const Metric metric = parse_metric(metric_name);
@@ -51,8 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cuda(
   const at::Tensor originals = codebook.to(at::kFloat).contiguous();
   at::Tensor codes = originals, bias, center;
   if (metric == Metric::L2) {
-    const at::Tensor finite = originals.isfinite().all(1, /*keepdim=*/true);
-    center = at::where(finite, originals, 0.0).sum(0) / finite.sum().clamp_min(1);
+    center = search_center(originals);
     codes = (originals - center).contiguous();
     bias = (codes * codes).sum(1);
   } else if (metric == Metric::Cosine) {

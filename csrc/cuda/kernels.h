@@ -17,8 +17,9 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 enum class Metric : int { L2 = 0, Cosine = 1, Dot = 2 };
 
 // Strides are in elements. The codebook arrives prepared by the caller, as fastvq/backends/search_codebook.py's
-// SearchCodebook prepares it: `codes` centred on the mean of the finite codes (l2), scaled to unit
-// rows (cosine) or as given (dot), with `bias` = |e - c|^2 and `center` = c for l2 (null otherwise).
+// SearchCodebook prepares it: `codes` centred on c (l2: the finite codes' mean rounded to a power of two of
+// their spread, search_center), scaled to unit rows (cosine) or as given (dot), with `bias` = |e - c|^2 and
+// `center` = c for l2 (null otherwise).
 struct SearchArgs {
   const void* z;
   DType z_dtype;

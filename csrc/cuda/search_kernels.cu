@@ -6,8 +6,11 @@
 // into a running (min, argmin) for its 4 rows over its own codes, which it sees in increasing
 // index order; at the end the 16 threads that share a row merge their minima, ties to the lower
 // index. Strict < everywhere: the lowest index wins ties whatever the tiling, and a NaN score
-// never wins. Scores are those of fastvq/backends/search_codebook.py (SearchCodebook), on the codebook it prepares. The winner's
-// distance is then recomputed from z - e.
+// never wins (it counts as +inf: a row whose every score is NaN or +inf gets index 0). Scores are
+// those of fastvq/backends/search_codebook.py (SearchCodebook), on the codebook binding.cpp prepares
+// as it does; with its rounded l2 centre, data on a grid scores exactly, so true ties tie. A cosine
+// row with an Inf gets index 0 (csrc/cpu/search.cpp, row_is_finite). The winner's distance is then
+// recomputed from z - e.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -122,8 +125,15 @@ __global__ void __launch_bounds__(kThreads) nearest_code_fwd_kernel(SearchArgs a
       row_index = index;
     }
   }
-  const float* code = args.originals + row_index * args.dim;
   const T* z_row = z + row * args.z_row_stride;
+  if (metric == Metric::Cosine) {
+    // A row with an Inf has a NaN 1 - cos to every code (Inf / Inf), though its scores -z.e / |e| are
+    // +-Inf and would pick an arbitrary code: the contract gives it index 0, as it does a NaN row.
+    for (int64_t d = 0; d < args.dim; ++d) {
+      if (!isfinite(to_float(z_row[d * args.z_col_stride]))) row_index = 0;
+    }
+  }
+  const float* code = args.originals + row_index * args.dim;
   float total = 0.0f, z_sq = 0.0f, e_sq = 0.0f;
   for (int64_t d = 0; d < args.dim; ++d) {
     const float z_value = to_float(z_row[d * args.z_col_stride]);

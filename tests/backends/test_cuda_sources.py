@@ -3,9 +3,11 @@
 The kernel files include no PyTorch header, so they compile on CI machines that have the CUDA
 toolkit but neither a GPU nor a CUDA build of PyTorch: here for Hopper (sm_90) and for nvcc's
 default architecture, with warnings as errors. The stand-alone harness (tests/csrc/cuda_harness.cu, a
-float64 brute-force check of the search and both segment reductions) is built too, and run where a GPU
-is present. Skipped only where nvcc is not installed. binding.cpp, which includes PyTorch's CUDA
-headers, compiles only where a CUDA build of PyTorch is installed (setup.py, FASTVQ_BUILD_CUDA).
+float64 brute-force check of the search and both segment reductions, and of the search's issue-23
+contracts: exact ties on an integer grid go to the lowest index, a cosine row with an Inf gets index 0)
+is built too, and run where a GPU is present. Skipped only where nvcc is not installed. binding.cpp,
+which includes PyTorch's CUDA headers, compiles only where a CUDA build of PyTorch is installed
+(setup.py, FASTVQ_BUILD_CUDA).
 """
 
 from __future__ import annotations
