@@ -9,7 +9,7 @@
 #
 # Usage: scripts/build_cuda_extension.sh [VENV]   (default: $FASTVQ_CUDA_VENV or /work/venvs/cuda)
 # The virtual environment is created if missing; PyTorch's CUDA wheels are about 5.5 GB. CI does not
-# run this (its machine has no CUDA PyTorch); tests/test_setup_fallback.py checks the fallback logic.
+# run this (its machine has no CUDA PyTorch); tests/backends/test_setup_fallback.py checks the fallback logic.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
