@@ -21,9 +21,13 @@
 // |e - c|^2 - 2 (z - c).(e - c) with c the coarsely rounded mean of the finite codes (search_center),
 // cosine -z.e/|e|, dot -z.e; a NaN score never wins, and ties keep the lowest index, whatever the
 // tiling and the split.
+//
+// The top-k search (topk.cpp) runs on the same kernels and tiles; what the two share (the prepared
+// codebook, search_center, the tile sizes, the true distance, the choice of kernel) is in
+// search_common.h.
 #include "../fastvq.h"
+#include "search_common.h"
 #include "search_isa.h"
-#include "topk.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,24 +36,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
-#include <utility>
+#include <tuple>
+#include <type_traits>
 #include <vector>
-
-// The Fortran BLAS entry points of the BLAS that libtorch_cpu links (MKL on x86-64 wheels). They
-// are weak: where the torch build does not export them they resolve to null and the tile product
-// goes through at::mm_out instead, which costs a dispatcher call per tile.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace fastvq {
 
@@ -61,15 +53,6 @@ Metric parse_metric(const std::string& metric) {
 }
 
 namespace {
-
-// Scores folded per step of the running minimum: one AVX-512 register of fp32 (two of AVX2).
-constexpr int64_t kLanes = 16;
-constexpr double kNormEps = 1e-12;  // F.normalize's eps, as in fastvq/backends/common.py
-// Below this many multiply-adds a search runs on the calling thread: waking the pool costs more.
-constexpr int64_t kParallelWork = int64_t{1} << 21;
-
-// The kernels a search can run on: the BLAS tiles or one of the direct kernels.
-enum class Kernel { Blas, Avx2, Avx512, Avx512Bf16 };
 
 const char* kernel_name(Kernel kernel) {
   switch (kernel) {
@@ -83,44 +66,6 @@ const char* kernel_name(Kernel kernel) {
       return "avx512bf16-direct";
   }
   return "";
-}
-
-// Codes per panel and rows per register tile of a direct kernel, and register tiles per block.
-struct DirectShape {
-  int64_t panel_codes;
-  int64_t tile_rows;
-  int64_t tiles_per_block;
-};
-
-DirectShape direct_shape(Kernel kernel) {
-  if (kernel == Kernel::Avx2) return {avx2::kPanelCodes, avx2::kTileRows, 16};
-  return {avx512::kPanelCodes, avx512::kTileRows, 8};
-}
-
-struct TileShape {
-  int64_t rows;
-  int64_t codes;
-};
-
-// A thread's row tile [rows, D] plus its score tile [rows, codes] take about 1 MiB: about one core's
-// L2 on current x86 servers, and always within the shared L3, so each tile's scores are folded
-// while still cached. Wide code tiles amortise the GEMM's packing and the fold's lane merge; the
-// rows shrink for small N so that every thread still gets a block.
-TileShape tile_shape(int64_t num_rows, int64_t num_codes, int64_t dim, int64_t elem_size) {
-  constexpr int64_t kTileBytes = 1024 * 1024;
-  const int64_t codes = std::min<int64_t>(2048, (num_codes + kLanes - 1) / kLanes * kLanes);
-  int64_t rows = kTileBytes / (elem_size * (codes + dim));
-  const int64_t rows_per_thread = (num_rows + at::get_num_threads() - 1) / at::get_num_threads();
-  rows = std::max<int64_t>(16, std::min({rows, int64_t{256}, rows_per_thread}));
-  return {rows, codes};
-}
-
-// A direct kernel's rows per block: its register tiles share each L2 block of codes, fewer of them
-// for small N so that every thread still gets a block. The codes are split in whole panels.
-TileShape direct_tile_shape(int64_t num_rows, const DirectShape& shape) {
-  const int64_t rows_per_thread = (num_rows + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t tiles = std::min(shape.tiles_per_block, (rows_per_thread + shape.tile_rows - 1) / shape.tile_rows);
-  return {std::max<int64_t>(1, tiles) * shape.tile_rows, shape.panel_codes};
 }
 
 // How a search is cut into work items: blocks of rows times segments of codes. With enough row
@@ -152,133 +97,6 @@ Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes) 
   const int64_t unit = tile.codes;
   const int64_t segment_codes = ((num_codes + segments - 1) / segments + unit - 1) / unit * unit;
   return {tile, blocks, (num_codes + segment_codes - 1) / segment_codes, segment_codes};
-}
-
-// The codebook as the search scores it, built once per call: O(K D), never O(N K). Row-major for
-// the BLAS tiles; for a direct kernel packed in panels of its panel width, [panels, D, width]
-// (bf16: [panels, D / 2, 32, 2], see search_isa.h), the last panel padded with zero codes
-// whose bias is +inf so that they never win.
-template <typename acc_t>
-struct PreparedCodebook {
-  Kernel kernel = Kernel::Blas;
-  at::Tensor codes;   // centred (l2), unit rows (cosine) or as given (dot): [K, D] or packed panels;
-                      // bf16: the exact bf16 codes, never centred nor scaled
-  at::Tensor bias;    // l2's |e - c|^2 per code [K] (bf16: |e|^2); packed: [panels * width] for every metric
-  at::Tensor scale;   // bf16 only: the score's factor of z.e per code, [panels * 32]
-  at::Tensor center;  // [D] c (l2, except bf16)
-  int64_t num_panels = 0;
-  int64_t dim_pairs = 0;  // bf16: D / 2 rounded up
-};
-
-// The centre is the mean of the finite codes only: one NaN or Inf code must not shift, and so
-// poison, every other code.
-template <typename acc_t>
-at::Tensor finite_mean(const at::Tensor& codebook_acc) {
-  const int64_t num_codes = codebook_acc.size(0), dim = codebook_acc.size(1);
-  const acc_t* source = codebook_acc.data_ptr<acc_t>();
-  std::vector<double> total(dim, 0.0);
-  int64_t finite_codes = 0;
-  for (int64_t k = 0; k < num_codes; ++k) {
-    const acc_t* row = source + k * dim;
-    bool finite = true;
-    for (int64_t d = 0; d < dim; ++d) finite = finite && std::isfinite(static_cast<double>(row[d]));
-    if (!finite) continue;
-    ++finite_codes;
-    for (int64_t d = 0; d < dim; ++d) total[d] += static_cast<double>(row[d]);
-  }
-  at::Tensor center = at::empty({dim}, codebook_acc.options());
-  acc_t* values = center.data_ptr<acc_t>();
-  for (int64_t d = 0; d < dim; ++d) values[d] = static_cast<acc_t>(total[d] / std::max<int64_t>(finite_codes, 1));
-  return center;
-}
-
-// The l2 search's centre: per dimension the finite codes' mean, rounded to a multiple of the largest
-// power of two at or below their mean absolute deviation there (kept where that is 0 or infinite), as
-// fastvq.backends.search_codebook.search_center computes it. The rounding moves the centre by at
-// most half the spread, and makes e - c and z - c exact for data on a grid, so that equally distant
-// codes get exactly equal scores and the tie goes to the lowest index.
-template <typename acc_t>
-at::Tensor search_center(const at::Tensor& codebook_acc) {
-  at::Tensor center = finite_mean<acc_t>(codebook_acc);
-  const int64_t num_codes = codebook_acc.size(0), dim = codebook_acc.size(1);
-  const acc_t* source = codebook_acc.data_ptr<acc_t>();
-  acc_t* values = center.data_ptr<acc_t>();
-  std::vector<double> deviation(dim, 0.0);
-  int64_t finite_codes = 0;
-  for (int64_t k = 0; k < num_codes; ++k) {
-    const acc_t* row = source + k * dim;
-    bool finite = true;
-    for (int64_t d = 0; d < dim; ++d) finite = finite && std::isfinite(static_cast<double>(row[d]));
-    if (!finite) continue;
-    ++finite_codes;
-    for (int64_t d = 0; d < dim; ++d) deviation[d] += std::abs(static_cast<double>(row[d]) - values[d]);
-  }
-  for (int64_t d = 0; d < dim; ++d) {
-    const double spread = deviation[d] / std::max<int64_t>(finite_codes, 1);
-    if (!(spread > 0) || !std::isfinite(spread)) continue;
-    const double step = std::exp2(std::floor(std::log2(spread)));
-    values[d] = static_cast<acc_t>(std::nearbyint(static_cast<double>(values[d]) / step) * step);
-  }
-  return center;
-}
-
-// Writes one code's search form to target[d * stride] and returns its bias (|e - c|^2 for l2).
-template <typename acc_t>
-acc_t write_search_form(const acc_t* code, const acc_t* center, int64_t dim, Metric metric, acc_t* target,
-                        int64_t stride) {
-  acc_t squares = 0;
-  if (metric == Metric::L2) {
-    for (int64_t d = 0; d < dim; ++d) {
-      const acc_t centred = code[d] - center[d];
-      target[d * stride] = centred;
-      squares += centred * centred;
-    }
-    return squares;
-  }
-  if (metric == Metric::Cosine) {
-    for (int64_t d = 0; d < dim; ++d) squares += code[d] * code[d];
-    const acc_t norm = std::max<acc_t>(std::sqrt(squares), static_cast<acc_t>(kNormEps));
-    for (int64_t d = 0; d < dim; ++d) target[d * stride] = code[d] / norm;
-    return 0;
-  }
-  for (int64_t d = 0; d < dim; ++d) target[d * stride] = code[d];
-  return 0;
-}
-
-template <typename acc_t>
-PreparedCodebook<acc_t> prepare_codebook(const at::Tensor& codebook_acc, Metric metric, Kernel kernel) {
-  const int64_t num_codes = codebook_acc.size(0), dim = codebook_acc.size(1);
-  const acc_t* source = codebook_acc.data_ptr<acc_t>();
-  const auto options = codebook_acc.options();
-  const bool packed = kernel != Kernel::Blas;
-  const int64_t width = packed ? direct_shape(kernel).panel_codes : 1;
-  PreparedCodebook<acc_t> prepared;
-  prepared.kernel = kernel;
-  if (metric == Metric::L2) prepared.center = search_center<acc_t>(codebook_acc);
-  if (packed) {
-    prepared.num_panels = (num_codes + width - 1) / width;
-    prepared.codes = at::zeros({prepared.num_panels, dim, width}, options);
-    prepared.bias = at::full({prepared.num_panels * width}, std::numeric_limits<double>::infinity(), options);
-  } else if (metric == Metric::Dot) {
-    prepared.codes = codebook_acc;
-    return prepared;
-  } else {
-    prepared.codes = at::empty({num_codes, dim}, options);
-    if (metric == Metric::L2) prepared.bias = at::empty({num_codes}, options);
-  }
-  acc_t* codes = prepared.codes.template data_ptr<acc_t>();
-  acc_t* bias = prepared.bias.defined() ? prepared.bias.template data_ptr<acc_t>() : nullptr;
-  const acc_t* center = metric == Metric::L2 ? prepared.center.template data_ptr<acc_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1));
-  at::parallel_for(0, num_codes, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t panel = k / width, lane = k % width;
-      acc_t* target = packed ? codes + panel * dim * width + lane : codes + k * dim;
-      const acc_t code_bias = write_search_form(source + k * dim, center, dim, metric, target, packed ? width : 1);
-      if (bias != nullptr) bias[k] = code_bias;
-    }
-  });
-  return prepared;
 }
 
 // The bf16 kernel scores the uncentred codes: centring would round z - c and e - c back to bf16,
@@ -350,31 +168,6 @@ PreparedCodebook<float> prepare_bf16_codebook(const at::Tensor& codebook, Metric
     }
   });
   return prepared;
-}
-
-// scores[r, j] = z_tile[r] . codes[j] for a row-major z tile [rows, D] and codes [n, D].
-template <typename acc_t>
-void tile_product(const at::Tensor& z_tile, const at::Tensor& codes, at::Tensor& scores, int64_t rows,
-                  int64_t code_start, int64_t num, int64_t dim) {
-  const acc_t* a = z_tile.data_ptr<acc_t>();
-  const acc_t* b = codes.data_ptr<acc_t>() + code_start * dim;
-  acc_t* c = scores.data_ptr<acc_t>();
-  constexpr bool is_float = std::is_same_v<acc_t, float>;
-  const bool have_blas = is_float ? sgemm_ != nullptr : dgemm_ != nullptr;
-  const int64_t limit = std::numeric_limits<int>::max();
-  if (have_blas && rows <= limit && num <= limit && dim <= limit) {
-    // Column-major BLAS sees the row-major scores [rows, num] as its transpose: C^T = codes . z^T.
-    const int m = static_cast<int>(num), n = static_cast<int>(rows), k = static_cast<int>(dim);
-    const acc_t one = 1, zero = 0;
-    if constexpr (is_float) {
-      sgemm_("T", "N", &m, &n, &k, &one, b, &k, a, &k, &zero, c, &m);
-    } else {
-      dgemm_("T", "N", &m, &n, &k, &one, b, &k, a, &k, &zero, c, &m);
-    }
-    return;
-  }
-  at::Tensor out = scores.narrow(0, 0, rows * num).view({rows, num});
-  at::mm_out(out, z_tile.narrow(0, 0, rows), codes.narrow(0, code_start, num).t());
 }
 
 // kLanes scores and their code positions as one vector each (GCC/Clang vector extensions, lowered
@@ -458,60 +251,6 @@ inline void fold_row(const acc_t* products, const acc_t* bias, int64_t num, int6
     }
   }
   fold_lanes(lane_best, lane_index, code_start, best, best_index);
-}
-
-// The contract's distance of a row to its chosen code, from the inputs themselves (no centring).
-// It is summed in double whatever the input dtype: a dot or cosine near zero is the difference of
-// terms far larger than itself, and an fp32 sum over D of them would lose the digits the contract
-// asks for. This is O(D) per row, once, against the search's O(K D).
-template <typename acc_t, typename z_t>
-float true_distance(const z_t* z_row, int64_t z_stride, const acc_t* code, int64_t dim, Metric metric) {
-  if (metric == Metric::L2) {
-    double total = 0;
-    for (int64_t d = 0; d < dim; ++d) {
-      const double diff = static_cast<double>(static_cast<acc_t>(z_row[d * z_stride])) - static_cast<double>(code[d]);
-      total += diff * diff;
-    }
-    return static_cast<float>(total);
-  }
-  double dot = 0, z_sq = 0, e_sq = 0;
-  for (int64_t d = 0; d < dim; ++d) {
-    const double value = static_cast<double>(static_cast<acc_t>(z_row[d * z_stride]));
-    const double code_value = static_cast<double>(code[d]);
-    dot += value * code_value;
-    z_sq += value * value;
-    e_sq += code_value * code_value;
-  }
-  if (metric == Metric::Dot) return static_cast<float>(-dot);
-  const double norms = std::max(std::sqrt(z_sq), kNormEps) * std::max(std::sqrt(e_sq), kNormEps);
-  // Rounding can put a parallel pair's 1 - cos a few ulps below 0; a NaN (never < 0) stays NaN.
-  const double distance = 1 - dot / norms;
-  return static_cast<float>(distance < 0 ? 0 : distance);
-}
-
-// Whether every entry of a row is finite. Under cosine a row with an Inf has a NaN distance to every
-// code (Inf / Inf), though its scores -z.e / |e| are +-Inf and would pick an arbitrary code: the
-// contract gives a row whose every distance is NaN index 0 (top-k: 0..k-1), as for a NaN row.
-template <typename z_t>
-bool row_is_finite(const z_t* z_row, int64_t z_stride, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) {
-    if (!std::isfinite(static_cast<double>(z_row[d * z_stride]))) return false;
-  }
-  return true;
-}
-
-// Rows [row_start, row_start + rows) of z in acc_t, centred on `center` for l2, row-major into `target`.
-template <typename acc_t, typename z_t, Metric metric>
-void pack_centred_rows(const at::Tensor& z, int64_t row_start, int64_t rows, const acc_t* center, acc_t* target) {
-  const int64_t dim = z.size(1), row_stride = z.stride(0), col_stride = z.stride(1);
-  const z_t* z_data = z.data_ptr<z_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const z_t* source = z_data + (row_start + r) * row_stride;
-    for (int64_t d = 0; d < dim; ++d) {
-      const acc_t value = static_cast<acc_t>(source[d * col_stride]);
-      target[r * dim + d] = metric == Metric::L2 ? value - center[d] : value;
-    }
-  }
 }
 
 // A thread's scratch: its row tile, and its score tile (BLAS) or lane state (direct kernels).
@@ -687,28 +426,6 @@ void search_metric(Metric metric, const at::Tensor& z, const at::Tensor& codeboo
   }
 }
 
-// FASTVQ_CPU_SEARCH (read at every call, like FASTVQ_BACKEND): `auto` (or unset) takes the fastest
-// kernel this CPU runs; `avx512-bf16`, `avx512`, `avx2` and `blas` ask for one (bf16 inputs go to
-// the bf16 kernel only under `auto` and `avx512-bf16`, and are widened to fp32 otherwise).
-std::string requested_kernel() {
-  const char* choice = std::getenv("FASTVQ_CPU_SEARCH");
-  const std::string name = choice == nullptr || *choice == '\0' ? "auto" : choice;
-  TORCH_CHECK_VALUE(name == "auto" || name == "avx512-bf16" || name == "avx512" || name == "avx2" || name == "blas",
-                    "FASTVQ_CPU_SEARCH must be auto, avx512-bf16, avx512, avx2 or blas, got '", name, "'");
-  TORCH_CHECK_VALUE((name != "avx512-bf16" || avx512::bf16_available()) && (name != "avx512" || avx512::available()) &&
-                        (name != "avx2" || avx2::available()),
-                    "FASTVQ_CPU_SEARCH=", name, " but this CPU (or this build) does not run that kernel");
-  return name;
-}
-
-// The fp32 kernel for `requested` (fp32, fp16 and widened bf16 inputs alike).
-Kernel fp32_kernel(const std::string& requested) {
-  if (requested == "blas") return Kernel::Blas;
-  if (requested == "avx2") return Kernel::Avx2;
-  if (avx512::available()) return Kernel::Avx512;
-  return avx2::available() ? Kernel::Avx2 : Kernel::Blas;
-}
-
 bool bf16_kernel_wanted(const std::string& requested) {
   return (requested == "auto" || requested == "avx512-bf16") && avx512::bf16_available();
 }
@@ -765,175 +482,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
                                   : at::empty({0, dim}, z.options().dtype(out_dtype));
   return {indices, distances, codes};
 }
-
-// --------------------------------------------------------------------------- top-k search
-//
-// The same blocks of rows, row tiles, prepared codebook and kernels, each row carrying its best k
-// (score, code) pairs (topk.h) instead of a running minimum: the direct kernels offer a panel's
-// scores only when one beats the row's k-th best, the BLAS tiles a group of 16 scores only when its
-// minimum does. Codes arrive in ascending order, so ties keep the lower index. Afterwards the k
-// codes' true distances are recomputed from z - e; the list stays in the order of the scores (the
-// search's keys), so that its first column is the search's answer.
-
-namespace {
-
-template <typename acc_t, Metric metric>
-void offer_tile(const acc_t* products, const acc_t* bias, int64_t num, int64_t code_start, int64_t k, acc_t* best,
-                int32_t* index) {
-  acc_t scores[kLanes];
-  for (int64_t j = 0; j < num; j += kLanes) {
-    const int64_t count = std::min(kLanes, num - j);
-    acc_t lowest = std::numeric_limits<acc_t>::infinity();
-    for (int64_t i = 0; i < count; ++i) {
-      scores[i] = metric == Metric::L2 ? bias[j + i] - 2 * products[j + i] : -products[j + i];
-      lowest = std::min(lowest, scores[i]);
-    }
-    if (lowest < best[k - 1]) topk_offer(best, index, k, scores, count, static_cast<int32_t>(code_start + j));
-  }
-}
-
-// Completes and orders one row's list of (key, code) pairs, key the score the search ranks by: slots
-// still unfilled (every other code's score was NaN or +inf) take the lowest codes not listed, with
-// key +inf; then ascending key, among equal keys a NaN true distance last, then ascending index. The
-// search (nearest_code) picks the lowest index among its lowest keys, so the first column is its
-// answer. A cosine row with an Inf lists 0..k-1 (see row_is_finite).
-template <typename acc_t, typename z_t>
-void finish_topk_row(const z_t* z_row, int64_t z_stride, const acc_t* originals, int64_t dim, Metric metric,
-                     int64_t k, const acc_t* keys, const int32_t* listed, int64_t* indices, float* distances) {
-  struct Candidate {
-    acc_t key;
-    bool is_nan;
-    float distance;
-    int64_t code;
-  };
-  std::vector<Candidate> candidates;
-  candidates.reserve(k);
-  if (metric != Metric::Cosine || row_is_finite(z_row, z_stride, dim)) {
-    for (int64_t j = 0; j < k && listed[j] >= 0; ++j) candidates.push_back({keys[j], false, 0.0f, listed[j]});
-  }
-  std::sort(candidates.begin(), candidates.end(),
-            [](const Candidate& a, const Candidate& b) { return a.code < b.code; });
-  const int64_t num_listed = static_cast<int64_t>(candidates.size());
-  for (int64_t code = 0, next = 0; static_cast<int64_t>(candidates.size()) < k; ++code) {
-    while (next < num_listed && candidates[next].code < code) ++next;
-    if (next < num_listed && candidates[next].code == code) continue;
-    candidates.push_back({std::numeric_limits<acc_t>::infinity(), false, 0.0f, code});
-  }
-  for (Candidate& candidate : candidates) {
-    candidate.distance = true_distance<acc_t, z_t>(z_row, z_stride, originals + candidate.code * dim, dim, metric);
-    candidate.is_nan = std::isnan(candidate.distance);
-  }
-  std::sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
-    if (a.key != b.key) return a.key < b.key;
-    if (a.is_nan != b.is_nan) return b.is_nan;
-    return a.code < b.code;
-  });
-  for (int64_t j = 0; j < k; ++j) {
-    indices[j] = candidates[j].code;
-    distances[j] = candidates[j].distance;
-  }
-}
-
-template <typename acc_t, typename z_t, Metric metric>
-void topk_search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedCodebook<acc_t>& prepared,
-                 int64_t k, int64_t* indices, float* distances) {
-  const int64_t num_rows = z.size(0), dim = z.size(1), num_codes = codebook_acc.size(0);
-  const acc_t* originals = codebook_acc.data_ptr<acc_t>();
-  const Kernel kernel = prepared.kernel;
-  const bool direct = kernel != Kernel::Blas;
-  const DirectShape shape = direct_shape(kernel);
-  const acc_t* center = metric == Metric::L2 ? prepared.center.template data_ptr<acc_t>() : nullptr;
-  const acc_t* bias = metric == Metric::L2 && !direct ? prepared.bias.template data_ptr<acc_t>() : nullptr;
-  const TileShape tile = direct ? direct_tile_shape(num_rows, shape) : tile_shape(num_rows, num_codes, dim, sizeof(acc_t));
-  const int64_t num_blocks = (num_rows + tile.rows - 1) / tile.rows;
-  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(tile.rows * num_codes * dim, 1));
-  const auto options = codebook_acc.options();
-  const z_t* z_data = z.data_ptr<z_t>();
-  at::parallel_for(0, num_blocks, grain, [&](int64_t block_begin, int64_t block_end) {
-    // Zeros: a direct kernel also reads the padding rows of a short last block.
-    at::Tensor z_tile = at::zeros({tile.rows, dim}, options);
-    at::Tensor scores = direct ? at::Tensor() : at::empty({tile.rows * tile.codes}, options);
-    std::vector<acc_t> best(tile.rows * k);
-    std::vector<int32_t> listed(tile.rows * k);
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t row_start = block * tile.rows;
-      const int64_t rows = std::min(tile.rows, num_rows - row_start);
-      pack_centred_rows<acc_t, z_t, metric>(z, row_start, rows, center, z_tile.template data_ptr<acc_t>());
-      std::fill(best.begin(), best.end(), std::numeric_limits<acc_t>::infinity());
-      std::fill(listed.begin(), listed.end(), -1);
-      if (direct) {
-        if constexpr (std::is_same_v<acc_t, float>) {
-          const float scale = metric == Metric::L2 ? -2.0f : -1.0f;
-          auto run = kernel == Kernel::Avx512 ? avx512::topk_scores : avx2::topk_scores;
-          run(z_tile.template data_ptr<float>(), tile.rows, dim, prepared.codes.template data_ptr<float>(),
-              prepared.bias.template data_ptr<float>(), prepared.num_panels, scale, k, best.data(), listed.data());
-        }
-      } else {
-        const acc_t* products = scores.template data_ptr<acc_t>();
-        for (int64_t start = 0; start < num_codes; start += tile.codes) {
-          const int64_t num = std::min(tile.codes, num_codes - start);
-          tile_product<acc_t>(z_tile, prepared.codes, scores, rows, start, num, dim);
-          for (int64_t r = 0; r < rows; ++r) {
-            offer_tile<acc_t, metric>(products + r * num, bias == nullptr ? nullptr : bias + start, num, start, k,
-                                      best.data() + r * k, listed.data() + r * k);
-          }
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = row_start + r;
-        finish_topk_row<acc_t, z_t>(z_data + row * z.stride(0), z.stride(1), originals, dim, metric, k,
-                                    best.data() + r * k, listed.data() + r * k, indices + row * k,
-                                    distances + row * k);
-      }
-    }
-  });
-}
-
-template <typename acc_t, typename z_t>
-void topk_metric(Metric metric, const at::Tensor& z, const at::Tensor& codebook_acc,
-                 const PreparedCodebook<acc_t>& prepared, int64_t k, int64_t* indices, float* distances) {
-  switch (metric) {
-    case Metric::L2:
-      return topk_search<acc_t, z_t, Metric::L2>(z, codebook_acc, prepared, k, indices, distances);
-    case Metric::Cosine:
-      return topk_search<acc_t, z_t, Metric::Cosine>(z, codebook_acc, prepared, k, indices, distances);
-    case Metric::Dot:
-      return topk_search<acc_t, z_t, Metric::Dot>(z, codebook_acc, prepared, k, indices, distances);
-  }
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> nearest_codes_cpu(const at::Tensor& z, const at::Tensor& codebook, int64_t k,
-                                                     const std::string& metric_name) {
-  const Metric metric = parse_metric(metric_name);
-  TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2 && z.size(1) == codebook.size(1) && k >= 1 &&
-                        k <= codebook.size(0) && codebook.size(0) < std::numeric_limits<int32_t>::max(),
-                    "nearest_codes expects z [N, D], codebook [K, D] and 1 <= k <= K, got ", z.sizes(), ", ",
-                    codebook.sizes(), " and k = ", k);
-  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "fastvq_C::nearest_codes (CPU) got tensors on ",
-              z.device(), " and ", codebook.device());
-  const std::string requested = requested_kernel();
-  const at::ScalarType out_dtype = at::promote_types(z.scalar_type(), codebook.scalar_type());
-  const at::ScalarType acc_dtype = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t num_rows = z.size(0);
-  at::Tensor indices = at::empty({num_rows, k}, z.options().dtype(at::kLong));
-  at::Tensor distances = at::empty({num_rows, k}, z.options().dtype(at::kFloat));
-  if (num_rows == 0) return {indices, distances};
-  const at::Tensor codebook_acc = codebook.to(acc_dtype).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fastvq_nearest_codes_cpu", [&] {
-    using z_t = scalar_t;
-    if (acc_dtype == at::kDouble) {
-      const auto prepared = prepare_codebook<double>(codebook_acc, metric, Kernel::Blas);
-      topk_metric<double, z_t>(metric, z, codebook_acc, prepared, k, indices.data_ptr<int64_t>(),
-                               distances.data_ptr<float>());
-      return;
-    }
-    const auto prepared = prepare_codebook<float>(codebook_acc, metric, fp32_kernel(requested));
-    topk_metric<float, z_t>(metric, z, codebook_acc, prepared, k, indices.data_ptr<int64_t>(),
-                            distances.data_ptr<float>());
-  });
-  return {indices, distances};
-}
-
 }  // namespace fastvq

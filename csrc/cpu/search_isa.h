@@ -1,6 +1,7 @@
 // The direct search kernels' entry points, one set per vector instruction set: plain C++ (no ATen).
-// fastvq::avx2 is defined in search_avx2.cpp, fastvq::avx512 in search_avx512.cpp; search.cpp picks one
-// at run time, and tests/csrc/simd_harness.cpp checks each against a float64 brute force.
+// fastvq::avx2 is defined in search_avx2.cpp, fastvq::avx512 in search_avx512.cpp; search.cpp and
+// topk.cpp pick one at run time (search_common.h), and tests/csrc/simd_harness.cpp checks each
+// against a float64 brute force.
 #pragma once
 
 #include <cstdint>

@@ -4,7 +4,7 @@
 // called only where FASTVQ_CPU_SUPPORTS says the CPU runs that instruction set, so one build runs
 // on every x86-64 CPU and picks its kernels at run time. The kernel files include no ATen header.
 //
-// With FASTVQ_SIMDE defined (test builds only: tests/test_simd_kernels.py and setup.py's
+// With FASTVQ_SIMDE defined (test builds only: tests/backends/test_simd_kernels.py and setup.py's
 // FASTVQ_SIMDE=1), the same source is compiled against SIMDe's portable implementations of the
 // intrinsics instead, as plain C++: AVX-512F and AVX512-BF16 code then runs, slowly, on any CPU,
 // which is how CI machines without those instruction sets check the kernels' arithmetic, layout

@@ -341,7 +341,7 @@ _MEMORY_PROBE = textwrap.dedent(
     """
 )
 
-# One row tile plus one score tile per thread (csrc/cpu/search.cpp keeps them near 1 MiB), with
+# One row tile plus one score tile per thread (csrc/cpu/search_common.h keeps them near 1 MiB), with
 # room for the BLAS's packing buffers and page granularity.
 PER_THREAD_ALLOWANCE = 4 * 1024**2
 SLACK = 8 * 1024**2
