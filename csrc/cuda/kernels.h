@@ -2,7 +2,7 @@
 //
 // Nothing here (or in the .cu files) includes a PyTorch header: the kernels compile with nvcc
 // alone, which is how CI checks them on machines without a CUDA build of PyTorch
-// (tests/test_cuda_sources.py). binding.cpp, compiled only where CUDA PyTorch is present, prepares
+// (tests/backends/test_cuda_sources.py). binding.cpp, compiled only where CUDA PyTorch is present, prepares
 // the tensors with ATen and calls these launchers on the current stream.
 #pragma once
 

@@ -1,4 +1,4 @@
-// A stand-alone check of the direct search kernels (no PyTorch): tests/test_simd_kernels.py builds
+// A stand-alone check of the direct search kernels (no PyTorch): tests/backends/test_simd_kernels.py builds
 // it natively and against SIMDe (-DFASTVQ_SIMDE, see simd.h) and runs it.
 //
 // For each kernel it packs random codebooks into the kernel's documented layout, runs the kernel
