@@ -27,7 +27,7 @@ import torch._dynamo  # noqa: F401  (see unprivileged())
 
 from fastvq import cli
 from fastvq.models import registry
-from fastvq.train import checkpoint, stage1
+from fastvq.train import checkpoint, pictures, stage1
 
 RUNTIME = ["--no-progress", "--threads", "1", "--device", "cpu"]
 TINY_VQVAE = ["--model", "vqvae", "--channels", "16", "--embedding-dim", "8", "--codebook-size", "16",
@@ -84,6 +84,18 @@ def sandbox():
         if path.is_dir():
             path.chmod(0o755)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_training_curves_as_nobody():
+    """As root the commands run as nobody, who may not read matplotlib's fonts under a 0700 /root
+    (its font lookup then fails or recurses), so the training curves, which these tests do not
+    examine, are not drawn; tests/app/test_cli.py checks them. A patch of its own, which a test's
+    ``monkeypatch.undo()`` leaves in place."""
+    with pytest.MonkeyPatch.context() as patch:
+        if AS_ROOT:
+            patch.setattr(pictures, "save_training_curves", lambda rows, path, title: path)
+        yield
 
 
 def run(*args) -> int:
