@@ -99,6 +99,15 @@ struct PreparedCodebook {
   int64_t dim_pairs = 0;  // bf16: D / 2 rounded up
 };
 
+// Whether every entry of one code is finite: only such codes count towards the l2 centre.
+template <typename acc_t>
+inline bool is_finite_code(const acc_t* row, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    if (!std::isfinite(static_cast<double>(row[d]))) return false;
+  }
+  return true;
+}
+
 // The centre is the mean of the finite codes only: one NaN or Inf code must not shift, and so
 // poison, every other code.
 template <typename acc_t>
@@ -109,9 +118,7 @@ at::Tensor finite_mean(const at::Tensor& codebook_acc) {
   int64_t finite_codes = 0;
   for (int64_t k = 0; k < num_codes; ++k) {
     const acc_t* row = source + k * dim;
-    bool finite = true;
-    for (int64_t d = 0; d < dim; ++d) finite = finite && std::isfinite(static_cast<double>(row[d]));
-    if (!finite) continue;
+    if (!is_finite_code(row, dim)) continue;
     ++finite_codes;
     for (int64_t d = 0; d < dim; ++d) total[d] += static_cast<double>(row[d]);
   }
@@ -136,9 +143,7 @@ at::Tensor search_center(const at::Tensor& codebook_acc) {
   int64_t finite_codes = 0;
   for (int64_t k = 0; k < num_codes; ++k) {
     const acc_t* row = source + k * dim;
-    bool finite = true;
-    for (int64_t d = 0; d < dim; ++d) finite = finite && std::isfinite(static_cast<double>(row[d]));
-    if (!finite) continue;
+    if (!is_finite_code(row, dim)) continue;
     ++finite_codes;
     for (int64_t d = 0; d < dim; ++d) deviation[d] += std::abs(static_cast<double>(row[d]) - values[d]);
   }
