@@ -175,6 +175,19 @@ class LFQ(nn.Module):
             self.register_buffer("mask", 2 ** torch.arange(self.codebook_dim), persistent=False)
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
 
+    @classmethod
+    def from_original(cls, module: nn.Module) -> "LFQ":
+        """The fastvq equivalent of a SEED-Voken ``LFQ``: same configuration, on the same device and in the
+        same dtype and training mode (it has no state to load)."""
+        layer = cls(dim=module.dim, codebook_size=module.codebook_size, num_codebooks=module.num_codebooks,
+                    sample_minimization_weight=module.sample_minimization_weight,
+                    batch_maximization_weight=module.batch_maximization_weight,
+                    token_factorization=module.token_factorization,
+                    factorized_bits=getattr(module, "factorized_bits", (9, 9)))
+        layer.to(device=module.zero.device, dtype=module.zero.dtype)
+        layer.load_state_dict(module.state_dict(), strict=True)
+        return layer.train(module.training)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.zero.dtype

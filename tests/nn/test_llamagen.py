@@ -110,3 +110,17 @@ def test_bad_input_names_the_argument():
         VectorQuantizer(8, 0, 0.25, 0.0, True, True)
     with pytest.raises(ValueError, match=r"z must be a feature map \[B, e_dim=4, H, W\], got shape \(2, 3, 5\)"):
         VectorQuantizer(8, 4, 0.25, 0.0, True, True)(torch.zeros(2, 3, 5))
+
+
+def test_training_step_compiles_without_graph_breaks():
+    layer = VectorQuantizer(CODES, DIM, 0.25, 0.1, True, False)
+
+    def step(z):
+        z_q, (vq_loss, commit_loss, entropy_loss, _), (_, _, indices) = layer(z)
+        return (z_q * z_q).sum() + vq_loss + commit_loss + entropy_loss, indices
+
+    z = torch.randn(2, DIM, 3, 3, requires_grad=True)
+    loss, indices = torch.compile(step, fullgraph=True, backend="aot_eager")(z)
+    eager_loss, eager_indices = step(z)
+    assert torch.equal(indices, eager_indices)
+    torch.testing.assert_close(loss, eager_loss)

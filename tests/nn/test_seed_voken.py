@@ -109,7 +109,9 @@ LFQ_CASES = {
 def test_lfq_matches_open_magvit2_in_float64(case):
     options = LFQ_CASES[case]
     original = lfq_original.LFQ(**options).double()
-    ours = LFQ(**options).double()
+    ours = LFQ.from_original(original)
+    assert (ours.dim, ours.codebook_size, ours.num_codebooks, ours.token_factorization) == (
+        original.dim, original.codebook_size, original.num_codebooks, original.token_factorization)
     ours.load_state_dict(original.state_dict(), strict=True)
     original.load_state_dict(ours.state_dict(), strict=True)
     assert list(ours.state_dict()) == [] and ours.dtype == original.dtype == torch.float64
@@ -177,3 +179,17 @@ def test_lfq_factorized_codebook_entries_and_bad_arguments():
         LFQ(codebook_size=2**6, token_factorization=True)
     with pytest.raises(ValueError, match=r"x must be \[B, dim=6, \.\.\.\], got shape \(2, 5, 3\)"):
         ours(torch.zeros(2, 5, 3))
+
+
+def test_lfq_training_step_compiles_without_graph_breaks():
+    layer = LFQ(codebook_size=2**8).train()
+
+    def step(x):
+        (quantized, entropy_aux_loss, indices), breakdown = layer(x, return_loss_breakdown=True)
+        return (quantized * quantized).sum() + entropy_aux_loss + breakdown.commitment, indices
+
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    loss, indices = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    eager_loss, eager_indices = step(x)
+    assert torch.equal(indices, eager_indices)
+    torch.testing.assert_close(loss, eager_loss)
