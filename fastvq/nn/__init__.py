@@ -60,3 +60,7 @@ __all__ += ["HierarchicalVQ"]
 from .sequential import Sequential  # noqa: E402
 
 __all__ += ["Sequential"]
+
+# Drop-ins whose class names clash with fastvq's own (VectorQuantizer, LFQ): reached as submodules,
+# fastvq.nn.diffusers.VectorQuantizer, fastvq.nn.llamagen.VectorQuantizer, fastvq.nn.seed_voken.LFQ.
+from . import diffusers, llamagen, seed_voken  # noqa: E402, F401
