@@ -62,4 +62,4 @@ from .sequential import Sequential  # noqa: E402
 __all__ += ["Sequential"]
 
 # Drop-ins whose class names repeat fastvq's or each other's live in their own submodules only.
-from . import moshi  # noqa: E402, F401
+from . import dac, moshi, snac  # noqa: E402, F401
