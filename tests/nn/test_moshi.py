@@ -249,3 +249,24 @@ def test_moshi_assertions_are_caught_as_before():
         ours_module.ResidualVectorQuantizer(dimension=4, n_q=2).decode(torch.zeros(1, 2, 3))
     with pytest.raises(TypeError, match="floating-point"):
         ours_module.ResidualVectorQuantizer(dimension=4, n_q=2).encode(torch.zeros(1, 4, 3, dtype=torch.int64))
+
+
+def test_statistics_are_averaged_once_per_level_under_torch_distributed(tmp_path):
+    """Two gloo ranks: fastvq averages each level's counts and sums in one all-reduce per step and ends with
+    Moshi's buffers, on both ranks; parity=True issues Moshi's growing list, L (L + 1) all-reduces per step."""
+    import torch.multiprocessing as mp
+    from _moshi_ranks import DISTRIBUTED_LEVELS, DISTRIBUTED_STEPS, run_rank
+
+    mp.spawn(run_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    levels = DISTRIBUTED_LEVELS
+    for results in ranks:
+        calls_theirs, buffers_theirs = results["theirs"]
+        assert len(calls_theirs) == DISTRIBUTED_STEPS * levels * (levels + 1)
+        assert results["parity"][0] == calls_theirs
+        assert results["mine"][0] == [BINS * (DIM + 1)] * (DISTRIBUTED_STEPS * levels)  # [K, 1 + D] per level
+        for name in ("mine", "parity"):
+            for key, value in buffers_theirs.items():
+                torch.testing.assert_close(results[name][1][key], value, **TRAIN_TOLERANCE, msg=f"{name} {key}")
+    for key, value in ranks[0]["mine"][1].items():
+        assert torch.equal(ranks[1]["mine"][1][key], value), key
