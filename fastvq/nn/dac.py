@@ -94,6 +94,7 @@ class _WeightNormConv1x1(nn.Module):
 
     @property
     def weight(self) -> Tensor:
+        # The op torch.nn.utils.weight_norm runs, so the weights and their gradients are DAC's to the bit.
         return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -270,3 +270,42 @@ def test_statistics_are_averaged_once_per_level_under_torch_distributed(tmp_path
                 torch.testing.assert_close(results[name][1][key], value, **TRAIN_TOLERANCE, msg=f"{name} {key}")
     for key, value in ranks[0]["mine"][1].items():
         assert torch.equal(ranks[1]["mine"][1][key], value), key
+
+
+def test_training_compiles_without_graph_breaks():
+    """After the k-means initialisation (a host decision, eager), training steps, dead-code expiry included,
+    run under torch.compile(fullgraph=True) (aot_eager: the graph capture, without inductor's compile time)
+    and match eager steps drawn from the same RNG state."""
+
+    class Quantizer(torch.nn.Module):
+        def __init__(self, quantizer):
+            super().__init__()
+            self.quantizer = quantizer
+
+        def forward(self, x):
+            return self.quantizer(x, FRAME_RATE)
+
+    torch.manual_seed(0)
+    quantizer = ours_module.ResidualVectorQuantizer(dimension=DIM, input_dimension=IN_DIM, n_q=2, bins=BINS,
+                                                    threshold_usage_ratio=0.9)
+    for _ in range(2):  # every level initialised
+        result = quantizer(torch.randn(2, IN_DIM, 9), FRAME_RATE)
+        (result.x.sum() + result.penalty).backward()
+    for codebook in _codebooks(quantizer):
+        codebook._next_unused_check = 1  # expire in the first compiled step
+    eager = copy.deepcopy(Quantizer(quantizer))
+    compiled = torch.compile(Quantizer(quantizer), fullgraph=True, backend="aot_eager")
+    expired = 0.0
+    for step in range(2):
+        x = torch.randn(2, IN_DIM, 9)
+        results = []
+        for net in (eager, compiled):
+            torch.manual_seed(step)
+            result = net(x)
+            (result.x.square().mean() + result.penalty).backward()
+            results.append(result)
+        assert torch.equal(results[0].codes, results[1].codes)
+        expired += float(results[1].metrics["rvq_expired"])
+    assert expired > 0
+    for (key, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=key)
