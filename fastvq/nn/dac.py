@@ -18,9 +18,10 @@ the chosen codes (its gradient reaches only those rows, through the embedding ga
 Differences from DAC, stated rather than hidden:
 
 - in training, ``ResidualVectorQuantize.forward(z, n_quantizers)`` uses ``n_quantizers`` levels for the
-  batch items that quantizer dropout leaves alone, as DAC's docstring promises; DAC's code ignores the
-  argument whenever the module is training, even with ``quantizer_dropout=0``. ``parity=True``
-  (keyword-only, on the constructor) ignores it as DAC does. Without the argument the two agree;
+  batch items that quantizer dropout leaves alone (and at most that many for the others), as DAC's
+  docstring promises; DAC's code ignores the argument whenever the module is training, even with
+  ``quantizer_dropout=0``. ``parity=True`` (keyword-only, on the constructor) ignores it as DAC does.
+  Without the argument the two agree;
 - bad arguments raise ``ValueError``/``TypeError`` naming the argument (DAC fails inside the
   convolution or the matrix product);
 - the projections are fastvq's own weight-normalised 1x1 convolution with the parameters
@@ -167,8 +168,8 @@ class ResidualVectorQuantize(nn.Module):
     latents [B, L*d, T], commitment_loss, codebook_loss)``: in eval the first ``n_quantizers`` levels
     (all by default) run, ``L = n_quantizers``; in training all levels run (``L = n_codebooks``), each
     batch item's output sums its first levels (``n_quantizers`` or, for the dropped-out items, the
-    drawn number) and the losses are the batch means of the levels' per-item losses, masked alike,
-    summed over levels. Training draws the dropout with ``torch.randint`` on the CPU even when
+    drawn number, at most ``n_quantizers``) and the losses are the batch means of the levels' per-item
+    losses, masked alike, summed over levels. Training draws the dropout with ``torch.randint`` on the CPU even when
     ``quantizer_dropout == 0``, as DAC does, so the RNG stream stays DAC's.
 
     ``from_codes(codes [B, L, T])`` -> ``(z_q, latents of the codes [B, L*d, T], codes)``;
@@ -215,7 +216,8 @@ class ResidualVectorQuantize(nn.Module):
         levels = torch.ones((batch,)) * kept
         dropout = torch.randint(1, self.n_codebooks + 1, (batch,))
         dropped = int(batch * self.quantizer_dropout)
-        levels[:dropped] = dropout[:dropped]
+        # A dropped-out item uses fewer levels than the kept ones, never more.
+        levels[:dropped] = torch.minimum(dropout[:dropped].to(levels.dtype), levels[:dropped])
         return levels.to(z.device)
 
     def _quantize_levels(

@@ -123,6 +123,10 @@ def test_n_quantizers_in_training():
     z_q, codes, _, _, _ = mine(z, 2)
     torch.testing.assert_close(z_q, mine.from_codes(codes[:, :2])[0])
     assert not torch.allclose(theirs(z, 2)[0], z_q)
+    _, dropout = _pair(quantizer_dropout=1.0)
+    torch.manual_seed(0)
+    z_q, codes, _, _, _ = dropout(z, 1)  # every item dropped out, none past the first level
+    torch.testing.assert_close(z_q, dropout.from_codes(codes[:, :1])[0])
 
 
 @pytest.mark.parametrize("build, error, message", [
