@@ -61,6 +61,6 @@ from .sequential import Sequential  # noqa: E402
 
 __all__ += ["Sequential"]
 
-# Drop-ins whose class names clash with fastvq's own (VectorQuantizer, LFQ): reached as submodules,
-# fastvq.nn.diffusers.VectorQuantizer, fastvq.nn.llamagen.VectorQuantizer, fastvq.nn.seed_voken.LFQ.
-from . import diffusers, llamagen, seed_voken  # noqa: E402, F401
+# Drop-ins for other libraries, reached as submodules (fastvq.nn.diffusers.VectorQuantizer, fastvq.nn.dac.
+# VectorQuantize, fastvq.nn.seed_voken.LFQ, ...): their class names repeat fastvq's own or each other's.
+from . import dac, diffusers, llamagen, moshi, seed_voken, snac  # noqa: E402, F401
