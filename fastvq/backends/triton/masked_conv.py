@@ -230,10 +230,28 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return kept or usable[-1:]
 
 
+def _strides_aligned(named_args, stride_names) -> bool:
+    """Whether Triton specialises each of these strides as divisible by 16 (or as the constant 1). On odd
+    maps (7 x 7, 13 x 13, 15 x 15) or odd channel counts it cannot: the loads lose their vector width and
+    the address arithmetic takes registers that the larger tiles need (they spill, 24 to 800 B)."""
+    return all(named_args[name] == 1 or named_args[name] % 16 == 0 for name in stride_names)
+
+
+def _prune_input_grad_configs(configs, named_args, **kwargs):
+    kept = _prune_gemm_configs(configs, named_args, **kwargs)
+    if _strides_aligned(named_args, _GEMM_STRIDES):
+        return kept
+    return [c for c in kept if not any(c is spilling for spilling in _GEMM_UNALIGNED_SPILLING)] or kept[-1:]
+
+
 def _prune_weight_grad_configs(configs, named_args, **kwargs):
     ci_cap = max(32, triton.next_power_of_2(named_args["C_IN"]))
     co_cap = max(32, triton.next_power_of_2(named_args["C_OUT"]))
     usable = _for_precision(configs, _WEIGHT_GRAD_TF32X3_SPILLING, kwargs)
+    if _strides_aligned(named_args, _WEIGHT_GRAD_STRIDES):
+        usable = [c for c in usable if not any(c is unaligned_only for unaligned_only in _WEIGHT_GRAD_UNALIGNED_ONLY)]
+    else:
+        usable = [c for c in usable if any(c is safe for safe in _WEIGHT_GRAD_UNALIGNED)]
     kept = [c for c in usable if c.kwargs["BLOCK_CI"] <= ci_cap and c.kwargs["BLOCK_CO"] <= co_cap]
     return kept or usable[-1:]
 
@@ -257,6 +275,7 @@ _WEIGHT_GRAD_CONFIGS = [
         (64, 64, 64, 4, 3),
         (128, 128, 32, 8, 3),
         (128, 64, 64, 8, 3),
+        (64, 64, 32, 8, 3),
         (32, 32, 64, 4, 4),
     ]
 ]
@@ -266,6 +285,18 @@ _GEMM_TF32X3_SPILLING = [c for c in _GEMM_CONFIGS
                          if c.num_warps == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 64]
 _WEIGHT_GRAD_TF32X3_SPILLING = [c for c in _WEIGHT_GRAD_CONFIGS
                                 if c.kwargs["BLOCK_CI"] * c.kwargs["BLOCK_CO"] > 32 * 32]
+# Where a stride is not a multiple of 16 (``_strides_aligned``): the input gradient's 128 x 128 tile spills on
+# sm_80 in fp32, and of the weight gradient's tiles only these two spill nothing (64 x 64 on eight warps, whose
+# accumulator is half a four-warp one's per thread, and 32 x 32). The eight-warp 64 x 64 tile serves only there:
+# on aligned maps it spills 16 B in fp32 on sm_80, where the four-warp 64 x 64 x 64 tile does not.
+_GEMM_UNALIGNED_SPILLING = [c for c in _GEMM_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128]
+_WEIGHT_GRAD_UNALIGNED = [c for c in _WEIGHT_GRAD_CONFIGS
+                          if (c.kwargs["BLOCK_CI"], c.kwargs["BLOCK_CO"], c.num_warps) in ((64, 64, 8), (32, 32, 4))]
+_WEIGHT_GRAD_UNALIGNED_ONLY = [c for c in _WEIGHT_GRAD_UNALIGNED if c.num_warps == 8]
+_GEMM_STRIDES = ["stride_src_b", "stride_src_c", "stride_src_h", "stride_src_w",
+                 "stride_out_b", "stride_out_c", "stride_out_h", "stride_out_w"]
+_WEIGHT_GRAD_STRIDES = ["stride_x_b", "stride_x_c", "stride_x_h", "stride_x_w",
+                        "stride_g_b", "stride_g_c", "stride_g_h", "stride_g_w"]
 # Keyed on channels and taps only, not on the map size: the configuration (and so every output's
 # summation order) is the same for a whole map and for the cropped windows the fast sampler runs.
 _implicit_gemm_tuned = triton.autotune(
@@ -275,9 +306,18 @@ _implicit_gemm_tuned = triton.autotune(
         "early_config_prune": fits_shared_memory(_masked_conv_implicit_gemm_kernel, _prune_gemm_configs)
     },
 )(_masked_conv_implicit_gemm_kernel)
+# The input gradient (the transposed launch), which the sampler never runs, is keyed on its strides as well, so
+# that its prune can drop the tiles that spill where they are not multiples of 16.
+_input_grad_tuned = triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=["SRC_C", "OUT_C", "KW", "NUM_TAPS", "TRANSPOSED", *_GEMM_STRIDES],
+    prune_configs_by={
+        "early_config_prune": fits_shared_memory(_masked_conv_implicit_gemm_kernel, _prune_input_grad_configs)
+    },
+)(_masked_conv_implicit_gemm_kernel)
 _weight_grad_tuned = triton.autotune(
     configs=_WEIGHT_GRAD_CONFIGS,
-    key=["C_IN", "C_OUT", "KW", "NUM_TAPS"],
+    key=["C_IN", "C_OUT", "KW", "NUM_TAPS", *_WEIGHT_GRAD_STRIDES],
     prune_configs_by={
         "early_config_prune": fits_shared_memory(_masked_conv_weight_grad_kernel, _prune_weight_grad_configs)
     },
@@ -348,7 +388,7 @@ def _implicit_gemm(src, packed, bias, out, pad, kernel_width, taps, transposed) 
     else:
         grid = lambda cfg: (triton.cdiv(num_pixels, cfg["BLOCK_M"]), triton.cdiv(out.shape[1], cfg["BLOCK_N"]))  # noqa: E731
         with _device_context(out):
-            _implicit_gemm_tuned[grid](*args, **meta)
+            (_input_grad_tuned if transposed else _implicit_gemm_tuned)[grid](*args, **meta)
 
 
 def masked_conv2d(
@@ -485,8 +525,8 @@ def compile_cases() -> list[CompileCase]:
     cases = []
 
     def add(name, dtype=torch.float32, channels=128, kernel=(7, 7), mask="B", channels_last=False, tf32=True,
-            kinds=("forward", "input grad", "weight grad")):
-        x = torch.zeros(2, channels, 16, 16, dtype=dtype)
+            kinds=("forward", "input grad", "weight grad"), size=16):
+        x = torch.zeros(2, channels, size, size, dtype=dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         weight = torch.zeros(channels, channels, *kernel, dtype=dtype)
@@ -499,7 +539,8 @@ def compile_cases() -> list[CompileCase]:
                 packed = _packed_weight(weight, taps, transposed, dtype)
                 bias = None if transposed else torch.zeros(channels, dtype=dtype)
                 args, meta = _implicit_gemm_arguments(x, packed, bias, out, padding, kernel[1], taps, transposed)
-                cases.append(CompileCase(f"{kind} {name}", _implicit_gemm_tuned, args, {**meta, **precision}))
+                tuned = _input_grad_tuned if transposed else _implicit_gemm_tuned
+                cases.append(CompileCase(f"{kind} {name}", tuned, args, {**meta, **precision}))
         if "weight grad" in kinds:
             _, args, meta = _weight_grad_arguments(x, out, weight, taps, padding, num_splits=2)
             cases.append(CompileCase(f"weight grad {name}", _weight_grad_tuned, args, {**meta, **precision}))
@@ -511,4 +552,12 @@ def compile_cases() -> list[CompileCase]:
     add("bf16 7x7 B channels-last", torch.bfloat16, channels_last=True, kinds=("forward", "weight grad"))
     add("bf16 3x3 A 32 channels", torch.bfloat16, channels=32, kernel=(3, 3), mask="A")
     add("fp32 tf32 1x3 A horizontal", kernel=(1, 3), mask="A", kinds=("forward",))
+    # Odd maps and channel counts: no stride divisible by 16, which Triton specialises on (the cases above have
+    # them all divisible).
+    add("bf16 7x7 B 15x15", torch.bfloat16, size=15)
+    add("fp32 tf32 3x3 B 96 channels 13x13", channels=96, kernel=(3, 3), size=13)
+    add("fp32 tf32x3 3x3 B 96 channels 13x13", channels=96, kernel=(3, 3), size=13, tf32=False)
+    add("bf16 5x5 A 64 channels 7x7", torch.bfloat16, channels=64, kernel=(5, 5), mask="A", size=7)
+    add("fp32 tf32 5x5 B 67 channels 13x13", channels=67, kernel=(5, 5), size=13)
+    add("bf16 7x7 B 15x15 channels-last", torch.bfloat16, channels_last=True, size=15, kinds=("weight grad",))
     return cases
