@@ -21,7 +21,11 @@ REQUIREMENTS = Path(__file__).with_name("requirements-originals.txt")
 
 
 def _package_root(top_level: str) -> Path:
-    spec = importlib.util.find_spec(top_level) if top_level not in sys.modules else sys.modules[top_level].__spec__
+    loaded = sys.modules.get(top_level)
+    if loaded is not None and getattr(loaded, "__path__", None):
+        # the real package, or the stand-in an earlier load_original registered (which has no spec)
+        return Path(next(iter(loaded.__path__)))
+    spec = importlib.util.find_spec(top_level)
     if spec is None or not spec.submodule_search_locations:
         pytest.skip(f"{top_level} is not installed: pip install --no-deps -r {REQUIREMENTS.name}")
     return Path(next(iter(spec.submodule_search_locations)))
