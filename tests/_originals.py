@@ -1,6 +1,8 @@
 """Load one module of a library fastvq is a drop-in for, without running its package's ``__init__``.
 
-The originals are installed with ``pip install --no-deps -r tests/requirements-originals.txt``: their
+The originals are installed into a folder of their own, ``tests/.originals`` (``pip install --no-deps --target
+tests/.originals -r tests/requirements-originals.txt``), not into site-packages: one of them
+(descript-audio-codec) ships a top-level ``tests`` package that would shadow this repository's. Their
 quantization modules import only torch, einops and numpy, but their packages' ``__init__`` files import
 the whole library (audio I/O, training frameworks). :func:`load_original` finds the module's file through
 the installed distribution, registers empty stand-in packages for its parents (and for any extra module
@@ -18,6 +20,8 @@ from pathlib import Path
 import pytest
 
 REQUIREMENTS = Path(__file__).with_name("requirements-originals.txt")
+ORIGINALS = Path(__file__).with_name(".originals")
+INSTALL = f"pip install --no-deps --target tests/{ORIGINALS.name} -r tests/{REQUIREMENTS.name}"
 
 
 def _package_root(top_level: str) -> Path:
@@ -25,9 +29,11 @@ def _package_root(top_level: str) -> Path:
     if loaded is not None and getattr(loaded, "__path__", None):
         # the real package, or the stand-in an earlier load_original registered (which has no spec)
         return Path(next(iter(loaded.__path__)))
+    if (ORIGINALS / top_level / "__init__.py").is_file():
+        return ORIGINALS / top_level
     spec = importlib.util.find_spec(top_level)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{top_level} is not installed: pip install --no-deps -r {REQUIREMENTS.name}")
+        pytest.skip(f"{top_level} is not installed: {INSTALL}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
