@@ -60,3 +60,7 @@ __all__ += ["HierarchicalVQ"]
 from .sequential import Sequential  # noqa: E402
 
 __all__ += ["Sequential"]
+
+# Drop-ins whose class names clash with each other's: reachable as submodules only
+# (fastvq.nn.audiocraft.ResidualVectorQuantizer, fastvq.nn.encodec.ResidualVectorQuantizer).
+from . import audiocraft, encodec  # noqa: E402, F401
