@@ -202,3 +202,25 @@ def test_bad_arguments():
         quantizer.decode(torch.zeros(2, 2, 4))
     with pytest.raises(ValueError, match="lie in"):
         quantizer.decode(torch.full((2, 2, 4), BINS))
+
+
+def test_distributed_statistics_are_summed_over_ranks(tmp_path):
+    """Two gloo ranks on halves of a batch: by default each level's EMA statistics are summed over the
+    ranks (the codebooks are the one-process codebooks of the whole batch, k-means and dead codes drawn
+    the same on both ranks); with parity=True, as in audiocraft, each rank trains on its own half."""
+    import torch.multiprocessing as mp
+    from _audiocraft_ranks import run_rank, whole_batch
+
+    mp.spawn(run_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    torch.manual_seed(0)
+    single = ours_module.ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, kmeans_init=False,
+                                                 threshold_ema_dead_code=0).train()
+    for _ in range(2):
+        single(whole_batch(), FRAME_RATE)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["default"][key], value, msg=key)
+        torch.testing.assert_close(ranks[1]["default"][key], value, msg=key)
+        torch.testing.assert_close(ranks[1]["kmeans"][key], ranks[0]["kmeans"][key], rtol=0, atol=0, msg=key)
+    embed = "vq.layers.0._codebook.embed"
+    assert not torch.allclose(ranks[0]["parity"][embed], ranks[1]["parity"][embed])
