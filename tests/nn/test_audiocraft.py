@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 from _originals import load_original
+from torch import nn
 
 from fastvq.nn import audiocraft as ours_module
 
@@ -180,6 +181,34 @@ def test_vector_quantization_level_and_channels_last():
     for got, expected in zip(ours(x), theirs(x)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert torch.equal(ours.encode(x), theirs.encode(x))
+
+
+class _Codec(nn.Module):
+    """An encoder (so that there is a parameter to train) and the quantizer; the loss as output."""
+
+    def __init__(self, quantizer):
+        super().__init__()
+        self.encoder = nn.Conv1d(DIM, DIM, 1)
+        self.quantizer = quantizer
+
+    def forward(self, x):
+        result = self.quantizer(self.encoder(x), FRAME_RATE)
+        return (result.x**2).mean() + result.penalty
+
+
+def test_training_compiles_without_graph_breaks():
+    """The default mode's training step (EMA, dead codes replaced every step here: the codes start with
+    cluster size 0) traced by torch.compile(fullgraph=True): no graph break, no host synchronisation.
+    aot_eager traces the forward and the backward without inductor's code generation (tests/nn's other
+    compile tests run inductor on the same ops)."""
+    torch.manual_seed(0)
+    quantizer = ours_module.ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, kmeans_init=False)
+    model = _Codec(quantizer).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        compiled(batch(40)).backward()
+    assert model.encoder.weight.grad is not None
+    assert torch.all(quantizer.vq.layers[0]._codebook.cluster_size >= 1.0)
 
 
 def test_bad_arguments():
