@@ -20,18 +20,19 @@ def whole_batch() -> torch.Tensor:
 
 
 def run_rank(rank: int, world: int, store: str, out_dir: str) -> None:
-    """Two training steps of three quantizers on this rank's half of ``whole_batch()``; their states
+    """Three training steps of four quantizers on this rank's half of ``whole_batch()``; their states
     saved to ``out_dir/rank{rank}.pt``."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         states = {}
         for name, config in (("default", dict(parity=False, kmeans_init=False, threshold_ema_dead_code=0)),
                              ("parity", dict(parity=True, kmeans_init=False, threshold_ema_dead_code=0)),
-                             ("kmeans", dict(parity=False, kmeans_init=True, kmeans_iters=3))):
+                             ("kmeans", dict(parity=False, kmeans_init=True, kmeans_iters=3)),
+                             ("dropout", dict(parity=False, kmeans_init=False, q_dropout=True, n_q=4))):
             torch.manual_seed(0)
-            module = ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, **config).train()
+            module = ResidualVectorQuantizer(**dict(dict(dimension=DIM, n_q=2, bins=BINS), **config)).train()
             torch.manual_seed(rank)  # the ranks' own draws differ: what they share must come from collectives
-            for _ in range(2):
+            for _ in range(3):
                 module(whole_batch()[rank : rank + 1], FRAME_RATE)
             states[name] = module.state_dict()
         torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))

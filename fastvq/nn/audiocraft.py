@@ -532,7 +532,7 @@ class ResidualVectorQuantizer(nn.Module):
     Args (audiocraft's order and defaults):
         dimension: the feature dimension ``D`` of the input ``[B, D, T]``. n_q: the number of levels.
         q_dropout: in training, use a random number of levels in ``[1, n_q]`` each forward (drawn with
-            ``torch.randint`` on the host, as audiocraft).
+            ``torch.randint`` on the host, as audiocraft; outside ``parity``, rank 0's draw on every rank).
         bins: codes per level. decay: EMA decay. kmeans_init, kmeans_iters: k-means initialisation on
             the first training batch. threshold_ema_dead_code: dead-code threshold (0 turns expiry off).
         orthogonal_reg_weight, orthogonal_reg_active_codes_only, orthogonal_reg_max_codes: the
@@ -608,7 +608,11 @@ class ResidualVectorQuantizer(nn.Module):
     def forward(self, x: Tensor, frame_rate: int) -> QuantizedResult:
         n_q = self.n_q
         if self.training and self.q_dropout:
-            n_q = int(torch.randint(1, self.n_q + 1, (1,)).item())
+            drawn = torch.randint(1, self.n_q + 1, (1,))
+            if not self.parity:
+                # Every rank must run the same levels: their statistics are summed level by level.
+                drawn = broadcast_from_first(drawn.to(x.device))
+            n_q = int(drawn.item())
         bw_per_q = math.log2(self.bins) * frame_rate / 1000
         quantized, codes, commit_loss = self.vq(x, n_q=n_q)
         bandwidth = torch.tensor(n_q * bw_per_q).to(x)

@@ -3,6 +3,7 @@
 import copy
 import functools
 import sys
+import time
 import types
 
 import pytest
@@ -236,20 +237,47 @@ def test_bad_arguments():
 def test_distributed_statistics_are_summed_over_ranks(tmp_path):
     """Two gloo ranks on halves of a batch: by default each level's EMA statistics are summed over the
     ranks (the codebooks are the one-process codebooks of the whole batch, k-means and dead codes drawn
-    the same on both ranks); with parity=True, as in audiocraft, each rank trains on its own half."""
+    the same on both ranks, q_dropout's draw too); with parity=True, as in audiocraft, each rank trains
+    on its own half."""
     import torch.multiprocessing as mp
     from _audiocraft_ranks import run_rank, whole_batch
 
-    mp.spawn(run_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = mp.spawn(run_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not ranks.join(timeout=2):
+        if time.monotonic() > deadline:  # ranks running different levels would wait on each other for ever
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish within 180 s: unmatched collectives")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     torch.manual_seed(0)
     single = ours_module.ResidualVectorQuantizer(dimension=DIM, n_q=2, bins=BINS, kmeans_init=False,
                                                  threshold_ema_dead_code=0).train()
-    for _ in range(2):
+    for _ in range(3):
         single(whole_batch(), FRAME_RATE)
     for key, value in single.state_dict().items():
         torch.testing.assert_close(ranks[0]["default"][key], value, msg=key)
         torch.testing.assert_close(ranks[1]["default"][key], value, msg=key)
         torch.testing.assert_close(ranks[1]["kmeans"][key], ranks[0]["kmeans"][key], rtol=0, atol=0, msg=key)
+    for key, value in ranks[0]["dropout"].items():  # q_dropout: rank 0's number of levels on both ranks
+        torch.testing.assert_close(ranks[1]["dropout"][key], value, rtol=0, atol=0, msg=key)
     embed = "vq.layers.0._codebook.embed"
     assert not torch.allclose(ranks[0]["parity"][embed], ranks[1]["parity"][embed])
+
+
+def test_codebook_on_its_own_matches_training_steps():
+    """EuclideanCodebook.forward (k-means initialisation, EMA, dead codes) under parity=True."""
+    dtype = torch.float64
+    config = dict(dim=DIM, codebook_size=BINS, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=3)
+    theirs = sys.modules[original().ResidualVectorQuantization.__module__].EuclideanCodebook(**config)
+    ours = ours_module.EuclideanCodebook(**config, parity=True)
+    theirs.to(dtype).train(), ours.to(dtype).train()
+    for index in range(3):
+        x = batch(40 + index, dtype).transpose(1, 2)
+        torch.manual_seed(index)
+        expected = theirs(x)
+        torch.manual_seed(index)
+        got = ours(x)
+        assert torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[0], expected[0], **TRAINING_TOLERANCE)
+        assert_same_state(theirs, ours, **TRAINING_TOLERANCE)
