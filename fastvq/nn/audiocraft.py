@@ -566,7 +566,8 @@ class ResidualVectorQuantizer(nn.Module):
         parity: bool = False,
     ):
         super().__init__()
-        _check_positive_int("n_q", n_q)
+        for name, value in (("dimension", dimension), ("n_q", n_q), ("bins", bins)):
+            _check_positive_int(name, value)
         self.max_n_q = n_q
         self.n_q = n_q
         self.q_dropout = q_dropout

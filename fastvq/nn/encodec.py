@@ -130,8 +130,8 @@ class ResidualVectorQuantizer(nn.Module):
         parity: bool = False,
     ):
         super().__init__()
-        _check_positive_int("n_q", n_q)
-        _check_positive_int("bins", bins)
+        for name, value in (("dimension", dimension), ("n_q", n_q), ("bins", bins)):
+            _check_positive_int(name, value)
         self.n_q = n_q
         self.dimension = dimension
         self.bins = bins

@@ -213,7 +213,7 @@ def test_training_compiles_without_graph_breaks():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="bins|codebook_size"):
+    with pytest.raises(ValueError, match="bins"):
         ours_module.ResidualVectorQuantizer(bins=0)
     with pytest.raises(ValueError, match="decay"):
         ours_module.ResidualVectorQuantizer(decay=1.5)
