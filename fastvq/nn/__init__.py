@@ -63,4 +63,4 @@ __all__ += ["Sequential"]
 
 # Drop-ins for other libraries, reached as submodules (fastvq.nn.diffusers.VectorQuantizer, fastvq.nn.dac.
 # VectorQuantize, fastvq.nn.seed_voken.LFQ, ...): their class names repeat fastvq's own or each other's.
-from . import dac, diffusers, llamagen, moshi, seed_voken, snac  # noqa: E402, F401
+from . import audiocraft, dac, diffusers, encodec, llamagen, moshi, seed_voken, snac  # noqa: E402, F401
