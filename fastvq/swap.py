@@ -30,7 +30,8 @@ The fastvq class of a row provides the classmethod ``from_original(original) -> 
 
 ``fastvq/nn/_adopt.py`` holds the two helpers that implement it (``shell`` for a class that mirrors the original
 attribute by attribute, ``adopt_tensors`` for one built from the original's configuration and loaded from its
-state_dict). Any fastvq class with ``from_original`` joins the table by one row.
+state_dict). A drop-in module joins the table with one more ``REGISTRY.update(_same_names(...))`` block below
+(plain rows where fastvq's class name differs from the original's).
 """
 
 from __future__ import annotations

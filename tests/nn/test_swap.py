@@ -20,6 +20,7 @@ from torch import nn
 from vector_quantize_pytorch import VectorQuantize as TheirVectorQuantize
 
 import fastvq
+import fastvq.nn.transformers as fastvq_hf
 from fastvq.nn._adopt import check_same_config
 from fastvq.swap import REGISTRY, _class_key
 
@@ -135,7 +136,7 @@ def test_codec_swap_keeps_codes_audio_and_state(templates, name):
 
     swapped = fastvq.swap_quantizers(model)
 
-    assert swapped == [("quantizer", original_class, getattr(fastvq.nn.transformers, original_class.__name__))]
+    assert swapped == [("quantizer", original_class, getattr(fastvq_hf, original_class.__name__))]
     assert _known_modules(model) == []
     with torch.no_grad():
         codes_after = encode(model, audio, settings[0])
@@ -236,7 +237,7 @@ def test_unknown_and_subclassed_modules_are_untouched_unless_named():
     row = {_class_key(MyQuantizer): "fastvq.nn.transformers:EncodecResidualVectorQuantizer"}
     swapped = fastvq.swap_quantizers(model, classes=row)
     assert [(s.name, s.original) for s in swapped] == [("mine", MyQuantizer)]
-    assert type(model["mine"]) is fastvq.nn.transformers.EncodecResidualVectorQuantizer
+    assert type(model["mine"]) is fastvq_hf.EncodecResidualVectorQuantizer
     assert model["linear"] is children["linear"] and model["ours"] is children["ours"]
 
 
@@ -248,7 +249,7 @@ def test_a_module_under_two_names_gets_one_replacement():
     model = nn.ModuleDict({"a": level, "b": nn.ModuleDict({"tied": level})})
     swapped = fastvq.swap_quantizers(model)
     assert [s.name for s in swapped] == ["a"]
-    assert model["a"] is model["b"]["tied"] and type(model["a"]) is fastvq.nn.transformers.EncodecVectorQuantization
+    assert model["a"] is model["b"]["tied"] and type(model["a"]) is fastvq_hf.EncodecVectorQuantization
 
 
 @needs_transformers
