@@ -70,6 +70,7 @@ REGISTRY.update(_same_names(
 REGISTRY.update(_same_names(
     "vector_quantize_pytorch.vector_quantize_pytorch", "fastvq.nn.vector_quantize", ("VectorQuantize",),
 ))
+REGISTRY.update(_same_names("vector_quantize_pytorch.residual_vq", "fastvq.nn.residual_vq", ("ResidualVQ",)))
 
 
 class Swapped(NamedTuple):

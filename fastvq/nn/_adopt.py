@@ -18,6 +18,7 @@ those are bound to the object that the swap discards, so they would silently sto
 
 from __future__ import annotations
 
+import random
 from typing import Callable, TypeVar
 
 import torch
@@ -118,11 +119,13 @@ def build_like(original: nn.Module, factory: Callable[[], ModuleT]) -> ModuleT:
     """``factory()`` (a fastvq layer built from ``original``'s configuration), loaded from ``original``'s
     state_dict, checked by :func:`check_same_config`, then holding ``original``'s tensors (:func:`adopt_tensors`).
 
-    The construction draws its random initial values with PyTorch's CPU RNG forked, so swapping a module does not
-    shift the random stream of the training that follows.
+    The construction draws its random initial values with PyTorch's CPU RNG forked (and Python's ``random`` state
+    restored), so swapping a module does not shift the random streams of the training that follows.
     """
+    python_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         replacement = factory()
+    random.setstate(python_state)
     replacement.load_state_dict(original.state_dict(), strict=True)
     check_same_config(replacement, original)
     return adopt_tensors(replacement, original)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from vector_quantize_pytorch import ResidualVQ as TheirResidualVQ
 from vector_quantize_pytorch import VectorQuantize as TheirVectorQuantize
 
 import fastvq
@@ -273,22 +274,31 @@ def test_refusals():
 # --------------------------------------------------------------------------- vector-quantize-pytorch
 
 VQP_CONFIGS = {
-    "ema": dict(decay=0.9, commitment_weight=0.7),
-    "cosine": dict(use_cosine_sim=True, commitment_weight=0.5, rotation_trick=False),
-    "heads-kmeans": dict(codebook_dim=8, heads=2, separate_codebook_per_head=True, kmeans_init=True, kmeans_iters=3),
-    "learnable": dict(ema_update=False, learnable_codebook=True, rotation_trick=False),
-    "dead-codes": dict(threshold_ema_dead_code=1.5, codebook_dim=6, layernorm_after_project_in=True),
+    "vq-ema": (TheirVectorQuantize, dict(decay=0.9, commitment_weight=0.7)),
+    "vq-cosine": (TheirVectorQuantize, dict(use_cosine_sim=True, commitment_weight=0.5, rotation_trick=False)),
+    "vq-heads-kmeans": (TheirVectorQuantize, dict(
+        codebook_dim=8, heads=2, separate_codebook_per_head=True, kmeans_init=True, kmeans_iters=3,
+    )),
+    "vq-learnable": (TheirVectorQuantize, dict(ema_update=False, learnable_codebook=True, rotation_trick=False)),
+    "vq-dead-codes": (TheirVectorQuantize, dict(
+        threshold_ema_dead_code=1.5, codebook_dim=6, layernorm_after_project_in=True,
+    )),
+    "rvq-dropout": (TheirResidualVQ, dict(num_quantizers=3, quantize_dropout=True, decay=0.9)),
+    "rvq-shared-projected": (TheirResidualVQ, dict(num_quantizers=3, shared_codebook=True, codebook_dim=8)),
+    "rvq-sizes-cosine": (TheirResidualVQ, dict(codebook_size=(16, 24), use_cosine_sim=True, rotation_trick=False)),
 }
 
 
 @pytest.mark.parametrize("config", list(VQP_CONFIGS))
 def test_vector_quantize_pytorch_trains_the_same_after_swap(config):
+    their_class, kwargs = VQP_CONFIGS[config]
     torch.manual_seed(0)
-    original = nn.Sequential(nn.Linear(16, 16), TheirVectorQuantize(dim=16, codebook_size=24, **VQP_CONFIGS[config]))
+    original = nn.Sequential(nn.Linear(16, 16), their_class(dim=16, **{"codebook_size": 24, **kwargs}))
     ours = copy.deepcopy(original)
     state = ours.state_dict(keep_vars=True)
     swapped = fastvq.swap_quantizers(ours)
-    assert [(s.name, s.replacement) for s in swapped] == [("1", fastvq.nn.VectorQuantize)]
+    assert [(s.name, s.replacement.__name__) for s in swapped] == [("1", their_class.__name__)]
+    assert type(ours[1]).__module__.startswith("fastvq.nn.")
     assert all(ours.state_dict(keep_vars=True)[key] is value for key, value in state.items())
     assert list(ours.state_dict()) == list(state)
     for step in range(3):
@@ -297,9 +307,9 @@ def test_vector_quantize_pytorch_trains_the_same_after_swap(config):
         results = []
         for model in (original, ours):
             model.zero_grad()
-            torch.manual_seed(5 + step)  # k-means and dead-code sampling draw from the global RNG
+            torch.manual_seed(5 + step)  # k-means, dead-code sampling and quantize dropout draw from it
             quantized, indices, loss = model[1](model[0](x))
-            ((quantized * upstream).sum() + loss).backward()
+            ((quantized * upstream).sum() + loss.sum()).backward()
             results.append((quantized, indices, loss, [p.grad for p in model.parameters()]))
         (q_theirs, i_theirs, l_theirs, g_theirs), (q_ours, i_ours, l_ours, g_ours) = results
         assert torch.equal(i_ours, i_theirs), f"step {step}"
@@ -310,6 +320,12 @@ def test_vector_quantize_pytorch_trains_the_same_after_swap(config):
         for (key, theirs), mine in zip(original.state_dict().items(), ours.state_dict().values()):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5, msg=key)
     assert fastvq.swap_quantizers(ours) == []
+
+
+def test_residual_vq_refuses_what_it_cannot_read_back():
+    model = nn.Sequential(TheirResidualVQ(dim=8, num_quantizers=2, codebook_size=8, implicit_neural_codebook=True))
+    with pytest.raises(ValueError, match="implicit_neural_codebook"):
+        fastvq.swap_quantizers(model)
 
 
 def test_an_option_not_carried_is_named():
