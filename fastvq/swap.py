@@ -110,9 +110,10 @@ def swap_quantizers(model: nn.Module, *, classes: Optional[Mapping[str, str]] = 
         TypeError: ``model`` is not an ``nn.Module``, or ``classes`` is not a mapping of strings to strings.
         ValueError: ``model`` itself is a known quantizer (there is no parent to replace it in: call
             ``FastvqClass.from_original(model)``), or a matched module cannot be carried exactly (see the
-            ``from_original`` protocol above); the model is left unchanged in the latter case only for the modules
-            not yet visited.
+            ``from_original`` protocol above).
         RuntimeError: a replacement whose state_dict keys differ from the original's (a bug in fastvq).
+
+    Every replacement is built before any is put in place, so after an error the model is unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -131,15 +132,16 @@ def swap_quantizers(model: nn.Module, *, classes: Optional[Mapping[str, str]] = 
 
     swapped: list[Swapped] = []
     replacements: dict[int, nn.Module] = {}
+    placements: list[tuple[nn.Module, str, nn.Module]] = []  # applied once every replacement is built
     visited: set[int] = set()
 
     def walk(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent._modules.items()):
+        for child_name, child in parent._modules.items():
             if child is None:
                 continue
             name = prefix + child_name
             if id(child) in replacements:
-                parent._modules[child_name] = replacements[id(child)]
+                placements.append((parent, child_name, replacements[id(child)]))
                 continue
             target = rows.get(_class_key(type(child)))
             if target is None:
@@ -155,8 +157,10 @@ def swap_quantizers(model: nn.Module, *, classes: Optional[Mapping[str, str]] = 
                     f"{sorted(set(expected) ^ set(found))[:8]} differ"
                 )
             replacements[id(child)] = replacement
-            parent._modules[child_name] = replacement
+            placements.append((parent, child_name, replacement))
             swapped.append(Swapped(name, type(child), type(replacement)))
 
     walk(model, "")
+    for parent, child_name, replacement in placements:
+        parent._modules[child_name] = replacement
     return swapped

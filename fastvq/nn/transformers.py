@@ -76,7 +76,7 @@ def _residual_encode(frames: Tensor, codebooks: list[Tensor]) -> Tensor:
     levels = []
     for codebook in codebooks:
         indices, _, codes = nearest_code(residual, codebook, metric="l2", return_codes=True)
-        residual = residual - codes.to(residual.dtype)
+        residual = residual - codes
         levels.append(indices.view(batch, time))
     if not levels:
         return torch.empty(0, batch, time, dtype=torch.int64, device=frames.device)

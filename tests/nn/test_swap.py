@@ -260,11 +260,12 @@ def test_refusals():
     level = DacVectorQuantize(transformers.DacConfig(codebook_size=8, codebook_dim=4, hidden_size=6))
     with pytest.raises(ValueError, match="from_original"):
         fastvq.swap_quantizers(level)
-    level.register_forward_hook(lambda *args: None)
-    model = nn.Sequential(level)
+    hooked = copy.deepcopy(level)
+    hooked.register_forward_hook(lambda *args: None)
+    model = nn.Sequential(level, hooked)
     with pytest.raises(ValueError, match="hooks"):
         fastvq.swap_quantizers(model)
-    assert model[0] is level
+    assert model[0] is level and model[1] is hooked  # nothing replaced, not even the module before the refusal
     with pytest.raises(TypeError, match="model"):
         fastvq.swap_quantizers(level.state_dict())
     with pytest.raises(TypeError, match="classes"):
