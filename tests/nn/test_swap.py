@@ -199,7 +199,7 @@ def test_dac_training_steps_match(templates):
 def test_swap_keeps_dtype_device_and_training_flags():
     from transformers.models.encodec.modeling_encodec import EncodecResidualVectorQuantizer
 
-    config = transformers.EncodecConfig(codebook_size=40, codebook_dim=12, target_bandwidths=[24.0])
+    config = transformers.EncodecConfig(codebook_size=40, codebook_dim=12, target_bandwidths=[6.0])
     torch.manual_seed(2)
     quantizer = EncodecResidualVectorQuantizer(config)
     for layer in quantizer.layers:
