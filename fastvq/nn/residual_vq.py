@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from .._checks import check_real
 from .._distributed import all_reduce_sum_, is_distributed
 from ..functional import directional_reparam
-from .vector_quantize import VectorQuantize
+from ._adopt import build_like
+from .vector_quantize import VectorQuantize, vqp_vector_quantize_config
 
 # vector-quantize-pytorch draws the quantize-dropout seed as randint(0, 10 000), summed over ranks.
 DROPOUT_SEEDS = 10_000
@@ -233,6 +234,45 @@ class ResidualVQ(nn.Module):
         if shared_codebook:
             for layer in self.layers[1:]:
                 layer._codebook = self.layers[0]._codebook
+
+    @classmethod
+    def from_original(cls, original: nn.Module) -> "ResidualVQ":
+        """A layer holding the tensors of a live vector-quantize-pytorch ``ResidualVQ`` (the same objects), its
+        configuration and training flags, for ``fastvq.swap_quantizers``.
+
+        Raises:
+            ValueError: an ``implicit_neural_codebook`` (its MLPs' arguments cannot be read back from them) or
+                in-place codebook optimizers (one per level there), or another option this layer would not
+                reproduce.
+        """
+        first = original.layers[0]
+        if original.implicit_neural_codebook or first.in_place_codebook_optimizer is not None:
+            raise ValueError(
+                "ResidualVQ.from_original cannot carry implicit_neural_codebook or in_place_codebook_optimizer: "
+                "build fastvq.nn.ResidualVQ with the same arguments and load the original's state_dict instead"
+            )
+        level_config = vqp_vector_quantize_config(first)
+        for name in ("codebook_dim", "accept_image_fmap", "heads", "return_zeros_for_masked_padding"):
+            del level_config[name]  # ResidualVQ's own arguments set these for every level
+        config = dict(
+            num_quantizers=original.num_quantizers,
+            codebook_size=tuple(original.codebook_sizes),
+            codebook_dim=original.codebook_dim,
+            shared_codebook=original.shared_codebook,
+            diveq=original.diveq,
+            quantize_dropout=original.quantize_dropout,
+            quantize_dropout_cutoff_index=original.quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=original.quantize_dropout_multiple_of,
+            accept_image_fmap=original.accept_image_fmap,
+            beam_size=original.beam_size,
+            eval_beam_size=original.eval_beam_size,
+            beam_score_quantizer_weights=original.beam_score_weights.tolist(),
+            quant_grad_frac=original.quant_grad_frac,
+            return_zeros_for_masked_padding=original.return_zeros_for_masked_padding,
+            **level_config,
+        )
+        dim = original.project_in.in_features if original.has_projections else original.codebook_dim
+        return build_like(original, lambda: cls(dim=dim, **config))
 
     @property
     def codebook_size(self) -> int:

@@ -33,6 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..ops.vector_quantize import vector_quantize
+from ._adopt import build_like
 
 __all__ = ["VectorQuantizer2", "GumbelQuantize"]
 
@@ -73,6 +74,15 @@ def _check_fmap(z: object, channels: int, channel_name: str) -> Tensor:
             f"z must be a feature map [B, {channel_name}={channels}, H, W], got shape {tuple(z.shape)}"
         )
     return z
+
+
+def _remap_of(original: nn.Module) -> tuple[Optional[Tensor], Union[str, int]]:
+    """``(used, unknown_index)`` to build a fastvq layer remapping as a live taming layer does (taming stores an
+    ``"extra"`` unknown index as the int ``len(used)``)."""
+    if getattr(original, "remap", None) is None:
+        return None, "random"
+    extra = original.re_embed > original.used.shape[0]
+    return original.used, "extra" if extra else original.unknown_index
 
 
 class _IndexRemap(nn.Module):
@@ -231,6 +241,17 @@ class VectorQuantizer2(_IndexRemap):
     def num_codes(self) -> int:
         return self.n_e
 
+    @classmethod
+    def from_original(cls, original: nn.Module) -> "VectorQuantizer2":
+        """A layer holding the tensors (the same objects), configuration and training flag of a live
+        ``taming.modules.vqvae.quantize.VectorQuantizer2``, for ``fastvq.swap_quantizers``."""
+        used, unknown_index = _remap_of(original)
+        config = dict(remap=used, unknown_index=unknown_index, sane_index_shape=original.sane_index_shape,
+                      legacy=original.legacy)
+        layer = build_like(original, lambda: cls(original.n_e, original.e_dim, original.beta, **config))
+        layer.remap = original.remap
+        return layer
+
     def _loss_weights(self) -> tuple[float, float]:
         """``(commitment_weight, codebook_weight)`` of the op for this layer's loss."""
         return (1.0, self.beta) if self.legacy else (self.beta, 1.0)
@@ -355,6 +376,22 @@ class GumbelQuantize(_IndexRemap):
     @property
     def num_codes(self) -> int:
         return self.n_embed
+
+    @classmethod
+    def from_original(cls, original: nn.Module) -> "GumbelQuantize":
+        """A layer holding the tensors (the same objects), configuration and training flag of a live
+        ``taming.modules.vqvae.quantize.GumbelQuantize``, for ``fastvq.swap_quantizers``."""
+        used, unknown_index = _remap_of(original)
+        config = dict(
+            straight_through=original.straight_through, kl_weight=original.kl_weight,
+            temp_init=original.temperature, use_vqinterface=original.use_vqinterface, remap=used,
+            unknown_index=unknown_index,
+        )
+        layer = build_like(
+            original, lambda: cls(original.proj.in_channels, original.embedding_dim, original.n_embed, **config)
+        )
+        layer.remap = original.remap
+        return layer
 
     def forward(self, z: Tensor, temp: Optional[float] = None, return_logits: bool = False):
         z = _check_fmap(z, self.num_hiddens, "num_hiddens")

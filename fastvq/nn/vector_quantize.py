@@ -33,6 +33,7 @@ from ..ops.search import draw_seed, nearest_code
 from ..ops.soft_quantize import soft_quantize
 from ..ops.topk import nearest_codes
 from ..ops.vector_quantize import vector_quantize
+from ._adopt import build_like
 from .codebook import L2NORM_EPS, Codebook, l2norm, perplexity_of  # noqa: F401  (importable from here as before)
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -61,6 +62,59 @@ class _Search(NamedTuple):
     estimated: Optional[Tensor]  # [C, M, d]: the fused op's straight-through / rotated output
     commitment: Optional[Tensor]  # scalar: the fused op's mean((z - sg[e])^2) over every head
     logits: Optional[Tensor]  # [C, M, K]: the logits of per-row codebooks (codebook_transform_fn)
+
+
+def vqp_vector_quantize_config(original: nn.Module) -> dict:
+    """The constructor arguments (after ``dim`` and ``codebook_size``) of a live vector-quantize-pytorch
+    ``VectorQuantize``, read back from its attributes; its in-place codebook optimizer is passed on as is."""
+    codebook = original._codebook
+    sampling = codebook.gumbel_sample.keywords
+    distributed_kmeans = getattr(codebook.sample_fn, "__name__", "") == "sample_vectors_distributed"
+    optimizer = original.in_place_codebook_optimizer
+    return dict(
+        codebook_dim=codebook.embed.shape[-1],
+        heads=original.heads,
+        separate_codebook_per_head=original.separate_codebook_per_head,
+        decay=codebook.decay,
+        eps=original.eps,
+        freeze_codebook=original.freeze_codebook,
+        kmeans_init=not bool(codebook.initted),
+        kmeans_iters=codebook.kmeans_iters,
+        sync_kmeans=distributed_kmeans or not codebook.use_ddp,
+        use_cosine_sim=original.use_cosine_sim,
+        layernorm_after_project_in=any(isinstance(m, nn.LayerNorm) for m in original.project_in.modules()),
+        threshold_ema_dead_code=codebook.threshold_ema_dead_code,
+        channel_last=original.channel_last,
+        accept_image_fmap=original.accept_image_fmap,
+        accept_3d_fmap=original.accept_3d_fmap,
+        commitment_weight=original.commitment_weight,
+        commitment_use_cross_entropy_loss=original.commitment_use_cross_entropy_loss,
+        orthogonal_reg_weight=original.orthogonal_reg_weight,
+        orthogonal_reg_active_codes_only=original.orthogonal_reg_active_codes_only,
+        orthogonal_reg_max_codes=original.orthogonal_reg_max_codes,
+        codebook_diversity_loss_weight=original.codebook_diversity_loss_weight,
+        codebook_diversity_temperature=original.codebook_diversity_temperature,
+        stochastic_sample_codes=sampling.get("stochastic", False),
+        sample_codebook_temp=codebook.sample_codebook_temp,
+        straight_through=sampling.get("straight_through", False),
+        rotation_trick=original.rotation_trick,
+        directional_reparam=original.directional_reparam,
+        directional_reparam_variance=original.directional_reparam_variance,
+        sync_codebook=codebook.use_ddp,
+        sync_affine_param=codebook.sync_affine_param,
+        ema_update=codebook.ema_update,
+        vq_bridge=codebook.vq_bridge,
+        manual_ema_update=codebook.manual_ema_update,
+        learnable_codebook=original.learnable_codebook,
+        in_place_codebook_optimizer=None if optimizer is None else lambda _: optimizer,
+        manual_in_place_optimizer_update=original.manual_in_place_optimizer_update,
+        affine_param=codebook.affine_param,
+        affine_param_batch_decay=getattr(codebook, "affine_param_batch_decay", 0.99),
+        affine_param_codebook_decay=getattr(codebook, "affine_param_codebook_decay", 0.9),
+        sync_update_v=original.sync_update_v,
+        return_zeros_for_masked_padding=original.return_zeros_for_masked_padding,
+        route_gradients_to_input=original.route_gradients_to_input,
+    )
 
 
 class VectorQuantize(nn.Module):
@@ -327,6 +381,19 @@ class VectorQuantize(nn.Module):
         )
         self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+
+    @classmethod
+    def from_original(cls, original: nn.Module) -> "VectorQuantize":
+        """A layer holding the tensors of a live vector-quantize-pytorch ``VectorQuantize`` (the same objects),
+        its configuration and training flags, for ``fastvq.swap_quantizers``.
+
+        Its ``vq_bridge`` module and in-place codebook optimizer, if any, are shared, not copied.
+
+        Raises:
+            ValueError: an option of ``original`` that this layer would not reproduce.
+        """
+        config = vqp_vector_quantize_config(original)
+        return build_like(original, lambda: cls(original.dim, original.codebook_size, **config))
 
     # ------------------------------------------------------------------ properties
 
