@@ -71,6 +71,14 @@ REGISTRY.update(_same_names(
     "vector_quantize_pytorch.vector_quantize_pytorch", "fastvq.nn.vector_quantize", ("VectorQuantize",),
 ))
 REGISTRY.update(_same_names("vector_quantize_pytorch.residual_vq", "fastvq.nn.residual_vq", ("ResidualVQ",)))
+REGISTRY.update(_same_names("audiocraft.quantization.vq", "fastvq.nn.audiocraft", ("ResidualVectorQuantizer",)))
+REGISTRY.update(_same_names("encodec.quantization.vq", "fastvq.nn.encodec", ("ResidualVectorQuantizer",)))
+REGISTRY.update(_same_names(
+    "moshi.quantization.vq", "fastvq.nn.moshi", ("ResidualVectorQuantizer", "SplitResidualVectorQuantizer"),
+))
+REGISTRY.update(_same_names("dac.nn.quantize", "fastvq.nn.dac", ("ResidualVectorQuantize",)))
+REGISTRY.update(_same_names("snac.vq", "fastvq.nn.snac", ("ResidualVectorQuantize",)))
+REGISTRY.update(_same_names("diffusers.models.autoencoders.vae", "fastvq.nn.diffusers", ("VectorQuantizer",)))
 
 
 class Swapped(NamedTuple):

@@ -6,6 +6,7 @@ from the same initial state) for a few steps on its own shard, counting the all-
 and saves the counts and the final buffers.
 """
 
+import copy
 import os
 
 import torch
@@ -44,8 +45,8 @@ def run_rank(rank, world, store, out_dir):
         for codebook in (layer._codebook for layer in theirs.vq.layers):
             codebook.check_unused_every = codebook._next_unused_check = 2  # expire within the few steps
         modules = {
-            "mine": moshi.ResidualVectorQuantizer.from_original(theirs),
-            "parity": moshi.ResidualVectorQuantizer.from_original(theirs, parity=True),
+            "mine": moshi.ResidualVectorQuantizer.from_original(copy.deepcopy(theirs)),
+            "parity": moshi.ResidualVectorQuantizer.from_original(copy.deepcopy(theirs), parity=True),
             "theirs": theirs,
         }
         results = {}

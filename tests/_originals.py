@@ -77,3 +77,19 @@ def load_original(dotted: str, stubs: dict[str, dict] | None = None) -> types.Mo
         del sys.modules[dotted]
         raise
     return module
+
+
+def _no_broadcast(tensors):
+    """A library's ``distrib.broadcast_tensors`` outside a process group: nothing to broadcast."""
+
+
+def audiocraft_vq() -> types.ModuleType:
+    """audiocraft's ``quantization/vq.py`` (flashy, its training framework, stands in for the one call it makes)."""
+    distrib = {"broadcast_tensors": _no_broadcast}
+    return load_original("audiocraft.quantization.vq",
+                         stubs={"flashy": {"distrib": types.SimpleNamespace(**distrib)}, "flashy.distrib": distrib})
+
+
+def encodec_vq() -> types.ModuleType:
+    """The EnCodec package's ``quantization/vq.py`` (its ``distrib`` module stands in for the one call it makes)."""
+    return load_original("encodec.quantization.vq", stubs={"encodec.distrib": {"broadcast_tensors": _no_broadcast}})

@@ -23,15 +23,27 @@ from typing import Callable, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.utils.weight_norm import WeightNorm
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def check_no_hooks(original: nn.Module, where: str = "") -> None:
-    """Raises ``ValueError`` if ``original`` has hooks or an instance ``forward`` that a replacement would lose."""
-    hooked = [name for name in _HOOK_DICTS if getattr(original, name, None)]
+def _is_weight_norm_hook(hook) -> bool:
+    return isinstance(hook, WeightNorm)
+
+
+def check_no_hooks(original: nn.Module, where: str = "", *, weight_norm_replicated: bool = False) -> None:
+    """Raises ``ValueError`` if ``original`` has hooks or an instance ``forward`` that a replacement would lose.
+
+    ``weight_norm_replicated``: the replacement computes ``torch.nn.utils.weight_norm``'s weight from the same
+    ``weight_g``/``weight_v`` itself (DAC's convolutions), so that pre-hook is not lost and is allowed."""
+    hooked = [
+        name for name in _HOOK_DICTS
+        if any(not (weight_norm_replicated and name == "_forward_pre_hooks" and _is_weight_norm_hook(hook))
+               for hook in (getattr(original, name, None) or {}).values())
+    ]
     if "forward" in vars(original):
         hooked.append("an instance-level forward (e.g. accelerate's device-map hook)")
     if hooked:
@@ -58,7 +70,7 @@ def shell(cls: type[ModuleT], original: nn.Module, attributes: tuple[str, ...] =
     return module
 
 
-def adopt_tensors(replacement: ModuleT, original: nn.Module) -> ModuleT:
+def adopt_tensors(replacement: ModuleT, original: nn.Module, *, weight_norm_replicated: bool = False) -> ModuleT:
     """Gives every submodule of ``replacement`` the parameters, buffers and training flag of ``original``'s
     submodule at the same path, as the same tensor objects; returns ``replacement``.
 
@@ -72,7 +84,7 @@ def adopt_tensors(replacement: ModuleT, original: nn.Module) -> ModuleT:
     """
     originals = dict(original.named_modules(remove_duplicate=False))
     for path, source in originals.items():
-        check_no_hooks(source, path)
+        check_no_hooks(source, path, weight_norm_replicated=weight_norm_replicated)
     device = next((tensor.device for tensor in (*original.parameters(), *original.buffers())), None)
     for path, target in replacement.named_modules(remove_duplicate=False):
         source = originals.get(path)

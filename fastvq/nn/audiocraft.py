@@ -44,6 +44,7 @@ from ..losses import orthogonal_loss
 from ..ops.search import nearest_code
 from ..ops.segment_reduce import apply_ema_, segment_reduce
 from ..ops.vector_quantize import vector_quantize
+from ._adopt import adopt_tensors
 
 __all__ = [
     "QuantizedResult",
@@ -592,7 +593,7 @@ class ResidualVectorQuantizer(nn.Module):
     @classmethod
     def from_original(cls, module: nn.Module, *, parity: bool = False) -> "ResidualVectorQuantizer":
         """The fastvq equivalent of an audiocraft ``ResidualVectorQuantizer`` instance: the same
-        configuration (the active ``n_q`` included), a copy of its buffers (device and dtype kept) and its
+        configuration (the active ``n_q`` included), its very buffers (``fastvq.swap_quantizers``' protocol) and its
         train/eval mode."""
         ours = cls(
             dimension=module.dimension, n_q=module.max_n_q, q_dropout=module.q_dropout, bins=module.bins,
@@ -604,7 +605,7 @@ class ResidualVectorQuantizer(nn.Module):
         )
         _copy_state(ours, module)
         ours.n_q = module.n_q
-        return ours
+        return adopt_tensors(ours, module)
 
     def forward(self, x: Tensor, frame_rate: int) -> QuantizedResult:
         n_q = self.n_q

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.search import nearest_code
+from ._adopt import adopt_tensors
 
 __all__ = ["VectorQuantize", "ResidualVectorQuantize"]
 
@@ -297,4 +298,5 @@ class ResidualVectorQuantize(nn.Module):
         weight = module.quantizers[0].codebook.weight
         ours.to(device=weight.device, dtype=weight.dtype)
         ours.load_state_dict(module.state_dict(), strict=True)
-        return ours.train(module.training)
+        # DAC's convolutions carry torch.nn.utils.weight_norm's pre-hook; ours compute that weight themselves.
+        return adopt_tensors(ours.train(module.training), module, weight_norm_replicated=True)

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._adopt import adopt_tensors
 from .taming import RemapSource, VectorQuantizer2, _check_fmap, _positive_int
 
 __all__ = ["VectorQuantizer"]
@@ -89,4 +90,4 @@ class VectorQuantizer(VectorQuantizer2):
         layer.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.load_state_dict(module.state_dict(), strict=True)
-        return layer.train(module.training)
+        return adopt_tensors(layer.train(module.training), module)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import audiocraft
+from ._adopt import adopt_tensors
 from .audiocraft import _check_positive_int, _copy_state
 
 __all__ = [
@@ -153,7 +154,7 @@ class ResidualVectorQuantizer(nn.Module):
                    kmeans_init=module.kmeans_init, kmeans_iters=module.kmeans_iters,
                    threshold_ema_dead_code=module.threshold_ema_dead_code, parity=parity)
         _copy_state(ours, module)
-        return ours
+        return adopt_tensors(ours, module)
 
     def forward(self, x: Tensor, sample_rate: int, bandwidth: tp.Optional[float] = None) -> QuantizedResult:
         bw_per_q = self.get_bandwidth_per_quantizer(sample_rate)

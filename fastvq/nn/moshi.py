@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from .._distributed import all_reduce_sum_, broadcast_from_first, is_distributed
 from ..ops.search import nearest_code
 from ..ops.segment_reduce import segment_reduce
+from ._adopt import adopt_tensors
 
 __all__ = [
     "MoshiArgumentError",
@@ -679,7 +680,7 @@ class ResidualVectorQuantizer(_BaseQuantizer):
             codebook_offset=module.vq.codebook_offset, force_projection=force_projection, parity=parity,
         )
         ours._copy_state_of(module)
-        return ours
+        return adopt_tensors(ours, module)
 
     def _copy_state_of(self, module: nn.Module) -> None:
         self.to(device=module.vq.layers[0]._codebook.embedding_sum.device,
@@ -812,5 +813,4 @@ class SplitResidualVectorQuantizer(_BaseQuantizer):
         ours.rvq_first._copy_state_of(first)
         ours.rvq_rest._copy_state_of(rest)
         ours._ema_frozen = getattr(module, "_ema_frozen", False)
-        ours.train(module.training)
-        return ours
+        return adopt_tensors(ours.train(module.training), module)

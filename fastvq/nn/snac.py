@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ._adopt import adopt_tensors
 from .dac import check_codes, check_latents, nearest_normalized_codes, positive_int
 
 __all__ = ["VectorQuantize", "ResidualVectorQuantize"]
@@ -140,4 +141,4 @@ class ResidualVectorQuantize(nn.Module):
         weight = module.quantizers[0].codebook.weight
         ours.to(device=weight.device, dtype=weight.dtype)
         ours.load_state_dict(module.state_dict(), strict=True)
-        return ours.train(module.training)
+        return adopt_tensors(ours.train(module.training), module)

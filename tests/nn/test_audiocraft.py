@@ -1,14 +1,12 @@
 """fastvq.nn.audiocraft against audiocraft's own quantization modules (loaded from the installed files)."""
 
 import copy
-import functools
 import sys
 import time
-import types
 
 import pytest
 import torch
-from _originals import load_original
+from _originals import audiocraft_vq
 from torch import nn
 
 from fastvq.nn import audiocraft as ours_module
@@ -19,15 +17,7 @@ DIM, BINS, LEVELS, FRAME_RATE = 6, 12, 3, 50
 TRAINING_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
-def _noop_broadcast(tensors):
-    """flashy.distrib.broadcast_tensors outside a process group: nothing to do."""
-
-
-@functools.cache  # load_original skips on a second call, once its stub package stands in for audiocraft
-def original():
-    stub = {"broadcast_tensors": _noop_broadcast}
-    return load_original("audiocraft.quantization.vq",
-                         stubs={"flashy": {"distrib": types.SimpleNamespace(**stub)}, "flashy.distrib": stub})
+original = audiocraft_vq
 
 
 def pair(seed=0, parity=True, dtype=torch.float32, **kwargs):

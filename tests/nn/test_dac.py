@@ -23,7 +23,7 @@ def _pair(parity=False, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         theirs = quantize.ResidualVectorQuantize(**{**CONFIG, **overrides}).double()
-    return theirs, ours_module.ResidualVectorQuantize.from_original(theirs, parity=parity)
+    return theirs, ours_module.ResidualVectorQuantize.from_original(copy.deepcopy(theirs), parity=parity)
 
 
 def _run(module, z, seed, *args):

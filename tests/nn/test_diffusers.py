@@ -22,7 +22,7 @@ CODES, DIM = 37, 5
 def pair(legacy=True, **kwargs):
     torch.manual_seed(0)
     original = vae.VectorQuantizer(CODES, DIM, 0.3, legacy=legacy, **kwargs).double()
-    ours = VectorQuantizer.from_original(original)
+    ours = VectorQuantizer.from_original(copy.deepcopy(original))
     return original, ours
 
 
@@ -56,7 +56,7 @@ def test_matches_diffusers_in_float64(legacy, sane_index_shape):
 def test_float32_codes_and_codebook_entry():
     torch.manual_seed(0)
     original = vae.VectorQuantizer(CODES, DIM, 0.25)
-    ours = VectorQuantizer.from_original(original)
+    ours = VectorQuantizer.from_original(copy.deepcopy(original))
     z = torch.randn(2, DIM, 3, 3) * 0.05
     z_q, loss, (_, _, indices) = ours(z)
     want_q, want_loss, (_, _, want_indices) = original(z)

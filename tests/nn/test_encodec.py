@@ -1,10 +1,9 @@
 """fastvq.nn.encodec against the EnCodec package's own quantization modules (loaded from the installed files)."""
 
-import functools
 
 import pytest
 import torch
-from _originals import load_original
+from _originals import encodec_vq
 
 from fastvq.nn import encodec as ours_module
 
@@ -13,13 +12,7 @@ DIM, BINS, LEVELS, FRAME_RATE = 6, 16, 4, 75
 TRAINING_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
-def _noop_broadcast(tensors):
-    """encodec.distrib.broadcast_tensors outside a process group: nothing to do."""
-
-
-@functools.cache  # load_original skips on a second call, once its stub package stands in for encodec
-def original():
-    return load_original("encodec.quantization.vq", stubs={"encodec.distrib": {"broadcast_tensors": _noop_broadcast}})
+original = encodec_vq
 
 
 def pair(seed=0, parity=True, dtype=torch.float32, **kwargs):

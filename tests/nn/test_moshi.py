@@ -31,7 +31,7 @@ def _pair(klass, **kwargs):
     torch.manual_seed(0)
     theirs = getattr(vq, klass)(**kwargs).double()
     _expire_often(theirs)
-    return theirs, getattr(ours_module, klass).from_original(theirs)
+    return theirs, getattr(ours_module, klass).from_original(copy.deepcopy(theirs))
 
 
 def _buffers(module):
@@ -134,7 +134,7 @@ def _trained_pair(klass, config, frames=11):
         _step(theirs, torch.randn(2, config.get("input_dimension", DIM), frames, dtype=torch.float64), step)
         step += 1
     theirs.eval()
-    return theirs, getattr(ours_module, klass).from_original(theirs)
+    return theirs, getattr(ours_module, klass).from_original(theirs)  # eval only: sharing tensors is fine
 
 
 @pytest.mark.parametrize("klass, config", [

@@ -1,6 +1,8 @@
 """fastvq.nn.snac against SNAC's own ``snac.vq`` (loaded from its installed file with its ``snac.layers``), in
 float64: per-level strides (average pooling, repeated outputs), codes, outputs, gradients, state_dict keys."""
 
+import copy
+
 import pytest
 import torch
 from _originals import load_original
@@ -15,7 +17,7 @@ DIM, CODES, STRIDES = 10, 16, [4, 2, 1]
 def _pair():
     torch.manual_seed(0)
     theirs = vq.ResidualVectorQuantize(input_dim=DIM, codebook_size=CODES, codebook_dim=3, vq_strides=STRIDES).double()
-    return theirs, ours_module.ResidualVectorQuantize.from_original(theirs)
+    return theirs, ours_module.ResidualVectorQuantize.from_original(copy.deepcopy(theirs))
 
 
 def _run(module, z):

@@ -1,0 +1,91 @@
+"""fastvq.swap_quantizers on the drop-in libraries' own quantizers (audiocraft, EnCodec, Moshi, DAC, SNAC,
+diffusers): the swapped model holds the original's very tensors under the same keys and gives the same codes.
+
+The libraries' layers themselves are checked against fastvq's in tests/nn/test_<library>.py; this file checks
+the registry rows and the ``from_original`` protocol of each (see fastvq/swap.py).
+"""
+
+import copy
+
+import pytest
+import torch
+from _originals import audiocraft_vq, encodec_vq, load_original
+from torch import nn
+
+import fastvq
+
+
+def _audiocraft():
+    return audiocraft_vq().ResidualVectorQuantizer(dimension=8, n_q=3, bins=16, kmeans_iters=2,
+                                                          threshold_ema_dead_code=0), (4, 8, 40), \
+        lambda q, x: q(x, 50).codes
+
+
+def _encodec():
+    return encodec_vq().ResidualVectorQuantizer(dimension=8, n_q=3, bins=16, kmeans_iters=2,
+                                                          threshold_ema_dead_code=0), (4, 8, 40), \
+        lambda q, x: q(x, 50).codes
+
+
+def _moshi():
+    module = load_original("moshi.quantization.vq")
+    return module.ResidualVectorQuantizer(dimension=8, n_q=3, bins=16), (4, 8, 40), lambda q, x: q(x, 50).codes
+
+
+def _moshi_split():
+    module = load_original("moshi.quantization.vq")
+    return module.SplitResidualVectorQuantizer(dimension=8, n_q=3, bins=16), (4, 8, 40), \
+        lambda q, x: q(x, 50).codes
+
+
+def _dac():
+    load_original("dac.nn.layers")
+    module = load_original("dac.nn.quantize")
+    return module.ResidualVectorQuantize(input_dim=16, n_codebooks=3, codebook_size=32, codebook_dim=4), \
+        (2, 16, 12), lambda q, x: q(x)[1]
+
+
+def _snac():
+    load_original("snac.layers")
+    module = load_original("snac.vq")
+    return module.ResidualVectorQuantize(input_dim=16, codebook_size=32, codebook_dim=4, vq_strides=[2, 1]), \
+        (2, 16, 12), lambda q, x: torch.cat(q(x)[1], dim=-1)
+
+
+def _diffusers():
+    vae = pytest.importorskip("diffusers.models.autoencoders.vae")
+    return vae.VectorQuantizer(32, 8, beta=0.25), (2, 8, 4, 4), lambda q, x: q(x)[2][2]
+
+
+LIBRARIES = {"audiocraft": _audiocraft, "encodec": _encodec, "moshi": _moshi, "moshi-split": _moshi_split,
+             "dac": _dac, "snac": _snac, "diffusers": _diffusers}
+
+
+@pytest.mark.parametrize("library", list(LIBRARIES))
+def test_swap_replaces_the_original_with_its_own_tensors_and_the_same_codes(library):
+    torch.manual_seed(0)
+    original, shape, codes_of = LIBRARIES[library]()
+    model = nn.ModuleDict({"encoder": nn.Identity(), "quantizer": original})
+    x = torch.randn(*shape)
+    model.train()
+    # k-means init of the EMA codebooks (Moshi's reaches one more level per step), on ten rows per code: with fewer,
+    # k-means leaves duplicate codes, exact ties that the two sides' float rounding may break either way; for the
+    # same reason audiocraft and EnCodec expire no codes here (a replaced code equals a row of the batch).
+    with torch.no_grad():  # (a weight_norm weight computed with grad would not deep-copy)
+        for _ in range(4):
+            codes_of(model["quantizer"], x)
+    model.eval()
+    reference = copy.deepcopy(model)
+    tensors = model.state_dict(keep_vars=True)
+
+    swapped = fastvq.swap_quantizers(model)
+
+    assert [(entry.name, entry.original) for entry in swapped] == [("quantizer", type(original))]
+    assert type(model["quantizer"]).__module__.startswith("fastvq.nn.")
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(tensors)
+    assert all(after[key] is tensors[key] for key in tensors), "the replacement must hold the original's tensors"
+    with torch.no_grad():
+        torch.testing.assert_close(codes_of(model["quantizer"], x), codes_of(reference["quantizer"], x),
+                                   rtol=0, atol=0)
+    assert fastvq.swap_quantizers(model) == []
