@@ -60,3 +60,11 @@ __all__ += ["HierarchicalVQ"]
 from .sequential import Sequential  # noqa: E402
 
 __all__ += ["Sequential"]
+
+from .errors import ConfigError, ConfigRuntimeError  # noqa: E402
+
+__all__ += ["ConfigError", "ConfigRuntimeError"]
+
+from .vector_quantize_pytorch import install_as_vector_quantize_pytorch  # noqa: E402
+
+__all__ += ["install_as_vector_quantize_pytorch"]

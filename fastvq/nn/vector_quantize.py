@@ -34,6 +34,7 @@ from ..ops.soft_quantize import soft_quantize
 from ..ops.topk import nearest_codes
 from ..ops.vector_quantize import vector_quantize
 from .codebook import L2NORM_EPS, Codebook, l2norm, perplexity_of  # noqa: F401  (importable from here as before)
+from .errors import raises_config_error
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -158,6 +159,7 @@ class VectorQuantize(nn.Module):
             ``codebook_transform_fn``.
     """
 
+    @raises_config_error
     def __init__(
         self,
         dim: int,
