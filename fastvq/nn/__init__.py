@@ -64,3 +64,10 @@ __all__ += ["Sequential"]
 # Drop-ins for other libraries, reached as submodules (fastvq.nn.diffusers.VectorQuantizer, fastvq.nn.dac.
 # VectorQuantize, fastvq.nn.seed_voken.LFQ, ...): their class names repeat fastvq's own or each other's.
 from . import audiocraft, dac, diffusers, encodec, llamagen, moshi, seed_voken, snac  # noqa: E402, F401
+from .errors import ConfigError, ConfigRuntimeError  # noqa: E402
+
+__all__ += ["ConfigError", "ConfigRuntimeError"]
+
+from .vector_quantize_pytorch import install_as_vector_quantize_pytorch  # noqa: E402
+
+__all__ += ["install_as_vector_quantize_pytorch"]

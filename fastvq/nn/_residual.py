@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._distributed import broadcast_from_first
+from .errors import raises_config_error
 
 
 def _round_up_to_multiple(index, multiple: int):
@@ -127,6 +128,7 @@ class GroupedResidual(nn.Module):
 
     residual_class: type
 
+    @raises_config_error
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
         for name, value in (("dim", dim), ("groups", groups)):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_real
+from .errors import raises_config_error
 from .fsq import check_float_input, check_positive_int
 
 __all__ = ["BinaryMapper", "binary_entropy"]
@@ -62,6 +63,7 @@ class BinaryMapper(nn.Module):
             ``indices`` and ``one_hot``.
     """
 
+    @raises_config_error
     def __init__(self, bits: int = 1, kl_loss_threshold: float = NAT, deterministic_on_eval: bool = False):
         super().__init__()
         check_positive_int("bits", bits)

@@ -15,6 +15,7 @@ from .._checks import check_real
 from .._distributed import all_reduce_sum_, is_distributed, sample_rows
 from ..clustering import kmeans
 from ..ops.segment_reduce import segment_reduce
+from .errors import raises_config_error
 
 # vector-quantize-pytorch's l2norm floor.
 L2NORM_EPS = 1e-6
@@ -44,6 +45,7 @@ class Codebook(nn.Module):
     :meth:`update_indices`, :meth:`update_codebook`, :meth:`init_embed_`, :meth:`update_affine`.
     """
 
+    @raises_config_error
     def __init__(
         self,
         dim: int,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_real
+from .errors import raises_config_error
 from .lfq import LFQ
 
 __all__ = ["EvoLFQ", "EvoReturn", "EvoResult"]
@@ -54,6 +55,7 @@ class EvoLFQ(nn.Module):
         ValueError: ``pop_size <= elitism_count``, or neither ``lfq`` nor its sizes.
     """
 
+    @raises_config_error
     def __init__(
         self,
         encoder: nn.Module,

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_real
+from .errors import ConfigError, raises_config_error
 from .fsq import check_float_input
 
-__all__ = ["FSP", "VectorNorm", "CDF_ACTIVATIONS"]
+__all__ = ["FSP", "VectorNorm", "CDF_ACTIVATIONS", "build_cdf_act", "batch_stats"]
 
 # 1 / sqrt(12): the standard deviation of U(0, 1), so (q - 0.5) / it has unit variance.
 _UNIFORM_STD = 0.28867513459481287
@@ -41,6 +42,21 @@ CDF_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], 
     "laplace": (_laplace_cdf, _laplace_quantile),
     "cauchy": (lambda z: torch.arctan(z) / torch.pi + 0.5, lambda p: torch.tan((p - 0.5) * torch.pi)),
 }
+
+
+def build_cdf_act(act_name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """The CDF activation named ``act_name`` and its inverse, as vector-quantize-pytorch's ``build_cdf_act``.
+
+    Returns ``(act, inv_act)``: ``act`` maps any real tensor elementwise into ``(0, 1)`` (``[0, 1]`` where
+    float rounding saturates), ``inv_act`` maps ``(0, 1)`` back; same shape and dtype as the input.
+
+    Raises:
+        ConfigError: ``act_name`` is not one of ``CDF_ACTIVATIONS`` (an ``AssertionError`` there).
+    """
+    if act_name not in CDF_ACTIVATIONS:
+        raise ConfigError(f"act_name: CDF activation {act_name!r} not available: {list(CDF_ACTIVATIONS)}")
+    return CDF_ACTIVATIONS[act_name]
+
 
 # VectorNorm's presets: (l1..l4 targets, l1..l4 weights) for mean, variance, skewness, kurtosis.
 _NORM_PRESETS = {
@@ -110,6 +126,7 @@ class FSP(nn.Module):
             preset, or an input whose features are not ``dim``.
     """
 
+    @raises_config_error
     def __init__(
         self,
         levels: Sequence[int],
@@ -123,8 +140,6 @@ class FSP(nn.Module):
     ):
         super().__init__()
         check_real("quantize_rate", quantize_rate, minimum=0.0, maximum=1.0)
-        if act_name not in CDF_ACTIVATIONS:
-            raise ValueError(f"CDF activation {act_name!r} not available: {list(CDF_ACTIVATIONS)}")
         levels = [int(level) for level in levels]
         if not levels or min(levels) < 1:
             raise ValueError(f"levels must be a non-empty list of ints >= 1, got {levels}")
@@ -143,7 +158,7 @@ class FSP(nn.Module):
             self.project_in = nn.Identity()
             self.project_out = nn.Identity()
         self.act_name = act_name
-        self.act_func, self.inv_act_func = CDF_ACTIVATIONS[act_name]
+        self.act_func, self.inv_act_func = build_cdf_act(act_name)
         self.need_inv_act = need_inv_act
         self.quantize_rate = quantize_rate
         self.vector_norm = VectorNorm.build(vector_norm)

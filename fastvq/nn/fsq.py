@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .._checks import check_real
 from ..functional import FSQ_BOUND_EPS, check_fsq_levels, fsq_bound
 from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
+from .errors import raises_config_error
 
 __all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
 
@@ -102,6 +103,7 @@ class FSQ(nn.Module):
             input whose feature size is not ``dim``. TypeError: a non-float input.
     """
 
+    @raises_config_error
     def __init__(
         self,
         levels: Sequence[int],
@@ -312,6 +314,7 @@ class ResidualFSQ(QuantizeDropout, nn.Module):
     ``scales`` and ``soft_clamp_input_value`` are not persistent.
     """
 
+    @raises_config_error
     def __init__(
         self,
         *,
@@ -425,6 +428,7 @@ class GroupedResidualFSQ(GroupedResidual):
 
     residual_class = ResidualFSQ
 
+    @raises_config_error
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__(dim=dim, groups=groups, accept_image_fmap=accept_image_fmap, **kwargs)
         self.codebook_size = self.rvqs[0].codebook_size

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .._checks import check_real
 from .._distributed import all_reduce_sum_
+from .errors import raises_config_error
 from .fsq import check_float_input, check_positive_int
 from .vector_quantize import VectorQuantize
 
@@ -82,6 +83,7 @@ class HierarchicalVQ(nn.Module):
         NotImplementedError: ``forward(indices=...)`` (not implemented by theirs either).
     """
 
+    @raises_config_error
     def __init__(
         self,
         *,
@@ -128,7 +130,7 @@ class HierarchicalVQ(nn.Module):
         if len(sizes) != len(level_shapes):
             raise ValueError(f"codebook_size needs one size per scale ({len(level_shapes)}), got {sizes}")
         if shared_codebook and len(set(sizes)) != 1:
-            raise ValueError("a shared codebook needs one codebook size for every scale")
+            raise ValueError(f"shared_codebook=True: a shared codebook needs one codebook size per scale, got {sizes}")
         self.dim = dim
         self.spatial_dims = spatial_dims
         self.channel_first = channel_first

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_real
+from .errors import ConfigRuntimeError, raises_config_error
 from .fsq import channels_to_sequence, check_float_input, check_positive_int, sequence_to_channels
 
 __all__ = ["LatentQuantize"]
@@ -58,6 +59,7 @@ class LatentQuantize(nn.Module):
             optimizer with ``optimize_values=False``, or an input whose channels are not ``dim``.
     """
 
+    @raises_config_error
     def __init__(
         self,
         levels: Union[Sequence[int], int],
@@ -77,7 +79,8 @@ class LatentQuantize(nn.Module):
         check_real("quantization_loss_weight", quantization_loss_weight)
         if isinstance(levels, int):
             if codebook_dim < 1:
-                raise ValueError(f"an int levels needs codebook_dim >= 1, got codebook_dim = {codebook_dim}")
+                # A RuntimeError too: vector-quantize-pytorch fails here inside torch's repeat(codebook_dim).
+                raise ConfigRuntimeError(f"an int levels needs codebook_dim >= 1, got codebook_dim = {codebook_dim}")
             levels = [levels] * codebook_dim
         levels = [int(level) for level in levels]
         if not levels or min(levels) < 2:

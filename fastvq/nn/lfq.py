@@ -28,6 +28,7 @@ from .._checks import check_real
 from .._distributed import is_distributed
 from ..functional import ENTROPY_EPS, clamped_entropy, code_entropy
 from ._residual import GroupedResidual, QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
+from .errors import raises_config_error
 from .fsq import channels_to_sequence, check_float_input, check_positive_int, sequence_to_channels
 
 __all__ = ["LFQ", "ResidualLFQ", "GroupedResidualLFQ", "CosineSimLinear", "Return", "LossBreakdown"]
@@ -84,15 +85,17 @@ class LFQ(nn.Module):
             (times ``codebook_scale``).
         force_quantization_f32: quantize in float32 with CUDA autocast off.
         orthogonal_rotation: rotate by a random orthogonal matrix (buffer ``orthogonal_rot``).
-        correct_masked_batch_entropy: keyword-only, fastvq's. With ``forward(mask=...)``,
+        correct_masked_batch_entropy: keyword-only, fastvq's. With a ``[B, n]`` ``forward(mask=...)``,
             vector-quantize-pytorch 1.32 folds the codebook axis into the rows before averaging, so
             its "batch" entropy is the mean of the rows' own entropies, equal to the per-sample
             term (with ``diversity_gamma = 1`` the entropy loss is then 0). The default keeps that;
-            ``True`` takes the entropy of the masked rows' mean distribution.
+            ``True`` takes the entropy of the masked rows' mean distribution. A ``[B]`` mask has no
+            such quirk (there or here): the batch entropy is that of the kept samples' mean distribution.
 
     ``forward(x, inv_temperature=100.0, return_loss_breakdown=False, mask=None)`` takes
-    ``[B, n, dim]`` (``[B, dim, ...]`` channel first), ``mask [B, n]`` bool marking the rows that
-    count in the losses. Returns ``Return(quantized, indices, entropy_aux_loss)`` (and
+    ``[B, n, dim]`` (``[B, dim, ...]`` channel first), ``mask`` bool ``[B, n]`` marking the rows that
+    count in the losses, or ``[B]`` marking whole samples (all their rows count). Returns
+    ``Return(quantized, indices, entropy_aux_loss)`` (and
     ``LossBreakdown(per_sample_entropy, batch_entropy, commitment)`` with
     ``return_loss_breakdown``): ``quantized`` like ``x`` (straight-through gradient in training),
     ``indices`` int64 ``[B, n]`` (``[B, n, num_codebooks]``), the first value the most significant
@@ -113,6 +116,7 @@ class LFQ(nn.Module):
             ``codebook_size``, bad fractions or scales, or an input or mask that does not fit.
     """
 
+    @raises_config_error
     def __init__(
         self,
         *,
@@ -256,13 +260,16 @@ class LFQ(nn.Module):
 
     def _entropy_rows(self, rows: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The rows ``[M, G, d]`` the entropy terms see (masked, then the random fraction)."""
-        if mask is not None:
+        if mask is not None and mask.dim() == 2:
             rows = rows[mask]
             if not self.correct_masked_batch_entropy:
                 # vector-quantize-pytorch's 'b n ... -> (b n) ...' on [M, c, d] makes every (row,
                 # codebook) pair a row of its own: one group, M * c rows.
                 rows = rows.reshape(-1, 1, rows.shape[-1])
         else:
+            if mask is not None:
+                # One flag per sample: the kept samples' rows, all of them, as without a mask.
+                rows = rows[mask]
             rows = rows.flatten(0, 1)
         if self.frac_per_sample_entropy < 1.0:
             num_tokens = rows.shape[0]
@@ -276,7 +283,7 @@ class LFQ(nn.Module):
         bit_logits = rows * (4.0 * inv_temperature * self.code_magnitude)
         sample_entropy, avg_probs = code_entropy(bit_logits, eps=ENTROPY_EPS)
         per_sample_entropy = sample_entropy.mean()
-        if mask is not None and not self.correct_masked_batch_entropy:
+        if mask is not None and mask.dim() == 2 and not self.correct_masked_batch_entropy:
             # Their avg_prob is then each row's own distribution: its entropy is the row's entropy.
             codebook_entropy = per_sample_entropy
         else:
@@ -301,9 +308,10 @@ class LFQ(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, n, {self.dim}] ([B, {self.dim}, ...] channel first), "
                              f"got shape {tuple(x.shape)}")
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
-            raise ValueError(f"mask must be a bool [B, n] = {tuple(x.shape[:2])} tensor, "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) not in (tuple(x.shape[:1]),
+                                                                                    tuple(x.shape[:2]))):
+            raise ValueError(f"mask must be a bool [B] = {tuple(x.shape[:1])} or [B, n] = {tuple(x.shape[:2])} "
+                             f"tensor, got {mask.dtype} {tuple(mask.shape)}")
         x = self.project_in(x)
         if self.soft_clamp_input_value is not None:
             clamp_value = self.soft_clamp_input_value
@@ -372,6 +380,7 @@ class ResidualLFQ(QuantizeDropout, nn.Module):
     [Q, B, n, d]``); a dropped layer gives index -1 and loss 0.
     """
 
+    @raises_config_error
     def __init__(
         self,
         *,

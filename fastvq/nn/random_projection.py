@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import soft_quantize
+from .errors import raises_config_error
 from .fsq import check_float_input, check_positive_int
 from .vector_quantize import VectorQuantize, l2norm
 
@@ -42,6 +43,7 @@ class RandomProjectionQuantizer(nn.Module):
         ValueError: bad sizes, an input that is not ``[B, n, dim]``, or indices of another shape.
     """
 
+    @raises_config_error
     def __init__(self, *, dim: int, codebook_size: int, codebook_dim: int, num_codebooks: int = 1,
                  norm: bool = True, **kwargs):
         super().__init__()

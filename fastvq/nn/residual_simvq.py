@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._residual import QuantizeDropout, check_dropout_arguments, codes_from_indices, drop_layer
+from .errors import raises_config_error
 from .fsq import check_float_input
 from .simvq import SimVQ
 
@@ -36,6 +37,7 @@ class ResidualSimVQ(QuantizeDropout, nn.Module):
 
     dropout_needs_grad = False  # vector-quantize-pytorch's ResidualSimVQ drops out under no_grad too
 
+    @raises_config_error
     def __init__(
         self,
         *,

@@ -21,6 +21,7 @@ from .._checks import check_real
 from .._distributed import all_reduce_sum_, is_distributed
 from ..functional import directional_reparam
 from ._adopt import build_like
+from .errors import raises_config_error
 from .vector_quantize import VectorQuantize, vqp_vector_quantize_config
 
 # vector-quantize-pytorch draws the quantize-dropout seed as randint(0, 10 000), summed over ranks.
@@ -125,6 +126,7 @@ class ResidualVQ(nn.Module):
         ValueError: inconsistent sizes or options.
     """
 
+    @raises_config_error
     def __init__(
         self,
         *,
@@ -565,6 +567,7 @@ class GroupedResidualVQ(nn.Module):
     summed cross-entropy)``. In training one quantize-dropout seed is drawn per step for every group.
     """
 
+    @raises_config_error
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
         if not isinstance(groups, int) or groups < 1 or dim % groups:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import raises_config_error
 from .fsp import FSP
 from .fsq import FSQ, GroupedResidualFSQ, ResidualFSQ
 from .hierarchical_vq import HierarchicalVQ
@@ -56,6 +57,7 @@ class Sequential(nn.Module):
     exactly one is a quantizer (vector-quantize-pytorch asserts the latter).
     """
 
+    @raises_config_error
     def __init__(self, *fns: nn.Module):
         super().__init__()
         for position, fn in enumerate(fns):

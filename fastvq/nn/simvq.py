@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.vector_quantize import vector_quantize
+from .errors import raises_config_error
 
 __all__ = ["SimVQ"]
 
@@ -67,6 +68,7 @@ class SimVQ(nn.Module):
             non-tensor or non-float input.
     """
 
+    @raises_config_error
     def __init__(
         self,
         dim: int,

@@ -35,6 +35,7 @@ from ..ops.topk import nearest_codes
 from ..ops.vector_quantize import vector_quantize
 from ._adopt import build_like
 from .codebook import L2NORM_EPS, Codebook, l2norm, perplexity_of  # noqa: F401  (importable from here as before)
+from .errors import raises_config_error
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -212,6 +213,7 @@ class VectorQuantize(nn.Module):
             ``codebook_transform_fn``.
     """
 
+    @raises_config_error
     def __init__(
         self,
         dim: int,

@@ -76,7 +76,7 @@ def _assert_parity(theirs, mine, x, *, atol, rtol=0.0, check_grads=True, **kwarg
     return got_theirs, got_mine
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "mask"])
+@pytest.mark.parametrize("masked", [None, "rows", "samples"], ids=["all-rows", "mask", "sample-mask"])
 @pytest.mark.parametrize("name", list(LFQ_CONFIGS))
 def test_lfq_matches_vector_quantize_pytorch_float64(name, masked):
     theirs, mine = _pair("LFQ", **LFQ_CONFIGS[name], force_quantization_f32=False)
@@ -84,7 +84,9 @@ def test_lfq_matches_vector_quantize_pytorch_float64(name, masked):
     # Unit-scale inputs with inv_temperature = 100 put most codes under the 1e-5 clamp; 0.01 does not.
     row_scales = torch.tensor([1.0, 0.01, 0.1])[:, None, None].double()
     x = torch.randn(3, 19, theirs.dim, generator=generator, dtype=torch.float64) * row_scales
-    mask = (torch.rand(3, 19, generator=generator) > 0.3) if masked else None
+    # A [B, n] mask keeps rows; a [B] mask keeps whole samples (the batch entropy over their mean distribution).
+    mask = {None: None, "rows": torch.rand(3, 19, generator=generator) > 0.3,
+            "samples": torch.tensor([True, False, True])}[masked]
     _assert_parity(theirs, mine, x, atol=1e-10, mask=mask, return_loss_breakdown=True)
     _assert_parity(theirs, mine, x, atol=1e-10, mask=mask, inv_temperature=7.0)
     theirs.eval(), mine.eval()
@@ -100,6 +102,21 @@ def test_lfq_default_float32_and_image_input():
     indices = got_mine[0].indices
     assert torch.equal(mine.indices_to_codes(indices), theirs.indices_to_codes(indices))
     assert torch.equal(mine.codebook, theirs.codebook)
+
+
+def test_lfq_sample_mask_on_images_matches_vector_quantize_pytorch():
+    """A [B] mask on a channel-first image batch: their batch entropy over the kept image's mean distribution
+    (not the [B, n] mask's per-row quirk: the entropy loss is not 0), the commitment over its rows only."""
+    theirs, mine = _pair("LFQ", dtype=torch.float32, dim=12, codebook_size=2**10, commitment_loss_weight=0.25,
+                         entropy_loss_weight=0.1, diversity_gamma=1.0)
+    x = torch.randn(2, 12, 6, 5)
+    mask = torch.tensor([True, False])
+    got_theirs, got_mine = _assert_parity(theirs, mine, x, atol=2e-5, rtol=1e-4, mask=mask,
+                                          return_loss_breakdown=True)
+    breakdown = got_mine[1]
+    assert float(breakdown.batch_entropy) > float(breakdown.per_sample_entropy) + 1.0
+    _, (kept_only, _) = _run(mine, x[:1], return_loss_breakdown=True)
+    torch.testing.assert_close(got_mine[0].entropy_aux_loss, kept_only.entropy_aux_loss, atol=1e-6, rtol=1e-5)
 
 
 def test_lfq_correct_masked_batch_entropy():
