@@ -52,8 +52,13 @@ def _draw(
     """Draws one code per row of ``logits [n, K]`` from ``uniform [n]`` (float64 in ``[0, 1)``).
 
     Returns ``(codes int64 [n], ambiguous bool [n])``: ``ambiguous`` marks rows whose draw could
-    change if each logit moved by up to ``ulps * eps(dtype) * (1 + max |logit|)``. A CDF entry moves
-    by at most twice that (over ``temperature``), a gap between two logits by twice that.
+    change if each logit moved by up to ``s = ulps * eps(dtype) * (1 + max |logit|)``. A gap between
+    two logits moves by at most ``2 s``. A normalised CDF entry ``c = A / (A + B)`` (``A``, ``B`` the
+    probability mass up to and after it) moves by at most ``c (1 - c) (exp(2 s / temperature) - 1)``,
+    since ``A`` and ``B`` each move by a factor within ``exp(+-s / temperature)``: that is about
+    ``2 s / temperature`` in the middle of the distribution and far less at its tails, where most
+    boundaries of a peaked distribution lie. The float64 CDFs themselves differ by at most ``K``
+    roundings, which the band also covers.
     """
     slack = ulps * torch.finfo(logits.dtype).eps * (1 + logits.abs().amax(dim=1).double())
     logits = logits.double()
@@ -70,12 +75,18 @@ def _draw(
             ambiguous |= best - second <= 2 * slack
         return logits.argmax(dim=1), ambiguous
     cdf = torch.softmax(logits / temperature, dim=1).cumsum(dim=1)
-    target = uniform * cdf[:, -1]
+    total = cdf[:, -1]
+    target = uniform * total
     codes = (cdf <= target[:, None]).sum(dim=1).clamp_max(num_codes - 1)
     upper = cdf.gather(1, codes[:, None]).squeeze(1)
     lower = torch.where(codes > 0, cdf.gather(1, (codes - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)
-    margin = 2 * slack / temperature
-    ambiguous |= (upper - target <= margin) | ((codes > 0) & (target - lower <= margin))
+    spread = torch.expm1(2 * slack / temperature)
+    cdf_rounding = 4 * num_codes * torch.finfo(torch.float64).eps * total
+
+    def band(entry: Tensor) -> Tensor:  # how far a CDF entry can move, in the units of ``cdf``
+        return entry * (total - entry) / total * spread + cdf_rounding
+
+    ambiguous |= (upper - target <= band(upper)) | ((codes > 0) & (target - lower <= band(lower)))
     return codes, ambiguous
 
 
@@ -445,61 +456,148 @@ class GatedPixelCNN(_CodePrior):
         return _GatedStepper(self, n, height, width, labels, cond_map)
 
 
-class _GatedStepper:
-    """The fast sampler's state for ``GatedPixelCNN``.
+def _matrix(conv: nn.Conv2d) -> Tensor:
+    """A 1 x 1 convolution's weight as a ``[in, out]`` matrix, for ``x [n, in] @ matrix``."""
+    return conv.weight[:, :, 0, 0].t().contiguous()
 
-    ``vertical[l]`` holds layer ``l``'s vertical input map with ``k // 2`` zero rows on top;
-    ``rows[l]`` holds its horizontal input for the current row with ``k // 2`` zero columns each
-    side; ``links[l]`` the current row's (already shifted) vertical-to-horizontal term. When row
-    ``i`` begins, every layer's vertical stack advances by row ``i - 1`` (all of whose codes are
-    known); at ``(i, j)`` every layer's horizontal stack computes its one new position.
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+
+
+def _matrix_with_bias(conv: nn.Conv2d) -> Tensor:
+    """``[in + 1, out]``: the ``1 x 1`` weight matrix with the bias as its last row, for inputs
+    that end in a constant 1."""
+    return torch.cat([_matrix(conv), _bias(conv)[None]])
+
+
+def _row_term(cond: Optional[Tensor], row: int) -> Optional[Tensor]:
+    """The conditioning term at one row, channels last: ``[n, W or 1, 2C]``."""
+    return None if cond is None else _crop(cond, row)[:, :, 0, :].transpose(1, 2)
+
+
+def _gate_last(x: Tensor) -> Tensor:
+    """``gate`` over the last dimension: ``tanh(a) * sigmoid(b)`` of its two halves."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class _GatedStepper:
+    """The fast sampler's state for ``GatedPixelCNN``: a step costs one position's worth of work.
+
+    Everything a step does not change is cached when a row begins. Row ``i``'s codes reach layer
+    ``l``'s horizontal stack at ``(i, j)`` only through its ``1 x k`` horizontal taps (the
+    vertical stack sees rows ``< i`` only, after the down shift), so when row ``i`` begins each
+    layer's vertical stack advances by row ``i - 1`` (one convolution per layer over that row), and
+    the horizontal stack's other inputs (the shifted vertical link, the bias and the conditioning)
+    are summed into ``links[l]`` ``[n, W, 2C]``. A step then costs, per layer, one matmul of the
+    packed unmasked horizontal taps ``[n, taps * C]`` with the packed weight ``[taps * C, 2C]``
+    onto ``links[l]``, the gate, and one matmul for the ``1 x 1`` output onto the residual; the
+    skip outputs of all layers are summed by one matmul with the stacked skip weights, then the
+    head. Buffers and their per-step views are made once, so a step allocates little and
+    dispatches five plain ATen ops per layer (the masked convolution op's checks and backend
+    selection cost more than the arithmetic at one position).
+
+    ``rows[l]`` ``[n, k // 2 + W, C]`` (channels last) holds layer ``l``'s horizontal input for the
+    current row behind ``k // 2`` zero columns (the taps right of the centre are masked);
+    ``vertical[l]`` ``[n, C, k // 2 + H, k // 2 + W + k // 2]`` its vertical input behind zero rows
+    on top and zero columns each side. Columns right of ``j`` hold stale values, which no mask reads.
+    ``gates`` ``[n, L, C + 1]`` holds every layer's gate output at the current position and a
+    constant 1, so that the ``1 x 1`` weights, packed as ``[C + 1, out]`` with the bias as the
+    last row, add their biases inside the matmul.
     """
 
     def __init__(self, model: GatedPixelCNN, n: int, height: int, width: int, labels, cond_map):
         self.model = model
-        weight = model.embedding.weight
-        channels = model.channels
-        self.vertical = [weight.new_zeros((n, channels, height + layer.kernel_size // 2, width))
-                         for layer in model.layers]
-        self.rows = [weight.new_zeros((n, channels, 1, width + 2 * (layer.kernel_size // 2)))
-                     for layer in model.layers]
-        self.links = [weight.new_zeros((n, 2 * channels, 1, width)) for _ in model.layers]
-        self.conds = [layer.conditioning(labels, cond_map) for layer in model.layers]
         self.rechecked = 0
+        layers = model.layers
+        channels = model.channels
+        weight = model.embedding.weight
+        self.embedding = weight
+        self.conds = [layer.conditioning(labels, cond_map) for layer in layers]
+        self.pads = [layer.kernel_size // 2 for layer in layers]
+        self.vertical = [weight.new_zeros((n, channels, height + pad, width + 2 * pad)) for pad in self.pads]
+        self.rows = [weight.new_zeros((n, pad + width, channels)) for pad in self.pads]
+        self.links = [weight.new_zeros((n, width, 2 * channels)) for _ in layers]
+        # Packed weights: the vertical kernel's rows up to the centre; the horizontal kernel's kept
+        # taps as [taps * C, 2C], tap-major like the row buffer's columns.
+        self.vertical_weights = [layer.vertical.weight[:, :, : pad + 1, :].contiguous()
+                                 for layer, pad in zip(layers, self.pads)]
+        self.vertical_biases = [layer.vertical.bias for layer in layers]
+        self.horizontal_weights = []
+        for layer, pad in zip(layers, self.pads):
+            taps = pad + 1 if layer.mask_type == "B" else pad
+            kept = layer.horizontal.weight[:, :, 0, :taps]  # [2C, C, taps]
+            self.horizontal_weights.append(kept.permute(2, 1, 0).reshape(taps * channels, 2 * channels).contiguous())
+        self.horizontal_biases = [_bias(layer.horizontal) for layer in layers]
+        self.link_weights = [_matrix(layer.vertical_to_horizontal) for layer in layers]
+        self.link_biases = [_bias(layer.vertical_to_horizontal) for layer in layers]
+        self.out_weights = [_matrix_with_bias(layer.out) for layer in layers]
+        self.skip_weight = torch.cat([_matrix_with_bias(layer.skip) for layer in layers])  # [L * (C + 1), C]
+        self.head = [(_matrix(conv), _bias(conv)) for conv in (model.head_hidden, model.head_out)]
+        # Per-step scratch and views, made once.
+        self.gates = weight.new_ones((n, len(layers), channels + 1))
+        self.flat_gates = self.gates.view(n, len(layers) * (channels + 1))
+        self.pre = [weight.new_zeros((n, 2 * channels)) for _ in layers]
+        self.tanh = weight.new_zeros((n, channels))
+        self.sigmoid = weight.new_zeros((n, channels))
+        self.layer_views = [  # per layer: pre-activation, its two halves, the gate output, it with the 1
+            (pre, pre[:, :channels], pre[:, channels:], self.gates[:, index, :channels], self.gates[:, index, :])
+            for index, pre in enumerate(self.pre)
+        ]
+        self.steps = []  # steps[j][l]: the views layer l reads and writes at column j
+        for j in range(width):
+            views = []
+            for index, (layer, pad) in enumerate(zip(layers, self.pads)):
+                taps = self.horizontal_weights[index].shape[0] // channels
+                following = index + 1 < len(layers)
+                views.append((
+                    self.rows[index][:, j : j + taps, :].reshape(n, taps * channels),
+                    self.links[index][:, j, :],
+                    self.rows[index][:, pad + j, :] if layer.residual else None,
+                    self.rows[index + 1][:, self.pads[index + 1] + j, :] if following else None,
+                ))
+            self.steps.append(views)
 
     def begin_row(self, i: int) -> None:
-        for row in self.rows:
-            row.zero_()
-        if i == 0:
-            return
-        above = i - 1
         layers = self.model.layers
+        if i > 0:  # the first layer's vertical input: the embedded codes of the finished row
+            pad = self.pads[0]
+            self.vertical[0][:, :, i - 1 + pad, pad:-pad or None] = self.rows[0][:, pad:, :].transpose(1, 2)
         for index, layer in enumerate(layers):
-            size = layer.kernel_size
-            # Padded rows above - k//2 .. above hold rows above - k//2 .. above; rows after the
-            # centre are masked, so a crop of k//2 + 1 rows padded by k//2 zero rows below suffices.
-            crop = F.pad(self.vertical[index][:, :, above : above + size // 2 + 1, :], (0, 0, 0, size // 2))
-            v_pre = layer.vertical(crop, padding=(0, size // 2))
-            if index + 1 < len(layers):
-                v_out = layer.vertical_output(v_pre, _crop(self.conds[index], above))
-                self.vertical[index + 1][:, :, above + layers[index + 1].kernel_size // 2, :] = v_out[:, :, 0, :]
-            self.links[index] = layer.link(v_pre)
+            term = self.horizontal_biases[index] + (0 if self.conds[index] is None else _row_term(self.conds[index], i))
+            if i > 0:
+                above, pad = i - 1, self.pads[index]
+                # Padded rows above .. above + pad hold rows above - pad .. above: the kept kernel rows.
+                v_pre = F.conv2d(self.vertical[index][:, :, above : above + pad + 1, :], self.vertical_weights[index],
+                                 self.vertical_biases[index])[:, :, 0, :].transpose(1, 2)  # [n, W, 2C]
+                term = term + torch.addmm(self.link_biases[index], v_pre.reshape(-1, v_pre.shape[2]),
+                                          self.link_weights[index]).view_as(v_pre)
+                if index + 1 < len(layers):
+                    cond = self.conds[index]
+                    v_out = _gate_last(v_pre if cond is None else v_pre + _row_term(cond, above))
+                    following = self.pads[index + 1]
+                    self.vertical[index + 1][:, :, above + following, following:-following or None] = (
+                        v_out.transpose(1, 2))
+            self.links[index].copy_(term.expand_as(self.links[index]))
 
     def logits(self, i: int, j: int) -> Tensor:
-        skip = None
-        layers = self.model.layers
-        for index, layer in enumerate(layers):
-            size = layer.kernel_size
-            crop = self.rows[index][:, :, :, j : j + size]
-            link = self.links[index][:, :, :, j : j + 1]
-            h_out, layer_skip = layer.horizontal_output(crop, link, _crop(self.conds[index], i, j), padding=(0, 0))
-            if index + 1 < len(layers):
-                self.rows[index + 1][:, :, 0, j + layers[index + 1].kernel_size // 2] = h_out[:, :, 0, 0]
-            skip = layer_skip if skip is None else skip + layer_skip
-        return self.model.head(skip)[:, :, 0, 0]
+        for (taps, link, residual, following), (pre, a, b, gate_out, gate_and_one), weight, out_weight in zip(
+            self.steps[j], self.layer_views, self.horizontal_weights, self.out_weights
+        ):
+            torch.addmm(link, taps, weight, out=pre)
+            torch.tanh(a, out=self.tanh)
+            torch.sigmoid(b, out=self.sigmoid)
+            torch.mul(self.tanh, self.sigmoid, out=gate_out)
+            if following is None:  # the last layer's h_out feeds nothing
+                continue
+            if residual is None:
+                torch.mm(gate_and_one, out_weight, out=following)
+            else:
+                torch.addmm(residual, gate_and_one, out_weight, out=following)
+        skip = torch.mm(self.flat_gates, self.skip_weight).relu_()
+        (hidden_weight, hidden_bias), (out_weight, out_bias) = self.head
+        return torch.addmm(out_bias, torch.addmm(hidden_bias, skip, hidden_weight).relu_(), out_weight)
 
     def commit(self, i: int, j: int, codes: Tensor) -> None:
-        pad = self.model.layers[0].kernel_size // 2
-        embedded = self.model.embedding(codes)
-        self.rows[0][:, :, 0, j + pad] = embedded
-        self.vertical[0][:, :, i + pad, j] = embedded
+        self.rows[0][:, self.pads[0] + j, :] = self.embedding[codes]
