@@ -145,12 +145,13 @@ def test_fast_sampler_state_reproduces_the_full_logits(kind, cond):
 
 
 @pytest.mark.parametrize("kernel_size, first_kernel_size", [(1, 1), (5, 3)])
-def test_gated_fast_sampler_state_with_other_kernel_sizes(kernel_size, first_kernel_size):
-    """1 x 1 kernels (no padding, a type-A layer with no horizontal tap) and a first kernel smaller
-    than the later ones: the cached logits still match a full pass."""
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fast_sampler_state_with_other_kernel_sizes(kind, kernel_size, first_kernel_size):
+    """1 x 1 kernels (no padding, a type-A layer with no tap) and a first kernel smaller than the
+    later ones: the cached logits still match a full pass."""
     torch.manual_seed(0)
-    model = GatedPixelCNN(NUM_CODES, channels=8, num_layers=3, kernel_size=kernel_size,
-                          first_kernel_size=first_kernel_size, num_classes=3).eval()
+    model = MODELS[kind](NUM_CODES, channels=8, num_layers=3, kernel_size=kernel_size,
+                         first_kernel_size=first_kernel_size, num_classes=3).eval()
     codes, labels = _codes(3, 4, 5), _cond("class", 3)
     with torch.no_grad():
         full = model(codes, labels)
@@ -175,12 +176,13 @@ def _step_flops(model, width):
     return counter.get_total_flops()
 
 
-def test_gated_fast_sampler_step_costs_one_position(monkeypatch):
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fast_sampler_step_costs_one_position(monkeypatch, kind):
     """A step runs no masked convolution (its per-call checks cost more than one position's
-    arithmetic) and does as many flops on a 40-wide row as on a 5-wide one: about one position of
-    the network (per layer ``taps * C * 2C`` for the horizontal stack, ``(C + 1) * C`` for the
-    output; the skip sum and the head)."""
-    model = _model("gated", channels=8)
+    arithmetic) and does as many flops on a 40-wide row as on a 5-wide one: exactly one position
+    of the network's matmuls, the 1 x 1 biases included as one more input channel."""
+    channels, layers, taps = 8, 3, 2  # two kept centre-row taps per layer: 1 x 5 or 5 x 5 A, 1 x 3 or 3 x 3 B
+    model = _model(kind, channels=channels, num_layers=layers)
 
     def no_masked_conv(*args, **kwargs):
         raise AssertionError("a sampler step ran a masked convolution")
@@ -188,11 +190,13 @@ def test_gated_fast_sampler_step_costs_one_position(monkeypatch):
     monkeypatch.setattr(pixelcnn_module.MaskedConv2d, "forward", no_masked_conv)
     flops = _step_flops(model, 5)
     assert flops == _step_flops(model, 40) > 0
-    channels, layers = 8, 3
-    horizontal = layers * 2 * (2 * channels) * (2 * channels)  # two kept taps in each layer (1 x 5 A, 1 x 3 B)
-    outputs = 2 * (2 * (channels + 1) * channels)
-    skip_and_head = 2 * layers * (channels + 1) * channels + 2 * channels * channels + 2 * channels * NUM_CODES
-    assert flops == horizontal + outputs + skip_and_head
+    head = 2 * channels * channels + 2 * channels * NUM_CODES
+    if kind == "gated":  # horizontal stacks C -> 2C, outputs of all but the last layer, one skip matmul
+        expected = (layers * 2 * taps * channels * 2 * channels + (layers - 1) * 2 * (channels + 1) * channels
+                    + 2 * layers * (channels + 1) * channels + head)
+    else:  # centre-row taps C -> C, the 1 x 1 outputs of the residual layers
+        expected = layers * 2 * taps * channels * channels + (layers - 1) * 2 * (channels + 1) * channels + head
+    assert flops == expected
 
 
 def test_draw_band_is_tight_and_sound():
