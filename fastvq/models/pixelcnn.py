@@ -59,8 +59,8 @@ def _draw(
     change if each logit moved by up to ``s = ulps * eps(dtype) * (1 + max |logit|)``. A gap between
     two logits moves by at most ``2 s``. A normalised CDF entry ``c = A / (A + B)`` (``A``, ``B`` the
     probability mass up to and after it) moves by at most ``c (1 - c) (exp(2 s / temperature) - 1)``,
-    since ``A`` and ``B`` each move by a factor within ``exp(+-s / temperature)``: that is about
-    ``2 s / temperature`` in the middle of the distribution and far less at its tails, where most
+    since ``A`` and ``B`` each move by a factor within ``exp(+-s / temperature)``: at most about a
+    quarter of ``2 s / temperature`` (at ``c = 1/2``) and far less at the tails, where most
     boundaries of a peaked distribution lie. The float64 CDFs themselves differ by at most ``K``
     roundings, which the band also covers.
     """
@@ -245,13 +245,37 @@ class _CodePrior(nn.Module):
         return height, width
 
 
-def _crop(cond: Optional[Tensor], row: int, col: Optional[int] = None) -> Optional[Tensor]:
-    """The conditioning term at one row (``col=None``) or one position; constant terms as they are."""
+def _crop(cond: Optional[Tensor], row: int) -> Optional[Tensor]:
+    """The conditioning term at one row; constant terms as they are."""
     if cond is None or cond.shape[2:] == (1, 1):
         return cond
-    if col is None:
-        return cond[:, :, row : row + 1, :]
-    return cond[:, :, row : row + 1, col : col + 1]
+    return cond[:, :, row : row + 1, :]
+
+
+def _matrix(conv: nn.Conv2d) -> Tensor:
+    """A 1 x 1 convolution's weight as a ``[in, out]`` matrix, for ``x [n, in] @ matrix``."""
+    return conv.weight[:, :, 0, 0].t().contiguous()
+
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+
+
+def _matrix_with_bias(conv: nn.Conv2d) -> Tensor:
+    """``[in + 1, out]``: the ``1 x 1`` weight matrix with the bias as its last row, for inputs
+    that end in a constant 1."""
+    return torch.cat([_matrix(conv), _bias(conv)[None]])
+
+
+def _row_term(cond: Optional[Tensor], row: int) -> Optional[Tensor]:
+    """The conditioning term at one row, channels last: ``[n, W or 1, channels]``."""
+    return None if cond is None else _crop(cond, row)[:, :, 0, :].transpose(1, 2)
+
+
+def _gate_last(x: Tensor) -> Tensor:
+    """``gate`` over the last dimension: ``tanh(a) * sigmoid(b)`` of its two halves."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.tanh(a) * torch.sigmoid(b)
 
 
 # --------------------------------------------------------------------------- PixelCNN
@@ -425,7 +449,7 @@ class _PixelCNNStepper:
             else:
                 term = self.biases[index]
             if self.conds[index] is not None:
-                term = term + _crop(self.conds[index], i)[:, :, 0, :].transpose(1, 2)
+                term = term + _row_term(self.conds[index], i)
             self.above[index].copy_(term.expand_as(self.above[index]))
 
     def logits(self, i: int, j: int) -> Tensor:
@@ -512,32 +536,6 @@ class GatedPixelCNN(_CodePrior):
 
     def _stepper(self, n, height, width, labels, cond_map) -> "_GatedStepper":
         return _GatedStepper(self, n, height, width, labels, cond_map)
-
-
-def _matrix(conv: nn.Conv2d) -> Tensor:
-    """A 1 x 1 convolution's weight as a ``[in, out]`` matrix, for ``x [n, in] @ matrix``."""
-    return conv.weight[:, :, 0, 0].t().contiguous()
-
-
-def _bias(conv: nn.Conv2d) -> Tensor:
-    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
-
-
-def _matrix_with_bias(conv: nn.Conv2d) -> Tensor:
-    """``[in + 1, out]``: the ``1 x 1`` weight matrix with the bias as its last row, for inputs
-    that end in a constant 1."""
-    return torch.cat([_matrix(conv), _bias(conv)[None]])
-
-
-def _row_term(cond: Optional[Tensor], row: int) -> Optional[Tensor]:
-    """The conditioning term at one row, channels last: ``[n, W or 1, 2C]``."""
-    return None if cond is None else _crop(cond, row)[:, :, 0, :].transpose(1, 2)
-
-
-def _gate_last(x: Tensor) -> Tensor:
-    """``gate`` over the last dimension: ``tanh(a) * sigmoid(b)`` of its two halves."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.tanh(a) * torch.sigmoid(b)
 
 
 class _GatedStepper:
