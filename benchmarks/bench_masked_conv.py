@@ -24,8 +24,10 @@ faster). ``peak_mib`` is the peak memory growth of one forward + backward.
 Sampling: ``GatedPixelCNN`` and ``PixelCNN`` with 12 layers (kernel 3, first kernel 7, 64
 channels, 512 codes) drawing ``n`` maps of 32 x 32, ``method="naive"`` (the whole network per
 position) against ``method="fast"`` (cached; recomputes only what each new code changes), with the
-same generator seed; ``speedup`` is naive over fast. A naive 32 x 32 map takes about a minute or
-more on a small CPU, so it is timed once (``repeats``) and the fast sampler a few times.
+same generator seed; ``speedup`` is naive over fast, each naive sample over the fast samples timed
+just before and after it (interleaved, so that a loaded machine's changing load falls on both). A
+naive 32 x 32 map takes about a minute or more on a small CPU, so it is timed once (``repeats``)
+and the fast sampler a few times.
 
 Rows are keyed by their own parameters: a convolution by ``batch``, ``channels`` (in = out),
 ``size`` (the map's side), ``kernel``, ``mask``, ``dtype`` and ``threads``; a sampler row by
@@ -256,30 +258,45 @@ def _timed_sample(model, point: SamplerPoint, method: str, device: str) -> tuple
 
 def measure_sampler_point(point: SamplerPoint, device: str, fast_repeats: int,
                           naive_repeats: int) -> tuple[list[dict], bool]:
-    """Times both samplers with the same seed (host clock around the whole, synchronised, loop) and
-    checks that they drew the same maps."""
+    """Times both samplers with the same seed (host clock around the whole, synchronised, loop),
+    interleaved, and checks that they drew the same maps.
+
+    Each naive sample runs between two fast ones (``fast, naive, fast, naive, ..., fast``, then any
+    further fast samples), so a change in the machine's load falls on both: ``speedup`` is the
+    median, over the naive samples, of its time over the mean of its two neighbouring fast
+    samples' times, not the ratio of medians taken minutes apart."""
     model = build_prior(point, device)
     model.sample(point.n, (4, 4), method="fast")  # warm-up: thread pools, kernels, autotuning
     model.sample(point.n, (4, 4), method="naive")
-    rows, maps = {}, {}
-    for method, repeats in (("naive", naive_repeats), ("fast", fast_repeats)):
-        load = os.getloadavg()[0]
-        times = []
-        for _ in range(repeats):
-            elapsed, maps[method] = _timed_sample(model, point, method, device)
-            times.append(elapsed)
+    schedule = ["fast"]
+    for _ in range(naive_repeats):
+        schedule += ["naive", "fast"]
+    schedule += ["fast"] * max(0, fast_repeats - (naive_repeats + 1))
+    times: dict[str, list[float]] = {"naive": [], "fast": []}
+    loads: dict[str, float] = {}
+    rechecks, maps = [], {}
+    for method in schedule:
+        loads.setdefault(method, os.getloadavg()[0])
+        elapsed, maps[method] = _timed_sample(model, point, method, device)
+        times[method].append(elapsed)
+        if method == "fast":
+            rechecks.append(model.last_sample_rechecks)
+        print(f"  {method:>5}: {elapsed / 1e3:8.2f} s", flush=True)
+    rows = {}
+    for method in ("naive", "fast"):
         rows[method] = {"bench": "pixelcnn_sample", "impl": method, "model": point.model, "layers": point.num_layers,
                         "size": point.size, "n": point.n, "channels": point.channels, "codes": point.num_codes,
                         "threads": threads_used(device),
-                        "median_ms": statistics.median(times), "q20_ms": min(times), "q80_ms": max(times),
-                        "repeats": repeats, "rechecks": model.last_sample_rechecks if method == "fast" else None,
-                        "load1": load, "note": ""}
-        print(f"  {method:>5}: {statistics.median(times) / 1e3:8.2f} s (x{repeats})", flush=True)
+                        "median_ms": statistics.median(times[method]), "q20_ms": min(times[method]),
+                        "q80_ms": max(times[method]), "repeats": len(times[method]),
+                        "rechecks": max(rechecks) if method == "fast" else None, "load1": loads[method], "note": ""}
     same = torch.equal(maps["naive"], maps["fast"])
-    rows["fast"]["speedup"] = rows["naive"]["median_ms"] / rows["fast"]["median_ms"]
+    # The k-th naive sample ran between fast samples k and k + 1.
+    ratios = [naive / ((times["fast"][k] + times["fast"][k + 1]) / 2) for k, naive in enumerate(times["naive"])]
+    rows["fast"]["speedup"] = statistics.median(ratios)
     if not same:
         rows["fast"]["note"] = "FAILED: the fast sampler drew different maps"
-    print(f"  speedup {rows['fast']['speedup']:.1f}x, same maps: {same}", flush=True)
+    print(f"  speedup {rows['fast']['speedup']:.1f}x (interleaved), same maps: {same}", flush=True)
     return list(rows.values()), same
 
 

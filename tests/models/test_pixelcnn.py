@@ -144,6 +144,84 @@ def test_fast_sampler_state_reproduces_the_full_logits(kind, cond):
                 stepper.commit(i, j, codes[:, i, j])
 
 
+@pytest.mark.parametrize("kernel_size, first_kernel_size", [(1, 1), (5, 3)])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fast_sampler_state_with_other_kernel_sizes(kind, kernel_size, first_kernel_size):
+    """1 x 1 kernels (no padding, a type-A layer with no tap) and a first kernel smaller than the
+    later ones: the cached logits still match a full pass."""
+    torch.manual_seed(0)
+    model = MODELS[kind](NUM_CODES, channels=8, num_layers=3, kernel_size=kernel_size,
+                         first_kernel_size=first_kernel_size, num_classes=3).eval()
+    codes, labels = _codes(3, 4, 5), _cond("class", 3)
+    with torch.no_grad():
+        full = model(codes, labels)
+        stepper = model._stepper(3, 4, 5, labels, None)
+        for i in range(4):
+            stepper.begin_row(i)
+            for j in range(5):
+                torch.testing.assert_close(stepper.logits(i, j), full[:, :, i, j], rtol=1e-5, atol=1e-5)
+                stepper.commit(i, j, codes[:, i, j])
+
+
+def _step_flops(model, width):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad():
+        stepper = model._stepper(1, 3, width, None, None)
+        stepper.begin_row(0)
+        stepper.commit(0, 0, torch.zeros(1, dtype=torch.int64))
+        stepper.begin_row(1)
+        with FlopCounterMode(display=False) as counter:
+            stepper.logits(1, 1)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fast_sampler_step_costs_one_position(monkeypatch, kind):
+    """A step runs no masked convolution (its per-call checks cost more than one position's
+    arithmetic) and does as many flops on a 40-wide row as on a 5-wide one: exactly one position
+    of the network's matmuls, the 1 x 1 biases included as one more input channel."""
+    channels, layers, taps = 8, 3, 2  # two kept centre-row taps per layer: 1 x 5 or 5 x 5 A, 1 x 3 or 3 x 3 B
+    model = _model(kind, channels=channels, num_layers=layers)
+
+    def no_masked_conv(*args, **kwargs):
+        raise AssertionError("a sampler step ran a masked convolution")
+
+    monkeypatch.setattr(pixelcnn_module.MaskedConv2d, "forward", no_masked_conv)
+    flops = _step_flops(model, 5)
+    assert flops == _step_flops(model, 40) > 0
+    head = 2 * channels * channels + 2 * channels * NUM_CODES
+    if kind == "gated":  # horizontal stacks C -> 2C, outputs of all but the last layer, one skip matmul
+        expected = (layers * 2 * taps * channels * 2 * channels + (layers - 1) * 2 * (channels + 1) * channels
+                    + 2 * layers * (channels + 1) * channels + head)
+    else:  # centre-row taps C -> C, the 1 x 1 outputs of the residual layers
+        expected = layers * 2 * taps * channels * channels + (layers - 1) * 2 * (channels + 1) * channels + head
+    assert flops == expected
+
+
+def test_draw_band_is_tight_and_sound():
+    """The draw is flagged ambiguous exactly when logits moved by up to the slack could change it:
+    an adversarial move within the slack flips every flagged draw just inside the band, and no
+    move within the slack flips an unflagged one."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 5, generator=generator)
+    uniform = torch.rand(4000, generator=generator, dtype=torch.float64)
+    ulps = 1e4  # a slack of about 1e-3 (float32), wide enough to hit at random
+    codes, ambiguous = pixelcnn_module._draw(logits, uniform, 1.0, None, ulps)
+    slack = ulps * torch.finfo(torch.float32).eps * (1 + logits.abs().amax(dim=1).double())
+    flipped = torch.zeros_like(ambiguous)
+    for boundary in range(1, 5):  # push the mass before each boundary up or down by the slack
+        for sign in (1.0, -1.0):
+            direction = torch.where(torch.arange(5) < boundary, sign, -sign).double()
+            moved = logits.double() + 0.999 * slack[:, None] * direction
+            moved_codes, _ = pixelcnn_module._draw(moved, uniform, 1.0, None, 0)
+            flipped |= moved_codes != codes
+    assert not (flipped & ~ambiguous).any(), "a draw outside the band changed within the slack"
+    assert ambiguous.sum() >= 20 and flipped[ambiguous].float().mean() > 0.9, (
+        "the band flags draws that no move within the slack changes: it is loose"
+    )
+
+
 SAMPLES, SAMPLE_SHAPE = 8, (5, 6)
 
 
