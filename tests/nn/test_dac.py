@@ -18,12 +18,18 @@ DIM, CODES, LEVELS = 12, 16, 4
 CONFIG = dict(input_dim=DIM, n_codebooks=LEVELS, codebook_size=CODES, codebook_dim=[3, 4, 3, 2], quantizer_dropout=0.5)
 
 
-def _pair(parity=False, **overrides):
+def _original(**overrides):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        theirs = quantize.ResidualVectorQuantize(**{**CONFIG, **overrides}).double()
-    return theirs, ours_module.ResidualVectorQuantize.from_original(copy.deepcopy(theirs), parity=parity)
+        return quantize.ResidualVectorQuantize(**{**CONFIG, **overrides}).double()
+
+
+def _pair(parity=False, **overrides):
+    # from_original takes over its original's tensors, so it gets a second, identical original (weight_norm's
+    # derived weight cannot be deep-copied)
+    return _original(**overrides), ours_module.ResidualVectorQuantize.from_original(_original(**overrides),
+                                                                                   parity=parity)
 
 
 def _run(module, z, seed, *args):
