@@ -34,3 +34,7 @@ from .functional import soft_entropy, soft_quantize  # noqa: E402
 
 __all__ += ["soft_quantize", "soft_entropy"]
 __all__ += ["kmeans", "KMeansResult"]
+
+from .functional import nearest_code_batched  # noqa: E402
+
+__all__ += ["nearest_code_batched"]
