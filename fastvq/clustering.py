@@ -865,7 +865,9 @@ def _batched_lloyd(
     # segments b K .. b K + K - 1, so that its counts and sums are rows b K .. b K + K - 1 of the result.
     flat_rows = x.reshape(num_problems * num_rows, dim)
     segment_offsets = torch.arange(num_problems, device=device)[:, None] * num_clusters
-    running = torch.ones(num_problems, dtype=torch.bool, device=device)
+    # Which problems still iterate: known on the host (tol is checked there), sent to the device only once one
+    # has stopped, so that an iteration of B running problems does no masking.
+    running = torch.ones(num_problems, dtype=torch.bool)
     assignments = torch.zeros(num_problems, num_rows, dtype=torch.int64, device=device)
     histories: list[list[float]] = [[] for _ in range(num_problems)]
     inertia: list[Tensor] = []
@@ -874,24 +876,28 @@ def _batched_lloyd(
         counts, sums = segment_reduce(flat_rows, (indices + segment_offsets).flatten(), num_problems * num_clusters,
                                       deterministic=True)
         counts, sums = counts.view(num_problems, num_clusters), sums.view(num_problems, num_clusters, dim)
-        totals = distances.sum(dim=1, dtype=torch.float64)
+        totals = distances.sum(dim=1, dtype=torch.float64).cpu()
         inertia.append(torch.where(running, totals, math.nan))
         _check_finite(float(totals.sum()), x)
         if empty_clusters == "farthest":
-            for b in torch.nonzero(running & (counts == 0).any(dim=1)).flatten().tolist():
+            for b in torch.nonzero(running & (counts == 0).any(dim=1).cpu()).flatten().tolist():
                 _reseed_empty(_Shards(x[b], device, False), counts[b], sums[b], indices[b], distances[b])
-        new_centroids = sums / counts.clamp_min(1.0)[:, :, None]
+        new_centroids = sums.div_(counts.clamp_min(1.0)[:, :, None])
         if metric == "cosine":
             new_centroids = F.normalize(new_centroids, dim=2, eps=CENTROID_NORM_EPS)
-        moved = running[:, None] & (counts > 0)
-        centroids = torch.where(moved[:, :, None], new_centroids, centroids)
-        assignments = torch.where(running[:, None], indices, assignments)
+        if bool(running.all()):
+            centroids = torch.where((counts > 0)[:, :, None], new_centroids, centroids)
+            assignments = indices
+        else:
+            mask = running.to(device)
+            centroids = torch.where((mask[:, None] & (counts > 0))[:, :, None], new_centroids, centroids)
+            assignments = torch.where(mask[:, None], indices, assignments)
         if tol is not None:
             for b in torch.nonzero(running).flatten().tolist():
                 histories[b].append(float(totals[b]))
                 if _converged(histories[b], tol):
                     running[b] = False
-        _report(bar, float(totals[running].sum()) if bool(running.any()) else float(totals.sum()))
+        _report(bar, float(totals[running].sum()))
         if not bool(running.any()):
             break
     return KMeansResult(centroids, assignments, torch.stack(inertia).cpu())

@@ -232,6 +232,10 @@ def lowest_duplicate_batched(indices: Tensor, codebook: Tensor) -> Tensor:
     num_problems, num_codes, dim = codebook.shape
     if indices.numel() == 0 or num_codes < 2:
         return indices
+    # On CPU the search for duplicates first probes a few entries of every code: where no two codes of all the
+    # problems together are equal (the usual case), that settles it without copying the codebooks.
+    if codebook.device.type == "cpu" and find_duplicate_codes(codebook.reshape(num_problems * num_codes, dim)) is None:
+        return indices
     wide = torch.float64 if codebook.dtype == torch.float64 else torch.float32
     problem = torch.arange(num_problems, device=codebook.device, dtype=wide)
     tagged = torch.cat([codebook.to(wide), problem[:, None, None].expand(-1, num_codes, 1)], dim=2)
