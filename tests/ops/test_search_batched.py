@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _backends import backends_for
+from _backends import HAS_CUDA, backends_for
 from _parity import METRICS, assert_search_parity
 
 import fastvq
@@ -130,3 +130,22 @@ def test_bad_types_and_metric_are_named():
 def test_opcheck(backend, device, metric):
     z, codebook = _inputs((2, 9, 6, 5), torch.float32, device)
     torch.library.opcheck(torch.ops.fastvq.nearest_code_batched.default, (z, codebook, metric))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU every batched search test already runs the autotuned path")
+def test_the_autotuned_batched_launch_matches_the_reference(monkeypatch):
+    """The autotuned wrapper (grid from the chosen config, the SINGLE_D_TILE heuristic) under the interpreter,
+    restricted to one small configuration, as tests/backends/test_triton_tuning.py runs the single search's."""
+    import triton
+
+    from fastvq.backends.triton import search
+
+    small = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(search._nearest_code_batched_tuned, "configs", [small])
+    monkeypatch.setattr(search, "interpreting", lambda: False)
+    monkeypatch.setattr(search, "dot_precision", lambda dtype: "ieee")
+    z, codebook = _inputs((2, 21, 37, 40), torch.float32, "cpu", seed=5)
+    indices, distances = search.nearest_code_batched(z, codebook, "l2")
+    expected_indices, expected_distances = reference.nearest_code_batched_ref(z, codebook)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(distances, expected_distances, rtol=1e-5, atol=1e-5)
