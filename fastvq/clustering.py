@@ -259,6 +259,8 @@ def check_kmeans_args(
     check_float("x", x)
     if x.shape[-1] < 1:
         raise ValueError(f"x must have D >= 1, got shape {tuple(x.shape)}")
+    if x.dim() == 3 and x.shape[0] < 1:
+        raise ValueError(f"x [B, N, D] must hold at least one problem (B >= 1), got shape {tuple(x.shape)}")
     _check_int("num_clusters", num_clusters, 1)
     _check_int("iters", iters, 1)
     if batch_size is not None:

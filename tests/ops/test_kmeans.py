@@ -181,6 +181,7 @@ def test_nan_data_raises():
         ((torch.zeros(10),), {}, ValueError, r"x must be 2-D \[N, D\] \(or 3-D \[B, N, D\].*got shape \(10,\)"),
         ((torch.zeros(2, 2, 10, 3),), {}, ValueError, r"x must be 2-D .* got shape \(2, 2, 10, 3\)"),
         ((torch.zeros(2, 10, 3), 11), {}, ValueError, r"draws 11 distinct rows of each problem, but x has 10 rows"),
+        ((torch.zeros(0, 10, 3), 2), {}, ValueError, r"at least one problem \(B >= 1\), got shape \(0, 10, 3\)"),
         ((torch.zeros(2, 10, 3), 2), {"init": torch.zeros(2, 3)}, ValueError, r"init must have shape \(2, 2, 3\)"),
         ((torch.zeros(2, 10, 3), 2), {"batch_size": 4}, ValueError, r"batch_size .* takes one \[N, D\] problem"),
         ((torch.zeros(10, 3, dtype=torch.int64),), {}, TypeError, "x must be a floating-point tensor"),
