@@ -492,7 +492,7 @@ def _weighted_kmeans_plusplus(
     All of a problem's uniform numbers are drawn at once, so the K steps run no generator; the trials'
     distances to every candidate come from one small batched product per step (around the candidates'
     mean for l2, so that data far from the origin does not cancel)."""
-    num_problems, num_candidates, _ = candidates.shape
+    num_problems = candidates.shape[0]
     device = candidates.device
     num_trials = 2 + int(math.log(num_clusters))
     uniforms = torch.stack([torch.rand(num_clusters, num_trials, generator=g, dtype=torch.float64)
