@@ -1,33 +1,44 @@
-"""k-means: ``fastvq.kmeans`` against ``faiss.Kmeans`` and scikit-learn's ``KMeans(algorithm="lloyd")``.
+"""k-means: ``fastvq.kmeans`` against ``faiss.Kmeans`` and scikit-learn's ``KMeans``, and B problems at once.
 
-    python benchmarks/bench_kmeans.py [--small] [-n N] [-d D] [-k K] [--iters I] [--threads 1 2]
-                                      [--device cpu|cuda] [--dtype fp32|bf16] [--no-memory] [--out DIR]
+    python benchmarks/bench_kmeans.py [--small] [--mode defaults same-init batched] [-n N] [-d D] [-k K]
+                                      [--iters I] [-b B] [--threads 1 2] [--device cpu|cuda]
+                                      [--dtype fp32|bf16] [--no-memory] [--out DIR]
 
-All three cluster the same data (a Gaussian mixture, float32) from the same initial centroids
-(``K`` distinct rows drawn uniformly), for the same number of Lloyd iterations, on every row:
-FAISS with ``max_points_per_centroid`` raised so it does not subsample (by default it keeps 256
-rows per centroid), scikit-learn with ``n_init=1, tol=0``. fastvq runs with ``tol=None``.
+Three modes (``--mode``, all three by default), each its own rows (column ``mode``):
 
-Rows (``bench = kmeans``), one per implementation and thread count:
+- ``defaults``: each library as a user runs it, with its own defaults, seeding included: ``fastvq.kmeans(x, K,
+  seed=0)`` (k-means|| seeding, at most 25 iterations, ``tol=1e-4``), ``faiss.Kmeans(D, K).train(x)`` (random
+  seeds, 25 iterations on a sample of 256 rows per centroid) and, where it is cheap (N K <= 2e8), scikit-learn's
+  ``KMeans(K, random_state=0)`` (greedy k-means++, up to 300 iterations, ``tol=1e-4``). Columns: ``init_s``
+  (fastvq: its seeding timed alone; FAISS: the run's time outside its iterations, read from its iteration
+  statistics: sampling and seeding; scikit-learn: not separable), ``iters_run``, ``s_per_iter`` (the
+  iterations' time over their number; scikit-learn's includes its seeding), ``total_s``, ``init_iters`` (the
+  seeding's time in units of this row's iteration: the goal is <= 2), ``final_inertia``, ``vs_faiss`` and
+  ``speedup_vs_faiss`` (FAISS's ``total_s`` over this row's).
+- ``same-init``: all three cluster the same data from the same initial centroids (``K`` distinct rows drawn
+  uniformly), for the same number of Lloyd iterations, on every row: FAISS with ``max_points_per_centroid``
+  raised so it does not subsample, scikit-learn with ``n_init=1, tol=0``, fastvq with ``tol=None``. Columns:
+  ``s_per_iter`` (the whole run's wall time over the iterations); ``last_inertia`` (the library's own
+  objective of the last iteration: FAISS's ``obj[-1]``, fastvq's ``inertia[-1]``; scikit-learn reports only
+  the next one); ``final_inertia``; ``speedup_vs_faiss``; fastvq's ``search_s`` (``nearest_code`` alone) and
+  ``update_s`` (``segment_reduce`` alone), ``overhead_s`` (``s_per_iter`` less both: the bookkeeping between
+  them) and ``peak_mib`` (the memory two iterations add on top of the data, in a fresh process).
+- ``batched``: ``B`` problems of ``N`` rows (issue 26: B = 32, N = 65 536, K = 1 024, D = 128) clustered in
+  one ``fastvq.kmeans(x [B, N, D], K)`` call (impl ``fastvq-batched``) against the equal-work baseline, one
+  problem of ``B N`` rows and ``K`` clusters (impl ``fastvq-one-problem``): both are ``B N K D``
+  multiply-adds an iteration, so the ratio of their times (``vs_one_problem``, the goal <= 1.1) is the
+  batched call's cost over the single call's per-row-per-code throughput. (One call on ``B N`` rows with
+  ``B K`` codes would do B times the work.) Both from given centroids, ``tol=None``; ``search_s`` times
+  ``nearest_code_batched`` and ``nearest_code`` alone.
 
-- ``s_per_iter``: the whole run's wall time divided by the iterations (FAISS's and scikit-learn's
-  set-up is in it too; it is small next to an iteration at these sizes);
-- ``last_inertia``: the library's own objective of the last iteration (FAISS's ``obj[-1]``,
-  fastvq's ``inertia[-1]``: the rows' distances to the centroids they were assigned to before the
-  last update; scikit-learn reports only the next one, so it has none);
-- ``final_inertia``: the sum of squared distances from every row to its nearest *returned*
-  centroid, recomputed by one float64-summed ``fastvq.nearest_code`` pass for all three, and
-  ``vs_faiss``, that inertia relative to FAISS's (the goal: within 1 %);
-- ``speedup_vs_faiss``: FAISS's ``s_per_iter`` at the same thread count over this row's;
-- fastvq's rows also split one iteration into ``search_s`` (``nearest_code`` alone) and
-  ``update_s`` (``segment_reduce`` alone), and carry ``peak_mib``: the peak memory two iterations
-  add on top of the data and the initial centroids, measured in a fresh process by the harness;
-- ``load1``: the 1-minute load average as the row's measurement started.
+Every ``final_inertia`` is the sum of squared distances from every row to its nearest *returned* centroid,
+recomputed by one float64-summed ``fastvq.nearest_code`` pass; ``vs_faiss`` is it relative to FAISS's (the
+goal: within 1 %). ``load1`` is the 1-minute load average as the row's measurement started.
 
-On CUDA only fastvq runs (the FAISS wheel here is CPU-only), in ``--dtype`` (bf16 searches
-against bf16 centroids, accumulating in fp32), with CUDA-event timing of the whole run.
-``--small`` is a grid that takes seconds. Results are merged into ``<out>/kmeans/<machine>.csv`` and
-``.md`` (``_harness.main``; default ``benchmarks/results/kmeans/``).
+On CUDA only fastvq runs (the FAISS wheel here is CPU-only), in ``--dtype`` (bf16 searches against bf16
+centroids, accumulating in fp32), with CUDA-event timing of the whole run. ``--small`` is a grid that takes
+seconds. Results are merged into ``<out>/kmeans/<machine>.csv`` and ``.md`` (``_harness.main``; default
+``benchmarks/results/kmeans/``).
 """
 
 from __future__ import annotations
@@ -47,13 +58,19 @@ import torch
 import fastvq
 
 BENCH = "kmeans"
-KEY_COLUMNS = ("N", "D", "K", "iters", "dtype", "threads")
-TABLE_COLUMNS = ("impl", "N", "D", "K", "iters", "dtype", "threads", "s_per_iter", "speedup_vs_faiss", "search_s",
-                 "update_s", "last_inertia", "final_inertia", "vs_faiss", "peak_mib", "load1", "note")
+KEY_COLUMNS = ("mode", "B", "N", "D", "K", "iters", "dtype", "threads")
+TABLE_COLUMNS = ("mode", "impl", "B", "N", "D", "K", "iters", "dtype", "threads", "init_s", "iters_run", "s_per_iter",
+                 "total_s", "init_iters", "speedup_vs_faiss", "vs_one_problem", "search_s", "update_s", "overhead_s",
+                 "last_inertia", "final_inertia", "vs_faiss", "peak_mib", "load1", "note")
+MODES = ("defaults", "same-init", "batched")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The issue's CPU point; --small's.
+# The issue's CPU point; --small's. The batched mode's (issue 26); --small's.
 FULL = dict(rows=1_000_000, dim=64, clusters=1024, iters=10)
 SMALL = dict(rows=20_000, dim=32, clusters=64, iters=5)
+BATCHED = dict(problems=32, rows=65_536, dim=128, clusters=1024, iters=2)
+BATCHED_SMALL = dict(problems=4, rows=4096, dim=32, clusters=64, iters=2)
+# scikit-learn's defaults (greedy k-means++ over every row, up to 300 iterations) run only below this N K.
+SKLEARN_DEFAULTS_MAX_WORK = 2e8
 
 
 def make_data(rows: int, dim: int, clusters: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -97,6 +114,47 @@ def sklearn_run(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.
     kmeans = KMeans(init.shape[0], init=init.numpy(), n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd")
     kmeans.fit(x.numpy())
     return torch.from_numpy(kmeans.cluster_centers_.astype(np.float32)), None
+
+
+def fastvq_defaults(x: torch.Tensor, clusters: int) -> dict:
+    """``fastvq.kmeans`` with its defaults (seed 0), and its seeding timed alone (the same k-means|| call)."""
+    started = time.perf_counter()
+    result = fastvq.kmeans(x, clusters, seed=0)
+    total = time.perf_counter() - started
+    shards = fastvq.clustering._Shards(x, x.device, False)
+    started = time.perf_counter()
+    fastvq.clustering._seed(shards, clusters, "k-means||", "l2", torch.Generator().manual_seed(0))
+    init = time.perf_counter() - started
+    iters = len(result.inertia)
+    return dict(centroids=result.centroids, init_s=init, iters_run=iters, total_s=total,
+                s_per_iter=(total - init) / iters)
+
+
+def faiss_defaults(x: torch.Tensor, clusters: int) -> dict:
+    """``faiss.Kmeans(D, K).train(x)`` with FAISS's defaults; its iteration statistics hold each iteration's
+    cumulative time, so the time outside the iterations (sampling, seeding) is the run's less theirs."""
+    import faiss
+
+    kmeans = faiss.Kmeans(x.shape[1], clusters)
+    started = time.perf_counter()
+    kmeans.train(x.numpy())
+    total = time.perf_counter() - started
+    stats = kmeans.iteration_stats
+    iters = len(stats)
+    per_iter = (stats[-1]["time"] - stats[0]["time"]) / max(iters - 1, 1)
+    return dict(centroids=torch.from_numpy(kmeans.centroids.copy()), init_s=max(total - iters * per_iter, 0.0),
+                iters_run=iters, total_s=total, s_per_iter=per_iter)
+
+
+def sklearn_defaults(x: torch.Tensor, clusters: int) -> dict:
+    from sklearn.cluster import KMeans
+
+    kmeans = KMeans(clusters, random_state=0)
+    started = time.perf_counter()
+    kmeans.fit(x.numpy())
+    total = time.perf_counter() - started
+    return dict(centroids=torch.from_numpy(kmeans.cluster_centers_.astype(np.float32)), iters_run=kmeans.n_iter_,
+                total_s=total, s_per_iter=total / kmeans.n_iter_)
 
 
 def final_inertia(x: torch.Tensor, centroids: torch.Tensor) -> float:
@@ -157,8 +215,11 @@ def _missing(module: str) -> Optional[str]:
 
 @dataclass(frozen=True)
 class Point:
-    """``N`` rows of dimension ``D`` in ``dtype``, clustered into ``K`` for ``iters`` Lloyd iterations."""
+    """``mode``; ``B`` problems (1 outside the batched mode) of ``N`` rows of dimension ``D`` in ``dtype``,
+    clustered into ``K`` for ``iters`` Lloyd iterations (the defaults mode: each library's own number)."""
 
+    mode: str
+    B: int
     N: int
     D: int
     K: int
@@ -166,20 +227,100 @@ class Point:
     dtype: str
 
     def __str__(self) -> str:
-        return f"N={self.N} D={self.D} K={self.K} iters={self.iters} {self.dtype}"
+        problems = f"B={self.B} " if self.mode == "batched" else ""
+        return f"{self.mode}: {problems}N={self.N} D={self.D} K={self.K} iters={self.iters} {self.dtype}"
 
 
 @functools.lru_cache(maxsize=1)
 def _point_data(point: Point, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The point's data and initial centroids, made once for all its thread counts, and a warm-up run."""
-    x, init = make_data(point.N, point.D, point.K, device, DTYPES[point.dtype])
+    x, init = make_data(point.B * point.N, point.D, point.K, device, DTYPES[point.dtype])
     warm_x, warm_init = make_data(256, point.D, 8, device, DTYPES[point.dtype])
     fastvq_run(warm_x, warm_init.to(device), 1)
     return x, init.to(device)
 
 
+def _row(point: Point, impl: str, run: _harness.Run, note: Optional[str]) -> dict:
+    return {"bench": BENCH, "mode": point.mode, "impl": impl, "B": point.B, "N": point.N, "D": point.D,
+            "K": point.K, "iters": point.iters, "dtype": point.dtype,
+            "threads": run.threads if run.threads is not None else torch.get_num_threads(),
+            "load1": os.getloadavg()[0], "note": note or ""}
+
+
 def measure(point: Point, run: _harness.Run) -> list[dict]:
-    """Every implementation at one thread count; fastvq's peak memory at the first one."""
+    if point.mode == "defaults":
+        return measure_defaults(point, run)
+    if point.mode == "batched":
+        return measure_batched(point, run)
+    return measure_same_init(point, run)
+
+
+def measure_defaults(point: Point, run: _harness.Run) -> list[dict]:
+    """Each library with its own defaults, seeding included."""
+    x, _ = _point_data(point, run.device)
+    impls = [("fastvq", fastvq_defaults, None)]
+    if run.device == "cpu" and point.dtype == "fp32":
+        cheap = point.N * point.K <= SKLEARN_DEFAULTS_MAX_WORK
+        sklearn_note = _missing("sklearn") or (None if cheap else (
+            f"skipped: scikit-learn's defaults (greedy k-means++ over all rows, up to 300 iterations) at N K > "
+            f"{SKLEARN_DEFAULTS_MAX_WORK:g}"))
+        impls += [("faiss", faiss_defaults, _missing("faiss")), ("sklearn", sklearn_defaults, sklearn_note)]
+    limits = _thread_limits(run.threads) if run.threads is not None else None
+    rows = []
+    for name, implementation, note in impls:
+        row = _row(point, name, run, note)
+        print(f"  {name}", flush=True)
+        if note is None:
+            measured = implementation(x, point.K)
+            row.update({key: value for key, value in measured.items() if key != "centroids"})
+            row["final_inertia"] = final_inertia(x, measured["centroids"])
+            if "init_s" in row:
+                row["init_iters"] = row["init_s"] / row["s_per_iter"]
+        rows.append(row)
+    if limits is not None:
+        limits.unregister()
+    _compare_with_faiss(rows, "total_s")
+    return rows
+
+
+def _compare_with_faiss(rows: list[dict], time_column: str) -> None:
+    faiss_row = next((row for row in rows if row["impl"] == "faiss" and time_column in row), None)
+    for row in rows:
+        if faiss_row is not None and time_column in row:
+            row["speedup_vs_faiss"] = faiss_row[time_column] / row[time_column]
+            row["vs_faiss"] = row["final_inertia"] / faiss_row["final_inertia"]
+
+
+def measure_batched(point: Point, run: _harness.Run) -> list[dict]:
+    """``B`` problems in one call against one problem of ``B N`` rows: the same work an iteration."""
+    device = run.device
+    rows_all, init_all = _point_data(point, device)
+    x = rows_all.view(point.B, point.N, point.D)
+    # Problem b starts from K of its own rows.
+    picks = torch.stack([torch.randperm(point.N, generator=torch.Generator().manual_seed(b))[: point.K]
+                         for b in range(point.B)]).to(device)
+    init = x.gather(1, picks[:, :, None].expand(-1, -1, point.D)).float()
+    rows = []
+    for name in ("fastvq-batched", "fastvq-one-problem"):
+        row = _row(point, name, run, None)
+        print(f"  {name}", flush=True)
+        if name == "fastvq-batched":
+            call = functools.partial(fastvq.kmeans, x, point.K, init=init, iters=point.iters, tol=None)
+            search = functools.partial(fastvq.nearest_code_batched, x, init.to(x.dtype))
+        else:
+            call = functools.partial(fastvq.kmeans, rows_all, point.K, init=init_all, iters=point.iters, tol=None)
+            search = functools.partial(fastvq.nearest_code, rows_all, init_all.to(rows_all.dtype))
+        _, seconds = _timed(call, device)
+        row["s_per_iter"] = seconds / point.iters
+        timing = _harness.time_call(search, device, cpu_budget_s=0, min_repeats=1, max_repeats=1)
+        row["search_s"] = timing.median_ms / 1e3
+        rows.append(row)
+    rows[0]["vs_one_problem"] = rows[0]["s_per_iter"] / rows[1]["s_per_iter"]
+    return rows
+
+
+def measure_same_init(point: Point, run: _harness.Run) -> list[dict]:
+    """Every implementation at one thread count from the same centroids; fastvq's peak memory at the first one."""
     device = run.device
     x, init = _point_data(point, device)
     impls = [("fastvq", fastvq_run, None)]
@@ -188,23 +329,18 @@ def measure(point: Point, run: _harness.Run) -> list[dict]:
     limits = _thread_limits(run.threads) if run.threads is not None else None
     rows = []
     for name, implementation, missing in impls:
-        row = {"bench": BENCH, "impl": name, "N": point.N, "D": point.D, "K": point.K, "iters": point.iters,
-               "dtype": point.dtype, "threads": run.threads if run.threads is not None else torch.get_num_threads(),
-               "load1": os.getloadavg()[0], "note": missing or ""}
+        row = _row(point, name, run, missing)
         print(f"  {name}", flush=True)
         if missing is None:
             (centroids, last), seconds = _timed(functools.partial(implementation, x, init, point.iters), device)
             row.update(s_per_iter=seconds / point.iters, last_inertia=last, final_inertia=final_inertia(x, centroids))
             if name == "fastvq":
                 row["search_s"], row["update_s"] = _step_times(x, init, device)
+                row["overhead_s"] = row["s_per_iter"] - row["search_s"] - row["update_s"]
         rows.append(row)
     if limits is not None:
         limits.unregister()
-    faiss_row = next((row for row in rows if row["impl"] == "faiss" and "s_per_iter" in row), None)
-    for row in rows:
-        if faiss_row is not None and "s_per_iter" in row:
-            row["speedup_vs_faiss"] = faiss_row["s_per_iter"] / row["s_per_iter"]
-            row["vs_faiss"] = row["final_inertia"] / faiss_row["final_inertia"]
+    _compare_with_faiss(rows, "s_per_iter")
     if run.first_threads and not run.args.no_memory:
         make_inputs = functools.partial(_memory_inputs, point.N, point.D, point.K, device, point.dtype)
         make_warmup = functools.partial(_memory_inputs, 256, point.D, 8, device, point.dtype)
@@ -227,14 +363,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None, help=f"Lloyd iterations ({FULL['iters']})")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("-b", "--problems", type=int, default=None,
+                        help=f"the batched mode's problems B ({BATCHED['problems']}; "
+                             f"--small {BATCHED_SMALL['problems']})")
+    parser.add_argument("--mode", choices=MODES, nargs="+", default=list(MODES), help="which comparisons (all)")
 
 
 def points(args: argparse.Namespace) -> list[Point]:
-    """The one point: the issue's size, or ``--small``'s, each size overridable by its option."""
-    defaults = SMALL if args.small else FULL
-    size = {name: defaults[name] if getattr(args, name) is None else getattr(args, name)
-            for name in ("rows", "dim", "clusters", "iters")}
-    return [Point(size["rows"], size["dim"], size["clusters"], size["iters"], args.dtype)]
+    """One point per mode: the issues' sizes, or ``--small``'s, each size overridable by its option."""
+    out = []
+    for mode in args.mode:
+        if mode == "batched":
+            defaults = BATCHED_SMALL if args.small else BATCHED
+        else:
+            defaults = {**(SMALL if args.small else FULL), "problems": 1}
+        size = {name: defaults[name] if getattr(args, name) is None else getattr(args, name)
+                for name in ("rows", "dim", "clusters", "iters")}
+        problems = defaults["problems"] if mode != "batched" or args.problems is None else args.problems
+        out.append(Point(mode, problems, size["rows"], size["dim"], size["clusters"], size["iters"], args.dtype))
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -20,6 +20,11 @@ Metric parse_metric(const std::string& metric);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
     const at::Tensor& z, const at::Tensor& codebook, const std::string& metric, bool return_codes);
 
+// (indices int64 [B, N], distances fp32 [B, N]): problem b's rows z[b] searched against its codebook[b] alone,
+// the B problems in one parallel loop (nearest_code_cpu's answer for each).
+std::tuple<at::Tensor, at::Tensor> nearest_code_batched_cpu(const at::Tensor& z, const at::Tensor& codebook,
+                                                            const std::string& metric);
+
 // The search kernel each dtype takes under the current FASTVQ_CPU_SEARCH, as a JSON object.
 std::string cpu_search_kernels();
 

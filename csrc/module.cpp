@@ -53,12 +53,14 @@ TORCH_LIBRARY(fastvq_C, m) {
   m.def("build_info() -> str", &fastvq::build_info);
   m.def("cpu_search_kernels() -> str", &fastvq::cpu_search_kernels);
   m.def("cpu_peak_gflops(str isa, int threads, int iterations) -> float", &fastvq::cpu_peak_gflops);
+  m.def("nearest_code_batched(Tensor z, Tensor codebook, str metric) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
   m.impl("nearest_code", &fastvq::nearest_code_cpu);
   m.impl("segment_reduce", &fastvq::segment_reduce_cpu);
   m.impl("nearest_codes", &fastvq::nearest_codes_cpu);
+  m.impl("nearest_code_batched", &fastvq::nearest_code_batched_cpu);
 }
 
 // An empty module: importing it runs the static registrations above.

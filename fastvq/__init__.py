@@ -38,3 +38,6 @@ __all__ += ["kmeans", "KMeansResult"]
 from .swap import swap_quantizers  # noqa: E402
 
 __all__ += ["swap_quantizers"]
+from .functional import nearest_code_batched  # noqa: E402
+
+__all__ += ["nearest_code_batched"]

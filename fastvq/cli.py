@@ -221,21 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     clusters = commands.add_parser("kmeans", help="k-means on the rows of a .npy, .pt or .safetensors file",
                                    description="Cluster the rows of a matrix file with fastvq.kmeans (fused search, "
-                                               "segment sums, k-means++) and write the centroids as .npy. Arrays of "
-                                               "more than two dimensions are clustered over their last one.")
+                                               "segment sums, k-means|| seeding) and write the centroids as .npy. "
+                                               "Arrays of more than two dimensions are clustered over their last "
+                                               "one; with --batched a 3-D array [B, N, D] is B problems.")
     clusters.add_argument("--data", required=True, type=Path,
                           help="FILE.npy (memory-mapped, never loaded whole), FILE.pt or FILE.safetensors")
     clusters.add_argument("--key", default=None,
                           help="the tensor to cluster in a .pt dict or .safetensors file holding several")
     clusters.add_argument("--k", required=True, type=_positive_int, help="number of clusters")
-    clusters.add_argument("--out", required=True, type=Path, help="where the centroids go (.npy, float32 [K, D])")
+    clusters.add_argument("--out", required=True, type=Path,
+                          help="where the centroids go (.npy, float32 [K, D]; --batched: [B, K, D])")
     clusters.add_argument("--assignments", type=Path, default=None,
-                          help="also write each row's cluster here (.npy, int64 [N])")
+                          help="also write each row's cluster here (.npy, int64 [N]; --batched: [B, N])")
     clusters.add_argument("--iters", type=_positive_int, default=25, help="most Lloyd iterations (25)")
     clusters.add_argument("--tol", type=float, default=1e-4,
                           help="stop once an iteration lowers the inertia by at most this fraction (1e-4; 0: only "
                                "when it stops falling)")
-    clusters.add_argument("--init", choices=("k-means++", "random"), default="k-means++", help="seeding (k-means++)")
+    clusters.add_argument("--init", choices=("k-means||", "k-means++", "random"), default="k-means||",
+                          help="seeding: k-means|| (default: k-means++ on a sample, about half a Lloyd iteration), "
+                               "k-means++ (exact greedy, one pass over the rows per cluster) or random")
     clusters.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="l2 or cosine (spherical k-means)")
     clusters.add_argument("--batch-size", type=_positive_int, default=None,
                           help="mini-batch k-means with batches of this many rows (default: full Lloyd passes)")
@@ -243,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     clusters.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     clusters.add_argument("--threads", type=_positive_int, default=None, help="PyTorch intra-op threads")
     clusters.add_argument("--no-progress", action="store_true", help="no progress bar")
+    clusters.add_argument("--batched", action="store_true",
+                          help="a 3-D array [B, N, D] holds B independent problems, clustered in one call: the "
+                               "centroids are [B, K, D] and the assignments [B, N] (problem b seeded with seed + b)")
 
     commands.add_parser("info", help="versions, devices and which backend each op uses",
                         description="Print versions, devices, the backends fastvq can use and the one each op takes.")
@@ -402,9 +409,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if all(status == 0 for _, status, _ in summary) else 1
 
 
-def _load_matrix(path: Path, key: Optional[str]):
+def _load_matrix(path: Path, key: Optional[str], batched: bool = False):
     """The array in ``path`` (.npy memory-mapped; .pt and .safetensors as tensors), rows flattened
-    over every dimension but the last; a ``RunError`` that says what is wrong otherwise."""
+    over every dimension but the last (``batched``: a 3-D array as it is, B problems); a ``RunError``
+    that says what is wrong otherwise."""
     import numpy as np
     import torch
 
@@ -441,6 +449,11 @@ def _load_matrix(path: Path, key: Optional[str]):
         # A big-endian file (written on another machine, or with dtype ">f4"): the same numbers in
         # this machine's byte order. This reads the array into memory instead of mapping it.
         array = array.astype(array.dtype.newbyteorder("="))
+    if batched:
+        if array.ndim != 3:
+            raise RunError(f"{path} holds an array of shape {tuple(array.shape)}; --batched needs B problems of "
+                           "rows: [B, N, D]")
+        return array
     return array.reshape(-1, array.shape[-1])
 
 
@@ -482,7 +495,7 @@ def cmd_kmeans(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, 0)
-    data = _load_matrix(args.data, args.key)
+    data = _load_matrix(args.data, args.key, args.batched)
     started = time.perf_counter()
     try:
         result = kmeans(data, args.k, iters=args.iters, init=args.init, metric=args.metric, tol=args.tol,
@@ -495,9 +508,18 @@ def cmd_kmeans(args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, tensor.cpu().numpy())
     written = str(args.out) + (f" and {args.assignments}" if args.assignments else "")
-    _log(f"k-means: {args.k} clusters of {data.shape[0]} rows x {data.shape[1]} on {device}, "
-         f"{len(result.inertia)} iterations in {seconds:.1f} s, inertia {float(result.inertia[-1]):.6g} -> {written}")
+    problems = f"{data.shape[0]} problems of " if args.batched else ""
+    _log(f"k-means: {args.k} clusters of {problems}{data.shape[-2]} rows x {data.shape[-1]} on {device}, "
+         f"{len(result.inertia)} iterations in {seconds:.1f} s, inertia {_final_inertia(result.inertia):.6g} -> "
+         f"{written}")
     return 0
+
+
+def _final_inertia(inertia) -> float:
+    """The last inertia of one problem, or the sum of B problems' last ones (each its last non-NaN value)."""
+    if inertia.dim() == 1:
+        return float(inertia[-1])
+    return sum(float(column[~column.isnan()][-1]) for column in inertia.T)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

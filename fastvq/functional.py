@@ -67,3 +67,7 @@ from .ops.search import check_search_inputs  # noqa: E402, F401
 from .ops.segment_reduce import check_ema_inputs, check_segment_inputs  # noqa: E402, F401
 from .ops.soft_quantize import check_soft_inputs  # noqa: E402, F401
 from .ops.topk import check_topk_inputs  # noqa: E402, F401
+
+# B independent searches in one call (batched k-means, per-head codebooks).
+__all__ += ["nearest_code_batched"]
+from .ops.search import nearest_code_batched  # noqa: E402

@@ -436,3 +436,14 @@ def code_entropy_ref(
     bits = code_bits_ref(bit_logits.shape[-1], device=bit_logits.device).to(dtype)
     probs = (bit_logits.to(dtype) @ bits.T).softmax(dim=-1)
     return clamped_entropy_ref(probs, eps), probs.mean(dim=0)
+
+
+def nearest_code_batched_ref(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", *, upcast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B independent searches: :func:`nearest_code_ref` of ``z[b] [N, D]`` against ``codebook[b] [K, D]``
+    for every ``b``, stacked: ``(indices int64 [B, N], distances float32 [B, N])``."""
+    results = [nearest_code_ref(rows, codes, metric, upcast=upcast)[:2] for rows, codes in zip(z, codebook)]
+    if not results:
+        return z.new_zeros(z.shape[:2], dtype=torch.int64), z.new_zeros(z.shape[:2], dtype=torch.float32)
+    return torch.stack([indices for indices, _ in results]), torch.stack([distances for _, distances in results])

@@ -87,12 +87,13 @@ struct Partition {
 constexpr int64_t kItemsPerThread = 16;
 constexpr int64_t kMinSegmentCodes = 1024;
 
-Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes) {
+Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes, int64_t num_problems) {
   const int64_t blocks = (num_rows + tile.rows - 1) / tile.rows;
+  const int64_t all_blocks = blocks * num_problems;
   const int64_t wanted = kItemsPerThread * at::get_num_threads();
   int64_t segments = 1;
-  if (blocks < wanted) {
-    segments = std::min((wanted + blocks - 1) / blocks, std::max<int64_t>(1, num_codes / kMinSegmentCodes));
+  if (all_blocks < wanted) {
+    segments = std::min((wanted + all_blocks - 1) / all_blocks, std::max<int64_t>(1, num_codes / kMinSegmentCodes));
   }
   const int64_t unit = tile.codes;
   const int64_t segment_codes = ((num_codes + segments - 1) / segments + unit - 1) / unit * unit;
@@ -265,43 +266,59 @@ struct Scratch {
   int64_t packed_block = -1;  // the block whose rows z_tile holds
 };
 
+// One search problem of a call: its rows, its codebook as the kernels score it, and where its answers go. A
+// batched call holds B of them with the same N, K and D, searched in one parallel loop.
+template <typename acc_t>
+struct Problem {
+  at::Tensor z;             // [N, D], any strides
+  at::Tensor codebook_acc;  // [K, D] contiguous, in acc_t
+  PreparedCodebook<acc_t> prepared;
+  int64_t* indices;
+  float* distances;
+};
+
+// Searches every problem in one parallel loop over (problem, row block, code segment) items: a batch of
+// small problems keeps every thread busy where one call per problem would not, and the work items are
+// those of a single search, so each problem gets exactly the answer a call of its own gives.
 template <typename acc_t, typename z_t, Metric metric>
-void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedCodebook<acc_t>& prepared,
-            int64_t* indices, float* distances) {
-  const int64_t num_rows = z.size(0), dim = z.size(1), num_codes = codebook_acc.size(0);
-  const int64_t row_stride = z.stride(0), col_stride = z.stride(1);
-  const z_t* z_data = z.data_ptr<z_t>();
-  const acc_t* originals = codebook_acc.data_ptr<acc_t>();
-  const Kernel kernel = prepared.kernel;
+void search(const std::vector<Problem<acc_t>>& problems) {
+  const Problem<acc_t>& first = problems.front();
+  const int64_t num_problems = static_cast<int64_t>(problems.size());
+  const int64_t num_rows = first.z.size(0), dim = first.z.size(1), num_codes = first.codebook_acc.size(0);
+  const Kernel kernel = first.prepared.kernel;
   const bool direct = kernel != Kernel::Blas;
   const bool bf16 = kernel == Kernel::Avx512Bf16;
   const DirectShape shape = direct_shape(kernel);
-  const acc_t* center = metric == Metric::L2 && !bf16 ? prepared.center.template data_ptr<acc_t>() : nullptr;
-  const acc_t* bias = metric == Metric::L2 && !direct ? prepared.bias.template data_ptr<acc_t>() : nullptr;
   const Partition part = partition(direct ? direct_tile_shape(num_rows, shape)
                                           : tile_shape(num_rows, num_codes, dim, sizeof(acc_t)),
-                                   num_rows, num_codes);
+                                   num_rows, num_codes, num_problems);
   const TileShape tile = part.tile;
-  const int64_t num_items = part.blocks * part.segments;
+  const int64_t items_per_problem = part.blocks * part.segments;
+  const int64_t num_items = num_problems * items_per_problem;
   const int64_t item_work = tile.rows * part.segment_codes * dim;
   const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_work, 1));
   const bool split = part.segments > 1;
-  // The partial (min, argmin) of every segment for every row: O(N x threads), never O(N K).
-  std::vector<acc_t> partial_best(split ? part.segments * num_rows : 0);
+  // The partial (min, argmin) of every segment for every row: O(B N x threads), never O(B N K).
+  const int64_t all_rows = num_problems * num_rows;
+  std::vector<acc_t> partial_best(split ? part.segments * all_rows : 0);
   std::vector<int64_t> partial_index(partial_best.size());
-  const auto options = codebook_acc.options();
-  const int64_t tile_width = bf16 ? 2 * prepared.dim_pairs : dim;
+  const auto options = first.codebook_acc.options();
+  const int64_t tile_width = bf16 ? 2 * first.prepared.dim_pairs : dim;
 
-  auto finish_row = [&](int64_t row, int64_t best_index) {
-    if (metric == Metric::Cosine && !row_is_finite(z_data + row * row_stride, col_stride, dim)) best_index = 0;
-    indices[row] = best_index;
-    distances[row] = true_distance<acc_t, z_t>(z_data + row * row_stride, col_stride, originals + best_index * dim,
-                                               dim, metric);
+  auto finish_row = [&](const Problem<acc_t>& problem, int64_t row, int64_t best_index) {
+    const z_t* z_row = problem.z.template data_ptr<z_t>() + row * problem.z.stride(0);
+    const int64_t col_stride = problem.z.stride(1);
+    if (metric == Metric::Cosine && !row_is_finite(z_row, col_stride, dim)) best_index = 0;
+    problem.indices[row] = best_index;
+    problem.distances[row] = true_distance<acc_t, z_t>(
+        z_row, col_stride, problem.codebook_acc.template data_ptr<acc_t>() + best_index * dim, dim, metric);
   };
 
-  auto pack_rows = [&](Scratch<acc_t>& scratch, int64_t row_start, int64_t rows) {
+  auto pack_rows = [&](const Problem<acc_t>& problem, Scratch<acc_t>& scratch, int64_t row_start, int64_t rows) {
     if constexpr (std::is_same_v<z_t, at::BFloat16>) {
       if (bf16) {
+        const z_t* z_data = problem.z.template data_ptr<z_t>();
+        const int64_t row_stride = problem.z.stride(0), col_stride = problem.z.stride(1);
         uint16_t* target = reinterpret_cast<uint16_t*>(scratch.z_tile.template data_ptr<int16_t>());
         for (int64_t r = 0; r < rows; ++r) {
           const z_t* source = z_data + (row_start + r) * row_stride;
@@ -310,11 +327,13 @@ void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedC
         return;
       }
     }
-    pack_centred_rows<acc_t, z_t, metric>(z, row_start, rows, center, scratch.z_tile.template data_ptr<acc_t>());
+    const acc_t* center = metric == Metric::L2 && !bf16 ? problem.prepared.center.template data_ptr<acc_t>() : nullptr;
+    pack_centred_rows<acc_t, z_t, metric>(problem.z, row_start, rows, center, scratch.z_tile.template data_ptr<acc_t>());
   };
 
   // Folds codes [code_start, code_start + count) into the running (best, best_index) of the rows.
-  auto fold_segment = [&](Scratch<acc_t>& scratch, int64_t rows, int64_t code_start, int64_t count) {
+  auto fold_segment = [&](const PreparedCodebook<acc_t>& prepared, Scratch<acc_t>& scratch, int64_t rows,
+                          int64_t code_start, int64_t count) {
     if (direct) {
       if constexpr (std::is_same_v<acc_t, float>) {
         const int64_t width = shape.panel_codes;
@@ -350,6 +369,7 @@ void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedC
       }
       return;
     }
+    const acc_t* bias = metric == Metric::L2 ? prepared.bias.template data_ptr<acc_t>() : nullptr;
     const acc_t* products = scratch.scores.template data_ptr<acc_t>();
     for (int64_t start = code_start; start < code_start + count; start += tile.codes) {
       const int64_t num = std::min(tile.codes, code_start + count - start);
@@ -363,7 +383,7 @@ void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedC
 
   at::parallel_for(0, num_items, grain, [&](int64_t item_begin, int64_t item_end) {
     // One row tile and one score tile (or lane state) per thread: all the memory the search adds
-    // beyond O(K D) and the partials. Zeros: a direct kernel also reads the padding rows of a
+    // beyond O(B K D) and the partials. Zeros: a direct kernel also reads the padding rows of a
     // short last block.
     Scratch<acc_t> scratch;
     scratch.z_tile = bf16 ? at::zeros({tile.rows, tile_width}, options.dtype(at::kShort))
@@ -374,55 +394,57 @@ void search(const at::Tensor& z, const at::Tensor& codebook_acc, const PreparedC
     scratch.best.resize(tile.rows);
     scratch.best_index.resize(tile.rows);
     for (int64_t item = item_begin; item < item_end; ++item) {
-      const int64_t block = item / part.segments, segment = item % part.segments;
+      const int64_t index = item / items_per_problem, problem_item = item % items_per_problem;
+      const Problem<acc_t>& problem = problems[index];
+      const int64_t block = problem_item / part.segments, segment = problem_item % part.segments;
       const int64_t row_start = block * tile.rows;
       const int64_t rows = std::min(tile.rows, num_rows - row_start);
       const int64_t code_start = segment * part.segment_codes;
-      if (scratch.packed_block != block) {
-        pack_rows(scratch, row_start, rows);
-        scratch.packed_block = block;
+      if (scratch.packed_block != index * part.blocks + block) {
+        pack_rows(problem, scratch, row_start, rows);
+        scratch.packed_block = index * part.blocks + block;
       }
       std::fill(scratch.best.begin(), scratch.best.begin() + rows, std::numeric_limits<acc_t>::infinity());
       std::fill(scratch.best_index.begin(), scratch.best_index.begin() + rows, 0);
-      fold_segment(scratch, rows, code_start, std::min(part.segment_codes, num_codes - code_start));
+      fold_segment(problem.prepared, scratch, rows, code_start, std::min(part.segment_codes, num_codes - code_start));
       for (int64_t r = 0; r < rows; ++r) {
         if (split) {
-          partial_best[segment * num_rows + row_start + r] = scratch.best[r];
-          partial_index[segment * num_rows + row_start + r] = scratch.best_index[r];
+          const int64_t slot = segment * all_rows + index * num_rows + row_start + r;
+          partial_best[slot] = scratch.best[r];
+          partial_index[slot] = scratch.best_index[r];
         } else {
-          finish_row(row_start + r, scratch.best_index[r]);
+          finish_row(problem, row_start + r, scratch.best_index[r]);
         }
       }
     }
   });
   if (!split) return;
   // Segments in code order and strictly better only: the lowest index wins ties, a NaN never wins.
-  at::parallel_for(0, num_rows, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1)),
+  at::parallel_for(0, all_rows, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1)),
                    [&](int64_t begin, int64_t end) {
-                     for (int64_t row = begin; row < end; ++row) {
+                     for (int64_t slot = begin; slot < end; ++slot) {
                        acc_t best = std::numeric_limits<acc_t>::infinity();
                        int64_t best_index = 0;
                        for (int64_t segment = 0; segment < part.segments; ++segment) {
-                         if (partial_best[segment * num_rows + row] < best) {
-                           best = partial_best[segment * num_rows + row];
-                           best_index = partial_index[segment * num_rows + row];
+                         if (partial_best[segment * all_rows + slot] < best) {
+                           best = partial_best[segment * all_rows + slot];
+                           best_index = partial_index[segment * all_rows + slot];
                          }
                        }
-                       finish_row(row, best_index);
+                       finish_row(problems[slot / num_rows], slot % num_rows, best_index);
                      }
                    });
 }
 
 template <typename acc_t, typename z_t>
-void search_metric(Metric metric, const at::Tensor& z, const at::Tensor& codebook_acc,
-                   const PreparedCodebook<acc_t>& prepared, int64_t* indices, float* distances) {
+void search_metric(Metric metric, const std::vector<Problem<acc_t>>& problems) {
   switch (metric) {
     case Metric::L2:
-      return search<acc_t, z_t, Metric::L2>(z, codebook_acc, prepared, indices, distances);
+      return search<acc_t, z_t, Metric::L2>(problems);
     case Metric::Cosine:
-      return search<acc_t, z_t, Metric::Cosine>(z, codebook_acc, prepared, indices, distances);
+      return search<acc_t, z_t, Metric::Cosine>(problems);
     case Metric::Dot:
-      return search<acc_t, z_t, Metric::Dot>(z, codebook_acc, prepared, indices, distances);
+      return search<acc_t, z_t, Metric::Dot>(problems);
   }
 }
 
@@ -441,6 +463,56 @@ std::string cpu_search_kernels() {
          bf16 + "\", \"fp64\": \"" + kernel_name(Kernel::Blas) + "\"}";
 }
 
+namespace {
+
+// Searches problems[b] = (z[b] [N, D], codebook[b] [K, D]) for every b of the [B, N, D] and [B, K, D]
+// inputs into indices [B, N] and distances [B, N]: each codebook prepared once, then one parallel
+// loop over every problem's work items. The kernel is chosen once for all problems (the bf16 one only
+// if every codebook may take it), so all problems share one tiling.
+void search_batch(const at::Tensor& z, const at::Tensor& codebook, Metric metric, at::Tensor& indices,
+                  at::Tensor& distances) {
+  const std::string requested = requested_kernel();
+  const at::ScalarType out_dtype = at::promote_types(z.scalar_type(), codebook.scalar_type());
+  const at::ScalarType acc_dtype = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t num_problems = z.size(0);
+  const at::Tensor codebooks_acc = codebook.to(acc_dtype).contiguous();
+  int64_t* index_data = indices.data_ptr<int64_t>();
+  float* distance_data = distances.data_ptr<float>();
+  const int64_t num_rows = z.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fastvq_nearest_code_cpu", [&] {
+    using z_t = scalar_t;
+    if (acc_dtype == at::kDouble) {
+      std::vector<Problem<double>> problems;
+      for (int64_t b = 0; b < num_problems; ++b) {
+        const at::Tensor codebook_acc = codebooks_acc.select(0, b);
+        problems.push_back({z.select(0, b), codebook_acc, prepare_codebook<double>(codebook_acc, metric, Kernel::Blas),
+                            index_data + b * num_rows, distance_data + b * num_rows});
+      }
+      search_metric<double, z_t>(metric, problems);
+      return;
+    }
+    // The direct kernels number codes in int32 lanes.
+    const bool lanes_fit = codebook.size(1) < std::numeric_limits<int32_t>::max() / 2;
+    bool bf16 = z.scalar_type() == at::kBFloat16 && codebook.scalar_type() == at::kBFloat16 && lanes_fit &&
+                bf16_kernel_wanted(requested);
+    for (int64_t b = 0; bf16 && metric == Metric::L2 && b < num_problems; ++b) {
+      bf16 = bf16_codebook_near_origin(codebooks_acc.select(0, b));
+    }
+    const Kernel kernel = bf16 ? Kernel::Avx512Bf16 : lanes_fit ? fp32_kernel(requested) : Kernel::Blas;
+    std::vector<Problem<float>> problems;
+    for (int64_t b = 0; b < num_problems; ++b) {
+      const at::Tensor codebook_acc = codebooks_acc.select(0, b);
+      problems.push_back({z.select(0, b), codebook_acc,
+                          bf16 ? prepare_bf16_codebook(codebook.select(0, b), metric)
+                               : prepare_codebook<float>(codebook_acc, metric, kernel),
+                          index_data + b * num_rows, distance_data + b * num_rows});
+    }
+    search_metric<float, z_t>(metric, problems);
+  });
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
     const at::Tensor& z, const at::Tensor& codebook, const std::string& metric_name, bool return_codes) {
   const Metric metric = parse_metric(metric_name);
@@ -449,37 +521,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
                     codebook.sizes());
   TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "fastvq_C::nearest_code (CPU) got tensors on ",
               z.device(), " and ", codebook.device());
-  const std::string requested = requested_kernel();
   const at::ScalarType out_dtype = at::promote_types(z.scalar_type(), codebook.scalar_type());
-  const at::ScalarType acc_dtype = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t num_rows = z.size(0), dim = z.size(1);
   at::Tensor indices = at::empty({num_rows}, z.options().dtype(at::kLong));
   at::Tensor distances = at::empty({num_rows}, z.options().dtype(at::kFloat));
   if (num_rows == 0) {
     return {indices, distances, at::empty({0, dim}, z.options().dtype(out_dtype))};
   }
-  const at::Tensor codebook_acc = codebook.to(acc_dtype).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fastvq_nearest_code_cpu", [&] {
-    using z_t = scalar_t;
-    if (acc_dtype == at::kDouble) {
-      const auto prepared = prepare_codebook<double>(codebook_acc, metric, Kernel::Blas);
-      search_metric<double, z_t>(metric, z, codebook_acc, prepared, indices.data_ptr<int64_t>(),
-                                 distances.data_ptr<float>());
-      return;
-    }
-    // The direct kernels number codes in int32 lanes.
-    const bool lanes_fit = codebook.size(0) < std::numeric_limits<int32_t>::max() / 2;
-    const bool bf16 = z.scalar_type() == at::kBFloat16 && codebook.scalar_type() == at::kBFloat16 && lanes_fit &&
-                      bf16_kernel_wanted(requested) &&
-                      (metric != Metric::L2 || bf16_codebook_near_origin(codebook_acc));
-    const Kernel kernel = bf16 ? Kernel::Avx512Bf16 : lanes_fit ? fp32_kernel(requested) : Kernel::Blas;
-    const auto prepared = bf16 ? prepare_bf16_codebook(codebook, metric)
-                               : prepare_codebook<float>(codebook_acc, metric, kernel);
-    search_metric<float, z_t>(metric, z, codebook_acc, prepared, indices.data_ptr<int64_t>(),
-                              distances.data_ptr<float>());
-  });
+  search_batch(z.unsqueeze(0), codebook.unsqueeze(0), metric, indices, distances);
   at::Tensor codes = return_codes ? codebook.to(out_dtype).index_select(0, indices)
                                   : at::empty({0, dim}, z.options().dtype(out_dtype));
   return {indices, distances, codes};
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_batched_cpu(const at::Tensor& z, const at::Tensor& codebook,
+                                                            const std::string& metric_name) {
+  const Metric metric = parse_metric(metric_name);
+  TORCH_CHECK_VALUE(z.dim() == 3 && codebook.dim() == 3 && z.size(0) == codebook.size(0) &&
+                        z.size(2) == codebook.size(2) && codebook.size(1) >= 1,
+                    "nearest_code_batched expects z [B, N, D] and codebook [B, K, D] with K >= 1, got ", z.sizes(),
+                    " and ", codebook.sizes());
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(),
+              "fastvq_C::nearest_code_batched (CPU) got tensors on ", z.device(), " and ", codebook.device());
+  at::Tensor indices = at::empty({z.size(0), z.size(1)}, z.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({z.size(0), z.size(1)}, z.options().dtype(at::kFloat));
+  if (indices.numel() == 0) return {indices, distances};
+  search_batch(z, codebook, metric, indices, distances);
+  return {indices, distances};
 }
 }  // namespace fastvq

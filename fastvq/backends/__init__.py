@@ -90,6 +90,8 @@ OPS = {
     # nearest_codes with more candidates per row than the Triton kernel holds, without and with sampling
     "nearest_codes_wide": Op("topk", "nearest_codes"),
     "gumbel_topk_wide": Op("topk", "nearest_codes"),
+    # B independent nearest-code searches, z [B, N, D] against codebook [B, K, D]
+    "nearest_code_batched": Op("search", "nearest_code_batched"),
 }
 
 
@@ -179,6 +181,10 @@ TABLE: dict[str, dict[str, Route]] = {
         "triton": Route("torch", _WIDE_TOPK),
         "cpp": Route("torch", _NO_C_SAMPLING),
         "cuda": Route("torch", _WIDE_TOPK),
+    },
+    "nearest_code_batched": {
+        **_self_everywhere(),
+        "cuda": Route("triton", "fastvq._C's CUDA kernels have no batched search; the Triton kernel runs"),
     },
 }
 

@@ -3,7 +3,7 @@
 ``fastvq._C`` registers the ``torch.ops.fastvq_C`` operators: a C++ nearest-code search and
 segment reduce for CPU tensors and, in builds made against a CUDA build of PyTorch, CUDA C++ ones
 for CUDA tensors. This module gives them the entry points every backend has (``nearest_code``,
-``segment_reduce``), and registers their fake functions so that they pass
+``nearest_code_batched``, ``segment_reduce``), and registers their fake functions so that they pass
 ``torch.library.opcheck`` by themselves.
 
 What ``fastvq._C`` does not implement (Gumbel-max sampling, the ``vector_quantize`` backward,
@@ -111,6 +111,10 @@ def _register_fakes() -> None:
         num_rows = z.shape[0]
         return z.new_empty((num_rows, k), dtype=torch.int64), z.new_empty((num_rows, k), dtype=torch.float32)
 
+    @torch.library.register_fake("fastvq_C::nearest_code_batched")
+    def _nearest_code_batched_fake(z, codebook, metric):
+        return z.new_empty(z.shape[:2], dtype=torch.int64), z.new_empty(z.shape[:2], dtype=torch.float32)
+
     @torch.library.register_fake("fastvq_C::segment_reduce")
     def _segment_reduce_fake(values, indices, num_codes, deterministic):
         return (
@@ -135,6 +139,13 @@ def nearest_code(
     if sample_temperature > 0.0:
         raise RuntimeError("fastvq._C has no Gumbel-max sampling; fastvq.backends routes it to the PyTorch path")
     return torch.ops.fastvq_C.nearest_code(z, codebook, metric, return_codes)
+
+
+def nearest_code_batched(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B searches in one parallel loop over (problem, row block): ``z [B, N, D]``, ``codebook [B, K, D]``."""
+    return torch.ops.fastvq_C.nearest_code_batched(z, codebook, metric)
 
 
 def segment_reduce(

@@ -21,6 +21,9 @@ class SearchCodebook:
 
     The scores are the keys the search ranks codes by: equal keys go to the lowest index, and the
     top-k search lists its codes in the same key order, so its first column is the search's answer.
+
+    A batch of codebooks ``[B, K, D]`` (the batched search) is prepared the same way, each on its own:
+    ``center [B, D]``, ``code_bias [B, K]``, ``codes [B, K, D]``.
     """
 
     def __init__(self, codebook: torch.Tensor, metric: str, dtype: torch.dtype):
@@ -32,10 +35,10 @@ class SearchCodebook:
             # The centre is the mean of the finite codes only: a single NaN or Inf code must not
             # poison the shift of every other code, which would turn every score into NaN.
             self.center = search_center(work)
-            work = work - self.center
-            self.code_bias = (work * work).sum(dim=1)
+            work = work - self.center.unsqueeze(-2)
+            self.code_bias = (work * work).sum(dim=-1)
         elif metric == "cosine":
-            work = work / work.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+            work = work / work.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         self.codes = work
 
     def scores(self, z_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -48,6 +51,16 @@ class SearchCodebook:
         # nan -> +inf so a NaN distance never wins; +/-inf stay what they are.
         return scores.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
 
+    def batched_scores(self, z_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``[B, rows, stop - start]`` scores of a batch of codebooks, ``z_rows [B, rows, D]``."""
+        codes = self.codes[:, start:stop].transpose(1, 2)
+        if self.metric == "l2":
+            scores = torch.baddbmm(self.code_bias[:, None, start:stop], z_rows, codes, alpha=-2.0)
+        else:
+            scores = torch.bmm(z_rows, codes)
+            scores.neg_()
+        return scores.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+
 
 def search_center(codes: torch.Tensor) -> torch.Tensor:
     """The l2 search's centre ``c [D]`` of ``codes [K, D]`` (float32 or float64): per dimension, the
@@ -58,11 +71,12 @@ def search_center(codes: torch.Tensor) -> torch.Tensor:
     The rounding moves ``c`` by at most half the codes' spread, which keeps the cancellation away,
     and makes ``e - c`` and ``z - c`` exact for data on a grid (integers, say): equally distant codes
     then get exactly equal scores, so the tie goes to the lowest index as it should. The C++ search
-    (``csrc/search_cpu.cpp``, ``search_center``) computes the same centre."""
-    finite = codes.isfinite().all(dim=1, keepdim=True)
-    count = finite.sum().clamp_min(1)
-    mean = torch.where(finite, codes, 0).sum(dim=0) / count
-    deviation = torch.where(finite, (codes - mean).abs(), 0).sum(dim=0) / count
+    (``csrc/search_cpu.cpp``, ``search_center``) computes the same centre. A batch ``[B, K, D]`` gives
+    each codebook's centre, ``[B, D]``."""
+    finite = codes.isfinite().all(dim=-1, keepdim=True)
+    count = finite.sum(dim=-2).clamp_min(1)
+    mean = torch.where(finite, codes, 0).sum(dim=-2) / count
+    deviation = torch.where(finite, (codes - mean.unsqueeze(-2)).abs(), 0).sum(dim=-2) / count
     step = torch.exp2(torch.floor(torch.log2(deviation)))
     # A deviation of 0 leaves nothing to round to; one that overflowed (codes near the float maximum) too.
     return torch.where((deviation > 0) & deviation.isfinite(), torch.round(mean / step) * step, mean)

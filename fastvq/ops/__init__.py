@@ -7,7 +7,7 @@ fake share; the public function above it does only what the operator cannot (dra
 ``deterministic=None``, cast Python scalars, and name an argument the dispatcher would reject for
 its type before the operator sees it). Layers call these functions, never ``torch.ops.fastvq``.
 
-- ``search``: ``nearest_code`` (argmin and Gumbel-max sampling)
+- ``search``: ``nearest_code`` (argmin and Gumbel-max sampling), ``nearest_code_batched``
 - ``topk``: ``nearest_codes``
 - ``vector_quantize``: ``vector_quantize`` and its backward
 - ``segment_reduce``: ``segment_reduce``, ``ema_update_``

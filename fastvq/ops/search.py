@@ -165,3 +165,100 @@ def _nearest_code_fake(z, codebook, metric="l2", return_codes=False, sample_temp
         z.new_empty(num_rows, dtype=torch.float32),
         z.new_empty((num_rows if return_codes else 0, dim), dtype=search_dtype(z, codebook)),
     )
+
+
+# --------------------------------------------------------------------------- the batched search
+
+
+def nearest_code_batched(z: Tensor, codebook: Tensor, *, metric: str = "l2") -> tuple[Tensor, Tensor]:
+    """B independent nearest-code searches in one call: the rows ``z[b]`` against the codes ``codebook[b]``.
+
+    Many small problems at once (per-head codebooks, product quantizers, batched k-means) keep every
+    thread or SM busy where one :func:`nearest_code` call per problem would not; the backends walk
+    the batch inside the kernel (the C++ search's parallel loop runs over (problem, row block), the
+    Triton grid has an axis over B).
+
+    Args:
+        z: ``[B, N, D]`` float32, float16, bfloat16 or float64, any strides. ``B`` and ``N`` may be 0.
+        codebook: ``[B, K, D]`` floating point, ``K >= 1``, on ``z``'s device; a dtype different from
+            ``z``'s is promoted.
+        metric: ``"l2"``, ``"cosine"`` or ``"dot"``, as for :func:`nearest_code`.
+
+    Returns:
+        ``(indices, distances)``: ``indices`` int64 ``[B, N]``, each row's code in its own problem's
+        codebook (``0 <= index < K``); ``distances`` float32 ``[B, N]``, the true distances. For every
+        ``b`` they equal ``nearest_code(z[b], codebook[b], metric=metric)``'s, with every contract of
+        that function (fp32 accumulation, ties to the lowest index, NaN rules, accuracy).
+
+    Raises:
+        TypeError: a non-tensor or an integer/bool tensor.
+        ValueError: ``z`` or ``codebook`` not 3-D, different ``B`` or ``D``, ``K == 0``, different
+            devices, or an unknown metric.
+    """
+    if not (isinstance(z, Tensor) and isinstance(codebook, Tensor) and isinstance(metric, str)):
+        check_batched_search_inputs(z, codebook, metric)
+    return _nearest_code_batched_op(z, codebook, metric)
+
+
+def check_batched_search_inputs(z: object, codebook: object, metric: object = "l2") -> None:
+    """Checks ``z [B, N, D]`` and ``codebook [B, K, D]`` for the batched search."""
+    z = check_tensor("z", z)
+    codebook = check_tensor("codebook", codebook)
+    check_metric(metric)
+    if z.dim() != 3:
+        raise ValueError(f"z must be 3-D [B, N, D], got shape {tuple(z.shape)}")
+    if codebook.dim() != 3:
+        raise ValueError(f"codebook must be 3-D [B, K, D], got shape {tuple(codebook.shape)}")
+    check_float("z", z)
+    check_float("codebook", codebook)
+    if codebook.shape[1] < 1:
+        raise ValueError(
+            f"codebook must hold at least one code per problem (K >= 1), got shape {tuple(codebook.shape)}"
+        )
+    if codebook.shape[2] < 1:
+        raise ValueError(f"codebook must have D >= 1, got shape {tuple(codebook.shape)}")
+    if z.shape[0] != codebook.shape[0] or z.shape[2] != codebook.shape[2]:
+        raise ValueError(
+            f"z and codebook must have the same batch size B and last dimension D, got z of shape "
+            f"{tuple(z.shape)} and codebook of shape {tuple(codebook.shape)}"
+        )
+    check_same_device(z=z, codebook=codebook)
+
+
+def lowest_duplicate_batched(indices: Tensor, codebook: Tensor) -> Tensor:
+    """:func:`lowest_duplicate` for every problem at once: the B codebooks are searched for duplicates as one
+    ``[B K, D + 1]`` codebook whose extra column is the problem number (exact in the float32 or float64 the
+    copy is made in), so that equal codes of different problems never form a group."""
+    num_problems, num_codes, dim = codebook.shape
+    if indices.numel() == 0 or num_codes < 2:
+        return indices
+    # On CPU the search for duplicates first probes a few entries of every code: where no two codes of all the
+    # problems together are equal (the usual case), that settles it without copying the codebooks.
+    if codebook.device.type == "cpu" and find_duplicate_codes(codebook.reshape(num_problems * num_codes, dim)) is None:
+        return indices
+    wide = torch.float64 if codebook.dtype == torch.float64 else torch.float32
+    problem = torch.arange(num_problems, device=codebook.device, dtype=wide)
+    tagged = torch.cat([codebook.to(wide), problem[:, None, None].expand(-1, num_codes, 1)], dim=2)
+    groups = find_duplicate_codes(tagged.reshape(num_problems * num_codes, dim + 1))
+    if groups is None:
+        return indices
+    offsets = torch.arange(num_problems, device=indices.device)[:, None] * num_codes
+    return groups.lowest(indices + offsets) - offsets
+
+
+@torch.library.custom_op("fastvq::nearest_code_batched", mutates_args=())
+def _nearest_code_batched_op(z: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tensor, Tensor]:
+    """``z [B, N, D]``, ``codebook [B, K, D]`` -> ``(indices int64 [B, N], distances fp32 [B, N])``."""
+    check_batched_search_inputs(z, codebook, metric)
+    backend = backends.select("nearest_code_batched", z, search_dtype(z, codebook))
+    indices, distances = backend.nearest_code_batched(z, codebook, metric)
+    return lowest_duplicate_batched(indices, codebook), distances
+
+
+@_nearest_code_batched_op.register_fake
+def _nearest_code_batched_fake(z, codebook, metric="l2"):
+    check_batched_search_inputs(z, codebook, metric)
+    return (
+        z.new_empty(z.shape[:2], dtype=torch.int64),
+        z.new_empty(z.shape[:2], dtype=torch.float32),
+    )

@@ -44,7 +44,7 @@ def test_kmeans_plusplus_and_lloyd_match_the_reference(backend, metric):
     # Triton's interpreter runs a kernel launch in about a second: a tiny problem there.
     rows, clusters, iters = (61, 3, 2) if name == "triton" and device == "cpu" else (301, CLUSTERS, 4)
     x = _blobs(rows).to(device)
-    result = fastvq.kmeans(x, clusters, iters=iters, metric=metric, seed=3, tol=None)
+    result = fastvq.kmeans(x, clusters, iters=iters, init="k-means++", metric=metric, seed=3, tol=None)
     seeds = kmeans_plusplus_ref(x.cpu(), clusters, torch.Generator().manual_seed(3), metric)
     _assert_same_clustering(
         type(result)(*(t.cpu() for t in result)), kmeans_ref(x.cpu(), seeds, iters, metric)
@@ -54,7 +54,7 @@ def test_kmeans_plusplus_and_lloyd_match_the_reference(backend, metric):
 def test_data_far_from_the_origin_seeds_and_clusters_alike():
     # x + 1000: the trials' distances are taken around the data mean, so they do not cancel.
     x = _blobs(offset=1000.0)
-    result = fastvq.kmeans(x, CLUSTERS, iters=3, seed=5, tol=None)
+    result = fastvq.kmeans(x, CLUSTERS, iters=3, init="k-means++", seed=5, tol=None)
     seeds = kmeans_plusplus_ref(x, CLUSTERS, torch.Generator().manual_seed(5))
     _assert_same_clustering(result, kmeans_ref(x, seeds, 3))
 
@@ -132,8 +132,10 @@ def test_memmap_and_blocks_give_the_tensor_result(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_other_dtypes_cluster_like_fp32(dtype):
     x = _blobs()
-    exact = fastvq.kmeans(x, CLUSTERS, iters=4, seed=3, tol=None)
-    result = fastvq.kmeans(x.to(dtype), CLUSTERS, iters=4, seed=3, tol=None)
+    # The greedy seeding: its trials compare potentials, which the rounding of x rarely reorders, where
+    # k-means|| draws from a running sum of distances that any rounding shifts (other seeds, another optimum).
+    exact = fastvq.kmeans(x, CLUSTERS, iters=4, init="k-means++", seed=3, tol=None)
+    result = fastvq.kmeans(x.to(dtype), CLUSTERS, iters=4, init="k-means++", seed=3, tol=None)
     assert result.centroids.dtype == torch.float32
     assert (result.assignments == exact.assignments).float().mean() > 0.99
     torch.testing.assert_close(result.inertia[-1], exact.inertia[-1], rtol=2e-2, atol=0)
@@ -176,7 +178,12 @@ def test_nan_data_raises():
 @pytest.mark.parametrize(
     "args, kwargs, error, message",
     [
-        ((torch.zeros(10),), {}, ValueError, r"x must be 2-D \[N, D\], got shape \(10,\)"),
+        ((torch.zeros(10),), {}, ValueError, r"x must be 2-D \[N, D\] \(or 3-D \[B, N, D\].*got shape \(10,\)"),
+        ((torch.zeros(2, 2, 10, 3),), {}, ValueError, r"x must be 2-D .* got shape \(2, 2, 10, 3\)"),
+        ((torch.zeros(2, 10, 3), 11), {}, ValueError, r"draws 11 distinct rows of each problem, but x has 10 rows"),
+        ((torch.zeros(0, 10, 3), 2), {}, ValueError, r"at least one problem \(B >= 1\), got shape \(0, 10, 3\)"),
+        ((torch.zeros(2, 10, 3), 2), {"init": torch.zeros(2, 3)}, ValueError, r"init must have shape \(2, 2, 3\)"),
+        ((torch.zeros(2, 10, 3), 2), {"batch_size": 4}, ValueError, r"batch_size .* takes one \[N, D\] problem"),
         ((torch.zeros(10, 3, dtype=torch.int64),), {}, TypeError, "x must be a floating-point tensor"),
         ((np.zeros((10, 3), dtype=np.int32),), {}, TypeError, "numpy array of dtype int32"),
         (([[1.0, 2.0]],), {}, TypeError, "x must be a torch.Tensor or a numpy array, got list"),
@@ -207,6 +214,7 @@ def test_bad_arguments_are_named(args, kwargs, error, message):
 
 SHARD_CASES = {
     "k-means++": dict(init="k-means++", iters=4, seed=5, tol=None),
+    "k-means||": dict(init="k-means||", iters=3, seed=8, tol=None),
     "random-cosine": dict(init="random", metric="cosine", iters=3, seed=6, tol=None),
     "farthest": dict(iters=3, tol=None),  # init: two far centroids that start empty
     "mini-batch": dict(init="k-means++", iters=2, batch_size=64, seed=7),
@@ -288,6 +296,28 @@ def test_command_writes_the_centroids_of_fastvq_kmeans(tmp_path, capsys, suffix)
     assert f"k-means: {CLUSTERS} clusters of 300 rows x {DIM}" in capsys.readouterr().out
 
 
+def test_command_batched_clusters_each_problem_of_a_3d_array(tmp_path, capsys):
+    x = _problems(3, 100)
+    data, out, labels = tmp_path / "x.npy", tmp_path / "centroids.npy", tmp_path / "labels.npy"
+    np.save(data, x.numpy())
+    status = cli.main(["kmeans", "--data", str(data), "--k", str(CLUSTERS), "--out", str(out), "--assignments",
+                       str(labels), "--iters", "5", "--seed", "3", "--device", "cpu", "--no-progress", "--batched"])
+    assert status == 0
+    expected = fastvq.kmeans(x, CLUSTERS, iters=5, seed=3)
+    assert np.load(out).shape == (3, CLUSTERS, DIM) and np.load(labels).shape == (3, 100)
+    assert np.array_equal(np.load(out), expected.centroids.numpy())
+    assert np.array_equal(np.load(labels), expected.assignments.numpy())
+    assert f"k-means: {CLUSTERS} clusters of 3 problems of 100 rows x {DIM}" in capsys.readouterr().out
+    # without --batched the same file is 300 rows of one problem, as before
+    assert cli.main(["kmeans", "--data", str(data), "--k", str(CLUSTERS), "--out", str(out), "--iters", "2",
+                     "--no-progress"]) == 0
+    assert np.load(out).shape == (CLUSTERS, DIM)
+    np.save(data, x[0].numpy())
+    assert cli.main(["kmeans", "--data", str(data), "--k", "2", "--out", str(out), "--no-progress", "--batched"]) == 2
+    assert re.search(r"fastvq kmeans: error: .*--batched needs B problems of rows: \[B, N, D\]",
+                     capsys.readouterr().err)
+
+
 @pytest.mark.parametrize(
     "name, content, extra, message",
     [
@@ -316,3 +346,113 @@ def test_command_errors_are_messages(tmp_path, capsys, name, content, extra, mes
     assert status == 2
     assert re.search(f"fastvq kmeans: error: .*{message}", capsys.readouterr().err)
     assert not (tmp_path / "c.npy").exists()
+
+
+# --------------------------------------------------------------------------- the k-means|| seeding
+
+
+def _clustered(rows: int, centres: int, seed: int, dim: int = 8) -> torch.Tensor:
+    """Blobs of unequal sizes and spreads: a seeding that misses small blobs pays for it in the inertia."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, dim, generator=generator) * 6
+    sizes = torch.rand(centres, generator=generator) + 0.05
+    picks = torch.multinomial(sizes, rows, replacement=True, generator=generator)
+    spread = 0.3 + torch.rand(centres, 1, generator=generator)
+    return means[picks] + torch.randn(rows, dim, generator=generator) * spread[picks]
+
+
+def test_kmeans_parallel_is_the_default_and_seeds_as_well_as_greedy_kmeans_plusplus():
+    # 6000 rows, K = 40: a 2560-row sample, 161 candidates from two oversampling rounds.
+    ratios, random_ratios = [], []
+    for seed in range(3):
+        x = _clustered(6000, 40, seed)
+        default = fastvq.kmeans(x, 40, iters=3, seed=seed, tol=None)
+        parallel = fastvq.kmeans(x, 40, iters=3, init="k-means||", seed=seed, tol=None)
+        assert torch.equal(default.centroids, parallel.centroids)
+        greedy = fastvq.kmeans(x, 40, iters=3, init="k-means++", seed=seed, tol=None)
+        drawn = fastvq.kmeans(x, 40, iters=3, init="random", seed=seed, tol=None)
+        ratios.append(float(parallel.inertia[-1] / greedy.inertia[-1]))
+        random_ratios.append(float(drawn.inertia[-1] / greedy.inertia[-1]))
+    assert sum(ratios) / 3 < 1.03, ratios
+    # The data is hard enough that a careless seeding shows: uniform seeds end far above.
+    assert sum(random_ratios) / 3 > 1.1, random_ratios
+
+
+def test_kmeans_parallel_scores_the_sample_with_the_fused_search_only(monkeypatch):
+    x = _clustered(6000, 40, 0)
+    searched = []
+    original = clustering.nearest_code_batched
+
+    def recording(rows, codes, *, metric):
+        searched.append((tuple(rows.shape), tuple(codes.shape)))
+        return original(rows, codes, metric=metric)
+
+    monkeypatch.setattr(clustering, "nearest_code_batched", recording)
+    centroids = clustering._seed(clustering._Shards(x, x.device, False), 40, "k-means||", "l2",
+                                 torch.Generator().manual_seed(0))
+    sample = clustering.PARALLEL_SAMPLE_PER_CLUSTER * 40
+    per_round = clustering.PARALLEL_OVERSAMPLING * 40
+    candidates = 1 + clustering.PARALLEL_ROUNDS * per_round
+    # the first row, each round's draws, the weighting pass; then the candidates against the first seed
+    assert searched == [((1, sample, 8), (1, 1, 8))] + [((1, sample, 8), (1, per_round, 8))] * 2 + [
+        ((1, sample, 8), (1, candidates, 8)), ((1, candidates, 8), (1, 1, 8))]
+    assert centroids.shape == (40, 8)
+    # every seed is a row of x
+    assert bool((centroids[:, None] == x[None]).all(dim=2).any(dim=1).all())
+
+
+# --------------------------------------------------------------------------- B problems at once
+
+
+def _problems(count: int = 3, rows: int = 400) -> torch.Tensor:
+    return torch.stack([_clustered(rows, 12, seed, dim=DIM) for seed in range(count)])
+
+
+@pytest.mark.parametrize("init", ["k-means||", "random", "k-means++"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_batched_kmeans_is_each_problem_clustered_alone(init, metric):
+    x = _problems()
+    # tol: the problems stop after different numbers of iterations
+    batched = fastvq.kmeans(x, CLUSTERS, iters=12, init=init, metric=metric, seed=4, tol=1e-3)
+    assert batched.centroids.shape == (3, CLUSTERS, DIM) and batched.assignments.shape == (3, 400)
+    lengths = []
+    for b in range(3):
+        alone = fastvq.kmeans(x[b], CLUSTERS, iters=12, init=init, metric=metric, seed=4 + b, tol=1e-3)
+        lengths.append(len(alone.inertia))
+        assert torch.equal(batched.centroids[b], alone.centroids), f"problem {b}"
+        assert torch.equal(batched.assignments[b], alone.assignments), f"problem {b}"
+        assert torch.equal(batched.inertia[: lengths[-1], b], alone.inertia), f"problem {b}"
+        assert bool(batched.inertia[lengths[-1] :, b].isnan().all())
+    assert batched.inertia.shape == (max(lengths), 3)
+
+
+def test_batched_kmeans_reseeds_empty_clusters_per_problem():
+    x = _problems(2, 200)
+    # problem 1 starts with two centroids far away from every row: they lose all their rows
+    init = torch.stack([x[0, :CLUSTERS], torch.cat([x[1, :5], torch.full((2, DIM), 40.0)])])
+    batched = fastvq.kmeans(x, CLUSTERS, iters=3, init=init, tol=None)
+    for b in range(2):
+        alone = fastvq.kmeans(x[b], CLUSTERS, iters=3, init=init[b], tol=None)
+        assert torch.equal(batched.centroids[b], alone.centroids)
+        assert torch.equal(batched.assignments[b], alone.assignments)
+    assert bool((batched.centroids[1].abs() < 30).all())  # the far ones moved onto rows
+
+
+def test_batched_kmeans_on_the_pytorch_path_is_each_problem_alone(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "torch")
+    x = _problems(2, 300)
+    batched = fastvq.kmeans(x, CLUSTERS, iters=3, seed=1, tol=None)
+    for b in range(2):
+        alone = fastvq.kmeans(x[b], CLUSTERS, iters=3, seed=1 + b, tol=None)
+        assert torch.equal(batched.assignments[b], alone.assignments)
+        torch.testing.assert_close(batched.centroids[b], alone.centroids, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_kmeans_runs_one_search_and_one_segment_sum_per_iteration(monkeypatch):
+    x = _problems(4, 100)
+    calls = []
+    for name in ("nearest_code_batched", "segment_reduce", "nearest_code"):
+        original = getattr(clustering, name)
+        monkeypatch.setattr(clustering, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    fastvq.kmeans(x, CLUSTERS, iters=5, init=x[:, :CLUSTERS].clone(), tol=None)
+    assert calls == ["nearest_code_batched", "segment_reduce"] * 5

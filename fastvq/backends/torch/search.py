@@ -32,14 +32,15 @@ def _chunk_sizes(num_rows: int, num_codes: int) -> tuple[int, int]:
 
 
 def true_distance(z_rows: torch.Tensor, codes: torch.Tensor, metric: str) -> torch.Tensor:
-    """The contract's distance of each row to its chosen code, computed directly (no cancellation)."""
+    """The contract's distance of each row to its chosen code, computed directly (no cancellation);
+    ``z_rows`` and ``codes`` ``[..., D]``."""
     if metric == "l2":
         diff = z_rows - codes
-        return (diff * diff).sum(dim=1)
-    dots = (z_rows * codes).sum(dim=1)
+        return (diff * diff).sum(dim=-1)
+    dots = (z_rows * codes).sum(dim=-1)
     if metric == "dot":
         return -dots
-    norms = z_rows.norm(dim=1).clamp_min(NORM_EPS) * codes.norm(dim=1).clamp_min(NORM_EPS)
+    norms = z_rows.norm(dim=-1).clamp_min(NORM_EPS) * codes.norm(dim=-1).clamp_min(NORM_EPS)
     # Rounding can put a parallel pair's 1 - cos a few ulps below 0; clamp_min keeps NaN.
     return (1.0 - dots / norms).clamp_min(0.0)
 
@@ -117,3 +118,43 @@ def nearest_code(
         if return_codes:
             codes_out[rows] = chosen
     return indices, distances, codes_out
+
+
+def nearest_code_batched(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B searches at once, ``z [B, N, D]`` against ``codebook [B, K, D]``: the same chunks as
+    :func:`nearest_code` with a batch dimension in front (``baddbmm`` over the B problems), one slab of
+    ``B x rows x codes`` scores bounded by ``CHUNK_BYTES`` like the single search's."""
+    num_problems, num_rows, dim = z.shape
+    num_codes = codebook.shape[1]
+    out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+    work_dtype = compute_dtype(out_dtype)
+    indices = torch.empty(num_problems, num_rows, dtype=torch.int64, device=z.device)
+    distances = torch.empty(num_problems, num_rows, dtype=torch.float32, device=z.device)
+    if indices.numel() == 0:
+        return indices, distances
+    search = SearchCodebook(codebook, metric, out_dtype)
+    max_scores = max(1, common.CHUNK_BYTES // _SLAB_BYTES_PER_SCORE)
+    codes_per_chunk = max(1, min(num_codes, _CODES_PER_CHUNK, max_scores // num_problems))
+    rows_per_chunk = max(1, min(num_rows, max_scores // (num_problems * codes_per_chunk)))
+    for row_start in range(0, num_rows, rows_per_chunk):
+        rows = slice(row_start, min(row_start + rows_per_chunk, num_rows))
+        z_rows = z[:, rows].to(work_dtype)
+        z_search = z_rows - search.center[:, None] if search.center is not None else z_rows
+        best = torch.full(z_rows.shape[:2], float("inf"), dtype=work_dtype, device=z.device)
+        best_index = torch.zeros(z_rows.shape[:2], dtype=torch.int64, device=z.device)
+        for code_start in range(0, num_codes, codes_per_chunk):
+            scores = search.batched_scores(z_search, code_start, min(code_start + codes_per_chunk, num_codes))
+            chunk_best, chunk_index = scores.min(dim=2)
+            # Strict '<' keeps the earlier chunk on ties: the lowest index wins across chunks too.
+            better = chunk_best < best
+            best = torch.where(better, chunk_best, best)
+            best_index = torch.where(better, chunk_index + code_start, best_index)
+            del scores, chunk_best, chunk_index, better
+        if metric == "cosine":
+            best_index.masked_fill_(~z_rows.isfinite().all(dim=-1), 0)
+        chosen = codebook.gather(1, best_index[..., None].expand(-1, -1, dim))
+        indices[:, rows] = best_index
+        distances[:, rows] = true_distance(z_rows, chosen.to(work_dtype), metric).float()
+    return indices, distances

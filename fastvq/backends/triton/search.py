@@ -14,6 +14,10 @@ so the lowest index wins ties) and gathers the winner. The autotuner is keyed on
 buckets of N and K besides D, so the first call's shape does not fix the tiles of every later one.
 Every offset is computed in int64: a column-major ``z`` has column stride N, and N * (D - 1)
 passes 2**31 long before memory runs out.
+
+``_nearest_code_batched_kernel`` runs B independent searches (``z [B, N, D]``, ``codebook [B, K, D]``) in
+one launch: the grid's second axis is the problem, whose program moves every pointer to its own rows,
+codebook and prepared codes before walking its codebook as above.
 """
 
 from __future__ import annotations
@@ -195,6 +199,71 @@ def _nearest_code_merge_kernel(
     )
 
 
+@triton.jit(do_not_specialize=["n_bucket", "k_bucket"])
+def _nearest_code_batched_kernel(
+    z_ptr,
+    codebook_ptr,
+    search_codes_ptr,
+    code_bias_ptr,
+    center_ptr,
+    indices_ptr,
+    distances_ptr,
+    N,
+    K,
+    D,
+    stride_z_batch,
+    stride_z_row,
+    stride_z_col,
+    stride_cb_batch,
+    stride_cb_row,
+    stride_cb_col,
+    n_bucket,
+    k_bucket,
+    METRIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """B searches, one per program of the grid's second axis: problem ``b`` moves every pointer to its own
+    rows, codebook and prepared codes (``search_codes [B, K, D]``, ``code_bias [B, K]``, ``center [B, D]``,
+    outputs ``[B, N]``, all contiguous), then walks its codebook as ``_nearest_code_fwd_kernel`` does."""
+    pid = tl.program_id(0).to(tl.int64)
+    problem = tl.program_id(1).to(tl.int64)
+    z_ptr += problem * stride_z_batch
+    codebook_ptr += problem * stride_cb_batch
+    search_codes_ptr += problem * K * D
+    code_bias_ptr += problem * K
+    center_ptr += problem * D
+    indices_ptr += problem * N
+    distances_ptr += problem * N
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    z_tile = 0.0
+    if SINGLE_D_TILE:
+        z_tile = load_z_tile(z_ptr, center_ptr, rows, row_mask, D, stride_z_row, stride_z_col, search_codes_ptr,
+                             METRIC, DOT_IN_FP32, BLOCK_D)
+    best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    best_index = tl.zeros((BLOCK_N,), tl.int64)
+    for code_start in range(0, K, BLOCK_K):
+        scores, _ = tile_scores(
+            z_ptr, search_codes_ptr, code_bias_ptr, center_ptr, z_tile, 0.0, 0, rows, row_mask, code_start, K, D,
+            stride_z_row, stride_z_col, 1.0, METRIC, False, DOT_PRECISION, DOT_IN_FP32, SINGLE_D_TILE, BLOCK_N,
+            BLOCK_K, BLOCK_D,
+        )
+        tile_best, tile_index = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        # Strict '<' keeps the earlier tile on ties, so the lowest index wins whatever the tiling.
+        better = tile_best < best
+        best = tl.where(better, tile_best, best)
+        best_index = tl.where(better, tile_index.to(tl.int64) + code_start, best_index)
+    _gather_and_distance(
+        z_ptr, codebook_ptr, indices_ptr, distances_ptr, distances_ptr, rows, row_mask, best_index, D, stride_z_row,
+        stride_z_col, stride_cb_row, stride_cb_col, METRIC, False, BLOCK_N, BLOCK_D,
+    )
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """The configs for this call's dtype and GPU with slices no wider than D needs."""
     pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch())
@@ -241,6 +310,12 @@ _nearest_code_tuned = triton.autotune(
     key=["D", "n_bucket", "k_bucket", "METRIC", "SAMPLE", "SPLIT"],
     prune_configs_by={"early_config_prune": fits_shared_memory(_nearest_code_fixed, _prune_configs)},
 )(_nearest_code_fixed)
+_nearest_code_batched_fixed = _single_d_tile(_nearest_code_batched_kernel)
+_nearest_code_batched_tuned = triton.autotune(
+    configs=_TUNING_CONFIGS,
+    key=["D", "n_bucket", "k_bucket", "METRIC"],
+    prune_configs_by={"early_config_prune": fits_shared_memory(_nearest_code_batched_fixed, _prune_configs)},
+)(_nearest_code_batched_fixed)
 # Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
 _INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
 # The merge pass reads a few floats per row and slice, then gathers one code per row.
@@ -379,6 +454,64 @@ def nearest_code(
     return outputs
 
 
+def _batched_launch_arguments(z, codebook, metric):
+    """Outputs and the batched kernel's arguments (the prepared codebooks of every problem, contiguous)."""
+    num_problems, num_rows, dim = z.shape
+    out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+    indices = torch.empty(num_problems, num_rows, dtype=torch.int64, device=z.device)
+    distances = torch.empty(num_problems, num_rows, dtype=torch.float32, device=z.device)
+    search = SearchCodebook(codebook, metric, out_dtype)
+    placeholder = distances  # never read: the metric's constexpr branch skips it
+    args = (
+        z,
+        codebook,
+        search.codes.to(out_dtype).contiguous(),
+        search.code_bias.contiguous() if search.code_bias is not None else placeholder,
+        search.center.contiguous() if search.center is not None else placeholder,
+        indices,
+        distances,
+        num_rows,
+        codebook.shape[1],
+        dim,
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
+        codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        size_bucket(num_rows),
+        size_bucket(codebook.shape[1]),
+    )
+    meta = dict(
+        METRIC=METRIC_IDS[metric],
+        DOT_PRECISION=dot_precision(out_dtype),
+        DOT_IN_FP32=interpreting() and out_dtype == torch.bfloat16,
+    )
+    return (indices, distances), (args, meta)
+
+
+def nearest_code_batched(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches B searches in one grid, ``(row blocks, B)``: ``z [B, N, D]`` against ``codebook [B, K, D]``.
+    The batch axis fills the GPU where one problem's rows would not, so the codebook is never split."""
+    num_problems, num_rows, _ = z.shape
+    outputs, (args, meta) = _batched_launch_arguments(z, codebook, metric)
+    if num_problems * num_rows == 0:
+        return outputs
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        if interpreting():
+            grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCKS["BLOCK_N"]), num_problems)
+            _nearest_code_batched_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
+        else:
+            grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]), num_problems)  # noqa: E731
+            _nearest_code_batched_tuned[grid](*args, **meta)
+    indices, distances = outputs
+    if metric == "cosine":
+        indices.masked_fill_(~z.isfinite().all(dim=-1), 0)
+    return indices, distances
+
+
 def compile_cases() -> list[CompileCase]:
     """The launches ``nearest_code`` makes, for ``tests/backends/test_aot_compile.py`` (see ``CompileCase``).
 
@@ -387,7 +520,9 @@ def compile_cases() -> list[CompileCase]:
     that does not; fp32 with the caller's tf32 opt-in; cosine and dot; Gumbel-max sampling; the
     split codebook and its merge pass; a D that is no multiple of 16 (so neither are the strides);
     a column-major ``z`` (the row stride becomes the constant 1); mixed dtypes; fp16, with no
-    codes returned. Each through the autotuner, so in every config it keeps for the target.
+    codes returned. Each through the autotuner, so in every config it keeps for the target. Then the
+    batched kernel (``nearest_code_batched``): fp32 and bf16 at D = 128, cosine on one slice, a column-major
+    bf16 ``z`` with odd sizes, fp16 dot.
     """
     cases = []
 
@@ -423,4 +558,21 @@ def compile_cases() -> list[CompileCase]:
     add("sample cosine bf16 D=256", bf16, metric="cosine", dim=256, sample=True)
     add("split l2 bf16 D=256", bf16, dim=256, rows=64, codes=8192, splits=4)
     add("l2 bf16 D=70", bf16, dim=70, codes=1000)
+
+    def add_batched(name, dtype=torch.float32, metric="l2", dim=128, rows=1024, codes=1024, problems=4,
+                    column_major=False):
+        z = torch.zeros((problems, dim, rows) if column_major else (problems, rows, dim), dtype=dtype)
+        z = z.transpose(1, 2) if column_major else z
+        codebook = torch.zeros(problems, codes, dim, dtype=dtype)
+        _, (args, meta) = _batched_launch_arguments(z, codebook, metric)
+        cases.append(CompileCase(name, _nearest_code_batched_tuned, args, meta))
+
+    # k-means' batched search: fp32 (CPU data moved over) and bf16 at flash-kmeans' D = 128, cosine, a D
+    # that fits one slice, and odd sizes whose strides are no multiple of 16.
+    add_batched("batched l2 fp32 D=128")
+    add_batched("batched l2 bf16 D=128", bf16)
+    add_batched("batched cosine fp32 D=32", metric="cosine", dim=32)
+    add_batched("batched l2 bf16 D=70 column-major z", bf16, dim=70, rows=1000, codes=1000, problems=3,
+                column_major=True)
+    add_batched("batched dot fp16 D=64", fp16, metric="dot", dim=64)
     return cases
