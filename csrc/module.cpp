@@ -66,3 +66,10 @@ static PyModuleDef fastvq_c_module = {PyModuleDef_HEAD_INIT, "_C", "fastvq's com
                                       -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastvq_c_module); }
+
+TORCH_LIBRARY_FRAGMENT(fastvq_C, m) {
+  m.def("residual_quantize(Tensor z, Tensor codebooks, int n_q, Tensor? row_levels, bool return_stats) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) { m.impl("residual_quantize", &fastvq::residual_quantize_cpu); }

@@ -34,3 +34,7 @@ from .functional import soft_entropy, soft_quantize  # noqa: E402
 
 __all__ += ["soft_quantize", "soft_entropy"]
 __all__ += ["kmeans", "KMeansResult"]
+
+from .functional import residual_quantize  # noqa: E402
+
+__all__ += ["residual_quantize"]

@@ -67,3 +67,8 @@ from .ops.search import check_search_inputs  # noqa: E402, F401
 from .ops.segment_reduce import check_ema_inputs, check_segment_inputs  # noqa: E402, F401
 from .ops.soft_quantize import check_soft_inputs  # noqa: E402, F401
 from .ops.topk import check_topk_inputs  # noqa: E402, F401
+
+# isort: split
+from .ops.residual_quantize import ResidualQuantizeResult, residual_quantize  # noqa: E402
+
+__all__ += ["residual_quantize", "ResidualQuantizeResult"]

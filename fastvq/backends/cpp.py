@@ -118,6 +118,18 @@ def _register_fakes() -> None:
             values.new_empty((num_codes, values.shape[1]), dtype=torch.float32),
         )
 
+    @torch.library.register_fake("fastvq_C::residual_quantize")
+    def _residual_quantize_fake(z, codebooks, n_q, row_levels, return_stats):
+        num_levels, num_codes, dim = codebooks.shape
+        stat_levels = num_levels if return_stats else 0
+        return (
+            z.new_empty((z.shape[0], num_levels), dtype=torch.int64),
+            z.new_empty(z.shape, dtype=torch.promote_types(z.dtype, codebooks.dtype)),
+            z.new_empty(num_levels, dtype=torch.float32),
+            z.new_empty((stat_levels, num_codes), dtype=torch.float32),
+            z.new_empty((stat_levels, num_codes, dim), dtype=torch.float32),
+        )
+
 
 # --------------------------------------------------------------------------- backend entry points
 
@@ -158,3 +170,16 @@ def nearest_codes(
     if sample_temperature > 0.0:
         raise RuntimeError("fastvq._C has no Gumbel-top-k sampling; fastvq.backends routes it to the PyTorch path")
     return torch.ops.fastvq_C.nearest_codes(z, codebook, k, metric)
+
+
+def residual_quantize(
+    z: torch.Tensor,
+    codebooks: torch.Tensor,
+    n_q: int,
+    row_levels: Optional[torch.Tensor],
+    return_stats: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every level of a row tile in one walk (``csrc/cpu/residual_quantize.cpp``); the statistics are summed
+    in row order per level, deterministic whatever ``deterministic`` says."""
+    return torch.ops.fastvq_C.residual_quantize(z, codebooks, n_q, row_levels, return_stats)
