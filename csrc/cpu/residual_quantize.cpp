@@ -25,6 +25,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace fastvq {
@@ -288,6 +290,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
                                   count_data, sum_data, return_stats);
   });
   return {indices, quantized_acc.to(out_dtype), commitment, counts.to(at::kFloat), sums.to(at::kFloat)};
+}
+
+// The backward of residual_quantize (fastvq/ops/residual_quantize.py documents the gradients): each row walks
+// its levels again from z and the chosen codes, its residual in cache, adding 2 c_l e_l (e_l = r_l - q_l, the
+// residual after level l) to its gradient; the codebook gradient -2 b_l e_l onto each chosen code is summed as
+// the forward's statistics are, per level in row order from a chunk's kept e_l.
+std::tuple<at::Tensor, at::Tensor> residual_quantize_backward_cpu(
+    const at::Tensor& grad_quantized, const at::Tensor& grad_commitment, const at::Tensor& grad_codebook_loss,
+    const at::Tensor& z, const at::Tensor& codebooks, const at::Tensor& indices, const std::string& straight_through,
+    bool compute_codebook_grad) {
+  TORCH_CHECK_VALUE(straight_through == "final" || straight_through == "per_level" ||
+                        straight_through == "detached_residual",
+                    "straight_through must be final, per_level or detached_residual, got '", straight_through, "'");
+  const at::ScalarType acc_dtype =
+      at::promote_types(z.scalar_type(), codebooks.scalar_type()) == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t num_rows = z.size(0), dim = z.size(1), num_levels = codebooks.size(0), num_codes = codebooks.size(1);
+  const at::Tensor z_acc = z.to(acc_dtype).contiguous();
+  const at::Tensor grad_acc = grad_quantized.to(acc_dtype).contiguous();
+  const at::Tensor codes_acc = codebooks.to(acc_dtype).contiguous();
+  const at::Tensor chosen = indices.to(at::kLong).contiguous();
+  const at::Tensor commit_scale = grad_commitment.to(at::kDouble).mul(2.0).contiguous();
+  const at::Tensor codebook_scale = grad_codebook_loss.to(at::kDouble).mul(-2.0).contiguous();
+  at::Tensor grad_z = at::empty({num_rows, dim}, z.options().dtype(acc_dtype));
+  at::Tensor grad_codebooks = at::zeros({compute_codebook_grad ? num_levels : 0, num_codes, dim},
+                                        z.options().dtype(acc_dtype));
+  const bool per_level = straight_through == "per_level", detached = straight_through == "detached_residual";
+  // per_level: r_{l+1} = r_l - (r_l + sg[...]) has zero gradient to r_l, so only level 0 reaches z.
+  const int64_t z_levels = per_level ? 1 : num_levels;
+  const int64_t walk_levels = compute_codebook_grad ? num_levels : z_levels;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "fastvq_residual_quantize_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* z_data = z_acc.data_ptr<acc_t>();
+    const acc_t* grad_data = grad_acc.data_ptr<acc_t>();
+    const acc_t* codes = codes_acc.data_ptr<acc_t>();
+    const int64_t* index = chosen.data_ptr<int64_t>();
+    const double* commit = commit_scale.data_ptr<double>();
+    const double* scale = codebook_scale.data_ptr<double>();
+    acc_t* grad_z_data = grad_z.data_ptr<acc_t>();
+    const int64_t kept_row = walk_levels * dim;
+    const int64_t chunk_rows = compute_codebook_grad
+                                   ? std::max<int64_t>(1, kStatsChunkBytes / (kept_row * static_cast<int64_t>(sizeof(acc_t))))
+                                   : std::max<int64_t>(num_rows, 1);
+    std::vector<acc_t> kept(compute_codebook_grad ? std::min(chunk_rows, num_rows) * kept_row : 0);
+    for (int64_t chunk_start = 0; chunk_start < num_rows; chunk_start += chunk_rows) {
+      const int64_t chunk_end = std::min(num_rows, chunk_start + chunk_rows);
+      const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, walk_levels * dim));
+      at::parallel_for(chunk_start, chunk_end, grain, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> residual(dim), grad(dim);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t* row_index = index + row * num_levels;
+          int64_t levels = 0;
+          while (levels < num_levels && row_index[levels] >= 0) ++levels;
+          const acc_t multiplier = detached ? static_cast<acc_t>(levels) : per_level ? (levels > 0 ? 1 : 0) : 1;
+          for (int64_t d = 0; d < dim; ++d) {
+            residual[d] = z_data[row * dim + d];
+            grad[d] = multiplier * grad_data[row * dim + d];
+          }
+          for (int64_t level = 0; level < std::min(levels, walk_levels); ++level) {
+            const acc_t* code = codes + (level * num_codes + row_index[level]) * dim;
+            const acc_t weight = static_cast<acc_t>(commit[level]);
+            const bool to_z = level < z_levels;
+            for (int64_t d = 0; d < dim; ++d) {
+              residual[d] -= code[d];
+              if (to_z) grad[d] += weight * residual[d];
+            }
+            if (compute_codebook_grad) {
+              std::copy(residual.begin(), residual.end(), kept.begin() + (row - chunk_start) * kept_row + level * dim);
+            }
+          }
+          std::copy(grad.begin(), grad.end(), grad_z_data + row * dim);
+        }
+      });
+      if (!compute_codebook_grad) continue;
+      acc_t* target_data = grad_codebooks.data_ptr<acc_t>();
+      at::parallel_for(0, num_levels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t level = begin; level < end; ++level) {
+          const acc_t weight = static_cast<acc_t>(scale[level]);
+          for (int64_t row = chunk_start; row < chunk_end; ++row) {
+            const int64_t code = index[row * num_levels + level];
+            if (code < 0) continue;
+            acc_t* target = target_data + (level * num_codes + code) * dim;
+            const acc_t* after = kept.data() + (row - chunk_start) * kept_row + level * dim;
+            for (int64_t d = 0; d < dim; ++d) target[d] += weight * after[d];
+          }
+        }
+      });
+    }
+  });
+  return {grad_z.to(z.scalar_type()), grad_codebooks};
 }
 
 }  // namespace fastvq

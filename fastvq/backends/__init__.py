@@ -132,7 +132,7 @@ _WIDE_TOPK = "the Triton top-k kernel holds at most 64 codes per row in register
 
 _RESIDUAL_BACKWARD = (
     "the residual backward is a gather, a subtraction and a scatter-add per level over [rows, D] chunks, "
-    "bandwidth-bound elementwise work that PyTorch's own kernels run"
+    "bandwidth-bound elementwise work that PyTorch's own kernels run on the GPU"
 )
 
 # THE table: op -> selected backend -> the backend that runs it.
@@ -197,7 +197,6 @@ TABLE: dict[str, dict[str, Route]] = {
     "residual_quantize_backward": {
         **_self_everywhere(),
         "triton": Route("torch", _RESIDUAL_BACKWARD),
-        "cpp": Route("torch", _RESIDUAL_BACKWARD),
         "cuda": Route("torch", _RESIDUAL_BACKWARD),
     },
 }

@@ -125,16 +125,20 @@ def _residual_quantize_fwd_kernel(
         tl.store(indices_ptr + rows * L + level64, tl.where(active, best_index, -1), mask=row_mask)
 
 
-# The search's second fp32 tile: 32-wide D slices keep tf32x3's split operands in registers; of the tiles tried
-# (64 x 64 on 8 warps with 2 or 3 stages, 64 x 64 x 16 and 32 x 64 on 4 warps) it is the one that kept every
-# case free of stack frames on sm_80 and sm_90 (tests/backends/test_aot_compile.py checks it).
+# The search's second fp32 tile: 32-wide D slices keep tf32x3's split operands in registers. Of the tiles tried
+# (64 x 64 on 8 warps with 2 or 3 stages, 64 x 64 x 16, 32 x 64 and 32 x 32 on 4 warps) it is the one that kept
+# every case with D a multiple of 32 free of stack frames on sm_80 and sm_90; any other D (DAC's 8, 70) kept a
+# stack frame in it, unmasked only by 16-wide slices (tests/backends/test_aot_compile.py checks both).
 _CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3)
+_NARROW_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4, num_stages=3)
 # Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
 
 
-def _config() -> triton.Config:
-    return _INTERPRETER_CONFIG if interpreting() else _CONFIG
+def _config(dim: int) -> triton.Config:
+    if interpreting():
+        return _INTERPRETER_CONFIG
+    return _CONFIG if dim % 32 == 0 else _NARROW_CONFIG
 
 
 def _launch_arguments(z, codebooks, n_q, row_levels, return_stats, deterministic, block_rows):
@@ -176,7 +180,7 @@ def residual_quantize(
     """One launch for every level (plus the codebooks' preparation, O(L K D)); fp64 is not handled here."""
     num_rows, dim = z.shape
     out_dtype = torch.promote_types(z.dtype, codebooks.dtype)
-    config = _config()
+    config = _config(dim)
     outputs, grid, args, meta = _launch_arguments(z, codebooks, n_q, row_levels, return_stats, deterministic,
                                                   config.kwargs["BLOCK_N"])
     if num_rows > 0:
@@ -200,10 +204,11 @@ def compile_cases() -> list[CompileCase]:
         z = z.t() if column_major else z
         codebooks = torch.zeros(4, 1024, dim, dtype=dtype)
         row_levels = torch.zeros(256, dtype=torch.int64) if per_row else None
-        _, _, args, meta = _launch_arguments(z, codebooks, 4, row_levels, stats, False, _CONFIG.kwargs["BLOCK_N"])
+        config = _CONFIG if dim % 32 == 0 else _NARROW_CONFIG
+        _, _, args, meta = _launch_arguments(z, codebooks, 4, row_levels, stats, False, config.kwargs["BLOCK_N"])
         if tf32:
             meta["DOT_PRECISION"] = "tf32"
-        cases.append(CompileCase(name, _residual_quantize_fwd_kernel, args, meta, (_CONFIG,)))
+        cases.append(CompileCase(name, _residual_quantize_fwd_kernel, args, meta, (config,)))
 
     add("fp32 D=128 stats")
     add("fp32 D=256 no stats", dim=256, stats=False)
