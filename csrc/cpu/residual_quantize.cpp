@@ -188,7 +188,10 @@ void residual_quantize_rows(Walk<acc_t>& walk, const acc_t* z, acc_t* quantized,
     const int64_t last_tile = std::min(num_tiles, first_tile + chunk_tiles);
     const int64_t chunk_first_row = first_tile * tile_rows;
     const int64_t chunk_end_row = std::min(num_rows, last_tile * tile_rows);
-    at::parallel_for(first_tile, last_tile, 1, [&](int64_t begin, int64_t end) {
+    // Small problems stay on the calling thread: waking the pool costs more than they do.
+    const int64_t tile_work = tile_rows * walk.num_codes * dim * walk.n_q;
+    const int64_t tile_grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(tile_work, 1));
+    at::parallel_for(first_tile, last_tile, tile_grain, [&](int64_t begin, int64_t end) {
       TileScratch<acc_t> scratch;
       scratch.residual = at::empty({tile_rows, dim}, options);
       scratch.total = at::empty({tile_rows, dim}, options);
@@ -212,7 +215,9 @@ void residual_quantize_rows(Walk<acc_t>& walk, const acc_t* z, acc_t* quantized,
     });
     if (!return_stats) continue;
     // Each level's counts and sums from this chunk, by one thread per level, in row order.
-    at::parallel_for(0, walk.n_q, 1, [&](int64_t begin, int64_t end) {
+    const int64_t level_work = (chunk_end_row - chunk_first_row) * dim;
+    at::parallel_for(0, walk.n_q, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(level_work, 1)),
+                     [&](int64_t begin, int64_t end) {
       for (int64_t level = begin; level < end; ++level) {
         for (int64_t row = chunk_first_row; row < chunk_end_row; ++row) {
           const int64_t chosen = walk.indices[row * walk.num_levels + level];
@@ -364,7 +369,9 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward_cpu(
       });
       if (!compute_codebook_grad) continue;
       acc_t* target_data = grad_codebooks.data_ptr<acc_t>();
-      at::parallel_for(0, num_levels, 1, [&](int64_t begin, int64_t end) {
+      const int64_t level_work = (chunk_end - chunk_start) * dim;
+      at::parallel_for(0, num_levels, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(level_work, 1)),
+                       [&](int64_t begin, int64_t end) {
         for (int64_t level = begin; level < end; ++level) {
           const acc_t weight = static_cast<acc_t>(scale[level]);
           for (int64_t row = chunk_start; row < chunk_end; ++row) {
