@@ -117,7 +117,10 @@ def bare_searches(z, codebooks, *_unused) -> None:
             residual = residual - codes
 
 
+@functools.lru_cache(maxsize=None)
 def _load_library(library: str) -> types.ModuleType:
+    """The library's module, loaded once per process (``load_original`` refuses a second load of a package it
+    has already stubbed)."""
     from _originals import load_original
 
     if library == "audiocraft":
