@@ -9,7 +9,6 @@ from typing import NamedTuple
 import torch
 
 from . import common
-from .search_codebook import search_center
 
 
 class PreparedLevels(NamedTuple):
@@ -23,10 +22,24 @@ class PreparedLevels(NamedTuple):
 
 
 def prepare_levels(codebooks: torch.Tensor) -> PreparedLevels:
+    """A fixed number of PyTorch ops whatever ``L``: with the one kernel launch of the level walk, the whole
+    forward stays a handful of launches on a GPU."""
     work = codebooks.to(torch.float32)
-    center = torch.stack([search_center(level) for level in work])
+    center = level_centers(work)
     codes = (work - center[:, None, :]).contiguous()
     return PreparedLevels(codes, (codes * codes).sum(dim=2).contiguous(), center.contiguous())
+
+
+def level_centers(codes: torch.Tensor) -> torch.Tensor:
+    """``search_codebook.search_center`` of every level of ``codes [L, K, D]`` at once, ``[L, D]``: per level and
+    dimension the mean of that level's finite codes, rounded to a multiple of the largest power of two at or
+    below their mean absolute deviation (kept where that is 0 or infinite)."""
+    finite = codes.isfinite().all(dim=2, keepdim=True)
+    count = finite.sum(dim=1).clamp_min(1)
+    mean = torch.where(finite, codes, 0).sum(dim=1) / count
+    deviation = torch.where(finite, (codes - mean[:, None, :]).abs(), 0).sum(dim=1) / count
+    step = torch.exp2(torch.floor(torch.log2(deviation)))
+    return torch.where((deviation > 0) & deviation.isfinite(), torch.round(mean / step) * step, mean)
 
 
 def level_statistics(

@@ -322,3 +322,16 @@ def test_deterministic_statistics(backend):
         second = run(z, codebooks, device, n_q=torch.tensor([3, 2, 1, 0] * 10, device=device), return_stats=True)
     assert torch.equal(first.sums, second.sums) and torch.equal(first.counts, second.counts)
     assert_matches_reference(first, z, codebooks, n_q=torch.tensor([3, 2, 1, 0] * 10))
+
+
+def test_level_centers_are_each_levels_search_center():
+    """The Triton launcher centres all levels in a fixed number of ops; each level's centre is the search's."""
+    from fastvq.backends.residual_levels import level_centers
+    from fastvq.backends.search_codebook import search_center
+
+    codes = torch.randn(4, 37, 19, generator=torch.Generator().manual_seed(3)) * 3 + 10
+    codes[1, 3, 2] = float("nan")
+    codes[2, 0] = float("inf")
+    codes[3] = 7.0  # no spread: the mean is kept
+    torch.testing.assert_close(level_centers(codes), torch.stack([search_center(level) for level in codes]),
+                               rtol=0, atol=0)
