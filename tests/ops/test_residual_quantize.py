@@ -88,7 +88,9 @@ def test_scalar_n_q_uses_the_first_levels(backend):
 def test_per_row_n_q(backend):
     _, device = backend
     z, codebooks = layered_inputs(40, 4, 11, 6)
-    row_levels = torch.tensor([0, 1, 2, 3, 4, 7, -2] * 5 + [4] * 5, device=device)
+    # Every other entry of a longer int32 tensor: any strides and integer dtype.
+    row_levels = torch.tensor([0, 1, 2, 3, 4, 7, -2] * 5 + [4] * 5, dtype=torch.int32).repeat_interleave(2)[::2]
+    row_levels = row_levels.to(device)
     result = run(z, codebooks, device, n_q=row_levels, return_stats=True)
     expected_levels = row_levels.cpu().clamp(0, 4)
     assert torch.equal((result.indices.cpu() >= 0).sum(dim=1), expected_levels)

@@ -159,7 +159,7 @@ def _launch_arguments(z, codebooks, n_q, row_levels, return_stats, deterministic
     )
     args = (
         z, codebooks, levels.codes, levels.bias, levels.center,
-        row_levels if row_levels is not None else outputs["indices"],
+        row_levels.contiguous() if row_levels is not None else outputs["indices"],
         outputs["residual"], outputs["total"], outputs["indices"], outputs["partial_commitment"],
         outputs["counts"], outputs["sums"],
         num_rows, num_codes, dim, num_levels, n_q,
