@@ -44,3 +44,14 @@ std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu(
     const at::Tensor& values, const at::Tensor& indices, int64_t num_codes, bool deterministic);
 
 }  // namespace fastvq
+
+namespace fastvq {
+
+// Greedy residual quantization (residual_quantize.cpp): (indices int64 [N, L] (-1 past a row's levels),
+// quantized [N, D] promoted dtype, commitment fp32 [L], counts fp32 [L or 0, K], sums fp32 [L or 0, K, D]).
+// Row i uses its first min(n_q, max(row_levels[i], 0)) levels (n_q without row_levels).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_quantize_cpu(
+    const at::Tensor& z, const at::Tensor& codebooks, int64_t n_q, const c10::optional<at::Tensor>& row_levels,
+    bool return_stats);
+
+}  // namespace fastvq

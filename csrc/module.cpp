@@ -68,3 +68,27 @@ static PyModuleDef fastvq_c_module = {PyModuleDef_HEAD_INIT, "_C", "fastvq's com
                                       -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastvq_c_module); }
+
+TORCH_LIBRARY_FRAGMENT(fastvq_C, m) {
+  m.def("residual_quantize(Tensor z, Tensor codebooks, int n_q, Tensor? row_levels, bool return_stats) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace fastvq {
+// residual_quantize.cpp: (grad_z [N, D] z's dtype, grad_codebooks [L or 0, K, D] fp32 or fp64).
+std::tuple<at::Tensor, at::Tensor> residual_quantize_backward_cpu(
+    const at::Tensor& grad_quantized, const at::Tensor& grad_commitment, const at::Tensor& grad_codebook_loss,
+    const at::Tensor& z, const at::Tensor& codebooks, const at::Tensor& indices, const std::string& straight_through,
+    bool compute_codebook_grad);
+}  // namespace fastvq
+
+TORCH_LIBRARY_FRAGMENT(fastvq_C, m) {
+  m.def("residual_quantize_backward(Tensor grad_quantized, Tensor grad_commitment, Tensor grad_codebook_loss, "
+        "Tensor z, Tensor codebooks, Tensor indices, str straight_through, bool compute_codebook_grad) -> "
+        "(Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
+  m.impl("residual_quantize", &fastvq::residual_quantize_cpu);
+  m.impl("residual_quantize_backward", &fastvq::residual_quantize_backward_cpu);
+}

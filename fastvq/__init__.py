@@ -41,3 +41,6 @@ __all__ += ["swap_quantizers"]
 from .functional import nearest_code_batched  # noqa: E402
 
 __all__ += ["nearest_code_batched"]
+from .functional import residual_quantize  # noqa: E402
+
+__all__ += ["residual_quantize"]

@@ -71,3 +71,8 @@ from .ops.topk import check_topk_inputs  # noqa: E402, F401
 # B independent searches in one call (batched k-means, per-head codebooks).
 __all__ += ["nearest_code_batched"]
 from .ops.search import nearest_code_batched  # noqa: E402
+
+# isort: split
+from .ops.residual_quantize import ResidualQuantizeResult, residual_quantize  # noqa: E402
+
+__all__ += ["residual_quantize", "ResidualQuantizeResult"]

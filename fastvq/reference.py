@@ -447,3 +447,77 @@ def nearest_code_batched_ref(
     if not results:
         return z.new_zeros(z.shape[:2], dtype=torch.int64), z.new_zeros(z.shape[:2], dtype=torch.float32)
     return torch.stack([indices for indices, _ in results]), torch.stack([distances for _, distances in results])
+RESIDUAL_STRAIGHT_THROUGH = ("final", "per_level", "detached_residual")
+
+
+def residual_quantize_ref(
+    z: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    n_q: Optional[int | torch.Tensor] = None,
+    straight_through: str = "final",
+    upcast: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """Greedy residual quantization (SoundStream's Algorithm 1) with autograd, level by level, the way
+    the codec libraries write it: the full ``N x K`` distance matrix per level, argmin, gather, subtract.
+
+    Level ``l`` quantizes the residual ``r_l`` (``r_0 = z``) to its nearest code ``q_l`` of
+    ``codebooks[l]``; ``r_{l+1} = r_l - q_l``. Row ``i`` uses its first ``n_q`` levels (``n_q`` an int,
+    a tensor ``[N]`` clamped to ``[0, L]``, or ``None`` for all ``L``); later levels get index -1 and
+    add nothing. The straight-through variants are written as the libraries write them:
+
+    - ``"final"`` (audiocraft, Moshi): ``r_{l+1} = r_l - sg[q_l]``, ``quantized = z + sg[sum q - z]``;
+    - ``"per_level"`` (EnCodec, DAC): each level's output ``r_l + sg[q_l - r_l]``, subtracted undetached;
+    - ``"detached_residual"`` (WavTokenizer): the same level output, subtracted detached.
+
+    ``commitment[l] = sum ||r_l - sg[q_l]||^2`` (gradient to ``z`` through ``r_l`` only),
+    ``codebook_loss[l] = sum ||sg[r_l] - q_l||^2`` (gradient to ``codebooks`` only), both over the
+    rows using level ``l``. Returns ``(indices int64 [N, L], quantized [N, D], commitment [L],
+    codebook_loss [L], counts [L, K], sums [L, K, D])``, the last two the per-level statistics of the
+    residual each level saw (no gradient); computed in float64 with ``upcast``, else in the promoted dtype
+    (the losses and statistics at least in float32).
+    """
+    if straight_through not in RESIDUAL_STRAIGHT_THROUGH:
+        raise ValueError(f"straight_through must be one of {RESIDUAL_STRAIGHT_THROUGH}, got {straight_through!r}")
+    num_rows, dim = z.shape
+    num_levels, num_codes, _ = codebooks.shape
+    promoted = torch.promote_types(z.dtype, codebooks.dtype)
+    dtype = torch.float64 if upcast else promoted
+    loss_dtype = torch.promote_types(dtype, torch.float32)
+    z = z.to(dtype)
+    codebooks = codebooks.to(dtype)
+    if n_q is None:
+        n_q = num_levels
+    row_levels = (n_q.to(z.device).clamp(0, num_levels) if isinstance(n_q, torch.Tensor)
+                  else torch.full((num_rows,), min(int(n_q), num_levels), device=z.device))
+    residual = z
+    quantized = torch.zeros_like(z)
+    indices = torch.full((num_rows, num_levels), -1, dtype=torch.int64, device=z.device)
+    commitment, codebook_loss = [], []
+    counts = torch.zeros((num_levels, num_codes), dtype=loss_dtype, device=z.device)
+    sums = torch.zeros((num_levels, num_codes, dim), dtype=loss_dtype, device=z.device)
+    for level in range(num_levels):
+        active = level < row_levels
+        with torch.no_grad():
+            chosen, _, _ = nearest_code_ref(residual.detach(), codebooks[level], upcast=upcast)
+        chosen = torch.where(active, chosen, -1)
+        indices[:, level] = chosen
+        mask = active[:, None].to(dtype)
+        code = codebooks[level][chosen.clamp_min(0)]  # differentiable to the codebook: the codebook loss only
+        level_code = code.detach() * mask
+        if straight_through == "final":
+            level_output = level_code
+            next_residual = residual - level_code
+        else:
+            level_output = (residual + (level_code - residual).detach()) * mask
+            next_residual = residual - (level_output if straight_through == "per_level" else level_output.detach())
+        commitment.append((((residual - level_code) ** 2) * mask).to(loss_dtype).sum())
+        codebook_loss.append((((residual.detach() - code) ** 2) * mask).to(loss_dtype).sum())
+        rows = active.nonzero().squeeze(1)
+        counts[level].index_add_(0, chosen[rows], torch.ones(rows.shape, dtype=loss_dtype, device=z.device))
+        sums[level].index_add_(0, chosen[rows], residual.detach()[rows].to(loss_dtype))
+        quantized = quantized + level_output
+        residual = next_residual
+    if straight_through == "final":
+        quantized = z + (quantized - z).detach()
+    return (indices, quantized.to(promoted), torch.stack(commitment), torch.stack(codebook_loss), counts, sums)

@@ -48,6 +48,7 @@ _MODULES = {
         "soft_quantize": "fastvq.backends.torch.soft_quantize",
         "code_entropy": "fastvq.backends.torch.code_entropy",
         "topk": "fastvq.backends.torch.topk",
+        "residual_quantize": "fastvq.backends.torch.residual_quantize",
     },
     "triton": {
         "search": "fastvq.backends.triton.search",
@@ -57,8 +58,10 @@ _MODULES = {
         "soft_quantize": "fastvq.backends.triton.soft_quantize",
         "code_entropy": "fastvq.backends.triton.code_entropy",
         "topk": "fastvq.backends.triton.topk",
+        "residual_quantize": "fastvq.backends.triton.residual_quantize",
     },
-    "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp"},
+    "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp",
+            "residual_quantize": "fastvq.backends.cpp"},
     "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp"},
 }
 
@@ -92,6 +95,8 @@ OPS = {
     "gumbel_topk_wide": Op("topk", "nearest_codes"),
     # B independent nearest-code searches, z [B, N, D] against codebook [B, K, D]
     "nearest_code_batched": Op("search", "nearest_code_batched"),
+    "residual_quantize": Op("residual_quantize", "residual_quantize"),
+    "residual_quantize_backward": Op("residual_quantize", "residual_quantize_backward"),
 }
 
 
@@ -126,6 +131,11 @@ _NO_C_ENTROPY = (
 )
 _NO_CUDA_TOPK = "fastvq._C's CUDA kernels have no top-k search; the Triton kernel runs"
 _WIDE_TOPK = "the Triton top-k kernel holds at most 64 codes per row in registers"
+
+_RESIDUAL_BACKWARD = (
+    "the residual backward is a gather, a subtraction and a scatter-add per level over [rows, D] chunks, "
+    "bandwidth-bound elementwise work that PyTorch's own kernels run on the GPU"
+)
 
 # THE table: op -> selected backend -> the backend that runs it.
 TABLE: dict[str, dict[str, Route]] = {
@@ -185,6 +195,15 @@ TABLE: dict[str, dict[str, Route]] = {
     "nearest_code_batched": {
         **_self_everywhere(),
         "cuda": Route("triton", "fastvq._C's CUDA kernels have no batched search; the Triton kernel runs"),
+    },
+    "residual_quantize": {
+        **_self_everywhere(),
+        "cuda": Route("triton", "fastvq._C has no CUDA residual quantization; the Triton kernel runs"),
+    },
+    "residual_quantize_backward": {
+        **_self_everywhere(),
+        "triton": Route("torch", _RESIDUAL_BACKWARD),
+        "cuda": Route("torch", _RESIDUAL_BACKWARD),
     },
 }
 

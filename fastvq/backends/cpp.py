@@ -122,6 +122,29 @@ def _register_fakes() -> None:
             values.new_empty((num_codes, values.shape[1]), dtype=torch.float32),
         )
 
+    @torch.library.register_fake("fastvq_C::residual_quantize")
+    def _residual_quantize_fake(z, codebooks, n_q, row_levels, return_stats):
+        num_levels, num_codes, dim = codebooks.shape
+        stat_levels = num_levels if return_stats else 0
+        return (
+            z.new_empty((z.shape[0], num_levels), dtype=torch.int64),
+            z.new_empty(z.shape, dtype=torch.promote_types(z.dtype, codebooks.dtype)),
+            z.new_empty(num_levels, dtype=torch.float32),
+            z.new_empty((stat_levels, num_codes), dtype=torch.float32),
+            z.new_empty((stat_levels, num_codes, dim), dtype=torch.float32),
+        )
+
+    @torch.library.register_fake("fastvq_C::residual_quantize_backward")
+    def _residual_quantize_backward_fake(grad_quantized, grad_commitment, grad_codebook_loss, z, codebooks, indices,
+                                         straight_through, compute_codebook_grad):
+        num_levels, num_codes, dim = codebooks.shape
+        promoted = torch.promote_types(z.dtype, codebooks.dtype)
+        return (
+            torch.empty_like(z, memory_format=torch.contiguous_format),
+            z.new_empty((num_levels if compute_codebook_grad else 0, num_codes, dim),
+                        dtype=torch.float64 if promoted == torch.float64 else torch.float32),
+        )
+
 
 # --------------------------------------------------------------------------- backend entry points
 
@@ -169,3 +192,35 @@ def nearest_codes(
     if sample_temperature > 0.0:
         raise RuntimeError("fastvq._C has no Gumbel-top-k sampling; fastvq.backends routes it to the PyTorch path")
     return torch.ops.fastvq_C.nearest_codes(z, codebook, k, metric)
+
+
+def residual_quantize(
+    z: torch.Tensor,
+    codebooks: torch.Tensor,
+    n_q: int,
+    row_levels: Optional[torch.Tensor],
+    return_stats: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every level of a row tile in one walk (``csrc/cpu/residual_quantize.cpp``); the statistics are summed
+    in row order per level, deterministic whatever ``deterministic`` says."""
+    return torch.ops.fastvq_C.residual_quantize(z, codebooks, n_q, row_levels, return_stats)
+
+
+def residual_quantize_backward(
+    grad_quantized: torch.Tensor,
+    grad_commitment: torch.Tensor,
+    grad_codebook_loss: torch.Tensor,
+    z: torch.Tensor,
+    codebooks: torch.Tensor,
+    indices: torch.Tensor,
+    straight_through: str,
+    compute_codebook_grad: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's levels walked again in cache; the codebook gradient summed per level in row order, deterministic
+    whatever ``deterministic`` says."""
+    return torch.ops.fastvq_C.residual_quantize_backward(
+        grad_quantized, grad_commitment, grad_codebook_loss, z, codebooks, indices, straight_through,
+        compute_codebook_grad,
+    )

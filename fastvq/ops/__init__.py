@@ -20,3 +20,6 @@ their function; ``fastvq.functional`` re-exports every public function.
 """
 
 from . import code_entropy, masked_conv, search, segment_reduce, soft_quantize, topk, vector_quantize  # noqa: F401  (importing a family registers its torch.ops.fastvq.* operators)
+
+# isort: split
+from . import residual_quantize  # noqa: F401, E402  (residual_quantize: all the levels of a residual quantizer)
