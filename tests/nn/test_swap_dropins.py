@@ -89,3 +89,23 @@ def test_swap_replaces_the_original_with_its_own_tensors_and_the_same_codes(libr
         torch.testing.assert_close(codes_of(model["quantizer"], x), codes_of(reference["quantizer"], x),
                                    rtol=0, atol=0)
     assert fastvq.swap_quantizers(model) == []
+
+
+def test_diffusers_vq_model_from_its_default_config_encodes_and_decodes_the_same_after_swap():
+    models = pytest.importorskip("diffusers.models")
+    torch.manual_seed(0)
+    model = models.VQModel().eval()  # the default config: nothing is downloaded
+    reference = copy.deepcopy(model)
+    images = torch.randn(2, 3, 32, 32)
+
+    swapped = fastvq.swap_quantizers(model)
+
+    assert [entry.name for entry in swapped] == ["quantize"]
+    assert type(model.quantize).__module__ == "fastvq.nn.diffusers"
+    with torch.no_grad():
+        latents, expected_latents = model.encode(images).latents, reference.encode(images).latents
+        torch.testing.assert_close(latents, expected_latents, rtol=0, atol=0)
+        codes, expected_codes = model.quantize(latents)[2][2], reference.quantize(latents)[2][2]
+        assert torch.equal(codes, expected_codes)
+        # (the straight-through sum z + (q - z) rounds differently from the gathered code by an ulp or so)
+        torch.testing.assert_close(model.decode(latents).sample, reference.decode(latents).sample)
