@@ -34,3 +34,6 @@ from .functional import soft_entropy, soft_quantize  # noqa: E402
 
 __all__ += ["soft_quantize", "soft_entropy"]
 __all__ += ["kmeans", "KMeansResult"]
+
+__all__ += ["sinkhorn_assign"]
+from .functional import sinkhorn_assign  # noqa: E402

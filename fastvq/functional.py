@@ -67,3 +67,6 @@ from .ops.search import check_search_inputs  # noqa: E402, F401
 from .ops.segment_reduce import check_ema_inputs, check_segment_inputs  # noqa: E402, F401
 from .ops.soft_quantize import check_soft_inputs  # noqa: E402, F401
 from .ops.topk import check_topk_inputs  # noqa: E402, F401
+
+__all__ += ["sinkhorn_assign"]
+from .ops.sinkhorn import sinkhorn_assign  # noqa: E402

@@ -322,3 +322,19 @@ def backend_info() -> dict:
         "triton": {"available": triton_available(), "interpreting": triton_interpreting()},
         "torch": _torch.__version__,
     }
+
+
+# Sinkhorn assignment (fastvq/ops/sinkhorn.py): three passes, each one fused walk over every (row, code) pair.
+_SINKHORN_OPS = ("sinkhorn_cost_stats", "sinkhorn_row_pass", "sinkhorn_column_pass")
+_MODULES["torch"]["sinkhorn"] = "fastvq.backends.torch.sinkhorn"
+_MODULES["triton"]["sinkhorn"] = "fastvq.backends.triton.sinkhorn"
+OPS.update({op: Op("sinkhorn", op) for op in _SINKHORN_OPS})
+_NO_C_SINKHORN = "fastvq._C has no Sinkhorn passes yet; the chunked PyTorch path runs on BLAS matmuls of row chunks"
+TABLE.update({
+    op: {
+        **_self_everywhere(),
+        "cpp": Route("torch", _NO_C_SINKHORN),
+        "cuda": Route("triton", "fastvq._C has no CUDA Sinkhorn passes; the Triton kernels run"),
+    }
+    for op in _SINKHORN_OPS
+})
