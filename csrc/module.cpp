@@ -66,3 +66,18 @@ static PyModuleDef fastvq_c_module = {PyModuleDef_HEAD_INIT, "_C", "fastvq's com
                                       -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastvq_c_module); }
+
+// Sinkhorn passes (csrc/cpu/sinkhorn.cpp).
+TORCH_LIBRARY_FRAGMENT(fastvq_C, m) {
+  m.def("sinkhorn_row_pass(Tensor z, Tensor codebook, Tensor column_potential, str metric, Tensor affine, "
+        "bool argmax) -> (Tensor, Tensor)");
+  m.def("sinkhorn_column_partials(Tensor z, Tensor codebook, Tensor row_potential, str metric, Tensor affine) "
+        "-> (Tensor, Tensor)");
+  m.def("sinkhorn_cost_stats(Tensor z, Tensor codebook, str metric) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
+  m.impl("sinkhorn_row_pass", &fastvq::sinkhorn_row_pass_cpu);
+  m.impl("sinkhorn_column_partials", &fastvq::sinkhorn_column_partials_cpu);
+  m.impl("sinkhorn_cost_stats", &fastvq::sinkhorn_cost_stats_cpu);
+}

@@ -68,5 +68,5 @@ from .ops.segment_reduce import check_ema_inputs, check_segment_inputs  # noqa: 
 from .ops.soft_quantize import check_soft_inputs  # noqa: E402, F401
 from .ops.topk import check_topk_inputs  # noqa: E402, F401
 
-__all__ += ["sinkhorn_assign"]
-from .ops.sinkhorn import sinkhorn_assign  # noqa: E402
+__all__ += ["sinkhorn_assign", "sinkhorn_cost_stats"]
+from .ops.sinkhorn import sinkhorn_assign, sinkhorn_cost_stats  # noqa: E402

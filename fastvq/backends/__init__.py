@@ -328,12 +328,11 @@ def backend_info() -> dict:
 _SINKHORN_OPS = ("sinkhorn_cost_stats", "sinkhorn_row_pass", "sinkhorn_column_pass")
 _MODULES["torch"]["sinkhorn"] = "fastvq.backends.torch.sinkhorn"
 _MODULES["triton"]["sinkhorn"] = "fastvq.backends.triton.sinkhorn"
+_MODULES["cpp"]["sinkhorn"] = "fastvq.backends.cpp"
 OPS.update({op: Op("sinkhorn", op) for op in _SINKHORN_OPS})
-_NO_C_SINKHORN = "fastvq._C has no Sinkhorn passes yet; the chunked PyTorch path runs on BLAS matmuls of row chunks"
 TABLE.update({
     op: {
         **_self_everywhere(),
-        "cpp": Route("torch", _NO_C_SINKHORN),
         "cuda": Route("triton", "fastvq._C has no CUDA Sinkhorn passes; the Triton kernels run"),
     }
     for op in _SINKHORN_OPS

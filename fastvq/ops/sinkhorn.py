@@ -167,6 +167,28 @@ def sinkhorn_assign(
     return indices, row_potential, column_potential
 
 
+def sinkhorn_cost_stats(z: Tensor, codebook: Tensor, *, metric: str = "l2", sync: Optional[bool] = None) -> Tensor:
+    """The statistics the cost normalisations use, in one fused pass over every (row, code) pair.
+
+    Args:
+        z, codebook, metric, sync: as in :func:`sinkhorn_assign` (with ``sync`` the statistics of all ranks'
+            rows together).
+
+    Returns:
+        float64 ``[5]``: the count, minimum, maximum, mean and sum of squared deviations from the mean of the
+        non-NaN costs (``(0, inf, -inf, 0, 0)`` when there is none). The unbiased standard deviation is
+        ``sqrt(squares / (count - 1))``.
+
+    Raises:
+        as :func:`sinkhorn_assign` for the same arguments.
+    """
+    check_sinkhorn_inputs(z, codebook, metric)
+    stats = _cost_stats_op(z.detach(), codebook.detach(), metric)
+    if (is_distributed() if sync is None else sync) and is_distributed():
+        stats = combine_stats(all_gather_rows(stats))
+    return stats
+
+
 def potential_dtype(z: Tensor, codebook: Tensor) -> torch.dtype:
     """The dtype scores accumulate and potentials are kept in: float64 for float64 inputs, else float32."""
     return torch.float64 if torch.promote_types(z.dtype, codebook.dtype) == torch.float64 else torch.float32
@@ -193,10 +215,7 @@ def _affine(z, codebook, metric, normalize, epsilon, synced, work) -> Tensor:
     ``-normalised(C) / epsilon``. Only the normalisations need the statistics pass (and no host sync)."""
     if normalize is None:
         return torch.tensor([0.0, 1.0 / epsilon], dtype=work, device=z.device)
-    stats = _cost_stats_op(z, codebook, metric)
-    if synced:
-        stats = combine_stats(all_gather_rows(stats))
-    count, low, high, mean, squares = stats.unbind()
+    count, low, high, mean, squares = sinkhorn_cost_stats(z, codebook, metric=metric, sync=synced).unbind()
     if normalize == "minmax":
         middle = (high + low) / 2
         shift, spread = middle, high - middle + 1e-5

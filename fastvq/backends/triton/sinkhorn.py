@@ -183,10 +183,14 @@ def _sinkhorn_cost_stats_kernel(
     tl.store(row_stats + 4, squares, mask=row_mask)
 
 
-def _config() -> triton.Config:
+def _config(dtype: torch.dtype) -> triton.Config:
+    """The tiles of every pass for operands of ``dtype``. fp32 tiles run three tf32 MMAs on split operands
+    (``tf32x3``): with 4 warps, or 32-wide slices of ``D``, they spill registers on sm_80
+    (tests/backends/test_aot_compile.py); 8 warps and 16-wide slices keep them under 180."""
     if interpreting():
         return triton.Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
-    return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2)
+    block_d = 16 if dtype == torch.float32 else 32
+    return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_D": block_d}, num_warps=8, num_stages=2)
 
 
 def _prepared(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple:
@@ -229,7 +233,7 @@ def _row_pass_launch(z, codebook, column_potential, metric, affine, argmax):
 def sinkhorn_row_pass(z, codebook, column_potential, metric, affine, argmax):
     args, meta, lse, indices = _row_pass_launch(z, codebook, column_potential, metric, affine, argmax)
     if z.shape[0]:
-        config = _config()
+        config = _config(args[0].dtype)
         with _device(z):
             _sinkhorn_row_pass_kernel[(triton.cdiv(z.shape[0], config.kwargs["BLOCK_M"]),)](
                 *args, **meta, **config.all_kwargs())
@@ -259,7 +263,7 @@ def _column_pass_launch(z, codebook, row_potential, metric, affine, config, spli
 
 
 def sinkhorn_column_pass(z, codebook, row_potential, metric, affine):
-    config = _config()
+    config = _config(torch.promote_types(z.dtype, codebook.dtype))
     splits, rows_per_split = _splits(z.shape[0], codebook.shape[0], config, z)
     args, meta, partial_max, partial_sum = _column_pass_launch(z, codebook, row_potential, metric, affine, config,
                                                                splits, rows_per_split)
@@ -282,7 +286,7 @@ def _cost_stats_launch(z, codebook, metric):
 def sinkhorn_cost_stats(z, codebook, metric):
     args, meta, stats = _cost_stats_launch(z, codebook, metric)
     if z.shape[0]:
-        config = _config()
+        config = _config(args[0].dtype)
         with _device(z):
             _sinkhorn_cost_stats_kernel[(triton.cdiv(z.shape[0], config.kwargs["BLOCK_M"]),)](
                 *args, **meta, **config.all_kwargs())
@@ -293,11 +297,11 @@ def sinkhorn_cost_stats(z, codebook, metric):
 def compile_cases() -> list[CompileCase]:
     """The launches of the three passes, for ``tests/backends/test_aot_compile.py``: every metric in fp32
     (the row pass with and without its argmax), bf16 and fp16 operands, and a column-major ``z``."""
-    config = _config()
     cases = []
 
     def add(name, dtype=torch.float32, metric="l2", dim=64, transposed=False, kernels=("row", "argmax", "column",
                                                                                        "stats")):
+        config = _config(dtype)
         z = torch.zeros((dim, 300), dtype=dtype).t() if transposed else torch.zeros((300, dim), dtype=dtype)
         codebook = torch.zeros((500, dim), dtype=dtype)
         affine = torch.zeros(2)
