@@ -26,7 +26,7 @@ def _pair(original, name, **kwargs):
     return ours, theirs
 
 
-def _train_and_compare(ours, theirs, shape, steps=3, seed=0):
+def _train_and_compare(ours, theirs, shape, steps=2, seed=0):
     optimizers = [torch.optim.SGD(model.parameters(), lr=0.5) for model in (ours, theirs)]
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
