@@ -18,7 +18,9 @@
 namespace fastvq {
 namespace {
 
-constexpr int64_t kBlockRows = 64;
+// 256 rows a block: each block streams the whole codebook through its tiles, so a larger block reads it fewer
+// times a pass (64-row blocks made a pass about 3 nearest_code calls at K = 16 384, D = 256).
+constexpr int64_t kBlockRows = 256;
 constexpr int64_t kTileCodes = 1024;
 constexpr int64_t kMaxSplits = 64;
 

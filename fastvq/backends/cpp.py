@@ -166,9 +166,9 @@ def nearest_codes(
 
 # --------------------------------------------------------------------------- Sinkhorn passes (csrc/cpu/sinkhorn.cpp)
 
-# The C++ column pass cuts the rows into at most this many splits of whole 64-row blocks (kMaxSplits, kBlockRows).
+# The C++ column pass cuts the rows into at most this many splits of whole 256-row blocks (kMaxSplits, kBlockRows).
 _SINKHORN_MAX_SPLITS = 64
-_SINKHORN_BLOCK_ROWS = 64
+_SINKHORN_BLOCK_ROWS = 256
 
 
 def _sinkhorn_splits(num_rows):

@@ -35,6 +35,8 @@ SHAPES = [(1, 3, 4), (37, 21, 5), (130, 70, 9), (50, 1, 3)]
 # variants the arithmetic.
 CASES = [(variant, (37, 21, 5)) for variant in VARIANTS] + [
     (variant, shape) for variant in VARIANTS[:3] for shape in SHAPES if shape != (37, 21, 5)]
+# Several of the C++ kernels' 256-row blocks, and several column splits.
+CASES += [(VARIANTS[0], (600, 40, 6)), (VARIANTS[3], (600, 40, 6))]
 CASE_IDS = [f"{VARIANT_IDS[VARIANTS.index(variant)]}-{shape}" for variant, shape in CASES]
 # Under Triton's interpreter every tile is a numpy array: shapes that still cross row and code tiles.
 INTERPRETED_SHAPES = [(1, 3, 4), (37, 21, 5)]
