@@ -43,6 +43,17 @@ std::tuple<at::Tensor, at::Tensor> nearest_codes_cpu(const at::Tensor& z, const 
 std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu(
     const at::Tensor& values, const at::Tensor& indices, int64_t num_codes, bool deterministic);
 
+// Sinkhorn passes (sinkhorn.cpp): (lse [N], indices int64 [N or 0]) of each row's logsumexp over codes of
+// (shift - C) * scale + g; per-split (max, sum of exp) partials [splits, K] of the same over rows with f;
+// per-row cost statistics float64 [N, 5] (count, min, max, mean, sum of squared deviations).
+std::tuple<at::Tensor, at::Tensor> sinkhorn_row_pass_cpu(const at::Tensor& z, const at::Tensor& codebook,
+                                                         const at::Tensor& column_potential, const std::string& metric,
+                                                         const at::Tensor& affine, bool argmax);
+std::tuple<at::Tensor, at::Tensor> sinkhorn_column_partials_cpu(const at::Tensor& z, const at::Tensor& codebook,
+                                                                const at::Tensor& row_potential,
+                                                                const std::string& metric, const at::Tensor& affine);
+at::Tensor sinkhorn_cost_stats_cpu(const at::Tensor& z, const at::Tensor& codebook, const std::string& metric);
+
 }  // namespace fastvq
 
 namespace fastvq {

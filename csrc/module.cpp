@@ -92,3 +92,18 @@ TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
   m.impl("residual_quantize", &fastvq::residual_quantize_cpu);
   m.impl("residual_quantize_backward", &fastvq::residual_quantize_backward_cpu);
 }
+
+// Sinkhorn passes (csrc/cpu/sinkhorn.cpp).
+TORCH_LIBRARY_FRAGMENT(fastvq_C, m) {
+  m.def("sinkhorn_row_pass(Tensor z, Tensor codebook, Tensor column_potential, str metric, Tensor affine, "
+        "bool argmax) -> (Tensor, Tensor)");
+  m.def("sinkhorn_column_partials(Tensor z, Tensor codebook, Tensor row_potential, str metric, Tensor affine) "
+        "-> (Tensor, Tensor)");
+  m.def("sinkhorn_cost_stats(Tensor z, Tensor codebook, str metric) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
+  m.impl("sinkhorn_row_pass", &fastvq::sinkhorn_row_pass_cpu);
+  m.impl("sinkhorn_column_partials", &fastvq::sinkhorn_column_partials_cpu);
+  m.impl("sinkhorn_cost_stats", &fastvq::sinkhorn_cost_stats_cpu);
+}

@@ -44,3 +44,5 @@ __all__ += ["nearest_code_batched"]
 from .functional import residual_quantize  # noqa: E402
 
 __all__ += ["residual_quantize"]
+__all__ += ["sinkhorn_assign"]
+from .functional import sinkhorn_assign  # noqa: E402

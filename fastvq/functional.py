@@ -76,3 +76,5 @@ from .ops.search import nearest_code_batched  # noqa: E402
 from .ops.residual_quantize import ResidualQuantizeResult, residual_quantize  # noqa: E402
 
 __all__ += ["residual_quantize", "ResidualQuantizeResult"]
+__all__ += ["sinkhorn_assign", "sinkhorn_cost_stats"]
+from .ops.sinkhorn import sinkhorn_assign, sinkhorn_cost_stats  # noqa: E402

@@ -521,3 +521,100 @@ def residual_quantize_ref(
     if straight_through == "final":
         quantized = z + (quantized - z).detach()
     return (indices, quantized.to(promoted), torch.stack(commitment), torch.stack(codebook_loss), counts, sums)
+SINKHORN_METRICS = ("l2", "euclidean", "cosine", "dot")
+SINKHORN_NORMALIZATIONS = (None, "minmax", "standardize")
+SINKHORN_ORDERS = ("rows_first", "columns_first")
+
+
+def sinkhorn_cost_ref(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", normalize: Optional[str] = None, *, upcast: bool = True
+) -> torch.Tensor:
+    """The ``N x K`` cost Sinkhorn assignment works on: the metric's distance (``euclidean`` is the square
+    root of ``l2``, as ``torch.cdist`` computes it), then normalised over the whole matrix (NaN entries
+    left out of the statistics):
+
+    - ``"minmax"`` (LC-Rec's ``center_distance_for_constraint``): ``(C - m) / (max C - m + 1e-5)`` with
+      ``m = (max C + min C) / 2``, so the cost lies in ``[-1, 1]``;
+    - ``"standardize"`` (OptVQ's ``normalize(mode="all")``): ``A = (C - mean C) / (std C + 1e-6)`` with the
+      unbiased standard deviation, then ``A - min A``.
+    """
+    if metric == "euclidean":
+        cost = distance_matrix_ref(z, codebook, "l2", upcast=upcast).sqrt()
+    else:
+        cost = distance_matrix_ref(z, codebook, metric, upcast=upcast)
+    finite = cost[~cost.isnan()]
+    if normalize is None or finite.numel() == 0:
+        return cost
+    if normalize == "minmax":
+        middle = (finite.max() + finite.min()) / 2
+        amplitude = finite.max() - middle + 1e-5
+        return (cost - middle) / amplitude
+    if normalize == "standardize":
+        spread = finite.std() + 1e-6
+        return (cost - finite.mean()) / spread - (finite.min() - finite.mean()) / spread
+    raise ValueError(f"normalize must be one of {SINKHORN_NORMALIZATIONS}, got {normalize!r}")
+
+
+def _no_nan(values: torch.Tensor) -> torch.Tensor:
+    """NaN entries as ``-inf``: they carry no mass in a log-sum-exp and never win an argmax."""
+    return torch.where(values.isnan(), -math.inf, values)
+
+
+def _potential_ref(log_mass: float, lse: torch.Tensor) -> torch.Tensor:
+    """``log_mass - lse``, and ``-inf`` where nothing is reachable (a row or code whose every cost is NaN)."""
+    return torch.where(lse == -math.inf, -math.inf, log_mass - lse)
+
+
+def sinkhorn_assign_ref(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    epsilon: float,
+    iters: int,
+    metric: str = "l2",
+    normalize: Optional[str] = None,
+    order: str = "rows_first",
+    sum_eps: float = 0.0,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Balanced assignment by the textbook log-domain Sinkhorn iteration on the full ``N x K`` plan.
+
+    With logits ``L = -C / epsilon`` (``C`` from :func:`sinkhorn_cost_ref`), uniform marginals ``a = 1/N``
+    and ``b = 1/K``, and the potentials started at zero, each iteration is a row update
+    ``f_i = log a - logsumexp_k(L_ik + g_k)`` then a column update ``g_k = log b - logsumexp_i(L_ik + f_i)``
+    (``order="columns_first"``: the column update first, as OptVQ's ``sinkhorn`` does). The plan is
+    ``exp(f_i + L_ik + g_k)``; a row's assignment is its argmax, i.e. ``argmax_k (L_ik + g_k)`` (ties to the
+    lowest index; NaN entries carry no mass and never win; a row of NaN gets index 0). A row or code with
+    no finite entry gets potential ``-inf``. ``sum_eps > 0`` is OptVQ's exp-domain iteration as it is written,
+    in log space: the plan ``exp(L) / (sum exp(L) + sum_eps)`` at the start, then each row and column divided
+    by its sum plus ``sum_eps`` and scaled to its marginal.
+
+    Returns ``(indices int64 [N], f [N], g [K])``, the potentials in float64 with ``upcast`` (else float32).
+    """
+    cost = sinkhorn_cost_ref(z, codebook, metric, normalize, upcast=upcast)
+    work = torch.float64 if upcast else torch.float32
+    logits = _no_nan((-cost / epsilon).to(work))
+    num_rows, num_codes = logits.shape
+    f = torch.zeros(num_rows, dtype=work, device=logits.device)
+    g = torch.zeros(num_codes, dtype=work, device=logits.device)
+    log_a, log_b = -math.log(max(num_rows, 1)), -math.log(num_codes)
+    if sum_eps > 0:
+        # The plan exp(f + L + g) starts as exp(L) / (sum exp(L) + sum_eps): a constant f.
+        f = f - torch.logaddexp(torch.logsumexp(logits.flatten(), 0), torch.tensor(math.log(sum_eps), dtype=work))
+
+    def update(previous, lse, log_mass):
+        if sum_eps > 0:  # divide the current sums by (sum + sum_eps), then scale to the marginal
+            return previous - torch.logaddexp(previous + lse, torch.full_like(lse, math.log(sum_eps))) + log_mass
+        return _potential_ref(log_mass, lse)
+
+    for _ in range(iters):
+        if order == "rows_first":
+            f = update(f, torch.logsumexp(_no_nan(logits + g[None, :]), dim=1), log_a)
+            g = update(g, torch.logsumexp(_no_nan(logits + f[:, None]), dim=0), log_b)
+        else:
+            g = update(g, torch.logsumexp(_no_nan(logits + f[:, None]), dim=0), log_b)
+            f = update(f, torch.logsumexp(_no_nan(logits + g[None, :]), dim=1), log_a)
+    # argmax takes the first maximum, so a row of -inf gets index 0.
+    scores = _no_nan(logits + g[None, :])
+    indices = scores.argmax(dim=1) if num_codes and num_rows else torch.zeros(num_rows, dtype=torch.int64)
+    return indices.to(torch.int64), f, g

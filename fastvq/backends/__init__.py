@@ -347,3 +347,18 @@ def backend_info() -> dict:
         "triton": {"available": triton_available(), "interpreting": triton_interpreting()},
         "torch": _torch.__version__,
     }
+
+
+# Sinkhorn assignment (fastvq/ops/sinkhorn.py): three passes, each one fused walk over every (row, code) pair.
+_SINKHORN_OPS = ("sinkhorn_cost_stats", "sinkhorn_row_pass", "sinkhorn_column_pass")
+_MODULES["torch"]["sinkhorn"] = "fastvq.backends.torch.sinkhorn"
+_MODULES["triton"]["sinkhorn"] = "fastvq.backends.triton.sinkhorn"
+_MODULES["cpp"]["sinkhorn"] = "fastvq.backends.cpp"
+OPS.update({op: Op("sinkhorn", op) for op in _SINKHORN_OPS})
+TABLE.update({
+    op: {
+        **_self_everywhere(),
+        "cuda": Route("triton", "fastvq._C has no CUDA Sinkhorn passes; the Triton kernels run"),
+    }
+    for op in _SINKHORN_OPS
+})

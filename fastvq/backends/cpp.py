@@ -20,11 +20,14 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .sinkhorn_stats import combine_stats
 
 # Written by setup.py next to this file: whether it built fastvq._C, with which flags, or why not.
 BUILD_STATUS_FILE = Path(__file__).parent.parent / "_build_status.json"
@@ -61,6 +64,7 @@ def _import_extension() -> tuple[bool, Optional[str]]:
     except ImportError as error:
         return False, _missing_reason(error)
     _register_fakes()
+    _register_sinkhorn_fakes()
     return True, None
 
 
@@ -224,3 +228,49 @@ def residual_quantize_backward(
         grad_quantized, grad_commitment, grad_codebook_loss, z, codebooks, indices, straight_through,
         compute_codebook_grad,
     )
+# --------------------------------------------------------------------------- Sinkhorn passes (csrc/cpu/sinkhorn.cpp)
+
+# The C++ column pass cuts the rows into at most this many splits of whole 256-row blocks (kMaxSplits, kBlockRows).
+_SINKHORN_MAX_SPLITS = 64
+_SINKHORN_BLOCK_ROWS = 256
+
+
+def _sinkhorn_splits(num_rows):
+    return max(1, min((num_rows + _SINKHORN_BLOCK_ROWS - 1) // _SINKHORN_BLOCK_ROWS, _SINKHORN_MAX_SPLITS))
+
+
+def _register_sinkhorn_fakes() -> None:
+    if not hasattr(torch.ops.fastvq_C, "sinkhorn_row_pass"):
+        return  # a fastvq._C built before the Sinkhorn passes: calling one names the missing operator
+    @torch.library.register_fake("fastvq_C::sinkhorn_row_pass")
+    def _row_pass_fake(z, codebook, column_potential, metric, affine, argmax):
+        num_rows = z.shape[0]
+        return (z.new_empty(num_rows, dtype=column_potential.dtype),
+                z.new_empty(num_rows if argmax else 0, dtype=torch.int64))
+
+    @torch.library.register_fake("fastvq_C::sinkhorn_column_partials")
+    def _column_partials_fake(z, codebook, row_potential, metric, affine):
+        shape = (_sinkhorn_splits(z.shape[0]), codebook.shape[0])
+        return z.new_empty(shape, dtype=row_potential.dtype), z.new_empty(shape, dtype=row_potential.dtype)
+
+    @torch.library.register_fake("fastvq_C::sinkhorn_cost_stats")
+    def _cost_stats_fake(z, codebook, metric):
+        return z.new_empty((z.shape[0], 5), dtype=torch.float64)
+
+
+def sinkhorn_row_pass(z, codebook, column_potential, metric, affine, argmax):
+    return torch.ops.fastvq_C.sinkhorn_row_pass(z, codebook, column_potential, metric, affine, argmax)
+
+
+def sinkhorn_column_pass(z, codebook, row_potential, metric, affine):
+    """The per-code ``(max, sum of exp)`` of the C++ kernel's row splits, combined: a max, then the rescaled sum."""
+    partial_max, partial_sum = torch.ops.fastvq_C.sinkhorn_column_partials(z, codebook, row_potential, metric, affine)
+    high = partial_max.amax(dim=0)
+    safe = torch.where(high == -math.inf, 0.0, high)
+    return high, (partial_sum * torch.exp(partial_max - safe)).sum(dim=0)
+
+
+def sinkhorn_cost_stats(z, codebook, metric):
+    rows = torch.ops.fastvq_C.sinkhorn_cost_stats(z, codebook, metric)
+    empty = torch.tensor([[0.0, math.inf, -math.inf, 0.0, 0.0]], dtype=torch.float64)
+    return combine_stats(torch.cat([empty, rows]))

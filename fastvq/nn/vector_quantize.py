@@ -30,6 +30,7 @@ from ..losses import (
     rotate_to,
 )
 from ..ops.search import draw_seed, nearest_code
+from ..ops.sinkhorn import sinkhorn_assign
 from ..ops.soft_quantize import soft_quantize
 from ..ops.topk import nearest_codes
 from ..ops.vector_quantize import vector_quantize
@@ -179,6 +180,12 @@ class VectorQuantize(nn.Module):
     - ``sync_update_v``: the synchronous update rule's ``v`` (in ``[0, 1]``).
     - ``return_zeros_for_masked_padding``: masked positions output zeros (else the input).
     - ``route_gradients_to_input``: False gives the codes themselves, no estimator.
+    - ``sinkhorn_iters``, ``sinkhorn_epsilon`` (fastvq; default 0, off): in training, each head's codes are the
+      balanced assignment of :func:`fastvq.functional.sinkhorn_assign` over the batch (``sinkhorn_iters``
+      log-domain iterations at ``sinkhorn_epsilon``, on the layer's metric with LC-Rec's min-max cost
+      normalisation, as the semantic-ID tokenizers' ``VectorQuantizer(..., sk_epsilon, sk_iters)``) instead of
+      the nearest code; on only when both are ``> 0`` (LC-Rec's ``sk_epsilon <= 0`` is the nearest code). The
+      loss and estimator are the usual ones on the chosen codes; masked positions take part in the marginals.
 
     ``forward(x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
     freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
@@ -260,6 +267,8 @@ class VectorQuantize(nn.Module):
         sync_update_v: float = 0.0,
         return_zeros_for_masked_padding: bool = True,
         route_gradients_to_input: bool = True,
+        sinkhorn_iters: int = 0,
+        sinkhorn_epsilon: float = 0.0,
     ):
         super().__init__()
         for name, value in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads),
@@ -383,6 +392,10 @@ class VectorQuantize(nn.Module):
         )
         self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 0:
+            raise ValueError(f"sinkhorn_iters must be an int >= 0, got {sinkhorn_iters!r}")
+        self.sinkhorn_iters = sinkhorn_iters
+        self.sinkhorn_epsilon = check_real("sinkhorn_epsilon", sinkhorn_epsilon, minimum=0.0)
 
     @classmethod
     def from_original(cls, original: nn.Module) -> "VectorQuantize":
@@ -831,6 +844,8 @@ class VectorQuantize(nn.Module):
             books = books.clone()  # the losses on the logits see the codes the search saw, not the updated ones
         if transform is not None:
             search = self._search_transformed(flatten, books, transform, temperature)
+        elif self._balanced_codes():
+            search = self._search_balanced(flatten, books)
         else:
             search = self._search(flatten, books, temperature, fused, soft_temperature)
         if update_codes:
@@ -886,6 +901,22 @@ class VectorQuantize(nn.Module):
             commitment = commitment / flatten.shape[0]
         return _Search(torch.stack(indices), torch.stack(codes), torch.stack(estimated) if estimated else None,
                        commitment, None)
+
+    def _balanced_codes(self) -> bool:
+        return self.training and self.sinkhorn_iters > 0 and self.sinkhorn_epsilon > 0
+
+    def _search_balanced(self, flatten: Tensor, books: Tensor) -> _Search:
+        """Each head's codes by Sinkhorn over its rows (``sinkhorn_iters``, ``sinkhorn_epsilon``): no fused
+        loss or estimator; the forward applies them to these codes."""
+        indices, codes = [], []
+        for head in range(flatten.shape[0]):
+            book = books[head if books.shape[0] > 1 else 0]
+            chosen, _, _ = sinkhorn_assign(flatten[head], book.detach(), epsilon=self.sinkhorn_epsilon,
+                                           iters=self.sinkhorn_iters, metric=self._codebook.metric,
+                                           normalize="minmax")
+            indices.append(chosen)
+            codes.append(F.embedding(chosen, book) if book.requires_grad else book.detach()[chosen])
+        return _Search(torch.stack(indices), torch.stack(codes), None, None, None)
 
     def _search_transformed(self, flatten: Tensor, books: Tensor, transform: Callable,
                             temperature: float, topk: Optional[int] = None) -> _Search:

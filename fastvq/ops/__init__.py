@@ -14,12 +14,14 @@ its type before the operator sees it). Layers call these functions, never ``torc
 - ``masked_conv``: ``masked_conv2d`` and its backward
 - ``soft_quantize``: ``soft_quantize``, ``soft_entropy`` and their backwards
 - ``code_entropy``: ``code_entropy`` and its backward
+- ``sinkhorn``: ``sinkhorn_assign`` (its three passes)
 
 The submodules are not re-exported as functions here, because four families share their name with
 their function; ``fastvq.functional`` re-exports every public function.
 """
 
-from . import code_entropy, masked_conv, search, segment_reduce, soft_quantize, topk, vector_quantize  # noqa: F401  (importing a family registers its torch.ops.fastvq.* operators)
+
+from . import code_entropy, masked_conv, search, segment_reduce, sinkhorn, soft_quantize, topk, vector_quantize  # noqa: F401  (importing a family registers its torch.ops.fastvq.* operators)
 
 # isort: split
 from . import residual_quantize  # noqa: F401, E402  (residual_quantize: all the levels of a residual quantizer)
