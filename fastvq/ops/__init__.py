@@ -20,7 +20,6 @@ The submodules are not re-exported as functions here, because four families shar
 their function; ``fastvq.functional`` re-exports every public function.
 """
 
-
 from . import code_entropy, masked_conv, search, segment_reduce, sinkhorn, soft_quantize, topk, vector_quantize  # noqa: F401  (importing a family registers its torch.ops.fastvq.* operators)
 
 # isort: split
