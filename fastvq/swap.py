@@ -79,6 +79,10 @@ REGISTRY.update(_same_names(
 REGISTRY.update(_same_names("dac.nn.quantize", "fastvq.nn.dac", ("ResidualVectorQuantize",)))
 REGISTRY.update(_same_names("snac.vq", "fastvq.nn.snac", ("ResidualVectorQuantize",)))
 REGISTRY.update(_same_names("diffusers.models.autoencoders.vae", "fastvq.nn.diffusers", ("VectorQuantizer",)))
+# LlamaGen and SEED-Voken are not packages: their code bases import these modules from the repository's root.
+REGISTRY.update(_same_names("tokenizer.tokenizer_image.vq_model", "fastvq.nn.llamagen", ("VectorQuantizer",)))
+REGISTRY.update(_same_names("src.IBQ.modules.vqvae.quantize", "fastvq.nn.seed_voken", ("IndexPropagationQuantize",)))
+REGISTRY.update(_same_names("src.Open_MAGVIT2.modules.vqvae.lookup_free_quantize", "fastvq.nn.seed_voken", ("LFQ",)))
 
 
 class Swapped(NamedTuple):

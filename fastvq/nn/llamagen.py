@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .._checks import check_real
 from ..functional import nearest_code, soft_entropy
+from ._adopt import adopt_tensors
 from .fsq import check_positive_int
 
 __all__ = ["VectorQuantizer", "ENTROPY_TEMPERATURE", "USAGE_WINDOW"]
@@ -112,7 +113,12 @@ class VectorQuantizer(nn.Module):
         layer.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.load_state_dict({key: value.detach() for key, value in module.state_dict().items()}, strict=True)
-        return layer.train(module.training)
+        layer = adopt_tensors(layer.train(module.training), module)
+        if "codebook_used" in layer._buffers:
+            # LlamaGen registers an nn.Parameter as this buffer, which in-place usage updates cannot write: fastvq
+            # keeps a plain tensor of the same values (a usage counter, which no optimizer holds).
+            layer.codebook_used = module.codebook_used.detach().clone()
+        return layer
 
     def codes(self) -> Tensor:
         """The codebook the search and the lookups use: ``[n_e, e_dim]``, l2-normalised with ``l2_norm``."""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .._checks import check_real
 from ..functional import code_entropy
+from ._adopt import adopt_tensors
 from .fsq import check_float_input, check_positive_int
 from .ibq import IBQ
 
@@ -64,7 +65,7 @@ class IndexPropagationQuantize(IBQ):
         layer.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.load_state_dict(module.state_dict(), strict=True)
-        return layer.train(module.training)
+        return adopt_tensors(layer.train(module.training), module)
 
 
 def _binary_entropy_of_logit(logit: Tensor) -> Tensor:
@@ -186,7 +187,7 @@ class LFQ(nn.Module):
                     factorized_bits=getattr(module, "factorized_bits", (9, 9)))
         layer.to(device=module.zero.device, dtype=module.zero.dtype)
         layer.load_state_dict(module.state_dict(), strict=True)
-        return layer.train(module.training)
+        return adopt_tensors(layer.train(module.training), module)
 
     @property
     def dtype(self) -> torch.dtype:

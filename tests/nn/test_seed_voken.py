@@ -4,6 +4,8 @@ outputs, indices, losses and gradients over a few training steps, in float64."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ CODES, DIM = 64, 5
 def ibq_pair(**kwargs):
     torch.manual_seed(0)
     original = ibq_original.IndexPropagationQuantize(CODES, DIM, **kwargs).double()
-    return original, IndexPropagationQuantize.from_original(original)
+    return original, IndexPropagationQuantize.from_original(copy.deepcopy(original))
 
 
 def ibq_step(layer, z, upstream):
