@@ -486,9 +486,18 @@ def _has_projection(layer: VectorQuantization) -> bool:
     return not isinstance(layer.project_in, nn.Identity)
 
 
+def _fusable_levels(rows: Tensor, layers: tp.Sequence[VectorQuantization]) -> bool:
+    """Whether one ``residual_quantize`` call computes these levels' codes as the loop does, in eval: no
+    projection, codes in the rows' dtype, and float32/float64 (the op carries a half-precision residual
+    in float32 from level to level, where the loop and the libraries round it at every level)."""
+    if rows.dtype not in (torch.float32, torch.float64):
+        return False
+    return not any(_has_projection(layer) or layer._codebook.embed.dtype != rows.dtype for layer in layers)
+
+
 def _can_fuse(rows: Tensor, layers: tp.Sequence[VectorQuantization]) -> bool:
     """Whether :func:`_fused_residual_levels` gives the per-level loop's numbers for these levels."""
-    if any(_has_projection(layer) or layer._codebook.embed.dtype != rows.dtype for layer in layers):
+    if not _fusable_levels(rows, layers):
         return False
     return not layers[0].training or all(layer._codebook._inited for layer in layers)
 
@@ -571,7 +580,7 @@ class ResidualVectorQuantization(nn.Module):
         first._check_input(x)
         layout = first._preprocess(x)
         rows = layout.reshape(-1, first.dim)
-        if not any(_has_projection(layer) or layer._codebook.embed.dtype != rows.dtype for layer in levels):
+        if _fusable_levels(rows, levels):
             codebooks = torch.stack([layer._codebook.embed for layer in levels])
             indices = residual_quantize(rows.detach(), codebooks).indices.T
             return indices.reshape(len(levels), *layout.shape[:-1])

@@ -445,9 +445,10 @@ class VectorQuantization(nn.Module):
 
 def _can_fuse(x: Tensor, levels: tp.Sequence[VectorQuantization], training: bool) -> bool:
     """Whether one ``residual_quantize`` call gives the per-level loop's numbers for ``levels`` on
-    ``x [B, D, T]``: no level projects, the codes are in ``x``'s dtype and (training) every level is
-    initialised."""
-    if x.dim() != 3 or not x.is_floating_point():
+    ``x [B, D, T]``: no level projects, the codes are in ``x``'s dtype, float32 or float64 (the op carries
+    a half-precision residual in float32 from level to level, where the loop and Moshi round it at every
+    level) and (training) every level is initialised."""
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.float64):
         return False
     for layer in levels:
         codebook = layer._codebook

@@ -120,3 +120,15 @@ def test_training_with_initialised_levels_is_one_fused_call_and_matches_the_loop
     expected_state = looped.state_dict()
     for key, value in fused.state_dict().items():
         torch.testing.assert_close(value, expected_state[key], **TRAIN_TOLERANCE, msg=key)
+
+
+@pytest.mark.parametrize("library", sorted(BUILDERS))
+def test_half_precision_keeps_the_per_level_loop(monkeypatch, library):
+    """The op carries a bfloat16 residual in float32 from level to level, the loop (and the libraries) round
+    it at every level: different codes, so half precision keeps the loop."""
+    build, module = BUILDERS[library]
+    torch.manual_seed(0)
+    quantizer = build().to(torch.bfloat16).eval()
+    calls = _count_calls(monkeypatch, module, ["residual_quantize"])
+    quantizer(_batch(1, torch.bfloat16), FRAME_RATE)
+    assert calls == {"residual_quantize": 0}
