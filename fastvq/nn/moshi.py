@@ -495,7 +495,7 @@ class ResidualVectorQuantization(nn.Module):
         after their dead-code replacements drew theirs, so it cannot run ahead of them."""
         levels = self.layers[:n_q]
         if _can_fuse(x, levels, self.training):
-            return self._fused_levels(x, levels)
+            return self._fused_levels(x, levels, n_q)
         quantized_out = _zero_scalar(x.device)
         residual = x
         all_codes, all_losses = [], []
@@ -521,7 +521,7 @@ class ResidualVectorQuantization(nn.Module):
             all_metrics[f"{key}_{level + self.codebook_offset}"] = value
 
     def _fused_levels(
-        self, x: Tensor, levels: tp.Sequence["VectorQuantization"]
+        self, x: Tensor, levels: tp.Sequence["VectorQuantization"], n_q: int
     ) -> tuple[Tensor, tp.List[Tensor], tp.List[Tensor], tp.Dict[str, Tensor]]:
         """:meth:`_quantize_levels` with every level's search in one ``residual_quantize`` call; in training
         each level's dead-code check and EMA step then run level by level, in the loop's order (so the random
@@ -550,7 +550,7 @@ class ResidualVectorQuantization(nn.Module):
             codebook._fold_statistics(level_statistics[:, 0], level_statistics[:, 1:], metrics)
             if level + 1 < len(levels):
                 residual = residual - F.embedding(result.indices[:, level], codebooks[level])
-            self._collect_metrics(all_metrics, metrics, level, len(levels))
+            self._collect_metrics(all_metrics, metrics, level, n_q)  # n_q as the loop, even past len(levels)
         return quantized_out, list(level_codes), list(losses), all_metrics
 
     def forward(self, x: Tensor, n_q: tp.Optional[int] = None) -> _VQForwardResult:
