@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .._distributed import all_reduce_sum_, broadcast_from_first, is_distributed, sample_rows
 from ..clustering import kmeans
 from ..losses import orthogonal_loss
+from ..ops.residual_quantize import residual_quantize
 from ..ops.search import nearest_code
 from ..ops.segment_reduce import apply_ema_, segment_reduce
 from ..ops.vector_quantize import vector_quantize
@@ -251,14 +252,21 @@ class EuclideanCodebook(nn.Module):
         (expiry first), else EMA first (with the statistics summed over ranks), then expiry."""
         counts, sums = segment_reduce(rows, indices, self.codebook_size,
                                       deterministic=torch.are_deterministic_algorithms_enabled())
+        if not self.parity and is_distributed():
+            # One collective per level: the counts ride along as the sums' last column.
+            packed = all_reduce_sum_(torch.cat((sums, counts[:, None]), dim=1))
+            sums, counts = packed[:, :-1], packed[:, -1]
+        self.update_from_statistics_(rows, counts, sums)
+
+    @torch.no_grad()
+    def update_from_statistics_(self, rows: Tensor, counts: Tensor, sums: Tensor) -> None:
+        """:meth:`update_` from this step's per-code ``counts [K]`` and ``sums [K, D]`` (float32, already
+        summed over ranks outside ``parity``) of the batch ``rows [N, D]`` (read only to replace dead codes;
+        may be None when ``threshold_ema_dead_code`` is 0)."""
         if self.parity:
             self.expire_codes_(rows)
             self._apply_ema_(counts, sums)
             return
-        if is_distributed():
-            # One collective per level: the counts ride along as the sums' last column.
-            packed = all_reduce_sum_(torch.cat((sums, counts[:, None]), dim=1))
-            sums, counts = packed[:, :-1], packed[:, -1]
         self._apply_ema_(counts, sums)
         self.expire_codes_(rows)
 
@@ -444,18 +452,23 @@ class VectorQuantization(nn.Module):
 def _residual_levels(
     rows: Tensor, layers: tp.Sequence[VectorQuantization], *, detach_levels: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The residual levels, one after another, on ``rows [N, D]``: ``(quantized sum [N, D], indices
-    [L, N], losses [L, 1])``.
+    """The residual levels on ``rows [N, D]``: ``(quantized sum [N, D], indices [L, N], losses [L, 1])``.
 
     Level ``i`` quantizes the residual ``r_i = rows - q_0 - ... - q_{i-1}``. Training adds each level's
     EMA step (and k-means initialisation) before the next level, in the libraries' order. The residual
     straight-through variant: with ``detach_levels`` (audiocraft) every level's output is detached, so
     the residual chain passes gradients unchanged and the sum gets its gradient from the caller's
     ``x + (q - x).detach()``; without it (EnCodec) ``r_{i+1} = r_i - q_i`` with ``q_i``'s straight-through
-    gradient, so the chain's gradient cancels and only level 0 reaches the input. A fused
-    ``fastvq.residual_quantize`` replaces this loop where the levels have no projections and are
-    initialised; the EMA steps then run after it, level by level.
+    gradient, so the chain's gradient cancels and only level 0 reaches the input.
+
+    All levels run in one ``fastvq.residual_quantize`` call (:func:`_fused_residual_levels`) when it gives
+    the loop's numbers: in eval always, in training when every level is initialised. The loop below stays
+    for levels with ``codebook_dim`` projections (the op has no per-level projection) and for a training
+    step where a level still needs its k-means initialisation: that draws random rows from the residual
+    the levels before it leave, after their dead-code replacements drew theirs, so it cannot run ahead.
     """
+    if _can_fuse(rows, layers):
+        return _fused_residual_levels(rows, layers, detach_levels=detach_levels)
     residual, total = rows, None
     all_indices, all_losses = [], []
     for layer in layers:
@@ -467,6 +480,61 @@ def _residual_levels(
         all_indices.append(indices)
         all_losses.append(loss)
     return total, torch.stack(all_indices), torch.stack(all_losses)
+
+
+def _has_projection(layer: VectorQuantization) -> bool:
+    return not isinstance(layer.project_in, nn.Identity)
+
+
+def _fusable_levels(rows: Tensor, layers: tp.Sequence[VectorQuantization]) -> bool:
+    """Whether one ``residual_quantize`` call computes these levels' codes as the loop does, in eval: no
+    projection, codes in the rows' dtype, and float32/float64 (the op carries a half-precision residual
+    in float32 from level to level, where the loop and the libraries round it at every level)."""
+    if rows.dtype not in (torch.float32, torch.float64):
+        return False
+    return not any(_has_projection(layer) or layer._codebook.embed.dtype != rows.dtype for layer in layers)
+
+
+def _can_fuse(rows: Tensor, layers: tp.Sequence[VectorQuantization]) -> bool:
+    """Whether :func:`_fused_residual_levels` gives the per-level loop's numbers for these levels."""
+    if not _fusable_levels(rows, layers):
+        return False
+    return not layers[0].training or all(layer._codebook._inited for layer in layers)
+
+
+def _fused_residual_levels(
+    rows: Tensor, layers: tp.Sequence[VectorQuantization], *, detach_levels: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_residual_levels` with every level's search in one ``residual_quantize`` call; in training
+    each level's EMA step (and dead-code replacement, orthogonal term) then runs level by level, in the
+    loop's order (so the random draws are the same), from the op's per-level statistics."""
+    codebooks = torch.stack([layer._codebook.embed for layer in layers])
+    training = layers[0].training
+    result = residual_quantize(rows, codebooks, straight_through="final" if detach_levels else "per_level",
+                               return_stats=training)
+    indices = result.indices.T
+    quantized = result.quantized.detach() if detach_levels else result.quantized
+    if not training:
+        return quantized, indices, rows.new_zeros(len(layers), 1, dtype=torch.float32)
+    counts, sums = result.counts, result.sums
+    if not layers[0]._codebook.parity and is_distributed():
+        # Every level's statistics in one collective: the counts ride along as the sums' last column.
+        packed = all_reduce_sum_(torch.cat((sums, counts[:, :, None]), dim=2))
+        sums, counts = packed[:, :, :-1], packed[:, :, -1]
+    rebuild_residuals = any(layer._codebook.threshold_ema_dead_code > 0 for layer in layers)
+    residual = rows.detach() if rebuild_residuals else None
+    losses = []
+    for level, layer in enumerate(layers):
+        # The rows this level saw, for its dead-code replacement: rebuilt as the loop subtracts them, from
+        # the codes chosen before any update (`codebooks` is a copy).
+        layer._codebook.update_from_statistics_(residual, counts[level], sums[level])
+        if rebuild_residuals and level + 1 < len(layers):
+            residual = residual - F.embedding(indices[level], codebooks[level])
+        loss = result.commitment[level] * (float(layer.commitment_weight) / rows.numel())
+        if layer.orthogonal_reg_weight > 0:
+            loss = loss + layer.orthogonal_reg_weight * layer._orthogonal_penalty(indices[level])
+        losses.append(loss.reshape(1).to(torch.float32))
+    return quantized, indices, torch.stack(losses)
 
 
 class ResidualVectorQuantization(nn.Module):
@@ -508,7 +576,14 @@ class ResidualVectorQuantization(nn.Module):
 
     def encode(self, x: Tensor, n_q: tp.Optional[int] = None) -> Tensor:
         levels = self._levels(n_q)
-        levels[0]._check_input(x)
+        first = levels[0]
+        first._check_input(x)
+        layout = first._preprocess(x)
+        rows = layout.reshape(-1, first.dim)
+        if _fusable_levels(rows, levels):
+            codebooks = torch.stack([layer._codebook.embed for layer in levels])
+            indices = residual_quantize(rows.detach(), codebooks).indices.T
+            return indices.reshape(len(levels), *layout.shape[:-1])
         residual, all_indices = x, []
         for layer in levels:
             indices = layer.encode(residual)

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._distributed import all_reduce_sum_, broadcast_from_first, is_distributed
+from ..ops.residual_quantize import residual_quantize
 from ..ops.search import nearest_code
 from ..ops.segment_reduce import segment_reduce
 from ._adopt import adopt_tensors
@@ -313,6 +314,12 @@ class EuclideanCodebook(nn.Module):
         if not self.parity and is_distributed():
             statistics = _average_over_ranks_(torch.cat((counts[:, None], sums), dim=1))
             counts, sums = statistics[:, 0], statistics[:, 1:]
+        self._fold_statistics(counts, sums, metrics)
+
+    @torch.no_grad()
+    def _fold_statistics(self, counts: Tensor, sums: Tensor, metrics: tp.Dict[str, Tensor]) -> None:
+        """The EMA step from this step's per-code ``counts [K]`` and ``sums [K, D]`` (float32, already
+        averaged over ranks outside ``parity``); records the entropy."""
         self.cluster_usage.mul_(self.decay).add_(counts.to(self.cluster_usage.dtype), alpha=1 - self.decay)
         if self.initialized:
             # Normalised by the uniform distribution's entropy: 1 when every code is used alike.
@@ -436,6 +443,22 @@ class VectorQuantization(nn.Module):
         return _VQForwardResult(self.project_out(quantized).transpose(1, 2), codes, loss, metrics)
 
 
+def _can_fuse(x: Tensor, levels: tp.Sequence[VectorQuantization], training: bool) -> bool:
+    """Whether one ``residual_quantize`` call gives the per-level loop's numbers for ``levels`` on
+    ``x [B, D, T]``: no level projects, the codes are in ``x``'s dtype, float32 or float64 (the op carries
+    a half-precision residual in float32 from level to level, where the loop and Moshi round it at every
+    level) and (training) every level is initialised."""
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    for layer in levels:
+        codebook = layer._codebook
+        if not isinstance(layer.project_in, nn.Identity) or codebook.embedding_sum.dtype != x.dtype:
+            return False
+        if codebook.dim != x.shape[1] or (training and not codebook.initialized):
+            return False
+    return True
+
+
 class ResidualVectorQuantization(nn.Module):
     """Moshi's ``ResidualVectorQuantization``: ``num_quantizers`` :class:`VectorQuantization` levels,
     each quantizing what the levels before it left (SoundStream's Algorithm 1).
@@ -463,13 +486,22 @@ class ResidualVectorQuantization(nn.Module):
         self, x: Tensor, n_q: int
     ) -> tuple[Tensor, tp.List[Tensor], tp.List[Tensor], tp.Dict[str, Tensor]]:
         """The residual loop over the first ``n_q`` levels: ``(sum of the detached level outputs,
-        codes per level, loss per level, metrics)``. Every level's search, loss and codebook update."""
+        codes per level, loss per level, metrics)``. Every level's search, loss and codebook update.
+
+        All levels run in one ``fastvq.residual_quantize`` call (:meth:`_fused_levels`) in eval, and in
+        training once every level is initialised. The loop stays for levels with ``codebook_dim``
+        projections (the op has none per level) and for a training step where a level still needs its
+        k-means initialisation: that draws random rows from the residual the levels before it leave,
+        after their dead-code replacements drew theirs, so it cannot run ahead of them."""
+        levels = self.layers[:n_q]
+        if _can_fuse(x, levels, self.training):
+            return self._fused_levels(x, levels, n_q)
         quantized_out = _zero_scalar(x.device)
         residual = x
         all_codes, all_losses = [], []
         all_metrics: tp.Dict[str, Tensor] = {}
         previous_initialized = True
-        for level, layer in enumerate(self.layers[:n_q]):
+        for level, layer in enumerate(levels):
             initialized_before = layer.initialized
             quantized, codes, loss, metrics = layer(residual, initialize=previous_initialized)
             if self.training:
@@ -479,10 +511,47 @@ class ResidualVectorQuantization(nn.Module):
             quantized_out = quantized_out + quantized
             all_codes.append(codes)
             all_losses.append(loss)
-            for key, value in metrics.items():
-                all_metrics[key] = all_metrics[key] + value / n_q if key in all_metrics else value / n_q
-                all_metrics[f"{key}_{level + self.codebook_offset}"] = value
+            self._collect_metrics(all_metrics, metrics, level, n_q)
         return quantized_out, all_codes, all_losses, all_metrics
+
+    def _collect_metrics(self, all_metrics: tp.Dict[str, Tensor], metrics: tp.Dict[str, Tensor], level: int,
+                         n_q: int) -> None:
+        for key, value in metrics.items():
+            all_metrics[key] = all_metrics[key] + value / n_q if key in all_metrics else value / n_q
+            all_metrics[f"{key}_{level + self.codebook_offset}"] = value
+
+    def _fused_levels(
+        self, x: Tensor, levels: tp.Sequence["VectorQuantization"], n_q: int
+    ) -> tuple[Tensor, tp.List[Tensor], tp.List[Tensor], tp.Dict[str, Tensor]]:
+        """:meth:`_quantize_levels` with every level's search in one ``residual_quantize`` call; in training
+        each level's dead-code check and EMA step then run level by level, in the loop's order (so the random
+        draws are the same), from the op's per-level statistics."""
+        batch, dim, frames = x.shape
+        rows = x.transpose(1, 2).reshape(-1, dim)
+        codebooks = torch.stack([layer.embedding for layer in levels])
+        result = residual_quantize(rows, codebooks, straight_through="final", return_stats=self.training)
+        level_codes = result.indices.T.reshape(len(levels), batch, frames)
+        quantized_out = result.quantized.detach().view(batch, frames, dim).transpose(1, 2)
+        all_metrics: tp.Dict[str, Tensor] = {}
+        if not self.training:
+            return quantized_out, list(level_codes), [_zero_scalar(x.device)] * len(levels), all_metrics
+        # One [K, 1 + D] collective per level, as the loop's (tests/nn/test_moshi.py counts them): the counts
+        # ride along as the first column.
+        statistics = torch.cat((result.counts[:, :, None], result.sums), dim=2)
+        synced = not self.parity and is_distributed()
+        losses = (result.commitment / rows.numel()).to(x.dtype)
+        residual = rows.detach()
+        for level, layer in enumerate(levels):
+            codebook = layer._codebook
+            # Expire before the EMA step, as the loop does, on the rows this level saw (rebuilt as the loop
+            # subtracts them, from the codes chosen before any update: `codebooks` is a copy).
+            metrics = {"rvq_expired": codebook._check_expired_codes(residual)}
+            level_statistics = _average_over_ranks_(statistics[level]) if synced else statistics[level]
+            codebook._fold_statistics(level_statistics[:, 0], level_statistics[:, 1:], metrics)
+            if level + 1 < len(levels):
+                residual = residual - F.embedding(result.indices[:, level], codebooks[level])
+            self._collect_metrics(all_metrics, metrics, level, n_q)  # n_q as the loop, even past len(levels)
+        return quantized_out, list(level_codes), list(losses), all_metrics
 
     def forward(self, x: Tensor, n_q: tp.Optional[int] = None) -> _VQForwardResult:
         n_q = n_q or len(self.layers)
@@ -499,9 +568,15 @@ class ResidualVectorQuantization(nn.Module):
 
     def encode(self, x: Tensor, n_q: tp.Optional[int] = None) -> Tensor:
         """``x [B, D, T]`` -> codes ``[n_q, B, T]`` of the first ``n_q`` levels (all when ``None``)."""
+        levels = self.layers[: n_q or len(self.layers)]
+        if _can_fuse(x, levels, training=False):
+            batch, dim, frames = x.shape
+            codebooks = torch.stack([layer.embedding for layer in levels])
+            indices = residual_quantize(x.detach().transpose(1, 2).reshape(-1, dim), codebooks).indices
+            return indices.T.reshape(len(levels), batch, frames)
         residual = x
         all_codes = []
-        for layer in self.layers[: n_q or len(self.layers)]:
+        for layer in levels:
             codes = layer.encode(residual)
             residual = residual - layer.decode(codes)
             all_codes.append(codes)
