@@ -41,6 +41,7 @@ PACKAGE_DIR = here / "fastvq"
 STATUS_FILE = PACKAGE_DIR / "_build_status.json"
 CPU_SOURCES = ["csrc/module.cpp", "csrc/cpu/search.cpp", "csrc/cpu/topk.cpp", "csrc/cpu/search_avx2.cpp",
                "csrc/cpu/search_avx512.cpp", "csrc/cpu/segment_reduce.cpp", "csrc/cpu/cpu_peak.cpp"]
+CPU_SOURCES += ["csrc/cpu/soft_quantize.cpp"]
 CUDA_SOURCES = ["csrc/cuda/search_kernels.cu", "csrc/cuda/segment_reduce_kernels.cu", "csrc/cuda/binding.cpp"]
 DEFAULT_CPU_ARCH_FLAGS = "-march=native"
 

@@ -58,7 +58,8 @@ _MODULES = {
         "code_entropy": "fastvq.backends.triton.code_entropy",
         "topk": "fastvq.backends.triton.topk",
     },
-    "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp"},
+    "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp",
+            "soft_quantize": "fastvq.backends.cpp"},
     "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp"},
 }
 
@@ -181,6 +182,12 @@ TABLE: dict[str, dict[str, Route]] = {
         "cuda": Route("torch", _WIDE_TOPK),
     },
 }
+
+
+# The C++ soft-assignment kernels (csrc/cpu/soft_quantize.cpp) run soft_quantize and its backward on CPU;
+# the entropies stay on the PyTorch path.
+for _op in ("soft_quantize", "soft_quantize_backward"):
+    TABLE[_op] = {**TABLE[_op], "cpp": Route("cpp")}
 
 
 def triton_available() -> bool:
