@@ -53,4 +53,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
     const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term, const at::Tensor& values,
     int64_t metric, double inverse_temperature, bool rows_grad, bool codes_grad, bool values_grad);
 
+// The entropies of p = softmax(logits) on prepared operands: (row_entropy [N] unclamped, sum_n p [K], lse [N]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_entropy_cpu(
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    int64_t metric, double inverse_temperature);
+
+// The entropies' backward sums (as soft_quantize_backward_cpu's first four) from the row entropy's gradient,
+// the per-code weights (grad_mean_probs / N) and the row constant grad_lse + grad_entropy * (lse - H).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_entropy_backward_cpu(
+    const at::Tensor& grad_entropy, const at::Tensor& code_weights, const at::Tensor& row_constant,
+    const at::Tensor& lse, const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term,
+    const at::Tensor& row_term, int64_t metric, double inverse_temperature, bool rows_grad, bool codes_grad);
+
 }  // namespace fastvq

@@ -311,10 +311,24 @@ struct GradOutputs {
   T* grad_values;    // [K, Dv] or null: sum_n p g
 };
 
+// The entropies' per-logit gradient: dL/dlogit = p (-a_n max(logit, lowest) + c_k + constant_n), with a the
+// row entropy's gradient, c the mean probabilities' gradient / N and constant_n = grad_lse + a_n m_n -
+// sum_k p c_k (m the mean logit; see fastvq/backends/torch/soft_quantize.py's soft_entropy_backward).
 template <typename T>
-void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const T* lse, GradOutputs<T> out) {
+struct EntropyTerms {
+  const T* grad_entropy;   // a [N]
+  const T* code_weights;   // c [K]
+  const T* row_constant;   // constant [N]
+};
+
+// The backward's sums of w = dL/dlogit / T (times euclidean's scale): soft_quantize's, p (g V^T - delta),
+// or with `entropy` the entropies'.
+template <typename T>
+void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const T* lse, GradOutputs<T> out,
+              const EntropyTerms<T>* entropy = nullptr) {
   const int64_t num_rows = ops.num_rows, dim = ops.dim, value_dim = ops.value_dim;
-  const std::vector<T> grad_t = tile_transposed(grad_soft, num_rows, value_dim);
+  const std::vector<T> grad_t = entropy ? std::vector<T>() : tile_transposed(grad_soft, num_rows, value_dim);
+  const T lowest = std::numeric_limits<T>::lowest();
   const int64_t code_tiles = (ops.num_codes + kCodeTile - 1) / kCodeTile;
   const int threads = at::get_num_threads();
   // Per-thread row sums (rows are shared by every code tile), added in thread order at the end.
@@ -329,6 +343,15 @@ void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const 
       for (int64_t r0 = 0; r0 < num_rows; r0 += kRowTile) {
         const int64_t rows = std::min(kRowTile, num_rows - r0);
         ops.tile_logits(probs.data(), ops.metric == kEuclidean ? scale.data() : nullptr, c0, codes, r0, rows);
+        if (entropy != nullptr) {
+          // Floored, an excluded code's -inf logit times its zero probability is 0, not nan.
+          for (int64_t j = 0; j < codes; ++j)
+            for (int64_t i = 0; i < rows; ++i) {
+              const T logit = probs[j * rows + i];
+              grads[j * rows + i] = -entropy->grad_entropy[r0 + i] * std::max(logit, lowest) +
+                                    entropy->code_weights[c0 + j] + entropy->row_constant[r0 + i];
+            }
+        }
         for (int64_t j = 0; j < codes; ++j)
           for (int64_t i = 0; i < rows; ++i) probs[j * rows + i] = std::exp(probs[j * rows + i] - lse[r0 + i]);
         if (out.grad_values != nullptr)
@@ -336,12 +359,18 @@ void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const 
                   out.grad_values + c0 * value_dim, value_dim, true);
         if (out.weighted_keys == nullptr && out.weighted_rows == nullptr) continue;
         // g V^T per (code, row), then w = p (g V^T - delta) / T (times euclidean's scale).
-        gemm<T>(codes, rows, value_dim, ops.values + c0 * value_dim, value_dim, 1, grad_t.data() + r0 * value_dim,
-                rows, grads.data(), rows, false);
+        if (entropy == nullptr)
+          gemm<T>(codes, rows, value_dim, ops.values + c0 * value_dim, value_dim, 1, grad_t.data() + r0 * value_dim,
+                  rows, grads.data(), rows, false);
+        const T* row_delta = entropy == nullptr ? delta + r0 : nullptr;
         for (int64_t j = 0; j < codes; ++j) {
           T code_sum = 0;
           for (int64_t i = 0; i < rows; ++i) {
-            T weight = probs[j * rows + i] * (grads[j * rows + i] - delta[r0 + i]) * ops.inverse_temperature;
+            const T bracket = row_delta ? grads[j * rows + i] - row_delta[i] : grads[j * rows + i];
+            // A zero probability (an excluded code) gives a zero weight even where the entropies' floored
+            // bracket overflowed: 0 * inf would be nan.
+            const T prob = probs[j * rows + i];
+            T weight = prob == T(0) ? T(0) : prob * bracket * ops.inverse_temperature;
             if (ops.metric == kEuclidean) weight *= scale[j * rows + i];
             grads[j * rows + i] = weight;
             code_sum += weight;
@@ -367,6 +396,96 @@ void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const 
     for (int64_t x = 0; x < num_rows * dim; ++x) out.weighted_keys[x] += sums[x];
     for (int64_t i = 0; i < num_rows; ++i) out.row_sums[i] += sums[num_rows * dim + i];
   }
+}
+
+// The entropies of p = softmax(logits): per row the entropy and log-sum-exp, per code the batch sum of p.
+// A first pass per row tile carries the online softmax and A = sum exp(logit - max) (logit - max), which give
+// lse and H = log(total) - A / total; a second, threads splitting the code tiles (a code's sum is one
+// thread's), adds exp(logit - shift - log(total)) per code, as the PyTorch path does.
+template <typename T>
+void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* lse) {
+  const int64_t num_rows = ops.num_rows;
+  const T negative_infinity = -std::numeric_limits<T>::infinity(), lowest = std::numeric_limits<T>::lowest();
+  std::vector<T> final_shift(num_rows), log_total(num_rows);
+  const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
+    std::vector<T> maximum(kRowTile), total(kRowTile), centred_sum(kRowTile), shift(kRowTile), tile_maximum;
+    for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
+      const int64_t r0 = row_tile * kRowTile, rows = std::min(kRowTile, num_rows - r0);
+      std::fill(maximum.begin(), maximum.end(), negative_infinity);
+      std::fill(total.begin(), total.end(), T(0));
+      std::fill(centred_sum.begin(), centred_sum.end(), T(0));
+      std::fill(shift.begin(), shift.end(), T(0));
+      for (int64_t c0 = 0; c0 < ops.num_codes; c0 += kCodeTile) {
+        const int64_t codes = std::min(kCodeTile, ops.num_codes - c0);
+        ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
+        tile_maximum = maximum;
+        for (int64_t j = 0; j < codes; ++j)
+          for (int64_t i = 0; i < rows; ++i) tile_maximum[i] = nan_max(tile_maximum[i], tile[j * rows + i]);
+        for (int64_t i = 0; i < rows; ++i) {
+          const T new_shift = tile_maximum[i] == negative_infinity ? T(0) : tile_maximum[i];
+          const T rescale = std::exp(maximum[i] - new_shift);
+          // Moving the shift from s0 to s1 adds (s0 - s1) * total to the carried sum before the rescale.
+          centred_sum[i] = (centred_sum[i] + (shift[i] - new_shift) * total[i]) * rescale;
+          total[i] *= rescale;
+          shift[i] = new_shift;
+          maximum[i] = tile_maximum[i];
+        }
+        for (int64_t j = 0; j < codes; ++j)
+          for (int64_t i = 0; i < rows; ++i) {
+            const T centred = std::max(tile[j * rows + i] - shift[i], lowest);
+            const T weight = std::exp(centred);
+            centred_sum[i] += weight * centred;
+            total[i] += weight;
+          }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        lse[r0 + i] = total[i] > 0 ? shift[i] + std::log(total[i]) : std::numeric_limits<T>::quiet_NaN();
+        log_total[r0 + i] = std::log(total[i]);
+        row_entropy[r0 + i] = log_total[r0 + i] - centred_sum[i] / total[i];
+        final_shift[r0 + i] = shift[i];
+      }
+    }
+  });
+  const int64_t code_tiles = (ops.num_codes + kCodeTile - 1) / kCodeTile;
+  at::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
+    for (int64_t code_tile = tile_begin; code_tile < tile_end; ++code_tile) {
+      const int64_t c0 = code_tile * kCodeTile, codes = std::min(kCodeTile, ops.num_codes - c0);
+      for (int64_t r0 = 0; r0 < num_rows; r0 += kRowTile) {
+        const int64_t rows = std::min(kRowTile, num_rows - r0);
+        ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
+        for (int64_t j = 0; j < codes; ++j) {
+          T sum = 0;
+          for (int64_t i = 0; i < rows; ++i)
+            sum += std::exp(tile[j * rows + i] - final_shift[r0 + i] - log_total[r0 + i]);
+          code_sums[c0 + j] += sum;
+        }
+      }
+    }
+  });
+}
+
+// sum_k p[n, k] c_k per row (the entropies' backward needs it before its weights), threads splitting row tiles.
+template <typename T>
+void expected_code_weight(const Operands<T>& ops, const T* lse, const T* code_weights, T* expected) {
+  const int64_t num_rows = ops.num_rows;
+  const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
+    for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
+      const int64_t r0 = row_tile * kRowTile, rows = std::min(kRowTile, num_rows - r0);
+      std::fill(expected + r0, expected + r0 + rows, T(0));
+      for (int64_t c0 = 0; c0 < ops.num_codes; c0 += kCodeTile) {
+        const int64_t codes = std::min(kCodeTile, ops.num_codes - c0);
+        ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
+        for (int64_t j = 0; j < codes; ++j)
+          for (int64_t i = 0; i < rows; ++i)
+            expected[r0 + i] += std::exp(tile[j * rows + i] - lse[r0 + i]) * code_weights[c0 + j];
+      }
+    }
+  });
 }
 
 void check_operands(const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term,
@@ -461,6 +580,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
                        out);
   });
   return {weighted_keys, row_sums, weighted_rows, code_sums, grad_values};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_entropy_cpu(
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    int64_t metric, double inverse_temperature) {
+  check_operands(zq, keys, code_term, row_term, keys, metric);
+  const int64_t num_rows = zq.size(0);
+  const auto options = keys.options();
+  at::Tensor row_entropy = at::empty({num_rows}, options), lse = at::empty({num_rows}, options);
+  at::Tensor code_sums = at::zeros({keys.size(0)}, options);
+  if (num_rows == 0) return {row_entropy, code_sums, lse};
+  const auto zq_c = zq.contiguous(), keys_c = keys.contiguous();
+  const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_entropy_cpu", [&] {
+    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, keys_c, metric, inverse_temperature);
+    entropy_forward<scalar_t>(ops, row_entropy.data_ptr<scalar_t>(), code_sums.data_ptr<scalar_t>(),
+                              lse.data_ptr<scalar_t>());
+  });
+  return {row_entropy, code_sums, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_entropy_backward_cpu(
+    const at::Tensor& grad_entropy, const at::Tensor& code_weights, const at::Tensor& row_constant,
+    const at::Tensor& lse, const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term,
+    const at::Tensor& row_term, int64_t metric, double inverse_temperature, bool rows_grad, bool codes_grad) {
+  check_operands(zq, keys, code_term, row_term, keys, metric);
+  const int64_t num_rows = zq.size(0), num_codes = keys.size(0), dim = zq.size(1);
+  TORCH_CHECK(grad_entropy.numel() == num_rows && row_constant.numel() == num_rows && lse.numel() == num_rows &&
+                  code_weights.numel() == num_codes,
+              "soft_entropy_backward: grad_entropy, row_constant and lse must be [N], code_weights [K]");
+  TORCH_CHECK(grad_entropy.scalar_type() == keys.scalar_type() && code_weights.scalar_type() == keys.scalar_type() &&
+                  row_constant.scalar_type() == keys.scalar_type() && lse.scalar_type() == keys.scalar_type(),
+              "soft_entropy_backward: the row and code terms must be in the work dtype");
+  const auto options = keys.options();
+  at::Tensor weighted_keys = at::zeros({rows_grad ? num_rows : 0, dim}, options);
+  at::Tensor row_sums = at::zeros({rows_grad ? num_rows : 0}, options);
+  at::Tensor weighted_rows = at::zeros({codes_grad ? num_codes : 0, dim}, options);
+  at::Tensor code_sums = at::zeros({codes_grad ? num_codes : 0}, options);
+  if (num_rows == 0 || (!rows_grad && !codes_grad)) return {weighted_keys, row_sums, weighted_rows, code_sums};
+  const auto zq_c = zq.contiguous(), keys_c = keys.contiguous();
+  const auto code_c = code_term.contiguous(), row_c = row_term.contiguous(), lse_c = lse.contiguous();
+  const auto entropy_c = grad_entropy.contiguous(), weights_c = code_weights.contiguous();
+  const auto row_constant_c = row_constant.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_entropy_backward_cpu", [&] {
+    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, keys_c, metric, inverse_temperature);
+    std::vector<scalar_t> constant(static_cast<size_t>(num_rows));
+    expected_code_weight<scalar_t>(ops, lse_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), constant.data());
+    const auto* given = row_constant_c.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < num_rows; ++i) constant[i] = given[i] - constant[i];
+    EntropyTerms<scalar_t> terms{entropy_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), constant.data()};
+    GradOutputs<scalar_t> out{rows_grad ? weighted_keys.data_ptr<scalar_t>() : nullptr,
+                              rows_grad ? row_sums.data_ptr<scalar_t>() : nullptr,
+                              codes_grad ? weighted_rows.data_ptr<scalar_t>() : nullptr,
+                              codes_grad ? code_sums.data_ptr<scalar_t>() : nullptr, nullptr};
+    backward<scalar_t>(ops, nullptr, nullptr, lse_c.data_ptr<scalar_t>(), out, &terms);
+  });
+  return {weighted_keys, row_sums, weighted_rows, code_sums};
 }
 
 }  // namespace fastvq

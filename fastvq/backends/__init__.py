@@ -184,9 +184,8 @@ TABLE: dict[str, dict[str, Route]] = {
 }
 
 
-# The C++ soft-assignment kernels (csrc/cpu/soft_quantize.cpp) run soft_quantize and its backward on CPU;
-# the entropies stay on the PyTorch path.
-for _op in ("soft_quantize", "soft_quantize_backward"):
+# The C++ soft-assignment kernels (csrc/cpu/soft_quantize.cpp) run the soft assignments and entropies on CPU.
+for _op in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward"):
     TABLE[_op] = {**TABLE[_op], "cpp": Route("cpp")}
 
 

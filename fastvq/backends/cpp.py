@@ -1,14 +1,15 @@
 """The compiled backend (``FASTVQ_BACKEND=cpp``, and ``cuda`` where built): the ``fastvq._C`` binding.
 
 ``fastvq._C`` registers the ``torch.ops.fastvq_C`` operators: a C++ nearest-code search, top-k
-search, segment reduce and soft assignment (``soft_quantize`` and its backward) for CPU tensors and, in builds made against a CUDA build of PyTorch, CUDA C++ ones
-for CUDA tensors. This module gives them the entry points every backend has (``nearest_code``,
-``segment_reduce``), and registers their fake functions so that they pass
+search, segment reduce and soft assignments (``soft_quantize``, ``soft_entropy`` and their
+backwards) for CPU tensors and, in builds made against a CUDA build of PyTorch, CUDA C++ ones for
+CUDA tensors. This module gives them the entry points every backend has (``nearest_code``,
+``segment_reduce``, ...), and registers their fake functions so that they pass
 ``torch.library.opcheck`` by themselves.
 
 What ``fastvq._C`` does not implement (Gumbel-max sampling in the search, the ``vector_quantize``
-backward, the masked convolution, the soft entropies) is not here: the table in ``fastvq.backends`` routes those ops to the
-PyTorch path.
+backward, the masked convolution) is not here: the table in ``fastvq.backends`` routes those ops
+to the PyTorch path.
 
 ``fastvq._C`` is imported on first use, never at ``import fastvq``. When it is missing or does not
 load, :func:`load` says why, ``FASTVQ_BACKEND=auto`` falls back to the PyTorch path, and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Optional
@@ -134,6 +136,21 @@ def _register_fakes() -> None:
             keys.new_empty((num_codes if values_grad else 0, values.shape[1])),
         )
 
+    @torch.library.register_fake("fastvq_C::soft_entropy")
+    def _soft_entropy_fake(zq, keys, code_term, row_term, metric, inverse_temperature):
+        return keys.new_empty(zq.shape[0]), keys.new_empty(keys.shape[0]), keys.new_empty(zq.shape[0])
+
+    @torch.library.register_fake("fastvq_C::soft_entropy_backward")
+    def _soft_entropy_backward_fake(grad_entropy, code_weights, row_constant, lse, zq, keys, code_term, row_term,
+                                    metric, inverse_temperature, rows_grad, codes_grad):
+        num_rows, num_codes = zq.shape[0], keys.shape[0]
+        return (
+            keys.new_empty((num_rows if rows_grad else 0, keys.shape[1])),
+            keys.new_empty(num_rows if rows_grad else 0),
+            keys.new_empty((num_codes if codes_grad else 0, keys.shape[1])),
+            keys.new_empty(num_codes if codes_grad else 0),
+        )
+
     @torch.library.register_fake("fastvq_C::segment_reduce")
     def _segment_reduce_fake(values, indices, num_codes, deterministic):
         return (
@@ -246,12 +263,68 @@ def soft_quantize_backward(
         grad_soft, delta, lse.to(work).contiguous(), *operands, _SOFT_METRIC_IDS[metric], 1.0 / temperature,
         compute_z_grad, compute_codebook_grad, value_grad,
     )
-    distance_based = metric in ("l2", "euclidean")
+    grad_z, grad_codebook = _chained_grads(prep, z, codebook, operands[0], weighted_keys, row_sums, weighted_rows,
+                                           code_sums, compute_z_grad, compute_codebook_grad)
+    return (grad_z, *split_value_grad(values, grad_codebook, grad_values))
+
+
+def _chained_grads(prep: SoftCodebook, z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums,
+                   compute_z_grad: bool, compute_codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook)`` from the kernels' sums through ``SoftCodebook``'s chain rule (the row
+    and code sums only matter for l2 and euclidean); a gradient not asked for stays empty."""
+    distance_based = prep.metric in ("l2", "euclidean")
     grad_z, grad_codebook = weighted_keys, weighted_rows
     if compute_z_grad:
-        sums = row_sums if distance_based else None
-        grad_z = prep.row_grad(z, prep.prepared_row_grad(operands[0], weighted_keys, sums))
+        grad_z = prep.row_grad(z, prep.prepared_row_grad(zq, weighted_keys, row_sums if distance_based else None))
     if compute_codebook_grad:
         sums = code_sums if distance_based else None
         grad_codebook = prep.key_grad(codebook, prep.prepared_key_grad(weighted_rows, sums))
-    return (grad_z, *split_value_grad(values, grad_codebook, grad_values))
+    return grad_z, grad_codebook
+
+
+def soft_entropy(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row_entropy [N], mean_probs [K], lse [N])`` of ``p = softmax(logits)`` by the C++ kernel, in
+    the work dtype (the PyTorch path's two passes: online softmax and entropy, then the per-code sums)."""
+    prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
+    zq, keys, code_term, row_term, _ = _soft_operands(prep, z)
+    row_entropy, mean_probs, lse = torch.ops.fastvq_C.soft_entropy(
+        zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric], 1.0 / temperature
+    )
+    if z.shape[0]:
+        mean_probs /= z.shape[0]
+    # Rounding may still put a uniform row's entropy an ulp past log K, or a one-hot row's below 0.
+    return row_entropy.clamp_(0.0, math.log(codebook.shape[0])), mean_probs, lse
+
+
+def soft_entropy_backward(
+    grad_row_entropy: torch.Tensor,
+    grad_mean_probs: torch.Tensor,
+    grad_lse: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    row_entropy: torch.Tensor,
+    lse: torch.Tensor,
+    metric: str,
+    temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook)`` of ``soft_entropy`` in the work dtype (``[0, D]`` when not asked
+    for): ``dL/dlogit = p (-a (logit - m) + c_k - <p, c> + b)`` as on the PyTorch path, the row
+    constant ``b + a m`` made here and ``<p, c>`` by the kernel's first pass."""
+    prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
+    work = prep.work_dtype
+    grad_entropy = grad_row_entropy.to(work).contiguous()
+    code_weights = (grad_mean_probs.to(work) / max(z.shape[0], 1)).contiguous()
+    lse = lse.to(work).contiguous()
+    row_constant = (grad_lse.to(work) + grad_entropy * (lse - row_entropy.to(work))).contiguous()
+    operands = _soft_operands(prep, z)
+    zq, keys, code_term, row_term, _ = operands
+    weighted_keys, row_sums, weighted_rows, code_sums = torch.ops.fastvq_C.soft_entropy_backward(
+        grad_entropy, code_weights, row_constant, lse, zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric],
+        1.0 / temperature, compute_z_grad, compute_codebook_grad,
+    )
+    return _chained_grads(prep, z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums, compute_z_grad,
+                          compute_codebook_grad)

@@ -102,3 +102,23 @@ def test_c_operators_pass_opcheck():
     grad_soft, delta, lse = torch.randn(9, 3), torch.randn(9), torch.randn(9)
     torch.library.opcheck(torch.ops.fastvq_C.soft_quantize_backward,
                           (grad_soft, delta, lse, zq, keys, code_term, row_term, values, 2, 0.5, True, True, True))
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "euclidean"])
+def test_entropies_match_the_pytorch_path_across_tiles(metric, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(ROWS, DIM, generator=generator, dtype=torch.float64)
+    codebook = torch.randn(CODES, DIM, generator=generator, dtype=torch.float64)
+    codebook[11] = float("inf")  # an excluded code: probability 0, no gradient
+    weights = [torch.randn(size, generator=generator, dtype=torch.float64) for size in (ROWS, CODES, ROWS)]
+
+    def run(backend):
+        monkeypatch.setenv("FASTVQ_BACKEND", backend)
+        leaves = z.clone().requires_grad_(True), codebook.clone().requires_grad_(True)
+        outputs = torch.ops.fastvq.soft_entropy(*leaves, metric, 0.7)
+        sum((out * weight).sum() for out, weight in zip(outputs, weights)).backward()
+        return (*outputs, leaves[0].grad, leaves[1].grad)
+
+    names = ("row_entropy", "mean_probs", "lse", "grad_z", "grad_codebook")
+    for name, got, expected in zip(names, run("cpp"), run("torch")):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11, equal_nan=True, msg=name)

@@ -349,12 +349,11 @@ def test_every_soft_op_runs_where_the_table_says(backend, device, monkeypatch):
     for name in ("torch", "triton", "cpp"):
         if name == "triton" and not HAS_TRITON:
             continue
-        if name == "cpp":  # the binding module holds the C++ kernels' entry points; the entropies have none
-            module, functions = backends.cpp, ("soft_quantize", "soft_quantize_backward")
+        if name == "cpp":  # the binding module holds the C++ kernels' entry points
+            module = backends.cpp
         else:
             module = __import__(f"fastvq.backends.{name}.soft_quantize", fromlist=["soft_quantize"])
-            functions = ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward")
-        for function in functions:
+        for function in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward"):
             def recording(*args, _original=getattr(module, function), _name=(name, function), **kwargs):
                 calls.append(_name)
                 return _original(*args, **kwargs)
@@ -381,7 +380,11 @@ def no_soft_kernel_may_run(monkeypatch):
                 raise AssertionError(f"{_name} ran before the bad input was rejected")
 
             monkeypatch.setattr(module, function, refuse)
-    monkeypatch.setattr(backends.cpp, "soft_quantize", lambda *args, **kwargs: pytest.fail("cpp:soft_quantize ran"))
+    for function in ("soft_quantize", "soft_entropy"):
+        def refuse_cpp(*args, _name=f"cpp:{function}", **kwargs):
+            raise AssertionError(f"{_name} ran before the bad input was rejected")
+
+        monkeypatch.setattr(backends.cpp, function, refuse_cpp)
 
 
 @pytest.mark.parametrize(("overrides", "error", "message"), BAD_SOFT_INPUTS)

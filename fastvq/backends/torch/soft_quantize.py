@@ -397,9 +397,10 @@ def soft_entropy_backward(
         floor = torch.finfo(work).min
         for start, stop, logits, scale in chunk.chunks():
             probs = (logits - lse[rows, None]).exp_()
-            # Floored, an excluded code's -inf logit times its zero probability is 0, not nan.
+            # Floored, an excluded code's -inf logit is finite; its bracket may still overflow (the floor
+            # times a gradient above 1), so a zero probability gives a zero weight, not 0 * inf = nan.
             bracket = logits.clamp_(min=floor).mul_(-grad_entropy[rows, None])
             bracket.add_(code_weights[start:stop]).add_(constant[:, None])
-            sums.add(rows, chunk, start, stop, bracket.mul_(probs), scale)
+            sums.add(rows, chunk, start, stop, bracket.mul_(probs).masked_fill_(probs == 0, 0.0), scale)
             del logits, probs
     return sums.grads(z, codebook)
