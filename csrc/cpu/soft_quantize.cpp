@@ -234,6 +234,43 @@ inline float gumbel(uint64_t seed, int64_t row, int64_t code) {
   return -std::log(-std::log(uniform));
 }
 
+// line[i] <- exp(line[i] - shift[i]) for i < n: the kernels' exponentials, one per logit.
+template <typename T>
+inline void exp_shifted(T* line, const T* shift, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) line[i] = std::exp(line[i] - shift[i]);
+}
+
+#if defined(__AVX512F__)
+// fp32 exp on AVX-512 (Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln 2 / 2, a degree-7 polynomial; within
+// 2 ulp of the correctly rounded value). The clamp keeps r finite for -inf (exp 0) and +inf (exp inf), and
+// passes NaN through (max/min return their second operand when one is NaN); scalef scales by 2^n with the
+// IEEE overflow and underflow.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <>
+inline void exp_shifted<float>(float* line, const float* shift, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, line + i), _mm512_maskz_loadu_ps(mask, shift + i));
+    _mm512_mask_storeu_ps(line + i, mask, exp_ps(x));
+  }
+}
+#endif
+
 template <typename T>
 inline T nan_max(T a, T b) {
   if (a != a || b != b) return std::numeric_limits<T>::quiet_NaN();
@@ -281,10 +318,8 @@ void forward(const Operands<T>& ops, bool hard, bool noisy, uint64_t seed, T* so
         }
         for (int64_t j = 0; j < codes; ++j) {
           T* line = tile.data() + j * rows;
-          for (int64_t i = 0; i < rows; ++i) {
-            line[i] = std::exp(line[i] - shift[i]);
-            total[i] += line[i];
-          }
+          exp_shifted(line, shift.data(), rows);
+          for (int64_t i = 0; i < rows; ++i) total[i] += line[i];
         }
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t v = 0; v < value_dim; ++v) weighted[i * value_dim + v] *= rescale[i];
@@ -352,8 +387,7 @@ void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const 
                                     entropy->code_weights[c0 + j] + entropy->row_constant[r0 + i];
             }
         }
-        for (int64_t j = 0; j < codes; ++j)
-          for (int64_t i = 0; i < rows; ++i) probs[j * rows + i] = std::exp(probs[j * rows + i] - lse[r0 + i]);
+        for (int64_t j = 0; j < codes; ++j) exp_shifted(probs.data() + j * rows, lse + r0, rows);
         if (out.grad_values != nullptr)
           gemm<T>(codes, value_dim, rows, probs.data(), rows, 1, grad_soft + r0 * value_dim, value_dim,
                   out.grad_values + c0 * value_dim, value_dim, true);
