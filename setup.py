@@ -43,6 +43,7 @@ CPU_SOURCES = ["csrc/module.cpp", "csrc/cpu/search.cpp", "csrc/cpu/topk.cpp", "c
                "csrc/cpu/search_avx512.cpp", "csrc/cpu/segment_reduce.cpp", "csrc/cpu/cpu_peak.cpp"]
 CPU_SOURCES += ["csrc/cpu/residual_quantize.cpp"]
 CPU_SOURCES += ["csrc/cpu/sinkhorn.cpp"]
+CPU_SOURCES += ["csrc/cpu/soft_quantize.cpp"]
 CUDA_SOURCES = ["csrc/cuda/search_kernels.cu", "csrc/cuda/segment_reduce_kernels.cu", "csrc/cuda/binding.cpp"]
 DEFAULT_CPU_ARCH_FLAGS = "-march=native"
 

@@ -8,8 +8,8 @@ Benches (``dot`` logits, IBQ's, standard-normal data scaled by 0.1; fp32):
 
 - ``soft_quantize``, forward and backward of ``sum(soft * g)`` with respect to ``z`` and the
   codebook, at each ``(N, K, D)``:
-  ``fastvq`` (``FASTVQ_BACKEND=auto``: Triton on CUDA, the chunked PyTorch path on CPU, where
-  ``fastvq._C`` has no soft assignment), with the hard index; ``sdpa``,
+  ``fastvq`` (``FASTVQ_BACKEND=auto``: Triton on CUDA, ``fastvq._C``'s C++ kernels on CPU), with the
+  hard index; ``sdpa``,
   ``torch.nn.functional.scaled_dot_product_attention(z, C, C, scale=1)`` (the soft codes only:
   no hard index, no log-sum-exp); ``reference``, ``fastvq.reference.soft_quantize_ref`` in fp32 (the
   full matrices); and, forward only, the hard fused search ``nearest_code`` and the hard VQ op

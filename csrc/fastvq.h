@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string>
+#include <optional>
 #include <tuple>
 
 namespace fastvq {
@@ -64,5 +65,30 @@ namespace fastvq {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_quantize_cpu(
     const at::Tensor& z, const at::Tensor& codebooks, int64_t n_q, const c10::optional<at::Tensor>& row_levels,
     bool return_stats);
+// Soft assignments on prepared operands (fastvq/backends/soft_codebook.py), in the work dtype (fp32/fp64);
+// metric 0 dot (and cosine), 1 l2, 2 euclidean. (soft [N, Dv], indices int64 [N] or [0], lse [N]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    const at::Tensor& values, int64_t metric, double inverse_temperature, const std::optional<at::Tensor>& seed,
+    bool return_hard);
+
+// (sum_k w k [N, D], sum_k w [N], sum_n w zq [K, D], sum_n w [K], sum_n p g [K, Dv]) with w = dL/dlogit / T
+// (times 1 / (2 |z - e|) for euclidean); each [0, ...] when not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
+    const at::Tensor& grad_soft, const at::Tensor& delta, const at::Tensor& lse, const at::Tensor& zq,
+    const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term, const at::Tensor& values,
+    int64_t metric, double inverse_temperature, bool rows_grad, bool codes_grad, bool values_grad);
+
+// The entropies of p = softmax(logits) on prepared operands: (row_entropy [N] unclamped, sum_n p [K], lse [N]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_entropy_cpu(
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    int64_t metric, double inverse_temperature);
+
+// The entropies' backward sums (as soft_quantize_backward_cpu's first four) from the row entropy's gradient,
+// the per-code weights (grad_mean_probs / N) and the row constant grad_lse + grad_entropy * (lse - H).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_entropy_backward_cpu(
+    const at::Tensor& grad_entropy, const at::Tensor& code_weights, const at::Tensor& row_constant,
+    const at::Tensor& lse, const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term,
+    const at::Tensor& row_term, int64_t metric, double inverse_temperature, bool rows_grad, bool codes_grad);
 
 }  // namespace fastvq

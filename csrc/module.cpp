@@ -54,6 +54,16 @@ TORCH_LIBRARY(fastvq_C, m) {
   m.def("cpu_search_kernels() -> str", &fastvq::cpu_search_kernels);
   m.def("cpu_peak_gflops(str isa, int threads, int iterations) -> float", &fastvq::cpu_peak_gflops);
   m.def("nearest_code_batched(Tensor z, Tensor codebook, str metric) -> (Tensor, Tensor)");
+  m.def("soft_quantize(Tensor zq, Tensor keys, Tensor code_term, Tensor row_term, Tensor values, int metric, "
+        "float inverse_temperature, Tensor? seed, bool return_hard) -> (Tensor, Tensor, Tensor)");
+  m.def("soft_quantize_backward(Tensor grad_soft, Tensor delta, Tensor lse, Tensor zq, Tensor keys, "
+        "Tensor code_term, Tensor row_term, Tensor values, int metric, float inverse_temperature, bool rows_grad, "
+        "bool codes_grad, bool values_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_entropy(Tensor zq, Tensor keys, Tensor code_term, Tensor row_term, int metric, "
+        "float inverse_temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("soft_entropy_backward(Tensor grad_entropy, Tensor code_weights, Tensor row_constant, Tensor lse, "
+        "Tensor zq, Tensor keys, Tensor code_term, Tensor row_term, int metric, float inverse_temperature, "
+        "bool rows_grad, bool codes_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
@@ -61,6 +71,10 @@ TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
   m.impl("segment_reduce", &fastvq::segment_reduce_cpu);
   m.impl("nearest_codes", &fastvq::nearest_codes_cpu);
   m.impl("nearest_code_batched", &fastvq::nearest_code_batched_cpu);
+  m.impl("soft_quantize", &fastvq::soft_quantize_cpu);
+  m.impl("soft_quantize_backward", &fastvq::soft_quantize_backward_cpu);
+  m.impl("soft_entropy", &fastvq::soft_entropy_cpu);
+  m.impl("soft_entropy_backward", &fastvq::soft_entropy_backward_cpu);
 }
 
 // An empty module: importing it runs the static registrations above.

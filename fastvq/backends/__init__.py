@@ -61,7 +61,7 @@ _MODULES = {
         "residual_quantize": "fastvq.backends.triton.residual_quantize",
     },
     "cpp": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp",
-            "residual_quantize": "fastvq.backends.cpp"},
+            "residual_quantize": "fastvq.backends.cpp", "soft_quantize": "fastvq.backends.cpp"},
     "cuda": {"search": "fastvq.backends.cpp", "segment_reduce": "fastvq.backends.cpp", "topk": "fastvq.backends.cpp"},
 }
 
@@ -206,6 +206,11 @@ TABLE: dict[str, dict[str, Route]] = {
         "cuda": Route("torch", _RESIDUAL_BACKWARD),
     },
 }
+
+
+# The C++ soft-assignment kernels (csrc/cpu/soft_quantize.cpp) run the soft assignments and entropies on CPU.
+for _op in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward"):
+    TABLE[_op] = {**TABLE[_op], "cpp": Route("cpp")}
 
 
 def triton_available() -> bool:

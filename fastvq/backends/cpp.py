@@ -1,14 +1,15 @@
 """The compiled backend (``FASTVQ_BACKEND=cpp``, and ``cuda`` where built): the ``fastvq._C`` binding.
 
-``fastvq._C`` registers the ``torch.ops.fastvq_C`` operators: a C++ nearest-code search and
-segment reduce for CPU tensors and, in builds made against a CUDA build of PyTorch, CUDA C++ ones
-for CUDA tensors. This module gives them the entry points every backend has (``nearest_code``,
-``nearest_code_batched``, ``segment_reduce``), and registers their fake functions so that they pass
-``torch.library.opcheck`` by themselves.
+``fastvq._C`` registers the ``torch.ops.fastvq_C`` operators: a C++ nearest-code search (single and
+batched), top-k search, segment reduce, residual quantization, Sinkhorn passes and soft assignments
+(``soft_quantize``, ``soft_entropy`` and their backwards) for CPU tensors and, in builds made against a
+CUDA build of PyTorch, CUDA C++ ones for CUDA tensors. This module gives them the entry points every
+backend has (``nearest_code``, ``nearest_code_batched``, ``segment_reduce``, ...), and registers their
+fake functions so that they pass ``torch.library.opcheck`` by themselves.
 
-What ``fastvq._C`` does not implement (Gumbel-max sampling, the ``vector_quantize`` backward,
-the masked convolution) is not here: the table in ``fastvq.backends`` routes those ops to the
-PyTorch path.
+What ``fastvq._C`` does not implement (Gumbel-max sampling in the search, the ``vector_quantize``
+backward, the masked convolution) is not here: the table in ``fastvq.backends`` routes those ops
+to the PyTorch path.
 
 ``fastvq._C`` is imported on first use, never at ``import fastvq``. When it is missing or does not
 load, :func:`load` says why, ``FASTVQ_BACKEND=auto`` falls back to the PyTorch path, and
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 
 from .sinkhorn_stats import combine_stats
+from .soft_codebook import SoftCodebook, split_value_grad
 
 # Written by setup.py next to this file: whether it built fastvq._C, with which flags, or why not.
 BUILD_STATUS_FILE = Path(__file__).parent.parent / "_build_status.json"
@@ -118,6 +120,41 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastvq_C::nearest_code_batched")
     def _nearest_code_batched_fake(z, codebook, metric):
         return z.new_empty(z.shape[:2], dtype=torch.int64), z.new_empty(z.shape[:2], dtype=torch.float32)
+    @torch.library.register_fake("fastvq_C::soft_quantize")
+    def _soft_quantize_fake(zq, keys, code_term, row_term, values, metric, inverse_temperature, seed, return_hard):
+        num_rows = zq.shape[0]
+        return (
+            values.new_empty((num_rows, values.shape[1])),
+            zq.new_empty(num_rows if return_hard else 0, dtype=torch.int64),
+            values.new_empty(num_rows),
+        )
+
+    @torch.library.register_fake("fastvq_C::soft_quantize_backward")
+    def _soft_quantize_backward_fake(grad_soft, delta, lse, zq, keys, code_term, row_term, values, metric,
+                                     inverse_temperature, rows_grad, codes_grad, values_grad):
+        num_rows, num_codes = zq.shape[0], keys.shape[0]
+        return (
+            keys.new_empty((num_rows if rows_grad else 0, keys.shape[1])),
+            keys.new_empty(num_rows if rows_grad else 0),
+            keys.new_empty((num_codes if codes_grad else 0, keys.shape[1])),
+            keys.new_empty(num_codes if codes_grad else 0),
+            keys.new_empty((num_codes if values_grad else 0, values.shape[1])),
+        )
+
+    @torch.library.register_fake("fastvq_C::soft_entropy")
+    def _soft_entropy_fake(zq, keys, code_term, row_term, metric, inverse_temperature):
+        return keys.new_empty(zq.shape[0]), keys.new_empty(keys.shape[0]), keys.new_empty(zq.shape[0])
+
+    @torch.library.register_fake("fastvq_C::soft_entropy_backward")
+    def _soft_entropy_backward_fake(grad_entropy, code_weights, row_constant, lse, zq, keys, code_term, row_term,
+                                    metric, inverse_temperature, rows_grad, codes_grad):
+        num_rows, num_codes = zq.shape[0], keys.shape[0]
+        return (
+            keys.new_empty((num_rows if rows_grad else 0, keys.shape[1])),
+            keys.new_empty(num_rows if rows_grad else 0),
+            keys.new_empty((num_codes if codes_grad else 0, keys.shape[1])),
+            keys.new_empty(num_codes if codes_grad else 0),
+        )
 
     @torch.library.register_fake("fastvq_C::segment_reduce")
     def _segment_reduce_fake(values, indices, num_codes, deterministic):
@@ -274,3 +311,131 @@ def sinkhorn_cost_stats(z, codebook, metric):
     rows = torch.ops.fastvq_C.sinkhorn_cost_stats(z, codebook, metric)
     empty = torch.tensor([[0.0, math.inf, -math.inf, 0.0, 0.0]], dtype=torch.float64)
     return combine_stats(torch.cat([empty, rows]))
+# --------------------------------------------------------------------------- soft assignments
+
+# The C++ kernels' metric ids: cosine is dot on the operands SoftCodebook normalises.
+_SOFT_METRIC_IDS = {"dot": 0, "cosine": 0, "l2": 1, "euclidean": 2}
+
+
+def _soft_dtype(z: torch.Tensor, codebook: torch.Tensor, values: Optional[torch.Tensor]) -> torch.dtype:
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    return dtype if values is None else torch.promote_types(dtype, values.dtype)
+
+
+def _soft_operands(prep: SoftCodebook, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(zq, keys, code_term, row_term, values)``: the prepared operands the kernels take, in the
+    work dtype (the codebook itself for dot with finite codes: no copy of it is made here)."""
+    zq, row_term = prep.rows(z)
+    return zq.contiguous(), prep.keys.contiguous(), prep.code_term, row_term, prep.values.contiguous()
+
+
+def soft_quantize(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    metric: str,
+    temperature: float,
+    seed: Optional[torch.Tensor],
+    return_hard: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(soft [N, Dv], indices int64 [N] or [0], lse [N])`` by the C++ kernel (fp32 accumulation for
+    fp16/bf16, fp64 for fp64); the Gumbel noise is ``fastvq._philox``'s, bit for bit."""
+    out_dtype = _soft_dtype(z, codebook, values)
+    prep = SoftCodebook(codebook, values, metric, out_dtype)
+    soft, indices, lse = torch.ops.fastvq_C.soft_quantize(
+        *_soft_operands(prep, z), _SOFT_METRIC_IDS[metric], 1.0 / temperature, seed, return_hard
+    )
+    return soft.to(out_dtype), indices, lse
+
+
+def soft_quantize_backward(
+    grad_soft: torch.Tensor,
+    grad_lse: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    soft: torch.Tensor,
+    lse: torch.Tensor,
+    metric: str,
+    temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+    compute_values_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook, grad_values)`` in the work dtype, as the PyTorch path's: the kernel
+    returns the sums of the per-logit weights, ``SoftCodebook`` chains them back to the inputs."""
+    prep = SoftCodebook(codebook, values, metric, _soft_dtype(z, codebook, values))
+    work = prep.work_dtype
+    value_grad = compute_values_grad if values is not None else compute_codebook_grad
+    grad_soft = grad_soft.to(work).contiguous()
+    delta = (grad_soft * soft.to(work)).sum(dim=1) - grad_lse.to(work)
+    operands = _soft_operands(prep, z)
+    weighted_keys, row_sums, weighted_rows, code_sums, grad_values = torch.ops.fastvq_C.soft_quantize_backward(
+        grad_soft, delta, lse.to(work).contiguous(), *operands, _SOFT_METRIC_IDS[metric], 1.0 / temperature,
+        compute_z_grad, compute_codebook_grad, value_grad,
+    )
+    grad_z, grad_codebook = _chained_grads(prep, z, codebook, operands[0], weighted_keys, row_sums, weighted_rows,
+                                           code_sums, compute_z_grad, compute_codebook_grad)
+    return (grad_z, *split_value_grad(values, grad_codebook, grad_values))
+
+
+def _chained_grads(prep: SoftCodebook, z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums,
+                   compute_z_grad: bool, compute_codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook)`` from the kernels' sums through ``SoftCodebook``'s chain rule (the row
+    and code sums only matter for l2 and euclidean); a gradient not asked for stays empty."""
+    distance_based = prep.metric in ("l2", "euclidean")
+    grad_z, grad_codebook = weighted_keys, weighted_rows
+    if compute_z_grad:
+        grad_z = prep.row_grad(z, prep.prepared_row_grad(zq, weighted_keys, row_sums if distance_based else None))
+    if compute_codebook_grad:
+        sums = code_sums if distance_based else None
+        grad_codebook = prep.key_grad(codebook, prep.prepared_key_grad(weighted_rows, sums))
+    return grad_z, grad_codebook
+
+
+def soft_entropy(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row_entropy [N], mean_probs [K], lse [N])`` of ``p = softmax(logits)`` by the C++ kernel, in
+    the work dtype (the PyTorch path's two passes: online softmax and entropy, then the per-code sums)."""
+    prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
+    zq, keys, code_term, row_term, _ = _soft_operands(prep, z)
+    row_entropy, mean_probs, lse = torch.ops.fastvq_C.soft_entropy(
+        zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric], 1.0 / temperature
+    )
+    if z.shape[0]:
+        mean_probs /= z.shape[0]
+    # Rounding may still put a uniform row's entropy an ulp past log K, or a one-hot row's below 0.
+    return row_entropy.clamp_(0.0, math.log(codebook.shape[0])), mean_probs, lse
+
+
+def soft_entropy_backward(
+    grad_row_entropy: torch.Tensor,
+    grad_mean_probs: torch.Tensor,
+    grad_lse: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    row_entropy: torch.Tensor,
+    lse: torch.Tensor,
+    metric: str,
+    temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook)`` of ``soft_entropy`` in the work dtype (``[0, D]`` when not asked
+    for): ``dL/dlogit = p (-a (logit - m) + c_k - <p, c> + b)`` as on the PyTorch path, the row
+    constant ``b + a m`` made here and ``<p, c>`` by the kernel's first pass."""
+    prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
+    work = prep.work_dtype
+    grad_entropy = grad_row_entropy.to(work).contiguous()
+    code_weights = (grad_mean_probs.to(work) / max(z.shape[0], 1)).contiguous()
+    lse = lse.to(work).contiguous()
+    row_constant = (grad_lse.to(work) + grad_entropy * (lse - row_entropy.to(work))).contiguous()
+    operands = _soft_operands(prep, z)
+    zq, keys, code_term, row_term, _ = operands
+    weighted_keys, row_sums, weighted_rows, code_sums = torch.ops.fastvq_C.soft_entropy_backward(
+        grad_entropy, code_weights, row_constant, lse, zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric],
+        1.0 / temperature, compute_z_grad, compute_codebook_grad,
+    )
+    return _chained_grads(prep, z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums, compute_z_grad,
+                          compute_codebook_grad)

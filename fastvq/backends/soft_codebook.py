@@ -38,25 +38,41 @@ class SoftCodebook:
     def __init__(self, codebook: torch.Tensor, values: Optional[torch.Tensor], metric: str, dtype: torch.dtype):
         self.metric = metric
         self.work_dtype = compute_dtype(dtype)
+        # No copy of the codebook is made where none is needed: the keys are the codebook itself for
+        # dot (in the work dtype, every code finite), the values are the given tensor; a large
+        # codebook (IBQ's 2^18 codes: 256 MiB) must not be held several times over.
         keys = codebook.to(self.work_dtype)
-        finite = keys.isfinite().all(dim=1)
+        finite = _finite_rows(keys)
+        self.all_finite = bool(finite.all())
         self.key_norms: Optional[torch.Tensor] = None
         self.center: Optional[torch.Tensor] = None
         if metric in ("l2", "euclidean"):
-            self.center = torch.where(finite[:, None], keys, 0).sum(dim=0) / finite.sum().clamp_min(1)
+            finite_keys = keys if self.all_finite else torch.where(finite[:, None], keys, 0)
+            self.center = finite_keys.sum(dim=0) / finite.sum().clamp_min(1)
             keys = keys - self.center
         elif metric == "cosine":
             self.key_norms = keys.norm(dim=1, keepdim=True)
             keys = keys / self.key_norms.clamp_min(NORM_EPS)
-        keys = torch.where(finite[:, None], keys, 0)
+        if not self.all_finite:
+            keys = torch.where(finite[:, None], keys, 0)
         if metric in ("l2", "euclidean"):
-            code_term = (keys * keys).sum(dim=1)
+            code_term = _row_squares(keys)
         else:
             code_term = torch.zeros(keys.shape[0], dtype=self.work_dtype, device=keys.device)
         self.keys = keys
-        self.code_term = torch.where(finite, code_term, float("inf"))
-        source = codebook if values is None else values
-        self.values = torch.where(finite[:, None], source.to(self.work_dtype), 0)
+        self.code_term = code_term if self.all_finite else torch.where(finite, code_term, float("inf"))
+        self._finite = finite
+        self._value_source = codebook if values is None else values
+        self._values: Optional[torch.Tensor] = None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The values ``[K, Dv]`` in the work dtype, an excluded code's row zeroed; made on first use
+        (the entropies never use them) and a copy only where the dtype or an excluded code needs one."""
+        if self._values is None:
+            source = self._value_source.to(self.work_dtype)
+            self._values = source if self.all_finite else torch.where(self._finite[:, None], source, 0)
+        return self._values
 
     def rows(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(zq, r)``: the prepared rows in the work dtype and their per-row term (``|zq|^2`` for
@@ -86,10 +102,11 @@ class SoftCodebook:
 
     def prepared_key_grad(self, weighted_rows: torch.Tensor, code_sums: Optional[torch.Tensor]) -> torch.Tensor:
         """The gradient to the prepared keys from the code pass's ``weighted_rows = w^T @ zq`` and
-        ``code_sums = w.sum(0)``: ``w^T @ zq``, or ``2 (w^T @ zq - kq * colsum)`` for l2 and euclidean."""
+        ``code_sums = w.sum(0)``: ``w^T @ zq``, or ``2 (w^T @ zq - kq * colsum)`` for l2 and euclidean,
+        computed in place in ``weighted_rows`` (a codebook-sized buffer the caller no longer needs)."""
         if code_sums is None:
             return weighted_rows
-        return 2.0 * (weighted_rows - self.keys * code_sums[:, None])
+        return weighted_rows.sub_(self.keys * code_sums[:, None]).mul_(2.0)
 
     def row_grad(self, z: torch.Tensor, grad_zq: torch.Tensor) -> torch.Tensor:
         """Chains the gradient of the prepared rows back to ``z`` (the centre is held constant:
@@ -111,8 +128,26 @@ def split_value_grad(
     """``(grad_codebook, grad_values)`` as the soft-quantize backward returns them: without separate
     ``values`` the codebook is also the values, so it takes their gradient and ``grad_values`` is empty."""
     if values is None:
-        return grad_codebook + grad_values, grad_values[:0]
+        return grad_codebook.add_(grad_values), grad_values[:0]
     return grad_codebook, grad_values
+
+
+# Codes per block of the per-code reductions below: their temporaries stay a few MiB, not codebook-sized.
+_CODES_PER_BLOCK = 4096
+
+
+def _finite_rows(keys: torch.Tensor) -> torch.Tensor:
+    """``keys.isfinite().all(dim=1)``, a block of codes at a time."""
+    if keys.shape[0] == 0:
+        return torch.ones(0, dtype=torch.bool, device=keys.device)
+    return torch.cat([block.isfinite().all(dim=1) for block in keys.split(_CODES_PER_BLOCK)])
+
+
+def _row_squares(keys: torch.Tensor) -> torch.Tensor:
+    """``(keys * keys).sum(dim=1)``, a block of codes at a time (the same sums: each row is reduced alone)."""
+    if keys.shape[0] == 0:
+        return keys.new_zeros(0)
+    return torch.cat([(block * block).sum(dim=1) for block in keys.split(_CODES_PER_BLOCK)])
 
 
 def _normalize_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from fastvq import _philox, backends, reference
 from fastvq.backends.soft_codebook import SOFT_METRICS
 from fastvq.backends.torch import soft_quantize as torch_soft
 
-# The parity cases run on the implementations (cpp routes these ops to the PyTorch path, cuda to Triton).
+# The parity cases run on the implementations (cuda routes these ops to Triton).
 impl = backends_for("soft_quantize")
 # fp32 results against the float64 truth, relative to the largest entry of the true tensor.
 FP32_RTOL = 2e-5
@@ -346,10 +346,13 @@ BAD_SOFT_INPUTS = [
 
 def test_every_soft_op_runs_where_the_table_says(backend, device, monkeypatch):
     calls = []
-    for name in ("torch", "triton"):
+    for name in ("torch", "triton", "cpp"):
         if name == "triton" and not HAS_TRITON:
             continue
-        module = __import__(f"fastvq.backends.{name}.soft_quantize", fromlist=["soft_quantize"])
+        if name == "cpp":  # the binding module holds the C++ kernels' entry points
+            module = backends.cpp
+        else:
+            module = __import__(f"fastvq.backends.{name}.soft_quantize", fromlist=["soft_quantize"])
         for function in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward"):
             def recording(*args, _original=getattr(module, function), _name=(name, function), **kwargs):
                 calls.append(_name)
@@ -377,6 +380,11 @@ def no_soft_kernel_may_run(monkeypatch):
                 raise AssertionError(f"{_name} ran before the bad input was rejected")
 
             monkeypatch.setattr(module, function, refuse)
+    for function in ("soft_quantize", "soft_entropy"):
+        def refuse_cpp(*args, _name=f"cpp:{function}", **kwargs):
+            raise AssertionError(f"{_name} ran before the bad input was rejected")
+
+        monkeypatch.setattr(backends.cpp, function, refuse_cpp)
 
 
 @pytest.mark.parametrize(("overrides", "error", "message"), BAD_SOFT_INPUTS)

@@ -49,7 +49,8 @@ class _Operands:
     l2 appends ``-|zq|^2 / T`` to the rows and a ones column to the keys, so the row term is in the
     product too. Euclidean's square root cannot be: its matmul gives the squared distance. A ones
     column on the values makes ``p @ values`` also sum ``p``; on the keys and rows (l2, euclidean)
-    it makes the backward's products also give the weight's row and code sums.
+    it makes the backward's products also give the weight's row and code sums. The ones columns
+    are appended to one code chunk at a time: a whole codebook with one would be another copy of it.
     """
 
     def __init__(self, prep: SoftCodebook, temperature: float):
@@ -57,13 +58,23 @@ class _Operands:
         self.metric = prep.metric
         self.inverse_temperature = 1.0 / temperature
         self.distance_based = prep.metric in ("l2", "euclidean")
-        self.keys_with_ones = _with_ones(prep.keys) if self.distance_based else prep.keys
-        self.logit_keys = self.keys_with_ones if prep.metric == "l2" else prep.keys
         if prep.metric == "euclidean":
             self.bias = prep.code_term
         else:
             self.bias = prep.code_term * -self.inverse_temperature
-        self.values_with_ones = _with_ones(prep.values)
+
+    def keys_with_ones(self, start: int, stop: int) -> torch.Tensor:
+        """The keys of codes ``[start, stop)``, with a ones column for l2 and euclidean."""
+        keys = self.prep.keys[start:stop]
+        return _with_ones(keys) if self.distance_based else keys
+
+    def logit_keys(self, start: int, stop: int) -> torch.Tensor:
+        """The keys the logits' matmul takes: with the ones column for l2 (its row term), else plain."""
+        keys = self.prep.keys[start:stop]
+        return _with_ones(keys) if self.metric == "l2" else keys
+
+    def values_with_ones(self, start: int, stop: int) -> torch.Tensor:
+        return _with_ones(self.prep.values[start:stop])
 
     def rows(self, z_rows: torch.Tensor, row_start: int, codes_per_chunk: int) -> "_Rows":
         zq, row_term = self.prep.rows(z_rows)
@@ -93,7 +104,7 @@ class _Rows:
         """``(logits [rows, codes], scale)``: ``scale`` is euclidean's ``1 / (2 |z - e|)`` (0 where the
         squared distance was clamped), ``None`` otherwise. A NaN row gives NaN logits."""
         ops = self.operands
-        logits = torch.addmm(ops.bias[start:stop], self.lhs, ops.logit_keys[start:stop].T)
+        logits = torch.addmm(ops.bias[start:stop], self.lhs, ops.logit_keys(start, stop).T)
         if ops.metric != "euclidean":
             return logits, None
         squared = logits.add_(self.row_term[:, None])
@@ -186,7 +197,6 @@ def soft_quantize(
         weighted = torch.zeros((count, value_dim + 1), dtype=prep.work_dtype, device=z.device)
         best = torch.full((count,), float("-inf"), dtype=prep.work_dtype, device=z.device)
         best_index = torch.zeros(count, dtype=torch.int64, device=z.device)
-        values_with_ones = chunk.operands.values_with_ones
         for start, stop, logits, _ in chunk.chunks():
             chunk_maximum = None
             if return_hard:
@@ -203,7 +213,7 @@ def soft_quantize(
                 chunk_maximum = logits.max(dim=1).values
             shift, rescale = softmax.shift(chunk_maximum)
             weights = logits.sub_(shift[:, None]).exp_()
-            weighted.mul_(rescale[:, None]).addmm_(weights, values_with_ones[start:stop])
+            weighted.mul_(rescale[:, None]).addmm_(weights, chunk.operands.values_with_ones(start, stop))
             del logits, weights
         total = weighted[:, value_dim]
         soft[rows] = weighted[:, :value_dim] / total[:, None]
@@ -241,7 +251,7 @@ class _GradSums:
         weight = grad_logits if scale is None else grad_logits.mul_(scale)
         alpha = chunk.operands.inverse_temperature
         if self.rows_grad:
-            self.row_products[rows].addmm_(weight, chunk.operands.keys_with_ones[start:stop], alpha=alpha)
+            self.row_products[rows].addmm_(weight, chunk.operands.keys_with_ones(start, stop), alpha=alpha)
         if self.codes_grad:
             self.code_products[start:stop].addmm_(weight.T, chunk.zq_with_ones, alpha=alpha)
 
@@ -295,12 +305,11 @@ def soft_quantize_backward(
     lse = lse.to(work)
     for rows, chunk in _row_chunks(prep, z, temperature):
         grad_rows = grad_with_delta[rows]
-        values_with_ones = chunk.operands.values_with_ones
         for start, stop, logits, scale in chunk.chunks():
             probs = logits.sub_(lse[rows, None]).exp_()
             if value_grad:
                 grad_values[start:stop].addmm_(probs.T, grad_soft[rows])
-            grad_logits = (grad_rows @ values_with_ones[start:stop].T).mul_(probs)
+            grad_logits = (grad_rows @ chunk.operands.values_with_ones(start, stop).T).mul_(probs)
             del probs
             sums.add(rows, chunk, start, stop, grad_logits, scale)
     grad_z, grad_codebook = sums.grads(z, codebook)
@@ -388,9 +397,10 @@ def soft_entropy_backward(
         floor = torch.finfo(work).min
         for start, stop, logits, scale in chunk.chunks():
             probs = (logits - lse[rows, None]).exp_()
-            # Floored, an excluded code's -inf logit times its zero probability is 0, not nan.
+            # Floored, an excluded code's -inf logit is finite; its bracket may still overflow (the floor
+            # times a gradient above 1), so a zero probability gives a zero weight, not 0 * inf = nan.
             bracket = logits.clamp_(min=floor).mul_(-grad_entropy[rows, None])
             bracket.add_(code_weights[start:stop]).add_(constant[:, None])
-            sums.add(rows, chunk, start, stop, bracket.mul_(probs), scale)
+            sums.add(rows, chunk, start, stop, bracket.mul_(probs).masked_fill_(probs == 0, 0.0), scale)
             del logits, probs
     return sums.grads(z, codebook)

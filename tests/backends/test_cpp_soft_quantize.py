@@ -1,0 +1,124 @@
+"""The C++ soft-assignment kernels (csrc/cpu/soft_quantize.cpp) beyond the shared parity cases: shapes
+that span several row and code tiles and ragged register blocks, every metric's forward and gradients
+against the PyTorch path in float64, Gumbel samples equal to ``fastvq._philox``'s across tiles, the
+same results on one thread and two, and ``opcheck`` of the ``fastvq_C`` operators themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _backends import CPP_MISSING_REASON, HAS_CPP
+
+import fastvq
+from fastvq import _philox
+
+pytestmark = pytest.mark.skipif(not HAS_CPP, reason=f"fastvq._C: {CPP_MISSING_REASON}")
+
+# 70 rows span two 64-row tiles; 300 codes three 128-code tiles; 37 and 5 are ragged register blocks.
+ROWS, CODES, DIM, VALUE_DIM = 70, 300, 37, 5
+
+
+def _run(backend: str, monkeypatch, z, codebook, values, metric, temperature):
+    monkeypatch.setenv("FASTVQ_BACKEND", backend)
+    z = z.clone().requires_grad_(True)
+    codebook = codebook.clone().requires_grad_(True)
+    values = None if values is None else values.clone().requires_grad_(True)
+    soft, indices, lse = torch.ops.fastvq.soft_quantize(z, codebook, values, metric, temperature, None, True)
+    upstream = torch.randn(soft.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(soft.dtype)
+    ((soft * upstream).sum() + lse.square().sum()).backward()
+    grads = (z.grad, codebook.grad) + (() if values is None else (values.grad,))
+    return (soft, indices, lse) + grads
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "euclidean"])
+@pytest.mark.parametrize("with_values", [False, True], ids=["codebook-values", "own-values"])
+def test_matches_the_pytorch_path_across_tiles(metric, with_values, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(ROWS, DIM, generator=generator, dtype=torch.float64)
+    codebook = torch.randn(CODES, DIM, generator=generator, dtype=torch.float64)
+    codebook[7] = float("nan")  # an excluded code: probability 0, no gradient
+    values = torch.randn(CODES, VALUE_DIM, generator=generator, dtype=torch.float64) if with_values else None
+    temperature = 3.0 if metric in ("dot", "l2") else 0.3
+    theirs = _run("torch", monkeypatch, z, codebook, values, metric, temperature)
+    ours = _run("cpp", monkeypatch, z, codebook, values, metric, temperature)
+    names = ("soft", "indices", "lse", "grad_z", "grad_codebook", "grad_values")
+    for name, got, expected in zip(names, ours, theirs):
+        if name == "indices":
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10, equal_nan=True, msg=name)
+
+
+def test_fp32_and_bf16_accumulate_in_fp32(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(ROWS, DIM, generator=generator)
+    codebook = torch.randn(CODES, DIM, generator=generator)
+    truth = _run("torch", monkeypatch, z.double(), codebook.double(), None, "l2", 5.0)
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        ours = _run("cpp", monkeypatch, z.to(dtype), codebook.to(dtype), None, "l2", 5.0)
+        assert ours[2].dtype == torch.float32  # lse in the work dtype
+        for index in (0, 3, 4):
+            torch.testing.assert_close(ours[index].double(), truth[index], rtol=tolerance, atol=tolerance)
+
+
+def test_gumbel_samples_are_philox_across_tiles(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    seed = -(2**40) - 12345  # both key words set, the high one from a negative seed
+    z = torch.zeros(ROWS, 4)
+    codebook = torch.randn(CODES, 4)
+    expected = _philox.gumbel_noise(seed, torch.arange(ROWS), 0, CODES).argmax(dim=1)
+    _, indices, _ = fastvq.soft_quantize(z, codebook, metric="dot", gumbel=True, seed=torch.tensor(seed))
+    assert torch.equal(indices, expected)
+
+
+def test_one_thread_and_two_agree(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(ROWS, DIM, generator=generator)
+    codebook = torch.randn(CODES, DIM, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run("cpp", monkeypatch, z, codebook, None, "dot", 2.0)
+        torch.set_num_threads(2)
+        two = _run("cpp", monkeypatch, z, codebook, None, "dot", 2.0)
+    finally:
+        torch.set_num_threads(threads)
+    # Rows and codes each belong to one thread: the same sums in the same order. The row gradient's
+    # partial sums are per thread and added at the end, so it may differ in the last bits.
+    for name, got, expected in zip(("soft", "indices", "lse", "grad_z", "grad_codebook"), two, one):
+        if name == "grad_z":
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, expected), name
+
+
+def test_c_operators_pass_opcheck():
+    fastvq.backends.cpp.load()
+    generator = torch.Generator().manual_seed(4)
+    zq, keys = torch.randn(9, 6, generator=generator), torch.randn(40, 6, generator=generator)
+    values, code_term, row_term = torch.randn(40, 3, generator=generator), torch.rand(40), torch.rand(9)
+    torch.library.opcheck(torch.ops.fastvq_C.soft_quantize,
+                          (zq, keys, code_term, row_term, values, 1, 0.5, torch.tensor(7), True))
+    grad_soft, delta, lse = torch.randn(9, 3), torch.randn(9), torch.randn(9)
+    torch.library.opcheck(torch.ops.fastvq_C.soft_quantize_backward,
+                          (grad_soft, delta, lse, zq, keys, code_term, row_term, values, 2, 0.5, True, True, True))
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "euclidean"])
+def test_entropies_match_the_pytorch_path_across_tiles(metric, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(ROWS, DIM, generator=generator, dtype=torch.float64)
+    codebook = torch.randn(CODES, DIM, generator=generator, dtype=torch.float64)
+    codebook[11] = float("inf")  # an excluded code: probability 0, no gradient
+    weights = [torch.randn(size, generator=generator, dtype=torch.float64) for size in (ROWS, CODES, ROWS)]
+
+    def run(backend):
+        monkeypatch.setenv("FASTVQ_BACKEND", backend)
+        leaves = z.clone().requires_grad_(True), codebook.clone().requires_grad_(True)
+        outputs = torch.ops.fastvq.soft_entropy(*leaves, metric, 0.7)
+        sum((out * weight).sum() for out, weight in zip(outputs, weights)).backward()
+        return (*outputs, leaves[0].grad, leaves[1].grad)
+
+    names = ("row_entropy", "mean_probs", "lse", "grad_z", "grad_codebook")
+    for name, got, expected in zip(names, run("cpp"), run("torch")):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11, equal_nan=True, msg=name)
