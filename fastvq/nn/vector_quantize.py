@@ -267,6 +267,7 @@ class VectorQuantize(nn.Module):
         sync_update_v: float = 0.0,
         return_zeros_for_masked_padding: bool = True,
         route_gradients_to_input: bool = True,
+        *,
         sinkhorn_iters: int = 0,
         sinkhorn_epsilon: float = 0.0,
     ):
