@@ -27,9 +27,13 @@ FAILING_ON_THE_ORIGINAL = {
     "test_readme.py::test_fvq": "needs x_transformers",
 }
 
-# Statistical tests: a 95% confidence-interval check over 10 random draws, unseeded; it failed on
-# vector-quantize-pytorch itself in one of two runs here. Their outcome is not compared.
+# Statistical tests, unseeded, whose outcome is not compared. LFQ's: a 95% confidence-interval check over 10 random
+# draws; it failed on vector-quantize-pytorch itself in one of two runs here.
+# test_cdf_act_roundtrip[normal] maps 640 unseeded normal draws through erf and back in fp32 with atol 1e-4: past
+# |x| ~ 3.7 fp32 cannot hold erf(x / sqrt 2) closely enough to get x back, so it fails on vector-quantize-pytorch
+# itself in 2.5 % of seeds (49 of 2 000 seeds measured here; fastvq's build_cdf_act is the same formula).
 STATISTICAL = {
+    "test_fsp.py::test_cdf_act_roundtrip[normal]",
     "test_lfq.py::test_lfq_bruteforce_frac_per_sample_entropy[None-10-0.1]",
     "test_lfq.py::test_lfq_bruteforce_frac_per_sample_entropy[mask1-10-0.1]",
 }
