@@ -36,6 +36,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _points_per_centroid(text: str) -> Optional[int]:
+    """``--max-points-per-centroid``: a positive integer, or ``all`` (every iteration on all rows)."""
+    return None if text == "all" else _positive_int(text)
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -243,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     clusters.add_argument("--metric", choices=("l2", "cosine"), default="l2", help="l2 or cosine (spherical k-means)")
     clusters.add_argument("--batch-size", type=_positive_int, default=None,
                           help="mini-batch k-means with batches of this many rows (default: full Lloyd passes)")
+    clusters.add_argument("--max-points-per-centroid", type=_points_per_centroid, default=128, metavar="M|all",
+                          help="with more than M K rows, seed and iterate on M K rows drawn from them, then run the "
+                               "last iteration on all rows (128; FAISS trains on 256 K and stops there); all: every "
+                               "iteration on all rows")
     clusters.add_argument("--seed", type=int, default=0, help="random seed (0)")
     clusters.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     clusters.add_argument("--threads", type=_positive_int, default=None, help="PyTorch intra-op threads")
@@ -499,7 +508,8 @@ def cmd_kmeans(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         result = kmeans(data, args.k, iters=args.iters, init=args.init, metric=args.metric, tol=args.tol,
-                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, device=device)
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, device=device,
+                        max_points_per_centroid=args.max_points_per_centroid)
     except (TypeError, ValueError) as error:
         raise RunError(str(error)) from None
     seconds = time.perf_counter() - started

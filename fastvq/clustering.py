@@ -16,6 +16,11 @@ against the new candidates, weights each candidate by the sample rows nearest to
 candidates to K seeds by weighted greedy k-means++. The exact greedy k-means++ over all rows
 (``init="k-means++"``, scikit-learn's) walks every row once per seed: K passes over the data.
 
+Where there are more than ``max_points_per_centroid K`` rows (128 K by default), the seeding and every
+iteration but the last run on that many rows drawn without replacement (as FAISS trains on 256 K), and the
+last iteration runs on all rows, so the centroids are the means of all the rows assigned to them: at
+N = 10^6, K = 1024 a run then costs about four Lloyd iterations over all rows instead of twenty.
+
 Under ``torch.distributed`` every rank holds a shard of the rows; the counts, sums and inertia are
 summed over ranks, and every random draw is made over the global row numbering from one
 generator that all ranks seed alike, so the ranks end with what one process computes on the
@@ -57,6 +62,10 @@ STREAM_BLOCK_BYTES = 64 * 1024 * 1024
 # the weighting pass against the 4 K of them, over 64 K sample rows: 8 x 64 K^2 / (N K) = 512 K / N,
 # about 0.5 at N = 10^6 and K = 1024 (below 2 wherever N >= 256 K), plus K small steps on the candidates.
 PARALLEL_SAMPLE_PER_CLUSTER = 64
+# Lloyd's iterations before the last run on this many rows per cluster (``max_points_per_centroid``). Half
+# FAISS's 256: measured at N = 10^6, D = 64, K = 1024 (benchmarks/bench_kmeans.py's data), the last iteration
+# over all rows brings the final inertia within 0.5 % of 256's, and the sample's iterations cost half as much.
+MAX_POINTS_PER_CENTROID = 128
 PARALLEL_ROUNDS = 2
 PARALLEL_OVERSAMPLING = 2
 
@@ -89,6 +98,7 @@ def kmeans(
     empty_clusters: str = "farthest",
     sync: Optional[bool] = None,
     device: Union[str, torch.device, None] = None,
+    max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
 ) -> KMeansResult:
     """Clusters the rows of ``x`` into ``num_clusters`` clusters by k-means (Lloyd's algorithm).
 
@@ -96,7 +106,15 @@ def kmeans(
     and moves each centroid to the mean of its rows with the segment sum; no ``N x K`` matrix is
     built, and the memory added on top of ``x`` is ``O(N + K D)``: 12 bytes a row for the
     assignments and their distances (the ``"k-means++"`` seeding briefly needs 16 more: each row's
-    distance to the nearest seed, a per-row norm, and their running float64 sum).
+    distance to the nearest seed, a per-row norm, and their running float64 sum), plus the sample's
+    ``max_points_per_centroid K`` rows (below) when it draws one.
+
+    With more than ``max_points_per_centroid K`` rows (default ``128 K``) and ``iters >= 2``, the seeding
+    and every iteration but the last run on ``max_points_per_centroid K`` rows drawn uniformly without
+    replacement (FAISS's ``max_points_per_centroid``, 256 there), and the last iteration assigns all
+    rows and moves each centroid to the mean of all the rows assigned to it: the result is fitted to the
+    whole data at the cost of one pass over it. ``max_points_per_centroid=None`` runs every iteration on
+    all rows.
 
     A 3-D ``x [B, N, D]`` holds B independent problems, clustered in one call: each iteration is one
     batched search (``fastvq.nearest_code_batched``) and one segment sum over all B problems, and
@@ -128,7 +146,9 @@ def kmeans(
             best being the one that lowers the sum of those distances most. It walks all N rows once
             per seed.
             ``"random"``: ``K`` distinct rows drawn uniformly. Or a ``[K, D]`` (batched: ``[B, K, D]``)
-            float tensor of initial centroids, used as given (no random draw is made then).
+            float tensor of initial centroids, used as given (no random draw is made then, but for
+            the rows of ``max_points_per_centroid``'s sample). The drawn seedings draw from the sample
+            where there is one.
         metric: ``"l2"`` (squared Euclidean, the inertia is the sum of squared distances) or
             ``"cosine"`` (spherical k-means: the distance is ``1 - cos``, and a centroid is its
             rows' normalised sum; seeds drawn from the rows are normalised too).
@@ -157,6 +177,14 @@ def kmeans(
             same arguments (``init`` tensors alike on every rank).
         device: where the search runs; default ``x``'s device (the CPU for numpy arrays). Rows of
             ``x`` held elsewhere are copied over in blocks of 64 MiB as each pass reads them.
+        max_points_per_centroid: ``M >= 1`` or ``None``. Where (a problem of) ``x`` has more than
+            ``S = M K`` rows (all ranks' rows under ``torch.distributed``) and ``iters >= 2``: ``S`` rows
+            drawn uniformly without replacement (from the same generator as the seeding, before it; the
+            same rows on every rank) are seeded from and clustered for up to ``iters - 1`` iterations
+            (``tol`` judged on them), then one last iteration runs on all rows. Default 128 (FAISS
+            defaults to 256 and never revisits the other rows; this last iteration recovers what the
+            smaller sample loses). ``None``: every iteration on all rows. Not used with ``batch_size``,
+            which draws its own batches.
 
     Returns:
         :class:`KMeansResult` ``(centroids, assignments, inertia)``:
@@ -171,8 +199,10 @@ def kmeans(
           are the nearest returned centroids, from one final pass over ``x``.
         - ``inertia`` float64 ``[iterations run]`` on the CPU: iteration ``i``'s sum over the rows of
           their distance to the centroid they were assigned to, before that iteration's update (FAISS's
-          ``Kmeans.obj``). With ``batch_size``: the sum over the iteration's batches, each taken
-          before its step's update, scaled to ``N`` rows (an estimate).
+          ``Kmeans.obj``). The iterations on ``max_points_per_centroid``'s sample give the sample's sum
+          scaled by ``N / S`` (an estimate of all rows'); the last one, over all rows, the true sum. With
+          ``batch_size``: the sum over the iteration's batches, each taken before its step's update,
+          scaled to ``N`` rows (an estimate).
 
         For a 3-D ``x``: ``centroids [B, K, D]``, ``assignments [B, N]``, and ``inertia [iterations
         run, B]``, NaN in the iterations after a problem stopped (``tol``), so that ``inertia[:, b]``
@@ -184,31 +214,46 @@ def kmeans(
 
     Raises:
         TypeError: ``x`` neither a tensor nor a numpy array, or not of a float dtype; a non-int
-            ``num_clusters``, ``iters``, ``batch_size`` or ``seed``; an ``init`` of a wrong type.
+            ``num_clusters``, ``iters``, ``batch_size``, ``seed`` or ``max_points_per_centroid``; an ``init``
+            of a wrong type.
         ValueError: ``x`` not 2-D or 3-D or with ``D == 0``, ``num_clusters < 1`` or more than the
             rows for a drawn init (all ranks' rows under ``torch.distributed``), no rows with a
             ``batch_size``, a 3-D ``x`` with ``batch_size`` or under ``torch.distributed`` sync, an
             ``init`` tensor not ``[K, D]`` (``[B, K, D]``) or not finite, ``iters < 1``, ``tol < 0``,
+            ``max_points_per_centroid < 1``,
             an unknown ``metric``, ``init`` or ``empty_clusters``; and, after the first pass, ``x``
             holding NaN or infinite values (the inertia is not finite).
     """
     x, device = _as_tensor(x, device)
     check_kmeans_args(x, num_clusters, iters, init, metric, tol, batch_size, seed, empty_clusters)
+    if max_points_per_centroid is not None:
+        _check_int("max_points_per_centroid", max_points_per_centroid, 1)
     synced = (is_distributed() if sync is None else bool(sync)) and is_distributed()
     if x.dim() == 3:
         if synced:
             raise ValueError(f"a batch of k-means problems (x of shape {tuple(x.shape)}) runs in one process: "
                              "call kmeans with sync=False, or on one [N, D] problem")
-        return _batched_kmeans(x, device, num_clusters, iters, init, metric, tol, seed, progress, empty_clusters)
+        sample_size = _lloyd_sample_size(x.shape[1], num_clusters, iters, max_points_per_centroid)
+        return _batched_kmeans(x, device, num_clusters, iters, init, metric, tol, seed, progress, empty_clusters,
+                               sample_size)
     shards = _Shards(x, device, synced)
     if isinstance(init, str) and shards.total < num_clusters:
         where = " on all ranks together" if synced else f" (shape {tuple(x.shape)})"
         raise ValueError(f"init={init!r} draws {num_clusters} distinct rows, but x has {shards.total} rows{where}")
     if batch_size is not None and shards.total == 0:
         raise ValueError(f"batch_size draws rows, but x has none (shape {tuple(x.shape)})")
+    sample_size = None
+    if batch_size is None:
+        sample_size = _lloyd_sample_size(shards.total, num_clusters, iters, max_points_per_centroid)
     generator = None
-    if isinstance(init, str) or batch_size is not None:
+    if isinstance(init, str) or batch_size is not None or sample_size is not None:
         generator = torch.Generator().manual_seed(_shared_seed(seed, synced))
+    # The rows the seeding and all iterations but the last see: a sample of all ranks' rows, the same on every
+    # rank, clustered by every rank alike without collectives.
+    fitted = shards
+    if sample_size is not None:
+        picks = _distinct_rows(shards.total, sample_size, generator).sort().values
+        fitted = _Shards(shards.global_rows(picks, dtype=x.dtype), device, False)
     if isinstance(init, Tensor):
         centroids = init.detach().to(device=device, dtype=torch.float32, copy=True)
     elif batch_size is not None:
@@ -216,12 +261,17 @@ def kmeans(
         sample = shards.global_rows(torch.randint(shards.total, (init_rows,), generator=generator))
         centroids = _seed(_Shards(sample, device, False), num_clusters, init, metric, generator)
     else:
-        centroids = _seed(shards, num_clusters, init, metric, generator)
+        centroids = _seed(fitted, num_clusters, init, metric, generator)
     bar = _progress_bar(iters, progress and (not synced or torch.distributed.get_rank() == 0))
     try:
-        if batch_size is None:
+        if batch_size is not None:
+            return _mini_batch(shards, centroids, iters, metric, tol, batch_size, generator, bar)
+        if sample_size is None:
             return _lloyd(shards, centroids, iters, metric, tol, empty_clusters, bar)
-        return _mini_batch(shards, centroids, iters, metric, tol, batch_size, generator, bar)
+        on_sample = _lloyd(fitted, centroids, iters - 1, metric, tol, empty_clusters, bar)
+        last = _lloyd(shards, on_sample.centroids, 1, metric, None, empty_clusters, bar)
+        history = torch.cat([on_sample.inertia * (shards.total / sample_size), last.inertia])
+        return KMeansResult(last.centroids, last.assignments, history)
     finally:
         if bar is not None:
             bar.close()
@@ -239,6 +289,33 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _lloyd_sample_size(
+    num_rows: int, num_clusters: int, iters: int, max_points_per_centroid: Optional[int]
+) -> Optional[int]:
+    """How many rows the seeding and all Lloyd iterations but the last run on; ``None``: all of them."""
+    if max_points_per_centroid is None or iters < 2:
+        return None
+    size = max_points_per_centroid * num_clusters
+    return size if num_rows > size else None
+
+
+def _distinct_rows(num_rows: int, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` distinct row numbers (CPU int64) drawn uniformly without replacement, in the order drawn.
+
+    Far fewer than the rows: the first ``count`` distinct values of uniform draws (a uniform subset), in
+    memory of order ``count``, so that a memory-mapped ``x`` of billions of rows needs no permutation of them."""
+    if 4 * count >= num_rows:
+        return torch.randperm(num_rows, generator=generator)[:count]
+    picked = torch.zeros(0, dtype=torch.int64)
+    while picked.shape[0] < count:
+        draws = torch.cat([picked, torch.randint(num_rows, (2 * (count - picked.shape[0]) + 16,), generator=generator)])
+        values, inverse = torch.unique(draws, return_inverse=True)
+        first_draw = torch.full_like(values, draws.shape[0]).scatter_reduce_(
+            0, inverse, torch.arange(draws.shape[0]), "amin")
+        picked = draws[first_draw.sort().values[:count]]
+    return picked
 
 
 def check_kmeans_args(
@@ -362,17 +439,19 @@ class _Shards:
         """The rows at ``local`` indices of this shard, on the compute device, in x's dtype."""
         return self.x[local.to(self.x.device)].to(self.device)
 
-    def global_rows(self, indices: Tensor) -> Tensor:
-        """float32 rows at global row ``indices`` (CPU int64), the same on every rank: the rank
+    def global_rows(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Rows at global row ``indices`` (CPU int64) in ``dtype``, the same on every rank: the rank
         holding a row contributes it, the others zeros, and a sum brings them together."""
         if not self.synced:
-            return self.rows(indices).float()
+            return self.rows(indices).to(dtype)
         local = indices - self.offset
         mine = (local >= 0) & (local < self.num_rows)
-        out = torch.zeros(indices.shape[0], self.dim, dtype=torch.float32, device=self.device)
+        # summed in fp32 (fp64 for fp64 data), which every collective backend sums and which holds x's values
+        wide = torch.promote_types(dtype, torch.float32)
+        out = torch.zeros(indices.shape[0], self.dim, dtype=wide, device=self.device)
         if bool(mine.any()):
-            out[mine.to(self.device)] = self.rows(local[mine]).float()
-        return self.sum_(out)
+            out[mine.to(self.device)] = self.rows(local[mine]).to(wide)
+        return self.sum_(out).to(dtype)
 
     def sum_(self, tensor: Tensor) -> Tensor:
         return all_reduce_sum_(tensor) if self.synced else tensor
@@ -815,22 +894,40 @@ def _batched_kmeans(
     seed: Optional[int],
     progress: bool,
     empty_clusters: str,
+    sample_size: Optional[int],
 ) -> KMeansResult:
-    """``kmeans`` on ``x [B, N, D]``: B problems, each drawing from its own generator (``seed + b``)."""
+    """``kmeans`` on ``x [B, N, D]``: B problems, each drawing from its own generator (``seed + b``), each
+    seeded and iterated on ``sample_size`` of its rows before the last iteration where that is not ``None``."""
     num_problems, num_rows, dim = x.shape
     if isinstance(init, str) and num_rows < num_clusters:
         raise ValueError(f"init={init!r} draws {num_clusters} distinct rows of each problem, but x has "
                          f"{num_rows} rows per problem (shape {tuple(x.shape)})")
     x = x.to(device)
+    generators = []
+    if isinstance(init, str) or sample_size is not None:
+        base = _shared_seed(seed, False)
+        generators = [torch.Generator().manual_seed(base + b) for b in range(num_problems)]
+    fitted = x
+    if sample_size is not None:
+        picks = torch.stack([_distinct_rows(num_rows, sample_size, g).sort().values for g in generators])
+        fitted = _batched_rows(x, picks.to(device))
     if isinstance(init, Tensor):
         centroids = init.detach().to(device=device, dtype=torch.float32, copy=True)
     else:
-        base = _shared_seed(seed, False)
-        generators = [torch.Generator().manual_seed(base + b) for b in range(num_problems)]
-        centroids = _batched_seed(x, num_clusters, init, metric, generators)
+        centroids = _batched_seed(fitted, num_clusters, init, metric, generators)
     bar = _progress_bar(iters, progress)
     try:
-        return _batched_lloyd(x, centroids, iters, metric, tol, empty_clusters, bar)
+        if sample_size is None:
+            return _batched_lloyd(x, centroids, iters, metric, tol, empty_clusters, bar)
+        on_sample = _batched_lloyd(fitted, centroids, iters - 1, metric, tol, empty_clusters, bar)
+        last = _batched_lloyd(x, on_sample.centroids, 1, metric, None, empty_clusters, bar)
+        # Each problem's last iteration follows its own iterations on the sample (which stop at different
+        # iterations under tol), so that its column without the NaN tail is its history, as for one problem.
+        history = torch.cat([on_sample.inertia * (num_rows / sample_size),
+                             torch.full((1, num_problems), math.nan, dtype=torch.float64)])
+        ran = (~on_sample.inertia.isnan()).sum(dim=0)
+        history[ran, torch.arange(num_problems)] = last.inertia[0]
+        return KMeansResult(last.centroids, last.assignments, history)
     finally:
         if bar is not None:
             bar.close()

@@ -201,6 +201,8 @@ def test_nan_data_raises():
         ((torch.zeros(10, 3), 2), {"batch_size": 0}, ValueError, "batch_size must be >= 1"),
         ((torch.zeros(10, 3), 2), {"seed": 1.5}, TypeError, "seed must be an int"),
         ((torch.zeros(10, 3), 2), {"empty_clusters": "drop"}, ValueError, "empty_clusters must be one of"),
+        ((torch.zeros(10, 3), 2), {"max_points_per_centroid": 0}, ValueError, "max_points_per_centroid must be >= 1"),
+        ((torch.zeros(10, 3), 2), {"max_points_per_centroid": 2.0}, TypeError, "max_points_per_centroid must be an"),
     ],
 )
 def test_bad_arguments_are_named(args, kwargs, error, message):
@@ -218,6 +220,7 @@ SHARD_CASES = {
     "random-cosine": dict(init="random", metric="cosine", iters=3, seed=6, tol=None),
     "farthest": dict(iters=3, tol=None),  # init: two far centroids that start empty
     "mini-batch": dict(init="k-means++", iters=2, batch_size=64, seed=7),
+    "sampled": dict(iters=3, seed=9, tol=None, max_points_per_centroid=20),  # 140 of the 301 rows, then all
 }
 SPLITS = {"uneven": 120, "rank1-empty": 301}
 
