@@ -2,19 +2,25 @@
 
     python benchmarks/bench_kmeans.py [--small] [--mode defaults same-init batched] [-n N] [-d D] [-k K]
                                       [--iters I] [-b B] [--threads 1 2] [--device cpu|cuda]
-                                      [--dtype fp32|bf16] [--no-memory] [--out DIR]
+                                      [--dtype fp32|bf16] [--repeats R] [--no-memory] [--out DIR]
 
 Three modes (``--mode``, all three by default), each its own rows (column ``mode``):
 
 - ``defaults``: each library as a user runs it, with its own defaults, seeding included: ``fastvq.kmeans(x, K,
-  seed=0)`` (k-means|| seeding, at most 25 iterations, ``tol=1e-4``), ``faiss.Kmeans(D, K).train(x)`` (random
-  seeds, 25 iterations on a sample of 256 rows per centroid) and, where it is cheap (N K <= 2e8), scikit-learn's
-  ``KMeans(K, random_state=0)`` (greedy k-means++, up to 300 iterations, ``tol=1e-4``). Columns: ``init_s``
-  (fastvq: its seeding timed alone; FAISS: the run's time outside its iterations, read from its iteration
-  statistics: sampling and seeding; scikit-learn: not separable), ``iters_run``, ``s_per_iter`` (the
-  iterations' time over their number; scikit-learn's includes its seeding), ``total_s``, ``init_iters`` (the
-  seeding's time in units of this row's iteration: the goal is <= 2), ``final_inertia``, ``vs_faiss`` and
-  ``speedup_vs_faiss`` (FAISS's ``total_s`` over this row's).
+  seed=0)`` (k-means|| seeding and at most 24 iterations, ``tol=1e-4``, on a sample of 128 rows per centroid,
+  then one iteration on all rows), ``faiss.Kmeans(D, K).train(x)`` (random seeds, 25 iterations on a sample of
+  256 rows per centroid) and, where it is cheap (N K <= 2e8), scikit-learn's ``KMeans(K, random_state=0)``
+  (greedy k-means++ over all rows, up to 300 iterations, ``tol=1e-4``). The libraries run in turn,
+  ``--repeats`` times (default 2), so that a change in a shared machine's load falls on all alike; each row
+  reports its library's fastest run (``runs`` says how many). Columns: ``sample_rows`` (the rows the
+  iterations, all but fastvq's last, run on), ``init_s`` (fastvq: its sampling and seeding timed alone; FAISS:
+  the run's time outside its iterations, read from its iteration statistics: sampling and seeding;
+  scikit-learn: not separable), ``iters_run``, ``s_per_iter`` (the iterations' time over their number, fastvq's
+  last one over all rows included; scikit-learn's includes its seeding), ``total_s``, ``full_iter_s`` (fastvq:
+  one Lloyd iteration over all N rows, from its result), ``init_iters`` (the seeding's time in Lloyd
+  iterations over all rows, ``init_s / full_iter_s``, for fastvq: the goal is <= 2; FAISS: in its own
+  iterations on its sample), ``final_inertia``, ``vs_faiss`` and ``speedup_vs_faiss`` (FAISS's ``total_s`` over
+  this row's).
 - ``same-init``: all three cluster the same data from the same initial centroids (``K`` distinct rows drawn
   uniformly), for the same number of Lloyd iterations, on every row: FAISS with ``max_points_per_centroid``
   raised so it does not subsample, scikit-learn with ``n_init=1, tol=0``, fastvq with ``tol=None``. Columns:
@@ -28,7 +34,8 @@ Three modes (``--mode``, all three by default), each its own rows (column ``mode
   problem of ``B N`` rows and ``K`` clusters (impl ``fastvq-one-problem``): both are ``B N K D``
   multiply-adds an iteration, so the ratio of their times (``vs_one_problem``, the goal <= 1.1) is the
   batched call's cost over the single call's per-row-per-code throughput. (One call on ``B N`` rows with
-  ``B K`` codes would do B times the work.) Both from given centroids, ``tol=None``; ``search_s`` times
+  ``B K`` codes would do B times the work.) Both from given centroids, ``tol=None``, every iteration on all
+  rows (``max_points_per_centroid=None``); ``search_s`` times
   ``nearest_code_batched`` and ``nearest_code`` alone.
 
 Every ``final_inertia`` is the sum of squared distances from every row to its nearest *returned* centroid,
@@ -61,7 +68,8 @@ BENCH = "kmeans"
 KEY_COLUMNS = ("mode", "B", "N", "D", "K", "iters", "dtype", "threads")
 TABLE_COLUMNS = ("mode", "impl", "B", "N", "D", "K", "iters", "dtype", "threads", "init_s", "iters_run", "s_per_iter",
                  "total_s", "init_iters", "speedup_vs_faiss", "vs_one_problem", "search_s", "update_s", "overhead_s",
-                 "last_inertia", "final_inertia", "vs_faiss", "peak_mib", "load1", "note")
+                 "last_inertia", "final_inertia", "vs_faiss", "peak_mib", "load1", "note", "sample_rows", "full_iter_s",
+                 "runs")
 MODES = ("defaults", "same-init", "batched")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The issue's CPU point; --small's. The batched mode's (issue 26); --small's.
@@ -90,12 +98,13 @@ def make_data(rows: int, dim: int, clusters: int, device: str = "cpu", dtype: to
 
 
 def fastvq_run(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, float]:
-    result = fastvq.kmeans(x, init.shape[0], init=init, iters=iters, tol=None)
+    """Lloyd's iterations on every row (no sample), as the same-init comparison runs every library."""
+    result = fastvq.kmeans(x, init.shape[0], init=init, iters=iters, tol=None, max_points_per_centroid=None)
     return result.centroids, float(result.inertia[-1])
 
 
 def fastvq_two_iterations(x: torch.Tensor, init: torch.Tensor) -> None:
-    fastvq.kmeans(x, init.shape[0], init=init, iters=2, tol=None)
+    fastvq.kmeans(x, init.shape[0], init=init, iters=2, tol=None, max_points_per_centroid=None)
 
 
 def faiss_run(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, float]:
@@ -117,17 +126,28 @@ def sklearn_run(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.
 
 
 def fastvq_defaults(x: torch.Tensor, clusters: int) -> dict:
-    """``fastvq.kmeans`` with its defaults (seed 0), and its seeding timed alone (the same k-means|| call)."""
+    """``fastvq.kmeans`` with its defaults (seed 0)."""
     started = time.perf_counter()
     result = fastvq.kmeans(x, clusters, seed=0)
     total = time.perf_counter() - started
-    shards = fastvq.clustering._Shards(x, x.device, False)
+    return dict(centroids=result.centroids, iters_run=len(result.inertia), total_s=total)
+
+
+def fastvq_default_parts(x: torch.Tensor, clusters: int, centroids: torch.Tensor) -> dict:
+    """What ``fastvq.kmeans(x, K, seed=0)`` spends outside its iterations, timed alone as it runs there (the
+    sample drawn, then the k-means|| seeding on it), and one Lloyd iteration over all rows."""
+    clustering = fastvq.clustering
+    sample_rows = clustering._lloyd_sample_size(lambda: x.shape[0], clusters, 25, clustering.MAX_POINTS_PER_CENTROID)
     started = time.perf_counter()
-    fastvq.clustering._seed(shards, clusters, "k-means||", "l2", torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    fitted = x
+    if sample_rows is not None:
+        fitted = x[clustering._distinct_rows(x.shape[0], sample_rows, generator).sort().values]
+    clustering._seed(clustering._Shards(fitted, x.device, False), clusters, "k-means||", "l2", generator)
     init = time.perf_counter() - started
-    iters = len(result.inertia)
-    return dict(centroids=result.centroids, init_s=init, iters_run=iters, total_s=total,
-                s_per_iter=(total - init) / iters)
+    started = time.perf_counter()
+    fastvq.kmeans(x, clusters, init=centroids, iters=1, tol=None, max_points_per_centroid=None)
+    return dict(init_s=init, full_iter_s=time.perf_counter() - started, sample_rows=fitted.shape[0])
 
 
 def faiss_defaults(x: torch.Tensor, clusters: int) -> dict:
@@ -142,8 +162,9 @@ def faiss_defaults(x: torch.Tensor, clusters: int) -> dict:
     stats = kmeans.iteration_stats
     iters = len(stats)
     per_iter = (stats[-1]["time"] - stats[0]["time"]) / max(iters - 1, 1)
+    sample_rows = min(x.shape[0], kmeans.cp.max_points_per_centroid * clusters)
     return dict(centroids=torch.from_numpy(kmeans.centroids.copy()), init_s=max(total - iters * per_iter, 0.0),
-                iters_run=iters, total_s=total, s_per_iter=per_iter)
+                iters_run=iters, total_s=total, s_per_iter=per_iter, sample_rows=sample_rows)
 
 
 def sklearn_defaults(x: torch.Tensor, clusters: int) -> dict:
@@ -266,17 +287,28 @@ def measure_defaults(point: Point, run: _harness.Run) -> list[dict]:
             f"{SKLEARN_DEFAULTS_MAX_WORK:g}"))
         impls += [("faiss", faiss_defaults, _missing("faiss")), ("sklearn", sklearn_defaults, sklearn_note)]
     limits = _thread_limits(run.threads) if run.threads is not None else None
-    rows = []
-    for name, implementation, note in impls:
-        row = _row(point, name, run, note)
-        print(f"  {name}", flush=True)
-        if note is None:
+    rows = {name: _row(point, name, run, note) for name, _, note in impls}
+    # The libraries in turn, each run's measurements kept where its total is the fastest so far.
+    for repeat in range(run.args.repeats):
+        for name, implementation, note in impls:
+            if note is not None:
+                continue
+            print(f"  {name} (run {repeat + 1} of {run.args.repeats})", flush=True)
             measured = implementation(x, point.K)
-            row.update({key: value for key, value in measured.items() if key != "centroids"})
-            row["final_inertia"] = final_inertia(x, measured["centroids"])
-            if "init_s" in row:
-                row["init_iters"] = row["init_s"] / row["s_per_iter"]
-        rows.append(row)
+            row = rows[name]
+            if "total_s" not in row or measured["total_s"] < row["total_s"]:
+                row.update({key: value for key, value in measured.items() if key != "centroids"})
+                row["final_inertia"] = final_inertia(x, measured["centroids"])
+                if name == "fastvq":
+                    row.update(fastvq_default_parts(x, point.K, measured["centroids"]))
+            row["runs"] = repeat + 1
+    for row in rows.values():
+        if "full_iter_s" in row:
+            row["s_per_iter"] = (row["total_s"] - row["init_s"]) / row["iters_run"]
+            row["init_iters"] = row["init_s"] / row["full_iter_s"]
+        elif "init_s" in row:
+            row["init_iters"] = row["init_s"] / row["s_per_iter"]
+    rows = list(rows.values())
     if limits is not None:
         limits.unregister()
     _compare_with_faiss(rows, "total_s")
@@ -305,10 +337,12 @@ def measure_batched(point: Point, run: _harness.Run) -> list[dict]:
         row = _row(point, name, run, None)
         print(f"  {name}", flush=True)
         if name == "fastvq-batched":
-            call = functools.partial(fastvq.kmeans, x, point.K, init=init, iters=point.iters, tol=None)
+            call = functools.partial(fastvq.kmeans, x, point.K, init=init, iters=point.iters, tol=None,
+                                     max_points_per_centroid=None)
             search = functools.partial(fastvq.nearest_code_batched, x, init.to(x.dtype))
         else:
-            call = functools.partial(fastvq.kmeans, rows_all, point.K, init=init_all, iters=point.iters, tol=None)
+            call = functools.partial(fastvq.kmeans, rows_all, point.K, init=init_all, iters=point.iters, tol=None,
+                                     max_points_per_centroid=None)
             search = functools.partial(fastvq.nearest_code, rows_all, init_all.to(rows_all.dtype))
         _, seconds = _timed(call, device)
         row["s_per_iter"] = seconds / point.iters
@@ -363,6 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None, help=f"Lloyd iterations ({FULL['iters']})")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="the defaults mode's runs of each library, in turn; each row keeps the fastest (2)")
     parser.add_argument("-b", "--problems", type=int, default=None,
                         help=f"the batched mode's problems B ({BATCHED['problems']}; "
                              f"--small {BATCHED_SMALL['problems']})")

@@ -33,7 +33,7 @@ import contextlib
 import functools
 import math
 import warnings
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -233,7 +233,7 @@ def kmeans(
         if synced:
             raise ValueError(f"a batch of k-means problems (x of shape {tuple(x.shape)}) runs in one process: "
                              "call kmeans with sync=False, or on one [N, D] problem")
-        sample_size = _lloyd_sample_size(x.shape[1], num_clusters, iters, max_points_per_centroid)
+        sample_size = _lloyd_sample_size(lambda: x.shape[1], num_clusters, iters, max_points_per_centroid)
         return _batched_kmeans(x, device, num_clusters, iters, init, metric, tol, seed, progress, empty_clusters,
                                sample_size)
     shards = _Shards(x, device, synced)
@@ -244,7 +244,7 @@ def kmeans(
         raise ValueError(f"batch_size draws rows, but x has none (shape {tuple(x.shape)})")
     sample_size = None
     if batch_size is None:
-        sample_size = _lloyd_sample_size(shards.total, num_clusters, iters, max_points_per_centroid)
+        sample_size = _lloyd_sample_size(lambda: shards.total, num_clusters, iters, max_points_per_centroid)
     generator = None
     if isinstance(init, str) or batch_size is not None or sample_size is not None:
         generator = torch.Generator().manual_seed(_shared_seed(seed, synced))
@@ -292,13 +292,17 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 def _lloyd_sample_size(
-    num_rows: int, num_clusters: int, iters: int, max_points_per_centroid: Optional[int]
+    num_rows: Callable[[], int], num_clusters: int, iters: int, max_points_per_centroid: Optional[int]
 ) -> Optional[int]:
-    """How many rows the seeding and all Lloyd iterations but the last run on; ``None``: all of them."""
+    """How many rows the seeding and all Lloyd iterations but the last run on; ``None``: all of them.
+
+    The number of rows is asked for only where a sample may be drawn: under ``torch.distributed`` it is a
+    collective and a host synchronisation, which a call that never samples (the layers' k-means
+    initialisation, compiled with ``fullgraph=True``) must not make."""
     if max_points_per_centroid is None or iters < 2:
         return None
     size = max_points_per_centroid * num_clusters
-    return size if num_rows > size else None
+    return size if num_rows() > size else None
 
 
 def _distinct_rows(num_rows: int, count: int, generator: torch.Generator) -> Tensor:

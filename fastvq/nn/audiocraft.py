@@ -189,8 +189,9 @@ class EuclideanCodebook(nn.Module):
             seeds, _ = sample_rows(rows.float(), self.codebook_size, synced=True)
         else:
             seeds = _sample_vectors(rows, self.codebook_size)
+        # every iteration on all rows (no sample), as audiocraft's kmeans
         result = kmeans(rows, self.codebook_size, iters=self.kmeans_iters, init=seeds, tol=None,
-                        empty_clusters="keep", sync=synced)
+                        empty_clusters="keep", sync=synced, max_points_per_centroid=None)
         counts = torch.bincount(result.assignments, minlength=self.codebook_size).to(self.cluster_size.dtype)
         if synced:
             all_reduce_sum_(counts)

@@ -441,9 +441,10 @@ class Codebook(nn.Module):
                 means = rows[torch.randperm(num_rows, device=rows.device)[: self.codebook_size]]
             else:
                 means = rows[torch.randint(0, max(num_rows, 1), (self.codebook_size,), device=rows.device)]
+            # every iteration on all rows (no sample), as vector-quantize-pytorch's kmeans
             means, assignments, _ = kmeans(rows, self.codebook_size, iters=self.kmeans_iters, init=means,
                                            metric="cosine" if self.use_cosine_sim else "l2", tol=None,
-                                           empty_clusters="keep", sync=synced)
+                                           empty_clusters="keep", sync=synced, max_points_per_centroid=None)
             counts = torch.zeros(self.codebook_size, device=rows.device).index_add_(
                 0, assignments, torch.ones_like(assignments, dtype=torch.float32))
             if synced:
