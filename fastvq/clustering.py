@@ -269,9 +269,9 @@ def kmeans(
             return _mini_batch(shards, centroids, iters, metric, tol, batch_size, generator, bar)
         if sample_size is None:
             return _lloyd(shards, centroids, iters, metric, tol, empty_clusters, bar)
-        on_sample = _lloyd(fitted, centroids, iters - 1, metric, tol, empty_clusters, bar)
+        on_sample = _lloyd(fitted, centroids, iters - 1, metric, tol, empty_clusters, bar, shards.total / sample_size)
         last = _lloyd(shards, on_sample.centroids, 1, metric, None, empty_clusters, bar)
-        history = torch.cat([on_sample.inertia * (shards.total / sample_size), last.inertia])
+        history = torch.cat([on_sample.inertia, last.inertia])
         return KMeansResult(last.centroids, last.assignments, history)
     finally:
         if bar is not None:
@@ -757,8 +757,17 @@ def _converged(inertia: list[float], tol: Optional[float]) -> bool:
 
 
 def _lloyd(
-    shards: _Shards, centroids: Tensor, iters: int, metric: str, tol: Optional[float], empty_clusters: str, bar
+    shards: _Shards,
+    centroids: Tensor,
+    iters: int,
+    metric: str,
+    tol: Optional[float],
+    empty_clusters: str,
+    bar,
+    inertia_scale: float = 1.0,
 ) -> KMeansResult:
+    """Lloyd's iterations on ``shards``; the inertia reported and returned is multiplied by ``inertia_scale``
+    (``N / S`` on a sample of S of the N rows: an estimate of all rows')."""
     # The inertia is read on the host only when something needs it each iteration (tol, the bar,
     # the re-seeding asks whether a cluster is empty): without them the loop never synchronises,
     # and it runs inside a torch.compile graph (the layers' k-means initialisation does).
@@ -778,10 +787,10 @@ def _lloyd(
             new_centroids = _normalized(new_centroids)
         centroids = torch.where((counts == 0)[:, None], centroids, new_centroids)
         if watch:
-            _report(bar, values[-1])
+            _report(bar, values[-1] * inertia_scale)
             if _converged(values, tol):
                 break
-    history = torch.stack(inertia).cpu()
+    history = torch.stack(inertia).cpu() * inertia_scale
     if not watch and not torch.compiler.is_compiling():
         _check_finite(float(history.sum()), shards.x)
     return KMeansResult(centroids, assignments, history)
@@ -924,12 +933,12 @@ def _batched_kmeans(
     try:
         if sample_size is None:
             return _batched_lloyd(x, centroids, iters, metric, tol, empty_clusters, bar)
-        on_sample = _batched_lloyd(fitted, centroids, iters - 1, metric, tol, empty_clusters, bar)
+        on_sample = _batched_lloyd(fitted, centroids, iters - 1, metric, tol, empty_clusters, bar,
+                                   num_rows / sample_size)
         last = _batched_lloyd(x, on_sample.centroids, 1, metric, None, empty_clusters, bar)
         # Each problem's last iteration follows its own iterations on the sample (which stop at different
         # iterations under tol), so that its column without the NaN tail is its history, as for one problem.
-        history = torch.cat([on_sample.inertia * (num_rows / sample_size),
-                             torch.full((1, num_problems), math.nan, dtype=torch.float64)])
+        history = torch.cat([on_sample.inertia, torch.full((1, num_problems), math.nan, dtype=torch.float64)])
         ran = (~on_sample.inertia.isnan()).sum(dim=0)
         history[ran, torch.arange(num_problems)] = last.inertia[0]
         return KMeansResult(last.centroids, last.assignments, history)
@@ -956,9 +965,17 @@ def _batched_seed(x: Tensor, num_clusters: int, init: str, metric: str, generato
 
 
 def _batched_lloyd(
-    x: Tensor, centroids: Tensor, iters: int, metric: str, tol: Optional[float], empty_clusters: str, bar
+    x: Tensor,
+    centroids: Tensor,
+    iters: int,
+    metric: str,
+    tol: Optional[float],
+    empty_clusters: str,
+    bar,
+    inertia_scale: float = 1.0,
 ) -> KMeansResult:
-    """Lloyd's iterations on B problems at once: one batched search and one segment sum per iteration.
+    """Lloyd's iterations on B problems at once: one batched search and one segment sum per iteration; the
+    inertia reported and returned is multiplied by ``inertia_scale`` (as ``_lloyd``'s).
 
     A problem that met ``tol`` stops: its centroids and assignments stay those of its last iteration
     (it is still searched with the others, whose shapes it shares) and its inertia reads NaN from then on."""
@@ -1001,10 +1018,10 @@ def _batched_lloyd(
                 histories[b].append(float(totals[b]))
                 if _converged(histories[b], tol):
                     running[b] = False
-        _report(bar, float(totals[running].sum()))
+        _report(bar, float(totals[running].sum()) * inertia_scale)
         if not bool(running.any()):
             break
-    return KMeansResult(centroids, assignments, torch.stack(inertia).cpu())
+    return KMeansResult(centroids, assignments, torch.stack(inertia).cpu() * inertia_scale)
 
 
 # --------------------------------------------------------------------------- mini-batch

@@ -151,3 +151,21 @@ def test_command_passes_max_points_per_centroid(tmp_path, value, expected):
     result = fastvq.kmeans(x, CLUSTERS, iters=3, seed=1, max_points_per_centroid=expected)
     assert np.array_equal(np.load(out), result.centroids.numpy())
     assert np.array_equal(np.load(labels), result.assignments.numpy())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_progress_shows_the_inertia_it_returns(monkeypatch, batched):
+    x = _blobs(3000)
+    x = torch.stack([x, x.flip(0)]) if batched else x
+    shown = []
+
+    class Bar:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(clustering, "_progress_bar", lambda iters, show: Bar() if show else None)
+    monkeypatch.setattr(clustering, "_report", lambda bar, inertia: shown.append(inertia))
+    result = fastvq.kmeans(x, CLUSTERS, iters=4, seed=1, tol=None, progress=True, max_points_per_centroid=POINTS)
+    # the sample's iterations scaled to all rows, then the last over all rows (batched: the problems' sum)
+    expected = result.inertia.sum(dim=1) if batched else result.inertia
+    torch.testing.assert_close(torch.tensor(shown, dtype=torch.float64), expected, rtol=1e-12, atol=0)
