@@ -10,7 +10,8 @@ alone (``bwd``: ``torch.autograd.grad`` on a retained graph, input, weight and b
 both (``fwd+bwd``):
 
 - ``fastvq``: ``fastvq.masked_conv2d`` with ``FASTVQ_BACKEND=auto`` (the Triton kernels on CUDA,
-  the row-group PyTorch path on CPU), which computes only the taps the mask keeps;
+  the row-group PyTorch path on CPU, one batch chunk at a time), which computes only the taps the
+  mask keeps;
 - ``conv2d(w*mask)``: ``F.conv2d(x, weight * mask, bias)``, the usual masked layer (cuDNN on
   CUDA, oneDNN on CPU), paying for every tap of the dense kernel plus the mask multiply.
 
@@ -19,7 +20,9 @@ cores: PyTorch's default for cuDNN convolutions) and in ``fp32`` (fp32 accuracy 
 fastvq's ``tf32x3`` against cuDNN without TF32). TFLOP/s count the kept taps only (``2 B H W C_in C_out
 taps`` forward, twice that backward), so both implementations are credited with the same useful
 work. ``vs_dense`` is the dense-weight baseline's median time over this row's (``> 1``: fastvq is
-faster). ``peak_mib`` is the peak memory growth of one forward + backward.
+faster). Both implementations of a pass are called in turn (``_harness.time_interleaved``), so that
+a change in a shared machine's load falls on both alike. ``peak_mib`` is the peak memory growth of
+one forward + backward (on CPU in a fresh interpreter, ``_harness.peak_memory_growth_mib``).
 
 Sampling: ``GatedPixelCNN`` and ``PixelCNN`` with 12 layers (kernel 3, first kernel 7, 64
 channels, 512 codes) drawing ``n`` maps of 32 x 32, ``method="naive"`` (the whole network per
@@ -179,6 +182,14 @@ def _pass_call(fn, mask_type, pass_name, x, weight, bias, grad) -> Callable[[], 
     return functools.partial(forward_backward, fn, mask_type, x, weight, bias, grad)
 
 
+def _backend_call(call: Callable[[], object], backend: Optional[str]) -> Callable[[], object]:
+    """``call`` with ``FASTVQ_BACKEND`` set to ``backend`` (as it is when ``None``) for each call."""
+    def with_backend():
+        with _harness.environment_variable("FASTVQ_BACKEND", backend):
+            return call()
+    return with_backend
+
+
 @contextlib.contextmanager
 def tf32_allowed(allowed: bool) -> Iterator[None]:
     """Sets PyTorch's two TF32 switches, cuDNN's and the matmul one fastvq's kernels read."""
@@ -204,29 +215,39 @@ def _measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple
     make_inputs = functools.partial(conv_inputs, point, dtype, device)
     make_warmup_inputs = functools.partial(conv_inputs, ConvPoint(1, point.channels, 8, point.kernel), dtype, device)
     rows, all_ran = [], True
-    for impl, (fn, backend) in CONV_IMPLEMENTATIONS.items():
-        for pass_name in PASSES:
-            row = {"bench": f"masked_conv2d {pass_name}", "impl": impl, "batch": point.batch,
-                   "channels": point.channels, "size": point.size, "kernel": point.kernel, "mask": point.mask_type,
-                   "dtype": dtype_name, "threads": threads_used(device),
-                   "median_ms": None, "q20_ms": None, "q80_ms": None, "tflops": None, "peak_mib": None, "note": "",
-                   "load1": os.getloadavg()[0]}
+    for pass_name in PASSES:
+        pass_rows, calls = {}, {}
+        for impl, (fn, backend) in CONV_IMPLEMENTATIONS.items():
+            pass_rows[impl] = {
+                "bench": f"masked_conv2d {pass_name}", "impl": impl, "batch": point.batch, "channels": point.channels,
+                "size": point.size, "kernel": point.kernel, "mask": point.mask_type, "dtype": dtype_name,
+                "threads": threads_used(device), "median_ms": None, "q20_ms": None, "q80_ms": None, "tflops": None,
+                "peak_mib": None, "note": "", "load1": os.getloadavg()[0]}
             try:
                 with _harness.environment_variable("FASTVQ_BACKEND", backend):
-                    timing = _harness.time_call(_pass_call(fn, point.mask_type, pass_name, *inputs), device)
+                    calls[impl] = _backend_call(_pass_call(fn, point.mask_type, pass_name, *inputs), backend)
                     if pass_name == "fwd+bwd":
-                        row["peak_mib"] = _harness.peak_memory_growth_mib(
+                        pass_rows[impl]["peak_mib"] = _harness.peak_memory_growth_mib(
                             functools.partial(forward_backward, fn, point.mask_type), make_inputs,
                             make_warmup_inputs, device)
             except Exception as error:  # keep measuring the rest of the grid, and say what failed
                 all_ran = False
                 first_line = str(error).splitlines()[0] if str(error) else ""
-                row["note"] = f"failed: {type(error).__name__}: {first_line}"
-                print(f"  {impl} {pass_name}: {row['note']}")
-            else:
-                row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms,
-                           tflops=_harness.tflops(flops[pass_name], timing.median_ms))
-            rows.append(row)
+                pass_rows[impl]["note"] = f"failed: {type(error).__name__}: {first_line}"
+                calls.pop(impl, None)
+                print(f"  {impl} {pass_name}: {pass_rows[impl]['note']}")
+        # Called in turn, so that a change in a shared machine's load falls on both alike.
+        try:
+            timings = _harness.time_interleaved(calls, device)
+        except Exception as error:
+            all_ran, timings = False, {}
+            for impl in calls:
+                pass_rows[impl]["note"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
+            print(f"  {pass_name}: failed: {error}")
+        for impl, timing in timings.items():
+            pass_rows[impl].update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms,
+                                   tflops=_harness.tflops(flops[pass_name], timing.median_ms))
+        rows += pass_rows.values()
     for pass_name in PASSES:
         dense = next(r for r in rows if r["impl"] == "conv2d(w*mask)" and r["bench"].endswith(f" {pass_name}"))
         for row in rows:
