@@ -5,7 +5,7 @@
 // the D dimensions it loads two vectors of 16 packed codes, broadcasts each row's z value and
 // issues 28 FMAs, then turns the tile into scores (one FMA with the bias) and folds them into each
 // row's 16 lanes of (best score, code) with a compare and two blends; for the top-k search it
-// compares them with each row's k-th best and offers the rare panels that beat it (topk.h). The codebook is walked in
+// compares them with each row's k-th best and offers only the rare scores below it (topk.h). The codebook is walked in
 // blocks that stay in L2 while every 14-row group of the thread's rows goes through them
 // (for_each_block), so z comes from L1 and the codes from L2. This reaches a larger share of the FMA peak than a BLAS call
 // per tile (MKL runs at about 60 % of it on AMD cores) and has no score tile to write and read back.
@@ -21,6 +21,7 @@
 #include "topk.h"
 
 #include <cstring>
+#include <limits>
 
 namespace fastvq {
 namespace avx512 {
@@ -62,8 +63,53 @@ struct LaneFold {
   }
 };
 
-// ... or each row's best k (topk.h): the panel's 32 scores are stored and offered only when one of
-// them beats the row's k-th best, which after the first panels is rare.
+// A row's rare panel with a score below its k-th best, out of line so that the fourteen rows' common
+// case (one compare, no survivor) stays small in the unrolled tile.
+__attribute__((noinline)) void offer_survivors(float* row_best, int32_t* row_index, int64_t k, const float* scores,
+                                               uint32_t survivors, int32_t first_code) {
+  topk_offer_masked(row_best, row_index, k, scores, survivors, first_code);
+}
+
+// offer_survivors for k <= 16, without a data-dependent branch: the row's list sits in one register
+// (lanes past k hold +inf and what falls off the end, so all 16 lanes stay ascending), and each
+// survivor goes in by a compare and a shift. The lanes at or below its score keep their pair (on a
+// tie the earlier, lower code stays first), the next lane takes it and the lanes above move up one.
+// A score no longer below the k-th best lands past lane k - 1, or nowhere, and changes nothing.
+FASTVQ_TARGET("avx512f")
+__attribute__((noinline)) void offer_survivors_in_register(float* row_best, int32_t* row_index, int64_t k,
+                                                           const float* scores, uint32_t survivors,
+                                                           int32_t first_code) {
+  alignas(64) float list_scores[16];
+  alignas(64) int32_t list_codes[16];
+  for (int64_t j = 0; j < 16; ++j) {
+    list_scores[j] = j < k ? row_best[j] : std::numeric_limits<float>::infinity();
+    list_codes[j] = j < k ? row_index[j] : -1;
+  }
+  __m512 best = _mm512_load_ps(list_scores);
+  __m512i index = _mm512_load_si512(list_codes);
+  const __m512i previous_lane = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  while (survivors != 0) {
+    const int j = lowest_set_bit(survivors);
+    survivors &= survivors - 1;
+    const __m512 score = _mm512_set1_ps(scores[j]);
+    // Survivors are never NaN (they passed an ordered <), so `kept` is the lanes below the new slot.
+    const __mmask16 kept = _mm512_cmp_ps_mask(best, score, _CMP_LE_OQ);
+    const __mmask16 moved = static_cast<__mmask16>(~kept), slot = static_cast<__mmask16>(kept + 1);
+    best = _mm512_mask_permutexvar_ps(best, moved, previous_lane, best);
+    index = _mm512_mask_permutexvar_epi32(index, moved, previous_lane, index);
+    best = _mm512_mask_mov_ps(best, slot, score);
+    index = _mm512_mask_mov_epi32(index, slot, _mm512_set1_epi32(first_code + j));
+  }
+  _mm512_store_ps(list_scores, best);
+  _mm512_store_si512(list_codes, index);
+  for (int64_t j = 0; j < k; ++j) {
+    row_best[j] = list_scores[j];
+    row_index[j] = list_codes[j];
+  }
+}
+
+// ... or each row's best k (topk.h): one compare of the panel's 32 scores with the row's k-th best,
+// and only the scores below it (rare after the first panels) offered one by one.
 struct TopkFold {
   float* best;
   int32_t* index;
@@ -73,13 +119,18 @@ struct TopkFold {
   inline void operator()(int r, __m512 low, __m512 high, int64_t panel) const {
     float* row_best = best + r * k;
     const __m512 threshold = _mm512_set1_ps(row_best[k - 1]);
-    const __mmask16 beats = _mm512_cmp_ps_mask(low, threshold, _CMP_LT_OQ) |
-                            _mm512_cmp_ps_mask(high, threshold, _CMP_LT_OQ);
-    if (beats == 0) return;
+    const uint32_t survivors = static_cast<uint32_t>(_mm512_cmp_ps_mask(low, threshold, _CMP_LT_OQ)) |
+                               static_cast<uint32_t>(_mm512_cmp_ps_mask(high, threshold, _CMP_LT_OQ)) << 16;
+    if (__builtin_expect(survivors == 0, 1)) return;
     alignas(64) float scores[kPanelCodes];
     _mm512_store_ps(scores, low);
     _mm512_store_ps(scores + 16, high);
-    topk_offer(row_best, index + r * k, k, scores, kPanelCodes, static_cast<int32_t>(panel * kPanelCodes));
+    const int32_t first_code = static_cast<int32_t>(panel * kPanelCodes);
+    if (k <= 16) {
+      offer_survivors_in_register(row_best, index + r * k, k, scores, survivors, first_code);
+    } else {
+      offer_survivors(row_best, index + r * k, k, scores, survivors, first_code);
+    }
   }
 };
 
