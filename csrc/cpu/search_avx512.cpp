@@ -70,6 +70,45 @@ __attribute__((noinline)) void offer_survivors(float* row_best, int32_t* row_ind
   topk_offer_masked(row_best, row_index, k, scores, survivors, first_code);
 }
 
+// A row's k <= 16 best (score, code) pairs to and from registers; lanes past k read as (+inf, -1).
+// SIMDe has no masked loads and stores, and copies through memory instead.
+FASTVQ_TARGET("avx512f")
+inline void load_short_list(const float* row_best, const int32_t* row_index, int64_t k, __m512& best,
+                            __m512i& index) {
+#ifdef FASTVQ_SIMDE
+  alignas(64) float scores[16];
+  alignas(64) int32_t codes[16];
+  for (int64_t j = 0; j < 16; ++j) {
+    scores[j] = j < k ? row_best[j] : std::numeric_limits<float>::infinity();
+    codes[j] = j < k ? row_index[j] : -1;
+  }
+  best = _mm512_load_ps(scores);
+  index = _mm512_load_si512(codes);
+#else
+  const __mmask16 listed = static_cast<__mmask16>((1u << k) - 1);
+  best = _mm512_mask_loadu_ps(_mm512_set1_ps(std::numeric_limits<float>::infinity()), listed, row_best);
+  index = _mm512_mask_loadu_epi32(_mm512_set1_epi32(-1), listed, row_index);
+#endif
+}
+
+FASTVQ_TARGET("avx512f")
+inline void store_short_list(__m512 best, __m512i index, int64_t k, float* row_best, int32_t* row_index) {
+#ifdef FASTVQ_SIMDE
+  alignas(64) float scores[16];
+  alignas(64) int32_t codes[16];
+  _mm512_store_ps(scores, best);
+  _mm512_store_si512(codes, index);
+  for (int64_t j = 0; j < k; ++j) {
+    row_best[j] = scores[j];
+    row_index[j] = codes[j];
+  }
+#else
+  const __mmask16 listed = static_cast<__mmask16>((1u << k) - 1);
+  _mm512_mask_storeu_ps(row_best, listed, best);
+  _mm512_mask_storeu_epi32(row_index, listed, index);
+#endif
+}
+
 // offer_survivors for k <= 16, without a data-dependent branch: the row's list sits in one register
 // (lanes past k hold +inf and what falls off the end, so all 16 lanes stay ascending), and each
 // survivor goes in by a compare and a shift. The lanes at or below its score keep their pair (on a
@@ -79,14 +118,9 @@ FASTVQ_TARGET("avx512f")
 __attribute__((noinline)) void offer_survivors_in_register(float* row_best, int32_t* row_index, int64_t k,
                                                            const float* scores, uint32_t survivors,
                                                            int32_t first_code) {
-  alignas(64) float list_scores[16];
-  alignas(64) int32_t list_codes[16];
-  for (int64_t j = 0; j < 16; ++j) {
-    list_scores[j] = j < k ? row_best[j] : std::numeric_limits<float>::infinity();
-    list_codes[j] = j < k ? row_index[j] : -1;
-  }
-  __m512 best = _mm512_load_ps(list_scores);
-  __m512i index = _mm512_load_si512(list_codes);
+  __m512 best;
+  __m512i index;
+  load_short_list(row_best, row_index, k, best, index);
   const __m512i previous_lane = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
   while (survivors != 0) {
     const int j = lowest_set_bit(survivors);
@@ -100,12 +134,7 @@ __attribute__((noinline)) void offer_survivors_in_register(float* row_best, int3
     best = _mm512_mask_mov_ps(best, slot, score);
     index = _mm512_mask_mov_epi32(index, slot, _mm512_set1_epi32(first_code + j));
   }
-  _mm512_store_ps(list_scores, best);
-  _mm512_store_si512(list_codes, index);
-  for (int64_t j = 0; j < k; ++j) {
-    row_best[j] = list_scores[j];
-    row_index[j] = list_codes[j];
-  }
+  store_short_list(best, index, k, row_best, row_index);
 }
 
 // ... or each row's best k (topk.h): one compare of the panel's 32 scores with the row's k-th best,
