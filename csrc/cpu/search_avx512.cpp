@@ -110,10 +110,12 @@ inline void store_short_list(__m512 best, __m512i index, int64_t k, float* row_b
 }
 
 // offer_survivors for k <= 16, without a data-dependent branch: the row's list sits in one register
-// (lanes past k hold +inf and what falls off the end, so all 16 lanes stay ascending), and each
-// survivor goes in by a compare and a shift. The lanes at or below its score keep their pair (on a
-// tie the earlier, lower code stays first), the next lane takes it and the lanes above move up one.
-// A score no longer below the k-th best lands past lane k - 1, or nowhere, and changes nothing.
+// (lanes past k hold +inf and what falls off the end, so all 16 lanes stay ascending) and each
+// survivor s goes in with lane i's left neighbour (lane 0's: -inf): lane i becomes
+// min(best[i], max(best[i - 1], s)), which keeps the lanes at or below s (on a tie the earlier, lower
+// code stays first), puts s in the first lane above it and moves the lanes above that up one. The
+// codes follow the same masks off the scores' critical path. Survivors are never NaN (they passed an
+// ordered <). One no longer below the k-th best lands past lane k - 1, or nowhere, and changes nothing.
 FASTVQ_TARGET("avx512f")
 __attribute__((noinline)) void offer_survivors_in_register(float* row_best, int32_t* row_index, int64_t k,
                                                            const float* scores, uint32_t survivors,
@@ -121,17 +123,21 @@ __attribute__((noinline)) void offer_survivors_in_register(float* row_best, int3
   __m512 best;
   __m512i index;
   load_short_list(row_best, row_index, k, best, index);
-  const __m512i previous_lane = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  // Lane 0 takes the second operand's lane 0 (index 16), lane i the list's lane i - 1.
+  const __m512i left_lane = _mm512_setr_epi32(16, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  const __m512 below_all = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i no_code = _mm512_set1_epi32(-1);
+  // min and max in their masked form: GCC 12 warns that the plain ones read an undefined source.
+  constexpr __mmask16 kAllLanes = 0xffff;
   while (survivors != 0) {
     const int j = lowest_set_bit(survivors);
     survivors &= survivors - 1;
     const __m512 score = _mm512_set1_ps(scores[j]);
-    // Survivors are never NaN (they passed an ordered <), so `kept` is the lanes below the new slot.
-    const __mmask16 kept = _mm512_cmp_ps_mask(best, score, _CMP_LE_OQ);
-    const __mmask16 moved = static_cast<__mmask16>(~kept), slot = static_cast<__mmask16>(kept + 1);
-    best = _mm512_mask_permutexvar_ps(best, moved, previous_lane, best);
-    index = _mm512_mask_permutexvar_epi32(index, moved, previous_lane, index);
-    best = _mm512_mask_mov_ps(best, slot, score);
+    const __m512 left = _mm512_permutex2var_ps(best, left_lane, below_all);
+    const __mmask16 moved = _mm512_cmp_ps_mask(best, score, _CMP_GT_OQ);
+    const __mmask16 slot = static_cast<__mmask16>(moved & _mm512_cmp_ps_mask(left, score, _CMP_LE_OQ));
+    best = _mm512_maskz_min_ps(kAllLanes, best, _mm512_maskz_max_ps(kAllLanes, left, score));
+    index = _mm512_mask_mov_epi32(index, moved, _mm512_permutex2var_epi32(index, left_lane, no_code));
     index = _mm512_mask_mov_epi32(index, slot, _mm512_set1_epi32(first_code + j));
   }
   store_short_list(best, index, k, row_best, row_index);
