@@ -3,8 +3,9 @@
 //
 // The nearest-code search's blocks of rows, row tiles, prepared codebook and kernels (search.cpp,
 // search_common.h), each row carrying its best k (score, code) pairs (topk.h) instead of a running
-// minimum: the direct kernels offer a panel's scores only when one beats the row's k-th best, the
-// BLAS tiles a group of 16 scores only when its minimum does. Codes arrive in ascending order, so
+// minimum: the direct kernels compare a panel's scores with the row's k-th best in one vector compare
+// and offer only those below it, the BLAS tiles a group of 16 scores only when its minimum beats it
+// (search_avx512.cpp says how the kernels insert them). Codes arrive in ascending order, so
 // ties keep the lower index. Afterwards the k codes' true distances are recomputed from z - e; the
 // list stays in the order of the scores (the search's keys), so that its first column is the search's
 // answer.
