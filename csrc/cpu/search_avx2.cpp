@@ -45,8 +45,15 @@ struct LaneFold {
   }
 };
 
-// ... or each row's best k (topk.h): the panel's 16 scores are stored and offered only when one of
-// them beats the row's k-th best, which after the first panels is rare.
+// A row's rare panel with a score below its k-th best, out of line so that the six rows' common case
+// (one compare, no survivor) stays small in the unrolled tile.
+__attribute__((noinline)) void offer_survivors(float* row_best, int32_t* row_index, int64_t k, const float* scores,
+                                               uint32_t survivors, int32_t first_code) {
+  topk_offer_masked(row_best, row_index, k, scores, survivors, first_code);
+}
+
+// ... or each row's best k (topk.h): one compare of the panel's 16 scores with the row's k-th best,
+// and only the scores below it (rare after the first panels) offered one by one.
 struct TopkFold {
   float* best;
   int32_t* index;
@@ -56,13 +63,14 @@ struct TopkFold {
   inline void operator()(int r, __m256 low, __m256 high, __m256i, __m256i, int32_t code) const {
     float* row_best = best + r * k;
     const __m256 threshold = _mm256_set1_ps(row_best[k - 1]);
-    const int beats = _mm256_movemask_ps(_mm256_cmp_ps(low, threshold, _CMP_LT_OQ)) |
-                      _mm256_movemask_ps(_mm256_cmp_ps(high, threshold, _CMP_LT_OQ));
-    if (beats == 0) return;
+    const uint32_t survivors = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(low, threshold, _CMP_LT_OQ))) |
+                               static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(high, threshold, _CMP_LT_OQ)))
+                                   << 8;
+    if (__builtin_expect(survivors == 0, 1)) return;
     alignas(32) float scores[kPanelCodes];
     _mm256_store_ps(scores, low);
     _mm256_store_ps(scores + 8, high);
-    topk_offer(row_best, index + r * k, k, scores, kPanelCodes, code);
+    offer_survivors(row_best, index + r * k, k, scores, survivors, code);
   }
 };
 

@@ -5,7 +5,7 @@
 // the D dimensions it loads two vectors of 16 packed codes, broadcasts each row's z value and
 // issues 28 FMAs, then turns the tile into scores (one FMA with the bias) and folds them into each
 // row's 16 lanes of (best score, code) with a compare and two blends; for the top-k search it
-// compares them with each row's k-th best and offers the rare panels that beat it (topk.h). The codebook is walked in
+// compares them with each row's k-th best and offers only the rare scores below it (topk.h). The codebook is walked in
 // blocks that stay in L2 while every 14-row group of the thread's rows goes through them
 // (for_each_block), so z comes from L1 and the codes from L2. This reaches a larger share of the FMA peak than a BLAS call
 // per tile (MKL runs at about 60 % of it on AMD cores) and has no score tile to write and read back.
@@ -21,6 +21,7 @@
 #include "topk.h"
 
 #include <cstring>
+#include <limits>
 
 namespace fastvq {
 namespace avx512 {
@@ -62,8 +63,88 @@ struct LaneFold {
   }
 };
 
-// ... or each row's best k (topk.h): the panel's 32 scores are stored and offered only when one of
-// them beats the row's k-th best, which after the first panels is rare.
+// A row's rare panel with a score below its k-th best, out of line so that the fourteen rows' common
+// case (one compare, no survivor) stays small in the unrolled tile.
+__attribute__((noinline)) void offer_survivors(float* row_best, int32_t* row_index, int64_t k, const float* scores,
+                                               uint32_t survivors, int32_t first_code) {
+  topk_offer_masked(row_best, row_index, k, scores, survivors, first_code);
+}
+
+// A row's k <= 16 best (score, code) pairs to and from registers; lanes past k read as (+inf, -1).
+// SIMDe has no masked loads and stores, and copies through memory instead.
+FASTVQ_TARGET("avx512f")
+inline void load_short_list(const float* row_best, const int32_t* row_index, int64_t k, __m512& best,
+                            __m512i& index) {
+#ifdef FASTVQ_SIMDE
+  alignas(64) float scores[16];
+  alignas(64) int32_t codes[16];
+  for (int64_t j = 0; j < 16; ++j) {
+    scores[j] = j < k ? row_best[j] : std::numeric_limits<float>::infinity();
+    codes[j] = j < k ? row_index[j] : -1;
+  }
+  best = _mm512_load_ps(scores);
+  index = _mm512_load_si512(codes);
+#else
+  const __mmask16 listed = static_cast<__mmask16>((1u << k) - 1);
+  best = _mm512_mask_loadu_ps(_mm512_set1_ps(std::numeric_limits<float>::infinity()), listed, row_best);
+  index = _mm512_mask_loadu_epi32(_mm512_set1_epi32(-1), listed, row_index);
+#endif
+}
+
+FASTVQ_TARGET("avx512f")
+inline void store_short_list(__m512 best, __m512i index, int64_t k, float* row_best, int32_t* row_index) {
+#ifdef FASTVQ_SIMDE
+  alignas(64) float scores[16];
+  alignas(64) int32_t codes[16];
+  _mm512_store_ps(scores, best);
+  _mm512_store_si512(codes, index);
+  for (int64_t j = 0; j < k; ++j) {
+    row_best[j] = scores[j];
+    row_index[j] = codes[j];
+  }
+#else
+  const __mmask16 listed = static_cast<__mmask16>((1u << k) - 1);
+  _mm512_mask_storeu_ps(row_best, listed, best);
+  _mm512_mask_storeu_epi32(row_index, listed, index);
+#endif
+}
+
+// offer_survivors for k <= 16, without a data-dependent branch: the row's list sits in one register
+// (lanes past k hold +inf and what falls off the end, so all 16 lanes stay ascending) and each
+// survivor s goes in with lane i's left neighbour (lane 0's: -inf): lane i becomes
+// min(best[i], max(best[i - 1], s)), which keeps the lanes at or below s (on a tie the earlier, lower
+// code stays first), puts s in the first lane above it and moves the lanes above that up one. The
+// codes follow the same masks off the scores' critical path. Survivors are never NaN (they passed an
+// ordered <). One no longer below the k-th best lands past lane k - 1, or nowhere, and changes nothing.
+FASTVQ_TARGET("avx512f")
+__attribute__((noinline)) void offer_survivors_in_register(float* row_best, int32_t* row_index, int64_t k,
+                                                           const float* scores, uint32_t survivors,
+                                                           int32_t first_code) {
+  __m512 best;
+  __m512i index;
+  load_short_list(row_best, row_index, k, best, index);
+  // Lane 0 takes the second operand's lane 0 (index 16), lane i the list's lane i - 1.
+  const __m512i left_lane = _mm512_setr_epi32(16, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  const __m512 below_all = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i no_code = _mm512_set1_epi32(-1);
+  // min and max in their masked form: GCC 12 warns that the plain ones read an undefined source.
+  constexpr __mmask16 kAllLanes = 0xffff;
+  while (survivors != 0) {
+    const int j = lowest_set_bit(survivors);
+    survivors &= survivors - 1;
+    const __m512 score = _mm512_set1_ps(scores[j]);
+    const __m512 left = _mm512_permutex2var_ps(best, left_lane, below_all);
+    const __mmask16 moved = _mm512_cmp_ps_mask(best, score, _CMP_GT_OQ);
+    const __mmask16 slot = static_cast<__mmask16>(moved & _mm512_cmp_ps_mask(left, score, _CMP_LE_OQ));
+    best = _mm512_maskz_min_ps(kAllLanes, best, _mm512_maskz_max_ps(kAllLanes, left, score));
+    index = _mm512_mask_mov_epi32(index, moved, _mm512_permutex2var_epi32(index, left_lane, no_code));
+    index = _mm512_mask_mov_epi32(index, slot, _mm512_set1_epi32(first_code + j));
+  }
+  store_short_list(best, index, k, row_best, row_index);
+}
+
+// ... or each row's best k (topk.h): one compare of the panel's 32 scores with the row's k-th best,
+// and only the scores below it (rare after the first panels) offered one by one.
 struct TopkFold {
   float* best;
   int32_t* index;
@@ -73,13 +154,18 @@ struct TopkFold {
   inline void operator()(int r, __m512 low, __m512 high, int64_t panel) const {
     float* row_best = best + r * k;
     const __m512 threshold = _mm512_set1_ps(row_best[k - 1]);
-    const __mmask16 beats = _mm512_cmp_ps_mask(low, threshold, _CMP_LT_OQ) |
-                            _mm512_cmp_ps_mask(high, threshold, _CMP_LT_OQ);
-    if (beats == 0) return;
+    const uint32_t survivors = static_cast<uint32_t>(_mm512_cmp_ps_mask(low, threshold, _CMP_LT_OQ)) |
+                               static_cast<uint32_t>(_mm512_cmp_ps_mask(high, threshold, _CMP_LT_OQ)) << 16;
+    if (__builtin_expect(survivors == 0, 1)) return;
     alignas(64) float scores[kPanelCodes];
     _mm512_store_ps(scores, low);
     _mm512_store_ps(scores + 16, high);
-    topk_offer(row_best, index + r * k, k, scores, kPanelCodes, static_cast<int32_t>(panel * kPanelCodes));
+    const int32_t first_code = static_cast<int32_t>(panel * kPanelCodes);
+    if (k <= 16) {
+      offer_survivors_in_register(row_best, index + r * k, k, scores, survivors, first_code);
+    } else {
+      offer_survivors(row_best, index + r * k, k, scores, survivors, first_code);
+    }
   }
 };
 

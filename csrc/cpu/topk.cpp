@@ -3,8 +3,9 @@
 //
 // The nearest-code search's blocks of rows, row tiles, prepared codebook and kernels (search.cpp,
 // search_common.h), each row carrying its best k (score, code) pairs (topk.h) instead of a running
-// minimum: the direct kernels offer a panel's scores only when one beats the row's k-th best, the
-// BLAS tiles a group of 16 scores only when its minimum does. Codes arrive in ascending order, so
+// minimum: the direct kernels compare a panel's scores with the row's k-th best in one vector compare
+// and offer only those below it, the BLAS tiles a group of 16 scores only when its minimum beats it
+// (search_avx512.cpp says how the kernels insert them). Codes arrive in ascending order, so
 // ties keep the lower index. Afterwards the k codes' true distances are recomputed from z - e; the
 // list stays in the order of the scores (the search's keys), so that its first column is the search's
 // answer.
@@ -45,38 +46,98 @@ void offer_tile(const acc_t* products, const acc_t* bias, int64_t num, int64_t c
   }
 }
 
+// One code of a row's finished list: its search key, its true distance and whether that is NaN.
+template <typename acc_t>
+struct Candidate {
+  acc_t key;
+  bool is_nan;
+  float distance;
+  int64_t code;
+};
+
+// The l2 true distances of a row to its listed codes, as true_distance sums them (z - e and its square
+// in double, exact for float inputs) but in eight interleaved partial sums over the dimensions, which
+// the compiler puts in vector registers: one code's sum in order is a chain of D dependent additions,
+// and summed that way the k codes of every row took a tenth of the top-k search at D = 64, k = 8. The
+// order differs from true_distance's, so a distance may differ from the search's in the last bit of
+// the double sum (within the contract's accuracy by far); it is the same from run to run.
+template <typename acc_t, typename z_t>
+void l2_true_distances(const z_t* z_row, int64_t z_stride, const acc_t* originals, int64_t dim,
+                       std::vector<Candidate<acc_t>>& candidates, std::vector<double>& z_values) {
+  constexpr int64_t kPartialSums = 8;
+  z_values.resize(dim);
+  for (int64_t d = 0; d < dim; ++d) z_values[d] = static_cast<double>(static_cast<acc_t>(z_row[d * z_stride]));
+  const int64_t whole = dim / kPartialSums * kPartialSums;
+  for (Candidate<acc_t>& candidate : candidates) {
+    const acc_t* code = originals + candidate.code * dim;
+    double partial[kPartialSums] = {};
+    for (int64_t d = 0; d < whole; d += kPartialSums) {
+      for (int64_t lane = 0; lane < kPartialSums; ++lane) {
+        const double diff = z_values[d + lane] - static_cast<double>(code[d + lane]);
+        partial[lane] += diff * diff;
+      }
+    }
+    double total = 0;
+    for (int64_t lane = 0; lane < kPartialSums; ++lane) total += partial[lane];
+    for (int64_t d = whole; d < dim; ++d) {
+      const double diff = z_values[d] - static_cast<double>(code[d]);
+      total += diff * diff;
+    }
+    candidate.distance = static_cast<float>(total);
+  }
+}
+
+// How many rows ahead the finish asks for the listed codes: a row's k codes are scattered over a
+// codebook that need not fit in the caches the search's panels leave, and the loads of one row alone
+// leave the finish waiting on memory.
+constexpr int64_t kPrefetchRows = 2;
+
+template <typename acc_t>
+void prefetch_listed_codes(const acc_t* originals, int64_t dim, int64_t k, const int32_t* listed) {
+#if defined(__GNUC__) || defined(__clang__)
+  constexpr int64_t kLineBytes = 64;
+  const int64_t code_bytes = dim * static_cast<int64_t>(sizeof(acc_t));
+  for (int64_t j = 0; j < k; ++j) {
+    if (listed[j] < 0) continue;
+    const char* code = reinterpret_cast<const char*>(originals + listed[j] * dim);
+    for (int64_t offset = 0; offset < code_bytes; offset += kLineBytes) __builtin_prefetch(code + offset);
+  }
+#endif
+}
+
 // Completes and orders one row's list of (key, code) pairs, key the score the search ranks by: slots
 // still unfilled (every other code's score was NaN or +inf) take the lowest codes not listed, with
 // key +inf; then ascending key, among equal keys a NaN true distance last, then ascending index. The
 // search (nearest_code) picks the lowest index among its lowest keys, so the first column is its
-// answer. A cosine row with an Inf lists 0..k-1 (see row_is_finite).
+// answer. A cosine row with an Inf lists 0..k-1 (see row_is_finite). `candidates` and `z_values` are
+// the thread's scratch, reused from row to row.
 template <typename acc_t, typename z_t>
 void finish_topk_row(const z_t* z_row, int64_t z_stride, const acc_t* originals, int64_t dim, Metric metric,
-                     int64_t k, const acc_t* keys, const int32_t* listed, int64_t* indices, float* distances) {
-  struct Candidate {
-    acc_t key;
-    bool is_nan;
-    float distance;
-    int64_t code;
-  };
-  std::vector<Candidate> candidates;
-  candidates.reserve(k);
+                     int64_t k, const acc_t* keys, const int32_t* listed, int64_t* indices, float* distances,
+                     std::vector<Candidate<acc_t>>& candidates, std::vector<double>& z_values) {
+  candidates.clear();
   if (metric != Metric::Cosine || row_is_finite(z_row, z_stride, dim)) {
     for (int64_t j = 0; j < k && listed[j] >= 0; ++j) candidates.push_back({keys[j], false, 0.0f, listed[j]});
   }
-  std::sort(candidates.begin(), candidates.end(),
-            [](const Candidate& a, const Candidate& b) { return a.code < b.code; });
   const int64_t num_listed = static_cast<int64_t>(candidates.size());
-  for (int64_t code = 0, next = 0; static_cast<int64_t>(candidates.size()) < k; ++code) {
-    while (next < num_listed && candidates[next].code < code) ++next;
-    if (next < num_listed && candidates[next].code == code) continue;
-    candidates.push_back({std::numeric_limits<acc_t>::infinity(), false, 0.0f, code});
+  if (num_listed < k) {
+    std::sort(candidates.begin(), candidates.end(),
+              [](const Candidate<acc_t>& a, const Candidate<acc_t>& b) { return a.code < b.code; });
+    for (int64_t code = 0, next = 0; static_cast<int64_t>(candidates.size()) < k; ++code) {
+      while (next < num_listed && candidates[next].code < code) ++next;
+      if (next < num_listed && candidates[next].code == code) continue;
+      candidates.push_back({std::numeric_limits<acc_t>::infinity(), false, 0.0f, code});
+    }
   }
-  for (Candidate& candidate : candidates) {
-    candidate.distance = true_distance<acc_t, z_t>(z_row, z_stride, originals + candidate.code * dim, dim, metric);
-    candidate.is_nan = std::isnan(candidate.distance);
+  if (metric == Metric::L2) {
+    l2_true_distances<acc_t, z_t>(z_row, z_stride, originals, dim, candidates, z_values);
+  } else {
+    for (Candidate<acc_t>& candidate : candidates) {
+      candidate.distance = true_distance<acc_t, z_t>(z_row, z_stride, originals + candidate.code * dim, dim, metric);
+    }
   }
-  std::sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
+  for (Candidate<acc_t>& candidate : candidates) candidate.is_nan = std::isnan(candidate.distance);
+  std::sort(candidates.begin(), candidates.end(), [](const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
     if (a.key != b.key) return a.key < b.key;
     if (a.is_nan != b.is_nan) return b.is_nan;
     return a.code < b.code;
@@ -108,6 +169,9 @@ void topk_search(const at::Tensor& z, const at::Tensor& codebook_acc, const Prep
     at::Tensor scores = direct ? at::Tensor() : at::empty({tile.rows * tile.codes}, options);
     std::vector<acc_t> best(tile.rows * k);
     std::vector<int32_t> listed(tile.rows * k);
+    std::vector<Candidate<acc_t>> candidates;
+    candidates.reserve(k);
+    std::vector<double> z_values;
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t row_start = block * tile.rows;
       const int64_t rows = std::min(tile.rows, num_rows - row_start);
@@ -133,10 +197,11 @@ void topk_search(const at::Tensor& z, const at::Tensor& codebook_acc, const Prep
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
+        if (r + kPrefetchRows < rows) prefetch_listed_codes(originals, dim, k, listed.data() + (r + kPrefetchRows) * k);
         const int64_t row = row_start + r;
         finish_topk_row<acc_t, z_t>(z_data + row * z.stride(0), z.stride(1), originals, dim, metric, k,
                                     best.data() + r * k, listed.data() + r * k, indices + row * k,
-                                    distances + row * k);
+                                    distances + row * k, candidates, z_values);
       }
     }
   });

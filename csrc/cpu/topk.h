@@ -31,4 +31,31 @@ inline void topk_offer(acc_t* best, index_t* index, int64_t k, const acc_t* scor
   }
 }
 
+// The position of the lowest set bit of a nonzero mask (C++17: no std::countr_zero).
+inline int lowest_set_bit(uint32_t mask) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctz(mask);
+#else
+  int position = 0;
+  while ((mask & 1u) == 0) {
+    mask >>= 1;
+    ++position;
+  }
+  return position;
+#endif
+}
+
+// Offers the scores of codes first_code + j for the set bits j of `candidates`, lowest bit first (so
+// in ascending code order): a direct kernel's survivors of one vector compare of a panel's scores with
+// the row's k-th best. Each is compared again, with the k-th best that the ones before it left.
+template <typename acc_t, typename index_t>
+inline void topk_offer_masked(acc_t* best, index_t* index, int64_t k, const acc_t* scores, uint32_t candidates,
+                              index_t first_code) {
+  while (candidates != 0) {
+    const int j = lowest_set_bit(candidates);
+    candidates &= candidates - 1;
+    if (scores[j] < best[k - 1]) topk_insert(best, index, k, scores[j], static_cast<index_t>(first_code + j));
+  }
+}
+
 }  // namespace fastvq

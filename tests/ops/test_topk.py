@@ -302,3 +302,38 @@ def test_gumbel_top_k_samples_without_replacement(backend, device):
         0, indices.cpu().flatten(), torch.ones(indices.numel(), dtype=torch.float64)) / draws
     error = (expected * (1 - expected) / draws).sqrt()
     assert ((included - expected).abs() <= 5 * error + 2e-3).all(), (included, expected)
+
+
+@pytest.mark.parametrize("k", [8, 15, 16, 17])
+def test_ties_straddling_the_kth_place_keep_the_lowest_codes(backend, device, k, monkeypatch):
+    """40 distinct codes on a grid at one distance from z (codes 5..44, across panels of 16 and 32
+    codes: equal scores, not copies, which the duplicate remap would merge) tie for the k-th place,
+    and two strictly nearer codes arrive after them (60, 90) and push the last listed ones out: the
+    list is the two nearer codes, then the lowest tied codes in index order. k = 15, 16, 17 straddle
+    the AVX-512 kernel's 16-lane register list; on the C++ backend every kernel this CPU runs is
+    checked (FASTVQ_CPU_SEARCH), since each inserts a panel's survivors its own way."""
+    generator = torch.Generator().manual_seed(9)
+    codebook = torch.randint(6, 10, (120, 6), generator=generator).float()
+    pairs = [(a, b) for a in range(6) for b in range(a + 1, 6)]
+    tied = torch.zeros(60, 6)
+    for position, ((a, b), (sign_a, sign_b)) in enumerate((pair, signs) for pair in pairs
+                                                          for signs in ((1, 1), (1, -1), (-1, 1), (-1, -1))):
+        tied[position, a], tied[position, b] = sign_a, sign_b
+    codebook[5:45] = tied[:40]
+    codebook[60] = torch.tensor([0.5, 0, 0, 0, 0, 0])
+    codebook[90] = torch.tensor([0, 1.0, 0, 0, 0, 0])
+    z = torch.zeros(4, 6)
+    expected = torch.tensor([60, 90] + list(range(5, 45))[:k - 2]).repeat(4, 1)
+    kernels = ["auto", "avx512", "avx2", "blas"] if backend[0] == "cpp" else ["auto"]
+    checked = 0
+    for kernel in kernels:
+        monkeypatch.setenv("FASTVQ_CPU_SEARCH", kernel)
+        try:
+            indices, distances = fastvq.nearest_codes(z.to(device), codebook.to(device), k)
+        except ValueError as error:
+            assert "does not run that kernel" in str(error)
+            continue
+        assert torch.equal(indices.cpu(), expected), (kernel, indices[0].tolist())
+        assert (distances[:, 2:].cpu() == 2).all(), kernel
+        checked += 1
+    assert checked >= 2 if backend[0] == "cpp" else checked == 1
