@@ -461,16 +461,15 @@ def with_fraction_of_peak(row: dict[str, Any], device: str) -> dict[str, Any]:
     full = dict(row)
     if full.get("fraction_of_peak") not in (None, ""):
         return full
-    if "tflops" not in full:
-        full["fraction_of_peak"] = NO_FLOP_COUNT
-        return full
-    measured = full["tflops"]
+    measured = full.get("tflops")
     if measured in (None, ""):
-        full["fraction_of_peak"] = "n/a: not measured (see note)"
+        # A bench that counts flops leaves them out of a row it could not time; one that counts none times it.
+        unmeasured = "tflops" in full and full.get("median_ms") in (None, "") and full.get("note")
+        full["fraction_of_peak"] = "n/a: not measured (see note)" if unmeasured else NO_FLOP_COUNT
         return full
     peak = peak_gflops(full, device)
     full["peak_gflops"] = peak
-    full["fraction_of_peak"] = ("n/a: no peak measured on this machine (fastvq._C not loaded)" if peak is None
+    full["fraction_of_peak"] = ("n/a: no measured peak recorded with this row" if peak is None
                                 else float(measured) * 1e3 / peak)
     if device.startswith("cuda"):
         datasheet = full.get(f"gpu_datasheet_{_gpu_peak_kind(full)}_tflops")
