@@ -717,7 +717,7 @@ def main(
     # The thread count is a key of every row: the same point at another count is another row.
     keys = tuple(dict.fromkeys((*key_columns, "threads")))
     header = environment(args.device)
-    print(", ".join(f"{name} {value}" for name, value in header.items()), flush=True)
+    print(", ".join(f"{name} {value}" for name, value in header.items() if value is not None), flush=True)
     if warning := cpu_contention_warning():
         print(warning, flush=True)
     written: list[dict[str, Any]] = []
