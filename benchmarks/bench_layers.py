@@ -120,12 +120,16 @@ def search_flops(layer: str, num_rows: int, num_codes: int, dim: int) -> Optiona
 
 
 def search_isa(library: str, dtype: str, device: str) -> str:
-    """The instruction set of the search fastvq's layer runs in ``dtype`` on the CPU (its C++ kernel's;
-    the harness's default for the other library, for CUDA and without fastvq._C)."""
+    """The instruction set of the search a layer runs in ``dtype`` on the CPU: fastvq's C++ kernel's; for
+    the other library's bf16 distance matmul AVX512-BF16 where the CPU has it (ATen hands bf16 matmuls to
+    oneDNN, whose ``avx512_core_bf16`` kernel runs them: ``ONEDNN_VERBOSE=1`` shows it); else ``""``, the
+    harness's default (also on CUDA and without fastvq._C)."""
     from fastvq.backends import cpp
 
-    if library != "fastvq" or device.startswith("cuda") or not cpp.available():
+    if device.startswith("cuda") or not cpp.available():
         return ""
+    if library != "fastvq":
+        return "AVX512-BF16" if dtype == "bf16" and "AVX512-BF16" in _harness.cpu_isas() else ""
     kernel = json.loads(torch.ops.fastvq_C.cpu_search_kernels())[dtype]
     prefixes = (("avx512bf16", "AVX512-BF16"), ("avx512", "AVX-512F"), ("avx2", "AVX2"))
     return next((isa for prefix, isa in prefixes if kernel.startswith(prefix)), "")
