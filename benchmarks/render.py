@@ -107,8 +107,18 @@ def machine_line(rows: list[dict[str, str]]) -> str:
                  if cores != "not recorded" else "FMA peak not recorded")
     if (bf16 := _span([row.get("peak_bf16_gflops_core", "") for row in rows])) != "not recorded":
         parts.append(f"bf16 (vdpbf16ps) peak {bf16} GFLOP/s per core")
+    if any(row.get("gpu_name") for row in rows):
+        gpus, memory = _span([row.get("gpu_name", "") for row in rows]), _span(
+            [row.get("gpu_memory_gib", "") for row in rows])
+        parts.append(f"GPU {gpus} ({memory} GiB)")
     load = [float(row["load1"]) for row in rows if row.get("load1")]
-    load_text = f"1-minute load {min(load):.1f} to {max(load):.1f}" if load else "load not recorded"
+    probe_load = [float(row["peak_load1"]) for row in rows if row.get("peak_load1")]
+    if load:
+        load_text = f"1-minute load {min(load):.1f} to {max(load):.1f}"
+    elif probe_load:  # a bench that records no load per row: the load when the peak was probed
+        load_text = f"1-minute load {min(probe_load):.1f} to {max(probe_load):.1f} when the peak was probed"
+    else:
+        load_text = "load not recorded"
     return (f"Measured on {', '.join(parts)}; {_span([row.get('date', '') for row in rows])}; {load_text}; "
             f"torch {_span([row.get('torch', '') for row in rows])}, "
             f"fastvq {_span([row.get('fastvq', '') for row in rows])}.")

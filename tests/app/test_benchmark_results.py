@@ -24,6 +24,7 @@ BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 sys.path.insert(0, str(BENCHMARKS))
 import _harness  # noqa: E402
+import render  # noqa: E402
 
 RESULT_FILES = sorted(RESULTS.glob("*/*.csv"))
 
@@ -113,6 +114,7 @@ def test_gpu_rows_name_the_card_and_its_fraction_of_peak(fake_gpu, tmp_path, nam
     assert math.isclose(float(tf32["fraction_of_peak"]), 185.0 / 370.0, rel_tol=1e-3)
     assert sampler["fraction_of_peak"] == _harness.NO_FLOP_COUNT
     assert name in md_path.read_text()
+    assert f"GPU {name} ({float(stored[0]['gpu_memory_gib']):.4g} GiB)" in render.machine_line(stored)
 
 
 def test_a_card_without_data_sheet_figures_says_so(fake_gpu):
