@@ -10,13 +10,19 @@ written: a row that could not be measured carries a ``note`` instead.
 Every row names the machine it ran on and how close it came to that machine's limit. ``environment``
 gives the machine columns (``MACHINE_COLUMNS``: the CPU's model name, family/model, the vector
 instruction sets it runs, and its fp32 FMA peak per core and over all cores, measured by a short
-probe in ``fastvq._C``; on CUDA also the GPU's measured fp32, tf32 and bf16 matmul peaks), and
-``write_results`` adds to every row what it lacks: those columns, ``threads`` (the intra-op
-thread count, CPU rows), ``vector_isa`` (the instruction set the row's code ran on; a bench that
-knows better, e.g. the search's bf16 kernel or FAISS, sets it itself), and, for every row with a
-``tflops`` figure, ``peak_gflops`` (the measured peak it is held against: the fp32 FMA peak of the
-threads used, the vdpbf16ps peak for rows on AVX512-BF16, the GPU matmul peak of the row's dtype)
-and ``fraction_of_peak``.
+probe in ``fastvq._C``; on CUDA also the card's name, memory and multiprocessor count as PyTorch
+reports them, its measured fp32, tf32 and bf16 matmul peaks and its data-sheet peaks,
+``GPU_DATASHEET_TFLOPS``), and ``write_results`` adds to every row what it lacks: those columns,
+``threads`` (the intra-op thread count, CPU rows), ``vector_isa`` (the instruction set the row's
+code ran on; a bench that knows better, e.g. the search's bf16 kernel or FAISS, sets it itself),
+and ``fraction_of_peak``. For a row with a ``tflops`` figure that is the figure over
+``peak_gflops``, the measured peak it is held against (the fp32 FMA peak of the threads used, the
+vdpbf16ps peak for rows on AVX512-BF16, the GPU matmul peak of the row's dtype), and on a GPU also
+``fraction_of_datasheet_peak``; a row without one (a bench that counts no flops: a training run, a
+sampler, a memory-bound update) gets the text ``NO_FLOP_COUNT`` there, or the ``"n/a: ..."`` its
+bench wrote, so that every row of every results file says how close it came to the limit or why
+it cannot say. ``complete_results`` gives rows stored before a column existed what their own
+columns determine, without measuring anything.
 
 ``main`` is every bench script's command line: a script ``bench_<family>.py`` hands it its points
 (a function of the parsed arguments: the full or the ``--small`` grid) and a measure function (one
@@ -53,9 +59,27 @@ import torch
 MIB = 1024**2
 GIB = 1024**3
 # What names the machine and its limit, in every row (see the module docstring).
-MACHINE_COLUMNS = ("cpu_model", "cpu_family_model", "cpu_cores", "cpu_isa", "peak_fp32_gflops_core",
-                   "peak_fp32_gflops_total", "peak_bf16_gflops_core", "peak_bf16_gflops_total",
-                   "peak_load1", "gpu_peak_fp32_tflops", "gpu_peak_tf32_tflops", "gpu_peak_bf16_tflops")
+CPU_COLUMNS = ("cpu_model", "cpu_family_model", "cpu_cores", "cpu_isa")
+GPU_COLUMNS = ("gpu_name", "gpu_memory_gib", "gpu_multiprocessors", "gpu_peak_fp32_tflops", "gpu_peak_tf32_tflops",
+               "gpu_peak_bf16_tflops", "gpu_datasheet_fp32_tflops", "gpu_datasheet_tf32_tflops",
+               "gpu_datasheet_bf16_tflops")
+MACHINE_COLUMNS = (*CPU_COLUMNS, "peak_fp32_gflops_core", "peak_fp32_gflops_total", "peak_bf16_gflops_core",
+                   "peak_bf16_gflops_total", "peak_load1", *GPU_COLUMNS)
+# What ``fraction_of_peak`` says in a row whose bench counts no flops (a bench may write its own "n/a: ...").
+NO_FLOP_COUNT = "n/a: the bench counts no flops for this row"
+# NVIDIA's data-sheet peaks in TFLOP/s, dense (the sheets print tf32 and bf16 with 2:4 sparsity; these are
+# half of that): fp32 on the CUDA cores, tf32 and bf16 on the tensor cores, keyed by the name
+# torch.cuda.get_device_name gives. H100: "H100 Tensor Core GPU" data sheet (SXM5: fp32 67, tf32 989, bf16
+# 1 979 with sparsity; PCIe: 51, 756, 1 513; NVL: 60, 835, 1 671). H200: "H200 Tensor Core GPU" data sheet
+# (SXM: 67, 989, 1 979; NVL: 60, 835, 1 671). PyTorch calls the H100 SXM5 "NVIDIA H100 80GB HBM3" and
+# the H200 SXM "NVIDIA H200" (the names the lent machines report).
+GPU_DATASHEET_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5},
+    "NVIDIA H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5},
+    "NVIDIA H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5},
+    "NVIDIA H200": {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5},
+    "NVIDIA H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5},
+}
 # Where a row was measured; the markdown report says each once, above the tables, when every row agrees.
 HEADER_COLUMNS = ("device", "torch", "triton", "fastvq", *MACHINE_COLUMNS)
 # The names the results use for the instruction sets fastvq._C reports.
@@ -326,11 +350,11 @@ def machine(device: str) -> dict[str, Any]:
     measured (no fastvq._C, no such instruction set) is ``None``."""
     isas = cpu_isas()
     cores = len(os.sched_getaffinity(0))
-    columns: dict[str, Any] = {
+    columns: dict[str, Any] = dict.fromkeys(MACHINE_COLUMNS)
+    columns.update({
         "cpu_model": _cpu_model(), "cpu_family_model": _cpu_family_model(), "cpu_cores": cores,
         "cpu_isa": "+".join(isas) if isas else "unknown (fastvq._C not loaded)",
-        **dict.fromkeys(MACHINE_COLUMNS[4:]),
-    }
+    })
     if (fp32_isa := _fp32_probe_isa(isas)) is not None:
         columns["peak_fp32_gflops_core"] = cpu_peak_gflops(fp32_isa, 1)
         columns["peak_fp32_gflops_total"] = cpu_peak_gflops(fp32_isa, cores)
@@ -340,8 +364,22 @@ def machine(device: str) -> dict[str, Any]:
     # Other processes on the cores lower the measured peak as they lower every timing.
     columns["peak_load1"] = os.getloadavg()[0]
     if device.startswith("cuda"):
-        columns.update(_gpu_matmul_peaks(device))
+        properties = torch.cuda.get_device_properties(torch.device(device))
+        columns.update(gpu_columns(torch.cuda.get_device_name(torch.device(device)), properties.total_memory,
+                                   properties.multi_processor_count, _gpu_matmul_peaks(device)))
     return columns
+
+
+def gpu_columns(name: str, memory_bytes: int, multiprocessors: int,
+                measured_tflops: dict[str, float]) -> dict[str, Any]:
+    """The GPU's machine columns: the name and memory PyTorch reports, its multiprocessor count (which
+    tells apart cards sold under one name), the measured matmul peaks (``gpu_peak_<dtype>_tflops``, as
+    ``_gpu_matmul_peaks`` gives them) and the data-sheet peaks of ``GPU_DATASHEET_TFLOPS`` (``None`` for
+    a card that table does not list)."""
+    datasheet = GPU_DATASHEET_TFLOPS.get(name, {})
+    return {"gpu_name": name, "gpu_memory_gib": memory_bytes / GIB, "gpu_multiprocessors": multiprocessors,
+            **measured_tflops,
+            **{f"gpu_datasheet_{kind}_tflops": datasheet.get(kind) for kind in ("fp32", "tf32", "bf16")}}
 
 
 def _gpu_matmul_peaks(device: str) -> dict[str, float]:
@@ -376,20 +414,25 @@ def default_vector_isa(device: str) -> str:
     return "AVX-512F" if "AVX-512F" in isas else "AVX2" if "AVX2" in isas else torch.backends.cpu.get_cpu_capability()
 
 
+def _gpu_peak_kind(row: dict[str, Any]) -> str:
+    """Which of the GPU's peaks a row is held against: bf16 for bf16 and fp16 rows; for fp32 rows tf32
+    where the row's ``precision`` (or, in the masked convolution's rows, its ``dtype``) says tf32, else fp32."""
+    dtype, precision = str(row.get("dtype", "")), str(row.get("precision", ""))
+    return "bf16" if dtype in ("bf16", "fp16") else "tf32" if "tf32" in (precision, dtype) else "fp32"
+
+
 def peak_gflops(row: dict[str, Any], device: str) -> Optional[float]:
     """The measured peak, in GFLOP/s, that a row (with its machine columns) is held against: on CPU
     the FMA peak of the row's threads (per core times threads, the all-core figure from all cores
     on), from vdpbf16ps for rows that ran on AVX512-BF16; on CUDA the matmul peak of the row's dtype
-    (bf16 and fp16 rows: bf16; fp32 rows: tf32 where the row's ``precision`` says tf32, else fp32)."""
+    (``_gpu_peak_kind``)."""
     columns = row
     if device.startswith("cuda"):
-        dtype, precision = str(row.get("dtype", "")), str(row.get("precision", ""))
-        kind = "bf16" if dtype in ("bf16", "fp16") else "tf32" if precision == "tf32" else "fp32"
-        peak = columns.get(f"gpu_peak_{kind}_tflops")
+        peak = columns.get(f"gpu_peak_{_gpu_peak_kind(row)}_tflops")
         return None if peak in (None, "") else float(peak) * 1e3
     kind = "bf16" if row.get("vector_isa") == "AVX512-BF16" else "fp32"
     per_core, total = columns.get(f"peak_{kind}_gflops_core"), columns.get(f"peak_{kind}_gflops_total")
-    if per_core in (None, "") or total in (None, ""):
+    if per_core in (None, "") or total in (None, "") or columns.get("cpu_cores") in (None, ""):
         return None
     threads = int(row.get("threads") or columns["cpu_cores"])
     return float(total) if threads >= int(columns["cpu_cores"]) else float(per_core) * threads
@@ -407,12 +450,65 @@ def with_machine_columns(row: dict[str, Any], device: str) -> dict[str, Any]:
         full["threads"] = torch.get_num_threads()
     if not full.get("vector_isa"):
         full["vector_isa"] = default_vector_isa(device)
-    measured = row.get("tflops")
-    if measured not in (None, "") and row.get("fraction_of_peak") in (None, ""):
-        peak = peak_gflops(full, device)
-        full["peak_gflops"] = peak
-        full["fraction_of_peak"] = None if peak is None else float(measured) * 1e3 / peak
+    return with_fraction_of_peak(full, device)
+
+
+def with_fraction_of_peak(row: dict[str, Any], device: str) -> dict[str, Any]:
+    """``row`` (with its machine columns) with ``fraction_of_peak`` where it has none: its ``tflops`` over
+    ``peak_gflops`` (both set here; on CUDA also ``fraction_of_datasheet_peak``), or a text that says
+    why there is no fraction: ``NO_FLOP_COUNT``, "not measured" for a row whose ``tflops`` is empty, or
+    no peak recorded for this machine."""
+    full = dict(row)
+    if full.get("fraction_of_peak") not in (None, ""):
+        return full
+    measured = full.get("tflops")
+    if measured in (None, ""):
+        # A bench that counts flops leaves them out of a row it could not time; one that counts none times it.
+        unmeasured = "tflops" in full and full.get("median_ms") in (None, "") and full.get("note")
+        full["fraction_of_peak"] = "n/a: not measured (see note)" if unmeasured else NO_FLOP_COUNT
+        return full
+    peak = peak_gflops(full, device)
+    full["peak_gflops"] = peak
+    full["fraction_of_peak"] = ("n/a: no measured peak recorded with this row" if peak is None
+                                else float(measured) * 1e3 / peak)
+    if device.startswith("cuda"):
+        datasheet = full.get(f"gpu_datasheet_{_gpu_peak_kind(full)}_tflops")
+        full["fraction_of_datasheet_peak"] = (float(measured) / float(datasheet) if datasheet not in (None, "")
+                                              else "n/a: card not in GPU_DATASHEET_TFLOPS")
     return full
+
+
+def row_device(row: dict[str, Any]) -> str:
+    """``"cuda"`` for a stored row measured on a GPU (it names one), else ``"cpu"``."""
+    return "cuda" if row.get("gpu_name") or row.get("gpu_peak_fp32_tflops") else "cpu"
+
+
+def complete_results(csv_path: Path) -> None:
+    """Gives every stored row of ``csv_path`` what its own columns determine and it lacks (the
+    machine columns added since, empty; ``fraction_of_peak``, from its ``tflops`` and its own
+    recorded peaks, or the text saying why there is none) and rewrites the file and its ``.md``.
+    Measures nothing: a row keeps the numbers and the machine it was measured with."""
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = list(reader.fieldnames or [])
+        stored = list(reader)
+    rows = [{name: _format_value(value) for name, value in with_fraction_of_peak(row, row_device(row)).items()}
+            for row in stored]
+    columns = list(dict.fromkeys(columns + list(MACHINE_COLUMNS) + [name for row in rows for name in row]))
+    _write_files(csv_path, columns, rows)
+
+
+def _write_files(csv_path: Path, columns: list[str], rows: list[dict[str, str]],
+                 device_name: Optional[str] = None) -> None:
+    """``csv_path`` with ``rows`` under ``columns``, and its ``.md`` report (titled with ``device_name``,
+    by default the rows' ``device`` values)."""
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    if device_name is None:
+        device_name = " / ".join(dict.fromkeys(row.get("device", "") for row in rows))
+    csv_path.with_suffix(".md").write_text(_markdown_report(rows, columns, device_name))
 
 
 def environment(device: str) -> dict[str, str]:
@@ -462,7 +558,8 @@ def write_results(
     columns agree; every other stored row is kept, those of other benches untouched, so one bench
     script (or one grid) can be re-run without losing the others. Every new row first gets what it
     lacks of the machine columns, ``threads``, ``vector_isa`` and ``fraction_of_peak``
-    (``with_machine_columns``).
+    (``with_machine_columns``); a stored row that lacks ``fraction_of_peak`` gets it from its own columns
+    (``with_fraction_of_peak``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{device_slug(device)}.csv"
@@ -484,14 +581,12 @@ def write_results(
             return ("kept", str(position))
         return tuple(str(row.get(name, "")) for name in keys)
 
+    stored = [{name: _format_value(value) for name, value in with_fraction_of_peak(row, row_device(row)).items()}
+              for row in stored]
     merged = {row_key(position, row): row for position, row in enumerate(stored)}
     merged.update({row_key(0, row): row for row in new_rows})
-    columns = list(dict.fromkeys(columns + [name for row in new_rows for name in row]))
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(merged.values())
-    md_path.write_text(_markdown_report(list(merged.values()), columns, describe_device(device)))
+    columns = list(dict.fromkeys(columns + [name for row in [*stored, *new_rows] for name in row]))
+    _write_files(csv_path, columns, list(merged.values()), describe_device(device))
     return csv_path, md_path
 
 
@@ -575,9 +670,11 @@ def main(
 
     Options every bench takes: ``--device cpu|cuda`` (default: CUDA when available), ``--out DIR``
     (the results root, default ``benchmarks/results``; the files are ``DIR/<family>/<machine>.csv``
-    and ``.md``), ``--small`` (the bench's tiny grid, for rehearsals and tests) and ``--threads N
+    and ``.md``), ``--small`` (the bench's tiny grid, for rehearsals and tests), ``--threads N
     [N ...]`` (CPU intra-op thread counts, each point measured at each; default
-    ``default_threads(args)`` or PyTorch's current count). ``add_arguments`` adds the bench's own
+    ``default_threads(args)`` or PyTorch's current count) and ``--list`` (print the points the other
+    options give and exit, measuring and writing nothing; it needs no GPU even with ``--device cuda``,
+    so a GPU run's command lines can be checked on a CPU machine). ``add_arguments`` adds the bench's own
     options, ``check_arguments`` may reject a combination (``parser.error``).
 
     ``points(args)`` lists the points; ``measure(point, run)`` measures one point at one thread
@@ -595,9 +692,17 @@ def main(
     parser.add_argument("--small", action="store_true", help="the bench's tiny grid, for rehearsals and tests")
     parser.add_argument("--threads", type=int, nargs="+", metavar="N",
                         help="CPU intra-op thread counts; every point is measured at each")
+    parser.add_argument("--list", action="store_true",
+                        help="print the points these options give and exit (measures nothing; needs no GPU)")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.list:
+        if check_arguments is not None:
+            check_arguments(parser, args)
+        for point in points(args):
+            print(f"{family}: {point}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a GPU and a CUDA build of torch; torch.cuda.is_available() is False")
     if args.threads is not None and min(args.threads) < 1:
@@ -612,7 +717,7 @@ def main(
     # The thread count is a key of every row: the same point at another count is another row.
     keys = tuple(dict.fromkeys((*key_columns, "threads")))
     header = environment(args.device)
-    print(", ".join(f"{name} {value}" for name, value in header.items()), flush=True)
+    print(", ".join(f"{name} {value}" for name, value in header.items() if value is not None), flush=True)
     if warning := cpu_contention_warning():
         print(warning, flush=True)
     written: list[dict[str, Any]] = []

@@ -5,10 +5,16 @@ rotation-trick gradient; FSQ, LFQ, HierarchicalVQ: their defaults) and the same 
 a training forward plus backward. Reported per size: median time with 20/80 % quantiles, the two
 libraries' steps called in turn (``_harness.time_interleaved``, so their ratio holds on a shared
 machine), and the peak memory the step needs on top of its inputs and the layer (see
-``_harness.peak_memory_growth_mib`` for how memory is measured on CPU and CUDA).
+``_harness.peak_memory_growth_mib`` for how memory is measured on CPU and CUDA). VectorQuantize and
+ResidualVQ rows also carry ``tflops``: the nearest-code search's ``2 N K D`` flops per quantizer
+(``flops_counted``), the one flop-bound part of a step, over the step's time, so ``fraction_of_peak``
+says how close the whole step comes to the time its search alone would take at the machine's peak.
+``--dtypes bf16`` runs the layer and its input in bf16 (``module.to(torch.bfloat16)``: codebook, EMA
+buffers and activations), both libraries alike; fastvq's rows name the search kernel's instruction set.
 
     python benchmarks/bench_layers.py                 # VectorQuantize and ResidualVQ, default grid
     python benchmarks/bench_layers.py --target-only   # only N = 65 536, K = 16 384, D = 256
+    python benchmarks/bench_layers.py --dtypes fp32 bf16 --codes 512 2048 8192   # bf16 rows too
     python benchmarks/bench_layers.py --layers LFQ FSQ HierarchicalVQ   # the scalar/LFQ/multi-scale grids
     python benchmarks/bench_layers.py --layers LFQ --codes 65536 262144 --once   # LFQ's goal points
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import multiprocessing
 import os
 import re
@@ -48,6 +55,7 @@ FSQ_LEVELS = {1000: [8, 5, 5, 5], 64000: [8, 8, 8, 5, 5, 5]}  # the FSQ paper's 
 HVQ_SCALES = (1, 2, 3, 4, 6, 8, 10, 13, 16)  # VAR's scales on a 16 x 16 map
 HVQ_MAP = 16
 LIBRARIES = ("fastvq", "vector-quantize-pytorch")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESIDUAL_DEPTH = 4
 TARGET = (65536, 16384, 256)  # the issue's memory figure: 65 536 vectors, K = 16 384, D = 256
 SMALL = (1024, 256, 32)
@@ -60,7 +68,8 @@ KEY_COLUMNS = ("N", "K", "D", "dtype")
 TABLE_COLUMNS = ("impl", "N", "K", "D", "median_ms", "q20_ms", "q80_ms", "peak_mib", "vs_theirs", "note")
 
 
-def build_layer(library: str, layer: str, num_codes: int, dim: int, device: str) -> torch.nn.Module:
+def build_layer(library: str, layer: str, num_codes: int, dim: int, device: str,
+                dtype: str = "fp32") -> torch.nn.Module:
     torch.manual_seed(0)
     if library == "fastvq":
         import fastvq.nn as module
@@ -78,27 +87,52 @@ def build_layer(library: str, layer: str, num_codes: int, dim: int, device: str)
         # k-means initialisation is a one-time cost; the step measured is the steady one.
         made = module.HierarchicalVQ(dim=dim, codebook_size=num_codes, scales=HVQ_SCALES, accept_image_fmap=True,
                                      kmeans_init=False)
-    return made.to(device).train()
+    return made.to(device=device, dtype=DTYPES[dtype]).train()
 
 
-def step_inputs(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str):
-    """The layer and an input that requires grad: ``[1, N, D]`` (batch 1: N is the vector count), or
-    for HierarchicalVQ ``[N / 256, D, 16, 16]`` maps."""
+def step_inputs(library: str, layer: str, num_rows: int, num_codes: int, dim: int, device: str,
+                dtype: str = "fp32"):
+    """The layer and an input that requires grad, both in ``dtype``: ``[1, N, D]`` (batch 1: N is the
+    vector count), or for HierarchicalVQ ``[N / 256, D, 16, 16]`` maps."""
     generator = torch.Generator().manual_seed(1)
     if layer == "HierarchicalVQ":
         shape = (max(1, num_rows // HVQ_MAP**2), dim, HVQ_MAP, HVQ_MAP)
     else:
         shape = (1, num_rows, dim)
-    x = torch.randn(shape, generator=generator).to(device).requires_grad_()
-    return build_layer(library, layer, num_codes, dim, device), x
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=DTYPES[dtype]).requires_grad_()
+    return build_layer(library, layer, num_codes, dim, device, dtype), x
 
 
-def warmup_inputs(library: str, layer: str, num_codes: int, dim: int, device: str):
+def warmup_inputs(library: str, layer: str, num_codes: int, dim: int, device: str, dtype: str = "fp32"):
     if layer == "FSQ":  # FSQ's size is its levels
-        return step_inputs(library, layer, 64, num_codes, dim, device)
+        return step_inputs(library, layer, 64, num_codes, dim, device, dtype)
     if layer == "LFQ":
-        return step_inputs(library, layer, 64, 2**4, 4, device)
-    return step_inputs(library, layer, 64 if layer != "HierarchicalVQ" else HVQ_MAP**2, min(num_codes, 64), dim, device)
+        return step_inputs(library, layer, 64, 2**4, 4, device, dtype)
+    return step_inputs(library, layer, 64 if layer != "HierarchicalVQ" else HVQ_MAP**2, min(num_codes, 64), dim,
+                       device, dtype)
+
+
+def search_flops(layer: str, num_rows: int, num_codes: int, dim: int) -> Optional[int]:
+    """The nearest-code search's flops in one step (``2 N K D`` per quantizer), or ``None`` for the layers
+    whose step is not a search over K codes (LFQ, FSQ) or searches several scales (HierarchicalVQ)."""
+    levels = {"VectorQuantize": 1, "ResidualVQ": RESIDUAL_DEPTH}.get(layer)
+    return None if levels is None else 2 * num_rows * num_codes * dim * levels
+
+
+def search_isa(library: str, dtype: str, device: str) -> str:
+    """The instruction set of the search a layer runs in ``dtype`` on the CPU: fastvq's C++ kernel's; for
+    the other library's bf16 distance matmul AVX512-BF16 where the CPU has it (ATen hands bf16 matmuls to
+    oneDNN, whose ``avx512_core_bf16`` kernel runs them: ``ONEDNN_VERBOSE=1`` shows it); else ``""``, the
+    harness's default (also on CUDA and without fastvq._C)."""
+    from fastvq.backends import cpp
+
+    if device.startswith("cuda") or not cpp.available():
+        return ""
+    if library != "fastvq":
+        return "AVX512-BF16" if dtype == "bf16" and "AVX512-BF16" in _harness.cpu_isas() else ""
+    kernel = json.loads(torch.ops.fastvq_C.cpu_search_kernels())[dtype]
+    prefixes = (("avx512bf16", "AVX512-BF16"), ("avx512", "AVX-512F"), ("avx2", "AVX2"))
+    return next((isa for prefix, isa in prefixes if kernel.startswith(prefix)), "")
 
 
 def training_step(module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -142,16 +176,19 @@ def available_bytes(device: str) -> int:
 
 
 def measure_layer(layer: str, num_rows: int, num_codes: int, dim: int, device: str, *, repeats: int,
-                  once: bool = False) -> list[dict]:
+                  once: bool = False, dtype: str = "fp32") -> list[dict]:
     """Both libraries' rows for one layer at one size: time (interleaved), peak memory, ratios.
     ``once``: each library's step is called once, its time and peak memory taken from that call
     (``_harness.once_with_peak_memory``), for sizes where one of their steps takes minutes."""
     rows, factories = {}, {}
     for library in LIBRARIES:
         rows[library] = {"bench": BENCH, "impl": f"{library}:{layer}", "N": num_rows, "K": num_codes, "D": dim,
-                         "dtype": "fp32", "median_ms": None, "q20_ms": None, "q80_ms": None,
-                         "peak_mib": None, "note": "", "load1": os.getloadavg()[0]}
-        factories[library] = functools.partial(step_inputs, library, layer, num_rows, num_codes, dim, device)
+                         "dtype": dtype, "median_ms": None, "q20_ms": None, "q80_ms": None,
+                         "peak_mib": None, "note": "", "load1": os.getloadavg()[0],
+                         "vector_isa": search_isa(library, dtype, device)}
+        if search_flops(layer, num_rows, num_codes, dim) is not None:
+            rows[library].update(tflops=None, flops_counted="search: 2NKD per quantizer")
+        factories[library] = functools.partial(step_inputs, library, layer, num_rows, num_codes, dim, device, dtype)
     # Running out of memory would kill the whole benchmark, so a step of theirs that cannot fit is
     # not started. On CPU the timing runs in a child process and each memory figure in another, so
     # one copy of their N x K matrices is alive at a time.
@@ -168,7 +205,7 @@ def measure_layer(layer: str, num_rows: int, num_codes: int, dim: int, device: s
     try:
         if once:
             for library, row in rows.items():
-                make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
+                make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device, dtype)
                 milliseconds, peak = _harness.once_with_peak_memory(training_step, factories[library], make_warmup,
                                                                     device)
                 row.update(median_ms=milliseconds, peak_mib=peak, load1=os.getloadavg()[0],
@@ -181,7 +218,7 @@ def measure_layer(layer: str, num_rows: int, num_codes: int, dim: int, device: s
             else:
                 timings = time_steps(factories, device, repeats)
             for library, row in rows.items():
-                make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device)
+                make_warmup = functools.partial(warmup_inputs, library, layer, num_codes, dim, device, dtype)
                 peak = _harness.peak_memory_growth_mib(training_step, factories[library], make_warmup, device)
                 timing = timings[library]
                 row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, peak_mib=peak)
@@ -191,6 +228,10 @@ def measure_layer(layer: str, num_rows: int, num_codes: int, dim: int, device: s
         for row in rows.values():
             row["note"] = f"failed: {type(error).__name__}: {first_line}"
         print(f"  {layer}: {rows[LIBRARIES[0]]['note']}", flush=True)
+    flops = search_flops(layer, num_rows, num_codes, dim)
+    for row in rows.values():
+        if flops is not None and row["median_ms"]:
+            row["tflops"] = _harness.tflops(flops, row["median_ms"])
     ours = rows[LIBRARIES[0]]
     theirs = rows.get(LIBRARIES[1])
     if theirs is not None and ours["median_ms"] and theirs["median_ms"]:
@@ -209,22 +250,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only the grid points with these codebook sizes (e.g. LFQ's 65536 262144)")
     parser.add_argument("--once", action="store_true",
                         help="one call per library and point, time and memory from it (steps of minutes)")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["fp32"],
+                        help="the layers' and inputs' dtypes (default fp32); each point runs in each")
 
 
-def points(args: argparse.Namespace) -> list[tuple[str, tuple[int, int, int]]]:
-    """``(layer, (N, K, D))``: VectorQuantize and ResidualVQ on the device's grid and the target point
-    (``--small``: the tiny point ``SMALL``; ``--target-only``: the target), then each other layer's grid;
-    ``--codes`` keeps the points of those codebook sizes."""
+def points(args: argparse.Namespace) -> list[tuple[str, tuple[int, int, int], str]]:
+    """``(layer, (N, K, D), dtype)``: VectorQuantize and ResidualVQ on the device's grid and the target point
+    (``--small``: the tiny point ``SMALL``; ``--target-only``: the target), then each other layer's grid,
+    each in every ``--dtypes``; ``--codes`` keeps the points of those codebook sizes."""
     vq_points = [SMALL] if args.small else [TARGET] if args.target_only else GRIDS[args.device] + [TARGET]
     chosen = [(layer, point) for point in vq_points for layer in args.layers if layer in LAYERS]
     chosen += [(layer, point) for layer in args.layers if layer in QUANTIZER_GRIDS
                for point in QUANTIZER_GRIDS[layer][args.device]]
-    return [(layer, point) for layer, point in chosen if args.codes is None or point[1] in args.codes]
+    return [(layer, point, dtype) for layer, point in chosen if args.codes is None or point[1] in args.codes
+            for dtype in args.dtypes]
 
 
-def measure(point: tuple[str, tuple[int, int, int]], run: _harness.Run) -> list[dict]:
-    layer, (num_rows, num_codes, dim) = point
-    return measure_layer(layer, num_rows, num_codes, dim, run.device, repeats=run.args.repeats, once=run.args.once)
+def measure(point: tuple[str, tuple[int, int, int], str], run: _harness.Run) -> list[dict]:
+    layer, (num_rows, num_codes, dim), dtype = point
+    return measure_layer(layer, num_rows, num_codes, dim, run.device, repeats=run.args.repeats, once=run.args.once,
+                         dtype=dtype)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """Rewrites the documentation's benchmark figures from the results files, so that every figure there is
 a row of ``benchmarks/results/`` and says which machine it came from.
 
-    python benchmarks/render.py [--check] [FILE.md ...]
+    python benchmarks/render.py [--check] [--complete-results] [FILE.md ...]
 
 The files are README.md and every ``docs/*.md`` unless named (the figures live in
 ``docs/benchmarks.md``, the headline ones in README.md). A figure is a block between two markers::
@@ -18,6 +18,9 @@ machine (device, CPU family/model, vector instruction sets, the measured FMA pea
 versions and load averages of those rows. A figure whose filter matches no row is emptied: no
 number stays in the documentation without a results row behind it. ``--check`` changes nothing and
 exits with status 1 if a file differs from what the results give (``tests/app/test_bench_harness.py`` runs it).
+``--complete-results`` first gives every row of every results file what its own columns determine and it
+lacks (``_harness.complete_results``: ``fraction_of_peak`` and the machine columns added since it was
+written), measuring nothing; ``tests/app/test_benchmark_results.py`` checks that every row has them.
 """
 
 from __future__ import annotations
@@ -104,8 +107,18 @@ def machine_line(rows: list[dict[str, str]]) -> str:
                  if cores != "not recorded" else "FMA peak not recorded")
     if (bf16 := _span([row.get("peak_bf16_gflops_core", "") for row in rows])) != "not recorded":
         parts.append(f"bf16 (vdpbf16ps) peak {bf16} GFLOP/s per core")
+    if any(row.get("gpu_name") for row in rows):
+        gpus, memory = _span([row.get("gpu_name", "") for row in rows]), _span(
+            [row.get("gpu_memory_gib", "") for row in rows])
+        parts.append(f"GPU {gpus} ({memory} GiB)")
     load = [float(row["load1"]) for row in rows if row.get("load1")]
-    load_text = f"1-minute load {min(load):.1f} to {max(load):.1f}" if load else "load not recorded"
+    probe_load = [float(row["peak_load1"]) for row in rows if row.get("peak_load1")]
+    if load:
+        load_text = f"1-minute load {min(load):.1f} to {max(load):.1f}"
+    elif probe_load:  # a bench that records no load per row: the load when the peak was probed
+        load_text = f"1-minute load {min(probe_load):.1f} to {max(probe_load):.1f} when the peak was probed"
+    else:
+        load_text = "load not recorded"
     return (f"Measured on {', '.join(parts)}; {_span([row.get('date', '') for row in rows])}; {load_text}; "
             f"torch {_span([row.get('torch', '') for row in rows])}, "
             f"fastvq {_span([row.get('fastvq', '') for row in rows])}.")
@@ -138,12 +151,25 @@ def render(text: str, results_dir: Path = RESULTS_DIR) -> str:
                      text)
 
 
+def complete_results_files(results_dir: Path) -> None:
+    """``_harness.complete_results`` on every ``<family>/<machine>.csv`` under ``results_dir``."""
+    import _harness  # torch and fastvq: only for this option, not for rendering
+
+    for path in sorted(results_dir.glob("*/*.csv")):
+        _harness.complete_results(path)
+        print(f"completed {path}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a file is not what the results give")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--complete-results", action="store_true",
+                        help="first fill what each results row's own columns determine (fraction_of_peak, ...)")
     parser.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md and docs/*.md)")
     args = parser.parse_args(argv)
+    if args.complete_results:
+        complete_results_files(args.results)
     stale = []
     for path in args.files or documents():
         text = path.read_text()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one-command device run: on a lent GPU (an H200 with torch 2.11 + CUDA 13, Triton 3.6, pytest and
-# no network), in at most 8 minutes, in this order, each step time-boxed so that what finished still
-# comes back under $OUT:
+# The one-command device run: on a lent GPU (either kind the device tool lends: one NVIDIA H100 80GB HBM3
+# or one NVIDIA H200 141 GB, each with 16 CPU cores, torch 2.11 + CUDA 13, Triton 3.6, pytest,
+# pytest-xdist and no network), in at most 8 minutes, in this order, each step time-boxed so that what
+# finished still comes back under $OUT:
 #
 #   1. the GPU test subset with real Triton: parity and contracts of every op in every dtype on the
 #      triton-cuda and torch-cuda backends (pytest -k cuda, over 8 pytest-xdist workers where it is
@@ -12,31 +13,54 @@
 #   3. bench_layers at K = 16 384 (N = 65 536, D = 256) against vector-quantize-pytorch;
 #   4. bench_masked_conv, the 7 x 7 type A/B headline points, against cuDNN on the masked dense weight.
 #
-# Results go to benchmarks/results/<family>/<device>.csv and .md (the harness's layout) and come
-# back as $OUT/results.tar.gz, with each step's log, the machine's description (env.txt) and
-# run.log, which says how each step ended.
+# Results go to benchmarks/results/<family>/<device>.csv and .md (the harness's layout; <device> is the
+# card's name as torch.cuda.get_device_name gives it, e.g. nvidia-h100-80gb-hbm3 or nvidia-h200) and come
+# back as $OUT/results.tar.gz, with each step's log, the machine's description (env.txt) and run.log,
+# which says how each step ended. Every row names the card (gpu_name, gpu_memory_gib,
+# gpu_multiprocessors) and how close it came to the card's peak (fraction_of_peak against the measured
+# matmul peak of its dtype, fraction_of_datasheet_peak against NVIDIA's figure; see benchmarks/_harness.py).
 #
 # Before the call, here: bash benchmarks/gpu/fetch_wheels.sh   (vector-quantize-pytorch into .whl/)
 # On the device (carry .whl):  bash benchmarks/gpu/run.sh
+# The steps' commands, running nothing:  bash benchmarks/gpu/run.sh --dry-run   (any machine, no OUT;
+#   tests/app/test_benchmark_results.py checks that each bench accepts them, with the harness's --list)
 # Rehearsal on a CPU machine:  FASTVQ_GPU_REHEARSAL=1 OUT=$(mktemp -d) bash benchmarks/gpu/run.sh
 #   (every step on the CPU with tiny sizes, results under $OUT/results instead of benchmarks/results)
 set -uo pipefail
 
+DRY=0
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -uo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--help | --dry-run]" >&2; exit 2 ;;
+esac
+
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:?set OUT to the folder whose files come back}"
 PY="${PYTHON:-python3}"
 REHEARSAL="${FASTVQ_GPU_REHEARSAL:-0}"
-mkdir -p "$OUT"
+if [[ "$DRY" == 1 ]]; then
+  OUT="${OUT:-\$OUT}"  # only printed
+else
+  OUT="${OUT:?set OUT to the folder whose files come back}"
+  mkdir -p "$OUT"
+fi
 STARTED=$(date +%s)
-MARK="$(mktemp)"  # results files newer than this were written by this run
 
-log() { echo "[$(( $(date +%s) - STARTED ))s] $*" | tee -a "$OUT/run.log"; }
+log() {
+  if [[ "$DRY" == 1 ]]; then echo "$*"; else echo "[$(( $(date +%s) - STARTED ))s] $*" | tee -a "$OUT/run.log"; fi
+}
 
-# step NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log, killed after SECONDS.
+# step NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log, killed after SECONDS
+# (--dry-run: prints "step NAME SECONDS: COMMAND" instead).
 step() {
   local name="$1" seconds="$2"
   shift 2
+  if [[ "$DRY" == 1 ]]; then
+    echo "step $name $seconds: $(printf '%q ' "$@")"
+    return 0
+  fi
   log "$name: start (time box ${seconds}s): $*"
   local begun=$(date +%s)
   PYTHONUNBUFFERED=1 timeout --kill-after=10 "$seconds" "$@" >>"$OUT/$name.log" 2>&1
@@ -49,6 +73,8 @@ step() {
   esac
 }
 
+if [[ "$DRY" != 1 ]]; then  # --dry-run installs and describes nothing: it prints the steps below
+MARK="$(mktemp)"  # results files newer than this were written by this run
 # Wheels the image lacks (vector-quantize-pytorch and its needs), into a folder of this run only.
 SITE="$(mktemp -d)"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -74,6 +100,7 @@ import fastvq.backends as b
 print("fastvq backends:", {op: b.backend_for("cuda", torch.float32) for op in ("nearest_code",)})
 EOF
 } >"$OUT/env.txt" 2>&1
+fi
 
 if [[ "$REHEARSAL" == 1 ]]; then
   log "REHEARSAL on the CPU: tiny sizes, Triton under its interpreter, results in $OUT/results"
@@ -113,6 +140,7 @@ step layers "$BOX_LAYERS" "$PY" benchmarks/bench_layers.py --device "$DEVICE" "$
 step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes bf16 "${CONV[@]}" "${RESULTS[@]}"
 step conv "$BOX_CONV" "$PY" benchmarks/bench_masked_conv.py --device "$DEVICE" --dtypes tf32 fp32 "${CONV[@]}" "${RESULTS[@]}"
 
+[[ "$DRY" == 1 ]] && exit 0
 RESULT_ROOT="benchmarks/results"
 [[ "$REHEARSAL" == 1 ]] && RESULT_ROOT="$OUT/results"
 find "$RESULT_ROOT" -type f -newer "$MARK" -print0 2>/dev/null | tar -czf "$OUT/results.tar.gz" --null -T - 2>>"$OUT/run.log"

@@ -49,7 +49,8 @@ def test_what_a_row_says_is_kept_and_what_it_lacks_is_filled(test_machine):
     assert row["cpu_model"] == "Other"
     assert row["threads"] == torch.get_num_threads()
     assert row["vector_isa"] in ("AVX-512F", "AVX2") or row["vector_isa"] == torch.backends.cpu.get_cpu_capability()
-    assert "fraction_of_peak" not in row  # no throughput, no fraction
+    # No throughput, no fraction: the row says why instead of leaving the column out.
+    assert row["fraction_of_peak"] == _harness.NO_FLOP_COUNT and "peak_gflops" not in row
 
 
 def test_results_files_carry_the_machine_columns(test_machine, tmp_path):
