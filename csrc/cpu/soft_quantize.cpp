@@ -277,64 +277,107 @@ inline T nan_max(T a, T b) {
   return std::max(a, b);
 }
 
+// One row tile's running softmax of soft_quantize, a code tile of logits at a time: the maximum, the sum of
+// exp(logit - max), the weighted sum of values (kept in the output) and the hard choice. Shared by
+// soft_quantize's forward and the fused soft_quantize + entropy forward.
+template <typename T>
+struct SoftRowTile {
+  const Operands<T>& ops;
+  bool hard, noisy;
+  uint64_t seed;
+  std::vector<T> maximum, total, best, shift, rescale, tile_maximum;
+  std::vector<int64_t> best_index;
+  int64_t r0 = 0, rows = 0;
+  T* weighted = nullptr;
+
+  SoftRowTile(const Operands<T>& operands, bool hard_choice, bool with_noise, uint64_t noise_seed)
+      : ops(operands), hard(hard_choice), noisy(with_noise), seed(noise_seed), maximum(kRowTile), total(kRowTile),
+        best(kRowTile), shift(kRowTile), rescale(kRowTile), best_index(kRowTile) {}
+
+  void begin(int64_t row_start, int64_t row_count, T* soft) {
+    const T negative_infinity = -std::numeric_limits<T>::infinity();
+    r0 = row_start, rows = row_count;
+    weighted = soft + r0 * ops.value_dim;  // the running weighted sums live in the output
+    std::fill(weighted, weighted + rows * ops.value_dim, T(0));
+    std::fill(maximum.begin(), maximum.end(), negative_infinity);
+    std::fill(best.begin(), best.end(), negative_infinity);
+    std::fill(total.begin(), total.end(), T(0));
+    std::fill(best_index.begin(), best_index.end(), 0);
+  }
+
+  // tile [codes, rows]: the logits of codes c0 .. c0 + codes - 1, overwritten by their exponentials.
+  void add(T* tile, int64_t c0, int64_t codes) {
+    const T negative_infinity = -std::numeric_limits<T>::infinity();
+    const int64_t value_dim = ops.value_dim;
+    if (hard) {
+      // Codes in order and a strict '>': the lowest index wins ties; a NaN score never wins.
+      for (int64_t j = 0; j < codes; ++j)
+        for (int64_t i = 0; i < rows; ++i) {
+          T score = tile[j * rows + i];
+          if (noisy) score += static_cast<T>(gumbel(seed, r0 + i, c0 + j));
+          if (score > best[i]) best[i] = score, best_index[i] = c0 + j;
+        }
+    }
+    tile_maximum = maximum;
+    for (int64_t j = 0; j < codes; ++j)
+      for (int64_t i = 0; i < rows; ++i) tile_maximum[i] = nan_max(tile_maximum[i], tile[j * rows + i]);
+    for (int64_t i = 0; i < rows; ++i) {
+      // The safe shift keeps a row whose logits are all -inf so far at a zero sum, not exp(nan).
+      shift[i] = tile_maximum[i] == negative_infinity ? T(0) : tile_maximum[i];
+      rescale[i] = std::exp(maximum[i] - shift[i]);
+      maximum[i] = tile_maximum[i];
+      total[i] *= rescale[i];
+    }
+    for (int64_t j = 0; j < codes; ++j) {
+      T* line = tile + j * rows;
+      exp_shifted(line, shift.data(), rows);
+      for (int64_t i = 0; i < rows; ++i) total[i] += line[i];
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t v = 0; v < value_dim; ++v) weighted[i * value_dim + v] *= rescale[i];
+    // weighted [rows, Dv] += p [rows, codes] values [codes, Dv], p read from the tile's columns.
+    gemm<T>(rows, value_dim, codes, tile, 1, rows, ops.values + c0 * value_dim, value_dim, weighted, value_dim,
+            true);
+  }
+
+  void finish(int64_t* indices, T* lse) {
+    const T negative_infinity = -std::numeric_limits<T>::infinity();
+    const int64_t value_dim = ops.value_dim;
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t v = 0; v < value_dim; ++v) weighted[i * value_dim + v] /= total[i];
+      const T safe_shift = maximum[i] == negative_infinity ? T(0) : maximum[i];
+      lse[r0 + i] = total[i] > 0 ? safe_shift + std::log(total[i]) : std::numeric_limits<T>::quiet_NaN();
+      if (hard) indices[r0 + i] = best_index[i];
+    }
+  }
+};
+
 template <typename T>
 void forward(const Operands<T>& ops, bool hard, bool noisy, uint64_t seed, T* soft, int64_t* indices, T* lse) {
-  const int64_t num_rows = ops.num_rows, value_dim = ops.value_dim;
-  const T negative_infinity = -std::numeric_limits<T>::infinity();
+  const int64_t num_rows = ops.num_rows;
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
   at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
-    std::vector<T> maximum(kRowTile), total(kRowTile), best(kRowTile), shift(kRowTile), rescale(kRowTile);
-    std::vector<int64_t> best_index(kRowTile);
+    SoftRowTile<T> state(ops, hard, noisy, seed);
     for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
       const int64_t r0 = row_tile * kRowTile, rows = std::min(kRowTile, num_rows - r0);
-      T* weighted = soft + r0 * value_dim;  // the running weighted sums live in the output
-      std::fill(weighted, weighted + rows * value_dim, T(0));
-      std::fill(maximum.begin(), maximum.end(), negative_infinity);
-      std::fill(best.begin(), best.end(), negative_infinity);
-      std::fill(total.begin(), total.end(), T(0));
-      std::fill(best_index.begin(), best_index.end(), 0);
+      state.begin(r0, rows, soft);
       for (int64_t c0 = 0; c0 < ops.num_codes; c0 += kCodeTile) {
         const int64_t codes = std::min(kCodeTile, ops.num_codes - c0);
         ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
-        if (hard) {
-          // Codes in order and a strict '>': the lowest index wins ties; a NaN score never wins.
-          for (int64_t j = 0; j < codes; ++j)
-            for (int64_t i = 0; i < rows; ++i) {
-              T score = tile[j * rows + i];
-              if (noisy) score += static_cast<T>(gumbel(seed, r0 + i, c0 + j));
-              if (score > best[i]) best[i] = score, best_index[i] = c0 + j;
-            }
-        }
-        std::vector<T> tile_maximum(maximum);
-        for (int64_t j = 0; j < codes; ++j)
-          for (int64_t i = 0; i < rows; ++i) tile_maximum[i] = nan_max(tile_maximum[i], tile[j * rows + i]);
-        for (int64_t i = 0; i < rows; ++i) {
-          // The safe shift keeps a row whose logits are all -inf so far at a zero sum, not exp(nan).
-          shift[i] = tile_maximum[i] == negative_infinity ? T(0) : tile_maximum[i];
-          rescale[i] = std::exp(maximum[i] - shift[i]);
-          maximum[i] = tile_maximum[i];
-          total[i] *= rescale[i];
-        }
-        for (int64_t j = 0; j < codes; ++j) {
-          T* line = tile.data() + j * rows;
-          exp_shifted(line, shift.data(), rows);
-          for (int64_t i = 0; i < rows; ++i) total[i] += line[i];
-        }
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t v = 0; v < value_dim; ++v) weighted[i * value_dim + v] *= rescale[i];
-        // weighted [rows, Dv] += p [rows, codes] values [codes, Dv], p read from the tile's columns.
-        gemm<T>(rows, value_dim, codes, tile.data(), 1, rows, ops.values + c0 * value_dim, value_dim, weighted,
-                value_dim, true);
+        state.add(tile.data(), c0, codes);
       }
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t v = 0; v < value_dim; ++v) weighted[i * value_dim + v] /= total[i];
-        const T safe_shift = maximum[i] == negative_infinity ? T(0) : maximum[i];
-        lse[r0 + i] = total[i] > 0 ? safe_shift + std::log(total[i]) : std::numeric_limits<T>::quiet_NaN();
-        if (hard) indices[r0 + i] = best_index[i];
-      }
+      state.finish(indices, lse);
     }
   });
+}
+
+// out[x] = tile[x] * factor for x < n: the fused op's logits at each of its two temperatures from the
+// temperature-1 logits (the same product the separate ops round: (s - c) / T is (s - c) * (1 / T)).
+template <typename T>
+inline void scaled_copy(const T* tile, int64_t n, T factor, T* out) {
+#pragma omp simd
+  for (int64_t x = 0; x < n; ++x) out[x] = tile[x] * factor;
 }
 
 template <typename T>
@@ -346,6 +389,16 @@ struct GradOutputs {
   T* grad_values;    // [K, Dv] or null: sum_n p g
 };
 
+// soft_quantize's per-logit gradient: dL/dlogit = p (g V^T - delta), p = exp(logit - lse), delta = <g, soft> -
+// grad_lse. The logits are the tile's times logit_scale (1 where the operands carry the temperature).
+template <typename T>
+struct SoftTerms {
+  const T* grad_soft;  // g [N, Dv]
+  const T* delta;      // [N]
+  const T* lse;        // [N]
+  T logit_scale, inverse_temperature;
+};
+
 // The entropies' per-logit gradient: dL/dlogit = p (-a_n max(logit, lowest) + c_k + constant_n), with a the
 // row entropy's gradient, c the mean probabilities' gradient / N and constant_n = grad_lse + a_n m_n -
 // sum_k p c_k (m the mean logit; see fastvq/backends/torch/soft_quantize.py's soft_entropy_backward).
@@ -354,60 +407,76 @@ struct EntropyTerms {
   const T* grad_entropy;   // a [N]
   const T* code_weights;   // c [K]
   const T* row_constant;   // constant [N]
+  const T* lse;            // [N]
+  T logit_scale, inverse_temperature;
 };
 
-// The backward's sums of w = dL/dlogit / T (times euclidean's scale): soft_quantize's, p (g V^T - delta),
-// or with `entropy` the entropies'.
+// The backward's sums of w = dL/ds, s the operands' logit (times euclidean's scale): soft_quantize's, the
+// entropies', or both (the fused op: one tile of products, two temperatures, the two weights added).
 template <typename T>
-void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const T* lse, GradOutputs<T> out,
-              const EntropyTerms<T>* entropy = nullptr) {
+void backward(const Operands<T>& ops, const SoftTerms<T>* soft, const EntropyTerms<T>* entropy, GradOutputs<T> out) {
   const int64_t num_rows = ops.num_rows, dim = ops.dim, value_dim = ops.value_dim;
-  const std::vector<T> grad_t = entropy ? std::vector<T>() : tile_transposed(grad_soft, num_rows, value_dim);
+  const std::vector<T> grad_t = soft ? tile_transposed(soft->grad_soft, num_rows, value_dim) : std::vector<T>();
   const T lowest = std::numeric_limits<T>::lowest();
   const int64_t code_tiles = (ops.num_codes + kCodeTile - 1) / kCodeTile;
   const int threads = at::get_num_threads();
   // Per-thread row sums (rows are shared by every code tile), added in thread order at the end.
   const bool row_grad = out.weighted_keys != nullptr;
+  const bool weights_needed = row_grad || out.weighted_rows != nullptr;
   const size_t row_block = static_cast<size_t>(num_rows * (dim + 1));
   std::vector<T> thread_row_sums(row_grad ? row_block * threads : 0, T(0));
   at::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    std::vector<T> probs(static_cast<size_t>(kCodeTile * kRowTile)), grads(probs.size()), scale(probs.size());
+    std::vector<T> logits(static_cast<size_t>(kCodeTile * kRowTile)), probs(logits.size()), grads(logits.size());
+    std::vector<T> scale(logits.size()), bracket(kRowTile);
     T* my_rows = row_grad ? thread_row_sums.data() + row_block * at::get_thread_num() : nullptr;
     for (int64_t code_tile = tile_begin; code_tile < tile_end; ++code_tile) {
       const int64_t c0 = code_tile * kCodeTile, codes = std::min(kCodeTile, ops.num_codes - c0);
       for (int64_t r0 = 0; r0 < num_rows; r0 += kRowTile) {
         const int64_t rows = std::min(kRowTile, num_rows - r0);
-        ops.tile_logits(probs.data(), ops.metric == kEuclidean ? scale.data() : nullptr, c0, codes, r0, rows);
-        if (entropy != nullptr) {
-          // Floored, an excluded code's -inf logit times its zero probability is 0, not nan.
-          for (int64_t j = 0; j < codes; ++j)
-            for (int64_t i = 0; i < rows; ++i) {
-              const T logit = probs[j * rows + i];
-              grads[j * rows + i] = -entropy->grad_entropy[r0 + i] * std::max(logit, lowest) +
-                                    entropy->code_weights[c0 + j] + entropy->row_constant[r0 + i];
-            }
+        ops.tile_logits(logits.data(), ops.metric == kEuclidean ? scale.data() : nullptr, c0, codes, r0, rows);
+        if (soft != nullptr) {
+          scaled_copy(logits.data(), codes * rows, soft->logit_scale, probs.data());
+          for (int64_t j = 0; j < codes; ++j) exp_shifted(probs.data() + j * rows, soft->lse + r0, rows);
+          if (out.grad_values != nullptr)
+            gemm<T>(codes, value_dim, rows, probs.data(), rows, 1, soft->grad_soft + r0 * value_dim, value_dim,
+                    out.grad_values + c0 * value_dim, value_dim, true);
+          if (weights_needed) {
+            // g V^T per (code, row), then w = p (g V^T - delta) / T.
+            gemm<T>(codes, rows, value_dim, ops.values + c0 * value_dim, value_dim, 1,
+                    grad_t.data() + r0 * value_dim, rows, grads.data(), rows, false);
+            const T* row_delta = soft->delta + r0;
+            for (int64_t j = 0; j < codes; ++j)
+              for (int64_t i = 0; i < rows; ++i) {
+                const T prob = probs[j * rows + i];
+                const T bracket_value = grads[j * rows + i] - row_delta[i];
+                grads[j * rows + i] = prob == T(0) ? T(0) : prob * bracket_value * soft->inverse_temperature;
+              }
+          }
         }
-        for (int64_t j = 0; j < codes; ++j) exp_shifted(probs.data() + j * rows, lse + r0, rows);
-        if (out.grad_values != nullptr)
-          gemm<T>(codes, value_dim, rows, probs.data(), rows, 1, grad_soft + r0 * value_dim, value_dim,
-                  out.grad_values + c0 * value_dim, value_dim, true);
-        if (out.weighted_keys == nullptr && out.weighted_rows == nullptr) continue;
-        // g V^T per (code, row), then w = p (g V^T - delta) / T (times euclidean's scale).
-        if (entropy == nullptr)
-          gemm<T>(codes, rows, value_dim, ops.values + c0 * value_dim, value_dim, 1, grad_t.data() + r0 * value_dim,
-                  rows, grads.data(), rows, false);
-        const T* row_delta = entropy == nullptr ? delta + r0 : nullptr;
+        if (!weights_needed) continue;
+        if (entropy != nullptr) {
+          for (int64_t j = 0; j < codes; ++j) {
+            T* line = logits.data() + j * rows;
+            if (entropy->logit_scale != T(1)) scaled_copy(line, rows, entropy->logit_scale, line);
+            // Floored, an excluded code's -inf logit times its zero probability is 0, not nan.
+            for (int64_t i = 0; i < rows; ++i)
+              bracket[i] = -entropy->grad_entropy[r0 + i] * std::max(line[i], lowest) +
+                           entropy->code_weights[c0 + j] + entropy->row_constant[r0 + i];
+            exp_shifted(line, entropy->lse + r0, rows);
+            T* weights = grads.data() + j * rows;
+            for (int64_t i = 0; i < rows; ++i) {
+              // A zero probability (an excluded code) gives a zero weight even where the floored bracket
+              // overflowed: 0 * inf would be nan.
+              const T weight = line[i] == T(0) ? T(0) : line[i] * bracket[i] * entropy->inverse_temperature;
+              weights[i] = soft != nullptr ? weights[i] + weight : weight;
+            }
+          }
+        }
         for (int64_t j = 0; j < codes; ++j) {
           T code_sum = 0;
           for (int64_t i = 0; i < rows; ++i) {
-            const T bracket = row_delta ? grads[j * rows + i] - row_delta[i] : grads[j * rows + i];
-            // A zero probability (an excluded code) gives a zero weight even where the entropies' floored
-            // bracket overflowed: 0 * inf would be nan.
-            const T prob = probs[j * rows + i];
-            T weight = prob == T(0) ? T(0) : prob * bracket * ops.inverse_temperature;
-            if (ops.metric == kEuclidean) weight *= scale[j * rows + i];
-            grads[j * rows + i] = weight;
-            code_sum += weight;
+            if (ops.metric == kEuclidean) grads[j * rows + i] *= scale[j * rows + i];
+            code_sum += grads[j * rows + i];
           }
           if (out.code_sums != nullptr) out.code_sums[c0 + j] += code_sum;
         }
@@ -435,9 +504,21 @@ void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const 
 // The entropies of p = softmax(logits): per row the entropy and log-sum-exp, per code the batch sum of p.
 // A first pass per row tile carries the online softmax and A = sum exp(logit - max) (logit - max), which give
 // lse and H = log(total) - A / total; a second, threads splitting the code tiles (a code's sum is one
-// thread's), adds exp(logit - shift - log(total)) per code, as the PyTorch path does.
+// thread's), adds exp(logit - shift - log(total)) per code, as the PyTorch path does. The entropies' logits
+// are the operands' times logit_scale. With `soft` (the fused op) the first pass also carries soft_quantize's
+// softmax of the same products at its own temperature: one product per tile for both.
 template <typename T>
-void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* lse) {
+struct SoftOutputs {
+  bool hard;
+  T logit_scale;
+  T* soft;           // [N, Dv]
+  int64_t* indices;  // [N] or null
+  T* lse;            // [N]
+};
+
+template <typename T>
+void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* code_sums, T* lse,
+                     const SoftOutputs<T>* soft_out = nullptr) {
   const int64_t num_rows = ops.num_rows;
   const T negative_infinity = -std::numeric_limits<T>::infinity(), lowest = std::numeric_limits<T>::lowest();
   std::vector<T> final_shift(num_rows), log_total(num_rows);
@@ -445,15 +526,23 @@ void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* ls
   at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     std::vector<T> maximum(kRowTile), total(kRowTile), centred_sum(kRowTile), shift(kRowTile), tile_maximum;
+    std::vector<T> soft_tile(soft_out ? tile.size() : 0);
+    SoftRowTile<T> soft_state(ops, soft_out && soft_out->hard, false, 0);
     for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
       const int64_t r0 = row_tile * kRowTile, rows = std::min(kRowTile, num_rows - r0);
       std::fill(maximum.begin(), maximum.end(), negative_infinity);
       std::fill(total.begin(), total.end(), T(0));
       std::fill(centred_sum.begin(), centred_sum.end(), T(0));
       std::fill(shift.begin(), shift.end(), T(0));
+      if (soft_out) soft_state.begin(r0, rows, soft_out->soft);
       for (int64_t c0 = 0; c0 < ops.num_codes; c0 += kCodeTile) {
         const int64_t codes = std::min(kCodeTile, ops.num_codes - c0);
         ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
+        if (soft_out) {
+          scaled_copy(tile.data(), codes * rows, soft_out->logit_scale, soft_tile.data());
+          soft_state.add(soft_tile.data(), c0, codes);
+        }
+        if (logit_scale != T(1)) scaled_copy(tile.data(), codes * rows, logit_scale, tile.data());
         tile_maximum = maximum;
         for (int64_t j = 0; j < codes; ++j)
           for (int64_t i = 0; i < rows; ++i) tile_maximum[i] = nan_max(tile_maximum[i], tile[j * rows + i]);
@@ -480,6 +569,7 @@ void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* ls
         row_entropy[r0 + i] = log_total[r0 + i] - centred_sum[i] / total[i];
         final_shift[r0 + i] = shift[i];
       }
+      if (soft_out) soft_state.finish(soft_out->indices, soft_out->lse);
     }
   });
   const int64_t code_tiles = (ops.num_codes + kCodeTile - 1) / kCodeTile;
@@ -490,6 +580,7 @@ void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* ls
       for (int64_t r0 = 0; r0 < num_rows; r0 += kRowTile) {
         const int64_t rows = std::min(kRowTile, num_rows - r0);
         ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
+        if (logit_scale != T(1)) scaled_copy(tile.data(), codes * rows, logit_scale, tile.data());
         for (int64_t j = 0; j < codes; ++j) {
           T sum = 0;
           for (int64_t i = 0; i < rows; ++i)
@@ -503,7 +594,7 @@ void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* ls
 
 // sum_k p[n, k] c_k per row (the entropies' backward needs it before its weights), threads splitting row tiles.
 template <typename T>
-void expected_code_weight(const Operands<T>& ops, const T* lse, const T* code_weights, T* expected) {
+void expected_code_weight(const Operands<T>& ops, T logit_scale, const T* lse, const T* code_weights, T* expected) {
   const int64_t num_rows = ops.num_rows;
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
   at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
@@ -514,6 +605,7 @@ void expected_code_weight(const Operands<T>& ops, const T* lse, const T* code_we
       for (int64_t c0 = 0; c0 < ops.num_codes; c0 += kCodeTile) {
         const int64_t codes = std::min(kCodeTile, ops.num_codes - c0);
         ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
+        if (logit_scale != T(1)) scaled_copy(tile.data(), codes * rows, logit_scale, tile.data());
         for (int64_t j = 0; j < codes; ++j)
           for (int64_t i = 0; i < rows; ++i)
             expected[r0 + i] += std::exp(tile[j * rows + i] - lse[r0 + i]) * code_weights[c0 + j];
@@ -610,8 +702,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
                               codes_grad ? weighted_rows.data_ptr<scalar_t>() : nullptr,
                               codes_grad ? code_sums.data_ptr<scalar_t>() : nullptr,
                               values_grad ? grad_values.data_ptr<scalar_t>() : nullptr};
-    backward<scalar_t>(ops, grad_c.data_ptr<scalar_t>(), delta_c.data_ptr<scalar_t>(), lse_c.data_ptr<scalar_t>(),
-                       out);
+    const SoftTerms<scalar_t> terms{grad_c.data_ptr<scalar_t>(), delta_c.data_ptr<scalar_t>(),
+                                    lse_c.data_ptr<scalar_t>(), scalar_t(1), ops.inverse_temperature};
+    backward<scalar_t>(ops, &terms, nullptr, out);
   });
   return {weighted_keys, row_sums, weighted_rows, code_sums, grad_values};
 }
@@ -629,7 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_entropy_cpu(
   const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_entropy_cpu", [&] {
     const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, keys_c, metric, inverse_temperature);
-    entropy_forward<scalar_t>(ops, row_entropy.data_ptr<scalar_t>(), code_sums.data_ptr<scalar_t>(),
+    entropy_forward<scalar_t>(ops, scalar_t(1), row_entropy.data_ptr<scalar_t>(), code_sums.data_ptr<scalar_t>(),
                               lse.data_ptr<scalar_t>());
   });
   return {row_entropy, code_sums, lse};
@@ -660,17 +753,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_entropy_backward
   AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_entropy_backward_cpu", [&] {
     const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, keys_c, metric, inverse_temperature);
     std::vector<scalar_t> constant(static_cast<size_t>(num_rows));
-    expected_code_weight<scalar_t>(ops, lse_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), constant.data());
+    expected_code_weight<scalar_t>(ops, scalar_t(1), lse_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(),
+                                   constant.data());
     const auto* given = row_constant_c.data_ptr<scalar_t>();
     for (int64_t i = 0; i < num_rows; ++i) constant[i] = given[i] - constant[i];
-    EntropyTerms<scalar_t> terms{entropy_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(), constant.data()};
+    const EntropyTerms<scalar_t> terms{entropy_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(),
+                                       constant.data(), lse_c.data_ptr<scalar_t>(), scalar_t(1),
+                                       ops.inverse_temperature};
     GradOutputs<scalar_t> out{rows_grad ? weighted_keys.data_ptr<scalar_t>() : nullptr,
                               rows_grad ? row_sums.data_ptr<scalar_t>() : nullptr,
                               codes_grad ? weighted_rows.data_ptr<scalar_t>() : nullptr,
                               codes_grad ? code_sums.data_ptr<scalar_t>() : nullptr, nullptr};
-    backward<scalar_t>(ops, nullptr, nullptr, lse_c.data_ptr<scalar_t>(), out, &terms);
+    backward<scalar_t>(ops, nullptr, &terms, out);
   });
   return {weighted_keys, row_sums, weighted_rows, code_sums};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quantize_entropy_cpu(
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    const at::Tensor& values, int64_t metric, double inverse_temperature, double entropy_inverse_temperature,
+    bool return_hard) {
+  check_operands(zq, keys, code_term, row_term, values, metric);
+  const int64_t num_rows = zq.size(0);
+  const auto options = keys.options();
+  at::Tensor soft = at::empty({num_rows, values.size(1)}, options);
+  at::Tensor indices = at::empty({return_hard ? num_rows : 0}, options.dtype(at::kLong));
+  at::Tensor lse = at::empty({num_rows}, options), row_entropy = at::empty({num_rows}, options);
+  at::Tensor code_sums = at::zeros({keys.size(0)}, options), entropy_lse = at::empty({num_rows}, options);
+  if (num_rows == 0) return {soft, indices, lse, row_entropy, code_sums, entropy_lse};
+  const auto zq_c = zq.contiguous(), keys_c = keys.contiguous(), values_c = values.contiguous();
+  const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_quantize_entropy_cpu", [&] {
+    // The operands at temperature 1: each part scales the one tile of logits by its own 1 / T.
+    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, values_c, metric, 1.0);
+    const SoftOutputs<scalar_t> soft_out{return_hard, static_cast<scalar_t>(inverse_temperature),
+                                         soft.data_ptr<scalar_t>(),
+                                         return_hard ? indices.data_ptr<int64_t>() : nullptr, lse.data_ptr<scalar_t>()};
+    entropy_forward<scalar_t>(ops, static_cast<scalar_t>(entropy_inverse_temperature),
+                              row_entropy.data_ptr<scalar_t>(), code_sums.data_ptr<scalar_t>(),
+                              entropy_lse.data_ptr<scalar_t>(), &soft_out);
+  });
+  return {soft, indices, lse, row_entropy, code_sums, entropy_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quantize_entropy_backward_cpu(
+    const at::Tensor& grad_soft, const at::Tensor& delta, const at::Tensor& lse, const at::Tensor& grad_entropy,
+    const at::Tensor& code_weights, const at::Tensor& row_constant, const at::Tensor& entropy_lse,
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    const at::Tensor& values, int64_t metric, double inverse_temperature, double entropy_inverse_temperature,
+    bool rows_grad, bool codes_grad, bool values_grad) {
+  check_operands(zq, keys, code_term, row_term, values, metric);
+  const int64_t num_rows = zq.size(0), num_codes = keys.size(0), dim = zq.size(1), value_dim = values.size(1);
+  TORCH_CHECK(grad_soft.dim() == 2 && grad_soft.size(0) == num_rows && grad_soft.size(1) == value_dim &&
+                  delta.numel() == num_rows && lse.numel() == num_rows && grad_entropy.numel() == num_rows &&
+                  row_constant.numel() == num_rows && entropy_lse.numel() == num_rows &&
+                  code_weights.numel() == num_codes,
+              "soft_quantize_entropy_backward: grad_soft must be [N, Dv], code_weights [K], the row terms [N]");
+  for (const at::Tensor* term : {&grad_soft, &delta, &lse, &grad_entropy, &code_weights, &row_constant,
+                                 &entropy_lse})
+    TORCH_CHECK(term->scalar_type() == keys.scalar_type(),
+                "soft_quantize_entropy_backward: the gradient terms must be in the work dtype");
+  const auto options = keys.options();
+  at::Tensor weighted_keys = at::zeros({rows_grad ? num_rows : 0, dim}, options);
+  at::Tensor row_sums = at::zeros({rows_grad ? num_rows : 0}, options);
+  at::Tensor weighted_rows = at::zeros({codes_grad ? num_codes : 0, dim}, options);
+  at::Tensor code_sums = at::zeros({codes_grad ? num_codes : 0}, options);
+  at::Tensor grad_values = at::zeros({values_grad ? num_codes : 0, value_dim}, options);
+  if (num_rows == 0 || (!rows_grad && !codes_grad && !values_grad))
+    return {weighted_keys, row_sums, weighted_rows, code_sums, grad_values};
+  const auto zq_c = zq.contiguous(), keys_c = keys.contiguous(), values_c = values.contiguous();
+  const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
+  const auto grad_c = grad_soft.contiguous(), delta_c = delta.contiguous(), lse_c = lse.contiguous();
+  const auto entropy_c = grad_entropy.contiguous(), weights_c = code_weights.contiguous();
+  const auto row_constant_c = row_constant.contiguous(), entropy_lse_c = entropy_lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_quantize_entropy_backward_cpu", [&] {
+    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, values_c, metric, 1.0);
+    const auto soft_scale = static_cast<scalar_t>(inverse_temperature);
+    const auto entropy_scale = static_cast<scalar_t>(entropy_inverse_temperature);
+    std::vector<scalar_t> constant(static_cast<size_t>(num_rows));
+    const bool weights_needed = rows_grad || codes_grad;
+    if (weights_needed) {
+      expected_code_weight<scalar_t>(ops, entropy_scale, entropy_lse_c.data_ptr<scalar_t>(),
+                                     weights_c.data_ptr<scalar_t>(), constant.data());
+      const auto* given = row_constant_c.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < num_rows; ++i) constant[i] = given[i] - constant[i];
+    }
+    const SoftTerms<scalar_t> soft_terms{grad_c.data_ptr<scalar_t>(), delta_c.data_ptr<scalar_t>(),
+                                         lse_c.data_ptr<scalar_t>(), soft_scale, soft_scale};
+    const EntropyTerms<scalar_t> entropy_terms{entropy_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(),
+                                               constant.data(), entropy_lse_c.data_ptr<scalar_t>(), entropy_scale,
+                                               entropy_scale};
+    GradOutputs<scalar_t> out{rows_grad ? weighted_keys.data_ptr<scalar_t>() : nullptr,
+                              rows_grad ? row_sums.data_ptr<scalar_t>() : nullptr,
+                              codes_grad ? weighted_rows.data_ptr<scalar_t>() : nullptr,
+                              codes_grad ? code_sums.data_ptr<scalar_t>() : nullptr,
+                              values_grad ? grad_values.data_ptr<scalar_t>() : nullptr};
+    backward<scalar_t>(ops, &soft_terms, weights_needed ? &entropy_terms : nullptr, out);
+  });
+  return {weighted_keys, row_sums, weighted_rows, code_sums, grad_values};
 }
 
 }  // namespace fastvq
