@@ -95,14 +95,14 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_
 template <int kRows>
 inline void gemm_block(int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
                        float* c, int64_t ldc, __mmask16 mask0, __mmask16 mask1, bool accumulate) {
-  static_assert(kRows == 1 || kRows == 6, "the blocks are 6 rows, and 1 for the rest");
+  static_assert(kRows == 1 || kRows == 4 || kRows == 8, "the blocks are 8 rows, then 4, then 1");
 #define FASTVQ_ROW(r)                                                                                 \
   __m512 acc##r##0 = _mm512_setzero_ps(), acc##r##1 = _mm512_setzero_ps();                            \
   if (kRows > r && accumulate) {                                                                      \
     acc##r##0 = _mm512_maskz_loadu_ps(mask0, c + r * ldc);                                            \
     acc##r##1 = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);                                       \
   }
-  FASTVQ_ROW(0) FASTVQ_ROW(1) FASTVQ_ROW(2) FASTVQ_ROW(3) FASTVQ_ROW(4) FASTVQ_ROW(5)
+  FASTVQ_ROW(0) FASTVQ_ROW(1) FASTVQ_ROW(2) FASTVQ_ROW(3) FASTVQ_ROW(4) FASTVQ_ROW(5) FASTVQ_ROW(6) FASTVQ_ROW(7)
 #undef FASTVQ_ROW
   for (int64_t p = 0; p < k; ++p) {
     const __m512 b0 = _mm512_maskz_loadu_ps(mask0, b + p * ldb);
@@ -113,7 +113,7 @@ inline void gemm_block(int64_t k, const float* a, int64_t a_row, int64_t a_col, 
     acc##r##0 = _mm512_fmadd_ps(a_value, b0, acc##r##0);                     \
     acc##r##1 = _mm512_fmadd_ps(a_value, b1, acc##r##1);                     \
   }
-    FASTVQ_FMA(0) FASTVQ_FMA(1) FASTVQ_FMA(2) FASTVQ_FMA(3) FASTVQ_FMA(4) FASTVQ_FMA(5)
+    FASTVQ_FMA(0) FASTVQ_FMA(1) FASTVQ_FMA(2) FASTVQ_FMA(3) FASTVQ_FMA(4) FASTVQ_FMA(5) FASTVQ_FMA(6) FASTVQ_FMA(7)
 #undef FASTVQ_FMA
   }
 #define FASTVQ_STORE(r)                                          \
@@ -121,7 +121,8 @@ inline void gemm_block(int64_t k, const float* a, int64_t a_row, int64_t a_col, 
     _mm512_mask_storeu_ps(c + r * ldc, mask0, acc##r##0);        \
     _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc##r##1);   \
   }
-  FASTVQ_STORE(0) FASTVQ_STORE(1) FASTVQ_STORE(2) FASTVQ_STORE(3) FASTVQ_STORE(4) FASTVQ_STORE(5)
+  FASTVQ_STORE(0) FASTVQ_STORE(1) FASTVQ_STORE(2) FASTVQ_STORE(3)
+  FASTVQ_STORE(4) FASTVQ_STORE(5) FASTVQ_STORE(6) FASTVQ_STORE(7)
 #undef FASTVQ_STORE
 }
 
@@ -140,8 +141,11 @@ template <>
 void gemm<float>(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   int64_t row = 0;
-  for (; row + 6 <= m; row += 6)
-    gemm_rows<6>(n, k, a + row * a_row, a_row, a_col, b, ldb, c + row * ldc, ldc, accumulate);
+  // 8 rows: 16 accumulators of the 32 registers, and the tiles' 64 rows and 128 codes split without a rest.
+  for (; row + 8 <= m; row += 8)
+    gemm_rows<8>(n, k, a + row * a_row, a_row, a_col, b, ldb, c + row * ldc, ldc, accumulate);
+  for (; row + 4 <= m; row += 4)
+    gemm_rows<4>(n, k, a + row * a_row, a_row, a_col, b, ldb, c + row * ldc, ldc, accumulate);
   for (; row < m; ++row) gemm_rows<1>(n, k, a + row * a_row, a_row, a_col, b, ldb, c + row * ldc, ldc, accumulate);
 }
 #endif
@@ -271,10 +275,21 @@ inline void exp_shifted<float>(float* line, const float* shift, int64_t n) {
 }
 #endif
 
+// tile_maximum[i] <- the maximum of itself and tile[j, i] over the tile's codes j, NaN where any of them is NaN
+// (a NaN logit reaches the row's sums, as with a plain max fold that propagates NaN); branch-free, so that it
+// vectorises.
 template <typename T>
-inline T nan_max(T a, T b) {
-  if (a != a || b != b) return std::numeric_limits<T>::quiet_NaN();
-  return std::max(a, b);
+void fold_tile_maximum(const T* tile, int64_t codes, int64_t rows, T* tile_maximum, T* nan_seen) {
+  std::fill(nan_seen, nan_seen + rows, T(0));
+  for (int64_t j = 0; j < codes; ++j) {
+    const T* line = tile + j * rows;
+    for (int64_t i = 0; i < rows; ++i) {
+      tile_maximum[i] = line[i] > tile_maximum[i] ? line[i] : tile_maximum[i];
+      nan_seen[i] = line[i] != line[i] ? T(1) : nan_seen[i];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    if (nan_seen[i] != T(0)) tile_maximum[i] = std::numeric_limits<T>::quiet_NaN();
 }
 
 // One row tile's running softmax of soft_quantize, a code tile of logits at a time: the maximum, the sum of
@@ -285,14 +300,14 @@ struct SoftRowTile {
   const Operands<T>& ops;
   bool hard, noisy;
   uint64_t seed;
-  std::vector<T> maximum, total, best, shift, rescale, tile_maximum;
+  std::vector<T> maximum, total, best, shift, rescale, tile_maximum, nan_seen;
   std::vector<int64_t> best_index;
   int64_t r0 = 0, rows = 0;
   T* weighted = nullptr;
 
   SoftRowTile(const Operands<T>& operands, bool hard_choice, bool with_noise, uint64_t noise_seed)
       : ops(operands), hard(hard_choice), noisy(with_noise), seed(noise_seed), maximum(kRowTile), total(kRowTile),
-        best(kRowTile), shift(kRowTile), rescale(kRowTile), best_index(kRowTile) {}
+        best(kRowTile), shift(kRowTile), rescale(kRowTile), nan_seen(kRowTile), best_index(kRowTile) {}
 
   void begin(int64_t row_start, int64_t row_count, T* soft) {
     const T negative_infinity = -std::numeric_limits<T>::infinity();
@@ -319,8 +334,7 @@ struct SoftRowTile {
         }
     }
     tile_maximum = maximum;
-    for (int64_t j = 0; j < codes; ++j)
-      for (int64_t i = 0; i < rows; ++i) tile_maximum[i] = nan_max(tile_maximum[i], tile[j * rows + i]);
+    fold_tile_maximum(tile, codes, rows, tile_maximum.data(), nan_seen.data());
     for (int64_t i = 0; i < rows; ++i) {
       // The safe shift keeps a row whose logits are all -inf so far at a zero sum, not exp(nan).
       shift[i] = tile_maximum[i] == negative_infinity ? T(0) : tile_maximum[i];
@@ -526,7 +540,7 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
   at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     std::vector<T> maximum(kRowTile), total(kRowTile), centred_sum(kRowTile), shift(kRowTile), tile_maximum;
-    std::vector<T> soft_tile(soft_out ? tile.size() : 0);
+    std::vector<T> soft_tile(soft_out ? tile.size() : 0), centred(kRowTile), weights(kRowTile), nan_seen(kRowTile);
     SoftRowTile<T> soft_state(ops, soft_out && soft_out->hard, false, 0);
     for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
       const int64_t r0 = row_tile * kRowTile, rows = std::min(kRowTile, num_rows - r0);
@@ -544,8 +558,7 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
         }
         if (logit_scale != T(1)) scaled_copy(tile.data(), codes * rows, logit_scale, tile.data());
         tile_maximum = maximum;
-        for (int64_t j = 0; j < codes; ++j)
-          for (int64_t i = 0; i < rows; ++i) tile_maximum[i] = nan_max(tile_maximum[i], tile[j * rows + i]);
+        fold_tile_maximum(tile.data(), codes, rows, tile_maximum.data(), nan_seen.data());
         for (int64_t i = 0; i < rows; ++i) {
           const T new_shift = tile_maximum[i] == negative_infinity ? T(0) : tile_maximum[i];
           const T rescale = std::exp(maximum[i] - new_shift);
@@ -555,13 +568,19 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
           shift[i] = new_shift;
           maximum[i] = tile_maximum[i];
         }
-        for (int64_t j = 0; j < codes; ++j)
+        for (int64_t j = 0; j < codes; ++j) {
+          const T* line = tile.data() + j * rows;
+          // exp(max(x, lowest)) is exp(x): the floor only turns an excluded code's -inf into a finite centred value.
           for (int64_t i = 0; i < rows; ++i) {
-            const T centred = std::max(tile[j * rows + i] - shift[i], lowest);
-            const T weight = std::exp(centred);
-            centred_sum[i] += weight * centred;
-            total[i] += weight;
+            centred[i] = std::max(line[i] - shift[i], lowest);
+            weights[i] = line[i];
           }
+          exp_shifted(weights.data(), shift.data(), rows);
+          for (int64_t i = 0; i < rows; ++i) {
+            centred_sum[i] += weights[i] * centred[i];
+            total[i] += weights[i];
+          }
+        }
       }
       for (int64_t i = 0; i < rows; ++i) {
         lse[r0 + i] = total[i] > 0 ? shift[i] + std::log(total[i]) : std::numeric_limits<T>::quiet_NaN();
@@ -582,9 +601,11 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
         ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
         if (logit_scale != T(1)) scaled_copy(tile.data(), codes * rows, logit_scale, tile.data());
         for (int64_t j = 0; j < codes; ++j) {
+          T* line = tile.data() + j * rows;
+          for (int64_t i = 0; i < rows; ++i) line[i] -= final_shift[r0 + i];
+          exp_shifted(line, log_total.data() + r0, rows);
           T sum = 0;
-          for (int64_t i = 0; i < rows; ++i)
-            sum += std::exp(tile[j * rows + i] - final_shift[r0 + i] - log_total[r0 + i]);
+          for (int64_t i = 0; i < rows; ++i) sum += line[i];
           code_sums[c0 + j] += sum;
         }
       }
@@ -606,9 +627,11 @@ void expected_code_weight(const Operands<T>& ops, T logit_scale, const T* lse, c
         const int64_t codes = std::min(kCodeTile, ops.num_codes - c0);
         ops.tile_logits(tile.data(), nullptr, c0, codes, r0, rows);
         if (logit_scale != T(1)) scaled_copy(tile.data(), codes * rows, logit_scale, tile.data());
-        for (int64_t j = 0; j < codes; ++j)
-          for (int64_t i = 0; i < rows; ++i)
-            expected[r0 + i] += std::exp(tile[j * rows + i] - lse[r0 + i]) * code_weights[c0 + j];
+        for (int64_t j = 0; j < codes; ++j) {
+          T* line = tile.data() + j * rows;
+          exp_shifted(line, lse + r0, rows);
+          for (int64_t i = 0; i < rows; ++i) expected[r0 + i] += line[i] * code_weights[c0 + j];
+        }
       }
     }
   });
