@@ -11,20 +11,28 @@
 // Forward: threads split the row tiles; per row a running maximum, sum of exp(logit - max) and weighted
 // sum of values, rescaled when the maximum grows. Backward: threads split the code tiles (each owns its
 // codes' sums: no race, no atomics), the probabilities recomputed from the saved log-sum-exp, the per-row
-// sums kept per thread and added in thread order.
+// sums kept per thread and added in thread order. The fp32 products and exponentials have AVX-512 and AVX2 + FMA
+// kernels, chosen per call (soft_isa, FASTVQ_CPU_SEARCH); fp64 and other CPUs take plain blocked loops.
 #include "../fastvq.h"
+#include "search_isa.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#if defined(__AVX512F__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+// The AVX2 + FMA kernels are compiled for every x86-64 build (per-function target attributes) and chosen at
+// run time; the AVX-512 ones where the build targets AVX-512F.
+#define FASTVQ_SOFT_AVX2 1
+#define FASTVQ_AVX2_TARGET __attribute__((target("avx2,fma")))
 #endif
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace fastvq {
@@ -40,10 +48,35 @@ constexpr double kEuclideanEps = 1e-8;
 
 enum Metric : int64_t { kDot = 0, kL2 = 1, kEuclidean = 2 };  // cosine is dot on normalised operands
 
+// The kernels' instruction set, chosen per call from FASTVQ_CPU_SEARCH (the search's switch, read at every call):
+// `auto`, `avx512` and `avx512-bf16` take the fastest this build and CPU run, `avx2` the AVX2 + FMA kernels,
+// `blas` the plain blocked loops (which the compiler vectorises for the build's target).
+enum class SoftIsa { kGeneric, kAvx2, kAvx512 };
+
+SoftIsa soft_isa() {
+  const char* choice = std::getenv("FASTVQ_CPU_SEARCH");
+  const std::string name = choice == nullptr || *choice == '\0' ? "auto" : choice;
+  TORCH_CHECK_VALUE(name == "auto" || name == "avx512-bf16" || name == "avx512" || name == "avx2" || name == "blas",
+                    "FASTVQ_CPU_SEARCH must be auto, avx512-bf16, avx512, avx2 or blas, got '", name, "'");
+  if (name == "blas") return SoftIsa::kGeneric;
+#if defined(FASTVQ_SOFT_AVX2)
+  const bool avx2 = avx2::available();
+#else
+  const bool avx2 = false;
+#endif
+  TORCH_CHECK_VALUE(name != "avx2" || avx2, "FASTVQ_CPU_SEARCH=avx2 but this CPU (or this build) does not run it");
+  if (name == "avx2") return SoftIsa::kAvx2;
+#if defined(__AVX512F__)
+  return SoftIsa::kAvx512;
+#else
+  return avx2 ? SoftIsa::kAvx2 : SoftIsa::kGeneric;
+#endif
+}
+
 // C[m, n] (+)= A[m, k] B[k, n]: A at any strides (one element is broadcast at a time), B and C row-major.
 template <typename T>
-void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
-          int64_t ldc, bool accumulate) {
+void gemm_generic(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+                  T* c, int64_t ldc, bool accumulate) {
   int64_t col = 0;
   for (; col + kBlockCols <= n; col += kBlockCols) {
     int64_t row = 0;
@@ -137,8 +170,7 @@ inline void gemm_rows(int64_t n, int64_t k, const float* a, int64_t a_row, int64
   }
 }
 
-template <>
-void gemm<float>(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b,
+void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   int64_t row = 0;
   // 8 rows: 16 accumulators of the 32 registers, and the tiles' 64 rows and 128 codes split without a rest.
@@ -149,6 +181,83 @@ void gemm<float>(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row,
   for (; row < m; ++row) gemm_rows<1>(n, k, a + row * a_row, a_row, a_col, b, ldb, c + row * ldc, ldc, accumulate);
 }
 #endif
+
+#if defined(FASTVQ_SOFT_AVX2)
+// The fp32 product on AVX2 + FMA: a block of kRows rows x 16 columns (two 8-float vectors, masked for a ragged
+// column count): 12 accumulators, the two columns' vectors and the broadcast fit the 16 registers.
+template <int kRows>
+FASTVQ_AVX2_TARGET inline void gemm_block_avx2(int64_t k, const float* a, int64_t a_row, int64_t a_col,
+                                               const float* b, int64_t ldb, float* c, int64_t ldc, __m256i mask0,
+                                               __m256i mask1, bool accumulate) {
+  static_assert(kRows == 1 || kRows == 6, "the blocks are 6 rows, and 1 for the rest");
+#define FASTVQ_ROW(r)                                                      \
+  __m256 acc##r##0 = _mm256_setzero_ps(), acc##r##1 = _mm256_setzero_ps(); \
+  if (kRows > r && accumulate) {                                           \
+    acc##r##0 = _mm256_maskload_ps(c + r * ldc, mask0);                    \
+    acc##r##1 = _mm256_maskload_ps(c + r * ldc + 8, mask1);                \
+  }
+  FASTVQ_ROW(0) FASTVQ_ROW(1) FASTVQ_ROW(2) FASTVQ_ROW(3) FASTVQ_ROW(4) FASTVQ_ROW(5)
+#undef FASTVQ_ROW
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b0 = _mm256_maskload_ps(b + p * ldb, mask0);
+    const __m256 b1 = _mm256_maskload_ps(b + p * ldb + 8, mask1);
+#define FASTVQ_FMA(r)                                                \
+  if (kRows > r) {                                                   \
+    const __m256 a_value = _mm256_set1_ps(a[r * a_row + p * a_col]); \
+    acc##r##0 = _mm256_fmadd_ps(a_value, b0, acc##r##0);             \
+    acc##r##1 = _mm256_fmadd_ps(a_value, b1, acc##r##1);             \
+  }
+    FASTVQ_FMA(0) FASTVQ_FMA(1) FASTVQ_FMA(2) FASTVQ_FMA(3) FASTVQ_FMA(4) FASTVQ_FMA(5)
+#undef FASTVQ_FMA
+  }
+#define FASTVQ_STORE(r)                                        \
+  if (kRows > r) {                                             \
+    _mm256_maskstore_ps(c + r * ldc, mask0, acc##r##0);        \
+    _mm256_maskstore_ps(c + r * ldc + 8, mask1, acc##r##1);    \
+  }
+  FASTVQ_STORE(0) FASTVQ_STORE(1) FASTVQ_STORE(2) FASTVQ_STORE(3) FASTVQ_STORE(4) FASTVQ_STORE(5)
+#undef FASTVQ_STORE
+}
+
+template <int kRows>
+FASTVQ_AVX2_TARGET void gemm_rows_avx2(int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,
+                                       const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t col = 0; col < n; col += 16) {
+    const int width = static_cast<int>(std::min<int64_t>(16, n - col));
+    const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(width), lanes);
+    const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(width - 8), lanes);
+    gemm_block_avx2<kRows>(k, a, a_row, a_col, b + col, ldb, c + col, ldc, mask0, mask1, accumulate);
+  }
+}
+
+FASTVQ_AVX2_TARGET void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,
+                                  const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t row = 0;
+  for (; row + 6 <= m; row += 6)
+    gemm_rows_avx2<6>(n, k, a + row * a_row, a_row, a_col, b, ldb, c + row * ldc, ldc, accumulate);
+  for (; row < m; ++row)
+    gemm_rows_avx2<1>(n, k, a + row * a_row, a_row, a_col, b, ldb, c + row * ldc, ldc, accumulate);
+}
+#endif
+
+template <typename T>
+void gemm(SoftIsa, int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+          T* c, int64_t ldc, bool accumulate) {
+  gemm_generic<T>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+}
+
+template <>
+void gemm<float>(SoftIsa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,
+                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+#if defined(__AVX512F__)
+  if (isa == SoftIsa::kAvx512) return gemm_avx512(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+#endif
+#if defined(FASTVQ_SOFT_AVX2)
+  if (isa == SoftIsa::kAvx2) return gemm_avx2(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+#endif
+  gemm_generic<float>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+}
 
 // x [rows, cols] (row-major) transposed one row tile at a time: tile t's rows r0 .. r0 + n - 1 become the block
 // [cols, n] at offset r0 * cols, so a tile's columns are contiguous (a whole-matrix transpose would put them
@@ -177,6 +286,7 @@ struct Operands {
   const T* values;      // [K, Dv]
   Metric metric;
   T inverse_temperature;
+  SoftIsa isa;  // the fp32 kernels' instruction set (soft_isa())
 
   // tile[j, i] <- logit of (row r0 + i, code c0 + j), from the products zq . k already in it; with
   // `scale` (euclidean only) also 1 / (2 |z - e|), 0 where the squared distance was clamped.
@@ -205,7 +315,7 @@ struct Operands {
 
   // Products then logits of a (code tile, row tile): tile [codes, rows].
   void tile_logits(T* tile, T* scale, int64_t c0, int64_t codes, int64_t r0, int64_t rows) const {
-    gemm<T>(codes, rows, dim, keys + c0 * dim, dim, 1, zq_t.data() + r0 * dim, rows, tile, rows, false);
+    gemm<T>(isa, codes, rows, dim, keys + c0 * dim, dim, 1, zq_t.data() + r0 * dim, rows, tile, rows, false);
     logits(tile, scale, c0, codes, r0, rows);
   }
 };
@@ -240,7 +350,7 @@ inline float gumbel(uint64_t seed, int64_t row, int64_t code) {
 
 // line[i] <- exp(line[i] - shift[i]) for i < n: the kernels' exponentials, one per logit.
 template <typename T>
-inline void exp_shifted(T* line, const T* shift, int64_t n) {
+inline void exp_shifted(SoftIsa, T* line, const T* shift, int64_t n) {
   for (int64_t i = 0; i < n; ++i) line[i] = std::exp(line[i] - shift[i]);
 }
 
@@ -265,8 +375,7 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-template <>
-inline void exp_shifted<float>(float* line, const float* shift, int64_t n) {
+inline void exp_shifted_avx512(float* line, const float* shift, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
     const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, line + i), _mm512_maskz_loadu_ps(mask, shift + i));
@@ -274,6 +383,52 @@ inline void exp_shifted<float>(float* line, const float* shift, int64_t n) {
   }
 }
 #endif
+
+#if defined(FASTVQ_SOFT_AVX2)
+// fp32 exp on AVX2, the same Cephes polynomial as exp_ps; 2^n is built in the exponent bits, so the result is 0
+// below -87.3 (where AVX-512's scalef gives denormals) and +inf above 88 (never reached here: the arguments are
+// logits minus their maximum or log-sum-exp). NaN passes through the clamp and the polynomial.
+FASTVQ_AVX2_TARGET inline __m256 exp256_ps(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.33654f), high = _mm256_set1_ps(88.0f);
+  const __m256 below = _mm256_cmp_ps(x, low, _CMP_LT_OQ), above = _mm256_cmp_ps(x, high, _CMP_GT_OQ);
+  x = _mm256_min_ps(high, _mm256_max_ps(low, x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+  return _mm256_blendv_ps(_mm256_blendv_ps(result, _mm256_setzero_ps(), below),
+                          _mm256_set1_ps(std::numeric_limits<float>::infinity()), above);
+}
+
+FASTVQ_AVX2_TARGET void exp_shifted_avx2(float* line, const float* shift, int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, n - i))), lanes);
+    const __m256 x = _mm256_sub_ps(_mm256_maskload_ps(line + i, mask), _mm256_maskload_ps(shift + i, mask));
+    _mm256_maskstore_ps(line + i, mask, exp256_ps(x));
+  }
+}
+#endif
+
+template <>
+inline void exp_shifted<float>(SoftIsa isa, float* line, const float* shift, int64_t n) {
+#if defined(__AVX512F__)
+  if (isa == SoftIsa::kAvx512) return exp_shifted_avx512(line, shift, n);
+#endif
+#if defined(FASTVQ_SOFT_AVX2)
+  if (isa == SoftIsa::kAvx2) return exp_shifted_avx2(line, shift, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) line[i] = std::exp(line[i] - shift[i]);
+}
 
 // tile_maximum[i] <- the maximum of itself and tile[j, i] over the tile's codes j, NaN where any of them is NaN
 // (a NaN logit reaches the row's sums, as with a plain max fold that propagates NaN); branch-free, so that it
@@ -344,13 +499,13 @@ struct SoftRowTile {
     }
     for (int64_t j = 0; j < codes; ++j) {
       T* line = tile + j * rows;
-      exp_shifted(line, shift.data(), rows);
+      exp_shifted(ops.isa, line, shift.data(), rows);
       for (int64_t i = 0; i < rows; ++i) total[i] += line[i];
     }
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t v = 0; v < value_dim; ++v) weighted[i * value_dim + v] *= rescale[i];
     // weighted [rows, Dv] += p [rows, codes] values [codes, Dv], p read from the tile's columns.
-    gemm<T>(rows, value_dim, codes, tile, 1, rows, ops.values + c0 * value_dim, value_dim, weighted, value_dim,
+    gemm<T>(ops.isa, rows, value_dim, codes, tile, 1, rows, ops.values + c0 * value_dim, value_dim, weighted, value_dim,
             true);
   }
 
@@ -450,13 +605,13 @@ void backward(const Operands<T>& ops, const SoftTerms<T>* soft, const EntropyTer
         ops.tile_logits(logits.data(), ops.metric == kEuclidean ? scale.data() : nullptr, c0, codes, r0, rows);
         if (soft != nullptr) {
           scaled_copy(logits.data(), codes * rows, soft->logit_scale, probs.data());
-          for (int64_t j = 0; j < codes; ++j) exp_shifted(probs.data() + j * rows, soft->lse + r0, rows);
+          for (int64_t j = 0; j < codes; ++j) exp_shifted(ops.isa, probs.data() + j * rows, soft->lse + r0, rows);
           if (out.grad_values != nullptr)
-            gemm<T>(codes, value_dim, rows, probs.data(), rows, 1, soft->grad_soft + r0 * value_dim, value_dim,
+            gemm<T>(ops.isa, codes, value_dim, rows, probs.data(), rows, 1, soft->grad_soft + r0 * value_dim, value_dim,
                     out.grad_values + c0 * value_dim, value_dim, true);
           if (weights_needed) {
             // g V^T per (code, row), then w = p (g V^T - delta) / T.
-            gemm<T>(codes, rows, value_dim, ops.values + c0 * value_dim, value_dim, 1,
+            gemm<T>(ops.isa, codes, rows, value_dim, ops.values + c0 * value_dim, value_dim, 1,
                     grad_t.data() + r0 * value_dim, rows, grads.data(), rows, false);
             const T* row_delta = soft->delta + r0;
             for (int64_t j = 0; j < codes; ++j)
@@ -476,7 +631,7 @@ void backward(const Operands<T>& ops, const SoftTerms<T>* soft, const EntropyTer
             for (int64_t i = 0; i < rows; ++i)
               bracket[i] = -entropy->grad_entropy[r0 + i] * std::max(line[i], lowest) +
                            entropy->code_weights[c0 + j] + entropy->row_constant[r0 + i];
-            exp_shifted(line, entropy->lse + r0, rows);
+            exp_shifted(ops.isa, line, entropy->lse + r0, rows);
             T* weights = grads.data() + j * rows;
             for (int64_t i = 0; i < rows; ++i) {
               // A zero probability (an excluded code) gives a zero weight even where the floored bracket
@@ -496,14 +651,14 @@ void backward(const Operands<T>& ops, const SoftTerms<T>* soft, const EntropyTer
         }
         if (row_grad) {
           T* keys_sum = my_rows + r0 * dim;
-          gemm<T>(rows, dim, codes, grads.data(), 1, rows, ops.keys + c0 * dim, dim, keys_sum, dim, true);
+          gemm<T>(ops.isa, rows, dim, codes, grads.data(), 1, rows, ops.keys + c0 * dim, dim, keys_sum, dim, true);
           T* sums = my_rows + num_rows * dim + r0;
           for (int64_t j = 0; j < codes; ++j)
             for (int64_t i = 0; i < rows; ++i) sums[i] += grads[j * rows + i];
         }
         if (out.weighted_rows != nullptr)
-          gemm<T>(codes, dim, rows, grads.data(), rows, 1, ops.zq + r0 * dim, dim, out.weighted_rows + c0 * dim, dim,
-                  true);
+          gemm<T>(ops.isa, codes, dim, rows, grads.data(), rows, 1, ops.zq + r0 * dim, dim,
+                  out.weighted_rows + c0 * dim, dim, true);
       }
     }
   });
@@ -575,7 +730,7 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
             centred[i] = std::max(line[i] - shift[i], lowest);
             weights[i] = line[i];
           }
-          exp_shifted(weights.data(), shift.data(), rows);
+          exp_shifted(ops.isa, weights.data(), shift.data(), rows);
           for (int64_t i = 0; i < rows; ++i) {
             centred_sum[i] += weights[i] * centred[i];
             total[i] += weights[i];
@@ -603,7 +758,7 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
         for (int64_t j = 0; j < codes; ++j) {
           T* line = tile.data() + j * rows;
           for (int64_t i = 0; i < rows; ++i) line[i] -= final_shift[r0 + i];
-          exp_shifted(line, log_total.data() + r0, rows);
+          exp_shifted(ops.isa, line, log_total.data() + r0, rows);
           T sum = 0;
           for (int64_t i = 0; i < rows; ++i) sum += line[i];
           code_sums[c0 + j] += sum;
@@ -629,7 +784,7 @@ void expected_code_weight(const Operands<T>& ops, T logit_scale, const T* lse, c
         if (logit_scale != T(1)) scaled_copy(tile.data(), codes * rows, logit_scale, tile.data());
         for (int64_t j = 0; j < codes; ++j) {
           T* line = tile.data() + j * rows;
-          exp_shifted(line, lse + r0, rows);
+          exp_shifted(ops.isa, line, lse + r0, rows);
           for (int64_t i = 0; i < rows; ++i) expected[r0 + i] += line[i] * code_weights[c0 + j];
         }
       }
@@ -668,6 +823,7 @@ Operands<T> operands(const at::Tensor& zq, const at::Tensor& keys, const at::Ten
   ops.values = values.data_ptr<T>();
   ops.metric = static_cast<Metric>(metric);
   ops.inverse_temperature = static_cast<T>(inverse_temperature);
+  ops.isa = soft_isa();
   return ops;
 }
 
