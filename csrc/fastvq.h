@@ -91,4 +91,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_entropy_backward
     const at::Tensor& lse, const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term,
     const at::Tensor& row_term, int64_t metric, double inverse_temperature, bool rows_grad, bool codes_grad);
 
+// soft_quantize and soft_entropy of the same logits at two temperatures, one product per tile for both:
+// (soft [N, Dv], indices int64 [N] or [0], lse [N], row_entropy [N] unclamped, sum_n p [K], entropy lse [N]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quantize_entropy_cpu(
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    const at::Tensor& values, int64_t metric, double inverse_temperature, double entropy_inverse_temperature,
+    bool return_hard);
+
+// The fused op's backward sums (as soft_quantize_backward_cpu's), w the sum of both parts' weights.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quantize_entropy_backward_cpu(
+    const at::Tensor& grad_soft, const at::Tensor& delta, const at::Tensor& lse, const at::Tensor& grad_entropy,
+    const at::Tensor& code_weights, const at::Tensor& row_constant, const at::Tensor& entropy_lse,
+    const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
+    const at::Tensor& values, int64_t metric, double inverse_temperature, double entropy_inverse_temperature,
+    bool rows_grad, bool codes_grad, bool values_grad);
+
 }  // namespace fastvq

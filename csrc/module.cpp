@@ -64,6 +64,13 @@ TORCH_LIBRARY(fastvq_C, m) {
   m.def("soft_entropy_backward(Tensor grad_entropy, Tensor code_weights, Tensor row_constant, Tensor lse, "
         "Tensor zq, Tensor keys, Tensor code_term, Tensor row_term, int metric, float inverse_temperature, "
         "bool rows_grad, bool codes_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_quantize_entropy(Tensor zq, Tensor keys, Tensor code_term, Tensor row_term, Tensor values, "
+        "int metric, float inverse_temperature, float entropy_inverse_temperature, bool return_hard) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("soft_quantize_entropy_backward(Tensor grad_soft, Tensor delta, Tensor lse, Tensor grad_entropy, "
+        "Tensor code_weights, Tensor row_constant, Tensor entropy_lse, Tensor zq, Tensor keys, Tensor code_term, "
+        "Tensor row_term, Tensor values, int metric, float inverse_temperature, float entropy_inverse_temperature, "
+        "bool rows_grad, bool codes_grad, bool values_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
@@ -75,6 +82,8 @@ TORCH_LIBRARY_IMPL(fastvq_C, CPU, m) {
   m.impl("soft_quantize_backward", &fastvq::soft_quantize_backward_cpu);
   m.impl("soft_entropy", &fastvq::soft_entropy_cpu);
   m.impl("soft_entropy_backward", &fastvq::soft_entropy_backward_cpu);
+  m.impl("soft_quantize_entropy", &fastvq::soft_quantize_entropy_cpu);
+  m.impl("soft_quantize_entropy_backward", &fastvq::soft_quantize_entropy_backward_cpu);
 }
 
 // An empty module: importing it runs the static registrations above.

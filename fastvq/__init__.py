@@ -46,3 +46,6 @@ from .functional import residual_quantize  # noqa: E402
 __all__ += ["residual_quantize"]
 __all__ += ["sinkhorn_assign"]
 from .functional import sinkhorn_assign  # noqa: E402
+
+__all__ += ["soft_quantize_entropy"]
+from .functional import soft_quantize_entropy  # noqa: E402

@@ -78,3 +78,6 @@ from .ops.residual_quantize import ResidualQuantizeResult, residual_quantize  # 
 __all__ += ["residual_quantize", "ResidualQuantizeResult"]
 __all__ += ["sinkhorn_assign", "sinkhorn_cost_stats"]
 from .ops.sinkhorn import sinkhorn_assign, sinkhorn_cost_stats  # noqa: E402
+
+__all__ += ["soft_quantize_entropy"]
+from .ops.soft_quantize import soft_quantize_entropy  # noqa: E402

@@ -618,3 +618,20 @@ def sinkhorn_assign_ref(
     scores = _no_nan(logits + g[None, :])
     indices = scores.argmax(dim=1) if num_codes and num_rows else torch.zeros(num_rows, dtype=torch.int64)
     return indices.to(torch.int64), f, g
+
+
+def soft_quantize_entropy_ref(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "dot",
+    temperature: float = 1.0,
+    entropy_temperature: float = 1.0,
+    *,
+    values: Optional[torch.Tensor] = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(soft, indices, row_entropy, mean_probs)``: ``soft_quantize_ref``'s soft codes and hard choice at
+    ``temperature`` and ``soft_entropy_ref``'s entropies at ``entropy_temperature``, of the same logits."""
+    soft, indices, _ = soft_quantize_ref(z, codebook, metric, temperature, values=values, upcast=upcast)
+    row_entropy, mean_probs = soft_entropy_ref(z, codebook, metric, entropy_temperature, upcast=upcast)
+    return soft, indices, row_entropy, mean_probs

@@ -212,6 +212,13 @@ TABLE: dict[str, dict[str, Route]] = {
 for _op in ("soft_quantize", "soft_quantize_backward", "soft_entropy", "soft_entropy_backward"):
     TABLE[_op] = {**TABLE[_op], "cpp": Route("cpp")}
 
+# soft_quantize and soft_entropy of one logit matrix (IBQ): fused in the C++ kernels; the PyTorch and Triton
+# paths run their two ops' passes one after the other.
+OPS["soft_quantize_entropy"] = Op("soft_quantize", "soft_quantize_entropy")
+OPS["soft_quantize_entropy_backward"] = Op("soft_quantize", "soft_quantize_entropy_backward")
+for _op in ("soft_quantize_entropy", "soft_quantize_entropy_backward"):
+    TABLE[_op] = {**_soft_routes(), "cpp": Route("cpp")}
+
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None

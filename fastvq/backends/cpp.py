@@ -156,6 +156,26 @@ def _register_fakes() -> None:
             keys.new_empty(num_codes if codes_grad else 0),
         )
 
+    @torch.library.register_fake("fastvq_C::soft_quantize_entropy")
+    def _soft_quantize_entropy_fake(zq, keys, code_term, row_term, values, metric, inverse_temperature,
+                                    entropy_inverse_temperature, return_hard):
+        num_rows = zq.shape[0]
+        return (
+            values.new_empty((num_rows, values.shape[1])),
+            zq.new_empty(num_rows if return_hard else 0, dtype=torch.int64),
+            *(keys.new_empty(num_rows) for _ in range(2)),
+            keys.new_empty(keys.shape[0]),
+            keys.new_empty(num_rows),
+        )
+
+    @torch.library.register_fake("fastvq_C::soft_quantize_entropy_backward")
+    def _soft_quantize_entropy_backward_fake(grad_soft, delta, lse, grad_entropy, code_weights, row_constant,
+                                             entropy_lse, zq, keys, code_term, row_term, values, metric,
+                                             inverse_temperature, entropy_inverse_temperature, rows_grad, codes_grad,
+                                             values_grad):
+        return _soft_quantize_backward_fake(grad_soft, delta, lse, zq, keys, code_term, row_term, values, metric,
+                                            inverse_temperature, rows_grad, codes_grad, values_grad)
+
     @torch.library.register_fake("fastvq_C::segment_reduce")
     def _segment_reduce_fake(values, indices, num_codes, deterministic):
         return (
@@ -374,23 +394,9 @@ def soft_quantize_backward(
         grad_soft, delta, lse.to(work).contiguous(), *operands, _SOFT_METRIC_IDS[metric], 1.0 / temperature,
         compute_z_grad, compute_codebook_grad, value_grad,
     )
-    grad_z, grad_codebook = _chained_grads(prep, z, codebook, operands[0], weighted_keys, row_sums, weighted_rows,
-                                           code_sums, compute_z_grad, compute_codebook_grad)
+    grad_z, grad_codebook = prep.chained_grads(z, codebook, operands[0], weighted_keys, row_sums, weighted_rows,
+                                               code_sums, compute_z_grad, compute_codebook_grad)
     return (grad_z, *split_value_grad(values, grad_codebook, grad_values))
-
-
-def _chained_grads(prep: SoftCodebook, z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums,
-                   compute_z_grad: bool, compute_codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_z, grad_codebook)`` from the kernels' sums through ``SoftCodebook``'s chain rule (the row
-    and code sums only matter for l2 and euclidean); a gradient not asked for stays empty."""
-    distance_based = prep.metric in ("l2", "euclidean")
-    grad_z, grad_codebook = weighted_keys, weighted_rows
-    if compute_z_grad:
-        grad_z = prep.row_grad(z, prep.prepared_row_grad(zq, weighted_keys, row_sums if distance_based else None))
-    if compute_codebook_grad:
-        sums = code_sums if distance_based else None
-        grad_codebook = prep.key_grad(codebook, prep.prepared_key_grad(weighted_rows, sums))
-    return grad_z, grad_codebook
 
 
 def soft_entropy(
@@ -437,5 +443,67 @@ def soft_entropy_backward(
         grad_entropy, code_weights, row_constant, lse, zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric],
         1.0 / temperature, compute_z_grad, compute_codebook_grad,
     )
-    return _chained_grads(prep, z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums, compute_z_grad,
-                          compute_codebook_grad)
+    return prep.chained_grads(z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums, compute_z_grad,
+                              compute_codebook_grad)
+
+
+def soft_quantize_entropy(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    metric: str,
+    temperature: float,
+    entropy_temperature: float,
+) -> tuple[torch.Tensor, ...]:
+    """``(soft, indices, lse, row_entropy, mean_probs, entropy_lse)`` by the fused C++ kernel: one product
+    per tile gives both softmaxes (the entropies' second pass, the per-code sums, takes one more)."""
+    out_dtype = _soft_dtype(z, codebook, values)
+    prep = SoftCodebook(codebook, values, metric, out_dtype)
+    soft, indices, lse, row_entropy, mean_probs, entropy_lse = torch.ops.fastvq_C.soft_quantize_entropy(
+        *_soft_operands(prep, z), _SOFT_METRIC_IDS[metric], 1.0 / temperature, 1.0 / entropy_temperature, True
+    )
+    if z.shape[0]:
+        mean_probs /= z.shape[0]
+    # Rounding may still put a uniform row's entropy an ulp past log K, or a one-hot row's below 0.
+    row_entropy.clamp_(0.0, math.log(codebook.shape[0]))
+    return soft.to(out_dtype), indices, lse, row_entropy, mean_probs, entropy_lse
+
+
+def soft_quantize_entropy_backward(
+    grad_soft: torch.Tensor,
+    grad_row_entropy: torch.Tensor,
+    grad_mean_probs: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    soft: torch.Tensor,
+    lse: torch.Tensor,
+    row_entropy: torch.Tensor,
+    entropy_lse: torch.Tensor,
+    metric: str,
+    temperature: float,
+    entropy_temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+    compute_values_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_codebook, grad_values)`` of the fused op in the work dtype: one pass for the
+    entropies' ``<p_n, c>``, then one whose tile of products gives both parts' weights, added."""
+    prep = SoftCodebook(codebook, values, metric, _soft_dtype(z, codebook, values))
+    work = prep.work_dtype
+    value_grad = compute_values_grad if values is not None else compute_codebook_grad
+    grad_soft = grad_soft.to(work).contiguous()
+    delta = (grad_soft * soft.to(work)).sum(dim=1)
+    grad_entropy = grad_row_entropy.to(work).contiguous()
+    code_weights = (grad_mean_probs.to(work) / max(z.shape[0], 1)).contiguous()
+    entropy_lse = entropy_lse.to(work).contiguous()
+    row_constant = (grad_entropy * (entropy_lse - row_entropy.to(work))).contiguous()
+    operands = _soft_operands(prep, z)
+    weighted_keys, row_sums, weighted_rows, code_sums, grad_values = torch.ops.fastvq_C.soft_quantize_entropy_backward(
+        grad_soft, delta, lse.to(work).contiguous(), grad_entropy, code_weights, row_constant, entropy_lse, *operands,
+        _SOFT_METRIC_IDS[metric], 1.0 / temperature, 1.0 / entropy_temperature, compute_z_grad, compute_codebook_grad,
+        value_grad,
+    )
+    grad_z, grad_codebook = prep.chained_grads(z, codebook, operands[0], weighted_keys, row_sums, weighted_rows,
+                                               code_sums, compute_z_grad, compute_codebook_grad)
+    return (grad_z, *split_value_grad(values, grad_codebook, grad_values))

@@ -1,9 +1,10 @@
-"""The soft-assignment ops' prepared codebook (keys, values, per-code terms) and the chain rule from the
-prepared tensors back to the caller's, shared by the PyTorch path and the Triton launcher."""
+"""The soft-assignment ops' prepared codebook (keys, values, per-code terms), the chain rule from the
+prepared tensors back to the caller's, and the fused soft codes + entropies composed from a backend's two
+ops; shared by every backend (the PyTorch path, the Triton launcher, the C++ binding)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -122,6 +123,32 @@ class SoftCodebook:
         return _normalize_backward(codebook.to(self.work_dtype), grad_keys)
 
 
+    def chained_grads(
+        self,
+        z: torch.Tensor,
+        codebook: torch.Tensor,
+        zq: torch.Tensor,
+        weighted_keys: torch.Tensor,
+        row_sums: Optional[torch.Tensor],
+        weighted_rows: torch.Tensor,
+        code_sums: Optional[torch.Tensor],
+        compute_z_grad: bool,
+        compute_codebook_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(grad_z, grad_codebook)`` from a backward's sums of the per-logit weight ``w`` (``w @ kq``,
+        ``w`` per row, ``w^T @ zq``, ``w`` per code; see :meth:`prepared_row_grad`): every backend's last
+        step. The row and code sums only enter for l2 and euclidean; a gradient not asked for is returned
+        as given (empty)."""
+        if self.metric not in ("l2", "euclidean"):
+            row_sums = code_sums = None
+        grad_z, grad_codebook = weighted_keys, weighted_rows
+        if compute_z_grad:
+            grad_z = self.row_grad(z, self.prepared_row_grad(zq, weighted_keys, row_sums))
+        if compute_codebook_grad:
+            grad_codebook = self.key_grad(codebook, self.prepared_key_grad(weighted_rows, code_sums))
+        return grad_z, grad_codebook
+
+
 def split_value_grad(
     values: Optional[torch.Tensor], grad_codebook: torch.Tensor, grad_values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,3 +185,41 @@ def _normalize_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     unit = x / floored
     projected = grad - unit * (unit * grad).sum(dim=1, keepdim=True)
     return torch.where(norms > NORM_EPS, projected, grad) / floored
+
+
+def composed_soft_quantize_entropy(
+    soft_quantize: Callable, soft_entropy: Callable, z: torch.Tensor, codebook: torch.Tensor,
+    values: Optional[torch.Tensor], metric: str, temperature: float, entropy_temperature: float,
+) -> tuple[torch.Tensor, ...]:
+    """The fused op's forward, ``(soft, indices, lse, row_entropy, mean_probs, entropy_lse)``, from a
+    backend's ``soft_quantize`` and ``soft_entropy``: each streams the codebook itself (the backends
+    that do not fuse the two softmaxes of one logit tile)."""
+    soft, indices, lse = soft_quantize(z, codebook, values, metric, temperature, None, True)
+    row_entropy, mean_probs, entropy_lse = soft_entropy(z, codebook, metric, entropy_temperature)
+    return soft, indices, lse, row_entropy, mean_probs, entropy_lse
+
+
+def composed_soft_quantize_entropy_backward(
+    soft_quantize_backward: Callable, soft_entropy_backward: Callable, grad_soft: torch.Tensor,
+    grad_row_entropy: torch.Tensor, grad_mean_probs: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor,
+    values: Optional[torch.Tensor], soft: torch.Tensor, lse: torch.Tensor, row_entropy: torch.Tensor,
+    entropy_lse: torch.Tensor, metric: str, temperature: float, entropy_temperature: float, compute_z_grad: bool,
+    compute_codebook_grad: bool, compute_values_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused op's backward from a backend's two backwards: their gradients added (the log-sum-exps
+    are not outputs of the fused op, so their gradients are zero)."""
+    grad_z, grad_codebook, grad_values = soft_quantize_backward(
+        grad_soft, torch.zeros_like(lse), z, codebook, values, soft, lse, metric, temperature, compute_z_grad,
+        compute_codebook_grad, compute_values_grad,
+    )
+    if not (compute_z_grad or compute_codebook_grad):
+        return grad_z, grad_codebook, grad_values
+    entropy_z, entropy_codebook = soft_entropy_backward(
+        grad_row_entropy, grad_mean_probs, torch.zeros_like(entropy_lse), z, codebook, row_entropy, entropy_lse,
+        metric, entropy_temperature, compute_z_grad, compute_codebook_grad,
+    )
+    if compute_z_grad:
+        grad_z = grad_z + entropy_z.to(grad_z.dtype)
+    if compute_codebook_grad:
+        grad_codebook = grad_codebook + entropy_codebook.to(grad_codebook.dtype)
+    return grad_z, grad_codebook, grad_values

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_real, check_temperature
-from ..functional import soft_entropy, soft_quantize
+from ..functional import soft_quantize, soft_quantize_entropy
 from .fsq import check_positive_int
 
 # MAGVIT's compute_entropy_loss floors the batch-mean probabilities inside its logarithm by this.
@@ -31,7 +31,8 @@ class IBQ(nn.Module):
     ``mean((quantized - z)^2) + mean((sg(e) - z)^2) + beta * mean((e - sg(z))^2)``.
 
     With ``use_entropy_loss`` the MAGVIT entropy terms of ``softmax(logits / entropy_temperature)``
-    come from ``fastvq.soft_entropy`` (streamed, two passes over the codebook): the mean per-sample
+    come with the soft codes from ``fastvq.soft_quantize_entropy`` (the two softmaxes of one streamed
+    logit matrix, each code tile's products computed once for both): the mean per-sample
     entropy, the entropy of the batch-mean assignment ``-sum a log(a + 1e-5)`` and
     ``sample_minimization_weight * sample - batch_maximization_weight * batch``.
 
@@ -99,7 +100,13 @@ class IBQ(nn.Module):
         codebook = self.codes()
         if self.cosine_similarity:
             z = F.normalize(z, dim=1)
-        soft, indices, _ = soft_quantize(z, codebook, metric="dot", values=codebook.detach())
+        if self.use_entropy_loss:
+            # The soft codes and the entropies are two softmaxes of one logit matrix: one op streams it for both.
+            soft, indices, row_entropy, mean_probs = soft_quantize_entropy(
+                z, codebook, metric="dot", entropy_temperature=self.entropy_temperature, values=codebook.detach()
+            )
+        else:
+            soft, indices, _ = soft_quantize(z, codebook, metric="dot", values=codebook.detach())
         hard = F.embedding(indices, codebook)
         quantized = hard + (soft - soft.detach())
         quant_loss = (
@@ -107,7 +114,6 @@ class IBQ(nn.Module):
         )
         if not self.use_entropy_loss:
             return quantized, indices, quant_loss
-        row_entropy, mean_probs = soft_entropy(z, codebook, metric="dot", temperature=self.entropy_temperature)
         sample_entropy = row_entropy.mean()
         avg_entropy = -(mean_probs * torch.log(mean_probs + ENTROPY_EPS)).sum()
         entropy_loss = self.sample_minimization_weight * sample_entropy - self.batch_maximization_weight * avg_entropy

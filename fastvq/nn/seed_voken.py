@@ -5,11 +5,11 @@
 Both tokenizers train with 2^18 codes, and both originals build ``N x 2^18`` tensors per step: IBQ its
 logits, softmax, hard and straight-through one-hots (and, with the entropy loss, the tempered softmax and
 log-softmax), Open-MAGVIT2 the logits against all ``2^18`` corners of the cube, their softmax and
-log-softmax. Here IBQ streams the codebook through ``fastvq.functional.soft_quantize`` and
-``soft_entropy``, and LFQ takes its per-sample entropy as a sum of per-bit binary entropies (exact: the
-softmax over the cube's corners is a product over bits) and its batch-mean distribution from
-``fastvq.functional.code_entropy`` (``N x 2^(d/2)`` per chunk), so nothing of size ``N x 2^18`` exists.
-Constructor arguments, attributes, return structures and state_dict keys are SEED-Voken's;
+log-softmax. Here IBQ streams the codebook through ``fastvq.functional.soft_quantize_entropy`` (the soft
+codes and the entropies from one logit matrix), and LFQ takes its per-sample entropy as a sum of per-bit
+binary entropies (exact: the softmax over the cube's corners is a product over bits) and its batch-mean
+distribution from ``fastvq.functional.code_entropy`` (``N x 2^(d/2)`` per chunk), so nothing of size
+``N x 2^18`` exists. Constructor arguments, attributes, return structures and state_dict keys are SEED-Voken's;
 ``tests/nn/test_seed_voken.py`` compares both with SEED-Voken's own files.
 """
 

@@ -13,6 +13,7 @@ its type before the operator sees it). Layers call these functions, never ``torc
 - ``segment_reduce``: ``segment_reduce``, ``ema_update_``
 - ``masked_conv``: ``masked_conv2d`` and its backward
 - ``soft_quantize``: ``soft_quantize``, ``soft_entropy`` and their backwards
+  (and ``soft_quantize_entropy``, the two of one logit matrix fused, and its backward)
 - ``code_entropy``: ``code_entropy`` and its backward
 - ``sinkhorn``: ``sinkhorn_assign`` (its three passes)
 

@@ -373,3 +373,171 @@ def _soft_entropy_autograd(ctx, grad_row_entropy, grad_mean_probs, grad_lse):
 
 
 _soft_entropy_op.register_autograd(_soft_entropy_autograd, setup_context=_soft_entropy_setup_context)
+
+
+# --------------------------------------------------------------------------- soft codes and entropies, fused
+
+
+def soft_quantize_entropy(
+    z: Tensor,
+    codebook: Tensor,
+    *,
+    metric: str = "dot",
+    temperature: float = 1.0,
+    entropy_temperature: float = 1.0,
+    values: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`soft_quantize` and :func:`soft_entropy` of the same logits in one op, for IBQ's layer
+    (soft codes at ``temperature``, entropy losses at ``entropy_temperature``, one logit matrix).
+
+    Each code tile's products ``s(z, e_k)`` are computed once and divided by both temperatures: on
+    CPU (the C++ kernels) the forward takes two passes over the codebook where the two ops take three,
+    the backward two where they take four (``<p_n, dL/dmean_probs>`` per row, then one pass whose
+    tile gives both softmaxes' weights). The PyTorch and Triton paths run the two ops' passes one
+    after the other (same results).
+
+    Args:
+        z: ``[N, D]`` float32, float16, bfloat16 or float64, any strides; ``N`` may be 0.
+        codebook: ``[K, D]`` floating point, ``K >= 1``, on ``z``'s device; dtypes are promoted.
+        metric: ``"l2"``, ``"euclidean"``, ``"cosine"`` or ``"dot"`` (default, IBQ's), as in
+            :func:`soft_quantize`.
+        temperature: ``T > 0`` of the soft codes and the hard choice.
+        entropy_temperature: ``T > 0`` of the entropies (IBQ's is 0.01).
+        values: optional ``[K, Dv]`` vectors averaged instead of the codes, as in :func:`soft_quantize`.
+
+    Returns:
+        ``(soft, indices, row_entropy, mean_probs)``: ``soft`` ``[N, Dv]`` in the promoted dtype and
+        ``indices`` int64 ``[N]`` as :func:`soft_quantize` returns them (no Gumbel noise); ``row_entropy``
+        ``[N]`` and ``mean_probs`` ``[K]`` as :func:`soft_entropy` returns them at
+        ``entropy_temperature`` (float32, float64 for float64 inputs). ``soft``, ``row_entropy`` and
+        ``mean_probs`` are differentiable with respect to ``z``, ``codebook`` and ``values``.
+
+    Excluded codes, NaN rows, accumulation and determinism are as in the two ops.
+
+    Raises:
+        TypeError, ValueError: as :func:`soft_quantize`, and for an ``entropy_temperature`` that is
+            not a finite float > 0.
+    """
+    if not (isinstance(z, Tensor) and isinstance(codebook, Tensor) and (values is None or isinstance(values, Tensor))
+            and isinstance(metric, str) and is_real(temperature) and is_real(entropy_temperature)):
+        _check_soft_quantize_entropy(z, codebook, values, metric, temperature, entropy_temperature)
+    soft, indices, _, row_entropy, mean_probs, _ = _soft_quantize_entropy_op(
+        z, codebook, values, metric, float(temperature), float(entropy_temperature)
+    )
+    return soft, indices, row_entropy, mean_probs
+
+
+def _check_soft_quantize_entropy(z, codebook, values, metric, temperature, entropy_temperature) -> None:
+    check_soft_inputs(z, codebook, values, metric, temperature)
+    check_temperature("entropy_temperature", entropy_temperature)
+
+
+@torch.library.custom_op("fastvq::soft_quantize_entropy", mutates_args=())
+def _soft_quantize_entropy_op(
+    z: Tensor,
+    codebook: Tensor,
+    values: Optional[Tensor],
+    metric: str,
+    temperature: float,
+    entropy_temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(soft [N, Dv], indices int64 [N], lse [N], row_entropy [N], mean_probs [K], entropy_lse [N])``:
+    ``soft_quantize``'s outputs at ``temperature`` and ``soft_entropy``'s at ``entropy_temperature``,
+    the log-sum-exps in fp32 (fp64 for fp64 inputs)."""
+    _check_soft_quantize_entropy(z, codebook, values, metric, temperature, entropy_temperature)
+    backend = backends.select("soft_quantize_entropy", z, _soft_dtype(z, codebook, values))
+    soft, indices, lse, row_entropy, mean_probs, entropy_lse = backend.soft_quantize_entropy(
+        z, codebook, values, metric, temperature, entropy_temperature
+    )
+    return soft, lowest_duplicate(indices, codebook, False), lse, row_entropy, mean_probs, entropy_lse
+
+
+@_soft_quantize_entropy_op.register_fake
+def _soft_quantize_entropy_fake(z, codebook, values, metric, temperature, entropy_temperature):
+    _check_soft_quantize_entropy(z, codebook, values, metric, temperature, entropy_temperature)
+    dtype = _soft_dtype(z, codebook, values)
+    work = compute_dtype(dtype)
+    num_rows = z.shape[0]
+    value_dim = codebook.shape[1] if values is None else values.shape[1]
+    return (
+        z.new_empty((num_rows, value_dim), dtype=dtype),
+        z.new_empty(num_rows, dtype=torch.int64),
+        z.new_empty(num_rows, dtype=work),
+        z.new_empty(num_rows, dtype=work),
+        z.new_empty(codebook.shape[0], dtype=work),
+        z.new_empty(num_rows, dtype=work),
+    )
+
+
+@torch.library.custom_op("fastvq::soft_quantize_entropy_backward", mutates_args=())
+def _soft_quantize_entropy_backward_op(
+    grad_soft: Tensor,
+    grad_row_entropy: Tensor,
+    grad_mean_probs: Tensor,
+    z: Tensor,
+    codebook: Tensor,
+    values: Optional[Tensor],
+    soft: Tensor,
+    lse: Tensor,
+    row_entropy: Tensor,
+    entropy_lse: Tensor,
+    metric: str,
+    temperature: float,
+    entropy_temperature: float,
+    compute_z_grad: bool,
+    compute_codebook_grad: bool,
+    compute_values_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_z [N, D], grad_codebook [K, D], grad_values [K, Dv])`` of ``soft_quantize_entropy`` in fp32
+    (fp64 for fp64 inputs), empty where not asked for, as ``soft_quantize_backward``'s."""
+    backend = backends.select("soft_quantize_entropy_backward", z, _soft_dtype(z, codebook, values))
+    return backend.soft_quantize_entropy_backward(
+        grad_soft, grad_row_entropy, grad_mean_probs, z, codebook, values, soft, lse, row_entropy, entropy_lse,
+        metric, temperature, entropy_temperature, compute_z_grad, compute_codebook_grad, compute_values_grad,
+    )
+
+
+@_soft_quantize_entropy_backward_op.register_fake
+def _soft_quantize_entropy_backward_fake(grad_soft, grad_row_entropy, grad_mean_probs, z, codebook, values, soft,
+                                         lse, row_entropy, entropy_lse, metric, temperature, entropy_temperature,
+                                         compute_z_grad, compute_codebook_grad, compute_values_grad):
+    return _soft_quantize_backward_fake(grad_soft, lse, z, codebook, values, soft, lse, metric, temperature,
+                                        compute_z_grad, compute_codebook_grad, compute_values_grad)
+
+
+def _soft_quantize_entropy_setup_context(ctx, inputs, output):
+    z, codebook, values, metric, temperature, entropy_temperature = inputs
+    soft, indices, lse, row_entropy, _, entropy_lse = output
+    ctx.save_for_backward(z, codebook, values, soft, lse, row_entropy, entropy_lse)
+    ctx.metric = metric
+    ctx.temperatures = (temperature, entropy_temperature)
+    ctx.mark_non_differentiable(indices, lse, entropy_lse)
+
+
+def _soft_quantize_entropy_autograd(ctx, grad_soft, grad_indices, grad_lse, grad_row_entropy, grad_mean_probs,
+                                    grad_entropy_lse):
+    z, codebook, values, soft, lse, row_entropy, entropy_lse = ctx.saved_tensors
+    if grad_soft is None:
+        grad_soft = torch.zeros_like(soft)
+    if grad_row_entropy is None:
+        grad_row_entropy = torch.zeros_like(row_entropy)
+    if grad_mean_probs is None:
+        grad_mean_probs = row_entropy.new_zeros(codebook.shape[0])
+    needs_z, needs_codebook, needs_values = ctx.needs_input_grad[:3]
+    grad_z, grad_codebook, grad_values = _soft_quantize_entropy_backward_op(
+        grad_soft, grad_row_entropy, grad_mean_probs, z, codebook, values, soft, lse, row_entropy, entropy_lse,
+        ctx.metric, *ctx.temperatures, needs_z, needs_codebook, needs_values,
+    )
+    return (
+        grad_z.to(z.dtype) if needs_z else None,
+        grad_codebook.to(codebook.dtype) if needs_codebook else None,
+        grad_values.to(values.dtype) if needs_values else None,
+        None,
+        None,
+        None,
+    )
+
+
+_soft_quantize_entropy_op.register_autograd(
+    _soft_quantize_entropy_autograd, setup_context=_soft_quantize_entropy_setup_context
+)

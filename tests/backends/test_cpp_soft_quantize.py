@@ -122,3 +122,46 @@ def test_entropies_match_the_pytorch_path_across_tiles(metric, monkeypatch):
     names = ("row_entropy", "mean_probs", "lse", "grad_z", "grad_codebook")
     for name, got, expected in zip(names, run("cpp"), run("torch")):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11, equal_nan=True, msg=name)
+
+
+def _fp32_step(z, codebook, values):
+    """soft_quantize (euclidean, own values) and soft_quantize_entropy (l2), forward and backward, on leaf copies."""
+    leaves = [t.clone().requires_grad_(True) for t in (z, codebook, values)]
+    soft, indices, lse = fastvq.soft_quantize(leaves[0], leaves[1], metric="euclidean", temperature=0.7,
+                                              values=leaves[2])
+    fused_soft, fused_indices, row_entropy, mean_probs = fastvq.soft_quantize_entropy(
+        leaves[0], leaves[1], metric="l2", temperature=2.0, entropy_temperature=0.5
+    )
+    generator = torch.Generator().manual_seed(4)
+    outputs = (soft, lse, fused_soft, row_entropy, mean_probs)
+    objective = sum((out * torch.randn(out.shape, generator=generator)).sum() for out in outputs)
+    return (*(out.detach() for out in outputs), indices, fused_indices, *torch.autograd.grad(objective, leaves))
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "blas"])
+def test_every_instruction_set_gives_the_default_kernels_results(kernel, monkeypatch):
+    """FASTVQ_CPU_SEARCH picks the soft kernels' instruction set as it picks the search's: the AVX2 + FMA
+    kernels (6 x 16 register blocks, their own exp) and the plain loops give the default kernels' results in
+    fp32 across tiles and ragged blocks, forward and backward, the fused op included."""
+    if kernel == "avx2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(ROWS, DIM, generator=generator)
+    codebook = torch.randn(CODES, DIM, generator=generator)
+    values = torch.randn(CODES, VALUE_DIM, generator=generator)
+    default = _fp32_step(z, codebook, values)
+    monkeypatch.setenv("FASTVQ_CPU_SEARCH", kernel)
+    chosen = _fp32_step(z, codebook, values)
+    for position, (got, expected) in enumerate(zip(chosen, default)):
+        if expected.dtype == torch.int64:
+            assert torch.equal(got, expected), position
+        else:
+            torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6, msg=f"output {position}")
+
+
+def test_an_unknown_instruction_set_is_rejected(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    monkeypatch.setenv("FASTVQ_CPU_SEARCH", "sse9")
+    with pytest.raises(ValueError, match="FASTVQ_CPU_SEARCH must be auto"):
+        fastvq.soft_quantize(torch.randn(4, 3), torch.randn(5, 3))

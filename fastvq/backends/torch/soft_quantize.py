@@ -18,7 +18,13 @@ import torch
 
 from ..._philox import gumbel_noise
 from .. import common
-from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
+from ..soft_codebook import (
+    EUCLIDEAN_EPS,
+    SoftCodebook,
+    composed_soft_quantize_entropy,
+    composed_soft_quantize_entropy_backward,
+    split_value_grad,
+)
 
 # Bytes one slab entry costs: the logit and the few same-sized temporaries alive with it (the
 # backward's probability and weight). The Gumbel noise adds Philox's int64 counters and products.
@@ -257,15 +263,11 @@ class _GradSums:
 
     def grads(self, z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dim, prep = self.dim, self.prep
-        grad_z, grad_codebook = self.row_products[:, :dim], self.code_products[:, :dim]
-        if self.rows_grad:
-            zq, _ = prep.rows(z)
-            sums = self.row_products[:, dim] if self.row_products.shape[1] > dim else None
-            grad_z = prep.row_grad(z, prep.prepared_row_grad(zq, self.row_products[:, :dim], sums))
-        if self.codes_grad:
-            sums = self.code_products[:, dim] if self.code_products.shape[1] > dim else None
-            grad_codebook = prep.key_grad(codebook, prep.prepared_key_grad(self.code_products[:, :dim], sums))
-        return grad_z, grad_codebook
+        zq = prep.rows(z)[0] if self.rows_grad else None
+        row_sums = self.row_products[:, dim] if self.row_products.shape[1] > dim else None
+        code_sums = self.code_products[:, dim] if self.code_products.shape[1] > dim else None
+        return prep.chained_grads(z, codebook, zq, self.row_products[:, :dim], row_sums, self.code_products[:, :dim],
+                                  code_sums, self.rows_grad, self.codes_grad)
 
 
 def soft_quantize_backward(
@@ -404,3 +406,23 @@ def soft_entropy_backward(
             sums.add(rows, chunk, start, stop, bracket.mul_(probs).masked_fill_(probs == 0, 0.0), scale)
             del logits, probs
     return sums.grads(z, codebook)
+
+
+def soft_quantize_entropy(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    metric: str,
+    temperature: float,
+    entropy_temperature: float,
+) -> tuple[torch.Tensor, ...]:
+    """The fused soft codes + entropies as this path's ``soft_quantize`` then ``soft_entropy`` (each streams the
+    codebook: the two softmaxes are not fused here)."""
+    return composed_soft_quantize_entropy(soft_quantize, soft_entropy, z, codebook, values, metric, temperature,
+                                          entropy_temperature)
+
+
+def soft_quantize_entropy_backward(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused op's backward as this path's two backwards, their gradients added (arguments as the C++
+    binding's ``soft_quantize_entropy_backward``)."""
+    return composed_soft_quantize_entropy_backward(soft_quantize_backward, soft_entropy_backward, *args)

@@ -34,7 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..soft_codebook import EUCLIDEAN_EPS, SoftCodebook, split_value_grad
+from ..soft_codebook import (
+    EUCLIDEAN_EPS,
+    SoftCodebook,
+    composed_soft_quantize_entropy,
+    composed_soft_quantize_entropy_backward,
+    split_value_grad,
+)
 from .common import (
     METRIC_DOT,
     METRIC_EUCLIDEAN,
@@ -698,14 +704,8 @@ class _Launch:
     def grads(self, z: torch.Tensor, codebook: torch.Tensor, sums: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """``(grad_z, grad_codebook)`` from ``backward_sums``; an empty sum gives an empty gradient."""
         weighted_keys, row_sums, weighted_rows, code_sums, _ = sums
-        if self.prep.metric in ("dot", "cosine"):  # their gradients need no row or code sums
-            row_sums = code_sums = None
-        grad_z, grad_codebook = weighted_keys, weighted_rows
-        if weighted_keys.shape[0]:
-            grad_z = self.prep.row_grad(z, self.prep.prepared_row_grad(self.zq_work, weighted_keys, row_sums))
-        if weighted_rows.shape[0]:
-            grad_codebook = self.prep.key_grad(codebook, self.prep.prepared_key_grad(weighted_rows, code_sums))
-        return grad_z, grad_codebook
+        return self.prep.chained_grads(z, codebook, self.zq_work, weighted_keys, row_sums, weighted_rows, code_sums,
+                                       weighted_keys.shape[0] > 0, weighted_rows.shape[0] > 0)
 
 
 def soft_quantize(
@@ -789,6 +789,26 @@ def soft_entropy_backward(
     sums = launch.backward_sums(lse, delta, rows_grad=compute_z_grad, codes_grad=compute_codebook_grad,
                                 code_weights=code_weights, gamma=-grad_entropy)
     return launch.grads(z, codebook, sums)
+
+
+def soft_quantize_entropy(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    values: Optional[torch.Tensor],
+    metric: str,
+    temperature: float,
+    entropy_temperature: float,
+) -> tuple[torch.Tensor, ...]:
+    """The fused soft codes + entropies as the Triton ``soft_quantize`` then ``soft_entropy`` (each streams the
+    codebook: the two softmaxes are not fused here)."""
+    return composed_soft_quantize_entropy(soft_quantize, soft_entropy, z, codebook, values, metric, temperature,
+                                          entropy_temperature)
+
+
+def soft_quantize_entropy_backward(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused op's backward as the Triton two backwards, their gradients added (arguments as the C++
+    binding's ``soft_quantize_entropy_backward``)."""
+    return composed_soft_quantize_entropy_backward(soft_quantize_backward, soft_entropy_backward, *args)
 
 
 def compile_cases() -> list:
