@@ -13,6 +13,7 @@
 // codes' sums: no race, no atomics), the probabilities recomputed from the saved log-sum-exp, the per-row
 // sums kept per thread and added in thread order.
 #include "../fastvq.h"
+#include "parallel.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -282,7 +283,7 @@ void forward(const Operands<T>& ops, bool hard, bool noisy, uint64_t seed, T* so
   const int64_t num_rows = ops.num_rows, value_dim = ops.value_dim;
   const T negative_infinity = -std::numeric_limits<T>::infinity();
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     std::vector<T> maximum(kRowTile), total(kRowTile), best(kRowTile), shift(kRowTile), rescale(kRowTile);
     std::vector<int64_t> best_index(kRowTile);
@@ -370,6 +371,8 @@ void backward(const Operands<T>& ops, const T* grad_soft, const T* delta, const 
   const bool row_grad = out.weighted_keys != nullptr;
   const size_t row_block = static_cast<size_t>(num_rows * (dim + 1));
   std::vector<T> thread_row_sums(row_grad ? row_block * threads : 0, T(0));
+  // at::parallel_for, not fastvq::parallel_for: the row sums are per thread (at::get_thread_num()) and added in
+  // thread order, so each thread must own one fixed share of the code tiles.
   at::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> probs(static_cast<size_t>(kCodeTile * kRowTile)), grads(probs.size()), scale(probs.size());
     T* my_rows = row_grad ? thread_row_sums.data() + row_block * at::get_thread_num() : nullptr;
@@ -442,7 +445,7 @@ void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* ls
   const T negative_infinity = -std::numeric_limits<T>::infinity(), lowest = std::numeric_limits<T>::lowest();
   std::vector<T> final_shift(num_rows), log_total(num_rows);
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     std::vector<T> maximum(kRowTile), total(kRowTile), centred_sum(kRowTile), shift(kRowTile), tile_maximum;
     for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
@@ -483,7 +486,7 @@ void entropy_forward(const Operands<T>& ops, T* row_entropy, T* code_sums, T* ls
     }
   });
   const int64_t code_tiles = (ops.num_codes + kCodeTile - 1) / kCodeTile;
-  at::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     for (int64_t code_tile = tile_begin; code_tile < tile_end; ++code_tile) {
       const int64_t c0 = code_tile * kCodeTile, codes = std::min(kCodeTile, ops.num_codes - c0);
@@ -506,7 +509,7 @@ template <typename T>
 void expected_code_weight(const Operands<T>& ops, const T* lse, const T* code_weights, T* expected) {
   const int64_t num_rows = ops.num_rows;
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
       const int64_t r0 = row_tile * kRowTile, rows = std::min(kRowTile, num_rows - r0);
@@ -562,6 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(
     const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
     const at::Tensor& values, int64_t metric, double inverse_temperature, const std::optional<at::Tensor>& seed,
     bool return_hard) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   check_operands(zq, keys, code_term, row_term, values, metric);
   const auto zq_c = zq.contiguous(), keys_c = keys.contiguous(), values_c = values.contiguous();
   const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
@@ -619,6 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_entropy_cpu(
     const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
     int64_t metric, double inverse_temperature) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   check_operands(zq, keys, code_term, row_term, keys, metric);
   const int64_t num_rows = zq.size(0);
   const auto options = keys.options();
