@@ -17,7 +17,9 @@
 //   is done, so a helper that wakes late finds nothing to do (join-free), and the caller is never
 //   held by a thread the OS has not run yet;
 // - waits for a running chunk by sleeping on a condition variable after a short spin, so the core is
-//   free for the thread it waits on; idle helpers sleep too (they never spin between calls).
+//   free for the thread it waits on; idle helpers sleep too (they never spin between calls);
+// - backs off where that wait showed a descheduled helper: for the next 2 s only large loops use the
+//   helpers (kBackoffMinGrains), since a stall costs a scheduler slice whatever the chunk size.
 // The body sees the chunks as at::parallel_for's body sees its shares: any number of calls per thread,
 // each on a disjoint [chunk_begin, chunk_end), every index exactly once. A body must not depend on
 // which thread runs it (at::get_thread_num() is 0 in a helper): results are then the same for every
@@ -30,12 +32,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -55,6 +60,30 @@ namespace parallel_detail {
 constexpr int64_t kChunksPerThread = 8;
 // Spins on the done counter before the caller sleeps: about the wake-up's cost, a few microseconds.
 constexpr int kSpinsBeforeSleep = 2000;
+// Back-off on a contended machine. A call whose caller, out of chunks, waited for a helper's chunk longer
+// than it had worked itself (and over kMinStallNs) saw a helper descheduled mid-chunk: on a loaded 2-core
+// machine that wait is a scheduler slice or more (~20 ms), however small the chunk. For kBackoffNs after
+// one, loops of fewer than kBackoffMinGrains grains run on the calling thread alone (about 10^9
+// multiply-adds for the searches: several scheduler slices of work, so a stall at most doubles them);
+// the first parallel call after it tries again. FASTVQ_CPU_BACKOFF=0 turns the back-off off.
+constexpr int64_t kMinStallNs = 1'000'000;
+constexpr int64_t kBackoffNs = 2'000'000'000;
+constexpr int64_t kBackoffMinGrains = 512;
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+inline std::atomic<int64_t>& backoff_until_ns() {
+  static std::atomic<int64_t> until{0};
+  return until;
+}
+
+inline bool backoff_enabled() {
+  const char* setting = std::getenv("FASTVQ_CPU_BACKOFF");
+  return setting == nullptr || std::string(setting) != "0";
+}
 
 // One call's shared state. Helpers hold it by shared_ptr, so a helper that wakes after the caller
 // returned touches only this, never the caller's stack; `body` is read only by the holder of a
@@ -222,7 +251,11 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
   const int64_t range = end - begin;
   grain = std::max<int64_t>(grain, 1);
-  const int64_t threads = std::min<int64_t>(num_threads(), (range + grain - 1) / grain);
+  int64_t threads = std::min<int64_t>(num_threads(), (range + grain - 1) / grain);
+  const bool backoff = threads > 1 && backoff_enabled();
+  if (backoff && range < grain * kBackoffMinGrains && now_ns() < backoff_until_ns().load(std::memory_order_relaxed)) {
+    threads = 1;
+  }
   const std::function<void(int64_t, int64_t)> body = std::cref(f);
   if (threads <= 1 || in_loop_body || at::in_parallel_region()) {
     run_body(body, begin, end);
@@ -235,7 +268,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   loop->num_chunks = (range + loop->chunk - 1) / loop->chunk;
   loop->body = &body;
   Pool::instance().post(loop, static_cast<int>(threads - 1));
+  const int64_t start = now_ns();
   run_chunks(*loop);
+  const int64_t ran_out = now_ns();
   for (int spin = 0; spin < kSpinsBeforeSleep && loop->done_chunks.load(std::memory_order_acquire) < loop->num_chunks;
        ++spin) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -246,7 +281,11 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     std::unique_lock<std::mutex> lock(loop->mutex);
     loop->all_done.wait(lock, [&] { return loop->done_chunks.load(std::memory_order_acquire) == loop->num_chunks; });
   }
-  // Only a chunk that was never claimed can be outstanding now, and none is: no helper reads `body` again.
+  // Every chunk was claimed and is done: no helper reads `body` again.
+  const int64_t waited = now_ns() - ran_out;
+  if (backoff && waited > std::max(ran_out - start, kMinStallNs)) {
+    backoff_until_ns().store(now_ns() + kBackoffNs, std::memory_order_relaxed);
+  }
   if (loop->error) std::rethrow_exception(loop->error);
 }
 

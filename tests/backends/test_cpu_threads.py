@@ -2,9 +2,10 @@
 from a counter by the caller and a pool of helpers, no join barrier, nothing spinning between calls.
 
 What the kernels rely on: every index of the range is visited exactly once, whatever the range, grain and
-thread count; chunks hold at least ``grain`` indices; a body's exception reaches the caller; a fork's
-child still computes (its pool is new); and the ops give the same bits on one thread and on two, since no
-kernel's result may depend on which thread ran which chunk. No timing is asserted here:
+thread count; chunks hold at least ``grain`` indices; a body's exception reaches the caller; a helper that
+stalls mid-chunk makes small loops stay on the caller for a while; a fork's child still computes (its pool
+is new); and the ops give the same bits on one thread and on two, since no kernel's result may depend on
+which thread ran which chunk. No timing is asserted here:
 ``benchmarks/bench_loaded.py`` measures the behaviour under load.
 """
 
@@ -27,15 +28,19 @@ NO_THROW = -(2**62)
 
 
 @pytest.fixture
-def threads():
-    """Sets the intra-op thread count for one test and restores it afterwards."""
+def threads(monkeypatch):
+    """Sets the intra-op thread count for one test and restores it afterwards. The loop's back-off (which
+    keeps small loops on one thread for a while after a helper stalled, as on a loaded test machine) is
+    turned off, so that the parallel path is the one tested."""
+    monkeypatch.setenv("FASTVQ_CPU_BACKOFF", "0")
     previous = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(previous)
 
 
-def coverage(begin: int, end: int, grain: int, spin: int = 0, throw_at: int = NO_THROW):
-    return torch.ops.fastvq_C.parallel_for_coverage(begin, end, grain, spin, throw_at)
+def coverage(begin: int, end: int, grain: int, spin: int = 0, throw_at: int = NO_THROW, helper_sleep_us: int = 0):
+    """(visits per index, chunks [calls, 3]: begin, end, 1 where a helper ran it)."""
+    return torch.ops.fastvq_C.parallel_for_coverage(begin, end, grain, spin, throw_at, helper_sleep_us)
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
@@ -51,13 +56,13 @@ def test_every_index_once_in_chunks_of_at_least_grain(threads, num_threads, begi
     if end == begin:
         assert chunks.shape[0] == 0
         return
-    ordered = chunks[chunks[:, 0].argsort()]
+    ordered = chunks[chunks[:, 0].argsort(), :2]
     assert ordered[0, 0] == begin and ordered[-1, 1] == end
     assert torch.equal(ordered[1:, 0], ordered[:-1, 1]), f"chunks not contiguous: {ordered.tolist()}"
     lengths = ordered[:, 1] - ordered[:, 0]
     assert (lengths[:-1] >= grain).all(), f"a chunk below the grain {grain}: {ordered.tolist()}"
     if num_threads == 1 or end - begin <= grain:
-        assert chunks.tolist() == [[begin, end]], "one thread or one grain of work must run as a single call"
+        assert chunks[:, :2].tolist() == [[begin, end]], "one thread or one grain of work must run as a single call"
 
 
 def test_many_threads_cut_the_range_into_small_chunks(threads):
@@ -73,6 +78,27 @@ def test_exception_in_a_body_reaches_the_caller_and_the_pool_stays_usable(thread
         coverage(0, 1_000, 1, spin=100, throw_at=777)
     visits, _ = coverage(0, 1_000, 1, spin=100)
     assert torch.equal(visits, torch.ones_like(visits))
+
+
+def test_a_stalled_helper_keeps_small_loops_on_the_caller_for_a_while(threads, monkeypatch):
+    threads(2)
+    monkeypatch.setenv("FASTVQ_CPU_BACKOFF", "1")
+    # A helper that sleeps 50 ms in its chunk while the caller has little to do: the caller waits on it.
+    for _ in range(20):
+        visits, chunks = coverage(0, 64, 1, spin=20_000, helper_sleep_us=50_000)
+        assert torch.equal(visits, torch.ones_like(visits))
+        if chunks[:, 2].any():
+            break
+    else:
+        pytest.skip("no helper claimed a chunk in 20 calls (a very loaded machine): no stall to back off from")
+    # For the next 2 s a loop below 512 grains runs on the caller alone; a larger one still uses the helpers.
+    _, small = coverage(0, 64, 1, spin=1_000)
+    assert small[:, :2].tolist() == [[0, 64]]
+    _, large = coverage(0, 4_096, 1, spin=10)
+    assert large.shape[0] > 1
+    monkeypatch.setenv("FASTVQ_CPU_BACKOFF", "0")
+    _, small = coverage(0, 64, 1, spin=1_000)
+    assert small.shape[0] > 1, "FASTVQ_CPU_BACKOFF=0 turns the back-off off"
 
 
 def _search_inputs(num_rows=3_001, num_codes=1_503, dim=37, seed=0):
