@@ -61,12 +61,13 @@ constexpr int64_t kChunksPerThread = 8;
 // Spins on the done counter before the caller sleeps: about the wake-up's cost, a few microseconds.
 constexpr int kSpinsBeforeSleep = 2000;
 // Back-off on a contended machine. A call whose caller, out of chunks, waited for a helper's chunk longer
-// than it had worked itself (and over kMinStallNs) saw a helper descheduled mid-chunk: on a loaded 2-core
+// than a quarter of its own work (a chunk is at most an eighth of a thread's share, so a running helper
+// finishes within that) and over kMinStallNs saw a helper descheduled mid-chunk: on a loaded 2-core
 // machine that wait is a scheduler slice or more (~20 ms), however small the chunk. For kBackoffNs after
 // one, loops of fewer than kBackoffMinGrains grains run on the calling thread alone (about 10^9
 // multiply-adds for the searches: several scheduler slices of work, so a stall at most doubles them);
 // the first parallel call after it tries again. FASTVQ_CPU_BACKOFF=0 turns the back-off off.
-constexpr int64_t kMinStallNs = 1'000'000;
+constexpr int64_t kMinStallNs = 500'000;
 constexpr int64_t kBackoffNs = 2'000'000'000;
 constexpr int64_t kBackoffMinGrains = 512;
 
@@ -283,7 +284,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   }
   // Every chunk was claimed and is done: no helper reads `body` again.
   const int64_t waited = now_ns() - ran_out;
-  if (backoff && waited > std::max(ran_out - start, kMinStallNs)) {
+  if (backoff && waited > std::max((ran_out - start) / 4, kMinStallNs)) {
     backoff_until_ns().store(now_ns() + kBackoffNs, std::memory_order_relaxed);
   }
   if (loop->error) std::rethrow_exception(loop->error);
