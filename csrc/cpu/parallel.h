@@ -4,7 +4,8 @@
 // at::parallel_for on PyTorch's OpenMP build gives each thread one static share of [begin, end) and
 // joins them at a barrier: when the OS deschedules one thread (another process wants the core), the
 // caller waits for that thread's whole share, spinning (libgomp spins ~3 ms before it sleeps), and a
-// call that takes 0.1 ms on one thread took 20-60 ms on two beside a busy process (docs/benchmarks.md).
+// search that takes 0.6-2 ms on one thread took 30-150 ms on two beside a busy process; PyTorch's own
+// OpenMP regions cost as much, since waking libgomp's sleeping thread took ~20 ms there (docs/benchmarks.md).
 // This loop instead:
 // - runs on the calling thread alone, with no thread woken, when [begin, end) is at most `grain`
 //   indices or num_threads() is 1, as at::parallel_for does (the callers' grains say how many
@@ -64,8 +65,9 @@ constexpr int kSpinsBeforeSleep = 2000;
 // than a quarter of its own work (a chunk is at most an eighth of a thread's share, so a running helper
 // finishes within that) and over kMinStallNs saw a helper descheduled mid-chunk: on a loaded 2-core
 // machine that wait is a scheduler slice or more (~20 ms), however small the chunk. For kBackoffNs after
-// one, loops of fewer than kBackoffMinGrains grains run on the calling thread alone (about 10^9
-// multiply-adds for the searches: several scheduler slices of work, so a stall at most doubles them);
+// one, loops of fewer than kBackoffMinGrains grains run on the calling thread alone (a search's grain is
+// at least 2*10^6 multiply-adds, so at least 10^9 of them: several scheduler slices of work, so a stall
+// at most doubles them);
 // the first parallel call after it tries again. FASTVQ_CPU_BACKOFF=0 turns the back-off off.
 constexpr int64_t kMinStallNs = 500'000;
 constexpr int64_t kBackoffNs = 2'000'000'000;
