@@ -44,6 +44,7 @@ CPU_SOURCES = ["csrc/module.cpp", "csrc/cpu/search.cpp", "csrc/cpu/topk.cpp", "c
 CPU_SOURCES += ["csrc/cpu/residual_quantize.cpp"]
 CPU_SOURCES += ["csrc/cpu/sinkhorn.cpp"]
 CPU_SOURCES += ["csrc/cpu/soft_quantize.cpp"]
+CPU_SOURCES += ["csrc/cpu/parallel.cpp"]
 CUDA_SOURCES = ["csrc/cuda/search_kernels.cu", "csrc/cuda/segment_reduce_kernels.cu", "csrc/cuda/binding.cpp"]
 DEFAULT_CPU_ARCH_FLAGS = "-march=native"
 

@@ -191,7 +191,7 @@ void residual_quantize_rows(Walk<acc_t>& walk, const acc_t* z, acc_t* quantized,
     // Small problems stay on the calling thread: waking the pool costs more than they do.
     const int64_t tile_work = tile_rows * walk.num_codes * dim * walk.n_q;
     const int64_t tile_grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(tile_work, 1));
-    at::parallel_for(first_tile, last_tile, tile_grain, [&](int64_t begin, int64_t end) {
+    fastvq::parallel_for(first_tile, last_tile, tile_grain, [&](int64_t begin, int64_t end) {
       TileScratch<acc_t> scratch;
       scratch.residual = at::empty({tile_rows, dim}, options);
       scratch.total = at::empty({tile_rows, dim}, options);
@@ -216,7 +216,7 @@ void residual_quantize_rows(Walk<acc_t>& walk, const acc_t* z, acc_t* quantized,
     if (!return_stats) continue;
     // Each level's counts and sums from this chunk, by one thread per level, in row order.
     const int64_t level_work = (chunk_end_row - chunk_first_row) * dim;
-    at::parallel_for(0, walk.n_q, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(level_work, 1)),
+    fastvq::parallel_for(0, walk.n_q, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(level_work, 1)),
                      [&](int64_t begin, int64_t end) {
       for (int64_t level = begin; level < end; ++level) {
         for (int64_t row = chunk_first_row; row < chunk_end_row; ++row) {
@@ -243,6 +243,7 @@ void residual_quantize_rows(Walk<acc_t>& walk, const acc_t* z, acc_t* quantized,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_quantize_cpu(
     const at::Tensor& z, const at::Tensor& codebooks, int64_t n_q, const c10::optional<at::Tensor>& row_levels,
     bool return_stats) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   TORCH_CHECK_VALUE(z.dim() == 2 && codebooks.dim() == 3 && z.size(1) == codebooks.size(2) && codebooks.size(0) >= 1 &&
                         codebooks.size(1) >= 1 && n_q >= 1 && n_q <= codebooks.size(0),
                     "residual_quantize expects z [N, D], codebooks [L, K, D] with L, K >= 1 and 1 <= n_q <= L, got ",
@@ -305,6 +306,7 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward_cpu(
     const at::Tensor& grad_quantized, const at::Tensor& grad_commitment, const at::Tensor& grad_codebook_loss,
     const at::Tensor& z, const at::Tensor& codebooks, const at::Tensor& indices, const std::string& straight_through,
     bool compute_codebook_grad) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   TORCH_CHECK_VALUE(straight_through == "final" || straight_through == "per_level" ||
                         straight_through == "detached_residual",
                     "straight_through must be final, per_level or detached_residual, got '", straight_through, "'");
@@ -341,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward_cpu(
     for (int64_t chunk_start = 0; chunk_start < num_rows; chunk_start += chunk_rows) {
       const int64_t chunk_end = std::min(num_rows, chunk_start + chunk_rows);
       const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, walk_levels * dim));
-      at::parallel_for(chunk_start, chunk_end, grain, [&](int64_t begin, int64_t end) {
+      fastvq::parallel_for(chunk_start, chunk_end, grain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> residual(dim), grad(dim);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t* row_index = index + row * num_levels;
@@ -370,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward_cpu(
       if (!compute_codebook_grad) continue;
       acc_t* target_data = grad_codebooks.data_ptr<acc_t>();
       const int64_t level_work = (chunk_end - chunk_start) * dim;
-      at::parallel_for(0, num_levels, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(level_work, 1)),
+      fastvq::parallel_for(0, num_levels, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(level_work, 1)),
                        [&](int64_t begin, int64_t end) {
         for (int64_t level = begin; level < end; ++level) {
           const acc_t weight = static_cast<acc_t>(scale[level]);

@@ -90,7 +90,7 @@ constexpr int64_t kMinSegmentCodes = 1024;
 Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes, int64_t num_problems) {
   const int64_t blocks = (num_rows + tile.rows - 1) / tile.rows;
   const int64_t all_blocks = blocks * num_problems;
-  const int64_t wanted = kItemsPerThread * at::get_num_threads();
+  const int64_t wanted = kItemsPerThread * fastvq::num_threads();
   int64_t segments = 1;
   if (all_blocks < wanted) {
     segments = std::min((wanted + all_blocks - 1) / all_blocks, std::max<int64_t>(1, num_codes / kMinSegmentCodes));
@@ -149,7 +149,7 @@ PreparedCodebook<float> prepare_bf16_codebook(const at::Tensor& codebook, Metric
   float* bias = prepared.bias.data_ptr<float>();
   float* scale = prepared.scale.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1));
-  at::parallel_for(0, num_codes, grain, [&](int64_t begin, int64_t end) {
+  fastvq::parallel_for(0, num_codes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t panel = k / width, lane = k % width;
       double squares = 0;
@@ -381,7 +381,7 @@ void search(const std::vector<Problem<acc_t>>& problems) {
     }
   };
 
-  at::parallel_for(0, num_items, grain, [&](int64_t item_begin, int64_t item_end) {
+  fastvq::parallel_for(0, num_items, grain, [&](int64_t item_begin, int64_t item_end) {
     // One row tile and one score tile (or lane state) per thread: all the memory the search adds
     // beyond O(B K D) and the partials. Zeros: a direct kernel also reads the padding rows of a
     // short last block.
@@ -420,7 +420,7 @@ void search(const std::vector<Problem<acc_t>>& problems) {
   });
   if (!split) return;
   // Segments in code order and strictly better only: the lowest index wins ties, a NaN never wins.
-  at::parallel_for(0, all_rows, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1)),
+  fastvq::parallel_for(0, all_rows, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t slot = begin; slot < end; ++slot) {
                        acc_t best = std::numeric_limits<acc_t>::infinity();
@@ -515,6 +515,7 @@ void search_batch(const at::Tensor& z, const at::Tensor& codebook, Metric metric
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
     const at::Tensor& z, const at::Tensor& codebook, const std::string& metric_name, bool return_codes) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   const Metric metric = parse_metric(metric_name);
   TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2 && z.size(1) == codebook.size(1) && codebook.size(0) >= 1,
                     "nearest_code expects z [N, D] and codebook [K, D] with K >= 1, got ", z.sizes(), " and ",
@@ -536,6 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_cpu(
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_batched_cpu(const at::Tensor& z, const at::Tensor& codebook,
                                                             const std::string& metric_name) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   const Metric metric = parse_metric(metric_name);
   TORCH_CHECK_VALUE(z.dim() == 3 && codebook.dim() == 3 && z.size(0) == codebook.size(0) &&
                         z.size(2) == codebook.size(2) && codebook.size(1) >= 1,

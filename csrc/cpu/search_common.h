@@ -8,6 +8,7 @@
 
 #include "../fastvq.h"
 #include "search_isa.h"
+#include "parallel.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -70,7 +71,7 @@ inline TileShape tile_shape(int64_t num_rows, int64_t num_codes, int64_t dim, in
   constexpr int64_t kTileBytes = 1024 * 1024;
   const int64_t codes = std::min<int64_t>(2048, (num_codes + kLanes - 1) / kLanes * kLanes);
   int64_t rows = kTileBytes / (elem_size * (codes + dim));
-  const int64_t rows_per_thread = (num_rows + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t rows_per_thread = (num_rows + fastvq::num_threads() - 1) / fastvq::num_threads();
   rows = std::max<int64_t>(16, std::min({rows, int64_t{256}, rows_per_thread}));
   return {rows, codes};
 }
@@ -78,7 +79,7 @@ inline TileShape tile_shape(int64_t num_rows, int64_t num_codes, int64_t dim, in
 // A direct kernel's rows per block: its register tiles share each L2 block of codes, fewer of them
 // for small N so that every thread still gets a block. The codes are split in whole panels.
 inline TileShape direct_tile_shape(int64_t num_rows, const DirectShape& shape) {
-  const int64_t rows_per_thread = (num_rows + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t rows_per_thread = (num_rows + fastvq::num_threads() - 1) / fastvq::num_threads();
   const int64_t tiles = std::min(shape.tiles_per_block, (rows_per_thread + shape.tile_rows - 1) / shape.tile_rows);
   return {std::max<int64_t>(1, tiles) * shape.tile_rows, shape.panel_codes};
 }
@@ -204,7 +205,7 @@ PreparedCodebook<acc_t> prepare_codebook(const at::Tensor& codebook_acc, Metric 
   acc_t* bias = prepared.bias.defined() ? prepared.bias.template data_ptr<acc_t>() : nullptr;
   const acc_t* center = metric == Metric::L2 ? prepared.center.template data_ptr<acc_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1));
-  at::parallel_for(0, num_codes, grain, [&](int64_t begin, int64_t end) {
+  fastvq::parallel_for(0, num_codes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t panel = k / width, lane = k % width;
       acc_t* target = packed ? codes + panel * dim * width + lane : codes + k * dim;

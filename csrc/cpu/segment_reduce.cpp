@@ -5,6 +5,7 @@
 // atomic, and every sum is added in the same order as a serial loop (and as index_add_ on CPU),
 // so the result is deterministic and does not depend on the number of threads.
 #include "../fastvq.h"
+#include "parallel.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,9 +26,11 @@ void segment_sum(const at::Tensor& values, const at::Tensor& indices, int64_t nu
   const int64_t row_stride = values.stride(0), col_stride = values.stride(1), index_stride = indices.stride(0);
   const value_t* value_data = values.data_ptr<value_t>();
   const index_t* index_data = indices.data_ptr<index_t>();
-  // A code range per thread; below kParallelWork additions one thread does it all.
-  const int64_t grain = num_rows * dim < kParallelWork ? num_codes : 1;
-  at::parallel_for(0, num_codes, grain, [&](int64_t code_begin, int64_t code_end) {
+  // Code ranges of two chunks per thread (every chunk scans all the indices once); below kParallelWork
+  // additions one thread does it all.
+  const int64_t grain =
+      num_rows * dim < kParallelWork ? num_codes : std::max<int64_t>(1, num_codes / (2 * fastvq::num_threads()));
+  fastvq::parallel_for(0, num_codes, grain, [&](int64_t code_begin, int64_t code_end) {
     for (int64_t row = 0; row < num_rows; ++row) {
       const int64_t code = static_cast<int64_t>(index_data[row * index_stride]);
       // Indices outside [0, K) belong to no code and are skipped, never written through.
@@ -44,6 +47,7 @@ void segment_sum(const at::Tensor& values, const at::Tensor& indices, int64_t nu
 
 std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu(
     const at::Tensor& values, const at::Tensor& indices, int64_t num_codes, bool /*deterministic*/) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   TORCH_CHECK_VALUE(values.dim() == 2 && indices.dim() == 1 && indices.size(0) == values.size(0) && num_codes >= 1,
                     "segment_reduce expects values [N, D], indices [N] and num_codes >= 1, got ", values.sizes(),
                     ", ", indices.sizes(), " and ", num_codes);

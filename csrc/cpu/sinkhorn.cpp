@@ -126,7 +126,7 @@ void row_pass(const Operands<acc_t>& ops, const acc_t* potential, acc_t shift, a
               int64_t* indices) {
   const int64_t blocks = (ops.num_rows + kBlockRows - 1) / kBlockRows;
   const int64_t tile_codes = std::min(ops.num_codes, kTileCodes);
-  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  fastvq::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     at::Tensor tile = scratch<acc_t>(kBlockRows, tile_codes);
     std::vector<acc_t> high(kBlockRows), total(kBlockRows), best(kBlockRows);
     std::vector<int64_t> best_index(kBlockRows);
@@ -182,7 +182,7 @@ void column_pass(const Operands<acc_t>& ops, const acc_t* potential, acc_t shift
   const int64_t blocks = (ops.num_rows + kBlockRows - 1) / kBlockRows;
   const int64_t blocks_per_split = (blocks + splits - 1) / splits;
   const int64_t tile_codes = std::min(ops.num_codes, kTileCodes);
-  at::parallel_for(0, splits, 1, [&](int64_t split_begin, int64_t split_end) {
+  fastvq::parallel_for(0, splits, 1, [&](int64_t split_begin, int64_t split_end) {
     at::Tensor tile = scratch<acc_t>(kBlockRows, tile_codes);
     std::vector<acc_t> tile_max(tile_codes), safe(tile_codes);
     for (int64_t split = split_begin; split < split_end; ++split) {
@@ -231,7 +231,7 @@ template <typename acc_t>
 void cost_stats(const Operands<acc_t>& ops, double* stats) {
   const int64_t blocks = (ops.num_rows + kBlockRows - 1) / kBlockRows;
   const int64_t tile_codes = std::min(ops.num_codes, kTileCodes);
-  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  fastvq::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     at::Tensor tile = scratch<acc_t>(kBlockRows, tile_codes);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t row_start = block * kBlockRows;
@@ -283,6 +283,7 @@ bool wide(const at::Tensor& z, const at::Tensor& codebook) {
 std::tuple<at::Tensor, at::Tensor> sinkhorn_row_pass_cpu(const at::Tensor& z, const at::Tensor& codebook,
                                                          const at::Tensor& column_potential, const std::string& metric,
                                                          const at::Tensor& affine, bool argmax) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   const auto options = column_potential.options();
   at::Tensor lse = at::empty({z.size(0)}, options);
   at::Tensor indices = at::empty({argmax ? z.size(0) : 0}, options.dtype(at::kLong));
@@ -302,6 +303,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_row_pass_cpu(const at::Tensor& z, co
 std::tuple<at::Tensor, at::Tensor> sinkhorn_column_partials_cpu(const at::Tensor& z, const at::Tensor& codebook,
                                                                 const at::Tensor& row_potential,
                                                                 const std::string& metric, const at::Tensor& affine) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   const int64_t splits = column_splits(z.size(0));
   const auto options = row_potential.options();
   at::Tensor partial_max = at::empty({splits, codebook.size(0)}, options);
@@ -320,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_column_partials_cpu(const at::Tensor
 }
 
 at::Tensor sinkhorn_cost_stats_cpu(const at::Tensor& z, const at::Tensor& codebook, const std::string& metric) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   at::Tensor stats = at::empty({z.size(0), 5}, z.options().dtype(at::kDouble));
   if (z.size(0) == 0) return stats;
   auto run = [&](auto zero) {

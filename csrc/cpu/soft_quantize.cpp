@@ -14,6 +14,7 @@
 // sums kept per thread and added in thread order. The fp32 products and exponentials have AVX-512 and AVX2 + FMA
 // kernels, chosen per call (soft_isa, FASTVQ_CPU_SEARCH); fp64 and other CPUs take plain blocked loops.
 #include "../fastvq.h"
+#include "parallel.h"
 #include "search_isa.h"
 
 #include <ATen/ATen.h>
@@ -525,7 +526,7 @@ template <typename T>
 void forward(const Operands<T>& ops, bool hard, bool noisy, uint64_t seed, T* soft, int64_t* indices, T* lse) {
   const int64_t num_rows = ops.num_rows;
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     SoftRowTile<T> state(ops, hard, noisy, seed);
     for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
@@ -594,6 +595,8 @@ void backward(const Operands<T>& ops, const SoftTerms<T>* soft, const EntropyTer
   const bool weights_needed = row_grad || out.weighted_rows != nullptr;
   const size_t row_block = static_cast<size_t>(num_rows * (dim + 1));
   std::vector<T> thread_row_sums(row_grad ? row_block * threads : 0, T(0));
+  // at::parallel_for, not fastvq::parallel_for: the row sums are per thread (at::get_thread_num()) and added in
+  // thread order, so each thread must own one fixed share of the code tiles.
   at::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> logits(static_cast<size_t>(kCodeTile * kRowTile)), probs(logits.size()), grads(logits.size());
     std::vector<T> scale(logits.size()), bracket(kRowTile);
@@ -692,7 +695,7 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
   const T negative_infinity = -std::numeric_limits<T>::infinity(), lowest = std::numeric_limits<T>::lowest();
   std::vector<T> final_shift(num_rows), log_total(num_rows);
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     std::vector<T> maximum(kRowTile), total(kRowTile), centred_sum(kRowTile), shift(kRowTile), tile_maximum;
     std::vector<T> soft_tile(soft_out ? tile.size() : 0), centred(kRowTile), weights(kRowTile), nan_seen(kRowTile);
@@ -747,7 +750,7 @@ void entropy_forward(const Operands<T>& ops, T logit_scale, T* row_entropy, T* c
     }
   });
   const int64_t code_tiles = (ops.num_codes + kCodeTile - 1) / kCodeTile;
-  at::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, code_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     for (int64_t code_tile = tile_begin; code_tile < tile_end; ++code_tile) {
       const int64_t c0 = code_tile * kCodeTile, codes = std::min(kCodeTile, ops.num_codes - c0);
@@ -773,7 +776,7 @@ template <typename T>
 void expected_code_weight(const Operands<T>& ops, T logit_scale, const T* lse, const T* code_weights, T* expected) {
   const int64_t num_rows = ops.num_rows;
   const int64_t row_tiles = (num_rows + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  fastvq::parallel_for(0, row_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<T> tile(static_cast<size_t>(kCodeTile * kRowTile));
     for (int64_t row_tile = tile_begin; row_tile < tile_end; ++row_tile) {
       const int64_t r0 = row_tile * kRowTile, rows = std::min(kRowTile, num_rows - r0);
@@ -833,6 +836,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(
     const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
     const at::Tensor& values, int64_t metric, double inverse_temperature, const std::optional<at::Tensor>& seed,
     bool return_hard) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   check_operands(zq, keys, code_term, row_term, values, metric);
   const auto zq_c = zq.contiguous(), keys_c = keys.contiguous(), values_c = values.contiguous();
   const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
@@ -891,6 +895,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_entropy_cpu(
     const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
     int64_t metric, double inverse_temperature) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   check_operands(zq, keys, code_term, row_term, keys, metric);
   const int64_t num_rows = zq.size(0);
   const auto options = keys.options();
@@ -952,6 +957,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
     const at::Tensor& values, int64_t metric, double inverse_temperature, double entropy_inverse_temperature,
     bool return_hard) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   check_operands(zq, keys, code_term, row_term, values, metric);
   const int64_t num_rows = zq.size(0);
   const auto options = keys.options();

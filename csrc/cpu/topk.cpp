@@ -163,7 +163,7 @@ void topk_search(const at::Tensor& z, const at::Tensor& codebook_acc, const Prep
   const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(tile.rows * num_codes * dim, 1));
   const auto options = codebook_acc.options();
   const z_t* z_data = z.data_ptr<z_t>();
-  at::parallel_for(0, num_blocks, grain, [&](int64_t block_begin, int64_t block_end) {
+  fastvq::parallel_for(0, num_blocks, grain, [&](int64_t block_begin, int64_t block_end) {
     // Zeros: a direct kernel also reads the padding rows of a short last block.
     at::Tensor z_tile = at::zeros({tile.rows, dim}, options);
     at::Tensor scores = direct ? at::Tensor() : at::empty({tile.rows * tile.codes}, options);
@@ -224,6 +224,7 @@ void topk_metric(Metric metric, const at::Tensor& z, const at::Tensor& codebook_
 
 std::tuple<at::Tensor, at::Tensor> nearest_codes_cpu(const at::Tensor& z, const at::Tensor& codebook, int64_t k,
                                                      const std::string& metric_name) {
+  const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   const Metric metric = parse_metric(metric_name);
   TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2 && z.size(1) == codebook.size(1) && k >= 1 &&
                         k <= codebook.size(0) && codebook.size(0) < std::numeric_limits<int32_t>::max(),

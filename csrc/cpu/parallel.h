@@ -1,0 +1,295 @@
+// fastvq::parallel_for: the parallel loop of every C++ CPU kernel, a drop-in for at::parallel_for
+// (same arguments, same body signature) that degrades gracefully on a loaded machine.
+//
+// at::parallel_for on PyTorch's OpenMP build gives each thread one static share of [begin, end) and
+// joins them at a barrier: when the OS deschedules one thread (another process wants the core), the
+// caller waits for that thread's whole share, spinning (libgomp spins ~3 ms before it sleeps), and a
+// search that takes 0.6-2 ms on one thread took 30-150 ms on two beside a busy process; PyTorch's own
+// OpenMP regions cost as much, since waking libgomp's sleeping thread took ~20 ms there (docs/benchmarks.md).
+// This loop instead:
+// - runs on the calling thread alone, with no thread woken, when [begin, end) is at most `grain`
+//   indices or num_threads() is 1, as at::parallel_for does (the callers' grains say how many
+//   indices are worth a wake-up);
+// - otherwise cuts the range into small chunks (at least `grain` indices, about kChunksPerThread per
+//   thread) that the caller and up to threads - 1 helpers of a pool of its own claim one at a time
+//   from an atomic counter: a descheduled helper holds at most the one chunk it is running, and the
+//   others take the rest;
+// - never waits for a helper that has not claimed a chunk: the caller returns as soon as every chunk
+//   is done, so a helper that wakes late finds nothing to do (join-free), and the caller is never
+//   held by a thread the OS has not run yet;
+// - waits for a running chunk by sleeping on a condition variable after a short spin, so the core is
+//   free for the thread it waits on; idle helpers sleep too (they never spin between calls);
+// - backs off where that wait showed a descheduled helper: for the next 2 s only large loops use the
+//   helpers (kBackoffMinGrains), since a stall costs a scheduler slice whatever the chunk size.
+// The body sees the chunks as at::parallel_for's body sees its shares: any number of calls per thread,
+// each on a disjoint [chunk_begin, chunk_end), every index exactly once. A body must not depend on
+// which thread runs it (at::get_thread_num() is 0 in a helper): results are then the same for every
+// thread count and schedule. Inside a body BLAS runs on one thread and a nested fastvq::parallel_for
+// runs inline. The first exception a body throws is rethrown on the caller once every claimed chunk
+// is done; the chunks not yet claimed are skipped. After fork() the child starts a new pool.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// MKL's per-thread thread count (exported by libtorch_cpu on x86-64 wheels); weak, so null elsewhere.
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+
+namespace fastvq {
+namespace parallel_detail {
+
+// Chunks per thread a parallel range is cut into: enough that the others absorb a descheduled thread's
+// share, few enough that the claims (one atomic add each) and the bodies' per-call set-up stay small.
+constexpr int64_t kChunksPerThread = 8;
+// Spins on the done counter before the caller sleeps: about the wake-up's cost, a few microseconds.
+constexpr int kSpinsBeforeSleep = 2000;
+// Back-off on a contended machine. A call whose caller, out of chunks, waited for a helper's chunk longer
+// than a quarter of its own work (a chunk is at most an eighth of a thread's share, so a running helper
+// finishes within that) and over kMinStallNs saw a helper descheduled mid-chunk: on a loaded 2-core
+// machine that wait is a scheduler slice or more (~20 ms), however small the chunk. For kBackoffNs after
+// one, loops of fewer than kBackoffMinGrains grains run on the calling thread alone (a search's grain is
+// at least 2*10^6 multiply-adds, so at least 10^9 of them: several scheduler slices of work, so a stall
+// at most doubles them);
+// the first parallel call after it tries again. FASTVQ_CPU_BACKOFF=0 turns the back-off off.
+constexpr int64_t kMinStallNs = 500'000;
+constexpr int64_t kBackoffNs = 2'000'000'000;
+constexpr int64_t kBackoffMinGrains = 512;
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+inline std::atomic<int64_t>& backoff_until_ns() {
+  static std::atomic<int64_t> until{0};
+  return until;
+}
+
+inline bool backoff_enabled() {
+  const char* setting = std::getenv("FASTVQ_CPU_BACKOFF");
+  return setting == nullptr || std::string(setting) != "0";
+}
+
+// One call's shared state. Helpers hold it by shared_ptr, so a helper that wakes after the caller
+// returned touches only this, never the caller's stack; `body` is read only by the holder of a
+// claimed chunk, and the caller does not return while a claimed chunk is running.
+struct Loop {
+  int64_t begin = 0, end = 0, chunk = 1, num_chunks = 0;
+  const std::function<void(int64_t, int64_t)>* body = nullptr;
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int64_t> done_chunks{0};
+  std::atomic<int> helper_slots{0};  // helpers still wanted; a woken helper beyond them goes back to sleep
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;  // the first exception, written once under `mutex`
+  std::mutex mutex;
+  std::condition_variable all_done;
+};
+
+inline thread_local bool in_loop_body = false;
+
+// Runs `body` the way every chunk runs: marked as inside a loop (nested loops run inline) and with
+// MKL on this thread alone (as inside an OpenMP region, where MKL runs sequentially).
+inline void run_body(const std::function<void(int64_t, int64_t)>& body, int64_t begin, int64_t end) {
+  const bool was_in_body = in_loop_body;
+  in_loop_body = true;
+  const int previous_mkl = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+  try {
+    body(begin, end);
+  } catch (...) {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_mkl);
+    in_loop_body = was_in_body;
+    throw;
+  }
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_mkl);
+  in_loop_body = was_in_body;
+}
+
+// Claims and runs chunks until none is left. Used by the caller and by every helper.
+inline void run_chunks(Loop& loop) {
+  for (;;) {
+    const int64_t chunk = loop.next_chunk.fetch_add(1, std::memory_order_relaxed);
+    if (chunk >= loop.num_chunks) return;
+    if (!loop.failed.load(std::memory_order_relaxed)) {
+      const int64_t chunk_begin = loop.begin + chunk * loop.chunk;
+      try {
+        run_body(*loop.body, chunk_begin, std::min(loop.end, chunk_begin + loop.chunk));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(loop.mutex);
+        if (!loop.failed.exchange(true)) loop.error = std::current_exception();
+      }
+    }
+    if (loop.done_chunks.fetch_add(1, std::memory_order_acq_rel) + 1 == loop.num_chunks) {
+      std::lock_guard<std::mutex> lock(loop.mutex);  // under the mutex: the caller cannot miss the notify
+      loop.all_done.notify_all();
+    }
+  }
+}
+
+// The helpers: threads that sleep until a loop is posted, then claim its chunks. The pool grows to the
+// most helpers a call asked for and is never destroyed (its threads are detached and sleep at exit).
+class Pool {
+ public:
+  static Pool& instance() {
+    static std::once_flag registered;
+    std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, [] { current() = new Pool(); }); });
+    Pool*& pool = current();
+    if (pool == nullptr) {
+      static std::mutex creating;
+      std::lock_guard<std::mutex> lock(creating);
+      if (pool == nullptr) pool = new Pool();
+    }
+    return *pool;
+  }
+
+  // Offers `loop` to `helpers` helpers, starting threads up to that many.
+  void post(const std::shared_ptr<Loop>& loop, int helpers) {
+    loop->helper_slots.store(helpers, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(threads_started_) < helpers) {
+        std::thread(&Pool::serve, this).detach();
+        ++threads_started_;
+      }
+      posted_ = loop;
+      ++generation_;
+    }
+    wake_.notify_all();
+  }
+
+ private:
+  // The live pool; a fork's child (which has none of the parent's threads) gets a new one. The old one
+  // is leaked on purpose: its mutex may have been held by a thread that does not exist in the child.
+  static Pool*& current() {
+    static Pool* pool = nullptr;
+    return pool;
+  }
+
+  void serve() {
+    // An OpenMP region opened in a body on this thread must not start a team: the count is set to 1 after
+    // PyTorch's per-thread initialisation (run by at::get_num_threads()), which would set it back.
+    at::get_num_threads();
+#ifdef _OPENMP
+    omp_set_num_threads(1);
+#endif
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Loop> loop;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        loop = posted_;
+      }
+      if (loop && loop->helper_slots.fetch_sub(1, std::memory_order_relaxed) > 0) run_chunks(*loop);
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::shared_ptr<Loop> posted_;
+  uint64_t generation_ = 0;
+  size_t threads_started_ = 0;
+};
+
+// The thread count an op's loops use while SerialTorchOps holds this thread's OpenMP count at 1; 0 outside one.
+inline thread_local int guarded_threads = 0;
+
+}  // namespace parallel_detail
+
+// The threads fastvq::parallel_for uses on this thread: at::get_num_threads(), also inside a SerialTorchOps.
+inline int num_threads() {
+  return parallel_detail::guarded_threads > 0 ? parallel_detail::guarded_threads : at::get_num_threads();
+}
+
+// Held by an op's entry point for the whole call: the PyTorch ops it runs on this thread (allocations, fills,
+// dtype conversions) run inline instead of in an OpenMP region, whose wake-up of libgomp's sleeping threads
+// took ~20 ms on a loaded 2-core machine even for a 64 Ki-element fill, while fastvq::parallel_for and
+// num_threads() keep the caller's thread count. It sets this thread's OpenMP count (a per-thread setting, which
+// at::get_num_threads() reads) to 1 and restores it on exit; without OpenMP it changes nothing.
+class SerialTorchOps {
+ public:
+  SerialTorchOps() : outer_guarded_(parallel_detail::guarded_threads), threads_(at::get_num_threads()) {
+    if (outer_guarded_ == 0) parallel_detail::guarded_threads = threads_;
+#ifdef _OPENMP
+    omp_set_num_threads(1);
+#endif
+  }
+  ~SerialTorchOps() {
+#ifdef _OPENMP
+    omp_set_num_threads(threads_);
+#endif
+    parallel_detail::guarded_threads = outer_guarded_;
+  }
+  SerialTorchOps(const SerialTorchOps&) = delete;
+  SerialTorchOps& operator=(const SerialTorchOps&) = delete;
+
+ private:
+  int outer_guarded_;
+  int threads_;  // at::get_num_threads() on entry (it also runs PyTorch's per-thread lazy initialisation first)
+};
+
+// at::parallel_for's contract on fastvq's own pool: f(chunk_begin, chunk_end) over disjoint chunks that
+// cover [begin, end) exactly once; see the file comment for the threading policy.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  using namespace parallel_detail;
+  if (begin >= end) return;
+  const int64_t range = end - begin;
+  grain = std::max<int64_t>(grain, 1);
+  int64_t threads = std::min<int64_t>(num_threads(), (range + grain - 1) / grain);
+  const bool backoff = threads > 1 && backoff_enabled();
+  if (backoff && range < grain * kBackoffMinGrains && now_ns() < backoff_until_ns().load(std::memory_order_relaxed)) {
+    threads = 1;
+  }
+  const std::function<void(int64_t, int64_t)> body = std::cref(f);
+  if (threads <= 1 || in_loop_body || at::in_parallel_region()) {
+    run_body(body, begin, end);
+    return;
+  }
+  auto loop = std::make_shared<Loop>();
+  loop->begin = begin;
+  loop->end = end;
+  loop->chunk = std::max(grain, (range + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
+  loop->num_chunks = (range + loop->chunk - 1) / loop->chunk;
+  loop->body = &body;
+  Pool::instance().post(loop, static_cast<int>(threads - 1));
+  const int64_t start = now_ns();
+  run_chunks(*loop);
+  const int64_t ran_out = now_ns();
+  for (int spin = 0; spin < kSpinsBeforeSleep && loop->done_chunks.load(std::memory_order_acquire) < loop->num_chunks;
+       ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  {
+    std::unique_lock<std::mutex> lock(loop->mutex);
+    loop->all_done.wait(lock, [&] { return loop->done_chunks.load(std::memory_order_acquire) == loop->num_chunks; });
+  }
+  // Every chunk was claimed and is done: no helper reads `body` again.
+  const int64_t waited = now_ns() - ran_out;
+  if (backoff && waited > std::max((ran_out - start) / 4, kMinStallNs)) {
+    backoff_until_ns().store(now_ns() + kBackoffNs, std::memory_order_relaxed);
+  }
+  if (loop->error) std::rethrow_exception(loop->error);
+}
+
+}  // namespace fastvq
