@@ -42,13 +42,30 @@ def test_pruning_keeps_the_gpus_and_dtypes_configs_no_wider_than_needed(monkeypa
     from fastvq.backends.triton import search
 
     monkeypatch.setattr(search, "device_arch", lambda: arch)
-    own = search._config_pool(dtype, arch)
+    own = search._config_pool(dtype, arch, 20)
     assert own is (search._HALF_CONFIGS if dtype != torch.float32 else
                    search._FP32_HOPPER_CONFIGS if arch == 90 else search._FP32_CONFIGS)
     codes = torch.zeros(3, 20, dtype=dtype)
     kept = search._prune_configs(search._TUNING_CONFIGS, {"D": 20, "search_codes_ptr": codes})
     assert kept and all(config.kwargs["BLOCK_D"] <= 32 and any(config is c for c in own) for config in kept)
     assert len(search._prune_configs(search._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes})) == len(own)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_d_of_several_slices_that_is_no_multiple_of_16_gets_the_16_wide_slices(monkeypatch, dtype, arch):
+    """D = 100 (no multiple of 16, more than one 32-wide slice): only the tiles that spill nothing there
+    (test_aot_compile.py); D = 18 (one slice) and D = 96 keep the usual lists."""
+    from fastvq.backends.triton import search
+
+    monkeypatch.setattr(search, "device_arch", lambda: arch)
+    codes = torch.zeros(3, 20, dtype=dtype)
+    unaligned = search._HALF_UNALIGNED_D_CONFIGS if dtype != torch.float32 else search._FP32_UNALIGNED_D_CONFIGS
+    kept = search._prune_configs(search._TUNING_CONFIGS, {"D": 100, "search_codes_ptr": codes})
+    assert kept and all(config.kwargs["BLOCK_D"] == 16 and any(config is c for c in unaligned) for config in kept)
+    for dim in (18, 96):
+        kept = search._prune_configs(search._TUNING_CONFIGS, {"D": dim, "search_codes_ptr": codes})
+        assert not any(config is c for config in kept for c in unaligned)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
