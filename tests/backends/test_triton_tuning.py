@@ -77,13 +77,18 @@ def test_topk_pruning_keeps_the_gpus_and_dtypes_tiles_and_bounds_the_pairs(monke
     from fastvq.backends.triton import topk
 
     monkeypatch.setattr(topk, "device_arch", lambda: arch)
-    own = topk._config_pool(dtype, arch)
+    own = topk._config_pool(dtype, arch, 256)
     codes = torch.zeros(3, 256, dtype=dtype)
     kept = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=k_pad)
     assert kept and all(any(config is c for c in own) for config in kept)
     assert all(c.kwargs["BLOCK_N"] * k_pad <= topk._MAX_PAIRS_PER_THREAD * 32 * c.num_warps for c in kept)
     huge = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=1 << 20)
     assert huge == own[-1:]
+    # D = 100: no multiple of 16, more than one 32-wide slice: only 16-wide slices (test_aot_compile.py).
+    unaligned = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 100, "search_codes_ptr": codes}, TOPK_PAD=k_pad)
+    assert unaligned and all(any(c is p for p in topk._config_pool(dtype, arch, 100)) and c.kwargs["BLOCK_D"] == 16
+                             for c in unaligned)
+    assert not any(c is p for c in unaligned for p in own)
 
 
 def test_autotuning_is_keyed_on_size_buckets_of_n_and_k():
