@@ -196,7 +196,8 @@ def residual_quantize(
 def compile_cases() -> list[CompileCase]:
     """The launches ``residual_quantize`` makes, for ``tests/backends/test_aot_compile.py``: training (with the
     statistics) and inference, all rows at n_q or per-row levels, fp32 and bf16 inputs, EnCodec's D = 128,
-    Mimi's 256, DAC's 8 and a D that is no multiple of 16, a column-major ``z``, and the caller's tf32 opt-in."""
+    Mimi's 256, DAC's 8 and a D that is no multiple of 16, a column-major ``z``, the caller's tf32 opt-in, and
+    odd N, K and D (18, 100) with a sliced ``z`` and codebooks by column."""
     cases = []
 
     def add(name, dtype=torch.float32, dim=128, stats=True, per_row=False, column_major=False, tf32=False,

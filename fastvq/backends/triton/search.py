@@ -544,9 +544,10 @@ def compile_cases() -> list[CompileCase]:
     that does not; fp32 with the caller's tf32 opt-in; cosine and dot; Gumbel-max sampling; the
     split codebook and its merge pass; a D that is no multiple of 16 (so neither are the strides);
     a column-major ``z`` (the row stride becomes the constant 1); mixed dtypes; fp16, with no
-    codes returned. Each through the autotuner, so in every config it keeps for the target. Then the
-    batched kernel (``nearest_code_batched``): fp32 and bf16 at D = 128, cosine on one slice, a column-major
-    bf16 ``z`` with odd sizes, fp16 dot.
+    codes returned; odd N, K and D (18 in one slice, 100 in several) with a sliced ``z`` and a codebook by
+    column, sampled and split too. Each through the autotuner, so in every config it keeps for the target.
+    Then the batched kernel (``nearest_code_batched``): fp32 and bf16 at D = 128, cosine on one slice, a
+    column-major bf16 ``z`` with odd sizes, fp16 dot, a sliced fp32 ``z`` at D = 100.
     """
     cases = []
 

@@ -230,8 +230,8 @@ def segment_reduce(
 def compile_cases() -> list[CompileCase]:
     """The launches of ``segment_sum_``, for ``tests/backends/test_aot_compile.py`` (see ``CompileCase``):
     both paths for every dtype at D = 64 and for every BLOCK_D the launcher picks (16 to 128:
-    D = 1, 24, 64, 200; 24 and 200 are no multiples of 16), column-major values, and the atomic path
-    with int32 indices and without counts."""
+    D = 1, 24, 64, 200; 24 and 200 are no multiples of 16), column-major values, the atomic path
+    with int32 indices and without counts, and odd N, K and D (18, 100) with sliced values."""
     cases = []
 
     def add(name, dtype=torch.float32, dim=64, index_dtype=torch.int64, count=True, transposed=False,

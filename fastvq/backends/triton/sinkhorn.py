@@ -306,7 +306,8 @@ def sinkhorn_cost_stats(z, codebook, metric):
 
 def compile_cases() -> list[CompileCase]:
     """The launches of the three passes, for ``tests/backends/test_aot_compile.py``: every metric in fp32
-    (the row pass with and without its argmax), bf16 and fp16 operands, and a column-major ``z``."""
+    (the row pass with and without its argmax), bf16 and fp16 operands, a column-major ``z``, and odd N, K and
+    D (18, 100) with a sliced ``z`` and a codebook by column."""
     cases = []
 
     def add(name, dtype=torch.float32, metric="l2", dim=64, transposed=False, kernels=("row", "argmax", "column",

@@ -801,7 +801,8 @@ def compile_cases() -> list:
     """The launches of the soft quantize and soft entropy ops, forward and backward, for
     ``tests/backends/test_aot_compile.py`` (see ``common.CompileCase``), recorded from the launchers
     themselves: the dot (and cosine), l2 and euclidean logits in fp32 with the hard Gumbel choice,
-    euclidean in bf16, fp16 at a D past one slice, separate values, and the entropy's launches."""
+    euclidean in bf16, fp16 at a D past one slice, separate values, odd N, K and D (18, 100; values of width
+    18) in fp32 and bf16, and the entropy's launches."""
     import sys
 
     module = sys.modules[__name__]

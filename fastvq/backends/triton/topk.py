@@ -304,8 +304,9 @@ def compile_cases() -> list:
     """The launches of ``nearest_codes``, for ``tests/backends/test_aot_compile.py`` (see ``common.CompileCase``),
     recorded from the launcher itself, through the autotuner (so in every config its prune keeps):
     the smallest and largest register-held k (2 and MAX_REGISTER_TOPK) and one between, fp32 and
-    bf16, a D in one slice and one past it, the three metrics, Gumbel-top-k sampling, and a
-    column-major ``z`` at a D that is no multiple of 16."""
+    bf16, a D in one slice and one past it, the three metrics, Gumbel-top-k sampling, a
+    column-major ``z`` at a D that is no multiple of 16, and odd N, K and D (18, 100) with a sliced ``z`` and a
+    codebook by column."""
     import sys
 
     module = sys.modules[__name__]

@@ -206,8 +206,9 @@ def vector_quantize_backward(
 def compile_cases() -> list[CompileCase]:
     """The launches of ``vector_quantize_backward``, for ``tests/backends/test_aot_compile.py`` (see
     ``CompileCase``): the atomic and the deterministic codebook gradient, none, and the rotation
-    trick, for every dtype at D = 64; every BLOCK_D the launcher picks (D = 1, 24, 200); a D that is
-    no multiple of 16; a column-major ``z``."""
+    trick, for every dtype at D = 64; every BLOCK_D the launcher picks (D = 1, 24, 64); a D that is
+    no multiple of 16 (24, 200); a column-major ``z``; odd N, K and D (18, 100) with a sliced ``z`` and
+    output gradient."""
     cases = []
 
     def add(name, dtype=torch.float32, dim=64, codebook_grad=True, rotation=False, deterministic=False,
