@@ -146,3 +146,29 @@ def test_soft_quantize_refuses_widths_past_its_int32_tile_offsets():
     narrow = torch.empty(2, 8, device="meta")
     with pytest.raises(ValueError, match=r"values's last dimension"):
         soft_quantize._Launch(narrow, narrow, wide, "dot", 1.0)
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_masked_conv_gemm_tiles_for_the_pinned_and_another_triton(monkeypatch, pinned):
+    """With the pinned Triton the forward and input-gradient tiles are the chosen list (less those that spill on
+    odd strides in the input gradient); with another, whose code generation spills in all of them on odd maps
+    (test_aot_compile.py), the forward takes the one tile that spills nothing on any map, and so does the input
+    gradient on odd strides."""
+    from fastvq.backends.triton import masked_conv
+
+    monkeypatch.setattr(masked_conv, "_TILES_CHOSEN_WITH_THIS_TRITON", pinned)
+    monkeypatch.setattr(masked_conv, "device_arch", lambda: 80)
+    configs = masked_conv._implicit_gemm_tuned.configs
+    any_map = masked_conv._GEMM_ANY_MAP_OTHER_TRITON
+    aligned = {"OUT_C": 128, "SRC_C": 128, **{name: 256 for name in masked_conv._GEMM_STRIDES}}
+    odd = {**aligned, "stride_src_h": 15, "stride_out_h": 15}
+    meta = {"DOT_PRECISION": "tf32"}
+    forward = masked_conv._prune_gemm_configs(configs, aligned, **meta)
+    input_grad_aligned = masked_conv._prune_input_grad_configs(configs, aligned, **meta)
+    input_grad_odd = masked_conv._prune_input_grad_configs(configs, odd, **meta)
+    assert all(any(c is p for p in masked_conv._GEMM_CONFIGS) for c in input_grad_aligned)
+    if pinned:
+        assert all(any(c is p for p in masked_conv._GEMM_CONFIGS) for c in forward + input_grad_odd)
+        assert len(forward) == len(masked_conv._GEMM_CONFIGS) and len(input_grad_odd) < len(forward)
+    else:
+        assert forward == any_map and input_grad_odd == any_map
