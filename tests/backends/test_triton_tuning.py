@@ -42,13 +42,30 @@ def test_pruning_keeps_the_gpus_and_dtypes_configs_no_wider_than_needed(monkeypa
     from fastvq.backends.triton import search
 
     monkeypatch.setattr(search, "device_arch", lambda: arch)
-    own = search._config_pool(dtype, arch)
+    own = search._config_pool(dtype, arch, 20)
     assert own is (search._HALF_CONFIGS if dtype != torch.float32 else
                    search._FP32_HOPPER_CONFIGS if arch == 90 else search._FP32_CONFIGS)
     codes = torch.zeros(3, 20, dtype=dtype)
     kept = search._prune_configs(search._TUNING_CONFIGS, {"D": 20, "search_codes_ptr": codes})
     assert kept and all(config.kwargs["BLOCK_D"] <= 32 and any(config is c for c in own) for config in kept)
     assert len(search._prune_configs(search._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes})) == len(own)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_d_of_several_slices_that_is_no_multiple_of_16_gets_the_16_wide_slices(monkeypatch, dtype, arch):
+    """D = 100 (no multiple of 16, more than one 32-wide slice): only the tiles that spill nothing there
+    (test_aot_compile.py); D = 18 (one slice) and D = 96 keep the usual lists."""
+    from fastvq.backends.triton import search
+
+    monkeypatch.setattr(search, "device_arch", lambda: arch)
+    codes = torch.zeros(3, 20, dtype=dtype)
+    unaligned = search._HALF_UNALIGNED_D_CONFIGS if dtype != torch.float32 else search._FP32_UNALIGNED_D_CONFIGS
+    kept = search._prune_configs(search._TUNING_CONFIGS, {"D": 100, "search_codes_ptr": codes})
+    assert kept and all(config.kwargs["BLOCK_D"] == 16 and any(config is c for c in unaligned) for config in kept)
+    for dim in (18, 96):
+        kept = search._prune_configs(search._TUNING_CONFIGS, {"D": dim, "search_codes_ptr": codes})
+        assert not any(config is c for config in kept for c in unaligned)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -60,13 +77,18 @@ def test_topk_pruning_keeps_the_gpus_and_dtypes_tiles_and_bounds_the_pairs(monke
     from fastvq.backends.triton import topk
 
     monkeypatch.setattr(topk, "device_arch", lambda: arch)
-    own = topk._config_pool(dtype, arch)
+    own = topk._config_pool(dtype, arch, 256)
     codes = torch.zeros(3, 256, dtype=dtype)
     kept = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=k_pad)
     assert kept and all(any(config is c for c in own) for config in kept)
     assert all(c.kwargs["BLOCK_N"] * k_pad <= topk._MAX_PAIRS_PER_THREAD * 32 * c.num_warps for c in kept)
     huge = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=1 << 20)
     assert huge == own[-1:]
+    # D = 100: no multiple of 16, more than one 32-wide slice: only 16-wide slices (test_aot_compile.py).
+    unaligned = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 100, "search_codes_ptr": codes}, TOPK_PAD=k_pad)
+    assert unaligned and all(any(c is p for p in topk._config_pool(dtype, arch, 100)) and c.kwargs["BLOCK_D"] == 16
+                             for c in unaligned)
+    assert not any(c is p for c in unaligned for p in own)
 
 
 def test_autotuning_is_keyed_on_size_buckets_of_n_and_k():
@@ -124,3 +146,29 @@ def test_soft_quantize_refuses_widths_past_its_int32_tile_offsets():
     narrow = torch.empty(2, 8, device="meta")
     with pytest.raises(ValueError, match=r"values's last dimension"):
         soft_quantize._Launch(narrow, narrow, wide, "dot", 1.0)
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_masked_conv_gemm_tiles_for_the_pinned_and_another_triton(monkeypatch, pinned):
+    """With the pinned Triton the forward and input-gradient tiles are the chosen list (less those that spill on
+    odd strides in the input gradient); with another, whose code generation spills in all of them on odd maps
+    (test_aot_compile.py), the forward takes the one tile that spills nothing on any map, and so does the input
+    gradient on odd strides."""
+    from fastvq.backends.triton import masked_conv
+
+    monkeypatch.setattr(masked_conv, "_TILES_CHOSEN_WITH_THIS_TRITON", pinned)
+    monkeypatch.setattr(masked_conv, "device_arch", lambda: 80)
+    configs = masked_conv._implicit_gemm_tuned.configs
+    any_map = masked_conv._GEMM_ANY_MAP_OTHER_TRITON
+    aligned = {"OUT_C": 128, "SRC_C": 128, **{name: 256 for name in masked_conv._GEMM_STRIDES}}
+    odd = {**aligned, "stride_src_h": 15, "stride_out_h": 15}
+    meta = {"DOT_PRECISION": "tf32"}
+    forward = masked_conv._prune_gemm_configs(configs, aligned, **meta)
+    input_grad_aligned = masked_conv._prune_input_grad_configs(configs, aligned, **meta)
+    input_grad_odd = masked_conv._prune_input_grad_configs(configs, odd, **meta)
+    assert all(any(c is p for p in masked_conv._GEMM_CONFIGS) for c in input_grad_aligned)
+    if pinned:
+        assert all(any(c is p for p in masked_conv._GEMM_CONFIGS) for c in forward + input_grad_odd)
+        assert len(forward) == len(masked_conv._GEMM_CONFIGS) and len(input_grad_odd) < len(forward)
+    else:
+        assert forward == any_map and input_grad_odd == any_map

@@ -11,7 +11,9 @@ that defines ``@triton.jit`` kernels provides::
 
     def compile_cases() -> list[CompileCase]:   # CompileCase from .common
 
-listing the launches real calls make: one case per dtype, metric, layout and constexpr branch, with
+listing the launches real calls make: one case per dtype, metric, layout and constexpr branch, and the
+specialisations real calls take (odd N, K and D, strides and addresses no multiple of 16:
+``common.offset_rows``, ``common.codes_by_column``; a prune may key on that divisibility), with
 arguments built by the same helper the launcher uses (CPU tensors stand in for CUDA ones; the JIT
 specialises on dtype, alignment and sizes, not on the device). A case's ``launcher`` is what the
 launcher calls: an autotuned kernel is compiled in every config its early prune keeps on the

@@ -222,17 +222,33 @@ def _code_entropy_bwd_kernel(
 # BLOCK_N x BLOCK_H x BLOCK_L products (4 096). The mean takes 16 rows a step against 64 x 32 code
 # tiles on four warps, the others 8 rows a program on eight warps: of the tiles tried these are the
 # ones that spill no register on sm_80 or sm_90 (tests/backends/test_aot_compile.py; 64 x 64 code tiles and
-# 32-row programs spilled a few bytes).
+# 32-row programs spilled a few bytes). Their registers grow with the bits of a half (NUM_HI): past 7
+# (d > 14) 8-row programs spilled 136 to 450 B (d = 16 and 18, Open-MAGVIT2's), so longer codes take
+# fewer rows a program (_TILE_ROWS_BY_HALF_BITS).
 _AVG_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 64, "BLOCK_L": 32, "num_warps": 4}
-_TILE_BLOCKS = {"BLOCK_N": 8, "BLOCK_H": 16, "BLOCK_L": 32, "num_warps": 8}
+# Past 7 bits in the high half (d > 14) the 64-pattern tile kept an 8 B stack frame on sm_80 with 16-bit logits
+# (d = 20 and 22, at 96 registers); 32 patterns keep none.
+_AVG_BLOCKS_LONG_CODES = dict(_AVG_BLOCKS, BLOCK_H=32)
+_AVG_LONG_CODES_HALF_BITS = 7
+_TILE_BLOCKS = {"BLOCK_H": 16, "BLOCK_L": 32, "num_warps": 8}  # and BLOCK_N by the code length:
 _INTERPRETER_AVG_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
 _INTERPRETER_TILE_BLOCKS = {"BLOCK_N": 16, "BLOCK_H": 16, "BLOCK_L": 16}
+# (most bits in the high half, rows a program of the elementwise kernels); 4 rows spill nothing up to d = 24 but
+# sit at 255 registers there, so past d = 20 they take 2 (d = 22 and 24 checked; 30, the longest, not compiled:
+# its compile case would allocate 2**30 floats).
+_TILE_ROWS_BY_HALF_BITS = ((7, 8), (10, 4))
+_TILE_ROWS_LONGEST_CODES = 2
 # Programs the mean's grid should reach (several per SM of an A100/H100-class GPU).
 _TARGET_PROGRAMS = 512
 
 
 def _tile_blocks(num_hi: int, num_lo: int) -> dict:
-    blocks = dict(_INTERPRETER_TILE_BLOCKS if interpreting() else _TILE_BLOCKS)
+    if interpreting():
+        blocks = dict(_INTERPRETER_TILE_BLOCKS)
+    else:
+        rows = next((rows for most_bits, rows in _TILE_ROWS_BY_HALF_BITS if num_hi <= most_bits),
+                    _TILE_ROWS_LONGEST_CODES)
+        blocks = dict(_TILE_BLOCKS, BLOCK_N=rows)
     # A half with fewer patterns than the tile is covered by one tile of its own (power-of-two) size.
     blocks["BLOCK_H"] = min(blocks["BLOCK_H"], 1 << num_hi)
     blocks["BLOCK_L"] = min(blocks["BLOCK_L"], 1 << num_lo)
@@ -252,7 +268,10 @@ def code_entropy(bit_logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, to
     if num_rows == 0:
         return sample, torch.full((groups, 2**num_bits), float("nan"), dtype=torch.float32, device=device)
     strides = bit_logits.stride()
-    avg_blocks = _INTERPRETER_AVG_BLOCKS if interpreting() else _AVG_BLOCKS
+    if interpreting():
+        avg_blocks = _INTERPRETER_AVG_BLOCKS
+    else:
+        avg_blocks = _AVG_BLOCKS_LONG_CODES if num_hi > _AVG_LONG_CODES_HALF_BITS else _AVG_BLOCKS
     tile_blocks = _tile_blocks(num_hi, num_lo)
     code_tiles = triton.cdiv(2**num_hi, avg_blocks["BLOCK_H"]) * triton.cdiv(2**num_lo, avg_blocks["BLOCK_L"])
     # With few code tiles (2^16 codes make 16) the rows are split too, so that the GPU has enough
@@ -300,16 +319,27 @@ def code_entropy_backward(
 def compile_cases() -> list:
     """The launches of ``code_entropy`` and its backward, for ``tests/backends/test_aot_compile.py`` (see
     ``common.CompileCase``), recorded from the launchers themselves: fp32 logits in one group of 10
-    bits (a 1024-code LFQ), bf16 logits in two groups of 13 (halves of 7 and 6 bits), and 3 bits
-    (tiles narrower than the defaults)."""
+    bits (a 1024-code LFQ), bf16 logits in two groups of 13 (halves of 7 and 6 bits), 3 bits
+    (tiles narrower than the defaults), and at odd N 18 bits from a channels-first map and 22 sliced bits
+    (fewer rows a program)."""
     import sys
 
     cases = []
-    for dtype, short, groups, bits in ((torch.float32, "fp32", 1, 10), (torch.bfloat16, "bf16", 2, 13),
-                                       (torch.float32, "fp32", 1, 3)):
-        logits = torch.zeros(256, groups, bits, dtype=dtype)
+
+    def add(name, logits):
+        num_rows, groups, bits = logits.shape
         with recording_launches(sys.modules[__name__]) as launches:
             code_entropy(logits, 1e-5)
-            code_entropy_backward(torch.zeros(256, groups), torch.zeros(groups, 2**bits), logits, 1e-5)
-        cases += cases_from_launches(f"{short} {groups}x{bits} bits", launches)
+            code_entropy_backward(torch.zeros(num_rows, groups), torch.zeros(groups, 2**bits), logits, 1e-5)
+        cases.extend(cases_from_launches(name, launches))
+
+    for dtype, short, groups, bits in ((torch.float32, "fp32", 1, 10), (torch.bfloat16, "bf16", 2, 13),
+                                       (torch.float32, "fp32", 1, 3)):
+        add(f"{short} {groups}x{bits} bits", torch.zeros(256, groups, bits, dtype=dtype))
+    # Layouts no case above has, with odd N, and the longer codes that take fewer rows a program: Open-MAGVIT2's
+    # 18 bits read from a channels-first 13 x 13 map (bit stride 169, row stride 1), and 22 bits sliced one
+    # element in (row stride 23, base address no multiple of 16).
+    add("fp32 1x18 bits N=169 channels-first map",
+        torch.zeros(1, 18, 13, 13).permute(0, 2, 3, 1).reshape(169, 1, 18))
+    add("bf16 1x22 bits N=1001 offset", torch.zeros(1001, 23, dtype=torch.bfloat16)[:, 1:].reshape(1001, 1, 22))
     return cases

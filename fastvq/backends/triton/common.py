@@ -328,6 +328,20 @@ class CompileCase:
     configs: tuple = ()
 
 
+def offset_rows(rows: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``[rows, dim]`` compile-case input laid out as a real call can pass it, but no 16-divisible case
+    does: ``x[:, 1:]`` of a ``[rows, dim + 1]`` tensor (a slice that drops a leading channel). Its row
+    stride (``dim + 1``) and its base address (one element in) are no multiple of 16, so Triton
+    specialises neither, and every load of it is a scalar one."""
+    return torch.zeros(rows, dim + 1, dtype=dtype)[:, 1:]
+
+
+def codes_by_column(codes: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``[codes, dim]`` codebook kept the other way round, as ``[dim, codes]`` (the layout of Sonnet's
+    original embeddings), and transposed: code stride 1 (a constant to Triton), dimension stride ``codes``."""
+    return torch.zeros(dim, codes, dtype=dtype).t()
+
+
 @contextlib.contextmanager
 def recording_launches(module):
     """Within the block, ``module``'s kernels record each launch (launcher object, positional and

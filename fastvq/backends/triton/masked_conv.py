@@ -214,6 +214,10 @@ def _masked_conv_weight_grad_kernel(
     )
 
 
+# The tile lists are chosen with the Triton the project pins (3.6, .ci/run; tests/_aot.py).
+_TILES_CHOSEN_WITH_THIS_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) == (3, 6)
+
+
 def _for_precision(configs, heavy_configs, kwargs):
     """``configs`` less those that spill registers in fp32 at full accuracy (``tf32x3``: three MMAs
     on split operands) on GPUs before Hopper, whose MMAs take their operands from registers."""
@@ -222,12 +226,24 @@ def _for_precision(configs, heavy_configs, kwargs):
     return list(configs)
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
+def _only(configs, chosen) -> list:
+    return [c for c in configs if any(c is wanted for wanted in chosen)]
+
+
+def _pinned_triton_gemm_configs(configs, named_args, kwargs) -> list:
     n_cap = max(32, triton.next_power_of_2(named_args["OUT_C"]))
     k_cap = max(32, triton.next_power_of_2(named_args["SRC_C"]))
-    usable = _for_precision(configs, _GEMM_TF32X3_SPILLING, kwargs)
+    usable = _for_precision(_only(configs, _GEMM_CONFIGS), _GEMM_TF32X3_SPILLING, kwargs)
     kept = [c for c in usable if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
     return kept or usable[-1:]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    # The forward's tile may not depend on the map (see _implicit_gemm_tuned), so with another Triton than the
+    # one the tiles were chosen with it takes the one that spills nothing there on odd maps too.
+    if not _TILES_CHOSEN_WITH_THIS_TRITON:
+        return _only(configs, _GEMM_ANY_MAP_OTHER_TRITON)
+    return _pinned_triton_gemm_configs(configs, named_args, kwargs)
 
 
 def _strides_aligned(named_args, stride_names) -> bool:
@@ -238,8 +254,11 @@ def _strides_aligned(named_args, stride_names) -> bool:
 
 
 def _prune_input_grad_configs(configs, named_args, **kwargs):
-    kept = _prune_gemm_configs(configs, named_args, **kwargs)
-    if _strides_aligned(named_args, _GEMM_STRIDES):
+    aligned = _strides_aligned(named_args, _GEMM_STRIDES)
+    if not aligned and not _TILES_CHOSEN_WITH_THIS_TRITON:
+        return _only(configs, _GEMM_ANY_MAP_OTHER_TRITON)
+    kept = _pinned_triton_gemm_configs(configs, named_args, kwargs)
+    if aligned:
         return kept
     return [c for c in kept if not any(c is spilling for spilling in _GEMM_UNALIGNED_SPILLING)] or kept[-1:]
 
@@ -269,6 +288,11 @@ _GEMM_CONFIGS = [
         (64, 32, 32, 4, 4),
     ]
 ]
+# Triton 3.9 (ptxas 12.9) spills 24 B to 3 KB in every tile above on odd maps (15 x 15 bf16 7 x 7, 13 x 13 fp32
+# tf32x3 3 x 3 on 96 channels), forward and input gradient, on sm_80 or sm_90; of those and 64 x 64 x 16,
+# 64 x 64 x 32 on three stages and 32 x 64 x 32, only the last spills nothing in both launches on both targets.
+# Only a Triton other than the pinned one launches it (_TILES_CHOSEN_WITH_THIS_TRITON).
+_GEMM_ANY_MAP_OTHER_TRITON = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
 _WEIGHT_GRAD_CONFIGS = [
     triton.Config({"BLOCK_CI": bci, "BLOCK_CO": bco, "BLOCK_M": bm}, num_warps=w, num_stages=s)
     for bci, bco, bm, w, s in [
@@ -300,7 +324,7 @@ _WEIGHT_GRAD_STRIDES = ["stride_x_b", "stride_x_c", "stride_x_h", "stride_x_w",
 # Keyed on channels and taps only, not on the map size: the configuration (and so every output's
 # summation order) is the same for a whole map and for the cropped windows the fast sampler runs.
 _implicit_gemm_tuned = triton.autotune(
-    configs=_GEMM_CONFIGS,
+    configs=_GEMM_CONFIGS + _GEMM_ANY_MAP_OTHER_TRITON,
     key=["SRC_C", "OUT_C", "KW", "NUM_TAPS", "TRANSPOSED"],
     prune_configs_by={
         "early_config_prune": fits_shared_memory(_masked_conv_implicit_gemm_kernel, _prune_gemm_configs)
@@ -309,7 +333,7 @@ _implicit_gemm_tuned = triton.autotune(
 # The input gradient (the transposed launch), which the sampler never runs, is keyed on its strides as well, so
 # that its prune can drop the tiles that spill where they are not multiples of 16.
 _input_grad_tuned = triton.autotune(
-    configs=_GEMM_CONFIGS,
+    configs=_GEMM_CONFIGS + _GEMM_ANY_MAP_OTHER_TRITON,
     key=["SRC_C", "OUT_C", "KW", "NUM_TAPS", "TRANSPOSED", *_GEMM_STRIDES],
     prune_configs_by={
         "early_config_prune": fits_shared_memory(_masked_conv_implicit_gemm_kernel, _prune_input_grad_configs)
@@ -322,7 +346,6 @@ _weight_grad_tuned = triton.autotune(
         "early_config_prune": fits_shared_memory(_masked_conv_weight_grad_kernel, _prune_weight_grad_configs)
     },
 )(_masked_conv_weight_grad_kernel)
-_ODD_MAP_TILES_CHOSEN_WITH_THIS_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) == (3, 6)
 # Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
 _INTERPRETER_GEMM_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 _INTERPRETER_WEIGHT_GRAD_BLOCKS = {"BLOCK_CI": 16, "BLOCK_CO": 16, "BLOCK_M": 16}
@@ -521,7 +544,9 @@ def compile_cases() -> list[CompileCase]:
     The forward (with bias), the input gradient (``TRANSPOSED``) and the weight gradient, each in
     fp32 with cuDNN's default tf32 and with tf32 turned off (``tf32x3``) and in bf16, on 7 x 7
     type-B masks and 128 channels (so that every config is a candidate), NCHW; the fp16 forward;
-    channels-last; a 3 x 3 type-A mask on 32 channels; Gated PixelCNN's 1 x 3 horizontal stack.
+    channels-last; a 3 x 3 type-A mask on 32 channels; Gated PixelCNN's 1 x 3 horizontal stack; and odd maps and
+    channel counts (15 x 15, 13 x 13 and 7 x 7 maps; 3 x 3 and 5 x 5 masks on 96, 67 and 64 channels), whose
+    strides Triton cannot specialise as multiples of 16, with every Triton.
     """
     cases = []
 
@@ -554,14 +579,12 @@ def compile_cases() -> list[CompileCase]:
     add("bf16 3x3 A 32 channels", torch.bfloat16, channels=32, kernel=(3, 3), mask="A")
     add("fp32 tf32 1x3 A horizontal", kernel=(1, 3), mask="A", kinds=("forward",))
     # Odd maps and channel counts: no stride divisible by 16, which Triton specialises on (the cases above have
-    # them all divisible). The forward and input-gradient tiles spill nothing there with the Triton they were chosen
-    # with (3.6); Triton 3.9 spills 40 B to 3 KB in them on odd maps, so until the tiles are chosen again for it
-    # those two launches are compiled on odd maps with 3.6 only (the weight gradient with every Triton).
-    odd = ("forward", "input grad", "weight grad") if _ODD_MAP_TILES_CHOSEN_WITH_THIS_TRITON else ("weight grad",)
-    add("bf16 7x7 B 15x15", torch.bfloat16, size=15, kinds=odd)
-    add("fp32 tf32 3x3 B 96 channels 13x13", channels=96, kernel=(3, 3), size=13, kinds=odd)
-    add("fp32 tf32x3 3x3 B 96 channels 13x13", channels=96, kernel=(3, 3), size=13, tf32=False, kinds=odd)
-    add("bf16 5x5 A 64 channels 7x7", torch.bfloat16, channels=64, kernel=(5, 5), mask="A", size=7, kinds=odd)
-    add("fp32 tf32 5x5 B 67 channels 13x13", channels=67, kernel=(5, 5), size=13, kinds=odd)
+    # them all divisible). With another Triton than the pinned one the forward and input gradient there take the
+    # tile _GEMM_ANY_MAP_OTHER_TRITON.
+    add("bf16 7x7 B 15x15", torch.bfloat16, size=15)
+    add("fp32 tf32 3x3 B 96 channels 13x13", channels=96, kernel=(3, 3), size=13)
+    add("fp32 tf32x3 3x3 B 96 channels 13x13", channels=96, kernel=(3, 3), size=13, tf32=False)
+    add("bf16 5x5 A 64 channels 7x7", torch.bfloat16, channels=64, kernel=(5, 5), mask="A", size=7)
+    add("fp32 tf32 5x5 B 67 channels 13x13", channels=67, kernel=(5, 5), size=13)
     add("bf16 7x7 B 15x15 channels-last", torch.bfloat16, channels_last=True, size=15, kinds=("weight grad",))
     return cases

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..residual_levels import level_statistics, prepare_levels
-from .common import CompileCase, dot_precision, interpreting
+from .common import CompileCase, dot_precision, interpreting, offset_rows
 
 
 @triton.jit
@@ -196,14 +196,18 @@ def residual_quantize(
 def compile_cases() -> list[CompileCase]:
     """The launches ``residual_quantize`` makes, for ``tests/backends/test_aot_compile.py``: training (with the
     statistics) and inference, all rows at n_q or per-row levels, fp32 and bf16 inputs, EnCodec's D = 128,
-    Mimi's 256, DAC's 8 and a D that is no multiple of 16, a column-major ``z``, and the caller's tf32 opt-in."""
+    Mimi's 256, DAC's 8 and a D that is no multiple of 16, a column-major ``z``, the caller's tf32 opt-in, and
+    odd N, K and D (18, 100) with a sliced ``z`` and codebooks by column."""
     cases = []
 
-    def add(name, dtype=torch.float32, dim=128, stats=True, per_row=False, column_major=False, tf32=False):
+    def add(name, dtype=torch.float32, dim=128, stats=True, per_row=False, column_major=False, tf32=False,
+            odd=False):
         z = torch.zeros((dim, 256) if column_major else (256, dim), dtype=dtype)
         z = z.t() if column_major else z
         codebooks = torch.zeros(4, 1024, dim, dtype=dtype)
-        row_levels = torch.zeros(256, dtype=torch.int64) if per_row else None
+        if odd:  # odd N and K, a z slice (row stride and address no multiple of 16), codebooks by column
+            z, codebooks = offset_rows(1001, dim, dtype), torch.zeros(4, dim, 1000, dtype=dtype).transpose(1, 2)
+        row_levels = torch.zeros(z.shape[0], dtype=torch.int64) if per_row else None
         config = _CONFIG if dim % 32 == 0 else _NARROW_CONFIG
         _, _, args, meta = _launch_arguments(z, codebooks, 4, row_levels, stats, False, config.kwargs["BLOCK_N"])
         if tf32:
@@ -216,4 +220,7 @@ def compile_cases() -> list[CompileCase]:
     add("bf16 D=70 column-major z", torch.bfloat16, dim=70, column_major=True)
     add("fp16 D=128 per-row levels no stats", torch.float16, per_row=True, stats=False)
     add("fp32 D=128 tf32", tf32=True)
+    add("fp32 D=18 N=1001 K=1000 stats offset z, codebooks by column", dim=18, odd=True)
+    add("bf16 D=100 N=1001 K=1000 per-row levels offset z, codebooks by column", torch.bfloat16, dim=100,
+        per_row=True, odd=True)
     return cases

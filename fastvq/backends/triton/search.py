@@ -34,12 +34,14 @@ from .common import (
     METRIC_IDS,
     CompileCase,
     centered_square_norms,
+    codes_by_column,
     device_arch,
     device_properties,
     dot_precision,
     fits_shared_memory,
     interpreting,
     load_z_tile,
+    offset_rows,
     search_tile_configs,
     size_bucket,
     tile_scores,
@@ -265,14 +267,16 @@ def _nearest_code_batched_kernel(
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """The configs for this call's dtype and GPU with slices no wider than D needs."""
-    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch())
+    """The configs for this call's dtype, GPU and D, with slices no wider than D needs."""
+    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch(), named_args["D"])
     width = max(32, triton.next_power_of_2(named_args["D"]))
     own = [c for c in configs if any(c is p for p in pool)]
     return [c for c in own if c.kwargs["BLOCK_D"] <= width] or own[:1] or configs[:1]
 
 
-def _config_pool(dtype: torch.dtype, arch: int) -> list:
+def _config_pool(dtype: torch.dtype, arch: int, dim: int) -> list:
+    if dim % 16 and dim > 32:
+        return _HALF_UNALIGNED_D_CONFIGS if dtype != torch.float32 else _FP32_UNALIGNED_D_CONFIGS
     if dtype != torch.float32:
         return _HALF_CONFIGS
     return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
@@ -301,7 +305,23 @@ _HALF_CONFIGS = search_tile_configs([
     (64, 128, 32, 8, 3),
     (64, 64, 32, 4, 3),
 ])
-_TUNING_CONFIGS = _FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS
+# A D that is no multiple of 16 and takes more than one 32-wide slice (D = 70, 100): Triton cannot specialise
+# the prepared codes' row stride (D) as divisible by 16, so their loads are scalar, and every tile above with
+# 32-wide slices spilled on sm_80 or sm_90 (8 to 400 B; fp32 worst with a column-major z of odd N and with Gumbel
+# sampling, 16-bit with cosine sampling). Of a sweep of 16- and 32-wide slices these spill nothing there in any
+# branch, on either target. A D up to 32 is one slice in the lists above, which spill nothing at odd D.
+_FP32_UNALIGNED_D_CONFIGS = search_tile_configs([
+    (128, 64, 16, 8, 3),
+    (64, 64, 16, 8, 3),
+    (64, 64, 16, 4, 3),
+])
+_HALF_UNALIGNED_D_CONFIGS = search_tile_configs([
+    (128, 64, 16, 8, 3),
+    (64, 128, 16, 8, 3),
+    (64, 64, 16, 4, 3),
+])
+_TUNING_CONFIGS = (_FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS + _FP32_UNALIGNED_D_CONFIGS
+                   + _HALF_UNALIGNED_D_CONFIGS)
 
 _single_d_tile = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
 _nearest_code_fixed = _single_d_tile(_nearest_code_fwd_kernel)
@@ -333,8 +353,12 @@ _SPLIT_REFERENCE_ROWS = 64
 def _merge_config(dim: int) -> triton.Config:
     if interpreting():
         return triton.Config({"BLOCK_N": _INTERPRETER_MERGE_ROWS, "BLOCK_D": 16}, num_warps=1, num_stages=1)
+    # 128-wide slices spill (8 to 408 B) where D is no multiple of 16, whose masks and strides Triton cannot
+    # specialise.
+    widest = 128 if dim % 16 == 0 else 64
     return triton.Config(
-        {"BLOCK_N": _MERGE_ROWS, "BLOCK_D": min(128, max(16, triton.next_power_of_2(dim)))}, num_warps=4, num_stages=1
+        {"BLOCK_N": _MERGE_ROWS, "BLOCK_D": min(widest, max(16, triton.next_power_of_2(dim)))}, num_warps=4,
+        num_stages=1,
     )
 
 
@@ -520,17 +544,20 @@ def compile_cases() -> list[CompileCase]:
     that does not; fp32 with the caller's tf32 opt-in; cosine and dot; Gumbel-max sampling; the
     split codebook and its merge pass; a D that is no multiple of 16 (so neither are the strides);
     a column-major ``z`` (the row stride becomes the constant 1); mixed dtypes; fp16, with no
-    codes returned. Each through the autotuner, so in every config it keeps for the target. Then the
-    batched kernel (``nearest_code_batched``): fp32 and bf16 at D = 128, cosine on one slice, a column-major
-    bf16 ``z`` with odd sizes, fp16 dot.
+    codes returned; odd N, K and D (18 in one slice, 100 in several) with a sliced ``z`` and a codebook by
+    column, sampled and split too. Each through the autotuner, so in every config it keeps for the target.
+    Then the batched kernel (``nearest_code_batched``): fp32 and bf16 at D = 128, cosine on one slice, a
+    column-major bf16 ``z`` with odd sizes, fp16 dot, a sliced fp32 ``z`` at D = 100.
     """
     cases = []
 
     def add(name, dtype=torch.float32, codebook_dtype=None, metric="l2", dim=64, rows=1024, codes=1024,
-            return_codes=True, sample=False, splits=1, column_major=False, tf32=False):
+            return_codes=True, sample=False, splits=1, column_major=False, tf32=False, odd_layouts=False):
         z = torch.zeros((dim, rows) if column_major else (rows, dim), dtype=dtype)
         z = z.t() if column_major else z
         codebook = torch.zeros(codes, dim, dtype=codebook_dtype or dtype)
+        if odd_layouts:
+            z, codebook = offset_rows(rows, dim, dtype), codes_by_column(codes, dim, codebook_dtype or dtype)
         seed = torch.zeros(1, dtype=torch.int64)
         _, used, (args, meta), (merge_args, merge_meta) = _launch_arguments(
             z, codebook, metric, return_codes, 0.5 if sample else 0.0, seed, splits
@@ -558,11 +585,19 @@ def compile_cases() -> list[CompileCase]:
     add("sample cosine bf16 D=256", bf16, metric="cosine", dim=256, sample=True)
     add("split l2 bf16 D=256", bf16, dim=256, rows=64, codes=8192, splits=4)
     add("l2 bf16 D=70", bf16, dim=70, codes=1000)
+    # What no size above has: odd N and K, a z slice whose row stride and address are no multiple of 16, and a
+    # codebook by column (offset_rows, codes_by_column); Open-MAGVIT2's D = 18 in one slice, D = 100 in several.
+    add("l2 fp32 D=18 N=1001 K=1000 offset z, codebook by column", dim=18, rows=1001, codes=1000, odd_layouts=True)
+    add("sample l2 bf16 D=100 N=1001 K=1000 offset z, codebook by column", bf16, dim=100, rows=1001, codes=1000,
+        sample=True, odd_layouts=True)
+    add("split cosine fp32 D=100 N=63 K=8191 offset z, codebook by column", metric="cosine", dim=100, rows=63,
+        codes=8191, splits=4, odd_layouts=True)
 
     def add_batched(name, dtype=torch.float32, metric="l2", dim=128, rows=1024, codes=1024, problems=4,
-                    column_major=False):
+                    column_major=False, offset=False):
         z = torch.zeros((problems, dim, rows) if column_major else (problems, rows, dim), dtype=dtype)
         z = z.transpose(1, 2) if column_major else z
+        z = torch.zeros(problems, rows, dim + 1, dtype=dtype)[:, :, 1:] if offset else z
         codebook = torch.zeros(problems, codes, dim, dtype=dtype)
         _, (args, meta) = _batched_launch_arguments(z, codebook, metric)
         cases.append(CompileCase(name, _nearest_code_batched_tuned, args, meta))
@@ -575,4 +610,6 @@ def compile_cases() -> list[CompileCase]:
     add_batched("batched l2 bf16 D=70 column-major z", bf16, dim=70, rows=1000, codes=1000, problems=3,
                 column_major=True)
     add_batched("batched dot fp16 D=64", fp16, metric="dot", dim=64)
+    add_batched("batched l2 fp32 D=100 N=1001 K=1000 offset z", dim=100, rows=1001, codes=1000, problems=3,
+                offset=True)
     return cases

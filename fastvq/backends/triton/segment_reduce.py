@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CompileCase, interpreting
+from .common import CompileCase, interpreting, offset_rows
 
 
 @triton.jit
@@ -230,16 +230,18 @@ def segment_reduce(
 def compile_cases() -> list[CompileCase]:
     """The launches of ``segment_sum_``, for ``tests/backends/test_aot_compile.py`` (see ``CompileCase``):
     both paths for every dtype at D = 64 and for every BLOCK_D the launcher picks (16 to 128:
-    D = 1, 24, 64, 200; 24 and 200 are no multiples of 16), column-major values, and the atomic path
-    with int32 indices and without counts."""
+    D = 1, 24, 64, 200; 24 and 200 are no multiples of 16), column-major values, the atomic path
+    with int32 indices and without counts, and odd N, K and D (18, 100) with sliced values."""
     cases = []
 
     def add(name, dtype=torch.float32, dim=64, index_dtype=torch.int64, count=True, transposed=False,
-            sorted_path=True):
+            sorted_path=True, odd=False):
         values = torch.zeros((dim, 1000) if transposed else (1000, dim), dtype=dtype)
         values = values.t() if transposed else values
-        indices = torch.zeros(1000, dtype=index_dtype)
-        sums = torch.zeros(300, dim)
+        # Odd N and K, and values sliced so that their row stride and address are no multiple of 16.
+        values = offset_rows(1001, dim, dtype) if odd else values
+        indices = torch.zeros(values.shape[0], dtype=index_dtype)
+        sums = torch.zeros(301 if odd else 300, dim)
         counts = torch.zeros(300, dtype=torch.int64) if count else None
         config = _config(dim)
         args, meta = _atomic_launch(sums, values, indices, 1.0, counts)
@@ -261,4 +263,6 @@ def compile_cases() -> list[CompileCase]:
     add("bf16 D=64 column-major", torch.bfloat16, transposed=True)
     add("fp32 D=64 int32 indices", index_dtype=torch.int32, sorted_path=False)
     add("fp32 D=64 no counts", count=False, sorted_path=False)
+    add("fp32 D=18 N=1001 K=301 offset values", dim=18, odd=True)
+    add("bf16 D=100 N=1001 K=301 offset values", torch.bfloat16, dim=100, odd=True)
     return cases

@@ -28,7 +28,17 @@ import triton
 import triton.language as tl
 
 from ..sinkhorn_stats import combine_stats
-from .common import METRIC_COSINE, METRIC_DOT, METRIC_EUCLIDEAN, METRIC_IDS, CompileCase, dot_precision, interpreting
+from .common import (
+    METRIC_COSINE,
+    METRIC_DOT,
+    METRIC_EUCLIDEAN,
+    METRIC_IDS,
+    CompileCase,
+    codes_by_column,
+    dot_precision,
+    interpreting,
+    offset_rows,
+)
 
 
 @triton.jit
@@ -296,23 +306,28 @@ def sinkhorn_cost_stats(z, codebook, metric):
 
 def compile_cases() -> list[CompileCase]:
     """The launches of the three passes, for ``tests/backends/test_aot_compile.py``: every metric in fp32
-    (the row pass with and without its argmax), bf16 and fp16 operands, and a column-major ``z``."""
+    (the row pass with and without its argmax), bf16 and fp16 operands, a column-major ``z``, and odd N, K and
+    D (18, 100) with a sliced ``z`` and a codebook by column."""
     cases = []
 
     def add(name, dtype=torch.float32, metric="l2", dim=64, transposed=False, kernels=("row", "argmax", "column",
-                                                                                       "stats")):
+                                                                                       "stats"), odd=False):
         config = _config(dtype)
         z = torch.zeros((dim, 300), dtype=dtype).t() if transposed else torch.zeros((300, dim), dtype=dtype)
         codebook = torch.zeros((500, dim), dtype=dtype)
+        if odd:  # odd N and K, a z slice (row stride and address no multiple of 16), a codebook by column
+            z, codebook = offset_rows(301, dim, dtype), codes_by_column(499, dim, dtype)
         affine = torch.zeros(2)
         if "row" in kernels or "argmax" in kernels:
             for argmax in (False, True):
                 if ("argmax" if argmax else "row") in kernels:
-                    args, meta, _, _ = _row_pass_launch(z, codebook, torch.zeros(500), metric, affine, argmax)
+                    args, meta, _, _ = _row_pass_launch(z, codebook, torch.zeros(codebook.shape[0]), metric, affine,
+                                                        argmax)
                     cases.append(CompileCase(f"row pass {name} argmax={argmax}", _sinkhorn_row_pass_kernel, args,
                                              meta, (config,)))
         if "column" in kernels:
-            args, meta, _, _ = _column_pass_launch(z, codebook, torch.zeros(300), metric, affine, config, 2, 192)
+            args, meta, _, _ = _column_pass_launch(z, codebook, torch.zeros(z.shape[0]), metric, affine, config, 2,
+                                                   192)
             cases.append(CompileCase(f"column pass {name}", _sinkhorn_column_pass_kernel, args, meta, (config,)))
         if "stats" in kernels:
             args, meta, _ = _cost_stats_launch(z, codebook, metric)
@@ -323,4 +338,7 @@ def compile_cases() -> list[CompileCase]:
     add("l2 bf16 D=256", torch.bfloat16, dim=256)
     add("euclidean fp16 D=64", torch.float16, "euclidean", kernels=("argmax", "column"))
     add("l2 fp32 D=64 column-major z", transposed=True, kernels=("argmax", "column"))
+    add("l2 fp32 D=18 N=301 K=499 offset z, codebook by column", dim=18, odd=True)
+    add("euclidean bf16 D=100 N=301 K=499 offset z, codebook by column", torch.bfloat16, "euclidean", dim=100,
+        odd=True)
     return cases

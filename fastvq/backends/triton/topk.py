@@ -25,11 +25,13 @@ from .common import (
     METRIC_IDS,
     cases_from_launches,
     centered_square_norms,
+    codes_by_column,
     device_arch,
     dot_precision,
     fits_shared_memory,
     interpreting,
     load_z_tile,
+    offset_rows,
     recording_launches,
     search_tile_configs,
     size_bucket,
@@ -146,7 +148,7 @@ def _prune_configs(configs, named_args, **kwargs):
     """The configs for this call's dtype and GPU with slices no wider than D needs and few enough
     kept pairs per thread (each thread holds ``BLOCK_N * TOPK_PAD / threads`` (score, code) pairs
     besides its share of the score tile)."""
-    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch())
+    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch(), named_args["D"])
     width = max(32, triton.next_power_of_2(named_args["D"]))
     pairs = kwargs.get("TOPK_PAD", named_args.get("TOPK_PAD", 1))
     own = [c for c in configs if any(c is p for p in pool)]
@@ -155,7 +157,11 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or own[-1:] or configs[:1]
 
 
-def _config_pool(dtype: torch.dtype, arch: int) -> list:
+def _config_pool(dtype: torch.dtype, arch: int, dim: int) -> list:
+    if dim % 16 and dim > 32:
+        if dtype != torch.float32:
+            return _HALF_UNALIGNED_D_CONFIGS
+        return _FP32_HOPPER_UNALIGNED_D_CONFIGS if arch == 90 else _FP32_UNALIGNED_D_CONFIGS
     if dtype != torch.float32:
         return _HALF_HOPPER_CONFIGS if arch == 90 else _HALF_CONFIGS
     return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
@@ -190,7 +196,25 @@ _HALF_HOPPER_CONFIGS = search_tile_configs([
     (32, 64, 64, 4, 3),
     (16, 64, 64, 4, 3),
 ])
-_TUNING_CONFIGS = _FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS + _HALF_HOPPER_CONFIGS
+# A D that is no multiple of 16 and takes more than one 32-wide slice (D = 70, 100; one slice at most 32 takes
+# the lists above): Triton cannot specialise the prepared codes' row stride (D), and tiles with 32- or 64-wide
+# slices spilled 8 to 16 B on sm_80 and sm_90 (bf16 at k = 64, fp32 with Gumbel sampling). Of a sweep of
+# 16-wide-slice tiles these spill nothing at k = 8 and 64 with and without sampling.
+_FP32_UNALIGNED_D_CONFIGS = search_tile_configs([
+    (16, 32, 16, 2, 3),
+])
+_FP32_HOPPER_UNALIGNED_D_CONFIGS = search_tile_configs([
+    (64, 64, 16, 8, 3),
+    (32, 64, 16, 4, 3),
+    (16, 64, 16, 2, 3),
+])
+_HALF_UNALIGNED_D_CONFIGS = search_tile_configs([
+    (64, 128, 16, 8, 3),
+    (32, 128, 16, 8, 3),
+    (16, 64, 16, 4, 3),
+])
+_TUNING_CONFIGS = (_FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS + _HALF_HOPPER_CONFIGS
+                   + _FP32_UNALIGNED_D_CONFIGS + _FP32_HOPPER_UNALIGNED_D_CONFIGS + _HALF_UNALIGNED_D_CONFIGS)
 
 _single_d_tile = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
 _nearest_codes_fixed = _single_d_tile(_nearest_codes_fwd_kernel)
@@ -280,17 +304,20 @@ def compile_cases() -> list:
     """The launches of ``nearest_codes``, for ``tests/backends/test_aot_compile.py`` (see ``common.CompileCase``),
     recorded from the launcher itself, through the autotuner (so in every config its prune keeps):
     the smallest and largest register-held k (2 and MAX_REGISTER_TOPK) and one between, fp32 and
-    bf16, a D in one slice and one past it, the three metrics, Gumbel-top-k sampling, and a
-    column-major ``z`` at a D that is no multiple of 16."""
+    bf16, a D in one slice and one past it, the three metrics, Gumbel-top-k sampling, a
+    column-major ``z`` at a D that is no multiple of 16, and odd N, K and D (18, 100) with a sliced ``z`` and a
+    codebook by column."""
     import sys
 
     module = sys.modules[__name__]
     cases = []
 
-    def add(name, k, dtype=torch.float32, metric="l2", dim=64, sample=False, column_major=False):
+    def add(name, k, dtype=torch.float32, metric="l2", dim=64, sample=False, column_major=False, odd_layouts=False):
         z = torch.zeros((dim, 256) if column_major else (256, dim), dtype=dtype)
         z = z.t() if column_major else z
         codebook = torch.zeros(1024, dim, dtype=dtype)
+        if odd_layouts:
+            z, codebook = offset_rows(1001, dim, dtype), codes_by_column(1000, dim, dtype)
         with recording_launches(module) as launches:
             nearest_codes(z, codebook, k, metric, 0.5 if sample else 0.0, torch.zeros(1, dtype=torch.int64))
         cases.extend(cases_from_launches(name, launches))
@@ -302,4 +329,11 @@ def compile_cases() -> list:
     add("dot bf16 D=64 k=8", 8, torch.bfloat16, metric="dot")
     add("sample l2 bf16 D=64 k=8", 8, torch.bfloat16, sample=True)
     add("l2 fp32 D=70 column-major z k=8", 8, dim=70, column_major=True)
+    # Odd N and K, a z slice whose row stride and address are no multiple of 16, a codebook by column
+    # (offset_rows, codes_by_column): Open-MAGVIT2's D = 18 in one slice, D = 100 in several.
+    add("l2 fp32 D=18 N=1001 K=1000 offset z, codebook by column k=8", 8, dim=18, odd_layouts=True)
+    add("sample l2 fp32 D=100 N=1001 K=1000 offset z, codebook by column k=8", 8, dim=100, sample=True,
+        odd_layouts=True)
+    add(f"l2 bf16 D=100 N=1001 K=1000 offset z, codebook by column k={MAX_REGISTER_TOPK}", MAX_REGISTER_TOPK,
+        torch.bfloat16, dim=100, odd_layouts=True)
     return cases

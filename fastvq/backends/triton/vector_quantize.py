@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CompileCase, interpreting
+from .common import CompileCase, interpreting, offset_rows
 from .segment_reduce import segment_sum_
 
 # vector-quantize-pytorch's safe_div / l2norm floor for the rotation trick's norms.
@@ -138,7 +138,10 @@ def _config(dim: int) -> triton.Config:
         return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
     # Slices of at most 64 values: at 32 x 128, with every offset in int64, ptxas gives up on the
     # registers and spills about 2 KB a thread on sm_80 and sm_90 (tests/backends/test_aot_compile.py).
-    return triton.Config({"BLOCK_N": 32, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))},
+    # At most 32 where D is no multiple of 16, whose masks Triton cannot specialise: there 64-wide slices
+    # spilled 40 B, and 400 to 470 B with the rotation trick.
+    widest = 64 if dim % 16 == 0 else 32
+    return triton.Config({"BLOCK_N": 32, "BLOCK_D": min(widest, max(16, triton.next_power_of_2(dim)))},
                          num_warps=4, num_stages=3)
 
 
@@ -203,18 +206,23 @@ def vector_quantize_backward(
 def compile_cases() -> list[CompileCase]:
     """The launches of ``vector_quantize_backward``, for ``tests/backends/test_aot_compile.py`` (see
     ``CompileCase``): the atomic and the deterministic codebook gradient, none, and the rotation
-    trick, for every dtype at D = 64; every BLOCK_D the launcher picks (D = 1, 24, 200); a D that is
-    no multiple of 16; a column-major ``z``."""
+    trick, for every dtype at D = 64; every BLOCK_D the launcher picks (D = 1, 24, 64); a D that is
+    no multiple of 16 (24, 200); a column-major ``z``; odd N, K and D (18, 100) with a sliced ``z`` and
+    output gradient."""
     cases = []
 
     def add(name, dtype=torch.float32, dim=64, codebook_grad=True, rotation=False, deterministic=False,
-            transposed=False):
+            transposed=False, odd=False):
         z = torch.zeros((dim, 1000) if transposed else (1000, dim), dtype=dtype)
         z = z.t() if transposed else z
         quantized = torch.zeros(1000, dim, dtype=dtype)
-        indices = torch.zeros(1000, dtype=torch.int64)
-        *_, args, meta = _launch_arguments(quantized, torch.ones(()), z, quantized, indices, 300, 0.25, 1.0,
-                                           codebook_grad, rotation, deterministic)
+        grad_quantized = quantized
+        if odd:  # odd N and K; z and its output gradient sliced (row stride and address no multiple of 16)
+            z, grad_quantized = offset_rows(1001, dim, dtype), offset_rows(1001, dim, dtype)
+            quantized = torch.zeros(1001, dim, dtype=dtype)
+        indices = torch.zeros(z.shape[0], dtype=torch.int64)
+        *_, args, meta = _launch_arguments(grad_quantized, torch.ones(()), z, quantized, indices, 301 if odd else 300,
+                                           0.25, 1.0, codebook_grad, rotation, deterministic)
         cases.append(CompileCase(name, _vector_quantize_bwd_kernel, args, meta, (_config(dim),)))
 
     for dtype, short in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
@@ -226,4 +234,9 @@ def compile_cases() -> list[CompileCase]:
     for dim in (1, 24, 200):
         add(f"atomic fp32 D={dim}", dim=dim)
     add("atomic bf16 D=64 column-major z", torch.bfloat16, transposed=True)
+    add("rotation atomic fp32 D=100 N=1001 K=301 offset z and gradient", dim=100, rotation=True, odd=True)
+    add("rotation deterministic bf16 D=18 N=1001 K=301 offset z and gradient", torch.bfloat16, dim=18,
+        rotation=True, deterministic=True, odd=True)
+    add("deterministic bf16 D=100 N=1001 K=301 offset z and gradient", torch.bfloat16, dim=100,
+        deterministic=True, odd=True)
     return cases
