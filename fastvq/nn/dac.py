@@ -34,7 +34,7 @@ is :mod:`fastvq.nn.snac`.
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,39 @@ class _WeightNormConv1x1(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(1,)"
 
 
-class VectorQuantize(nn.Module):
+class _FactorisedLevel(nn.Module):
+    """What DAC's and SNAC's ``VectorQuantize`` share: ``in_proj`` (``D -> d``) and ``out_proj`` built by
+    ``projection(in_channels, out_channels)``, then the ``nn.Embedding(K, d)`` codebook (the libraries' order
+    of RNG draws), and the code look-ups. ``extra_checks``: ``(name, value)`` pairs, checked as positive ints
+    where the subclass's original checks them."""
+
+    def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int,
+                 projection: Callable[[int, int], nn.Module], extra_checks: tuple = ()):
+        super().__init__()
+        self.codebook_size = positive_int("codebook_size", codebook_size)
+        self.codebook_dim = positive_int("codebook_dim", codebook_dim)
+        for name, value in extra_checks:
+            positive_int(name, value)
+        self.input_dim = positive_int("input_dim", input_dim)
+        self.in_proj = projection(input_dim, codebook_dim)
+        self.out_proj = projection(codebook_dim, input_dim)
+        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+
+    def embed_code(self, embed_id: Tensor) -> Tensor:
+        """Integer ``embed_id [...]`` -> codes ``[..., d]``."""
+        return F.embedding(embed_id, self.codebook.weight)
+
+    def decode_code(self, embed_id: Tensor) -> Tensor:
+        """Integer ``embed_id [B, T]`` -> codes ``[B, d, T]``."""
+        return self.embed_code(check_codes("embed_id", embed_id, 2)).transpose(1, 2)
+
+    def decode_latents(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected ``latents [B, d, T]`` -> ``(nearest codes [B, d, T], indices int64 [B, T])``."""
+        check_latents("latents", latents, self.codebook_dim)
+        return nearest_normalized_codes(latents, self.codebook.weight)
+
+
+class VectorQuantize(_FactorisedLevel):
     """DAC's ``VectorQuantize``: one level of factorised, l2-normalised codes.
 
     Args:
@@ -121,13 +153,7 @@ class VectorQuantize(nn.Module):
     """
 
     def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int):
-        super().__init__()
-        self.codebook_size = positive_int("codebook_size", codebook_size)
-        self.codebook_dim = positive_int("codebook_dim", codebook_dim)
-        self.input_dim = positive_int("input_dim", input_dim)
-        self.in_proj = _WeightNormConv1x1(input_dim, codebook_dim)
-        self.out_proj = _WeightNormConv1x1(codebook_dim, input_dim)
-        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+        super().__init__(input_dim, codebook_size, codebook_dim, _WeightNormConv1x1)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_latents("z", z, self.input_dim)
@@ -137,19 +163,6 @@ class VectorQuantize(nn.Module):
         codebook_loss = F.mse_loss(z_q, z_e.detach(), reduction="none").mean([1, 2])
         z_q = z_e + (z_q - z_e).detach()
         return self.out_proj(z_q), commitment_loss, codebook_loss, indices, z_e
-
-    def embed_code(self, embed_id: Tensor) -> Tensor:
-        """Integer ``embed_id [...]`` -> codes ``[..., d]``."""
-        return F.embedding(embed_id, self.codebook.weight)
-
-    def decode_code(self, embed_id: Tensor) -> Tensor:
-        """Integer ``embed_id [B, T]`` -> codes ``[B, d, T]``."""
-        return self.embed_code(check_codes("embed_id", embed_id, 2)).transpose(1, 2)
-
-    def decode_latents(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """Projected ``latents [B, d, T]`` -> ``(nearest codes [B, d, T], indices int64 [B, T])``."""
-        check_latents("latents", latents, self.codebook_dim)
-        return nearest_normalized_codes(latents, self.codebook.weight)
 
 
 class ResidualVectorQuantize(nn.Module):

@@ -26,12 +26,17 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ._adopt import adopt_tensors
-from .dac import check_codes, check_latents, nearest_normalized_codes, positive_int
+from .dac import _FactorisedLevel, check_latents
 
 __all__ = ["VectorQuantize", "ResidualVectorQuantize"]
 
 
-class VectorQuantize(nn.Module):
+def _weight_normed_conv1x1(in_channels: int, out_channels: int) -> nn.Module:
+    """SNAC's ``WNConv1d(in_channels, out_channels, kernel_size=1)``."""
+    return weight_norm(nn.Conv1d(in_channels, out_channels, kernel_size=1))
+
+
+class VectorQuantize(_FactorisedLevel):
     """SNAC's ``VectorQuantize``: DAC's level (:class:`fastvq.nn.dac.VectorQuantize`) with a time ``stride``.
 
     Args: ``input_dim`` (``D``), ``codebook_size`` (``K``), ``codebook_dim`` (``d``), ``stride`` (1).
@@ -41,14 +46,8 @@ class VectorQuantize(nn.Module):
     """
 
     def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int, stride: int = 1):
-        super().__init__()
-        self.codebook_size = positive_int("codebook_size", codebook_size)
-        self.codebook_dim = positive_int("codebook_dim", codebook_dim)
-        self.stride = positive_int("stride", stride)
-        self.input_dim = positive_int("input_dim", input_dim)
-        self.in_proj = weight_norm(nn.Conv1d(input_dim, codebook_dim, kernel_size=1))
-        self.out_proj = weight_norm(nn.Conv1d(codebook_dim, input_dim, kernel_size=1))
-        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+        super().__init__(input_dim, codebook_size, codebook_dim, _weight_normed_conv1x1, (("stride", stride),))
+        self.stride = stride
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         check_latents("z", z, self.input_dim)
@@ -63,18 +62,6 @@ class VectorQuantize(nn.Module):
         if self.stride > 1:
             z_q = z_q.repeat_interleave(self.stride, dim=-1)
         return z_q, indices
-
-    def embed_code(self, embed_id: Tensor) -> Tensor:
-        return F.embedding(embed_id, self.codebook.weight)
-
-    def decode_code(self, embed_id: Tensor) -> Tensor:
-        """Integer ``embed_id [B, T']`` -> codes ``[B, d, T']``."""
-        return self.embed_code(check_codes("embed_id", embed_id, 2)).transpose(1, 2)
-
-    def decode_latents(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """Projected ``latents [B, d, T']`` -> ``(nearest codes [B, d, T'], indices int64 [B, T'])``."""
-        check_latents("latents", latents, self.codebook_dim)
-        return nearest_normalized_codes(latents, self.codebook.weight)
 
 
 class ResidualVectorQuantize(nn.Module):
