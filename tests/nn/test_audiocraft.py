@@ -1,45 +1,31 @@
 """fastvq.nn.audiocraft against audiocraft's own quantization modules (loaded from the installed files)."""
 
 import copy
+import functools
 import sys
 import time
 
 import pytest
 import torch
+from _codec_setup import TRAINING_TOLERANCE, assert_same_state, seeded_batch, seeded_pair
 from _originals import audiocraft_vq
 from torch import nn
 
 from fastvq.nn import audiocraft as ours_module
 
 DIM, BINS, LEVELS, FRAME_RATE = 6, 12, 3, 50
-# fastvq's k-means and segment sums accumulate in float32 (the ops' contract), so a float64 training run
-# matches the original to float32 rounding; float64 keeps the original's own rounding from hiding more.
-TRAINING_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
 original = audiocraft_vq
 
 
-def pair(seed=0, parity=True, dtype=torch.float32, **kwargs):
+def pair(**kwargs):
     """The original and fastvq's quantizer built from the same seed (the same random initial codes)."""
     config = dict(dict(dimension=DIM, n_q=LEVELS, bins=BINS), **kwargs)
-    torch.manual_seed(seed)
-    theirs = original().ResidualVectorQuantizer(**config).to(dtype)
-    torch.manual_seed(seed)
-    ours = ours_module.ResidualVectorQuantizer(**config, parity=parity).to(dtype)
-    return theirs, ours
+    return seeded_pair(original().ResidualVectorQuantizer, ours_module.ResidualVectorQuantizer, **config)
 
 
-def batch(seed, dtype=torch.float32, shape=(2, DIM, 25)):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=generator) * 2.0).to(dtype)
-
-
-def assert_same_state(theirs, ours, **tolerance):
-    theirs_state, ours_state = theirs.state_dict(), ours.state_dict()
-    assert list(theirs_state) == list(ours_state)
-    for key in theirs_state:
-        torch.testing.assert_close(ours_state[key], theirs_state[key], msg=key, **tolerance)
+batch = functools.partial(seeded_batch, shape=(2, DIM, 25))
 
 
 def step(module, x, upstream, seed):

@@ -1,39 +1,27 @@
 """fastvq.nn.encodec against the EnCodec package's own quantization modules (loaded from the installed files)."""
 
 
+import functools
+
 import pytest
 import torch
+from _codec_setup import TRAINING_TOLERANCE, assert_same_state, seeded_batch, seeded_pair
 from _originals import encodec_vq
 
 from fastvq.nn import encodec as ours_module
 
 DIM, BINS, LEVELS, FRAME_RATE = 6, 16, 4, 75
-# fastvq's k-means and segment sums accumulate in float32 (the ops' contract): float64 runs match to that.
-TRAINING_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
 original = encodec_vq
 
 
-def pair(seed=0, parity=True, dtype=torch.float32, **kwargs):
+def pair(**kwargs):
     config = dict(dict(dimension=DIM, n_q=LEVELS, bins=BINS), **kwargs)
-    torch.manual_seed(seed)
-    theirs = original().ResidualVectorQuantizer(**config).to(dtype)
-    torch.manual_seed(seed)
-    ours = ours_module.ResidualVectorQuantizer(**config, parity=parity).to(dtype)
-    return theirs, ours
+    return seeded_pair(original().ResidualVectorQuantizer, ours_module.ResidualVectorQuantizer, **config)
 
 
-def batch(seed, dtype=torch.float32, shape=(2, DIM, 40)):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=generator) * 2.0).to(dtype)
-
-
-def assert_same_state(theirs, ours, **tolerance):
-    theirs_state, ours_state = theirs.state_dict(), ours.state_dict()
-    assert list(theirs_state) == list(ours_state)
-    for key in theirs_state:
-        torch.testing.assert_close(ours_state[key], theirs_state[key], msg=key, **tolerance)
+batch = functools.partial(seeded_batch, shape=(2, DIM, 40))
 
 
 def step(module, x, upstream, bandwidth, seed):
