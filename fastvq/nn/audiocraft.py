@@ -643,27 +643,14 @@ class ResidualVectorQuantizer(nn.Module):
         parity: bool = False,
     ):
         super().__init__()
-        for name, value in (("dimension", dimension), ("n_q", n_q), ("bins", bins)):
-            _check_positive_int(name, value)
         self.max_n_q = n_q
-        self.n_q = n_q
         self.q_dropout = q_dropout
-        self.dimension = dimension
-        self.bins = bins
-        self.decay = decay
-        self.kmeans_init = kmeans_init
-        self.kmeans_iters = kmeans_iters
-        self.threshold_ema_dead_code = threshold_ema_dead_code
-        self.orthogonal_reg_weight = orthogonal_reg_weight
-        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
-        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.parity = bool(parity)
-        self.vq = ResidualVectorQuantization(
-            dim=dimension, codebook_size=bins, num_quantizers=n_q, decay=decay, kmeans_init=kmeans_init,
+        _init_residual_quantizer(
+            self, ResidualVectorQuantization, dimension, n_q, bins, parity, decay=decay, kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code,
             orthogonal_reg_weight=orthogonal_reg_weight,
             orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
-            orthogonal_reg_max_codes=orthogonal_reg_max_codes, channels_last=False, parity=parity,
+            orthogonal_reg_max_codes=orthogonal_reg_max_codes,
         )
 
     @classmethod
@@ -671,15 +658,8 @@ class ResidualVectorQuantizer(nn.Module):
         """The fastvq equivalent of an audiocraft ``ResidualVectorQuantizer`` instance: the same
         configuration (the active ``n_q`` included), its very buffers (``fastvq.swap_quantizers``' protocol) and its
         train/eval mode."""
-        ours = cls(
-            dimension=module.dimension, n_q=module.max_n_q, q_dropout=module.q_dropout, bins=module.bins,
-            decay=module.decay, kmeans_init=module.kmeans_init, kmeans_iters=module.kmeans_iters,
-            threshold_ema_dead_code=module.threshold_ema_dead_code,
-            orthogonal_reg_weight=module.orthogonal_reg_weight,
-            orthogonal_reg_active_codes_only=module.orthogonal_reg_active_codes_only,
-            orthogonal_reg_max_codes=module.orthogonal_reg_max_codes, parity=parity,
-        )
-        _copy_state(ours, module)
+        ours = _rebuilt(cls, module, ("dimension", "q_dropout", "bins", *_LEVEL_OPTIONS, *_ORTHOGONAL_OPTIONS),
+                        parity=parity, n_q=module.max_n_q)
         ours.n_q = module.n_q
         return adopt_tensors(ours, module)
 
@@ -720,10 +700,31 @@ class ResidualVectorQuantizer(nn.Module):
         self.n_q = n
 
 
-def _copy_state(ours: nn.Module, original: nn.Module) -> None:
-    """Moves ``ours`` to ``original``'s device and float dtype, loads its state strictly and copies its mode."""
+# The options of audiocraft's and EnCodec's ResidualVectorQuantizer that configure every level, stored as
+# attributes of the same names; audiocraft adds the orthogonal regulariser's.
+_LEVEL_OPTIONS = ("decay", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code")
+_ORTHOGONAL_OPTIONS = ("orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes")
+
+
+def _init_residual_quantizer(module: nn.Module, vq_class: type, dimension: int, n_q: int, bins: int, parity: bool,
+                             **level_options) -> None:
+    """The constructor body audiocraft's and EnCodec's ``ResidualVectorQuantizer`` share: checks the sizes,
+    stores the configuration under the constructor's argument names and builds ``module.vq``."""
+    for name, value in (("dimension", dimension), ("n_q", n_q), ("bins", bins)):
+        _check_positive_int(name, value)
+    module.n_q, module.dimension, module.bins = n_q, dimension, bins
+    for name, value in level_options.items():
+        setattr(module, name, value)
+    module.parity = bool(parity)
+    module.vq = vq_class(dim=dimension, codebook_size=bins, num_quantizers=n_q, parity=parity, **level_options)
+
+
+def _rebuilt(cls: type, original: nn.Module, names: tp.Sequence[str], **arguments) -> nn.Module:
+    """``cls`` built from ``original``'s attributes ``names`` (as constructor arguments, with ``arguments``),
+    moved to ``original``'s device and float dtype, its state loaded strictly and its mode copied."""
+    ours = cls(**{name: getattr(original, name) for name in names}, **arguments)
     reference = next(iter(original.buffers()), None)
     if reference is not None:
         ours.to(device=reference.device, dtype=reference.dtype)
     ours.load_state_dict(original.state_dict(), strict=True)
-    ours.train(original.training)
+    return ours.train(original.training)

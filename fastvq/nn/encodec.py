@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import audiocraft
 from ._adopt import adopt_tensors
-from .audiocraft import _check_positive_int, _copy_state
+from .audiocraft import _LEVEL_OPTIONS, _init_residual_quantizer, _rebuilt
 
 __all__ = [
     "QuantizedResult",
@@ -131,30 +131,17 @@ class ResidualVectorQuantizer(nn.Module):
         parity: bool = False,
     ):
         super().__init__()
-        for name, value in (("dimension", dimension), ("n_q", n_q), ("bins", bins)):
-            _check_positive_int(name, value)
-        self.n_q = n_q
-        self.dimension = dimension
-        self.bins = bins
-        self.decay = decay
-        self.kmeans_init = kmeans_init
-        self.kmeans_iters = kmeans_iters
-        self.threshold_ema_dead_code = threshold_ema_dead_code
-        self.parity = bool(parity)
-        self.vq = ResidualVectorQuantization(
-            dim=dimension, codebook_size=bins, num_quantizers=n_q, decay=decay, kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code, parity=parity,
+        _init_residual_quantizer(
+            self, ResidualVectorQuantization, dimension, n_q, bins, parity, decay=decay, kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code,
         )
 
     @classmethod
     def from_original(cls, module: nn.Module, *, parity: bool = False) -> "ResidualVectorQuantizer":
         """The fastvq equivalent of an EnCodec ``ResidualVectorQuantizer`` instance: the same
         configuration, a copy of its buffers (device and dtype kept) and its train/eval mode."""
-        ours = cls(dimension=module.dimension, n_q=module.n_q, bins=module.bins, decay=module.decay,
-                   kmeans_init=module.kmeans_init, kmeans_iters=module.kmeans_iters,
-                   threshold_ema_dead_code=module.threshold_ema_dead_code, parity=parity)
-        _copy_state(ours, module)
-        return adopt_tensors(ours, module)
+        return adopt_tensors(_rebuilt(cls, module, ("dimension", "n_q", "bins", *_LEVEL_OPTIONS), parity=parity),
+                             module)
 
     def forward(self, x: Tensor, sample_rate: int, bandwidth: tp.Optional[float] = None) -> QuantizedResult:
         bw_per_q = self.get_bandwidth_per_quantizer(sample_rate)
