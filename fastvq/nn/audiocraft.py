@@ -88,7 +88,8 @@ def _check_codes(codes: object, name: str, num_codes: int) -> Tensor:
 
 
 def _sample_vectors(samples: Tensor, num: int) -> Tensor:
-    """``num`` rows of ``samples [M, D]``, drawn as audiocraft draws them (the same random calls)."""
+    """``num`` rows of ``samples [M, D]`` (distinct when there are enough), drawn as audiocraft and Moshi draw
+    them (the same random calls)."""
     num_samples = samples.shape[0]
     if num_samples >= num:
         picks = torch.randperm(num_samples, device=samples.device)[:num]
@@ -97,8 +98,10 @@ def _sample_vectors(samples: Tensor, num: int) -> Tensor:
     return samples[picks]
 
 
+@torch.no_grad()
 def _broadcast_buffers_(module: nn.Module) -> None:
-    """Rank 0's buffers on every rank (what audiocraft's ``flashy.distrib.broadcast_tensors`` does)."""
+    """Rank 0's buffers on every rank (what audiocraft's ``flashy.distrib.broadcast_tensors`` and Moshi's
+    codebook do)."""
     if is_distributed():
         for buffer in module.buffers():
             buffer.copy_(broadcast_from_first(buffer))

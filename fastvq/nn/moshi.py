@@ -57,11 +57,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._distributed import all_reduce_sum_, broadcast_from_first, is_distributed
+from .._distributed import all_reduce_sum_, is_distributed
 from ..ops.residual_quantize import residual_quantize
 from ..ops.search import nearest_code
 from ..ops.segment_reduce import segment_reduce
 from ._adopt import adopt_tensors
+from .audiocraft import _broadcast_buffers_, _sample_vectors
 
 __all__ = [
     "MoshiArgumentError",
@@ -104,15 +105,6 @@ def _real_in(name: str, value: object, low: float, high: float = math.inf) -> fl
 def _zero_scalar(device: torch.device) -> Tensor:
     """A float32 0 on ``device``, made without a host sync (Moshi's ``zero_scalar``)."""
     return torch.zeros([1], device=device)[0]
-
-
-def _sample_vectors(samples: Tensor, num: int) -> Tensor:
-    """``num`` rows of ``samples``: distinct when there are enough, with the RNG calls Moshi makes."""
-    if samples.shape[0] >= num:
-        picks = torch.randperm(samples.shape[0], device=samples.device)[:num]
-    else:
-        picks = torch.randint(0, samples.shape[0], (num,), device=samples.device)
-    return samples[picks]
 
 
 def _kmeans(samples: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
@@ -276,14 +268,8 @@ class EuclideanCodebook(nn.Module):
             self.embedding_sum.copy_(means * bins[:, None])
             self.cluster_usage.copy_(bins)
             self._initialized.fill_(1)
-        self._broadcast_buffers()
+        _broadcast_buffers_(self)
         self._initialized_on_host = True
-
-    @torch.no_grad()
-    def _broadcast_buffers(self) -> None:
-        if is_distributed():
-            for buffer in self.buffers():
-                buffer.copy_(broadcast_from_first(buffer))
 
     @torch.no_grad()
     def _replace_expired_codes(self, samples: Tensor, mask: Tensor) -> None:
@@ -304,7 +290,7 @@ class EuclideanCodebook(nn.Module):
         threshold = self.threshold_usage_ratio * self.cluster_usage.sum() / self.codebook_size
         expired = self.cluster_usage < threshold
         self._replace_expired_codes(samples, mask=expired)
-        self._broadcast_buffers()
+        _broadcast_buffers_(self)
         return expired.float().mean()
 
     @torch.no_grad()
