@@ -68,19 +68,6 @@ def check_codes(name: str, value: object, rank: int) -> Tensor:
     return value
 
 
-def nearest_normalized_codes(latents: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """DAC's and SNAC's ``decode_latents``: ``latents [B, d, T]`` -> ``(codes [B, d, T], indices [B, T])``.
-
-    The search compares l2-normalised latents with l2-normalised codes (``F.normalize``'s eps), ties
-    to the lowest index; the returned codes are the unnormalised rows of ``codebook [K, d]``, gathered
-    with their gradient."""
-    batch, dim, frames = latents.shape
-    encodings = F.normalize(latents.detach().transpose(1, 2).reshape(batch * frames, dim))
-    indices, _ = nearest_code(z=encodings, codebook=F.normalize(codebook.detach()), metric="l2")
-    indices = indices.view(batch, frames)
-    return F.embedding(indices, codebook).transpose(1, 2), indices
-
-
 class _WeightNormConv1x1(nn.Module):
     """``weight_norm(nn.Conv1d(in_channels, out_channels, 1))`` in the parameters of
     ``torch.nn.utils.weight_norm``: ``weight = weight_g * weight_v / |weight_v|`` (norm per output
@@ -133,9 +120,14 @@ class _FactorisedLevel(nn.Module):
         return self.embed_code(check_codes("embed_id", embed_id, 2)).transpose(1, 2)
 
     def decode_latents(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """Projected ``latents [B, d, T]`` -> ``(nearest codes [B, d, T], indices int64 [B, T])``."""
-        check_latents("latents", latents, self.codebook_dim)
-        return nearest_normalized_codes(latents, self.codebook.weight)
+        """Projected ``latents [B, d, T]`` -> ``(nearest codes [B, d, T], indices int64 [B, T])``: the search
+        compares l2-normalised latents with l2-normalised codes (``F.normalize``'s eps), ties to the lowest
+        index; the codes returned are the unnormalised rows of the codebook, gathered with their gradient."""
+        batch, dim, frames = check_latents("latents", latents, self.codebook_dim).shape
+        encodings = F.normalize(latents.detach().transpose(1, 2).reshape(batch * frames, dim))
+        indices, _ = nearest_code(z=encodings, codebook=F.normalize(self.codebook.weight.detach()), metric="l2")
+        indices = indices.view(batch, frames)
+        return F.embedding(indices, self.codebook.weight).transpose(1, 2), indices
 
 
 class VectorQuantize(_FactorisedLevel):
