@@ -35,6 +35,7 @@ import typing as tp
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -96,6 +97,15 @@ def _sample_vectors(samples: Tensor, num: int) -> Tensor:
     else:
         picks = torch.randint(0, num_samples, (num,), device=samples.device)
     return samples[picks]
+
+
+def _statistics_over_ranks(counts: Tensor, sums: Tensor, *, mean: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-code ``counts [..., K]`` and ``sums [..., K, D]`` summed over the ranks (averaged with ``mean``, as
+    Moshi) in one collective: the counts ride along as the sums' last column. Returns ``(counts, sums)``."""
+    packed = all_reduce_sum_(torch.cat((sums, counts[..., None]), dim=-1))
+    if mean and is_distributed():
+        packed.div_(dist.get_world_size())
+    return packed[..., -1], packed[..., :-1]
 
 
 @torch.no_grad()
@@ -257,9 +267,7 @@ class EuclideanCodebook(nn.Module):
         counts, sums = segment_reduce(rows, indices, self.codebook_size,
                                       deterministic=torch.are_deterministic_algorithms_enabled())
         if not self.parity and is_distributed():
-            # One collective per level: the counts ride along as the sums' last column.
-            packed = all_reduce_sum_(torch.cat((sums, counts[:, None]), dim=1))
-            sums, counts = packed[:, :-1], packed[:, -1]
+            counts, sums = _statistics_over_ranks(counts, sums)  # one collective per level
         self.update_from_statistics_(rows, counts, sums)
 
     @torch.no_grad()
@@ -522,9 +530,7 @@ def _fused_residual_levels(
         return quantized, indices, rows.new_zeros(len(layers), 1, dtype=torch.float32)
     counts, sums = result.counts, result.sums
     if not layers[0]._codebook.parity and is_distributed():
-        # Every level's statistics in one collective: the counts ride along as the sums' last column.
-        packed = all_reduce_sum_(torch.cat((sums, counts[:, :, None]), dim=2))
-        sums, counts = packed[:, :, :-1], packed[:, :, -1]
+        counts, sums = _statistics_over_ranks(counts, sums)  # every level's in one collective
     rebuild_residuals = any(layer._codebook.threshold_ema_dead_code > 0 for layer in layers)
     residual = rows.detach() if rebuild_residuals else None
     losses = []

@@ -57,12 +57,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._distributed import all_reduce_sum_, is_distributed
+from .._distributed import is_distributed
 from ..ops.residual_quantize import residual_quantize
 from ..ops.search import nearest_code
 from ..ops.segment_reduce import segment_reduce
 from ._adopt import adopt_tensors
-from .audiocraft import _broadcast_buffers_, _sample_vectors
+from .audiocraft import _broadcast_buffers_, _sample_vectors, _statistics_over_ranks
 
 __all__ = [
     "MoshiArgumentError",
@@ -129,14 +129,6 @@ def _entropy(usage: Tensor) -> Tensor:
     """Entropy (nats) of the distribution proportional to ``usage [K]``; empty codes count 0."""
     proba = usage / usage.sum()
     return -torch.where(proba == 0, torch.zeros_like(proba), proba * torch.log(proba)).sum()
-
-
-def _average_over_ranks_(statistics: Tensor) -> Tensor:
-    """``statistics`` averaged over ranks in place, in one compile-safe collective (a no-op alone)."""
-    if is_distributed():
-        all_reduce_sum_(statistics)
-        statistics.div_(dist.get_world_size())
-    return statistics
 
 
 def _moshi_average_tensors(tensors: tp.Sequence[Tensor]) -> None:
@@ -298,8 +290,7 @@ class EuclideanCodebook(nn.Module):
         """The EMA step on the batch ``samples [N, D]`` with its ``codes [N]``; records the entropy."""
         counts, sums = segment_reduce(values=samples, indices=codes, num_codes=self.codebook_size)
         if not self.parity and is_distributed():
-            statistics = _average_over_ranks_(torch.cat((counts[:, None], sums), dim=1))
-            counts, sums = statistics[:, 0], statistics[:, 1:]
+            counts, sums = _statistics_over_ranks(counts, sums, mean=True)
         self._fold_statistics(counts, sums, metrics)
 
     @torch.no_grad()
@@ -521,9 +512,6 @@ class ResidualVectorQuantization(nn.Module):
         all_metrics: tp.Dict[str, Tensor] = {}
         if not self.training:
             return quantized_out, list(level_codes), [_zero_scalar(x.device)] * len(levels), all_metrics
-        # One [K, 1 + D] collective per level, as the loop's (tests/nn/test_moshi.py counts them): the counts
-        # ride along as the first column.
-        statistics = torch.cat((result.counts[:, :, None], result.sums), dim=2)
         synced = not self.parity and is_distributed()
         losses = (result.commitment / rows.numel()).to(x.dtype)
         residual = rows.detach()
@@ -532,8 +520,11 @@ class ResidualVectorQuantization(nn.Module):
             # Expire before the EMA step, as the loop does, on the rows this level saw (rebuilt as the loop
             # subtracts them, from the codes chosen before any update: `codebooks` is a copy).
             metrics = {"rvq_expired": codebook._check_expired_codes(residual)}
-            level_statistics = _average_over_ranks_(statistics[level]) if synced else statistics[level]
-            codebook._fold_statistics(level_statistics[:, 0], level_statistics[:, 1:], metrics)
+            counts, sums = result.counts[level], result.sums[level]
+            if synced:
+                # One [K, D + 1] collective per level, as the loop's (tests/nn/test_moshi.py counts them).
+                counts, sums = _statistics_over_ranks(counts, sums, mean=True)
+            codebook._fold_statistics(counts, sums, metrics)
             if level + 1 < len(levels):
                 residual = residual - F.embedding(result.indices[:, level], codebooks[level])
             self._collect_metrics(all_metrics, metrics, level, n_q)  # n_q as the loop, even past len(levels)
