@@ -2,7 +2,8 @@
 today, which build the ``N x K`` logits, soft and hard one-hot matrices.
 
     python benchmarks/bench_soft_quantize.py [--small] [--only soft_quantize|ibq_step|ibq_parity]
-                                             [--points N,K,D ...] [--device cpu|cuda] [--out DIR]
+                                             [--points N,K,D ...] [--dtype fp32|bf16] [--device cpu|cuda]
+                                             [--out DIR]
 
 Benches (``dot`` logits, IBQ's, standard-normal data scaled by 0.1; fp32):
 
@@ -14,6 +15,10 @@ Benches (``dot`` logits, IBQ's, standard-normal data scaled by 0.1; fp32):
   no hard index, no log-sum-exp); ``reference``, ``fastvq.reference.soft_quantize_ref`` in fp32 (the
   full matrices); and, forward only, the hard fused search ``nearest_code`` and the hard VQ op
   ``vector_quantize`` forward and backward, the goals' yardstick (``vs_search``).
+- ``--dtype bf16``: the ``soft_quantize`` bench on bf16 ``z``, codebook and upstream, with two more
+  ``fastvq`` rows timed in the same rounds: ``fastvq-widened`` (``FASTVQ_CPU_SEARCH=avx512``: the
+  bf16 values widened to fp32 in the kernels, where ``fastvq`` takes the AVX512-BF16 logit products
+  on a CPU that has them) and ``fastvq-fp32`` (the same values in fp32).
 - ``ibq_step``: one IBQ training step, forward and backward of ``sum(z_q * g) + quant_loss +
   0.05 * entropy_loss`` (SEED-Voken's 2^18-code configuration weights the entropy loss 0.05), of
   ``fastvq.nn.IBQ(use_entropy_loss=True)`` and of ``reference.ibq_ref`` (SEED-Voken's formulation);
@@ -69,13 +74,14 @@ WARMUP_ROWS = WARMUP_CODES = 16
 LONG_POINT_MACS = 2**34
 
 
-def soft_inputs(num_rows: int, num_codes: int, dim: int, device: str, seed: int = 0):
-    """``z [N, D]``, ``codebook [K, D]``, upstream ``g [N, D]``."""
+def soft_inputs(num_rows: int, num_codes: int, dim: int, device: str, seed: int = 0,
+                dtype: torch.dtype = torch.float32):
+    """``z [N, D]``, ``codebook [K, D]``, upstream ``g [N, D]``, in ``dtype``."""
     generator = torch.Generator(device).manual_seed(seed)
     z = 0.1 * torch.randn(num_rows, dim, generator=generator, device=device)
     codebook = 0.1 * torch.randn(num_codes, dim, generator=generator, device=device)
     upstream = torch.randn(num_rows, dim, generator=generator, device=device)
-    return z, codebook, upstream
+    return z.to(dtype), codebook.to(dtype), upstream.to(dtype)
 
 
 def _leaves(z, codebook):
@@ -86,6 +92,23 @@ def fastvq_soft_step(z, codebook, upstream):
     z, codebook = _leaves(z, codebook)
     soft, _, _ = fastvq.soft_quantize(z, codebook, metric="dot")
     (soft * upstream).sum().backward()
+
+
+def fastvq_widened_soft_step(z, codebook, upstream):
+    """fastvq_soft_step with the kernels' bf16 logit products off: bf16 inputs widened to fp32."""
+    previous = os.environ.get("FASTVQ_CPU_SEARCH")
+    os.environ["FASTVQ_CPU_SEARCH"] = "avx512"
+    try:
+        fastvq_soft_step(z, codebook, upstream)
+    finally:
+        if previous is None:
+            del os.environ["FASTVQ_CPU_SEARCH"]
+        else:
+            os.environ["FASTVQ_CPU_SEARCH"] = previous
+
+
+def fastvq_fp32_soft_step(z, codebook, upstream):
+    fastvq_soft_step(z.float(), codebook.float(), upstream.float())
 
 
 def sdpa_step(z, codebook, upstream):
@@ -217,11 +240,22 @@ SOFT_IMPLEMENTATIONS = [
 ]
 
 
-def measure_soft(num_rows: int, num_codes: int, dim: int, device: str) -> list[dict]:
-    make_inputs = functools.partial(soft_inputs, num_rows, num_codes, dim, device)
-    make_warmup = functools.partial(soft_inputs, WARMUP_ROWS, WARMUP_CODES, dim, device)
-    point = [_row("soft_quantize", impl, mode, num_rows, num_codes, dim) for impl, mode, _, _ in SOFT_IMPLEMENTATIONS]
-    runs = [(row, fn) for row, (_, _, fn, builds_matrices) in zip(point, SOFT_IMPLEMENTATIONS)
+# --dtype bf16 adds these, timed in the same rounds as the others.
+BF16_SOFT_IMPLEMENTATIONS = [
+    ("fastvq-widened", "fwd+bwd", fastvq_widened_soft_step, False),
+    ("fastvq-fp32", "fwd+bwd", fastvq_fp32_soft_step, False),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def measure_soft(num_rows: int, num_codes: int, dim: int, device: str, dtype_name: str = "fp32") -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    make_inputs = functools.partial(soft_inputs, num_rows, num_codes, dim, device, dtype=dtype)
+    make_warmup = functools.partial(soft_inputs, WARMUP_ROWS, WARMUP_CODES, dim, device, dtype=dtype)
+    implementations = SOFT_IMPLEMENTATIONS + (BF16_SOFT_IMPLEMENTATIONS if dtype == torch.bfloat16 else [])
+    point = [_row("soft_quantize", impl, mode, num_rows, num_codes, dim, dtype_name)
+             for impl, mode, _, _ in implementations]
+    runs = [(row, fn) for row, (_, _, fn, builds_matrices) in zip(point, implementations)
             if not (builds_matrices and _too_big(row, num_rows, num_codes, device))]
     _measure_interleaved([row for row, _ in runs], [fn for _, fn in runs], make_inputs, make_warmup, device,
                          min_repeats=1 if num_rows * num_codes * dim >= LONG_POINT_MACS else 2)
@@ -281,6 +315,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=BENCHES, help="run one bench")
     parser.add_argument("--points", type=_point, nargs="+", metavar="N,K,D",
                         help="the (N, K, D) points of the soft_quantize and ibq_step benches instead of their grids")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="the soft_quantize bench's dtype (bf16 adds the widened and fp32 fastvq rows)")
 
 
 BENCHES = ("soft_quantize", "ibq_step", "ibq_parity")
@@ -299,6 +335,8 @@ def points(args: argparse.Namespace) -> list[tuple[str, tuple[int, int, int]]]:
 
 def measure(point: tuple[str, tuple[int, int, int]], run: _harness.Run) -> list[dict]:
     bench, (num_rows, num_codes, dim) = point
+    if bench == "soft_quantize":
+        return measure_soft(num_rows, num_codes, dim, run.device, run.args.dtype)
     return MEASURES[bench](num_rows, num_codes, dim, run.device)
 
 

@@ -12,7 +12,9 @@
 // sum of values, rescaled when the maximum grows. Backward: threads split the code tiles (each owns its
 // codes' sums: no race, no atomics), the probabilities recomputed from the saved log-sum-exp, the per-row
 // sums kept per thread and added in thread order. The fp32 products and exponentials have AVX-512 and AVX2 + FMA
-// kernels, chosen per call (soft_isa, FASTVQ_CPU_SEARCH); fp64 and other CPUs take plain blocked loops.
+// kernels, chosen per call (soft_isa, FASTVQ_CPU_SEARCH); fp64 and other CPUs take plain blocked loops. bf16
+// operands (zq and keys in bf16, the rest fp32) take vdpbf16ps for the logit products on AVX512-BF16 CPUs under
+// `auto` and `avx512-bf16` (soft_bf16_products); everything else, and every other choice, runs on them widened to fp32.
 #include "../fastvq.h"
 #include "parallel.h"
 #include "search_isa.h"
@@ -33,7 +35,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace fastvq {
@@ -71,6 +75,18 @@ SoftIsa soft_isa() {
   return SoftIsa::kAvx512;
 #else
   return avx2 ? SoftIsa::kAvx2 : SoftIsa::kGeneric;
+#endif
+}
+
+// Whether bf16 operands take the AVX512-BF16 logit products: under `auto` and `avx512-bf16` on a CPU that runs
+// them, as the search's bf16 kernel (search_common.h); otherwise they are widened to fp32.
+bool soft_bf16_products() {
+#if defined(__AVX512F__)
+  const char* choice = std::getenv("FASTVQ_CPU_SEARCH");
+  const std::string name = choice == nullptr || *choice == '\0' ? "auto" : choice;
+  return (name == "auto" || name == "avx512-bf16") && avx512::bf16_available();
+#else
+  return false;
 #endif
 }
 
@@ -183,6 +199,81 @@ void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row,
 }
 #endif
 
+#if defined(__AVX512F__)
+#define FASTVQ_BF16_TARGET __attribute__((target("avx512f,avx512bf16")))
+// The logit products of bf16 operands: C[m, n] = A B over `pairs` pairs of dimensions, each pair one 32-bit word
+// of two bf16 (the lower dimension in the low half), A's row r at a[r lda ..], B's pair row q at b[q ldb ..], C
+// row-major fp32. vdpbf16ps multiplies the bf16 exactly and adds both products to the fp32 accumulator, as the
+// search's bf16 kernel does; a block of kRows rows x 32 columns is accumulated in registers over all the pairs.
+template <int kRows>
+FASTVQ_BF16_TARGET inline void pair_block(int64_t pairs, const uint32_t* a, int64_t lda, const uint32_t* b,
+                                          int64_t ldb, float* c, int64_t ldc, __mmask16 mask0, __mmask16 mask1) {
+  static_assert(kRows == 1 || kRows == 4 || kRows == 8, "the blocks are 8 rows, then 4, then 1");
+#define FASTVQ_ROW(r) __m512 acc##r##0 = _mm512_setzero_ps(), acc##r##1 = _mm512_setzero_ps();
+  FASTVQ_ROW(0) FASTVQ_ROW(1) FASTVQ_ROW(2) FASTVQ_ROW(3) FASTVQ_ROW(4) FASTVQ_ROW(5) FASTVQ_ROW(6) FASTVQ_ROW(7)
+#undef FASTVQ_ROW
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(mask0, b + q * ldb);
+    const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(mask1, b + q * ldb + 16);
+#define FASTVQ_DOT(r)                                                                           \
+  if (kRows > r) {                                                                              \
+    const __m512bh a_pair = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(a[r * lda + q]));  \
+    acc##r##0 = _mm512_dpbf16_ps(acc##r##0, a_pair, b0);                                        \
+    acc##r##1 = _mm512_dpbf16_ps(acc##r##1, a_pair, b1);                                        \
+  }
+    FASTVQ_DOT(0) FASTVQ_DOT(1) FASTVQ_DOT(2) FASTVQ_DOT(3) FASTVQ_DOT(4) FASTVQ_DOT(5) FASTVQ_DOT(6) FASTVQ_DOT(7)
+#undef FASTVQ_DOT
+  }
+#define FASTVQ_STORE(r)                                          \
+  if (kRows > r) {                                               \
+    _mm512_mask_storeu_ps(c + r * ldc, mask0, acc##r##0);        \
+    _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc##r##1);   \
+  }
+  FASTVQ_STORE(0) FASTVQ_STORE(1) FASTVQ_STORE(2) FASTVQ_STORE(3)
+  FASTVQ_STORE(4) FASTVQ_STORE(5) FASTVQ_STORE(6) FASTVQ_STORE(7)
+#undef FASTVQ_STORE
+}
+
+template <int kRows>
+FASTVQ_BF16_TARGET void pair_rows(int64_t n, int64_t pairs, const uint32_t* a, int64_t lda, const uint32_t* b,
+                                  int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t col = 0; col < n; col += 32) {
+    const int64_t width = std::min<int64_t>(32, n - col);
+    const __mmask16 mask0 = static_cast<__mmask16>(width >= 16 ? 0xFFFFu : (1u << width) - 1u);
+    const __mmask16 mask1 = static_cast<__mmask16>(width >= 32 ? 0xFFFFu : width > 16 ? (1u << (width - 16)) - 1u : 0u);
+    pair_block<kRows>(pairs, a, lda, b + col, ldb, c + col, ldc, mask0, mask1);
+  }
+}
+
+void gemm_bf16_pairs(int64_t m, int64_t n, int64_t pairs, const uint32_t* a, int64_t lda, const uint32_t* b,
+                     int64_t ldb, float* c, int64_t ldc) {
+  int64_t row = 0;
+  for (; row + 8 <= m; row += 8) pair_rows<8>(n, pairs, a + row * lda, lda, b, ldb, c + row * ldc, ldc);
+  for (; row + 4 <= m; row += 4) pair_rows<4>(n, pairs, a + row * lda, lda, b, ldb, c + row * ldc, ldc);
+  for (; row < m; ++row) pair_rows<1>(n, pairs, a + row * lda, lda, b, ldb, c + row * ldc, ldc);
+}
+#endif
+
+// x [rows, cols] of bf16 bits as pairs of dimensions (one 32-bit word each, an odd last dimension padded with a
+// zero bf16), row-major [rows][pairs], or with `transposed` a row tile at a time as tile_transposed lays floats out:
+// tile t's rows r0 .. r0 + n - 1 become the block [pairs, n] at offset r0 * pairs.
+std::vector<uint32_t> bf16_pairs(const uint16_t* x, int64_t rows, int64_t cols, bool transposed) {
+  const int64_t pairs = (cols + 1) / 2;
+  std::vector<uint32_t> out(static_cast<size_t>(rows * pairs));
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+    const int64_t tile_rows = std::min(kRowTile, rows - r0);
+    uint32_t* block = out.data() + r0 * pairs;
+    for (int64_t i = 0; i < tile_rows; ++i) {
+      const uint16_t* row = x + (r0 + i) * cols;
+      for (int64_t q = 0; q < pairs; ++q) {
+        const uint32_t high = 2 * q + 1 < cols ? row[2 * q + 1] : 0u;
+        block[transposed ? q * tile_rows + i : i * pairs + q] = uint32_t{row[2 * q]} | high << 16;
+      }
+    }
+  }
+  return out;
+}
+
 #if defined(FASTVQ_SOFT_AVX2)
 // The fp32 product on AVX2 + FMA: a block of kRows rows x 16 columns (two 8-float vectors, masked for a ragged
 // column count): 12 accumulators, the two columns' vectors and the broadcast fit the 16 registers.
@@ -288,6 +379,12 @@ struct Operands {
   Metric metric;
   T inverse_temperature;
   SoftIsa isa;  // the fp32 kernels' instruction set (soft_isa())
+  // bf16 operands (T = float only): zq and keys are their widened copies; with bf16_products the logit products
+  // run on their bf16 pairs (bf16_pairs: keys [K][pairs], zq tile-transposed; zq_t then stays empty).
+  at::Tensor widened_zq, widened_keys;
+  bool bf16_products = false;
+  int64_t dim_pairs = 0;
+  std::vector<uint32_t> key_pairs, zq_pairs_t;
 
   // tile[j, i] <- logit of (row r0 + i, code c0 + j), from the products zq . k already in it; with
   // `scale` (euclidean only) also 1 / (2 |z - e|), 0 where the squared distance was clamped.
@@ -316,6 +413,15 @@ struct Operands {
 
   // Products then logits of a (code tile, row tile): tile [codes, rows].
   void tile_logits(T* tile, T* scale, int64_t c0, int64_t codes, int64_t r0, int64_t rows) const {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16_products) {
+        gemm_bf16_pairs(codes, rows, dim_pairs, key_pairs.data() + c0 * dim_pairs, dim_pairs,
+                        zq_pairs_t.data() + r0 * dim_pairs, rows, tile, rows);
+        return logits(tile, scale, c0, codes, r0, rows);
+      }
+    }
+#endif
     gemm<T>(isa, codes, rows, dim, keys + c0 * dim, dim, 1, zq_t.data() + r0 * dim, rows, tile, rows, false);
     logits(tile, scale, c0, codes, r0, rows);
   }
@@ -801,11 +907,15 @@ void check_operands(const at::Tensor& zq, const at::Tensor& keys, const at::Tens
   TORCH_CHECK(zq.size(1) == keys.size(1) && values.size(0) == keys.size(0) && code_term.numel() == keys.size(0) &&
                   row_term.numel() == zq.size(0),
               "soft_quantize: operand shapes disagree");
-  TORCH_CHECK(zq.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type() &&
-                  code_term.scalar_type() == keys.scalar_type() && row_term.scalar_type() == keys.scalar_type(),
-              "soft_quantize: the prepared operands must share one work dtype");
-  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kDouble,
-              "soft_quantize: the work dtype is float32 or float64, got ", keys.scalar_type());
+  const auto work = code_term.scalar_type();
+  const bool bf16_operands =
+      zq.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 && work == at::kFloat;
+  TORCH_CHECK((bf16_operands || (zq.scalar_type() == work && keys.scalar_type() == work)) &&
+                  values.scalar_type() == work && row_term.scalar_type() == work,
+              "soft_quantize: the prepared operands must share one work dtype (zq and keys may both be bfloat16 "
+              "where it is float32)");
+  TORCH_CHECK(work == at::kFloat || work == at::kDouble, "soft_quantize: the work dtype is float32 or float64, got ",
+              work);
   TORCH_CHECK(metric >= kDot && metric <= kEuclidean, "soft_quantize: metric id must be 0 (dot), 1 (l2) or "
               "2 (euclidean), got ", metric);
 }
@@ -818,15 +928,28 @@ Operands<T> operands(const at::Tensor& zq, const at::Tensor& keys, const at::Ten
   ops.num_codes = keys.size(0);
   ops.dim = zq.size(1);
   ops.value_dim = values.size(1);
-  ops.zq = zq.data_ptr<T>();
-  ops.zq_t = tile_transposed(ops.zq, ops.num_rows, ops.dim);
-  ops.keys = keys.data_ptr<T>();
+  ops.isa = soft_isa();
+  const bool bf16_operands = keys.scalar_type() == at::kBFloat16;
+  if (bf16_operands) {
+    ops.widened_zq = zq.to(at::kFloat);
+    ops.widened_keys = keys.to(at::kFloat);
+    ops.bf16_products = soft_bf16_products();
+  }
+  ops.zq = (bf16_operands ? ops.widened_zq : zq).template data_ptr<T>();
+  ops.keys = (bf16_operands ? ops.widened_keys : keys).template data_ptr<T>();
+  if (ops.bf16_products) {
+    ops.dim_pairs = (ops.dim + 1) / 2;
+    const auto bits = [](const at::Tensor& x) { return reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()); };
+    ops.key_pairs = bf16_pairs(bits(keys), ops.num_codes, ops.dim, false);
+    ops.zq_pairs_t = bf16_pairs(bits(zq), ops.num_rows, ops.dim, true);
+  } else {
+    ops.zq_t = tile_transposed(ops.zq, ops.num_rows, ops.dim);
+  }
   ops.code_term = code_term.data_ptr<T>();
   ops.row_term = row_term.data_ptr<T>();
   ops.values = values.data_ptr<T>();
   ops.metric = static_cast<Metric>(metric);
   ops.inverse_temperature = static_cast<T>(inverse_temperature);
-  ops.isa = soft_isa();
   return ops;
 }
 
@@ -847,7 +970,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(
   const bool noisy = seed.has_value();
   const uint64_t seed_value = noisy ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
   if (num_rows == 0) return {soft, indices, lse};
-  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_quantize_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(code_term.scalar_type(), "soft_quantize_cpu", [&] {
     const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, values_c, metric, inverse_temperature);
     forward<scalar_t>(ops, return_hard, noisy, seed_value, soft.data_ptr<scalar_t>(),
                       return_hard ? indices.data_ptr<int64_t>() : nullptr, lse.data_ptr<scalar_t>());
@@ -864,10 +987,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
   TORCH_CHECK(grad_soft.dim() == 2 && grad_soft.size(0) == num_rows && grad_soft.size(1) == value_dim &&
                   delta.numel() == num_rows && lse.numel() == num_rows,
               "soft_quantize_backward: grad_soft must be [N, Dv], delta and lse [N]");
-  TORCH_CHECK(grad_soft.scalar_type() == keys.scalar_type() && delta.scalar_type() == keys.scalar_type() &&
-                  lse.scalar_type() == keys.scalar_type(),
+  const auto work = code_term.scalar_type();
+  TORCH_CHECK(grad_soft.scalar_type() == work && delta.scalar_type() == work && lse.scalar_type() == work,
               "soft_quantize_backward: grad_soft, delta and lse must be in the work dtype");
-  const auto options = keys.options();
+  const auto options = code_term.options();
   at::Tensor weighted_keys = at::zeros({rows_grad ? num_rows : 0, dim}, options);
   at::Tensor row_sums = at::zeros({rows_grad ? num_rows : 0}, options);
   at::Tensor weighted_rows = at::zeros({codes_grad ? num_codes : 0, dim}, options);
@@ -878,7 +1001,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
   const auto zq_c = zq.contiguous(), keys_c = keys.contiguous(), values_c = values.contiguous();
   const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
   const auto grad_c = grad_soft.contiguous(), delta_c = delta.contiguous(), lse_c = lse.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_quantize_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(code_term.scalar_type(), "soft_quantize_backward_cpu", [&] {
     const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, values_c, metric, inverse_temperature);
     GradOutputs<scalar_t> out{rows_grad ? weighted_keys.data_ptr<scalar_t>() : nullptr,
                               rows_grad ? row_sums.data_ptr<scalar_t>() : nullptr,
@@ -896,16 +1019,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_entropy_cpu(
     const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
     int64_t metric, double inverse_temperature) {
   const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
-  check_operands(zq, keys, code_term, row_term, keys, metric);
+  // The entropies read no values: a [K, 1] stand-in in the work dtype.
+  const at::Tensor no_values = code_term.unsqueeze(1);
+  check_operands(zq, keys, code_term, row_term, no_values, metric);
   const int64_t num_rows = zq.size(0);
-  const auto options = keys.options();
+  const auto options = code_term.options();
   at::Tensor row_entropy = at::empty({num_rows}, options), lse = at::empty({num_rows}, options);
   at::Tensor code_sums = at::zeros({keys.size(0)}, options);
   if (num_rows == 0) return {row_entropy, code_sums, lse};
   const auto zq_c = zq.contiguous(), keys_c = keys.contiguous();
   const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_entropy_cpu", [&] {
-    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, keys_c, metric, inverse_temperature);
+  AT_DISPATCH_FLOATING_TYPES(code_term.scalar_type(), "soft_entropy_cpu", [&] {
+    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, no_values, metric, inverse_temperature);
     entropy_forward<scalar_t>(ops, scalar_t(1), row_entropy.data_ptr<scalar_t>(), code_sums.data_ptr<scalar_t>(),
                               lse.data_ptr<scalar_t>());
   });
@@ -916,15 +1041,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_entropy_backward
     const at::Tensor& grad_entropy, const at::Tensor& code_weights, const at::Tensor& row_constant,
     const at::Tensor& lse, const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term,
     const at::Tensor& row_term, int64_t metric, double inverse_temperature, bool rows_grad, bool codes_grad) {
-  check_operands(zq, keys, code_term, row_term, keys, metric);
+  // The entropies read no values: a [K, 1] stand-in in the work dtype.
+  const at::Tensor no_values = code_term.unsqueeze(1);
+  check_operands(zq, keys, code_term, row_term, no_values, metric);
   const int64_t num_rows = zq.size(0), num_codes = keys.size(0), dim = zq.size(1);
   TORCH_CHECK(grad_entropy.numel() == num_rows && row_constant.numel() == num_rows && lse.numel() == num_rows &&
                   code_weights.numel() == num_codes,
               "soft_entropy_backward: grad_entropy, row_constant and lse must be [N], code_weights [K]");
-  TORCH_CHECK(grad_entropy.scalar_type() == keys.scalar_type() && code_weights.scalar_type() == keys.scalar_type() &&
-                  row_constant.scalar_type() == keys.scalar_type() && lse.scalar_type() == keys.scalar_type(),
+  const auto work = code_term.scalar_type();
+  TORCH_CHECK(grad_entropy.scalar_type() == work && code_weights.scalar_type() == work &&
+                  row_constant.scalar_type() == work && lse.scalar_type() == work,
               "soft_entropy_backward: the row and code terms must be in the work dtype");
-  const auto options = keys.options();
+  const auto options = code_term.options();
   at::Tensor weighted_keys = at::zeros({rows_grad ? num_rows : 0, dim}, options);
   at::Tensor row_sums = at::zeros({rows_grad ? num_rows : 0}, options);
   at::Tensor weighted_rows = at::zeros({codes_grad ? num_codes : 0, dim}, options);
@@ -934,8 +1062,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_entropy_backward
   const auto code_c = code_term.contiguous(), row_c = row_term.contiguous(), lse_c = lse.contiguous();
   const auto entropy_c = grad_entropy.contiguous(), weights_c = code_weights.contiguous();
   const auto row_constant_c = row_constant.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_entropy_backward_cpu", [&] {
-    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, keys_c, metric, inverse_temperature);
+  AT_DISPATCH_FLOATING_TYPES(code_term.scalar_type(), "soft_entropy_backward_cpu", [&] {
+    const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, no_values, metric, inverse_temperature);
     std::vector<scalar_t> constant(static_cast<size_t>(num_rows));
     expected_code_weight<scalar_t>(ops, scalar_t(1), lse_c.data_ptr<scalar_t>(), weights_c.data_ptr<scalar_t>(),
                                    constant.data());
@@ -960,7 +1088,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const SerialTorchOps serial_torch_ops;  // PyTorch's own ops inline, this op's loops on all threads (parallel.h)
   check_operands(zq, keys, code_term, row_term, values, metric);
   const int64_t num_rows = zq.size(0);
-  const auto options = keys.options();
+  const auto options = code_term.options();
   at::Tensor soft = at::empty({num_rows, values.size(1)}, options);
   at::Tensor indices = at::empty({return_hard ? num_rows : 0}, options.dtype(at::kLong));
   at::Tensor lse = at::empty({num_rows}, options), row_entropy = at::empty({num_rows}, options);
@@ -968,7 +1096,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (num_rows == 0) return {soft, indices, lse, row_entropy, code_sums, entropy_lse};
   const auto zq_c = zq.contiguous(), keys_c = keys.contiguous(), values_c = values.contiguous();
   const auto code_c = code_term.contiguous(), row_c = row_term.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_quantize_entropy_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(code_term.scalar_type(), "soft_quantize_entropy_cpu", [&] {
     // The operands at temperature 1: each part scales the one tile of logits by its own 1 / T.
     const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, values_c, metric, 1.0);
     const SoftOutputs<scalar_t> soft_out{return_hard, static_cast<scalar_t>(inverse_temperature),
@@ -996,9 +1124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
               "soft_quantize_entropy_backward: grad_soft must be [N, Dv], code_weights [K], the row terms [N]");
   for (const at::Tensor* term : {&grad_soft, &delta, &lse, &grad_entropy, &code_weights, &row_constant,
                                  &entropy_lse})
-    TORCH_CHECK(term->scalar_type() == keys.scalar_type(),
+    TORCH_CHECK(term->scalar_type() == code_term.scalar_type(),
                 "soft_quantize_entropy_backward: the gradient terms must be in the work dtype");
-  const auto options = keys.options();
+  const auto options = code_term.options();
   at::Tensor weighted_keys = at::zeros({rows_grad ? num_rows : 0, dim}, options);
   at::Tensor row_sums = at::zeros({rows_grad ? num_rows : 0}, options);
   at::Tensor weighted_rows = at::zeros({codes_grad ? num_codes : 0, dim}, options);
@@ -1011,7 +1139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_quan
   const auto grad_c = grad_soft.contiguous(), delta_c = delta.contiguous(), lse_c = lse.contiguous();
   const auto entropy_c = grad_entropy.contiguous(), weights_c = code_weights.contiguous();
   const auto row_constant_c = row_constant.contiguous(), entropy_lse_c = entropy_lse.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(keys.scalar_type(), "soft_quantize_entropy_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(code_term.scalar_type(), "soft_quantize_entropy_backward_cpu", [&] {
     const auto ops = operands<scalar_t>(zq_c, keys_c, code_c, row_c, values_c, metric, 1.0);
     const auto soft_scale = static_cast<scalar_t>(inverse_temperature);
     const auto entropy_scale = static_cast<scalar_t>(entropy_inverse_temperature);

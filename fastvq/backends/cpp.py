@@ -134,26 +134,26 @@ def _register_fakes() -> None:
                                      inverse_temperature, rows_grad, codes_grad, values_grad):
         num_rows, num_codes = zq.shape[0], keys.shape[0]
         return (
-            keys.new_empty((num_rows if rows_grad else 0, keys.shape[1])),
-            keys.new_empty(num_rows if rows_grad else 0),
-            keys.new_empty((num_codes if codes_grad else 0, keys.shape[1])),
-            keys.new_empty(num_codes if codes_grad else 0),
-            keys.new_empty((num_codes if values_grad else 0, values.shape[1])),
+            code_term.new_empty((num_rows if rows_grad else 0, keys.shape[1])),
+            code_term.new_empty(num_rows if rows_grad else 0),
+            code_term.new_empty((num_codes if codes_grad else 0, keys.shape[1])),
+            code_term.new_empty(num_codes if codes_grad else 0),
+            code_term.new_empty((num_codes if values_grad else 0, values.shape[1])),
         )
 
     @torch.library.register_fake("fastvq_C::soft_entropy")
     def _soft_entropy_fake(zq, keys, code_term, row_term, metric, inverse_temperature):
-        return keys.new_empty(zq.shape[0]), keys.new_empty(keys.shape[0]), keys.new_empty(zq.shape[0])
+        return code_term.new_empty(zq.shape[0]), code_term.new_empty(keys.shape[0]), code_term.new_empty(zq.shape[0])
 
     @torch.library.register_fake("fastvq_C::soft_entropy_backward")
     def _soft_entropy_backward_fake(grad_entropy, code_weights, row_constant, lse, zq, keys, code_term, row_term,
                                     metric, inverse_temperature, rows_grad, codes_grad):
         num_rows, num_codes = zq.shape[0], keys.shape[0]
         return (
-            keys.new_empty((num_rows if rows_grad else 0, keys.shape[1])),
-            keys.new_empty(num_rows if rows_grad else 0),
-            keys.new_empty((num_codes if codes_grad else 0, keys.shape[1])),
-            keys.new_empty(num_codes if codes_grad else 0),
+            code_term.new_empty((num_rows if rows_grad else 0, keys.shape[1])),
+            code_term.new_empty(num_rows if rows_grad else 0),
+            code_term.new_empty((num_codes if codes_grad else 0, keys.shape[1])),
+            code_term.new_empty(num_codes if codes_grad else 0),
         )
 
     @torch.library.register_fake("fastvq_C::soft_quantize_entropy")
@@ -163,9 +163,9 @@ def _register_fakes() -> None:
         return (
             values.new_empty((num_rows, values.shape[1])),
             zq.new_empty(num_rows if return_hard else 0, dtype=torch.int64),
-            *(keys.new_empty(num_rows) for _ in range(2)),
-            keys.new_empty(keys.shape[0]),
-            keys.new_empty(num_rows),
+            *(code_term.new_empty(num_rows) for _ in range(2)),
+            code_term.new_empty(keys.shape[0]),
+            code_term.new_empty(num_rows),
         )
 
     @torch.library.register_fake("fastvq_C::soft_quantize_entropy_backward")
@@ -349,6 +349,23 @@ def _soft_operands(prep: SoftCodebook, z: torch.Tensor) -> tuple[torch.Tensor, .
     return zq.contiguous(), prep.keys.contiguous(), prep.code_term, row_term, prep.values.contiguous()
 
 
+def _bf16_logit_products() -> bool:
+    """Whether the soft kernels run bf16 logit products now: under ``FASTVQ_CPU_SEARCH`` ``auto`` or
+    ``avx512-bf16`` on an AVX512-BF16 CPU, the rule (and CPU check) of the search's bf16 kernel, read per call."""
+    return json.loads(torch.ops.fastvq_C.cpu_search_kernels())["bf16"] == "avx512bf16-direct"
+
+
+def _kernel_operands(operands: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The operands as the kernels take them. For bf16 inputs where the bf16 logit products run, ``zq`` and
+    ``keys`` rounded to bf16 (exact for dot, where they are the inputs; the centred l2/euclidean and normalised
+    cosine operands round once): the kernels then multiply them with ``vdpbf16ps``, accumulating in fp32, and
+    widen them for everything else. Otherwise every operand stays in the work dtype."""
+    if dtype != torch.bfloat16 or not _bf16_logit_products():
+        return operands
+    zq, keys, *rest = operands
+    return (zq.to(torch.bfloat16), keys.to(torch.bfloat16), *rest)
+
+
 def soft_quantize(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -363,7 +380,8 @@ def soft_quantize(
     out_dtype = _soft_dtype(z, codebook, values)
     prep = SoftCodebook(codebook, values, metric, out_dtype)
     soft, indices, lse = torch.ops.fastvq_C.soft_quantize(
-        *_soft_operands(prep, z), _SOFT_METRIC_IDS[metric], 1.0 / temperature, seed, return_hard
+        *_kernel_operands(_soft_operands(prep, z), out_dtype), _SOFT_METRIC_IDS[metric], 1.0 / temperature, seed,
+        return_hard,
     )
     return soft.to(out_dtype), indices, lse
 
@@ -384,15 +402,16 @@ def soft_quantize_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_z, grad_codebook, grad_values)`` in the work dtype, as the PyTorch path's: the kernel
     returns the sums of the per-logit weights, ``SoftCodebook`` chains them back to the inputs."""
-    prep = SoftCodebook(codebook, values, metric, _soft_dtype(z, codebook, values))
+    dtype = _soft_dtype(z, codebook, values)
+    prep = SoftCodebook(codebook, values, metric, dtype)
     work = prep.work_dtype
     value_grad = compute_values_grad if values is not None else compute_codebook_grad
     grad_soft = grad_soft.to(work).contiguous()
     delta = (grad_soft * soft.to(work)).sum(dim=1) - grad_lse.to(work)
     operands = _soft_operands(prep, z)
     weighted_keys, row_sums, weighted_rows, code_sums, grad_values = torch.ops.fastvq_C.soft_quantize_backward(
-        grad_soft, delta, lse.to(work).contiguous(), *operands, _SOFT_METRIC_IDS[metric], 1.0 / temperature,
-        compute_z_grad, compute_codebook_grad, value_grad,
+        grad_soft, delta, lse.to(work).contiguous(), *_kernel_operands(operands, dtype), _SOFT_METRIC_IDS[metric],
+        1.0 / temperature, compute_z_grad, compute_codebook_grad, value_grad,
     )
     grad_z, grad_codebook = prep.chained_grads(z, codebook, operands[0], weighted_keys, row_sums, weighted_rows,
                                                code_sums, compute_z_grad, compute_codebook_grad)
@@ -404,8 +423,9 @@ def soft_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(row_entropy [N], mean_probs [K], lse [N])`` of ``p = softmax(logits)`` by the C++ kernel, in
     the work dtype (the PyTorch path's two passes: online softmax and entropy, then the per-code sums)."""
-    prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
-    zq, keys, code_term, row_term, _ = _soft_operands(prep, z)
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    prep = SoftCodebook(codebook, None, metric, dtype)
+    zq, keys, code_term, row_term, _ = _kernel_operands(_soft_operands(prep, z), dtype)
     row_entropy, mean_probs, lse = torch.ops.fastvq_C.soft_entropy(
         zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric], 1.0 / temperature
     )
@@ -431,16 +451,18 @@ def soft_entropy_backward(
     """``(grad_z, grad_codebook)`` of ``soft_entropy`` in the work dtype (``[0, D]`` when not asked
     for): ``dL/dlogit = p (-a (logit - m) + c_k - <p, c> + b)`` as on the PyTorch path, the row
     constant ``b + a m`` made here and ``<p, c>`` by the kernel's first pass."""
-    prep = SoftCodebook(codebook, None, metric, torch.promote_types(z.dtype, codebook.dtype))
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    prep = SoftCodebook(codebook, None, metric, dtype)
     work = prep.work_dtype
     grad_entropy = grad_row_entropy.to(work).contiguous()
     code_weights = (grad_mean_probs.to(work) / max(z.shape[0], 1)).contiguous()
     lse = lse.to(work).contiguous()
     row_constant = (grad_lse.to(work) + grad_entropy * (lse - row_entropy.to(work))).contiguous()
     operands = _soft_operands(prep, z)
-    zq, keys, code_term, row_term, _ = operands
+    zq = operands[0]
+    kernel_zq, keys, code_term, row_term, _ = _kernel_operands(operands, dtype)
     weighted_keys, row_sums, weighted_rows, code_sums = torch.ops.fastvq_C.soft_entropy_backward(
-        grad_entropy, code_weights, row_constant, lse, zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric],
+        grad_entropy, code_weights, row_constant, lse, kernel_zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric],
         1.0 / temperature, compute_z_grad, compute_codebook_grad,
     )
     return prep.chained_grads(z, codebook, zq, weighted_keys, row_sums, weighted_rows, code_sums, compute_z_grad,
@@ -460,7 +482,8 @@ def soft_quantize_entropy(
     out_dtype = _soft_dtype(z, codebook, values)
     prep = SoftCodebook(codebook, values, metric, out_dtype)
     soft, indices, lse, row_entropy, mean_probs, entropy_lse = torch.ops.fastvq_C.soft_quantize_entropy(
-        *_soft_operands(prep, z), _SOFT_METRIC_IDS[metric], 1.0 / temperature, 1.0 / entropy_temperature, True
+        *_kernel_operands(_soft_operands(prep, z), out_dtype), _SOFT_METRIC_IDS[metric], 1.0 / temperature,
+        1.0 / entropy_temperature, True,
     )
     if z.shape[0]:
         mean_probs /= z.shape[0]
@@ -489,7 +512,8 @@ def soft_quantize_entropy_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_z, grad_codebook, grad_values)`` of the fused op in the work dtype: one pass for the
     entropies' ``<p_n, c>``, then one whose tile of products gives both parts' weights, added."""
-    prep = SoftCodebook(codebook, values, metric, _soft_dtype(z, codebook, values))
+    dtype = _soft_dtype(z, codebook, values)
+    prep = SoftCodebook(codebook, values, metric, dtype)
     work = prep.work_dtype
     value_grad = compute_values_grad if values is not None else compute_codebook_grad
     grad_soft = grad_soft.to(work).contiguous()
@@ -500,9 +524,9 @@ def soft_quantize_entropy_backward(
     row_constant = (grad_entropy * (entropy_lse - row_entropy.to(work))).contiguous()
     operands = _soft_operands(prep, z)
     weighted_keys, row_sums, weighted_rows, code_sums, grad_values = torch.ops.fastvq_C.soft_quantize_entropy_backward(
-        grad_soft, delta, lse.to(work).contiguous(), grad_entropy, code_weights, row_constant, entropy_lse, *operands,
-        _SOFT_METRIC_IDS[metric], 1.0 / temperature, 1.0 / entropy_temperature, compute_z_grad, compute_codebook_grad,
-        value_grad,
+        grad_soft, delta, lse.to(work).contiguous(), grad_entropy, code_weights, row_constant, entropy_lse,
+        *_kernel_operands(operands, dtype), _SOFT_METRIC_IDS[metric], 1.0 / temperature, 1.0 / entropy_temperature,
+        compute_z_grad, compute_codebook_grad, value_grad,
     )
     grad_z, grad_codebook = prep.chained_grads(z, codebook, operands[0], weighted_keys, row_sums, weighted_rows,
                                                code_sums, compute_z_grad, compute_codebook_grad)

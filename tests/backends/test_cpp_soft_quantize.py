@@ -165,3 +165,75 @@ def test_an_unknown_instruction_set_is_rejected(monkeypatch):
     monkeypatch.setenv("FASTVQ_CPU_SEARCH", "sse9")
     with pytest.raises(ValueError, match="FASTVQ_CPU_SEARCH must be auto"):
         fastvq.soft_quantize(torch.randn(4, 3), torch.randn(5, 3))
+
+
+def _bf16_products_run() -> bool:
+    if not HAS_CPP:
+        return False
+    fastvq.backends.cpp.load()
+    return fastvq.backends.cpp._bf16_logit_products()
+
+
+def _bf16_operand_calls(zq, keys, code_term, row_term, values):
+    """Every fastvq_C soft operator, forward and backward, on the given operands (euclidean for soft_quantize,
+    dot for the entropies, l2 for the fused op): the outputs, in one flat list."""
+    generator = torch.Generator().manual_seed(8)
+    rows, codes, value_dim = zq.shape[0], keys.shape[0], values.shape[1]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    ops = torch.ops.fastvq_C
+    soft, indices, lse = ops.soft_quantize(zq, keys, code_term, row_term, values, 2, 1 / 0.7, None, True)
+    outputs = [soft, indices, lse]
+    outputs += ops.soft_quantize_backward(randn(rows, value_dim), randn(rows), lse, zq, keys, code_term, row_term,
+                                        values, 2, 1 / 0.7, True, True, True)
+    entropy, code_sums, entropy_lse = ops.soft_entropy(zq, keys, code_term, row_term, 0, 2.0)
+    outputs += [entropy, code_sums, entropy_lse]
+    outputs += ops.soft_entropy_backward(randn(rows), randn(codes), randn(rows), entropy_lse, zq, keys, code_term,
+                                       row_term, 0, 2.0, True, True)
+    fused = ops.soft_quantize_entropy(zq, keys, code_term, row_term, values, 1, 0.5, 2.0, True)
+    outputs += fused
+    outputs += ops.soft_quantize_entropy_backward(randn(rows, value_dim), randn(rows), fused[2], randn(rows),
+                                                randn(codes), randn(rows), fused[5], zq, keys, code_term, row_term,
+                                                values, 1, 0.5, 2.0, True, True, True)
+    return outputs
+
+
+@pytest.mark.skipif(not _bf16_products_run(), reason="this CPU (or build) has no AVX512-BF16, so the soft kernels "
+                    "widen bf16 operands to fp32 and there is no bf16 kernel to compare")
+def test_bf16_logit_products_match_the_widened_fp32_path(monkeypatch):
+    """bf16 zq and keys: under FASTVQ_CPU_SEARCH=auto the logit products run on vdpbf16ps (exact bf16 products,
+    fp32 accumulation, two dimensions a step, an odd last one padded), under `avx512` on the same values widened
+    to fp32. Only the order of the fp32 additions differs, so every operator's outputs and sums agree to fp32
+    rounding across row and code tiles and ragged blocks (70 rows, 300 codes, D = 37)."""
+    generator = torch.Generator().manual_seed(9)
+    zq = torch.randn(ROWS, DIM, generator=generator).bfloat16()
+    keys = torch.randn(CODES, DIM, generator=generator).bfloat16()
+    code_term, row_term = keys.float().square().sum(1), zq.float().square().sum(1)
+    values = torch.randn(CODES, VALUE_DIM, generator=generator)
+    bf16 = _bf16_operand_calls(zq, keys, code_term, row_term, values)
+    monkeypatch.setenv("FASTVQ_CPU_SEARCH", "avx512")
+    widened = _bf16_operand_calls(zq, keys, code_term, row_term, values)
+    for position, (got, expected) in enumerate(zip(bf16, widened)):
+        if expected.dtype == torch.int64:
+            assert torch.equal(got, expected), position
+        else:
+            assert got.dtype == torch.float32, position
+            scale = float(expected.abs().max()) if expected.numel() else 1.0
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * scale, msg=f"output {position}")
+    # The pairs add in another order: were the bf16 products not taken, the results would be bit-equal.
+    assert not all(torch.equal(got, expected) for got, expected in zip(bf16, widened))
+
+
+def test_bf16_operands_pass_opcheck():
+    """The operators take bf16 zq and keys (the rest in fp32) and return fp32, their fakes too."""
+    fastvq.backends.cpp.load()
+    generator = torch.Generator().manual_seed(6)
+    zq, keys = torch.randn(9, 7, generator=generator).bfloat16(), torch.randn(40, 7, generator=generator).bfloat16()
+    values, code_term, row_term = torch.randn(40, 3, generator=generator), torch.rand(40), torch.rand(9)
+    torch.library.opcheck(torch.ops.fastvq_C.soft_quantize,
+                          (zq, keys, code_term, row_term, values, 1, 0.5, None, True))
+    torch.library.opcheck(torch.ops.fastvq_C.soft_entropy_backward,
+                          (torch.randn(9), torch.randn(40), torch.randn(9), torch.randn(9), zq, keys, code_term,
+                           row_term, 1, 0.5, True, True))
