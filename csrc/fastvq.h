@@ -65,7 +65,8 @@ namespace fastvq {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_quantize_cpu(
     const at::Tensor& z, const at::Tensor& codebooks, int64_t n_q, const c10::optional<at::Tensor>& row_levels,
     bool return_stats);
-// Soft assignments on prepared operands (fastvq/backends/soft_codebook.py), in the work dtype (fp32/fp64);
+// Soft assignments on prepared operands (fastvq/backends/soft_codebook.py), in the work dtype (fp32/fp64; zq and
+// keys may be bf16 with the rest fp32: the logit products then take AVX512-BF16 where the CPU and build have it);
 // metric 0 dot (and cosine), 1 l2, 2 euclidean. (soft [N, Dv], indices int64 [N] or [0], lse [N]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(
     const at::Tensor& zq, const at::Tensor& keys, const at::Tensor& code_term, const at::Tensor& row_term,
