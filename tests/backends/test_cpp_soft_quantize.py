@@ -237,3 +237,53 @@ def test_bf16_operands_pass_opcheck():
     torch.library.opcheck(torch.ops.fastvq_C.soft_entropy_backward,
                           (torch.randn(9), torch.randn(40), torch.randn(9), torch.randn(9), zq, keys, code_term,
                            row_term, 1, 0.5, True, True))
+
+
+def test_soft_ops_run_pytorch_ops_on_one_thread_and_kernels_on_the_callers(monkeypatch):
+    """The soft ops' operand preparation runs on one OpenMP thread (a loaded machine turns each PyTorch
+    region's wake-up into a scheduler slice), the kernel on the caller's count, which is restored afterwards,
+    after an error too."""
+    from fastvq.backends import cpp
+
+    if cpp._openmp_num_threads_setter() is None:
+        pytest.skip("PyTorch's OpenMP runtime was not found: the soft ops run their PyTorch ops as they are")
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+        kernel = torch.ops.fastvq_C.soft_quantize
+
+        def recording_kernel(*args):
+            seen["kernel"] = torch.get_num_threads()
+            return kernel(*args)
+
+        def recording_operands(prep, z):
+            seen["operands"] = torch.get_num_threads()
+            return original_operands(prep, z)
+
+        original_operands = cpp._soft_operands
+        monkeypatch.setattr(cpp, "_soft_operands", recording_operands)
+        monkeypatch.setattr(cpp, "_with_threads", _wrap_with_threads(cpp._with_threads, kernel, recording_kernel))
+        z, codebook = torch.randn(40, 8), torch.randn(24, 8)
+        cpp.soft_quantize(z, codebook, None, "l2", 1.0, None, True)
+        assert seen == {"operands": 1, "kernel": 2}
+        assert torch.get_num_threads() == 2
+
+        def failing_operands(prep, z):
+            raise RuntimeError("operands failed")
+
+        monkeypatch.setattr(cpp, "_soft_operands", failing_operands)
+        with pytest.raises(RuntimeError, match="operands failed"):
+            cpp.soft_quantize(z, codebook, None, "l2", 1.0, None, True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
+
+
+def _wrap_with_threads(with_threads, kernel, replacement):
+    """``cpp._with_threads`` that runs ``replacement`` where it was given ``kernel``."""
+
+    def wrapped(op, *args):
+        return with_threads(replacement if op is kernel else op, *args)
+
+    return wrapped
