@@ -17,7 +17,7 @@
 // - never waits for a helper that has not claimed a chunk: the caller returns as soon as every chunk
 //   is done, so a helper that wakes late finds nothing to do (join-free), and the caller is never
 //   held by a thread the OS has not run yet;
-// - waits for a running chunk by spinning (yielding the core to other runnable threads) for about two of
+// - waits for a running chunk by spinning for about two of
 //   this call's chunk durations, the time a running helper needs to finish one, and only then sleeping on
 //   a condition variable: a caller that slept while its helper finished a 50 us chunk must itself be woken
 //   and rescheduled, which a loaded machine delays by up to a scheduler slice; idle helpers sleep (they
@@ -56,7 +56,6 @@
 #include <vector>
 
 #include <pthread.h>
-#include <sched.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -355,12 +354,13 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t spin_ns =
       std::clamp<int64_t>(2 * (ran_out - start) / std::max<int64_t>(caller_chunks, 1), kMinSpinNs, kMaxSpinNs);
   while (loop->done_chunks.load(std::memory_order_acquire) < loop->num_chunks && now_ns() - ran_out < spin_ns) {
+    // No sched_yield(): on a loaded machine it hands the core to whichever thread waits, a busy competitor
+    // included, for its whole slice (and the switch counts as a preemption of this thread).
     for (int pause = 0; pause < 64; ++pause) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
     }
-    sched_yield();  // a runnable helper waiting for this core gets it
   }
   {
     std::unique_lock<std::mutex> lock(loop->mutex);

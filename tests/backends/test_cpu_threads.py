@@ -152,7 +152,8 @@ def _all_ops(z, codebook):
     dot_indices, dot_distances = fastvq.nearest_code(z[:517], codebook, metric="cosine")
     counts, sums = fastvq.segment_reduce(z, indices, codebook.shape[0])
     batched = fastvq.nearest_code_batched(z[:2_000].reshape(4, 500, -1), codebook[:1_500].reshape(4, 375, -1))
-    return (indices, distances, top_indices, top_distances, dot_indices, dot_distances, counts, sums, *batched)
+    soft = fastvq.soft_quantize(z[:517], codebook, temperature=0.7)
+    return (indices, distances, top_indices, top_distances, dot_indices, dot_distances, counts, sums, *batched, *soft)
 
 
 def test_ops_give_the_same_bits_on_one_and_two_threads(threads):
