@@ -56,8 +56,9 @@ std::tuple<at::Tensor, at::Tensor> parallel_for_coverage(int64_t begin, int64_t 
 }
 
 // (the stall cost the back-off weighs a cautious call's remaining work against, in ns; the ns left of the
-// window after the last stall, 0 where none is running; calls are also cautious while no CPU is free): what the back-off has learnt. `reset` first forgets
-// every stall, as a new process would, so that a test starts from the quiet state.
+// window after the last stall, 0 where none is running; calls are also cautious while no CPU is free): what the
+// back-off has learnt. `reset` first forgets every stall, as a new process would, so that a test starts from the
+// quiet state.
 std::tuple<int64_t, int64_t> parallel_for_backoff_state(bool reset) {
   using namespace parallel_detail;
   if (reset) {

@@ -27,8 +27,9 @@
 //   kernel counts as many runnable threads as CPUs (a helper would then take turns with them, and the caller
 //   be preempted for a slice at a time). Such a cautious call runs its first chunk on the caller alone and
 //   posts helpers only where that chunk's time says the rest of its work exceeds the stall cost: then a
-//   stall can at most about double it (the caller does the rest meanwhile). So a search of tens of ms keeps both threads, and a
-//   call that takes less than a stall runs on the caller and never waits on a descheduled helper.
+//   stall can at most about double it (the caller does the rest meanwhile). So a search of tens of ms keeps
+//   both threads, and a call that takes less than a stall runs on the caller and never waits on a
+//   descheduled helper.
 // The body sees the chunks as at::parallel_for's body sees its shares: any number of calls per thread,
 // each on a disjoint [chunk_begin, chunk_end), every index exactly once. A body must not depend on
 // which thread runs it (at::get_thread_num() is 0 in a helper): results are then the same for every
