@@ -1,7 +1,8 @@
 // torch.ops.fastvq_C.parallel_for_coverage: fastvq::parallel_for (parallel.h) run on a counting body,
 // so that tests/backends/test_cpu_threads.py can check what every kernel relies on: each index of the
 // range is visited exactly once, in chunks of at least `grain` indices (the last may be shorter), an
-// exception thrown by a body reaches the caller, and a helper stalled mid-chunk makes small loops back off.
+// exception thrown by a body reaches the caller, and a helper stalled mid-chunk makes small loops back off;
+// torch.ops.fastvq_C.parallel_for_backoff_state: what the back-off has learnt (and a reset for the tests).
 #include "parallel.h"
 
 #include <ATen/ATen.h>
@@ -54,10 +55,25 @@ std::tuple<at::Tensor, at::Tensor> parallel_for_coverage(int64_t begin, int64_t 
   return {visit_counts, chunk_table};
 }
 
+// (the stall cost the back-off weighs a cautious call's remaining work against, in ns; the ns left of the
+// window after the last stall, 0 where none is running; calls are also cautious while no CPU is free): what the
+// back-off has learnt. `reset` first forgets every stall, as a new process would, so that a test starts from the
+// quiet state.
+std::tuple<int64_t, int64_t> parallel_for_backoff_state(bool reset) {
+  using namespace parallel_detail;
+  if (reset) {
+    backoff_until_ns().store(0, std::memory_order_relaxed);
+    stall_cost_ns().store(kDefaultStallCostNs, std::memory_order_relaxed);
+  }
+  const int64_t until = backoff_until_ns().load(std::memory_order_relaxed);
+  return {stall_cost_ns().load(std::memory_order_relaxed), until == 0 ? 0 : std::max<int64_t>(0, until - now_ns())};
+}
+
 }  // namespace
 }  // namespace fastvq
 
 TORCH_LIBRARY_FRAGMENT(fastvq_C, m) {
   m.def("parallel_for_coverage(int begin, int end, int grain, int spin, int throw_at, int helper_sleep_us) -> "
         "(Tensor, Tensor)", &fastvq::parallel_for_coverage);
+  m.def("parallel_for_backoff_state(bool reset) -> (int, int)", &fastvq::parallel_for_backoff_state);
 }

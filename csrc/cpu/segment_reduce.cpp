@@ -26,10 +26,14 @@ void segment_sum(const at::Tensor& values, const at::Tensor& indices, int64_t nu
   const int64_t row_stride = values.stride(0), col_stride = values.stride(1), index_stride = indices.stride(0);
   const value_t* value_data = values.data_ptr<value_t>();
   const index_t* index_data = indices.data_ptr<index_t>();
-  // Code ranges of two chunks per thread (every chunk scans all the indices once); below kParallelWork
-  // additions one thread does it all.
-  const int64_t grain =
-      num_rows * dim < kParallelWork ? num_codes : std::max<int64_t>(1, num_codes / (2 * fastvq::num_threads()));
+  // Code ranges: two per thread, but every range scans all N indices again (a load, two compares and a
+  // branch that a random code often mispredicts), so no more ranges than dim / 4, which keeps each range's
+  // additions (N dim / ranges) at least four per index it scans; below kParallelWork additions, or with
+  // dim < 8, one range (the caller alone).
+  const int64_t ranges = num_rows * dim < kParallelWork
+                             ? 1
+                             : std::clamp<int64_t>(dim / 4, 1, 2 * static_cast<int64_t>(fastvq::num_threads()));
+  const int64_t grain = std::max<int64_t>(1, (num_codes + ranges - 1) / ranges);
   fastvq::parallel_for(0, num_codes, grain, [&](int64_t code_begin, int64_t code_end) {
     for (int64_t row = 0; row < num_rows; ++row) {
       const int64_t code = static_cast<int64_t>(index_data[row * index_stride]);

@@ -3,9 +3,9 @@ from a counter by the caller and a pool of helpers, no join barrier, nothing spi
 
 What the kernels rely on: every index of the range is visited exactly once, whatever the range, grain and
 thread count; chunks hold at least ``grain`` indices; a body's exception reaches the caller; a helper that
-stalls mid-chunk makes small loops stay on the caller for a while; a fork's child still computes (its pool
-is new); and the ops give the same bits on one thread and on two, since no kernel's result may depend on
-which thread ran which chunk. No timing is asserted here:
+stalls mid-chunk makes loops that take less than a stall stay on the caller for a while, and only those; a
+fork's child still computes (its pool is new); and the ops give the same bits on one thread and on two, since
+no kernel's result may depend on which thread ran which chunk. No timing is asserted here:
 ``benchmarks/bench_loaded.py`` measures the behaviour under load.
 """
 
@@ -80,25 +80,64 @@ def test_exception_in_a_body_reaches_the_caller_and_the_pool_stays_usable(thread
     assert torch.equal(visits, torch.ones_like(visits))
 
 
+def backoff_state(reset: bool = False) -> tuple[int, int]:
+    """(stall cost in ns, ns left of the cautious window); ``reset`` first forgets every stall."""
+    return torch.ops.fastvq_C.parallel_for_backoff_state(reset)
+
+
+def stall_a_helper() -> None:
+    """Runs loops whose helper sleeps 30 ms in its chunk, so that the caller waits on it (a stall), until a
+    helper claimed a chunk; skips the test where none did in 20 calls (a very loaded machine). Each loop is
+    ~10 ms of work: above the default stall cost (4 ms), so that it posts helpers on a busy machine too."""
+    for _ in range(20):
+        visits, chunks = coverage(0, 64, 1, spin=200_000, helper_sleep_us=30_000)
+        assert torch.equal(visits, torch.ones_like(visits))
+        if chunks[:, 2].any():
+            return
+    pytest.skip("no helper claimed a chunk in 20 calls (a very loaded machine): no stall to back off from")
+
+
 def test_a_stalled_helper_keeps_small_loops_on_the_caller_for_a_while(threads, monkeypatch):
     threads(2)
     monkeypatch.setenv("FASTVQ_CPU_BACKOFF", "1")
-    # A helper that sleeps 50 ms in its chunk while the caller has little to do: the caller waits on it.
-    for _ in range(20):
-        visits, chunks = coverage(0, 64, 1, spin=20_000, helper_sleep_us=50_000)
+    assert backoff_state(reset=True) == (4_000_000, 0)  # no stall seen: the default cost, no window
+    stall_a_helper()
+    stall_cost, cautious_ns = backoff_state()
+    # The stall's wait (~30 ms, the helper's sleep) is remembered, capped at 20 ms, for at least ~2 s.
+    assert 500_000 <= stall_cost <= 20_000_000 and cautious_ns > 1_000_000_000, (stall_cost, cautious_ns)
+    # A loop that takes far less than a stall now runs on the caller alone: its first chunk, then the rest in
+    # one call, although it has 64 grains.
+    _, small = coverage(0, 64, 1, spin=1_000)
+    assert not small[:, 2].any() and small.shape[0] <= 2, small.tolist()
+    monkeypatch.setenv("FASTVQ_CPU_BACKOFF", "0")
+    _, small = coverage(0, 64, 1, spin=1_000)
+    assert small.shape[0] > 2, "FASTVQ_CPU_BACKOFF=0 turns the back-off off"
+    backoff_state(reset=True)
+
+
+def test_after_a_stall_a_loop_with_more_work_than_a_stall_keeps_its_helpers(threads, monkeypatch):
+    # The back-off weighs time, not grains: 64 grains that take several stalls' time still use both threads
+    # (a back-off by count kept every loop under 512 grains on the caller alone).
+    threads(2)
+    monkeypatch.setenv("FASTVQ_CPU_BACKOFF", "1")
+    backoff_state(reset=True)
+    spin, step_times = 2_000, []
+    for _ in range(3):  # one grain: on the caller alone, to time a step (the fastest of three: least preempted)
+        start = time.perf_counter()
+        coverage(0, 64, 64, spin=spin)
+        step_times.append((time.perf_counter() - start) / (64 * spin))
+    seconds_per_step = min(step_times)
+    stall_a_helper()
+    stall_cost, _ = backoff_state()
+    spin = int(4 * stall_cost * 1e-9 / seconds_per_step / 64)  # ~4 stalls of work in all
+    for _ in range(3):  # a helper that the machine did not run for all that time claims nothing
+        visits, chunks = coverage(0, 64, 1, spin=spin)
         assert torch.equal(visits, torch.ones_like(visits))
         if chunks[:, 2].any():
             break
     else:
-        pytest.skip("no helper claimed a chunk in 20 calls (a very loaded machine): no stall to back off from")
-    # For the next 2 s a loop below 512 grains runs on the caller alone; a larger one still uses the helpers.
-    _, small = coverage(0, 64, 1, spin=1_000)
-    assert small[:, :2].tolist() == [[0, 64]]
-    _, large = coverage(0, 4_096, 1, spin=10)
-    assert large.shape[0] > 1
-    monkeypatch.setenv("FASTVQ_CPU_BACKOFF", "0")
-    _, small = coverage(0, 64, 1, spin=1_000)
-    assert small.shape[0] > 1, "FASTVQ_CPU_BACKOFF=0 turns the back-off off"
+        pytest.fail(f"a loop of ~{4 * stall_cost / 1e6:.0f} ms ran on the caller alone after a stall, three times")
+    backoff_state(reset=True)
 
 
 def _search_inputs(num_rows=3_001, num_codes=1_503, dim=37, seed=0):
@@ -113,7 +152,8 @@ def _all_ops(z, codebook):
     dot_indices, dot_distances = fastvq.nearest_code(z[:517], codebook, metric="cosine")
     counts, sums = fastvq.segment_reduce(z, indices, codebook.shape[0])
     batched = fastvq.nearest_code_batched(z[:2_000].reshape(4, 500, -1), codebook[:1_500].reshape(4, 375, -1))
-    return (indices, distances, top_indices, top_distances, dot_indices, dot_distances, counts, sums, *batched)
+    soft = fastvq.soft_quantize(z[:517], codebook, temperature=0.7)
+    return (indices, distances, top_indices, top_distances, dot_indices, dot_distances, counts, sums, *batched, *soft)
 
 
 def test_ops_give_the_same_bits_on_one_and_two_threads(threads):
