@@ -68,6 +68,15 @@ const char* kernel_name(Kernel kernel) {
   return "";
 }
 
+// Panels per call from which the AVX-512 fp32 kernel keeps one running minimum per row (argmin_scores)
+// rather than 16 lanes per row (fold_scores). Its compare per row and panel is cheaper than the lanes'
+// compares, blends, loads and stores, but each panel that lowers a row's best (about ln(panels) + 1 of them)
+// costs a mispredicted branch and a scalar pass. Measured per call (one thread, Zen 4, D = 64, CPU time on a
+// loaded machine): at K = 1 024 (32 panels) 22.8 ms against 20.9 ms with the lanes; against the lanes of the
+// build before it, 159-160 ms against 161-164 at K = 8 192 (N = 16 384) and 320 against 327-331 at K = 65 536
+// (N = 4 096).
+constexpr int64_t kArgminMinPanels = 256;
+
 // How a search is cut into work items: blocks of rows times segments of codes. With enough row
 // blocks every item is a whole block against the whole codebook. With too few to keep every thread
 // busy (small N, large K) the codebook is split as well, each item folds its segment into a
@@ -86,14 +95,25 @@ struct Partition {
 // (the row tile's packing, the lanes' merge) stay small against the scoring.
 constexpr int64_t kItemsPerThread = 16;
 constexpr int64_t kMinSegmentCodes = 1024;
+// On several threads an item holds at most about this many multiply-adds (0.15 ms on a Zen 4 core), the
+// codebook split further where a block of rows against the whole codebook holds more. fastvq::parallel_for
+// (parallel.h) counts a loop's size in grains, and after a stall backs loops of fewer than 512 grains off to
+// the calling thread; a search's grain is one item when items are large, so without the cap a search of
+// 4 096 rows against 65 536 codes (37 items of 0.47 G multiply-adds, 17 G in all) counted as small and ran
+// on one thread. With the cap, only searches below 512 x 2^24 multiply-adds (8.6 G, about 75 ms on one
+// core) do. The per-item cost (the lanes' merge, the partials) stays below 1 % of an item.
+constexpr int64_t kMaxItemWork = int64_t{1} << 24;
 
-Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes, int64_t num_problems) {
+Partition partition(const TileShape& tile, int64_t num_rows, int64_t num_codes, int64_t dim, int64_t num_problems) {
   const int64_t blocks = (num_rows + tile.rows - 1) / tile.rows;
   const int64_t all_blocks = blocks * num_problems;
   const int64_t wanted = kItemsPerThread * fastvq::num_threads();
+  const int64_t most_segments = std::max<int64_t>(1, num_codes / kMinSegmentCodes);
   int64_t segments = 1;
-  if (all_blocks < wanted) {
-    segments = std::min((wanted + all_blocks - 1) / all_blocks, std::max<int64_t>(1, num_codes / kMinSegmentCodes));
+  if (all_blocks < wanted) segments = std::min((wanted + all_blocks - 1) / all_blocks, most_segments);
+  if (fastvq::num_threads() > 1) {
+    const int64_t block_work = tile.rows * num_codes * dim;
+    segments = std::max(segments, std::min((block_work + kMaxItemWork - 1) / kMaxItemWork, most_segments));
   }
   const int64_t unit = tile.codes;
   const int64_t segment_codes = ((num_codes + segments - 1) / segments + unit - 1) / unit * unit;
@@ -189,17 +209,17 @@ struct Lanes<double> {
 };
 
 // Merges a row's lanes by value, ties to the lower index, and lets the winner replace the running
-// (best, best_index) only if strictly better.
+// (best, best_index) only if strictly better. Lanes are never NaN (they take a score only if it is
+// below theirs), so the lowest value, then the lowest index among the lanes equal to it, is the lanes'
+// ordered minimum; both passes are branch-free, which the compiler vectorises.
 template <typename acc_t, typename Index>
 inline void fold_lanes(const acc_t* lane_best, const Index* lane_index, int64_t code_start, acc_t& best,
                        int64_t& best_index) {
   acc_t tile_best = lane_best[0];
-  Index tile_index = lane_index[0];
-  for (int64_t j = 1; j < kLanes; ++j) {
-    if (lane_best[j] < tile_best || (lane_best[j] == tile_best && lane_index[j] < tile_index)) {
-      tile_best = lane_best[j];
-      tile_index = lane_index[j];
-    }
+  for (int64_t j = 1; j < kLanes; ++j) tile_best = lane_best[j] < tile_best ? lane_best[j] : tile_best;
+  Index tile_index = std::numeric_limits<Index>::max();
+  for (int64_t j = 0; j < kLanes; ++j) {
+    tile_index = lane_best[j] == tile_best && lane_index[j] < tile_index ? lane_index[j] : tile_index;
   }
   if (tile_best < best) {
     best = tile_best;
@@ -261,6 +281,8 @@ struct Scratch {
   at::Tensor scores;  // BLAS: [rows * codes]
   std::vector<float> lane_best;
   std::vector<int32_t> lane_index;
+  std::vector<float> row_best;  // the AVX-512 fp32 kernel's running minimum per row (argmin_scores)
+  std::vector<int32_t> row_index;
   std::vector<acc_t> best;
   std::vector<int64_t> best_index;
   int64_t packed_block = -1;  // the block whose rows z_tile holds
@@ -291,7 +313,7 @@ void search(const std::vector<Problem<acc_t>>& problems) {
   const DirectShape shape = direct_shape(kernel);
   const Partition part = partition(direct ? direct_tile_shape(num_rows, shape)
                                           : tile_shape(num_rows, num_codes, dim, sizeof(acc_t)),
-                                   num_rows, num_codes, num_problems);
+                                   num_rows, num_codes, dim, num_problems);
   const TileShape tile = part.tile;
   const int64_t items_per_problem = part.blocks * part.segments;
   const int64_t num_items = num_problems * items_per_problem;
@@ -305,13 +327,18 @@ void search(const std::vector<Problem<acc_t>>& problems) {
   const auto options = first.codebook_acc.options();
   const int64_t tile_width = bf16 ? 2 * first.prepared.dim_pairs : dim;
 
-  auto finish_row = [&](const Problem<acc_t>& problem, int64_t row, int64_t best_index) {
-    const z_t* z_row = problem.z.template data_ptr<z_t>() + row * problem.z.stride(0);
-    const int64_t col_stride = problem.z.stride(1);
-    if (metric == Metric::Cosine && !row_is_finite(z_row, col_stride, dim)) best_index = 0;
-    problem.indices[row] = best_index;
-    problem.distances[row] = true_distance<acc_t, z_t>(
-        z_row, col_stride, problem.codebook_acc.template data_ptr<acc_t>() + best_index * dim, dim, metric);
+  // Writes rows [row_start, row_start + rows) of a problem: their codes and their true distances.
+  auto finish_rows = [&](const Problem<acc_t>& problem, int64_t row_start, int64_t rows, const int64_t* best_index) {
+    const z_t* z_data = problem.z.template data_ptr<z_t>();
+    const int64_t row_stride = problem.z.stride(0), col_stride = problem.z.stride(1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = row_start + r;
+      const bool nan_row = metric == Metric::Cosine && !row_is_finite(z_data + row * row_stride, col_stride, dim);
+      problem.indices[row] = nan_row ? 0 : best_index[r];
+    }
+    true_distances<acc_t, z_t>(z_data + row_start * row_stride, row_stride, col_stride,
+                               problem.codebook_acc.template data_ptr<acc_t>(), dim, metric,
+                               problem.indices + row_start, rows, problem.distances + row_start);
   };
 
   auto pack_rows = [&](const Problem<acc_t>& problem, Scratch<acc_t>& scratch, int64_t row_start, int64_t rows) {
@@ -339,9 +366,24 @@ void search(const std::vector<Problem<acc_t>>& problems) {
         const int64_t width = shape.panel_codes;
         const int64_t padded = (rows + shape.tile_rows - 1) / shape.tile_rows * shape.tile_rows;
         const int64_t first_panel = code_start / width, panels = (count + width - 1) / width;
+        const float* panel_bias = prepared.bias.template data_ptr<float>() + first_panel * width;
+        if (kernel == Kernel::Avx512 && panels >= kArgminMinPanels) {
+          // One running minimum per row, no lanes to merge (search_isa.h's argmin_scores).
+          std::fill(scratch.row_best.begin(), scratch.row_best.end(), std::numeric_limits<float>::infinity());
+          std::fill(scratch.row_index.begin(), scratch.row_index.end(), -1);
+          avx512::argmin_scores(scratch.z_tile.template data_ptr<float>(), padded, dim,
+                                prepared.codes.template data_ptr<float>() + first_panel * dim * width, panel_bias,
+                                panels, metric == Metric::L2 ? -2.0f : -1.0f, scratch.row_best.data(),
+                                scratch.row_index.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            if (scratch.row_index[r] < 0 || !(scratch.row_best[r] < scratch.best[r])) continue;
+            scratch.best[r] = scratch.row_best[r];
+            scratch.best_index[r] = code_start + scratch.row_index[r];
+          }
+          return;
+        }
         std::fill(scratch.lane_best.begin(), scratch.lane_best.end(), std::numeric_limits<float>::infinity());
         std::fill(scratch.lane_index.begin(), scratch.lane_index.end(), 0);
-        const float* panel_bias = prepared.bias.template data_ptr<float>() + first_panel * width;
         if (bf16) {
           avx512::fold_scores_bf16(
               reinterpret_cast<const uint16_t*>(scratch.z_tile.template data_ptr<int16_t>()), padded,
@@ -351,16 +393,10 @@ void search(const std::vector<Problem<acc_t>>& problems) {
               panel_bias, prepared.scale.template data_ptr<float>() + first_panel * width, panels,
               scratch.lane_best.data(), scratch.lane_index.data());
         } else {
-          const float scale = metric == Metric::L2 ? -2.0f : -1.0f;
-          const float* panel_codes = prepared.codes.template data_ptr<float>() + first_panel * dim * width;
-          const float* z_tile = scratch.z_tile.template data_ptr<float>();
-          if (kernel == Kernel::Avx512) {
-            avx512::fold_scores(z_tile, padded, dim, panel_codes, panel_bias, panels, scale,
-                                scratch.lane_best.data(), scratch.lane_index.data());
-          } else {
-            avx2::fold_scores(z_tile, padded, dim, panel_codes, panel_bias, panels, scale, scratch.lane_best.data(),
-                              scratch.lane_index.data());
-          }
+          const auto fold = kernel == Kernel::Avx512 ? avx512::fold_scores : avx2::fold_scores;
+          fold(scratch.z_tile.template data_ptr<float>(), padded, dim,
+               prepared.codes.template data_ptr<float>() + first_panel * dim * width, panel_bias, panels,
+               metric == Metric::L2 ? -2.0f : -1.0f, scratch.lane_best.data(), scratch.lane_index.data());
         }
         for (int64_t r = 0; r < rows; ++r) {
           fold_lanes(scratch.lane_best.data() + r * kLanes, scratch.lane_index.data() + r * kLanes, code_start,
@@ -390,6 +426,8 @@ void search(const std::vector<Problem<acc_t>>& problems) {
                           : at::zeros({tile.rows, dim}, options);
     if (!direct) scratch.scores = at::empty({tile.rows * tile.codes}, options);
     scratch.lane_best.resize(direct ? tile.rows * kLanes : 0);
+    scratch.row_best.resize(kernel == Kernel::Avx512 ? tile.rows : 0);
+    scratch.row_index.resize(scratch.row_best.size());
     scratch.lane_index.resize(scratch.lane_best.size());
     scratch.best.resize(tile.rows);
     scratch.best_index.resize(tile.rows);
@@ -407,33 +445,41 @@ void search(const std::vector<Problem<acc_t>>& problems) {
       std::fill(scratch.best.begin(), scratch.best.begin() + rows, std::numeric_limits<acc_t>::infinity());
       std::fill(scratch.best_index.begin(), scratch.best_index.begin() + rows, 0);
       fold_segment(problem.prepared, scratch, rows, code_start, std::min(part.segment_codes, num_codes - code_start));
+      if (!split) {
+        finish_rows(problem, row_start, rows, scratch.best_index.data());
+        continue;
+      }
       for (int64_t r = 0; r < rows; ++r) {
-        if (split) {
-          const int64_t slot = segment * all_rows + index * num_rows + row_start + r;
-          partial_best[slot] = scratch.best[r];
-          partial_index[slot] = scratch.best_index[r];
-        } else {
-          finish_row(problem, row_start + r, scratch.best_index[r]);
-        }
+        const int64_t slot = segment * all_rows + index * num_rows + row_start + r;
+        partial_best[slot] = scratch.best[r];
+        partial_index[slot] = scratch.best_index[r];
       }
     }
   });
   if (!split) return;
   // Segments in code order and strictly better only: the lowest index wins ties, a NaN never wins.
   fastvq::parallel_for(0, all_rows, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(dim, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t slot = begin; slot < end; ++slot) {
-                       acc_t best = std::numeric_limits<acc_t>::infinity();
-                       int64_t best_index = 0;
-                       for (int64_t segment = 0; segment < part.segments; ++segment) {
-                         if (partial_best[segment * all_rows + slot] < best) {
-                           best = partial_best[segment * all_rows + slot];
-                           best_index = partial_index[segment * all_rows + slot];
+                       [&](int64_t begin, int64_t end) {
+                         std::vector<int64_t> merged(end - begin);
+                         for (int64_t slot = begin; slot < end; ++slot) {
+                           acc_t best = std::numeric_limits<acc_t>::infinity();
+                           int64_t best_index = 0;
+                           for (int64_t segment = 0; segment < part.segments; ++segment) {
+                             if (partial_best[segment * all_rows + slot] < best) {
+                               best = partial_best[segment * all_rows + slot];
+                               best_index = partial_index[segment * all_rows + slot];
+                             }
+                           }
+                           merged[slot - begin] = best_index;
                          }
-                       }
-                       finish_row(problems[slot / num_rows], slot % num_rows, best_index);
-                     }
-                   });
+                         // The chunk's rows, problem by problem.
+                         for (int64_t slot = begin; slot < end;) {
+                           const int64_t problem = slot / num_rows, row = slot % num_rows;
+                           const int64_t rows = std::min(end - slot, num_rows - row);
+                           finish_rows(problems[problem], row, rows, merged.data() + (slot - begin));
+                           slot += rows;
+                         }
+                       });
 }
 
 template <typename acc_t, typename z_t>

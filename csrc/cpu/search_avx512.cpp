@@ -63,6 +63,39 @@ struct LaneFold {
   }
 };
 
+// ... or each row's one running (best score, first code reaching it), for the nearest-code search: one
+// compare of the panel's 32 scores with the row's best, and only in a panel holding a lower score (about
+// ln(K / 32) + 1 panels per row) a scalar pass over the survivors, inline: a call there would make the
+// compiler spill the tile's live accumulators around it.
+struct RowArgminFold {
+  float* row_best;
+  int32_t* row_index;
+
+  FASTVQ_TARGET("avx512f")
+  inline void operator()(int r, __m512 low, __m512 high, int64_t panel) const {
+    const __m512 threshold = _mm512_set1_ps(row_best[r]);
+    uint32_t below = static_cast<uint32_t>(_mm512_cmp_ps_mask(low, threshold, _CMP_LT_OQ)) |
+                     static_cast<uint32_t>(_mm512_cmp_ps_mask(high, threshold, _CMP_LT_OQ)) << 16;
+    if (__builtin_expect(below == 0, 1)) return;
+    alignas(64) float scores[kPanelCodes];
+    _mm512_store_ps(scores, low);
+    _mm512_store_ps(scores + 16, high);
+    // Survivors in code order, strictly lower only: the first of equal scores stays (NaN never survived).
+    float best = row_best[r];
+    int32_t index = row_index[r];
+    while (below != 0) {
+      const int j = lowest_set_bit(below);
+      below &= below - 1;
+      if (scores[j] < best) {
+        best = scores[j];
+        index = static_cast<int32_t>(panel * kPanelCodes) + j;
+      }
+    }
+    row_best[r] = best;
+    row_index[r] = index;
+  }
+};
+
 // A row's rare panel with a score below its k-th best, out of line so that the fourteen rows' common
 // case (one compare, no survivor) stays small in the unrolled tile.
 __attribute__((noinline)) void offer_survivors(float* row_best, int32_t* row_index, int64_t k, const float* scores,
@@ -260,6 +293,15 @@ void fold_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float
   });
 }
 
+void argmin_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float* panels, const float* bias,
+                   int64_t num_panels, float scale, float* row_best, int32_t* row_index) {
+  const int64_t panel_bytes = dim * kPanelCodes * static_cast<int64_t>(sizeof(float));
+  for_each_block(num_panels, panel_bytes, num_rows, kTileRows, [&](int64_t first, int64_t count, int64_t row) {
+    fold_tile(z_tile + row * dim, dim, panels, bias, first, count, scale,
+              RowArgminFold{row_best + row, row_index + row});
+  });
+}
+
 void topk_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float* panels, const float* bias,
                  int64_t num_panels, float scale, int64_t k, float* best, int32_t* index) {
   const int64_t panel_bytes = dim * kPanelCodes * static_cast<int64_t>(sizeof(float));
@@ -284,6 +326,7 @@ bool available() { return false; }
 bool bf16_available() { return false; }
 
 void fold_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, float*, int32_t*) {}
+void argmin_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, float*, int32_t*) {}
 void fold_scores_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, const float*, const float*, int64_t,
                       float*, int32_t*) {}
 void topk_scores(const float*, int64_t, int64_t, const float*, const float*, int64_t, float, int64_t, float*, int32_t*) {}

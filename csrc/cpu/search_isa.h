@@ -54,6 +54,14 @@ constexpr int64_t kLanes = 16;
 
 FASTVQ_DIRECT_SEARCH_ENTRY_POINTS
 
+// fold_scores' scores folded into one running (best score, first code reaching it) per row instead of
+// lanes: row_best[r] / row_index[r] change only for a score strictly below row_best[r] (NaN never), to
+// the lowest such score and the first code reaching it, codes numbered from the first code of `panels`.
+// Started from (+inf, -1), a row ends with its lowest score and the lowest code with that score, or
+// (+inf, -1) where no score is below +inf: the lanes of fold_scores merged by value, ties to the lower code.
+void argmin_scores(const float* z_tile, int64_t num_rows, int64_t dim, const float* panels, const float* bias,
+                   int64_t num_panels, float scale, float* row_best, int32_t* row_index);
+
 // Whether the CPU runs AVX512-BF16 as well.
 bool bf16_available();
 

@@ -55,12 +55,12 @@ struct Candidate {
   int64_t code;
 };
 
-// The l2 true distances of a row to its listed codes, as true_distance sums them (z - e and its square
-// in double, exact for float inputs) but in eight interleaved partial sums over the dimensions, which
-// the compiler puts in vector registers: one code's sum in order is a chain of D dependent additions,
-// and summed that way the k codes of every row took a tenth of the top-k search at D = 64, k = 8. The
-// order differs from true_distance's, so a distance may differ from the search's in the last bit of
-// the double sum (within the contract's accuracy by far); it is the same from run to run.
+// The l2 true distances of a row to its listed codes, summed as search_common.h's l2_true_distance sums
+// them (z - e and its square in double, exact for float inputs, in eight interleaved partial sums over the
+// dimensions, which the compiler puts in vector registers), with the row's values converted once: the
+// first listed code's distance has the nearest-code search's bits. One code's sum in order is a chain of D
+// dependent additions, and summed that way the k codes of every row took a tenth of the top-k search at
+// D = 64, k = 8.
 template <typename acc_t, typename z_t>
 void l2_true_distances(const z_t* z_row, int64_t z_stride, const acc_t* originals, int64_t dim,
                        std::vector<Candidate<acc_t>>& candidates, std::vector<double>& z_values) {

@@ -77,8 +77,10 @@ void check(Which which, const Case& c, uint32_t seed) {
   std::vector<float> z(rows * c.dim), codes(c.codes * c.dim), bias(panels * width), scale(panels * width);
   for (auto& v : z) v = value();
   for (auto& v : codes) v = value();
-  // Duplicates: code 1 repeats in the last code, code 2 in the next panel (same lane) where there is one.
+  // Duplicates: code 1 repeats in the last code and in code 3 (the same panel, another lane), code 2 in the next
+  // panel (same lane) where there is one.
   if (c.codes > 3) std::memcpy(&codes[(c.codes - 1) * c.dim], &codes[1 * c.dim], c.dim * sizeof(float));
+  if (c.codes > 5) std::memcpy(&codes[3 * c.dim], &codes[1 * c.dim], c.dim * sizeof(float));
   if (c.codes > width + 2) std::memcpy(&codes[(width + 2) * c.dim], &codes[2 * c.dim], c.dim * sizeof(float));
   const int64_t nan_code = c.codes > 5 ? 4 : -1;
   if (nan_code >= 0) codes[nan_code * c.dim] = std::numeric_limits<float>::quiet_NaN();
@@ -100,6 +102,9 @@ void check(Which which, const Case& c, uint32_t seed) {
   }
   std::vector<float> lane_best(rows * kLanes, std::numeric_limits<float>::infinity());
   std::vector<int32_t> lane_index(rows * kLanes, 0);
+  // The AVX-512 fp32 kernel's one running minimum per row (argmin_scores), checked against the lanes.
+  std::vector<float> row_best(rows, std::numeric_limits<float>::infinity());
+  std::vector<int32_t> row_index(rows, -1);
   std::vector<float> panel_store, z_store;
   std::vector<uint16_t> panel_bf16_store, z_bf16_store;
   if (which == Which::Avx512Bf16) {
@@ -121,6 +126,10 @@ void check(Which which, const Case& c, uint32_t seed) {
       for (int64_t d = 0; d < c.dim; ++d) packed[((k / width) * c.dim + d) * width + k % width] = codes[k * c.dim + d];
     auto fold = which == Which::Avx2 ? fastvq::avx2::fold_scores : fastvq::avx512::fold_scores;
     fold(z_tile, rows, c.dim, packed, bias.data(), panels, -2.0f, lane_best.data(), lane_index.data());
+    if (which == Which::Avx512) {
+      fastvq::avx512::argmin_scores(z_tile, rows, c.dim, packed, bias.data(), panels, -2.0f, row_best.data(),
+                                    row_index.data());
+    }
   }
   for (int64_t r = 0; r < c.rows; ++r) {
     // The lanes merged by value, ties to the lower code.
@@ -134,6 +143,10 @@ void check(Which which, const Case& c, uint32_t seed) {
         index = i;
       }
     }
+    // argmin_scores must give the merged lanes' code and score exactly; (+inf, -1) where no score is finite.
+    const bool argmin_differs =
+        which == Which::Avx512 &&
+        ((row_index[r] < 0 ? 0 : row_index[r]) != index || std::memcmp(&row_best[r], &best, sizeof(float)) != 0);
     std::vector<double> exact(c.codes);
     double lowest = std::numeric_limits<double>::infinity(), second = lowest, magnitude = 0;
     int64_t lowest_index = 0, finite = 0;
@@ -154,7 +167,9 @@ void check(Which which, const Case& c, uint32_t seed) {
     }
     const double tolerance = 1e-5 * (finite > 0 ? magnitude / finite : 1.0) + 1e-30;
     std::string problem;
-    if (r == nan_row) {
+    if (argmin_differs) {
+      problem = "argmin_scores differs from the merged lanes (code " + std::to_string(row_index[r]) + ")";
+    } else if (r == nan_row) {
       if (!(index == 0 && std::isinf(best))) problem = "the all-NaN row must keep code 0 and +inf";
     } else if (index < 0 || index >= c.codes) {
       problem = "index out of range";
