@@ -8,7 +8,10 @@ convolutions, one per row group, each over the window of the zero-padded input t
         + conv2d(x_pad[rows R .. R + H_out - 1, cols 0 .. W_out + P - 2], weight[:, :, R:R+1, :P])
 
 with ``R`` full rows and ``P`` taps of row ``R``. No masked tap is multiplied (a 7 x 7 type-B
-kernel costs 25 taps, not 49), and the weight is only sliced, never masked or modified.
+kernel costs 25 taps, not 49), and the weight is only sliced, never masked or modified. On more than
+one thread the row ``R`` joins the full rows instead (one convolution over ``R + 1`` rows whose weight
+copy has the ``K - P`` masked taps zeroed, 28 taps at 7 x 7): fewer fork/joins of the thread pool per
+chunk for a few more taps (see ``_windows``).
 
 Memory: each group's window is its own zero-padded copy of the input (its paddings are one-sided,
 which ``conv2d``'s symmetric padding cannot express), and oneDNN runs fastest, without reordering
