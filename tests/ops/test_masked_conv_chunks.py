@@ -30,9 +30,19 @@ CHUNK_IMAGES = 2
 
 
 def _chunk_elements(images: int, channels: int, height: int, width: int, kernel: int) -> int:
-    """``CHUNK_ELEMENTS`` that holds ``images`` images of the largest window of a "same"-padded kernel."""
-    largest_window = (height + kernel // 2 - 1) * (width + kernel - 1)  # the full rows above the centre
+    """``CHUNK_ELEMENTS`` that holds ``images`` images of the largest window of a "same"-padded kernel (the rows
+    down to the centre's, on more than one thread; a row less on one, which still fits ``images`` images)."""
+    largest_window = (height + kernel // 2) * (width + kernel - 1)
     return images * channels * largest_window
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """On more than one thread the partial kernel row joins the full rows (one convolution per chunk)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -59,8 +69,8 @@ def two_image_chunks(monkeypatch):
         (torch.float64, False, "B", 7, None),
     ],
 )
-def test_chunked_forward_and_gradients_match_reference(two_image_chunks, dtype, channels_last, mask_type, kernel,
-                                                       padding):
+def test_chunked_forward_and_gradients_match_reference(threads, two_image_chunks, dtype, channels_last, mask_type,
+                                                       kernel, padding):
     batch, channels, height, width = 5, 6, 7, 9  # three chunks of 2, 2 and 1 images
     two_image_chunks(channels, height, width, kernel)
     generator = torch.Generator().manual_seed(0)
@@ -100,7 +110,7 @@ class _ConvolutionBatches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_convolution_sees_more_than_a_chunk(two_image_chunks):
+def test_no_convolution_sees_more_than_a_chunk(threads, two_image_chunks):
     batch, channels, height, width, kernel = 5, 6, 7, 9, 5
     two_image_chunks(channels, height, width, kernel)
     x = torch.randn(batch, channels, height, width)
@@ -108,8 +118,10 @@ def test_no_convolution_sees_more_than_a_chunk(two_image_chunks):
     with _ConvolutionBatches() as recorded:
         out = torch_masked_conv.masked_conv2d(x, weight, None, "B", [2, 2])
         torch_masked_conv.masked_conv2d_backward(torch.ones_like(out), x, weight, "B", [2, 2], True, True)
-    # Two row groups per chunk, chunks of 2, 2 and 1 images, in the forward and in the backward.
-    assert recorded.batches == [2, 2, 2, 2, 1, 1] * 2
+    # Chunks of 2, 2 and 1 images, in the forward and in the backward; on one thread two row groups per chunk,
+    # on two the partial row joins the full rows.
+    per_chunk = 2 if threads == 1 else 1
+    assert recorded.batches == [images for images in (2, 2, 1) for _ in range(per_chunk)] * 2
 
 
 def fastvq_in_two_image_chunks(x, weight, bias, mask_type):
