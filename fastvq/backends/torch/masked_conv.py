@@ -26,7 +26,7 @@ extra memory is a chunk's worth, where ``conv2d`` on NCHW tensors takes oneDNN's
 whole input, output and gradients. The chunk is bounded by speed (:data:`CHUNK_ELEMENTS` on one thread,
 :data:`PARALLEL_CHUNK_ELEMENTS` on more) and by memory (:data:`CHUNK_MEMORY_SHARE`), so that the peak
 stays below ``conv2d(x, weight * mask)``'s at every channel count. At 7 x 7, batch 64, 128 channels,
-32 x 32, fp32 the forward + backward's peak growth is about 110 MiB on two threads (16-image chunks)
+32 x 32, fp32 the forward + backward's peak growth is 103-115 MiB on two threads (13-image chunks)
 against conv2d's 128-134 (``benchmarks/bench_masked_conv.py``). Low-precision inputs are computed in fp32,
 fp64 in fp64.
 """
@@ -49,7 +49,7 @@ CHUNK_ELEMENTS = 1 << 20
 # The same on more than one thread, where each chunk costs the thread pool about ten fork/joins and each
 # waits for a descheduled thread on a loaded machine: at 7 x 7, 128 channels, batch 64 on two threads (load
 # 7-10 on 2 cores), chunks of 6 images ran 1.09x conv2d's speed, 11 images 1.21x, 16 images 1.30x, 32 images
-# 1.42x. So there the chunk is as large as the memory bound below allows (16 images at that size).
+# 1.42x. So there the chunk is as large as the memory bound below allows (13 images at that size).
 PARALLEL_CHUNK_ELEMENTS = 1 << 24
 
 # The memory bound, whatever the thread count. Beyond its output and grad_x, which this path holds too,
@@ -58,13 +58,14 @@ PARALLEL_CHUNK_ELEMENTS = 1 << 24
 # with |x| 32 and 8 MiB). A chunk's temporaries, per image, are about CHUNK_WINDOW_COPIES of its row groups'
 # windows (the windows of x or of the output gradient, x's chunk, a convolution's output, and what the
 # allocator keeps of the forward's), and they may take at most CHUNK_MEMORY_SHARE of (|x| + |out|) / 2 over
-# the whole batch. Measured at 7 x 7, batch 64 (peak growth of a forward + backward): on two threads
-# 16-image chunks 111 MiB (128 channels) and 26-27 MiB (32 channels), 22-image ones 115 and 30 MiB, 32-image
-# ones 150 and 34 MiB, above conv2d's. One thread runs two row groups, and oneDNN's one-thread kernels take
-# about |x| more from the first call at 32 channels (24 MiB with 1-image chunks, against 17 on two threads):
-# there the share is ONE_THREAD_CHUNK_MEMORY_SHARE (5-image chunks, 28.5 MiB; 10 images took 32 MiB).
+# the whole batch. Measured at 7 x 7, batch 64 (peak growth of a forward + backward, fresh interpreters):
+# on two threads 13-image chunks 103-115 MiB at 128 channels, 16-image ones 111-130 MiB (conv2d: 128-134),
+# 32-image ones 150 MiB; at 32 channels 16-image chunks 26-30 MiB, 32-image ones 34 (conv2d: 31-40). One
+# thread runs two row groups, and oneDNN's one-thread kernels take about |x| more from the first call at 32
+# channels (24 MiB with 1-image chunks, against 17 on two threads): there the share is
+# ONE_THREAD_CHUNK_MEMORY_SHARE (5-image chunks, 28.5 MiB; 10 images took 32 MiB).
 CHUNK_WINDOW_COPIES = 4
-CHUNK_MEMORY_SHARE = 1.5
+CHUNK_MEMORY_SHARE = 1.25
 ONE_THREAD_CHUNK_MEMORY_SHARE = 0.75
 
 # The layout of every temporary: oneDNN's native one on CPU, where NCHW operands are reordered first.
