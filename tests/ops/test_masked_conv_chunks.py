@@ -55,6 +55,7 @@ def two_image_chunks(monkeypatch):
         monkeypatch.setattr(torch_masked_conv, "PARALLEL_CHUNK_ELEMENTS", elements)
         for share in ("CHUNK_MEMORY_SHARE", "ONE_THREAD_CHUNK_MEMORY_SHARE"):  # the speed bound alone sets the chunk
             monkeypatch.setattr(torch_masked_conv, share, 1e9)
+        monkeypatch.setattr(torch_masked_conv, "PARALLEL_MIN_CHUNK_IMAGES", 1)
     return set_for
 
 
@@ -197,8 +198,11 @@ def test_chunks_are_as_large_as_memory_allows_on_two_threads_and_even():
     # bound like one thread's (6 images at 128 channels, 11 chunks).
     assert _chunk_at(2, 64, 128, 7) == 13
     assert _chunk_at(1, 64, 128, 7) == 5  # one thread: the speed bound's 6, under the memory bound's 5
-    # Evened out: 15 images fit, but 5 chunks of 13 hold the batch as well as 15, 15, 15, 15 and 4 would.
     assert _chunk_at(2, 64, 32, 7) == 13
-    assert _chunk_at(2, 60, 32, 7) == 12  # 14 fit: 5 chunks of 12
-    # Small batches still run, one image at a time if need be.
+    # Evened out: at batch 66 13 images fit, but 6 chunks of 11 hold the batch as well as 13 x 5 and 1 would.
+    assert _chunk_at(2, 66, 32, 7) == 11
+    # Small batches: on two threads no chunk of fewer than 4 images (per-chunk costs rule there, in time and
+    # memory alike), on one the memory bound's single images; a batch smaller than that is one chunk.
+    assert _chunk_at(2, 8, 128, 7) == 4
+    assert _chunk_at(1, 8, 128, 7) == 1
     assert _chunk_at(2, 1, 128, 7) == 1

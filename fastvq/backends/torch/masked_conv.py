@@ -60,12 +60,18 @@ PARALLEL_CHUNK_ELEMENTS = 1 << 24
 # allocator keeps of the forward's), and they may take at most CHUNK_MEMORY_SHARE of (|x| + |out|) / 2 over
 # the whole batch. Measured at 7 x 7, batch 64 (peak growth of a forward + backward, fresh interpreters):
 # on two threads 13-image chunks 103-115 MiB at 128 channels, 16-image ones 111-130 MiB (conv2d: 128-134),
-# 32-image ones 150 MiB; at 32 channels 16-image chunks 26-30 MiB, 32-image ones 34 (conv2d: 31-40). One
+# 32-image ones 150 MiB; at 32 channels 16-image chunks 26-30 MiB, 32-image ones 34 (conv2d: 31-40); at
+# 64 channels, 5 x 5, 16-image chunks 56-64 MiB, 13-image ones 57 (conv2d: 64). One
 # thread runs two row groups, and oneDNN's one-thread kernels take about |x| more from the first call at 32
 # channels (24 MiB with 1-image chunks, against 17 on two threads): there the share is
 # ONE_THREAD_CHUNK_MEMORY_SHARE (5-image chunks, 28.5 MiB; 10 images took 32 MiB).
 CHUNK_WINDOW_COPIES = 4
-CHUNK_MEMORY_SHARE = 1.25
+# On more than one thread a chunk holds at least this many images (or the whole batch): in small batches the
+# per-chunk costs rule, in time and in memory alike. At batch 8, 7 x 7, 128 channels, two threads (load 9-10):
+# 1-image chunks ran 0.56x conv2d's speed and peaked at 24.7 MiB, 4-image ones 1.06x and 19.0 MiB (conv2d:
+# 16.8 MiB, which neither reaches), the whole batch 1.27x.
+PARALLEL_MIN_CHUNK_IMAGES = 4
+CHUNK_MEMORY_SHARE = 1.1
 ONE_THREAD_CHUNK_MEMORY_SHARE = 0.75
 
 # The layout of every temporary: oneDNN's native one on CPU, where NCHW operands are reordered first.
@@ -133,8 +139,8 @@ def _windows(mask_type: str, weight_shape, padding, out_height: int, out_width: 
 def _batch_chunk(batch: int, x_image_elements: int, out_image_elements: int, window_elements: list[int]) -> int:
     """Images per batch chunk: the thread count's speed bound (``CHUNK_ELEMENTS`` on one thread,
     ``PARALLEL_CHUNK_ELEMENTS`` on more, in elements of the largest window), under the memory bound
-    (``CHUNK_MEMORY_SHARE``, ``ONE_THREAD_CHUNK_MEMORY_SHARE``), then evened out so that the last chunk
-    is not a sliver of the others.
+    (``CHUNK_MEMORY_SHARE``, ``ONE_THREAD_CHUNK_MEMORY_SHARE``; on more than one thread no less than
+    ``PARALLEL_MIN_CHUNK_IMAGES``), then evened out so that the last chunk is not a sliver of the others.
     ``window_elements``: each window's elements per image (its channels times its rows times its columns)."""
     batch, window_elements = max(batch, 1), [max(elements, 1) for elements in window_elements] or [1]
     one_thread = torch.get_num_threads() == 1
@@ -143,6 +149,8 @@ def _batch_chunk(batch: int, x_image_elements: int, out_image_elements: int, win
     memory_bound = int(share * batch * (x_image_elements + out_image_elements) / 2
                        // (CHUNK_WINDOW_COPIES * sum(window_elements)))
     chunk = max(1, min(speed_bound // max(window_elements), memory_bound, batch))
+    if not one_thread:
+        chunk = max(chunk, min(PARALLEL_MIN_CHUNK_IMAGES, batch))
     chunks = -(-batch // chunk)
     return -(-batch // chunks)
 
