@@ -61,18 +61,19 @@ PARALLEL_CHUNK_ELEMENTS = 1 << 24
 # the whole batch. Measured at 7 x 7, batch 64 (peak growth of a forward + backward, fresh interpreters):
 # on two threads 13-image chunks 103-115 MiB at 128 channels, 16-image ones 111-130 MiB (conv2d: 128-134),
 # 32-image ones 150 MiB; at 32 channels 16-image chunks 26-30 MiB, 32-image ones 34 (conv2d: 31-40); at
-# 64 channels, 5 x 5, 16-image chunks 56-64 MiB, 13-image ones 57 (conv2d: 64). One
+# 64 channels, 5 x 5, 16-image chunks 56-64 MiB, 13-image ones 57 (conv2d: 64), hence 1.1 (13 images in
+# both cases) rather than 1.25 (16 at 5 x 5). One
 # thread runs two row groups, and oneDNN's one-thread kernels take about |x| more from the first call at 32
 # channels (24 MiB with 1-image chunks, against 17 on two threads): there the share is
 # ONE_THREAD_CHUNK_MEMORY_SHARE (5-image chunks, 28.5 MiB; 10 images took 32 MiB).
 CHUNK_WINDOW_COPIES = 4
+CHUNK_MEMORY_SHARE = 1.1
+ONE_THREAD_CHUNK_MEMORY_SHARE = 0.75
 # On more than one thread a chunk holds at least this many images (or the whole batch): in small batches the
 # per-chunk costs rule, in time and in memory alike. At batch 8, 7 x 7, 128 channels, two threads (load 9-10):
 # 1-image chunks ran 0.56x conv2d's speed and peaked at 24.7 MiB, 4-image ones 1.06x and 19.0 MiB (conv2d:
 # 16.8 MiB, which neither reaches), the whole batch 1.27x.
 PARALLEL_MIN_CHUNK_IMAGES = 4
-CHUNK_MEMORY_SHARE = 1.1
-ONE_THREAD_CHUNK_MEMORY_SHARE = 0.75
 
 # The layout of every temporary: oneDNN's native one on CPU, where NCHW operands are reordered first.
 _WORK_FORMAT = torch.channels_last
