@@ -22,7 +22,8 @@ taps`` forward, twice that backward), so both implementations are credited with 
 work. ``vs_dense`` is the dense-weight baseline's median time over this row's (``> 1``: fastvq is
 faster). Both implementations of a pass are called in turn (``_harness.time_interleaved``), so that
 a change in a shared machine's load falls on both alike. ``peak_mib`` is the peak memory growth of
-one forward + backward (on CPU in a fresh interpreter, ``_harness.peak_memory_growth_mib``).
+one forward + backward (on CPU in a fresh interpreter on the row's thread count,
+``_harness.peak_memory_growth_mib``).
 
 Sampling: ``GatedPixelCNN`` and ``PixelCNN`` with 12 layers (kernel 3, first kernel 7, 64
 channels, 512 codes) drawing ``n`` maps of 32 x 32, ``method="naive"`` (the whole network per
@@ -170,6 +171,14 @@ def forward_backward(fn, mask_type, x, weight, bias, grad):
     return torch.autograd.grad(out, (x, weight, bias), grad)
 
 
+def on_threads(threads: int, fn: Callable, *args):
+    """``fn(*args)`` on ``threads`` intra-op threads: the peak-memory child is a fresh interpreter, which
+    would otherwise run on all cores whatever the row's thread count (and the CPU path's row groups and
+    chunks depend on it)."""
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
 def _pass_call(fn, mask_type, pass_name, x, weight, bias, grad) -> Callable[[], object]:
     if pass_name == "fwd":
         def forward():
@@ -228,8 +237,8 @@ def _measure_conv_point(point: ConvPoint, dtype_name: str, device: str) -> tuple
                     calls[impl] = _backend_call(_pass_call(fn, point.mask_type, pass_name, *inputs), backend)
                     if pass_name == "fwd+bwd":
                         pass_rows[impl]["peak_mib"] = _harness.peak_memory_growth_mib(
-                            functools.partial(forward_backward, fn, point.mask_type), make_inputs,
-                            make_warmup_inputs, device)
+                            functools.partial(on_threads, torch.get_num_threads(), forward_backward, fn,
+                                              point.mask_type), make_inputs, make_warmup_inputs, device)
             except Exception as error:  # keep measuring the rest of the grid, and say what failed
                 all_ran = False
                 first_line = str(error).splitlines()[0] if str(error) else ""

@@ -62,7 +62,8 @@ def masked_conv2d(
         ``weight`` and ``bias``; channels-last when ``x`` is. Accumulation is fp32 for every input
         dtype (fp64 for fp64). CUDA tensors run fastvq's Triton kernels (forward, input gradient and
         weight gradient, all deterministic); CPU tensors and fp64 run two plain convolutions over the
-        mask's row groups (``FASTVQ_BACKEND`` overrides, see ``fastvq.backends``).
+        mask's row groups, one on more than one thread, a batch chunk at a time with less peak memory
+        than ``conv2d(x, weight * mask)`` (``FASTVQ_BACKEND`` overrides, see ``fastvq.backends``).
 
     Raises:
         TypeError: a non-tensor, an integer or bool tensor, or a ``padding`` that is not ``None``,
