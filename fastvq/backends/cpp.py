@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from .openmp import serial_torch_ops, with_threads
 from .sinkhorn_stats import combine_stats
 from .soft_codebook import SoftCodebook, split_value_grad
 
@@ -333,81 +334,6 @@ def sinkhorn_cost_stats(z, codebook, metric):
     return combine_stats(torch.cat([empty, rows]))
 # --------------------------------------------------------------------------- soft assignments
 
-# -- PyTorch's own ops around the soft kernels run on one OpenMP thread -----------------------------------------
-#
-# The soft ops prepare their operands (SoftCodebook: norms, centring, dtype conversions) and chain the kernels'
-# sums back to the inputs with PyTorch ops, each of which opens an OpenMP region over the caller's threads once
-# it has 32 768 elements. On a loaded 2-core machine waking libgomp's sleeping thread costs a scheduler slice:
-# two such reductions of 65 536 elements took 20-31 ms a call on 2 threads against 0.12 ms on one (AMD EPYC
-# Zen 4, load 7-10), and soft_quantize at N <= 1 024 took 9.9-121x its one-thread time, almost all of it here.
-# These ops are elementwise or reductions over N x D and K x D elements, a few ms at most on one thread beside
-# kernels of N x K x D work, so they run on one thread; the kernels themselves keep the caller's thread count.
-# The OpenMP thread count is a per-thread setting (at::get_num_threads() reads it), so other threads are not
-# affected; torch.set_num_threads would also resize PyTorch's other pools and clear oneDNN's cache.
-
-
-@functools.lru_cache(maxsize=None)
-def _openmp_num_threads_setter():
-    """The ``omp_set_num_threads`` of the OpenMP runtime PyTorch runs its CPU ops on, or ``None`` where it
-    cannot be found or does not govern ``torch.get_num_threads()`` (a build without OpenMP)."""
-    import ctypes
-
-    library_dir = Path(torch.__file__).parent / "lib"
-    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libomp*.dylib", "libiomp5*.dylib"):
-        for path in sorted(library_dir.glob(pattern)):
-            try:
-                setter = ctypes.CDLL(str(path)).omp_set_num_threads
-            except (OSError, AttributeError):
-                continue
-            setter.argtypes, setter.restype = [ctypes.c_int], None
-            threads = torch.get_num_threads()
-            if threads == 1:
-                return setter  # cannot tell whether it governs PyTorch's count; setting 1 where it is 1 is harmless
-            setter(threads - 1)
-            governs = torch.get_num_threads() == threads - 1
-            setter(threads)
-            if governs:
-                return setter
-    return None
-
-
-_serial_state = threading.local()
-
-
-def _serial_torch_ops(function):
-    """Runs ``function`` with PyTorch's CPU ops on one OpenMP thread (see above); inside it, :func:`_with_threads`
-    runs a kernel with the caller's thread count."""
-
-    @functools.wraps(function)
-    def serial(*args, **kwargs):
-        setter = _openmp_num_threads_setter()
-        threads = torch.get_num_threads()
-        if setter is None or threads == 1 or getattr(_serial_state, "threads", 0):
-            return function(*args, **kwargs)
-        _serial_state.threads = threads
-        setter(1)
-        try:
-            return function(*args, **kwargs)
-        finally:
-            setter(threads)
-            _serial_state.threads = 0
-
-    return serial
-
-
-def _with_threads(kernel, *args):
-    """``kernel(*args)`` with the caller's thread count restored inside a :func:`_serial_torch_ops` function."""
-    threads = getattr(_serial_state, "threads", 0)
-    if not threads:
-        return kernel(*args)
-    setter = _openmp_num_threads_setter()
-    setter(threads)
-    try:
-        return kernel(*args)
-    finally:
-        setter(1)
-
-
 # The C++ kernels' metric ids: cosine is dot on the operands SoftCodebook normalises.
 _SOFT_METRIC_IDS = {"dot": 0, "cosine": 0, "l2": 1, "euclidean": 2}
 
@@ -441,7 +367,7 @@ def _kernel_operands(operands: tuple[torch.Tensor, ...], dtype: torch.dtype) -> 
     return (zq.to(torch.bfloat16), keys.to(torch.bfloat16), *rest)
 
 
-@_serial_torch_ops
+@serial_torch_ops()
 def soft_quantize(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -455,7 +381,7 @@ def soft_quantize(
     fp16/bf16, fp64 for fp64); the Gumbel noise is ``fastvq._philox``'s, bit for bit."""
     out_dtype = _soft_dtype(z, codebook, values)
     prep = SoftCodebook(codebook, values, metric, out_dtype)
-    soft, indices, lse = _with_threads(
+    soft, indices, lse = with_threads(
         torch.ops.fastvq_C.soft_quantize,
         *_kernel_operands(_soft_operands(prep, z), out_dtype), _SOFT_METRIC_IDS[metric], 1.0 / temperature, seed,
         return_hard,
@@ -463,7 +389,7 @@ def soft_quantize(
     return soft.to(out_dtype), indices, lse
 
 
-@_serial_torch_ops
+@serial_torch_ops()
 def soft_quantize_backward(
     grad_soft: torch.Tensor,
     grad_lse: torch.Tensor,
@@ -487,7 +413,7 @@ def soft_quantize_backward(
     grad_soft = grad_soft.to(work).contiguous()
     delta = (grad_soft * soft.to(work)).sum(dim=1) - grad_lse.to(work)
     operands = _soft_operands(prep, z)
-    weighted_keys, row_sums, weighted_rows, code_sums, grad_values = _with_threads(
+    weighted_keys, row_sums, weighted_rows, code_sums, grad_values = with_threads(
         torch.ops.fastvq_C.soft_quantize_backward,
         grad_soft, delta, lse.to(work).contiguous(), *_kernel_operands(operands, dtype), _SOFT_METRIC_IDS[metric],
         1.0 / temperature, compute_z_grad, compute_codebook_grad, value_grad,
@@ -497,7 +423,7 @@ def soft_quantize_backward(
     return (grad_z, *split_value_grad(values, grad_codebook, grad_values))
 
 
-@_serial_torch_ops
+@serial_torch_ops()
 def soft_entropy(
     z: torch.Tensor, codebook: torch.Tensor, metric: str, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -506,7 +432,7 @@ def soft_entropy(
     dtype = torch.promote_types(z.dtype, codebook.dtype)
     prep = SoftCodebook(codebook, None, metric, dtype)
     zq, keys, code_term, row_term, _ = _kernel_operands(_soft_operands(prep, z), dtype)
-    row_entropy, mean_probs, lse = _with_threads(
+    row_entropy, mean_probs, lse = with_threads(
         torch.ops.fastvq_C.soft_entropy,
         zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric], 1.0 / temperature
     )
@@ -516,7 +442,7 @@ def soft_entropy(
     return row_entropy.clamp_(0.0, math.log(codebook.shape[0])), mean_probs, lse
 
 
-@_serial_torch_ops
+@serial_torch_ops()
 def soft_entropy_backward(
     grad_row_entropy: torch.Tensor,
     grad_mean_probs: torch.Tensor,
@@ -543,7 +469,7 @@ def soft_entropy_backward(
     operands = _soft_operands(prep, z)
     zq = operands[0]
     kernel_zq, keys, code_term, row_term, _ = _kernel_operands(operands, dtype)
-    weighted_keys, row_sums, weighted_rows, code_sums = _with_threads(
+    weighted_keys, row_sums, weighted_rows, code_sums = with_threads(
         torch.ops.fastvq_C.soft_entropy_backward,
         grad_entropy, code_weights, row_constant, lse, kernel_zq, keys, code_term, row_term, _SOFT_METRIC_IDS[metric],
         1.0 / temperature, compute_z_grad, compute_codebook_grad,
@@ -552,7 +478,7 @@ def soft_entropy_backward(
                               compute_codebook_grad)
 
 
-@_serial_torch_ops
+@serial_torch_ops()
 def soft_quantize_entropy(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -565,7 +491,7 @@ def soft_quantize_entropy(
     per tile gives both softmaxes (the entropies' second pass, the per-code sums, takes one more)."""
     out_dtype = _soft_dtype(z, codebook, values)
     prep = SoftCodebook(codebook, values, metric, out_dtype)
-    soft, indices, lse, row_entropy, mean_probs, entropy_lse = _with_threads(
+    soft, indices, lse, row_entropy, mean_probs, entropy_lse = with_threads(
         torch.ops.fastvq_C.soft_quantize_entropy,
         *_kernel_operands(_soft_operands(prep, z), out_dtype), _SOFT_METRIC_IDS[metric], 1.0 / temperature,
         1.0 / entropy_temperature, True,
@@ -577,7 +503,7 @@ def soft_quantize_entropy(
     return soft.to(out_dtype), indices, lse, row_entropy, mean_probs, entropy_lse
 
 
-@_serial_torch_ops
+@serial_torch_ops()
 def soft_quantize_entropy_backward(
     grad_soft: torch.Tensor,
     grad_row_entropy: torch.Tensor,
@@ -609,7 +535,7 @@ def soft_quantize_entropy_backward(
     entropy_lse = entropy_lse.to(work).contiguous()
     row_constant = (grad_entropy * (entropy_lse - row_entropy.to(work))).contiguous()
     operands = _soft_operands(prep, z)
-    weighted_keys, row_sums, weighted_rows, code_sums, grad_values = _with_threads(
+    weighted_keys, row_sums, weighted_rows, code_sums, grad_values = with_threads(
         torch.ops.fastvq_C.soft_quantize_entropy_backward,
         grad_soft, delta, lse.to(work).contiguous(), grad_entropy, code_weights, row_constant, entropy_lse,
         *_kernel_operands(operands, dtype), _SOFT_METRIC_IDS[metric], 1.0 / temperature, 1.0 / entropy_temperature,

@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import backends
 from .._checks import check_float, check_metric, check_same_device, check_sampling, check_tensor, seed_tensor
 from ..backends.duplicate_codes import find_duplicate_codes
+from ..backends.openmp import serial_torch_ops
 
 
 def nearest_code(
@@ -126,8 +127,9 @@ def lowest_duplicate(indices: Tensor, codebook: Tensor, sampled: bool) -> Tensor
     ``backends.duplicate_codes.DuplicateCodes``). A sampled index is left alone: it names a code, not a tie."""
     if sampled or indices.numel() == 0:
         return indices
-    groups = find_duplicate_codes(codebook)
-    return indices if groups is None else groups.lowest(indices)
+    with serial_torch_ops():  # a probe of K x D elements: not worth waking (and then spinning) OpenMP's threads
+        groups = find_duplicate_codes(codebook)
+        return indices if groups is None else groups.lowest(indices)
 
 
 def _check_nearest_code(z, codebook, metric, sample_temperature, seed) -> None:
@@ -225,6 +227,7 @@ def check_batched_search_inputs(z: object, codebook: object, metric: object = "l
     check_same_device(z=z, codebook=codebook)
 
 
+@serial_torch_ops()
 def lowest_duplicate_batched(indices: Tensor, codebook: Tensor) -> Tensor:
     """:func:`lowest_duplicate` for every problem at once: the B codebooks are searched for duplicates as one
     ``[B K, D + 1]`` codebook whose extra column is the problem number (exact in the float32 or float64 the

@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import backends
 from .._checks import check_sampling, seed_tensor
 from ..backends.duplicate_codes import find_duplicate_codes
+from ..backends.openmp import serial_torch_ops
 from .search import check_search_inputs, draw_seed, search_dtype
 
 
@@ -104,9 +105,10 @@ def _nearest_codes_op(
     indices, distances = backend.nearest_codes(z, codebook, k, metric, sample_temperature, seed)
     if sample_temperature > 0.0 or indices.numel() == 0:
         return indices, distances
-    groups = find_duplicate_codes(codebook)
-    # Exact duplicates: a row lists the lowest members of each group, whatever the rounding chose.
-    return (indices, distances) if groups is None else (groups.lowest_members(indices), distances)
+    with serial_torch_ops():  # a probe of K x D elements: not worth waking (and then spinning) OpenMP's threads
+        groups = find_duplicate_codes(codebook)
+        # Exact duplicates: a row lists the lowest members of each group, whatever the rounding chose.
+        return (indices, distances) if groups is None else (groups.lowest_members(indices), distances)
 
 
 @_nearest_codes_op.register_fake

@@ -243,9 +243,9 @@ def test_soft_ops_run_pytorch_ops_on_one_thread_and_kernels_on_the_callers(monke
     """The soft ops' operand preparation runs on one OpenMP thread (a loaded machine turns each PyTorch
     region's wake-up into a scheduler slice), the kernel on the caller's count, which is restored afterwards,
     after an error too."""
-    from fastvq.backends import cpp
+    from fastvq.backends import cpp, openmp
 
-    if cpp._openmp_num_threads_setter() is None:
+    if openmp._openmp_num_threads_setter() is None:
         pytest.skip("PyTorch's OpenMP runtime was not found: the soft ops run their PyTorch ops as they are")
     outer = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -263,7 +263,7 @@ def test_soft_ops_run_pytorch_ops_on_one_thread_and_kernels_on_the_callers(monke
 
         original_operands = cpp._soft_operands
         monkeypatch.setattr(cpp, "_soft_operands", recording_operands)
-        monkeypatch.setattr(cpp, "_with_threads", _wrap_with_threads(cpp._with_threads, kernel, recording_kernel))
+        monkeypatch.setattr(cpp, "with_threads", _wrap_with_threads(cpp.with_threads, kernel, recording_kernel))
         z, codebook = torch.randn(40, 8), torch.randn(24, 8)
         cpp.soft_quantize(z, codebook, None, "l2", 1.0, None, True)
         assert seen == {"operands": 1, "kernel": 2}
@@ -281,7 +281,7 @@ def test_soft_ops_run_pytorch_ops_on_one_thread_and_kernels_on_the_callers(monke
 
 
 def _wrap_with_threads(with_threads, kernel, replacement):
-    """``cpp._with_threads`` that runs ``replacement`` where it was given ``kernel``."""
+    """``cpp.with_threads`` that runs ``replacement`` where it was given ``kernel``."""
 
     def wrapped(op, *args):
         return with_threads(replacement if op is kernel else op, *args)
