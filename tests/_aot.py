@@ -5,8 +5,15 @@ under which ``@triton.jit`` makes interpreted functions that cannot be compiled,
 before it imports Triton or fastvq. A worker launches each case the way its launcher does, through
 Triton's own JIT (``warmup``: specialisation of the arguments, then ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32), options=...)``, no launch), with Triton's driver replaced by one
-that names the target and its limits; reads the cubin with the ``cuobjdump`` that Triton's wheel
-carries, and the TTIR / TTGIR Triton wrote on the way.
+that names the target and its limits; reads the cubin's resources with the ``cuobjdump`` that Triton's wheel
+carries, and the TTIR / TTGIR / PTX Triton wrote on the way.
+
+What it costs (Triton 3.6, 202 cases, 707 compiles): about 0.6 s of CPU per compile, nearly all of it Triton's
+lowering to LLVM and PTX and ptxas, each per target (the front end that sm_80 and sm_90 could share is under a
+tenth); disassembling a cubin's SASS (nvdisasm) added 0.3 s more to each of the 595 with a ``tl.dot``, so the
+tensor-core check reads the PTX's MMA instructions and disassembles one case per kernel and target to check
+that they are what ptxas emits as ``HMMA`` / ``HGMMA``. Identical launches (22 of the 707, cases that share a
+specialisation) compile once through the run's shared Triton cache.
 """
 
 from __future__ import annotations
@@ -71,6 +78,27 @@ def sample_configs(candidates: list, kept: list, limit: int, case_index: int) ->
     if kept and not any(config in kept for config in sample):
         sample[-1] = kept[case_index % len(kept)]
     return sample
+
+
+def kept_by_launch(prune, configs, candidates, chosen, fits, case_index) -> tuple[list, list]:
+    """``(kept, chosen)``: what the launch's prune keeps, as far as it concerns the ``chosen`` configs (compiled,
+    ``fits(config)`` says whether one fits the target's shared memory), and ``chosen`` again, one it keeps
+    swapped in where a sample has none. ``prune(some)`` runs the launch's prune over ``some`` of the
+    autotuner's ``configs``; ``candidates`` are those its family prune passes.
+
+    All candidates chosen: the prune over every config (it compiles nothing: the JIT's cache holds them). A
+    sample: the prune over the sample alone, which compiles nothing more. Where that keeps exactly the sampled
+    configs that fit, the launch keeps them too, since the shared-memory prune keeps every config that fits
+    when one does. Otherwise the prune over every config decides (compiling the others)."""
+    if len(chosen) == len(candidates):
+        return prune(configs), chosen
+    kept = prune(chosen)
+    if kept == [config for config in chosen if fits(config)]:
+        return kept, chosen
+    kept = prune(configs)
+    if not any(config in kept for config in chosen):
+        chosen = chosen[:-1] + [kept[case_index % len(kept)]]
+    return kept, chosen
 
 
 def worker_init(cache_dir: str) -> None:
@@ -195,12 +223,15 @@ def _where(line: str, table: dict) -> str:
     return table.get(match.group(1), "?") if match else "?"
 
 
-def analyse(kernel) -> dict:
-    """What the test asserts on, read from one compiled kernel."""
-    ttir, ttgir = kernel.asm["ttir"], kernel.asm["ttgir"]
+def analyse(kernel, dump_sass: bool = False) -> dict:
+    """What the test asserts on, read from one compiled kernel; with ``dump_sass`` (and a ``tl.dot``) the
+    tensor-core instructions of its SASS too (``hmma``, ``hgmma``; None without)."""
+    ttir, ttgir, ptx = kernel.asm["ttir"], kernel.asm["ttgir"], kernel.asm["ptx"]
     source_dots = len(re.findall(r"= tt\.dot ", ttir))
-    # One cuobjdump run; the SASS (a third of the test's time) only where there is a tl.dot to find in it.
-    flags = ["--dump-resource-usage"] + (["--dump-sass"] if source_dots else [])
+    # One cuobjdump run. The SASS (nvdisasm: half as much CPU again as the compile) only where asked: the PTX's
+    # tensor-core instructions are read for every kernel.
+    sass = dump_sass and source_dots > 0
+    flags = ["--dump-resource-usage"] + (["--dump-sass"] if sass else [])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
@@ -238,8 +269,11 @@ def analyse(kernel) -> dict:
         "source_dots": source_dots,
         "dots": len(dot_lines),
         "fma_dots": [_where(line, _source_lines(ttgir)) for line in fma_dots],
-        "hgmma": len(re.findall(r"\bHGMMA\.", dump)),
-        "hmma": len(re.findall(r"\bHMMA\.", dump)),
+        # PTX's tensor-core MMAs: mma.sync (ptxas: HMMA) and Hopper's wgmma.mma_async (HGMMA).
+        "ptx_mma": len(re.findall(r"^\s*mma\.sync\b", ptx, re.MULTILINE)),
+        "ptx_wgmma": len(re.findall(r"^\s*wgmma\.mma_async\b", ptx, re.MULTILINE)),
+        "hgmma": len(re.findall(r"\bHGMMA\.", dump)) if sass else None,
+        "hmma": len(re.findall(r"\bHMMA\.", dump)) if sass else None,
         "narrow_offsets": narrow_offsets,
         "atomics": atomics,
         "strong_atomics": strong_atomics,
@@ -251,8 +285,9 @@ def _config_name(config) -> str:
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
 
-def compile_case(family: str, index: int, target_name: str) -> dict:
-    """Compiles one case for one target in every config it can launch with; one result per config."""
+def compile_case(family: str, index: int, target_name: str, dump_sass: bool = False) -> dict:
+    """Compiles one case for one target in every config it can launch with (or a sample of them, see
+    :func:`configs_per_case`); one result per config compiled. ``dump_sass``: read their SASS too."""
     from triton.runtime import driver
 
     driver.set_active(_TargetDriver(target_name))
@@ -273,18 +308,31 @@ def compile_case(family: str, index: int, target_name: str) -> dict:
                 raise AssertionError(f"{family}: the autotuner of {jit.__name__} does not prune by shared memory "
                                      "(early_config_prune=fits_shared_memory(...))")
             candidates = family_prune(configs, named_args, **case.meta)
-            kept = prune(configs, named_args, **case.meta)
-            result["prune"] = {"candidates": len(candidates), "kept": [_config_name(c) for c in kept]}
         else:
-            candidates = kept = list(case.configs)
-            if not kept:
+            candidates = list(case.configs)
+            if not candidates:
                 raise AssertionError(f"{case.name}: a launch that is not autotuned must name its configs")
-        for config in sample_configs(candidates, kept, configs_per_case(), index):
+        chosen = sample_configs(candidates, candidates, configs_per_case(), index)
+        facts = {}
+
+        def compile_and_read(config):
             compiled = inner.warmup(*case.args, grid=(1,), **case.meta, **config.all_kwargs())
-            compiled = compiled.result() if hasattr(compiled, "result") else compiled
-            facts = analyse(compiled)
-            facts.update(config=_config_name(config), kept=config in kept, fits=facts["shared"] <= limit)
-            result["configs"].append(facts)
+            facts[config] = analyse(compiled.result() if hasattr(compiled, "result") else compiled, dump_sass)
+            facts[config].update(config=_config_name(config), fits=facts[config]["shared"] <= limit)
+
+        for config in chosen:
+            compile_and_read(config)
+        if autotuner is None:
+            kept = candidates
+        else:
+            kept, chosen = kept_by_launch(lambda some: prune(some, named_args, **case.meta), configs, candidates,
+                                          chosen, lambda config: facts[config]["fits"], index)
+            for config in chosen:
+                if config not in facts:
+                    compile_and_read(config)
+            result["prune"] = {"candidates": len(candidates), "kept": [_config_name(c) for c in kept]}
+        for config in chosen:
+            result["configs"].append({**facts[config], "kept": config in kept})
     except Exception as error:  # noqa: BLE001 - reported per case by the test
         result["error"] = f"{type(error).__name__}: {error}"
     result["seconds"] = time.perf_counter() - started

@@ -9,7 +9,8 @@ that target, and asserts on the cubin (read with the ``cuobjdump`` in Triton's w
 - it compiles, and the shared memory it asks for fits the target's per-block limit;
 - the launch-time prune keeps exactly the configs that fit (and keeps at least one);
 - no register spills: no stack frame and no local memory;
-- every ``tl.dot`` lowers to tensor-core MMAs (``HMMA`` on sm_80; ``HGMMA`` or ``HMMA`` on sm_90);
+- every ``tl.dot`` lowers to tensor-core MMAs: PTX ``mma.sync`` (sm_80; ``wgmma.mma_async`` too on sm_90), which
+  the SASS of one case per kernel and target shows as ``HMMA`` (``HGMMA``);
 - every pointer offset is int64 (a column-major view of N rows has column stride N, and N * (D - 1)
   overflows int32 long before memory runs out); every atomic add is ``relaxed``;
 - and every ``@triton.jit`` kernel of the package is launched by some case.
@@ -49,7 +50,13 @@ def aot():
         with ProcessPoolExecutor(_workers(), mp_context=context, initializer=_aot.worker_init,
                                  initargs=(cache_dir,)) as pool:
             listing = pool.submit(_aot.list_cases).result()
-            tasks = [(case["family"], case["index"], target) for case in listing["cases"] for target in _aot.TARGETS]
+            # Each kernel's first case is disassembled (its SASS), on each target: the others' PTX suffices.
+            first_cases = {}
+            for case in listing["cases"]:
+                first_cases.setdefault(case["kernel"], (case["family"], case["index"]))
+            sass = set(first_cases.values())
+            tasks = [(case["family"], case["index"], target, (case["family"], case["index"]) in sass)
+                     for case in listing["cases"] for target in _aot.TARGETS]
             results = list(pool.map(_aot.compile_case, *zip(*tasks))) if tasks else []
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -129,15 +136,24 @@ def test_spills_are_allowed_only_away_from_the_triton_the_tiles_are_chosen_with(
 
 
 def test_every_dot_runs_on_tensor_cores(aot):
-    problems = []
+    """Every config's TTGIR puts each ``tl.dot`` in an MMA layout and its PTX has tensor-core MMAs; where the
+    SASS was read (one case per kernel and target), ptxas made them ``HMMA`` / ``HGMMA``."""
+    problems, disassembled = [], collections.Counter()
     for result, facts in _launchable(aot):
         if not facts["source_dots"]:
             continue
-        mma = facts["hmma"] + (facts["hgmma"] if result["target"] == "sm_90" else 0)
-        if facts["fma_dots"] or facts["dots"] < facts["source_dots"] or not mma:
+        hopper = result["target"] == "sm_90"
+        mma = facts["ptx_mma"] + (facts["ptx_wgmma"] if hopper else 0)
+        sass_mma = None if facts["hmma"] is None else facts["hmma"] + (facts["hgmma"] if hopper else 0)
+        if sass_mma is not None:
+            disassembled[result["target"], result["kernel"]] += 1
+        if facts["fma_dots"] or facts["dots"] < facts["source_dots"] or not mma or sass_mma == 0:
             problems.append(f"{_label(result, facts)}: {facts['source_dots']} tl.dot, FMA dots at "
-                            f"{facts['fma_dots']}, {facts['hmma']} HMMA, {facts['hgmma']} HGMMA")
+                            f"{facts['fma_dots']}, PTX {facts['ptx_mma']} mma.sync {facts['ptx_wgmma']} wgmma, "
+                            f"SASS {facts['hmma']} HMMA {facts['hgmma']} HGMMA")
     assert not problems, "\n".join(problems)
+    with_dots = {(r["target"], r["kernel"]) for r, f in _launchable(aot) if f["source_dots"]}
+    assert with_dots and with_dots == set(disassembled), f"no SASS read for {sorted(with_dots - set(disassembled))}"
 
 
 def test_every_pointer_offset_is_int64(aot):
@@ -166,3 +182,27 @@ def test_a_sample_of_configs_is_spread_and_keeps_a_launchable_one():
         assert len(set(sample)) == 3 and 9 in sample
     # Cases of one kernel cover different configs between them.
     assert len({config for index in range(4) for config in _aot.sample_configs(configs, configs, 3, index)}) > 3
+
+
+def test_a_sample_is_kept_as_the_launch_keeps_it():
+    """With a sample (FASTVQ_AOT_CONFIGS_PER_CASE), the launch's prune runs over the sample alone unless that
+    would keep a config the launch does not: then over every config, and the sample takes one it keeps."""
+    shared = {"a": 9, "b": 5, "c": 7, "d": 3}  # "a" and "c" over a limit of 6
+    calls = []
+
+    def prune(some):  # fits_shared_memory's rule: those that fit, else the smallest
+        calls.append(list(some))
+        return [config for config in some if shared[config] <= 6] or [min(some, key=shared.__getitem__)]
+
+    configs = list(shared)
+    fits = lambda config: shared[config] <= 6  # noqa: E731
+    assert _aot.kept_by_launch(prune, configs, configs, configs, fits, 0) == (["b", "d"], configs)
+    assert calls == [configs]
+    calls.clear()
+    assert _aot.kept_by_launch(prune, configs, configs, ["b"], fits, 0) == (["b"], ["b"])
+    assert calls == [["b"]]  # the sample alone: nothing else compiled
+    calls.clear()
+    # A sample of one that does not fit: the prune over the sample would keep it, the launch does not.
+    assert _aot.kept_by_launch(prune, configs, configs, ["a"], fits, 1) == (["b", "d"], ["d"])
+    assert calls == [["a"], configs]
+    assert _aot.kept_by_launch(prune, configs, configs, ["a", "b"], fits, 0) == (["b"], ["a", "b"])

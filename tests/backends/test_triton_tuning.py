@@ -36,19 +36,31 @@ def test_autotuned_wrapper_matches_reference(monkeypatch, dim):
     assert torch.equal(codes, codebook[indices])
 
 
+def _prune(module, arch, dim, dtype, **meta):
+    """What the family's prune keeps of its autotuner's configs for prepared codes of ``dtype`` and width
+    ``dim`` on a GPU of compute capability ``arch``."""
+    tuner = getattr(module, "_nearest_codes_tuned", None) or module._nearest_code_tuned
+    codes = torch.zeros(3, dim, dtype=dtype)
+    return tuner.early_config_prune.family_prune(tuner.configs, {"D": dim, "search_codes_ptr": codes}, **meta)
+
+
+def _within(configs, pool) -> bool:
+    return all(any(config is listed for listed in pool) for config in configs)
+
+
 @pytest.mark.parametrize("arch", [80, 86, 90])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pruning_keeps_the_gpus_and_dtypes_configs_no_wider_than_needed(monkeypatch, dtype, arch):
-    from fastvq.backends.triton import search
+    from fastvq.backends.triton import common, search
 
-    monkeypatch.setattr(search, "device_arch", lambda: arch)
-    own = search._config_pool(dtype, arch, 20)
-    assert own is (search._HALF_CONFIGS if dtype != torch.float32 else
-                   search._FP32_HOPPER_CONFIGS if arch == 90 else search._FP32_CONFIGS)
-    codes = torch.zeros(3, 20, dtype=dtype)
-    kept = search._prune_configs(search._TUNING_CONFIGS, {"D": 20, "search_codes_ptr": codes})
-    assert kept and all(config.kwargs["BLOCK_D"] <= 32 and any(config is c for c in own) for config in kept)
-    assert len(search._prune_configs(search._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes})) == len(own)
+    monkeypatch.setattr(common, "device_arch", lambda: arch)
+    own = search._TILES.pool(dtype, arch, 20)
+    dtype_class = "fp32" if dtype == torch.float32 else "half"
+    assert own is search._TILES.lists[dtype_class, arch == 90, False]
+    assert (own is search._TILES.lists[dtype_class, False, False]) == (arch != 90 or dtype != torch.float32)
+    kept = _prune(search, arch, 20, dtype)
+    assert kept and all(config.kwargs["BLOCK_D"] <= 32 for config in kept) and _within(kept, own)
+    assert len(_prune(search, arch, 256, dtype)) == len(own)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -56,16 +68,14 @@ def test_pruning_keeps_the_gpus_and_dtypes_configs_no_wider_than_needed(monkeypa
 def test_a_d_of_several_slices_that_is_no_multiple_of_16_gets_the_16_wide_slices(monkeypatch, dtype, arch):
     """D = 100 (no multiple of 16, more than one 32-wide slice): only the tiles that spill nothing there
     (test_aot_compile.py); D = 18 (one slice) and D = 96 keep the usual lists."""
-    from fastvq.backends.triton import search
+    from fastvq.backends.triton import common, search
 
-    monkeypatch.setattr(search, "device_arch", lambda: arch)
-    codes = torch.zeros(3, 20, dtype=dtype)
-    unaligned = search._HALF_UNALIGNED_D_CONFIGS if dtype != torch.float32 else search._FP32_UNALIGNED_D_CONFIGS
-    kept = search._prune_configs(search._TUNING_CONFIGS, {"D": 100, "search_codes_ptr": codes})
-    assert kept and all(config.kwargs["BLOCK_D"] == 16 and any(config is c for c in unaligned) for config in kept)
+    monkeypatch.setattr(common, "device_arch", lambda: arch)
+    unaligned = search._TILES.lists["fp32" if dtype == torch.float32 else "half", arch == 90, True]
+    kept = _prune(search, arch, 100, dtype)
+    assert kept and all(config.kwargs["BLOCK_D"] == 16 for config in kept) and _within(kept, unaligned)
     for dim in (18, 96):
-        kept = search._prune_configs(search._TUNING_CONFIGS, {"D": dim, "search_codes_ptr": codes})
-        assert not any(config is c for config in kept for c in unaligned)
+        assert not any(config is c for config in _prune(search, arch, dim, dtype) for c in unaligned)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -74,21 +84,37 @@ def test_a_d_of_several_slices_that_is_no_multiple_of_16_gets_the_16_wide_slices
 def test_topk_pruning_keeps_the_gpus_and_dtypes_tiles_and_bounds_the_pairs(monkeypatch, dtype, arch, k_pad):
     """The top-k tiles for the GPU and dtype, none holding more than _MAX_PAIRS_PER_THREAD kept pairs
     a thread; when none qualifies the list's last (smallest) tile."""
-    from fastvq.backends.triton import topk
+    from fastvq.backends.triton import common, topk
 
-    monkeypatch.setattr(topk, "device_arch", lambda: arch)
-    own = topk._config_pool(dtype, arch, 256)
-    codes = torch.zeros(3, 256, dtype=dtype)
-    kept = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=k_pad)
-    assert kept and all(any(config is c for c in own) for config in kept)
+    monkeypatch.setattr(common, "device_arch", lambda: arch)
+    own = topk._TILES.pool(dtype, arch, 256)
+    kept = _prune(topk, arch, 256, dtype, TOPK_PAD=k_pad)
+    assert kept and _within(kept, own)
     assert all(c.kwargs["BLOCK_N"] * k_pad <= topk._MAX_PAIRS_PER_THREAD * 32 * c.num_warps for c in kept)
-    huge = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 256, "search_codes_ptr": codes}, TOPK_PAD=1 << 20)
-    assert huge == own[-1:]
+    assert _prune(topk, arch, 256, dtype, TOPK_PAD=1 << 20) == own[-1:]
     # D = 100: no multiple of 16, more than one 32-wide slice: only 16-wide slices (test_aot_compile.py).
-    unaligned = topk._prune_configs(topk._TUNING_CONFIGS, {"D": 100, "search_codes_ptr": codes}, TOPK_PAD=k_pad)
-    assert unaligned and all(any(c is p for p in topk._config_pool(dtype, arch, 100)) and c.kwargs["BLOCK_D"] == 16
-                             for c in unaligned)
-    assert not any(c is p for c in unaligned for p in own)
+    unaligned = _prune(topk, arch, 100, dtype, TOPK_PAD=k_pad)
+    assert unaligned and _within(unaligned, topk._TILES.pool(dtype, arch, 100))
+    assert all(c.kwargs["BLOCK_D"] == 16 for c in unaligned) and not _within(unaligned[:1], own)
+
+
+def test_search_tiles_give_each_list_once_and_fall_back_to_the_sm80_list():
+    """One ``SearchTiles`` builds both families' autotuner lists: each distinct list once, in a fixed order
+    (fp32 before 16-bit, aligned D before unaligned, sm_80 before sm_90), and a GPU without a list of its own
+    takes the sm_80 one."""
+    from fastvq.backends.triton.common import SearchTiles
+
+    def row(n):
+        return [(n, 32, 32, 4, 3)]
+
+    tiles = SearchTiles(fp32=row(1), half=row(2), fp32_unaligned_d=row(3), half_unaligned_d=row(4),
+                        fp32_hopper=row(5))
+    assert [config.kwargs["BLOCK_N"] for config in tiles.configs] == [1, 5, 2, 3, 4]
+    assert tiles.pool(torch.float32, 90, 64)[0].kwargs["BLOCK_N"] == 5
+    assert tiles.pool(torch.float16, 90, 64) is tiles.pool(torch.bfloat16, 86, 64) is tiles.lists["half", False, False]
+    assert tiles.pool(torch.float32, 90, 100) is tiles.pool(torch.float32, 80, 100)
+    # One 32-wide slice, or a multiple of 16, keeps the aligned lists.
+    assert tiles.pool(torch.float32, 80, 18) is tiles.pool(torch.float32, 80, 96) is tiles.lists["fp32", False, False]
 
 
 def test_autotuning_is_keyed_on_size_buckets_of_n_and_k():

@@ -256,13 +256,98 @@ def size_bucket(size: int) -> int:
     return triton.next_power_of_2(max(size, 1))
 
 
-def search_tile_configs(rows) -> list:
-    """``triton.Config``s of the codebook-walking kernels (search, top-k) from rows of
-    ``(BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages)``."""
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bn, bk, bd, w, s in rows
-    ]
+def slice_width(dim: int, widest: int) -> int:
+    """The width of the slices a kernel walks a row of ``dim`` values in: the power of two that covers
+    ``dim``, at least 16 (the narrowest tile ``tl.dot`` takes) and at most ``widest``."""
+    return min(widest, max(16, triton.next_power_of_2(max(dim, 1))))
+
+
+def interpreter_config(*blocks: str) -> triton.Config:
+    """The config a launch takes under the interpreter, where every tile is a numpy array and the smallest
+    tiles ``tl.dot`` accepts (16 wide) run fastest: each of ``blocks`` 16, one warp, one stage."""
+    return triton.Config({name: 16 for name in blocks}, num_warps=1, num_stages=1)
+
+
+def only(configs, chosen) -> list:
+    """The configs of ``configs`` that are (by identity) in ``chosen``: two lists may hold equal
+    ``triton.Config``s, and an autotuner's prune keeps the one of the list it means."""
+    return [config for config in configs if any(config is wanted for wanted in chosen)]
+
+
+def unaligned_d(dim: int) -> bool:
+    """Whether rows of ``dim`` values take more than one 32-wide slice and ``dim`` is no multiple of 16
+    (D = 70, 100): Triton cannot specialise a row stride of ``dim`` (the prepared codes') as divisible by 16,
+    so the loads are scalar and the address arithmetic takes registers that wide slices need."""
+    return dim % 16 != 0 and dim > 32
+
+
+class SearchTiles:
+    """The tile lists of a codebook-walking kernel (the search and the top-k), the prune that picks a call's
+    list, and the autotuned launcher built on them: one builder for both families, so that they key their
+    lists on the same things the same way.
+
+    A list is chosen by the dtype class of the prepared codes (``fp32``, whose tf32x3 products hold split
+    operands in registers, or ``half``: fp16 and bf16), by the GPU (``*_hopper``: sm_90's own list, where
+    the family has one; other GPUs take the sm_80 list) and by ``D``: where it is :func:`unaligned_d` the
+    ``*_unaligned_d`` lists (16-wide slices) serve. Each list is given as rows of ``(BLOCK_N, BLOCK_K,
+    BLOCK_D, num_warps, num_stages)`` and ends with its smallest tile, the one a prune that keeps nothing
+    else falls back to. The prune keeps the list's tiles whose ``BLOCK_D`` is no wider than ``D`` needs
+    (at most ``max(32, next power of two)``) and that pass the family's own test, if any.
+    """
+
+    # Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
+    INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+
+    def __init__(self, *, fp32, half, fp32_unaligned_d, half_unaligned_d, fp32_hopper=None, half_hopper=None,
+                 fp32_hopper_unaligned_d=None, half_hopper_unaligned_d=None):
+        def configs(rows):
+            return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+                    for bn, bk, bd, w, s in rows]
+
+        # (dtype class, sm_90, unaligned D) -> list; where a family has no sm_90 list, the sm_80 one.
+        self.lists = {}
+        # Every distinct list once, in this order: what the autotuner is given.
+        self.configs = []
+        for unaligned, dtype_class, rows, hopper_rows in (
+            (False, "fp32", fp32, fp32_hopper),
+            (False, "half", half, half_hopper),
+            (True, "fp32", fp32_unaligned_d, fp32_hopper_unaligned_d),
+            (True, "half", half_unaligned_d, half_hopper_unaligned_d),
+        ):
+            sm80 = configs(rows)
+            sm90 = configs(hopper_rows) if hopper_rows else sm80
+            self.lists[dtype_class, False, unaligned] = sm80
+            self.lists[dtype_class, True, unaligned] = sm90
+            self.configs += sm80 + (sm90 if sm90 is not sm80 else [])
+
+    def pool(self, dtype: torch.dtype, arch: int, dim: int) -> list:
+        """The list a call with prepared codes of ``dtype`` takes on a GPU of compute capability ``arch``."""
+        return self.lists["fp32" if dtype == torch.float32 else "half", arch == 90, unaligned_d(dim)]
+
+    def prune(self, allows: Callable | None = None) -> Callable:
+        """The family's prune (for :func:`fits_shared_memory`): the call's list, slices no wider than D needs,
+        and ``allows(config, named_args, meta)`` where given."""
+
+        def prune_configs(configs, named_args, **kwargs):
+            dim = named_args["D"]
+            width = max(32, triton.next_power_of_2(dim))
+            own = only(configs, self.pool(named_args["search_codes_ptr"].dtype, device_arch(), dim))
+            kept = [config for config in own if config.kwargs["BLOCK_D"] <= width
+                    and (allows is None or allows(config, named_args, kwargs))]
+            return kept or own[-1:] or configs[:1]
+
+        return prune_configs
+
+    def launchers(self, kernel, key: list, allows: Callable | None = None) -> tuple:
+        """``(fixed, tuned)``: ``kernel`` with its ``SINGLE_D_TILE`` constexpr set by the heuristic (a row
+        of ``D`` values fits one ``BLOCK_D`` slice), launched with a config the caller names; and that,
+        autotuned over :attr:`configs` on ``key``, pruned by :meth:`prune` and then by shared memory."""
+        fixed = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})(kernel)
+        tuned = triton.autotune(
+            configs=self.configs, key=key,
+            prune_configs_by={"early_config_prune": fits_shared_memory(fixed, self.prune(allows))},
+        )(fixed)
+        return fixed, tuned
 
 
 def _compiled(kernel) -> Any:

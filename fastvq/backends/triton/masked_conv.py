@@ -32,7 +32,15 @@ import triton.language as tl
 
 from ..._masks import num_taps
 from ..common import output_memory_format, output_size, promoted_dtype
-from .common import CompileCase, device_arch, device_properties, dot_precision, fits_shared_memory, interpreting
+from .common import (
+    CompileCase,
+    device_arch,
+    device_properties,
+    dot_precision,
+    fits_shared_memory,
+    interpreting,
+    only,
+)
 
 
 @triton.jit
@@ -226,14 +234,10 @@ def _for_precision(configs, heavy_configs, kwargs):
     return list(configs)
 
 
-def _only(configs, chosen) -> list:
-    return [c for c in configs if any(c is wanted for wanted in chosen)]
-
-
 def _pinned_triton_gemm_configs(configs, named_args, kwargs) -> list:
     n_cap = max(32, triton.next_power_of_2(named_args["OUT_C"]))
     k_cap = max(32, triton.next_power_of_2(named_args["SRC_C"]))
-    usable = _for_precision(_only(configs, _GEMM_CONFIGS), _GEMM_TF32X3_SPILLING, kwargs)
+    usable = _for_precision(only(configs, _GEMM_CONFIGS), _GEMM_TF32X3_SPILLING, kwargs)
     kept = [c for c in usable if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
     return kept or usable[-1:]
 
@@ -242,7 +246,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     # The forward's tile may not depend on the map (see _implicit_gemm_tuned), so with another Triton than the
     # one the tiles were chosen with it takes the one that spills nothing there on odd maps too.
     if not _TILES_CHOSEN_WITH_THIS_TRITON:
-        return _only(configs, _GEMM_ANY_MAP_OTHER_TRITON)
+        return only(configs, _GEMM_ANY_MAP_OTHER_TRITON)
     return _pinned_triton_gemm_configs(configs, named_args, kwargs)
 
 
@@ -256,7 +260,7 @@ def _strides_aligned(named_args, stride_names) -> bool:
 def _prune_input_grad_configs(configs, named_args, **kwargs):
     aligned = _strides_aligned(named_args, _GEMM_STRIDES)
     if not aligned and not _TILES_CHOSEN_WITH_THIS_TRITON:
-        return _only(configs, _GEMM_ANY_MAP_OTHER_TRITON)
+        return only(configs, _GEMM_ANY_MAP_OTHER_TRITON)
     kept = _pinned_triton_gemm_configs(configs, named_args, kwargs)
     if aligned:
         return kept

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..residual_levels import level_statistics, prepare_levels
-from .common import CompileCase, dot_precision, interpreting, offset_rows
+from .common import CompileCase, dot_precision, interpreter_config, interpreting, offset_rows
 
 
 @triton.jit
@@ -131,13 +131,11 @@ def _residual_quantize_fwd_kernel(
 # stack frame in it, unmasked only by 16-wide slices (tests/backends/test_aot_compile.py checks both).
 _CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=3)
 _NARROW_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4, num_stages=3)
-# Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
 
 
 def _config(dim: int) -> triton.Config:
     if interpreting():
-        return _INTERPRETER_CONFIG
+        return interpreter_config("BLOCK_N", "BLOCK_K", "BLOCK_D")
     return _CONFIG if dim % 32 == 0 else _NARROW_CONFIG
 
 

@@ -33,17 +33,17 @@ from .common import (
     METRIC_DOT,
     METRIC_IDS,
     CompileCase,
+    SearchTiles,
     centered_square_norms,
     codes_by_column,
-    device_arch,
     device_properties,
     dot_precision,
-    fits_shared_memory,
+    interpreter_config,
     interpreting,
     load_z_tile,
     offset_rows,
-    search_tile_configs,
     size_bucket,
+    slice_width,
     tile_scores,
     true_distance,
 )
@@ -266,22 +266,6 @@ def _nearest_code_batched_kernel(
     )
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """The configs for this call's dtype, GPU and D, with slices no wider than D needs."""
-    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch(), named_args["D"])
-    width = max(32, triton.next_power_of_2(named_args["D"]))
-    own = [c for c in configs if any(c is p for p in pool)]
-    return [c for c in own if c.kwargs["BLOCK_D"] <= width] or own[:1] or configs[:1]
-
-
-def _config_pool(dtype: torch.dtype, arch: int, dim: int) -> list:
-    if dim % 16 and dim > 32:
-        return _HALF_UNALIGNED_D_CONFIGS if dtype != torch.float32 else _FP32_UNALIGNED_D_CONFIGS
-    if dtype != torch.float32:
-        return _HALF_CONFIGS
-    return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
-
-
 # Chosen so that none spills registers in any branch, checked on sm_80 and sm_90 by
 # tests/backends/test_aot_compile.py with the pinned Triton (picked from a sweep of a dozen tiles per dtype);
 # shared memory is pruned per device at launch.
@@ -291,56 +275,44 @@ def _config_pool(dtype: torch.dtype, arch: int, dim: int) -> list:
 # every tile with 64- or 128-wide D slices, and 128 x 128 and 64 x 128 tiles on four warps, spilled
 # in some branch (a D that is no multiple of 16, Gumbel sampling at D = 256). Other GPUs get the
 # sm_80 lists.
-_FP32_CONFIGS = search_tile_configs([
-    (64, 64, 32, 8, 3),
-    (64, 32, 32, 4, 4),
-    (64, 64, 16, 4, 3),
-])
-_FP32_HOPPER_CONFIGS = search_tile_configs([
-    (64, 64, 32, 4, 3),
-    (128, 64, 32, 8, 3),
-])
-_HALF_CONFIGS = search_tile_configs([
-    (128, 64, 32, 8, 3),
-    (64, 128, 32, 8, 3),
-    (64, 64, 32, 4, 3),
-])
-# A D that is no multiple of 16 and takes more than one 32-wide slice (D = 70, 100): Triton cannot specialise
-# the prepared codes' row stride (D) as divisible by 16, so their loads are scalar, and every tile above with
-# 32-wide slices spilled on sm_80 or sm_90 (8 to 400 B; fp32 worst with a column-major z of odd N and with Gumbel
-# sampling, 16-bit with cosine sampling). Of a sweep of 16- and 32-wide slices these spill nothing there in any
-# branch, on either target. A D up to 32 is one slice in the lists above, which spill nothing at odd D.
-_FP32_UNALIGNED_D_CONFIGS = search_tile_configs([
-    (128, 64, 16, 8, 3),
-    (64, 64, 16, 8, 3),
-    (64, 64, 16, 4, 3),
-])
-_HALF_UNALIGNED_D_CONFIGS = search_tile_configs([
-    (128, 64, 16, 8, 3),
-    (64, 128, 16, 8, 3),
-    (64, 64, 16, 4, 3),
-])
-_TUNING_CONFIGS = (_FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS + _FP32_UNALIGNED_D_CONFIGS
-                   + _HALF_UNALIGNED_D_CONFIGS)
-
-_single_d_tile = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
-_nearest_code_fixed = _single_d_tile(_nearest_code_fwd_kernel)
-_nearest_code_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS,
-    key=["D", "n_bucket", "k_bucket", "METRIC", "SAMPLE", "SPLIT"],
-    prune_configs_by={"early_config_prune": fits_shared_memory(_nearest_code_fixed, _prune_configs)},
-)(_nearest_code_fixed)
-_nearest_code_batched_fixed = _single_d_tile(_nearest_code_batched_kernel)
-_nearest_code_batched_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS,
-    key=["D", "n_bucket", "k_bucket", "METRIC"],
-    prune_configs_by={"early_config_prune": fits_shared_memory(_nearest_code_batched_fixed, _prune_configs)},
-)(_nearest_code_batched_fixed)
-# Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
-_INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+# A D that is no multiple of 16 and takes more than one 32-wide slice (D = 70, 100: common.unaligned_d): Triton
+# cannot specialise the prepared codes' row stride (D) as divisible by 16, so their loads are scalar, and every
+# tile above with 32-wide slices spilled on sm_80 or sm_90 (8 to 400 B; fp32 worst with a column-major z of odd N
+# and with Gumbel sampling, 16-bit with cosine sampling). Of a sweep of 16- and 32-wide slices the unaligned lists
+# spill nothing there in any branch, on either target. A D up to 32 is one slice in the lists above, which spill
+# nothing at odd D.
+_TILES = SearchTiles(
+    fp32=[
+        (64, 64, 32, 8, 3),
+        (64, 32, 32, 4, 4),
+        (64, 64, 16, 4, 3),
+    ],
+    fp32_hopper=[
+        (64, 64, 32, 4, 3),
+        (128, 64, 32, 8, 3),
+    ],
+    half=[
+        (128, 64, 32, 8, 3),
+        (64, 128, 32, 8, 3),
+        (64, 64, 32, 4, 3),
+    ],
+    fp32_unaligned_d=[
+        (128, 64, 16, 8, 3),
+        (64, 64, 16, 8, 3),
+        (64, 64, 16, 4, 3),
+    ],
+    half_unaligned_d=[
+        (128, 64, 16, 8, 3),
+        (64, 128, 16, 8, 3),
+        (64, 64, 16, 4, 3),
+    ],
+)
+_nearest_code_fixed, _nearest_code_tuned = _TILES.launchers(
+    _nearest_code_fwd_kernel, key=["D", "n_bucket", "k_bucket", "METRIC", "SAMPLE", "SPLIT"])
+_nearest_code_batched_fixed, _nearest_code_batched_tuned = _TILES.launchers(
+    _nearest_code_batched_kernel, key=["D", "n_bucket", "k_bucket", "METRIC"])
 # The merge pass reads a few floats per row and slice, then gathers one code per row.
 _MERGE_ROWS = 32
-_INTERPRETER_MERGE_ROWS = 16
 
 # The codebook is split only where the rows leave SMs idle and each slice still has this many codes
 # to amortise its rows' loads; slices are whole multiples of every BLOCK_K.
@@ -352,14 +324,11 @@ _SPLIT_REFERENCE_ROWS = 64
 
 def _merge_config(dim: int) -> triton.Config:
     if interpreting():
-        return triton.Config({"BLOCK_N": _INTERPRETER_MERGE_ROWS, "BLOCK_D": 16}, num_warps=1, num_stages=1)
+        return interpreter_config("BLOCK_N", "BLOCK_D")
     # 128-wide slices spill (8 to 408 B) where D is no multiple of 16, whose masks and strides Triton cannot
     # specialise.
     widest = 128 if dim % 16 == 0 else 64
-    return triton.Config(
-        {"BLOCK_N": _MERGE_ROWS, "BLOCK_D": min(widest, max(16, triton.next_power_of_2(dim)))}, num_warps=4,
-        num_stages=1,
-    )
+    return triton.Config({"BLOCK_N": _MERGE_ROWS, "BLOCK_D": slice_width(dim, widest)}, num_warps=4, num_stages=1)
 
 
 def _code_splits(num_rows: int, num_codes: int, multiprocessors: int) -> int:
@@ -460,8 +429,8 @@ def nearest_code(
             z, codebook, metric, return_codes, sample_temperature, seed, requested
         )
         if interpreting():
-            grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCKS["BLOCK_N"]), splits)
-            _nearest_code_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
+            grid = (triton.cdiv(num_rows, _TILES.INTERPRETER_BLOCKS["BLOCK_N"]), splits)
+            _nearest_code_fixed[grid](*args, **meta, **_TILES.INTERPRETER_BLOCKS)
         else:
             grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]), splits)  # noqa: E731
             _nearest_code_tuned[grid](*args, **meta)
@@ -525,8 +494,8 @@ def nearest_code_batched(
         return outputs
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
         if interpreting():
-            grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCKS["BLOCK_N"]), num_problems)
-            _nearest_code_batched_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
+            grid = (triton.cdiv(num_rows, _TILES.INTERPRETER_BLOCKS["BLOCK_N"]), num_problems)
+            _nearest_code_batched_fixed[grid](*args, **meta, **_TILES.INTERPRETER_BLOCKS)
         else:
             grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]), num_problems)  # noqa: E731
             _nearest_code_batched_tuned[grid](*args, **meta)

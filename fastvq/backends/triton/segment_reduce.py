@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CompileCase, interpreting, offset_rows
+from .common import CompileCase, interpreter_config, interpreting, offset_rows, slice_width
 
 
 @triton.jit
@@ -126,11 +126,10 @@ def _config(dim: int) -> triton.Config:
     """The block sizes of every segment-sum kernel for rows of ``dim`` values (BLOCK_N: rows, or
     chunks in the partials pass)."""
     if interpreting():
-        return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
+        return interpreter_config("BLOCK_N", "BLOCK_D")
     # Slices of at most 64 values: with 128, the atomic kernel's 64 x 128 tile of int64 offsets spills
     # registers on sm_90 (tests/backends/test_aot_compile.py).
-    return triton.Config({"BLOCK_N": 64, "BLOCK_D": min(64, max(16, triton.next_power_of_2(dim)))},
-                         num_warps=4, num_stages=3)
+    return triton.Config({"BLOCK_N": 64, "BLOCK_D": slice_width(dim, 64)}, num_warps=4, num_stages=3)
 
 
 def _rows_per_chunk() -> int:

@@ -36,6 +36,7 @@ from .common import (
     CompileCase,
     codes_by_column,
     dot_precision,
+    interpreter_config,
     interpreting,
     offset_rows,
 )
@@ -198,7 +199,7 @@ def _config(dtype: torch.dtype) -> triton.Config:
     (``tf32x3``): with 4 warps, or 32-wide slices of ``D``, they spill registers on sm_80
     (tests/backends/test_aot_compile.py); 8 warps and 16-wide slices keep them under 180."""
     if interpreting():
-        return triton.Config({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
+        return interpreter_config("BLOCK_M", "BLOCK_K", "BLOCK_D")
     block_d = 16 if dtype == torch.float32 else 32
     return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_D": block_d}, num_warps=8, num_stages=2)
 

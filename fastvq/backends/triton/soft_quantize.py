@@ -50,6 +50,7 @@ from .common import (
     dot_precision,
     interpreting,
     recording_launches,
+    slice_width,
 )
 
 # For tests/backends/test_aot_compile.py, which otherwise wants every pointer offset in int64: why these
@@ -543,7 +544,7 @@ class KernelConfig(NamedTuple):
         return {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "BLOCK_D": self.block_d}
 
     def out_block(self, dim: int) -> int:
-        return min(self.out, max(16, triton.next_power_of_2(max(dim, 1))))
+        return slice_width(dim, self.out)
 
 
 # Configurations that compiled without spills for sm_80 and sm_90, fp32/fp16/bf16, every metric

@@ -23,17 +23,15 @@ from ..search_codebook import SearchCodebook, nonfinite_cosine_rows, order_candi
 from .common import (
     METRIC_DOT,
     METRIC_IDS,
+    SearchTiles,
     cases_from_launches,
     centered_square_norms,
     codes_by_column,
-    device_arch,
     dot_precision,
-    fits_shared_memory,
     interpreting,
     load_z_tile,
     offset_rows,
     recording_launches,
-    search_tile_configs,
     size_bucket,
     tile_scores,
     true_distance,
@@ -144,27 +142,11 @@ def _nearest_codes_fwd_kernel(
         tl.store(keys_ptr + slot_offsets, key, mask=row_mask)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """The configs for this call's dtype and GPU with slices no wider than D needs and few enough
-    kept pairs per thread (each thread holds ``BLOCK_N * TOPK_PAD / threads`` (score, code) pairs
-    besides its share of the score tile)."""
-    pool = _config_pool(named_args["search_codes_ptr"].dtype, device_arch(), named_args["D"])
-    width = max(32, triton.next_power_of_2(named_args["D"]))
-    pairs = kwargs.get("TOPK_PAD", named_args.get("TOPK_PAD", 1))
-    own = [c for c in configs if any(c is p for p in pool)]
-    kept = [c for c in own
-            if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_N"] * pairs <= _MAX_PAIRS_PER_THREAD * 32 * c.num_warps]
-    return kept or own[-1:] or configs[:1]
-
-
-def _config_pool(dtype: torch.dtype, arch: int, dim: int) -> list:
-    if dim % 16 and dim > 32:
-        if dtype != torch.float32:
-            return _HALF_UNALIGNED_D_CONFIGS
-        return _FP32_HOPPER_UNALIGNED_D_CONFIGS if arch == 90 else _FP32_UNALIGNED_D_CONFIGS
-    if dtype != torch.float32:
-        return _HALF_HOPPER_CONFIGS if arch == 90 else _HALF_CONFIGS
-    return _FP32_HOPPER_CONFIGS if arch == 90 else _FP32_CONFIGS
+def _few_enough_pairs(config, named_args, meta) -> bool:
+    """Whether each thread holds few enough kept pairs: ``BLOCK_N * TOPK_PAD / threads`` (score, code) pairs
+    besides its share of the score tile."""
+    pairs = meta.get("TOPK_PAD", named_args.get("TOPK_PAD", 1))
+    return config.kwargs["BLOCK_N"] * pairs <= _MAX_PAIRS_PER_THREAD * 32 * config.num_warps
 
 
 # Chosen from a sweep of tiles compiled for sm_80 and sm_90 with the pinned Triton and read with
@@ -174,57 +156,49 @@ def _config_pool(dtype: torch.dtype, arch: int, dim: int) -> list:
 # which needs far more registers than the 16-bit dtypes: on sm_80 every fp32 tile tried except
 # 16 x 32 with two warps spilled a few bytes in some branch (Hopper's warp-group MMAs read their
 # operands from shared memory and leave more registers). Other GPUs get the sm_80 lists.
+# A D that is no multiple of 16 and takes more than one 32-wide slice (D = 70, 100: common.unaligned_d; one slice
+# at most 32 takes the first lists): Triton cannot specialise the prepared codes' row stride (D), and tiles with
+# 32- or 64-wide slices spilled 8 to 16 B on sm_80 and sm_90 (bf16 at k = 64, fp32 with Gumbel sampling). Of a
+# sweep of 16-wide-slice tiles the unaligned lists spill nothing at k = 8 and 64 with and without sampling.
 _MAX_PAIRS_PER_THREAD = 16
-_FP32_CONFIGS = search_tile_configs([
-    (16, 32, 32, 2, 3),
-])
-_FP32_HOPPER_CONFIGS = search_tile_configs([
-    (64, 64, 32, 8, 3),
-    (64, 64, 32, 4, 3),
-    (32, 64, 32, 4, 3),
-    (16, 64, 32, 2, 3),
-])
-_HALF_CONFIGS = search_tile_configs([
-    (64, 128, 32, 8, 3),
-    (64, 64, 64, 4, 3),
-    (32, 128, 32, 8, 3),
-    (16, 64, 32, 2, 3),
-])
-_HALF_HOPPER_CONFIGS = search_tile_configs([
-    (64, 128, 32, 8, 3),
-    (64, 64, 64, 4, 3),
-    (32, 64, 64, 4, 3),
-    (16, 64, 64, 4, 3),
-])
-# A D that is no multiple of 16 and takes more than one 32-wide slice (D = 70, 100; one slice at most 32 takes
-# the lists above): Triton cannot specialise the prepared codes' row stride (D), and tiles with 32- or 64-wide
-# slices spilled 8 to 16 B on sm_80 and sm_90 (bf16 at k = 64, fp32 with Gumbel sampling). Of a sweep of
-# 16-wide-slice tiles these spill nothing at k = 8 and 64 with and without sampling.
-_FP32_UNALIGNED_D_CONFIGS = search_tile_configs([
-    (16, 32, 16, 2, 3),
-])
-_FP32_HOPPER_UNALIGNED_D_CONFIGS = search_tile_configs([
-    (64, 64, 16, 8, 3),
-    (32, 64, 16, 4, 3),
-    (16, 64, 16, 2, 3),
-])
-_HALF_UNALIGNED_D_CONFIGS = search_tile_configs([
-    (64, 128, 16, 8, 3),
-    (32, 128, 16, 8, 3),
-    (16, 64, 16, 4, 3),
-])
-_TUNING_CONFIGS = (_FP32_CONFIGS + _FP32_HOPPER_CONFIGS + _HALF_CONFIGS + _HALF_HOPPER_CONFIGS
-                   + _FP32_UNALIGNED_D_CONFIGS + _FP32_HOPPER_UNALIGNED_D_CONFIGS + _HALF_UNALIGNED_D_CONFIGS)
-
-_single_d_tile = triton.heuristics({"SINGLE_D_TILE": lambda args: args["D"] <= args["BLOCK_D"]})
-_nearest_codes_fixed = _single_d_tile(_nearest_codes_fwd_kernel)
-_nearest_codes_tuned = triton.autotune(
-    configs=_TUNING_CONFIGS,
-    key=["D", "n_bucket", "METRIC", "SAMPLE", "TOPK_PAD"],
-    prune_configs_by={"early_config_prune": fits_shared_memory(_nearest_codes_fixed, _prune_configs)},
-)(_nearest_codes_fixed)
-# Under the interpreter every tile is a numpy array: the smallest tiles tl.dot accepts are fastest.
-_INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+_TILES = SearchTiles(
+    fp32=[
+        (16, 32, 32, 2, 3),
+    ],
+    fp32_hopper=[
+        (64, 64, 32, 8, 3),
+        (64, 64, 32, 4, 3),
+        (32, 64, 32, 4, 3),
+        (16, 64, 32, 2, 3),
+    ],
+    half=[
+        (64, 128, 32, 8, 3),
+        (64, 64, 64, 4, 3),
+        (32, 128, 32, 8, 3),
+        (16, 64, 32, 2, 3),
+    ],
+    half_hopper=[
+        (64, 128, 32, 8, 3),
+        (64, 64, 64, 4, 3),
+        (32, 64, 64, 4, 3),
+        (16, 64, 64, 4, 3),
+    ],
+    fp32_unaligned_d=[
+        (16, 32, 16, 2, 3),
+    ],
+    fp32_hopper_unaligned_d=[
+        (64, 64, 16, 8, 3),
+        (32, 64, 16, 4, 3),
+        (16, 64, 16, 2, 3),
+    ],
+    half_unaligned_d=[
+        (64, 128, 16, 8, 3),
+        (32, 128, 16, 8, 3),
+        (16, 64, 16, 4, 3),
+    ],
+)
+_nearest_codes_fixed, _nearest_codes_tuned = _TILES.launchers(
+    _nearest_codes_fwd_kernel, key=["D", "n_bucket", "METRIC", "SAMPLE", "TOPK_PAD"], allows=_few_enough_pairs)
 
 
 def topk_pad(k: int) -> int:
@@ -287,8 +261,8 @@ def nearest_codes(
         DOT_IN_FP32=interpreting() and out_dtype == torch.bfloat16,
     )
     if interpreting():
-        grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCKS["BLOCK_N"]),)
-        _nearest_codes_fixed[grid](*args, **meta, **_INTERPRETER_BLOCKS)
+        grid = (triton.cdiv(num_rows, _TILES.INTERPRETER_BLOCKS["BLOCK_N"]),)
+        _nearest_codes_fixed[grid](*args, **meta, **_TILES.INTERPRETER_BLOCKS)
     else:
         grid = lambda cfg: (triton.cdiv(num_rows, cfg["BLOCK_N"]),)  # noqa: E731
         with torch.cuda.device(device) if z.is_cuda else contextlib.nullcontext():

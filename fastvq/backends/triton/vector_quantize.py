@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CompileCase, interpreting, offset_rows
+from .common import CompileCase, interpreter_config, interpreting, offset_rows, slice_width
 from .segment_reduce import segment_sum_
 
 # vector-quantize-pytorch's safe_div / l2norm floor for the rotation trick's norms.
@@ -135,14 +135,13 @@ def _vector_quantize_bwd_kernel(
 
 def _config(dim: int) -> triton.Config:
     if interpreting():
-        return triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)
+        return interpreter_config("BLOCK_N", "BLOCK_D")
     # Slices of at most 64 values: at 32 x 128, with every offset in int64, ptxas gives up on the
     # registers and spills about 2 KB a thread on sm_80 and sm_90 (tests/backends/test_aot_compile.py).
     # At most 32 where D is no multiple of 16, whose masks Triton cannot specialise: there 64-wide slices
     # spilled 40 B, and 400 to 470 B with the rotation trick.
     widest = 64 if dim % 16 == 0 else 32
-    return triton.Config({"BLOCK_N": 32, "BLOCK_D": min(widest, max(16, triton.next_power_of_2(dim)))},
-                         num_warps=4, num_stages=3)
+    return triton.Config({"BLOCK_N": 32, "BLOCK_D": slice_width(dim, widest)}, num_warps=4, num_stages=3)
 
 
 def _launch_arguments(grad_quantized, grad_loss, z, quantized, indices, num_codes, commitment_scale,
